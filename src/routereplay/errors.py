@@ -1,0 +1,108 @@
+"""Exceptions raised by routereplay.
+
+Every user-facing failure has its own class so callers can catch exactly what they expect and
+tests can pin it. All of them subclass ``ValueError`` (bad data or a bad call, never a bug in
+routereplay). Messages say where (sequence / layer / row / file / module path), what was
+expected, what was found, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class RouteReplayError(ValueError):
+    """Base class of every routereplay error."""
+
+
+# --- RoutingTrace construction -------------------------------------------------------------
+class TraceError(RouteReplayError):
+    """A RoutingTrace could not be built from the given tensors."""
+
+
+class TraceShapeError(TraceError):
+    """A tensor has the wrong number of dimensions, shape or dtype kind."""
+
+
+class SeqlensError(TraceError):
+    """``cu_seqlens`` is not a monotone int vector from 0 to the number of tokens."""
+
+
+class ExpertIdError(TraceError):
+    """An expert id on a valid row is outside ``[0, num_experts)``."""
+
+
+class DuplicateExpertError(TraceError):
+    """A valid row selects the same expert twice."""
+
+
+class LayerIdsError(TraceError):
+    """``layer_ids`` are not unique non-negative ints, one per layer of the trace."""
+
+
+class GatesError(TraceError):
+    """``gates`` are not finite floats shaped like ``experts``."""
+
+
+class TraceMismatchError(TraceError):
+    """Two traces cannot be combined (different layers, top-k or expert count)."""
+
+
+# --- layouts, files and engine formats -----------------------------------------------------
+class LayoutError(RouteReplayError):
+    """A layout conversion got inputs that do not fit together (mask, shard count, sizes)."""
+
+
+class TraceFormatError(RouteReplayError):
+    """A ``.rrt`` file is truncated, corrupt, of an unknown version or fails its checksum."""
+
+
+class EngineFormatError(RouteReplayError):
+    """An inference engine's or trainer's routing payload does not follow its convention."""
+
+
+class ZeroRoutesError(EngineFormatError):
+    """A whole sequence routed every token of an MoE layer to expert 0 in every slot.
+
+    This is the signature of a known silent capture failure in inference engines; pass
+    ``allow_zero_routes=True`` to accept such data anyway.
+    """
+
+
+# --- routing, sessions and adapters --------------------------------------------------------
+class RouterSpecError(RouteReplayError):
+    """A RouterSpec is inconsistent, or forced ids violate it (k, range, groups)."""
+
+
+class UnsupportedModelError(RouteReplayError):
+    """``attach`` found no adapter or no MoE router in the model."""
+
+
+class UnsupportedRouterError(UnsupportedModelError):
+    """A router was found but its routing cannot be replayed exactly."""
+
+
+class ReplayError(RouteReplayError):
+    """A record/replay session was used in a way that cannot give exact routes."""
+
+
+class LayerMismatchError(ReplayError):
+    """The trace's layers, top-k or expert count differ from the model's MoE layers."""
+
+
+class TokenCountMismatchError(ReplayError):
+    """A router saw a different number of rows than the trace provides."""
+
+
+class TraceExhaustedError(ReplayError):
+    """A forward asked for routes after every micro-batch trace was consumed."""
+
+
+class UnconsumedTraceError(ReplayError):
+    """A replay context ended with micro-batch traces that no forward used."""
+
+
+class MissingRoutesError(ReplayError):
+    """Rows without a recorded route reached a router under ``missing="error"``."""
+
+
+class ReplayVerificationError(ReplayError):
+    """``verify=True`` found that the experts did not receive the forced ids."""

@@ -1,0 +1,407 @@
+"""RoutingTrace: the experts chosen for every token in every MoE layer.
+
+Legend (shape suffixes used in this file):
+    T  tokens, all sequences packed back to back in training order
+    L  MoE layers (dense layers are not part of a trace)
+    K  top-k slots, in the order the router ranked them
+    B  sequences
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+
+from routereplay.errors import (
+    DuplicateExpertError,
+    ExpertIdError,
+    GatesError,
+    LayerIdsError,
+    SeqlensError,
+    TraceMismatchError,
+    TraceShapeError,
+)
+
+__all__ = ["RoutingTrace", "expert_dtype"]
+
+
+def expert_dtype(num_experts: int) -> torch.dtype:
+    """The smallest integer dtype that holds every id in ``[0, num_experts)``."""
+    if num_experts <= 256:
+        return torch.uint8
+    if num_experts <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def _first_true(mask: torch.Tensor) -> int:
+    return int(mask.reshape(-1).nonzero()[0, 0])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class RoutingTrace:
+    """Routes of a batch of sequences through the MoE layers of one model.
+
+    Args:
+        experts: integer ``[T, L, K]`` expert ids. Stored in the smallest dtype that holds
+            ``num_experts`` (uint8 up to 256 experts, then int16, then int32); wider integer
+            input is converted down. The order within K is kept as recorded.
+        cu_seqlens: int ``[B+1]`` sequence boundaries in packed token order, from 0 to T.
+        layer_ids: global decoder-layer index of each of the L MoE layers.
+        num_experts: routed experts per layer; every id on a valid row is below it.
+        valid: optional bool ``[T]``: rows whose route is known. Rows marked invalid are
+            stored as zeros (an engine capture has no route for each sequence's last token).
+        gates: optional float ``[T, L, K]`` gate weights as recorded.
+        meta: small ``str -> str`` mapping (source, model fingerprint, ...).
+
+    Raises:
+        TraceShapeError, SeqlensError, ExpertIdError, DuplicateExpertError, LayerIdsError,
+        GatesError: the message names the sequence / layer / row and the values involved.
+    """
+
+    experts: torch.Tensor
+    cu_seqlens: torch.Tensor
+    layer_ids: tuple[int, ...]
+    num_experts: int
+    valid: torch.Tensor | None = None
+    gates: torch.Tensor | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        experts_TLK, cu_seqlens_B1, valid_T = self.experts, self.cu_seqlens, self.valid
+        num_experts = self.num_experts
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise TraceShapeError(f"num_experts must be a positive int, found {num_experts!r}")
+        if not isinstance(experts_TLK, torch.Tensor) or experts_TLK.ndim != 3:
+            found = tuple(experts_TLK.shape) if isinstance(experts_TLK, torch.Tensor) else type(experts_TLK).__name__
+            raise TraceShapeError(f"experts must be a [T, L, K] tensor, found {found}")
+        if experts_TLK.dtype.is_floating_point or experts_TLK.dtype.is_complex or experts_TLK.dtype == torch.bool:
+            raise TraceShapeError(f"experts must be an integer tensor, found dtype {experts_TLK.dtype}")
+        T, L, K = experts_TLK.shape
+        if K < 1:
+            raise TraceShapeError(f"experts has top_k={K}; a route needs at least one expert")
+
+        layer_ids = self.layer_ids
+        if isinstance(layer_ids, torch.Tensor):
+            layer_ids = layer_ids.tolist()
+        layer_ids = tuple(layer_ids)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layer_ids):
+            raise LayerIdsError(f"layer_ids must be non-negative ints, found {layer_ids}")
+        if len(layer_ids) != L:
+            raise LayerIdsError(f"experts has L={L} layers but layer_ids has {len(layer_ids)}: {layer_ids}")
+        if len(set(layer_ids)) != L:
+            dup = sorted({i for i in layer_ids if layer_ids.count(i) > 1})
+            raise LayerIdsError(f"layer_ids must be unique, layer(s) {dup} appear more than once in {layer_ids}")
+
+        if not isinstance(cu_seqlens_B1, torch.Tensor):
+            cu_seqlens_B1 = torch.as_tensor(cu_seqlens_B1)
+        if cu_seqlens_B1.ndim != 1 or cu_seqlens_B1.numel() < 1 or cu_seqlens_B1.dtype.is_floating_point:
+            raise SeqlensError(f"cu_seqlens must be a 1-D int tensor [B+1], found {tuple(cu_seqlens_B1.shape)} {cu_seqlens_B1.dtype}")
+        cu_seqlens_B1 = cu_seqlens_B1.to(device=experts_TLK.device, dtype=torch.int64)
+        if int(cu_seqlens_B1[0]) != 0:
+            raise SeqlensError(f"cu_seqlens must start at 0, found {int(cu_seqlens_B1[0])}")
+        if int(cu_seqlens_B1[-1]) != T:
+            raise SeqlensError(f"cu_seqlens must end at the number of tokens T={T}, found {int(cu_seqlens_B1[-1])}")
+        seq_lens_B = cu_seqlens_B1.diff()
+        if bool((seq_lens_B < 0).any()):
+            b = _first_true(seq_lens_B < 0)
+            raise SeqlensError(
+                f"cu_seqlens must be non-decreasing: sequence {b} has length {int(seq_lens_B[b])} "
+                f"(cu_seqlens[{b}]={int(cu_seqlens_B1[b])}, cu_seqlens[{b + 1}]={int(cu_seqlens_B1[b + 1])})"
+            )
+
+        if valid_T is not None:
+            if not isinstance(valid_T, torch.Tensor) or valid_T.shape != (T,):
+                found = tuple(valid_T.shape) if isinstance(valid_T, torch.Tensor) else type(valid_T).__name__
+                raise TraceShapeError(f"valid must be a bool tensor of shape ({T},), found {found}")
+            valid_T = valid_T.to(device=experts_TLK.device, dtype=torch.bool)
+
+        gates_TLK = self.gates
+        if gates_TLK is not None:
+            if not isinstance(gates_TLK, torch.Tensor) or not gates_TLK.dtype.is_floating_point:
+                raise GatesError(f"gates must be a float tensor, found {getattr(gates_TLK, 'dtype', type(gates_TLK).__name__)}")
+            if gates_TLK.shape != experts_TLK.shape:
+                raise GatesError(f"gates must be shaped like experts {tuple(experts_TLK.shape)}, found {tuple(gates_TLK.shape)}")
+            finite = torch.isfinite(gates_TLK) if valid_T is None else torch.isfinite(gates_TLK[valid_T])
+            if not bool(finite.all()):
+                rows = torch.isfinite(gates_TLK).reshape(T, -1).all(-1).logical_not().nonzero()
+                t = int(rows[0, 0])
+                raise GatesError(f"gates must be finite: row {t} ({self._where(cu_seqlens_B1, t)}) has {gates_TLK[t].tolist()}")
+
+        experts_TLK = self._checked_ids(experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts)
+
+        meta = dict(self.meta or {})
+        for k, v in meta.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TraceShapeError(f"meta must map str to str, found {k!r}: {v!r}")
+
+        object.__setattr__(self, "experts", experts_TLK)
+        object.__setattr__(self, "cu_seqlens", cu_seqlens_B1)
+        object.__setattr__(self, "layer_ids", layer_ids)
+        object.__setattr__(self, "valid", valid_T)
+        object.__setattr__(self, "meta", MappingProxyType(meta))
+
+    @staticmethod
+    def _where(cu_seqlens_B1: torch.Tensor, t: int) -> str:
+        b = int(torch.searchsorted(cu_seqlens_B1, torch.tensor(t, device=cu_seqlens_B1.device), right=True)) - 1
+        return f"sequence {b}, position {t - int(cu_seqlens_B1[b])}"
+
+    @classmethod
+    def _checked_ids(cls, experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts) -> torch.Tensor:
+        """Range- and duplicate-check the ids on valid rows; return them in the compact dtype."""
+        T, L, K = experts_TLK.shape
+        ids = experts_TLK if valid_T is None else experts_TLK[valid_T]
+        if ids.numel():
+            lo, hi = torch.aminmax(ids)
+            if int(lo) < 0 or int(hi) >= num_experts:
+                bad_NLK = (ids < 0) | (ids >= num_experts)
+                n, l, k = (int(i) for i in bad_NLK.nonzero()[0])
+                t = n if valid_T is None else int(valid_T.nonzero()[n, 0])
+                raise ExpertIdError(
+                    f"expert id {int(ids[n, l, k])} at row {t} ({cls._where(cu_seqlens_B1, t)}), "
+                    f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
+                )
+            if K > 1:
+                sorted_NLK = ids.sort(dim=-1).values
+                dup_NL = (sorted_NLK[..., 1:] == sorted_NLK[..., :-1]).any(-1)
+                if bool(dup_NL.any()):
+                    n, l = (int(i) for i in dup_NL.nonzero()[0])
+                    t = n if valid_T is None else int(valid_T.nonzero()[n, 0])
+                    raise DuplicateExpertError(
+                        f"row {t} ({cls._where(cu_seqlens_B1, t)}), layer {layer_ids[l]} selects an expert "
+                        f"twice: {ids[n, l].tolist()}; each of the top-{K} slots must name a different expert"
+                    )
+        dtype = expert_dtype(num_experts)
+        if valid_T is not None and not bool(valid_T.all()):
+            out = torch.zeros(experts_TLK.shape, dtype=dtype, device=experts_TLK.device)
+            out[valid_T] = ids.to(dtype)
+            return out
+        return experts_TLK if experts_TLK.dtype == dtype else experts_TLK.to(dtype)
+
+    @classmethod
+    def _trusted(cls, *, experts, cu_seqlens, layer_ids, num_experts, valid=None, gates=None, meta=None) -> RoutingTrace:
+        """Build a trace from parts derived from validated traces, skipping the O(T) checks.
+
+        Used by layouts and slicing so that large conversions run at memory bandwidth.
+        """
+        self = object.__new__(cls)
+        for name, value in (
+            ("experts", experts),
+            ("cu_seqlens", cu_seqlens),
+            ("layer_ids", tuple(layer_ids)),
+            ("num_experts", num_experts),
+            ("valid", valid),
+            ("gates", gates),
+            ("meta", MappingProxyType(dict(meta or {}))),
+        ):
+            object.__setattr__(self, name, value)
+        return self
+
+    def _replace(self, **changes) -> RoutingTrace:
+        parts = {name: getattr(self, name) for name in self.__slots__}
+        parts.update(changes)
+        return RoutingTrace._trusted(**parts)
+
+    # --- sizes ---------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.experts.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.experts.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.experts.shape[2]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """int64 ``[B]`` tokens per sequence."""
+        return self.cu_seqlens.diff()
+
+    @property
+    def valid_mask(self) -> torch.Tensor:
+        """bool ``[T]``: ``valid``, or all True when the trace has no mask."""
+        if self.valid is None:
+            return torch.ones(self.num_tokens, dtype=torch.bool, device=self.experts.device)
+        return self.valid
+
+    @property
+    def device(self) -> torch.device:
+        return self.experts.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the trace's tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.experts, self.cu_seqlens, self.valid, self.gates) if t is not None)
+
+    # --- selection -----------------------------------------------------------------------
+    def sequence(self, i: int) -> RoutingTrace:
+        """The trace of sequence ``i`` alone (negative indices count from the end)."""
+        B = self.num_seqs
+        if not -B <= i < B:
+            raise IndexError(f"sequence {i} out of range for a trace of {B} sequences")
+        return self.select_sequences([i % B])
+
+    def select_sequences(self, idx: Sequence[int] | torch.Tensor) -> RoutingTrace:
+        """The trace of the sequences ``idx``, in that order (repeats allowed)."""
+        idx_N = torch.as_tensor(idx, dtype=torch.int64, device=self.device).reshape(-1)
+        B = self.num_seqs
+        if idx_N.numel() and (int(idx_N.min()) < -B or int(idx_N.max()) >= B):
+            raise IndexError(f"sequence indices {idx_N.tolist()} out of range for a trace of {B} sequences")
+        idx_N = idx_N % max(B, 1)
+        starts_N, lens_N = self.cu_seqlens[idx_N], self.seq_lens[idx_N]
+        rows = _ranges(starts_N, lens_N)
+        cu = torch.zeros(idx_N.numel() + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(lens_N, 0, out=cu[1:])
+        return self._replace(
+            experts=self.experts[rows],
+            cu_seqlens=cu,
+            valid=None if self.valid is None else self.valid[rows],
+            gates=None if self.gates is None else self.gates[rows],
+        )
+
+    def select_layers(self, layer_ids: Iterable[int]) -> RoutingTrace:
+        """The trace restricted to (and reordered as) the given global layer ids."""
+        layer_ids = tuple(int(i) for i in layer_ids)
+        missing = [i for i in layer_ids if i not in self.layer_ids]
+        if missing:
+            raise TraceMismatchError(f"layer(s) {missing} are not in this trace, which has layers {self.layer_ids}")
+        if len(set(layer_ids)) != len(layer_ids):
+            raise LayerIdsError(f"layer_ids must be unique, found {layer_ids}")
+        pos = torch.tensor([self.layer_ids.index(i) for i in layer_ids], dtype=torch.int64, device=self.device)
+        return self._replace(
+            experts=self.experts.index_select(1, pos),
+            layer_ids=layer_ids,
+            gates=None if self.gates is None else self.gates.index_select(1, pos),
+        )
+
+    # --- combining -----------------------------------------------------------------------
+    @staticmethod
+    def concat(traces: Sequence[RoutingTrace]) -> RoutingTrace:
+        """Sequences of several traces one after another. Layers, top-k and num_experts must agree.
+
+        ``valid`` is kept if any trace has it; ``gates`` must be on all traces or none. ``meta``
+        keeps the entries on which every trace agrees.
+        """
+        traces = list(traces)
+        if not traces:
+            raise TraceMismatchError("concat needs at least one trace")
+        first = traces[0]
+        for n, t in enumerate(traces[1:], 1):
+            for what in ("layer_ids", "top_k", "num_experts"):
+                if getattr(t, what) != getattr(first, what):
+                    raise TraceMismatchError(
+                        f"trace {n} has {what}={getattr(t, what)} but trace 0 has {what}={getattr(first, what)}; "
+                        "only traces of the same model layers can be concatenated"
+                    )
+            if (t.gates is None) != (first.gates is None):
+                raise TraceMismatchError(f"trace {n} {'has' if t.gates is not None else 'lacks'} gates but trace 0 does not match; drop gates from all or none")
+        offsets = torch.tensor([0] + [t.num_tokens for t in traces], dtype=torch.int64).cumsum(0).tolist()
+        cu = torch.cat([first.cu_seqlens[:1]] + [t.cu_seqlens[1:] + off for t, off in zip(traces, offsets)])
+        any_valid = any(t.valid is not None for t in traces)
+        meta = {k: v for k, v in first.meta.items() if all(t.meta.get(k) == v for t in traces)}
+        return first._replace(
+            experts=torch.cat([t.experts for t in traces]),
+            cu_seqlens=cu,
+            valid=torch.cat([t.valid_mask for t in traces]) if any_valid else None,
+            gates=None if first.gates is None else torch.cat([t.gates for t in traces]),
+            meta=meta,
+        )
+
+    def extend_sequence(
+        self,
+        i: int,
+        experts: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        gates: torch.Tensor | None = None,
+    ) -> RoutingTrace:
+        """Append rows ``experts [N, L, K]`` to the end of sequence ``i`` (multi-turn growth)."""
+        B = self.num_seqs
+        if not -B <= i < B:
+            raise IndexError(f"sequence {i} out of range for a trace of {B} sequences")
+        i %= B
+        if (gates is None) != (self.gates is None):
+            raise TraceMismatchError("the new rows must carry gates exactly when the trace does")
+        new = RoutingTrace(
+            experts=experts.to(self.device),
+            cu_seqlens=torch.tensor([0, experts.shape[0]]) if experts.ndim == 3 else torch.tensor([0]),
+            layer_ids=self.layer_ids,
+            num_experts=self.num_experts,
+            valid=None if valid is None else valid.to(self.device),
+            gates=None if gates is None else gates.to(self.device),
+        )
+        if new.top_k != self.top_k:
+            raise TraceMismatchError(f"new rows have top_k={new.top_k}, trace has top_k={self.top_k}")
+        end = int(self.cu_seqlens[i + 1])
+        n = new.num_tokens
+        cat = lambda a, b: torch.cat([a[:end], b, a[end:]])  # noqa: E731
+        cu = self.cu_seqlens.clone()
+        cu[i + 1 :] += n
+        has_valid = self.valid is not None or new.valid is not None
+        return self._replace(
+            experts=cat(self.experts, new.experts),
+            cu_seqlens=cu,
+            valid=cat(self.valid_mask, new.valid_mask) if has_valid else None,
+            gates=None if self.gates is None else cat(self.gates, new.gates),
+        )
+
+    # --- placement -----------------------------------------------------------------------
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> RoutingTrace:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return self._replace(
+            experts=move(self.experts), cu_seqlens=move(self.cu_seqlens), valid=move(self.valid), gates=move(self.gates)
+        )
+
+    def pin_memory(self) -> RoutingTrace:
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return self._replace(
+            experts=pin(self.experts), cu_seqlens=pin(self.cu_seqlens), valid=pin(self.valid), gates=pin(self.gates)
+        )
+
+    # --- comparison ----------------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RoutingTrace):
+            return NotImplemented
+        if (self.layer_ids, self.num_experts, dict(self.meta)) != (other.layer_ids, other.num_experts, dict(other.meta)):
+            return False
+        if self.experts.shape != other.experts.shape or (self.gates is None) != (other.gates is None):
+            return False
+        same = lambda a, b: a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())  # noqa: E731
+        return (
+            same(self.experts, other.experts)
+            and same(self.cu_seqlens, other.cu_seqlens)
+            and same(self.valid_mask, other.valid_mask)
+            and (self.gates is None or same(self.gates, other.gates))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        extras = "".join(
+            f", {name}" for name, t in (("valid", self.valid), ("gates", self.gates)) if t is not None
+        )
+        return (
+            f"RoutingTrace(seqs={self.num_seqs}, tokens={self.num_tokens}, layers={list(self.layer_ids)}, "
+            f"top_k={self.top_k}, num_experts={self.num_experts}, dtype={self.experts.dtype}, "
+            f"device={self.device}{extras})"
+        )
+
+
+def _ranges(starts_N: torch.Tensor, lens_N: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(s, s + n)`` for each (s, n), without a Python loop."""
+    total = int(lens_N.sum()) if lens_N.numel() else 0
+    if total == 0:
+        return torch.zeros(0, dtype=torch.int64, device=starts_N.device)
+    cu = lens_N.cumsum(0)
+    seg_start = torch.repeat_interleave(starts_N - (cu - lens_N), lens_N)
+    return torch.arange(total, device=starts_N.device) + seg_start
