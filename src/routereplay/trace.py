@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numpy as np
 import torch
 
 from routereplay.errors import (
@@ -165,10 +166,9 @@ class RoutingTrace:
                     f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
                 )
             if K > 1:
-                sorted_NLK = ids.sort(dim=-1).values
-                dup_NL = (sorted_NLK[..., 1:] == sorted_NLK[..., :-1]).any(-1)
-                if bool(dup_NL.any()):
-                    n, l = (int(i) for i in dup_NL.nonzero()[0])
+                dup_row = _first_duplicate_row(ids.reshape(-1, K))
+                if dup_row >= 0:
+                    n, l = divmod(dup_row, L)
                     t = n if valid_T is None else int(valid_T.nonzero()[n, 0])
                     raise DuplicateExpertError(
                         f"row {t} ({cls._where(cu_seqlens_B1, t)}), layer {layer_ids[l]} selects an expert "
@@ -395,6 +395,31 @@ class RoutingTrace:
             f"top_k={self.top_k}, num_experts={self.num_experts}, dtype={self.experts.dtype}, "
             f"device={self.device}{extras})"
         )
+
+
+def _first_duplicate_row(ids_NK: torch.Tensor, chunk: int = 1 << 15) -> int:
+    """Index of the first row of ``ids_NK`` naming an expert twice, or -1.
+
+    Compares the K(K-1)/2 slot pairs column against column on cache-sized chunks. On the CPU
+    this runs through numpy, whose narrow-int compares are ~10x faster than torch's here and
+    over 10x faster than sorting each row.
+    """
+    N, K = ids_NK.shape
+    if ids_NK.device.type != "cpu":
+        bad_N = torch.zeros(N, dtype=torch.bool, device=ids_NK.device)
+        for i in range(K - 1):
+            bad_N |= (ids_NK[:, i : i + 1] == ids_NK[:, i + 1 :]).any(-1)
+        return int(bad_N.nonzero()[0, 0]) if bool(bad_N.any()) else -1
+    ids = ids_NK.numpy()
+    for start in range(0, N, chunk):
+        cols_KN = np.ascontiguousarray(ids[start : start + chunk].T)
+        bad_N = np.zeros(cols_KN.shape[1], dtype=bool)
+        for i in range(K - 1):
+            for j in range(i + 1, K):
+                bad_N |= cols_KN[i] == cols_KN[j]
+        if bad_N.any():
+            return start + int(bad_N.argmax())
+    return -1
 
 
 def _ranges(starts_N: torch.Tensor, lens_N: torch.Tensor) -> torch.Tensor:
