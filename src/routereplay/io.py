@@ -1,0 +1,630 @@
+"""Save and load a RoutingTrace as a ``.rrt`` file (spec: docs/FORMAT.md).
+
+A ``.rrt`` file is a safetensors container: 8-byte little-endian header length, a JSON header
+(tensor table plus ``__metadata__``), then the tensor bytes. Any safetensors reader can open
+it; this module adds what a trace needs on top: fixed header fields, a format version that
+readers check, and a CRC-32 over every byte of the file, so that truncation and bit flips in
+the header or the payload are caught before a replay uses the routes.
+
+Legend (shape suffixes used in this file):
+    T  tokens, all sequences packed back to back
+    L  MoE layers
+    K  top-k slots
+    B  sequences
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import struct
+import sys
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from routereplay.errors import ExpertIdError, GatesError, TraceFormatError
+from routereplay.trace import RoutingTrace, expert_dtype
+
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "TensorEntry",
+    "TraceFileHeader",
+    "load",
+    "read_header",
+    "save",
+]
+
+FORMAT_NAME = "routereplay.trace"
+FORMAT_VERSION = "1"
+CHECKSUM_ALGORITHM = "crc32"
+# The major version this module reads, and the newest minor it knows every field of.
+_MAJOR, _MINOR = 1, 0
+# safetensors refuses headers above 100 MB; a larger declared length is a corrupt file.
+_MAX_HEADER_BYTES = 100_000_000
+_PLACEHOLDER = "00000000"
+
+# safetensors dtype names <-> torch dtypes this format stores.
+_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_GATE_DTYPES = ("F16", "BF16", "F32", "F64")
+_EXPERT_DTYPES = ("U8", "I16", "I32")
+_REQUIRED_FIELDS = ("format", "version", "layer_ids", "num_experts", "top_k", "meta", "checksum_algorithm", "checksum")
+_REQUIRED_TENSORS = ("experts", "cu_seqlens")
+_OPTIONAL_TENSORS = ("valid", "gates")
+_VERSION_RE = re.compile(r"(0|[1-9][0-9]*)(?:\.(0|[1-9][0-9]*))?")
+_COUNT_RE = re.compile(r"[1-9][0-9]*")
+_CHECKSUM_RE = re.compile(r"[0-9a-f]{8}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorEntry:
+    """One row of the safetensors tensor table.
+
+    Args:
+        dtype: safetensors dtype name (``"U8"``, ``"I64"``, ``"BF16"``, ...).
+        shape: tensor shape.
+        start, end: byte range inside the data section (after the header).
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TraceFileHeader:
+    """What a ``.rrt`` header says, read without touching the tensor bytes.
+
+    Args:
+        path: the file as given to :func:`read_header`.
+        file_size: bytes on disk.
+        header_size: bytes of the JSON header, padding included (the container's first 8 bytes).
+        version: the format version string (``"1"``).
+        checksum_algorithm, checksum: as stored; the checksum is not verified by ``read_header``.
+        metadata: the whole ``__metadata__`` mapping (every value a string).
+        tensors: name -> :class:`TensorEntry`, in file order.
+    """
+
+    path: str
+    file_size: int
+    header_size: int
+    version: str
+    checksum_algorithm: str
+    checksum: str
+    metadata: Mapping[str, str]
+    tensors: Mapping[str, TensorEntry]
+
+    @property
+    def data_size(self) -> int:
+        """Bytes of tensor data the header describes."""
+        return max((e.end for e in self.tensors.values()), default=0)
+
+
+# --- writing -------------------------------------------------------------------------------
+def save(trace: RoutingTrace, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    """Write ``trace`` to ``path`` as a ``.rrt`` file, atomically.
+
+    The bytes go to a temporary file in the same directory, which is flushed (and fsynced when
+    ``fsync``) and then renamed over ``path``: readers see the old file or the new one, never a
+    partial one, and a process that still maps the old file keeps reading the old bytes. The
+    output is a deterministic function of the trace: the same trace gives the same bytes.
+
+    Args:
+        trace: the routes to store. Tensors on another device are copied to the host first.
+        path: destination file; its directory must exist. ``.rrt`` is the usual suffix.
+        fsync: force the bytes to disk before the rename (crash safety). Turn off only for
+            scratch files.
+
+    Raises:
+        TypeError: ``trace`` is not a RoutingTrace.
+        GatesError: gates have a float dtype safetensors cannot store.
+        ExpertIdError: ids held in a wider dtype than ``num_experts`` needs fall outside
+            ``[0, num_experts)`` (only an unvalidated trace can hold them).
+        FileNotFoundError: the directory of ``path`` does not exist.
+    """
+    if not isinstance(trace, RoutingTrace):
+        raise TypeError(f"save expects a RoutingTrace, found {type(trace).__name__}")
+    _check_host_byte_order()
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{path}: directory {directory} does not exist; create it before saving the trace")
+
+    tensors = _tensors_of(trace)
+    # File order: larger elements first, then by name. Every tensor then starts at a multiple
+    # of its element size, so readers can view the bytes in place (safetensors does the same).
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    entries: dict[str, TensorEntry] = {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        entries[name] = TensorEntry(
+            dtype=_DTYPE_NAMES[t.dtype], shape=tuple(t.shape), start=offset, end=offset + nbytes
+        )
+        offset += nbytes
+    metadata = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "layer_ids": json.dumps(list(trace.layer_ids), separators=(",", ":")),
+        "num_experts": str(trace.num_experts),
+        "top_k": str(trace.top_k),
+        "meta": _canonical_json(dict(trace.meta)),
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+        "checksum": _PLACEHOLDER,
+    }
+    payloads = [_bytes_view(tensors[name]) for name in order]
+    # The checksum covers the file as written with the checksum digits set to "0": hash the
+    # placeholder prefix and the payloads, then write the prefix again with the digits filled in.
+    crc = zlib.crc32(_encode_prefix(metadata, entries))
+    for payload in payloads:
+        crc = zlib.crc32(payload, crc)
+    prefix = _encode_prefix({**metadata, "checksum": f"{crc:08x}"}, entries)
+    _atomic_write(path, [prefix, *payloads], fsync=fsync)
+
+
+def _tensors_of(trace: RoutingTrace) -> dict[str, torch.Tensor]:
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu").contiguous()
+
+    experts_TLK = host(trace.experts)
+    dtype = expert_dtype(trace.num_experts)
+    if experts_TLK.dtype != dtype:
+        # Traces built by _trusted may carry a wider dtype; the file always uses the compact one.
+        # Narrowing would wrap out-of-range ids silently, so check the range first.
+        if experts_TLK.numel():
+            lo, hi = (int(x) for x in torch.aminmax(experts_TLK))
+            if lo < 0 or hi >= trace.num_experts:
+                raise ExpertIdError(
+                    f"experts hold ids in [{lo}, {hi}], outside [0, {trace.num_experts}); build the trace "
+                    "with RoutingTrace(...) to find the row, then save it"
+                )
+        experts_TLK = experts_TLK.to(dtype)
+    out = {"experts": experts_TLK, "cu_seqlens": host(trace.cu_seqlens).to(torch.int64)}
+    if trace.valid is not None:
+        out["valid"] = host(trace.valid).to(torch.bool)
+    if trace.gates is not None:
+        gates_TLK = host(trace.gates)
+        if gates_TLK.dtype not in (_DTYPES[n] for n in _GATE_DTYPES):
+            raise GatesError(
+                f"gates have dtype {gates_TLK.dtype}, which a .rrt file cannot store; "
+                "cast them to float32, bfloat16, float16 or float64 before saving"
+            )
+        out["gates"] = gates_TLK
+    return out
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes in host (little-endian) order, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _canonical_json(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _encode_prefix(metadata: Mapping[str, str], entries: Mapping[str, TensorEntry]) -> bytes:
+    """8-byte length + canonical JSON header, space-padded so the data starts 8-byte aligned."""
+    table: dict[str, object] = {"__metadata__": dict(metadata)}
+    for name, e in entries.items():
+        table[name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}
+    header = _canonical_json(table).encode("ascii")
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def _atomic_write(path: str, chunks: list, *, fsync: bool) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # O_EXCL: never clobber someone else's temp file; mode 0o666 lets the umask decide, as open() would.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync and os.name == "posix":
+        # Make the rename itself durable.
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# --- reading -------------------------------------------------------------------------------
+def read_header(path: str | os.PathLike[str]) -> TraceFileHeader:
+    """Parse and check the header of a ``.rrt`` file, without reading the tensor data.
+
+    Checks the container (length, JSON, tensor table, file size), the format name and the
+    version. Does not verify the checksum; :func:`load` does.
+
+    Raises:
+        TraceFormatError: the message names the path and the problem.
+        FileNotFoundError, PermissionError: the file cannot be opened.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        return _read_prefix(f, path)[0]
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    mmap: bool = True,
+    validate: bool = True,
+    device: torch.device | str = "cpu",
+) -> RoutingTrace:
+    """Read a ``.rrt`` file written by :func:`save`.
+
+    The header is checked (format, version, fields), then the CRC-32 over the whole file is
+    verified against the bytes that become the trace's tensors, then the trace is built.
+
+    Args:
+        path: the file.
+        mmap: map the file instead of reading it: the tensors view the page cache and no copy is
+            made (they are copy-on-write; writing to them never changes the file). The mapping
+            lives as long as the tensors. With ``mmap=False`` the tensors own their memory.
+            (``validate=True`` on a trace with invalid rows builds a new ``experts`` tensor, as
+            RoutingTrace re-zeros those rows.)
+        validate: re-run every RoutingTrace check (id range, duplicate ids, monotone
+            ``cu_seqlens``, finite gates); O(T). With ``False`` only the O(1) structural checks
+            run and the checksum vouches for the content.
+        device: where the returned tensors live. The checksum is verified on the host first.
+
+    Returns:
+        The RoutingTrace, with ``experts [T, L, K]`` in the compact dtype for ``num_experts``.
+
+    Raises:
+        TraceFormatError: truncated or corrupt file, not a routereplay trace, unknown format
+            version, checksum mismatch, missing or malformed field or tensor. The message names
+            the path and the problem.
+        TraceError subclasses (ExpertIdError, ...): ``validate=True`` and the stored routes are
+            not a valid trace.
+        FileNotFoundError, PermissionError: the file cannot be opened.
+    """
+    _check_host_byte_order()
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        header, prefix = _read_prefix(f, path)
+    tensors = _read_tensors(path, header)
+    _verify_checksum(path, header, prefix, tensors)
+    fields = _parse_fields(path, header)
+
+    if torch.device(device).type != "cpu":
+        tensors = {name: t.to(device) for name, t in tensors.items()}
+    elif not mmap:
+        tensors = {name: t.clone() for name, t in tensors.items()}
+    parts = {
+        "experts": tensors["experts"],
+        "cu_seqlens": tensors["cu_seqlens"],
+        "layer_ids": fields["layer_ids"],
+        "num_experts": fields["num_experts"],
+        "valid": tensors.get("valid"),
+        "gates": tensors.get("gates"),
+        "meta": fields["meta"],
+    }
+    if validate:
+        return RoutingTrace(**parts)
+    # Without validation, still refuse what would break indexing downstream (O(1) checks).
+    cu_seqlens_B1, T = parts["cu_seqlens"], parts["experts"].shape[0]
+    if int(cu_seqlens_B1[0]) != 0 or int(cu_seqlens_B1[-1]) != T:
+        raise _fail(
+            path,
+            f"cu_seqlens runs from {int(cu_seqlens_B1[0])} to {int(cu_seqlens_B1[-1])}, "
+            f"expected 0 to T={T}; {_CORRUPT}",
+        )
+    return RoutingTrace._trusted(**parts)
+
+
+def _fail(path: str, problem: str) -> TraceFormatError:
+    return TraceFormatError(f"{path}: {problem}")
+
+
+_CORRUPT = "the file is corrupt; write it again with routereplay.io.save"
+
+
+def _read_prefix(f, path: str) -> tuple[TraceFileHeader, bytes]:
+    """Read and check the 8-byte length and the JSON header; return them with the raw bytes."""
+    file_size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise _fail(
+            path,
+            f"file is truncated: it has {file_size} bytes, fewer than the 8-byte header length that "
+            "starts a safetensors container; it was cut short or is not a trace file",
+        )
+    (header_size,) = struct.unpack("<Q", head)
+    if header_size > file_size - 8:
+        raise _fail(
+            path,
+            f"file is truncated or its header length is corrupt: the first 8 bytes declare a "
+            f"{header_size}-byte header but only {file_size - 8} bytes follow",
+        )
+    if header_size > _MAX_HEADER_BYTES:
+        raise _fail(path, f"declares a {header_size}-byte header, above the 100 MB safetensors limit; {_CORRUPT}")
+    raw = f.read(header_size)
+    if len(raw) < header_size:
+        raise _fail(path, f"file shrank while being read: expected {header_size} header bytes, got {len(raw)}")
+    try:
+        table = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"header is not valid JSON ({e}); {_CORRUPT}, or it is not a safetensors file") from None
+    if not isinstance(table, dict):
+        raise _fail(path, f"header must be a JSON object, found {type(table).__name__}; {_CORRUPT}")
+
+    metadata = table.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(
+            path,
+            "is a safetensors file without string __metadata__, so not a routereplay trace "
+            "(write traces with routereplay.io.save)",
+        )
+    fmt = metadata.get("format")
+    if fmt != FORMAT_NAME:
+        found = "no 'format' field" if fmt is None else f"format {fmt!r}"
+        raise _fail(
+            path,
+            f"not a routereplay trace: its safetensors metadata has {found}, expected format "
+            f"{FORMAT_NAME!r} (write traces with routereplay.io.save)",
+        )
+    version = metadata.get("version")
+    match = _VERSION_RE.fullmatch(version) if version is not None else None
+    if match is None:
+        raise _fail(
+            path, f"format version field is {version!r}, expected 'MAJOR' or 'MAJOR.MINOR' such as '1'; {_CORRUPT}"
+        )
+    major = int(match.group(1))
+    if major != _MAJOR:
+        from routereplay import __version__
+
+        if major > _MAJOR:
+            raise _fail(
+                path,
+                f"trace format version {version} is newer than routereplay {__version__} reads (format "
+                f"version {_MAJOR}.x); upgrade routereplay (pip install -U routereplay) to read it",
+            )
+        raise _fail(
+            path,
+            f"trace format version {version} was never written by routereplay, which reads "
+            f"format version {_MAJOR}.x; {_CORRUPT}",
+        )
+    minor = int(match.group(2) or 0)
+
+    tensors = _parse_table(path, table)
+    data_size = max((e.end for e in tensors.values()), default=0)
+    have = file_size - 8 - header_size
+    if have < data_size:
+        raise _fail(
+            path,
+            f"file is truncated: the header describes {data_size} bytes of tensor data but only {have} "
+            "follow it; the write or copy was cut short, write the file again",
+        )
+    if have > data_size:
+        raise _fail(
+            path, f"has {have - data_size} unexpected bytes after the {data_size} bytes of tensor data; {_CORRUPT}"
+        )
+
+    if minor <= _MINOR:
+        # A newer minor version may add fields and tensors that this reader ignores; in a
+        # version this reader knows fully, an unknown name means a damaged header.
+        unknown = sorted(set(metadata) - set(_REQUIRED_FIELDS))
+        if unknown:
+            raise _fail(path, f"unknown metadata field(s) {unknown} in a version-{version} trace; {_CORRUPT}")
+        unknown = sorted(set(tensors) - set(_REQUIRED_TENSORS) - set(_OPTIONAL_TENSORS))
+        if unknown:
+            raise _fail(path, f"unknown tensor(s) {unknown} in a version-{version} trace; {_CORRUPT}")
+    for name in _REQUIRED_FIELDS:
+        if name not in metadata:
+            raise _fail(
+                path, f"missing metadata field {name!r}; a version-{version} trace needs {list(_REQUIRED_FIELDS)}"
+            )
+    algorithm = metadata["checksum_algorithm"]
+    if algorithm != CHECKSUM_ALGORITHM:
+        raise _fail(
+            path, f"checksum algorithm {algorithm!r} is unknown; this routereplay verifies {CHECKSUM_ALGORITHM!r}"
+        )
+    checksum = metadata["checksum"]
+    if not _CHECKSUM_RE.fullmatch(checksum):
+        raise _fail(path, f"checksum field is {checksum!r}, expected 8 lowercase hex digits; {_CORRUPT}")
+
+    header = TraceFileHeader(
+        path=path,
+        file_size=file_size,
+        header_size=header_size,
+        version=version,
+        checksum_algorithm=algorithm,
+        checksum=checksum,
+        metadata=MappingProxyType(dict(metadata)),
+        tensors=MappingProxyType(tensors),
+    )
+    return header, head + raw
+
+
+def _parse_table(path: str, table: dict) -> dict[str, TensorEntry]:
+    """Check the tensor table: known dtypes, sizes that match shapes, contiguous offsets."""
+    entries = []
+    for name, info in table.items():
+        ok = (
+            isinstance(info, dict)
+            and set(info) == {"dtype", "shape", "data_offsets"}
+            and isinstance(info["shape"], list)
+            and all(type(d) is int and d >= 0 for d in info["shape"])
+            and isinstance(info["data_offsets"], list)
+            and len(info["data_offsets"]) == 2
+            and all(type(o) is int and o >= 0 for o in info["data_offsets"])
+        )
+        if not ok:
+            raise _fail(path, f"tensor {name!r} has a malformed header entry {info!r}; {_CORRUPT}")
+        if info["dtype"] not in _DTYPES:
+            raise _fail(
+                path, f"tensor {name!r} has dtype {info['dtype']!r}, expected one of {sorted(_DTYPES)}; {_CORRUPT}"
+            )
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        nbytes = math.prod(shape) * _DTYPES[info["dtype"]].itemsize
+        if end - start != nbytes:
+            raise _fail(
+                path,
+                f"tensor {name!r} of dtype {info['dtype']} and shape {list(shape)} needs {nbytes} bytes "
+                f"but its data_offsets [{start}, {end}] span {end - start}; {_CORRUPT}",
+            )
+        entries.append((start, end, name, TensorEntry(dtype=info["dtype"], shape=shape, start=start, end=end)))
+    entries.sort()
+    position = 0
+    for start, end, name, entry in entries:
+        if start != position:
+            raise _fail(
+                path,
+                f"tensor {name!r} starts at data byte {start}, expected {position} "
+                f"(tensors must tile the data); {_CORRUPT}",
+            )
+        itemsize = _DTYPES[entry.dtype].itemsize
+        if start % itemsize:
+            raise _fail(
+                path,
+                f"tensor {name!r} starts at data byte {start}, not a multiple of its "
+                f"{itemsize}-byte elements; {_CORRUPT}",
+            )
+        position = end
+    return {name: entry for _, _, name, entry in entries}
+
+
+def _read_tensors(path: str, header: TraceFileHeader) -> dict[str, torch.Tensor]:
+    """Memory-map the tensors with safetensors (zero copy on the host) and check their layout."""
+    for name in _REQUIRED_TENSORS:
+        if name not in header.tensors:
+            raise _fail(
+                path,
+                f"missing tensor {name!r}; a trace file holds {list(_REQUIRED_TENSORS)} "
+                f"and optionally {list(_OPTIONAL_TENSORS)}",
+            )
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata()
+            tensors = {name: f.get_tensor(name) for name in header.tensors}
+    except (SafetensorError, OSError) as e:
+        raise _fail(path, f"safetensors could not read the file ({e}); {_CORRUPT}") from None
+    # Between our header read and safetensors' own, the file may have been replaced; the
+    # checksum then fails unless both reads saw the same bytes. Compare the tables first for
+    # a clearer message.
+    if dict(metadata or {}) != dict(header.metadata) or any(
+        (t.dtype, tuple(t.shape)) != (_DTYPES[header.tensors[n].dtype], header.tensors[n].shape)
+        for n, t in tensors.items()
+    ):
+        raise _fail(path, "the file changed while it was being read; load it again once the writer is done")
+    return tensors
+
+
+def _verify_checksum(path: str, header: TraceFileHeader, prefix: bytes, tensors: Mapping[str, torch.Tensor]) -> None:
+    """CRC-32 of the whole file with the checksum digits read as '0', in file order."""
+    field = b'"checksum":"' + header.checksum.encode("ascii") + b'"'
+    at = prefix.find(field)
+    if at < 0 or prefix.find(field, at + 1) >= 0:
+        raise _fail(path, "the checksum field is not written in the canonical form this reader verifies; " + _CORRUPT)
+    digits = at + len(field) - 9
+    crc = zlib.crc32(prefix[:digits] + _PLACEHOLDER.encode("ascii") + prefix[digits + 8 :])
+    for name in header.tensors:  # already in file order
+        crc = zlib.crc32(_bytes_view(tensors[name]), crc)
+    found = f"{crc:08x}"
+    if found != header.checksum:
+        raise _fail(
+            path,
+            f"checksum mismatch: the header records crc32 {header.checksum} but the file's bytes give "
+            f"{found}; the file is corrupt (bit flip, partial overwrite), write it again with routereplay.io.save",
+        )
+
+
+def _parse_fields(path: str, header: TraceFileHeader) -> dict:
+    """Decode the metadata fields and check they agree with the tensor shapes (all O(1) or O(L))."""
+    md, entries = header.metadata, header.tensors
+
+    def count(name: str) -> int:
+        value = md[name]
+        if not _COUNT_RE.fullmatch(value):
+            raise _fail(path, f"field {name!r} is {value!r}, expected a positive decimal integer; {_CORRUPT}")
+        return int(value)
+
+    num_experts, top_k = count("num_experts"), count("top_k")
+    try:
+        layer_ids = json.loads(md["layer_ids"])
+    except json.JSONDecodeError:
+        layer_ids = None
+    if not isinstance(layer_ids, list) or any(type(i) is not int or i < 0 for i in layer_ids):
+        raise _fail(
+            path, f"field 'layer_ids' is {md['layer_ids']!r}, expected a JSON list of non-negative ints; {_CORRUPT}"
+        )
+    if len(set(layer_ids)) != len(layer_ids):
+        raise _fail(path, f"field 'layer_ids' {layer_ids} repeats a layer; {_CORRUPT}")
+    try:
+        meta = json.loads(md["meta"])
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _fail(path, f"field 'meta' is {md['meta']!r}, expected a JSON object of strings; {_CORRUPT}")
+
+    experts, cu = entries["experts"], entries["cu_seqlens"]
+    want = _DTYPE_NAMES[expert_dtype(num_experts)]
+    if experts.dtype != want or len(experts.shape) != 3:
+        raise _fail(
+            path,
+            f"tensor 'experts' is {experts.dtype} {list(experts.shape)}, expected {want} [T, L, K] "
+            f"for num_experts={num_experts}; {_CORRUPT}",
+        )
+    T, L, K = experts.shape
+    if K != top_k or L != len(layer_ids):
+        raise _fail(
+            path,
+            f"tensor 'experts' has shape {list(experts.shape)} but the header says top_k={top_k} and "
+            f"{len(layer_ids)} layers {layer_ids}; {_CORRUPT}",
+        )
+    if cu.dtype != "I64" or len(cu.shape) != 1 or cu.shape[0] < 1:
+        raise _fail(path, f"tensor 'cu_seqlens' is {cu.dtype} {list(cu.shape)}, expected I64 [B+1]; {_CORRUPT}")
+    valid = entries.get("valid")
+    if valid is not None and (valid.dtype != "BOOL" or valid.shape != (T,)):
+        raise _fail(path, f"tensor 'valid' is {valid.dtype} {list(valid.shape)}, expected BOOL [{T}]; {_CORRUPT}")
+    gates = entries.get("gates")
+    if gates is not None and (gates.dtype not in _GATE_DTYPES or gates.shape != (T, L, K)):
+        raise _fail(
+            path,
+            f"tensor 'gates' is {gates.dtype} {list(gates.shape)}, expected a float dtype {list(_GATE_DTYPES)} "
+            f"shaped like experts {[T, L, K]}; {_CORRUPT}",
+        )
+    return {"num_experts": num_experts, "layer_ids": tuple(layer_ids), "meta": meta}
+
+
+def _check_host_byte_order() -> None:
+    if sys.byteorder != "little":
+        raise NotImplementedError(
+            ".rrt files are little-endian and routereplay reads and writes them on little-endian hosts only"
+        )
