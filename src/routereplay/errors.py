@@ -106,3 +106,12 @@ class MissingRoutesError(ReplayError):
 
 class ReplayVerificationError(ReplayError):
     """``verify=True`` found that the experts did not receive the forced ids."""
+
+
+# --- metrics --------------------------------------------------------------------------------
+class MetricInputError(RouteReplayError):
+    """Inputs to a routing-agreement or log-prob-mismatch metric do not fit (type, shape, mask, NaN)."""
+
+
+class GenerationCaptureError(ReplayError):
+    """The forwards recorded around ``generate`` do not map onto the returned sequences."""

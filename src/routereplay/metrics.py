@@ -1,0 +1,343 @@
+"""Routing agreement and train–inference log-prob mismatch, exactly as the literature defines them.
+
+Two families of numbers tell whether an RL run on an MoE model is training on the policy that
+generated its data:
+
+* **routing agreement** between two routings of the same tokens (rollout vs trainer, old vs new
+  policy): per (token, layer) exact-set match, overlap@k, Jaccard, top-1 and ordered match, plus
+  the aggregates the R3 paper reports (router-level disagreement, any-layer token disagreement,
+  mean disagreeing layers per token) and a per-layer curve;
+* **log-prob mismatch** on the sampled tokens: ``delta = logp_train - logp_infer`` (training
+  side minus inference side, the sign every estimator below assumes), k1 / k2 / k3, mean and max
+  ``|delta|``, mean probability difference, Pearson correlation of the probabilities, and the
+  fraction of extreme tokens ``F(tau) = mean 1[|delta| > ln tau]``.
+
+Both are Monte-Carlo estimates over the tokens selected by a mask (normally the response tokens);
+k1 and k3 on sampled tokens are not full-vocabulary KL divergences.
+
+Legend (shape suffixes used in this file):
+    T  tokens (rows of a trace, or any flattened token axis)
+    L  MoE layers
+    K  top-k slots, in router rank order
+    N  tokens selected by the mask
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from routereplay.errors import MetricInputError, TraceMismatchError
+from routereplay.trace import RoutingTrace
+
+__all__ = ["DEFAULT_TAUS", "LogprobMismatch", "RoutingAgreement", "logprob_mismatch", "routing_agreement"]
+
+DEFAULT_TAUS: tuple[float, ...] = (1.5, 2.0, 5.0)
+
+# Rows compared per step: bounds the [rows, L, K, K] comparison tensor to a few tens of MB.
+_CHUNK_ROWS = 8192
+
+
+def _json_float(x: float) -> float | None:
+    """NaN (an undefined statistic, e.g. a correlation of constants) becomes JSON ``null``."""
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoutingAgreement:
+    """How closely routing B reproduces routing A on the selected tokens.
+
+    Per (token t, layer l), with ``A``, ``B`` the two expert sets of size k:
+    ``m = 1[A == B]`` (order-insensitive), overlap ``|A∩B|/k``, Jaccard ``|A∩B|/|A∪B|``,
+    top-1 match (first-ranked experts equal) and ordered match (identical ranked lists).
+
+    Attributes:
+        num_tokens: tokens compared (mask and both traces' ``valid`` rows).
+        layer_ids: global layer ids of the L layers compared.
+        top_k: k.
+        disagreement: router-level ``mean_{t,l} (1 - m)`` (R3's ~10% on Qwen3-30B-A3B).
+        exact_match: ``mean_{t,l} m`` = 1 - disagreement.
+        overlap: ``mean_{t,l} |A∩B|/k``; ``1 - overlap`` is the share of activated experts that
+            differ (GSPO's "~10% after one step").
+        jaccard: ``mean_{t,l} |A∩B|/|A∪B|``.
+        top1_agreement: ``mean_{t,l} 1[A_0 == B_0]``.
+        ordered_match: ``mean_{t,l} 1[A == B as ranked lists]``.
+        token_disagreement: ``mean_t 1[exists l: m = 0]`` (R3: 94%).
+        mean_disagreeing_layers: ``mean_t sum_l (1 - m)`` (R3: ~6 of 48).
+        per_layer_disagreement, per_layer_overlap: ``mean_t`` of ``1 - m`` and of the overlap,
+            one value per layer in ``layer_ids`` order.
+
+    Values are NaN when ``num_tokens == 0`` (``to_dict`` writes them as ``None``).
+    """
+
+    num_tokens: int
+    layer_ids: tuple[int, ...]
+    top_k: int
+    disagreement: float
+    exact_match: float
+    overlap: float
+    jaccard: float
+    top1_agreement: float
+    ordered_match: float
+    token_disagreement: float
+    mean_disagreeing_layers: float
+    per_layer_disagreement: tuple[float, ...]
+    per_layer_overlap: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (tuples become lists, NaN becomes None)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = [_json_float(v) for v in value]
+            else:
+                out[key] = _json_float(value)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LogprobMismatch:
+    """Sampled-token train–inference mismatch, ``delta = logp_train - logp_infer``.
+
+    Attributes:
+        num_tokens: tokens selected by the mask.
+        k1: ``mean(-delta)``, estimates KL(infer || train); can be negative.
+        k2: ``mean(delta**2 / 2)``.
+        k3: ``mean(exp(delta) - 1 - delta)``, >= 0 (R3: 1.5e-3 MoE, 7.5e-4 MoE + R3).
+        mean_abs_delta, max_abs_delta: ``mean |delta|``, ``max |delta|``.
+        prob_diff: ``mean |p_train - p_infer|`` (verl: < 0.005 normal, > 0.01 suspicious).
+        pearson: Pearson correlation of ``p_train`` and ``p_infer`` (NaN when either is constant).
+        extreme: ``{"F(tau)": mean 1[|delta| > ln tau]}`` for each tau (> 0.1 precedes collapse).
+
+    Values are NaN when ``num_tokens == 0`` (``to_dict`` writes them as ``None``).
+    """
+
+    num_tokens: int
+    k1: float
+    k2: float
+    k3: float
+    mean_abs_delta: float
+    max_abs_delta: float
+    prob_diff: float
+    pearson: float
+    extreme: dict[str, float]
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (NaN becomes None); ``extreme`` stays a ``{"F(tau)": value}`` dict."""
+        out = {k: _json_float(v) for k, v in asdict(self).items() if k != "extreme"}
+        out["extreme"] = {k: _json_float(v) for k, v in self.extreme.items()}
+        out["delta"] = "logp_train - logp_infer"
+        return out
+
+
+def _experts_and_valid(x: RoutingTrace | torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(x, RoutingTrace):
+        return x.experts, x.valid
+    if isinstance(x, torch.Tensor) and x.ndim == 3 and not x.dtype.is_floating_point:
+        return x, None
+    found = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+    raise MetricInputError(f"routing_agreement: {name} must be a RoutingTrace or an integer [T, L, K] tensor, found {found}")
+
+
+def _token_mask(mask: torch.Tensor | Sequence[bool] | None, T: int, device: torch.device, what: str) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(T, dtype=torch.bool, device=device)
+    mask_T = torch.as_tensor(mask, device=device)
+    if mask_T.dtype != torch.bool:
+        if mask_T.dtype.is_floating_point or not bool(((mask_T == 0) | (mask_T == 1)).all()):
+            raise MetricInputError(f"{what}: mask must be bool (or 0/1 integers), found dtype {mask_T.dtype}")
+        mask_T = mask_T.bool()
+    if mask_T.shape != (T,):
+        raise MetricInputError(f"{what}: mask must have shape ({T},), one entry per token, found {tuple(mask_T.shape)}")
+    return mask_T
+
+
+def routing_agreement(
+    a: RoutingTrace | torch.Tensor,
+    b: RoutingTrace | torch.Tensor,
+    mask: torch.Tensor | Sequence[bool] | None = None,
+) -> RoutingAgreement:
+    """Routing agreement of ``b`` against ``a`` over the same tokens.
+
+    The metrics are symmetric; by convention ``a`` is the reference (rollout / old policy) and
+    ``b`` the side under test (trainer / new policy).
+
+    Args:
+        a, b: RoutingTraces of the same tokens (same ``cu_seqlens``, ``layer_ids``, ``top_k``),
+            or integer ``[T, L, K]`` tensors. Rows where either trace has ``valid`` False are
+            left out (an engine capture has no route for each sequence's last token).
+        mask: optional bool ``[T]``: tokens to compare (e.g. response tokens only).
+
+    Returns:
+        RoutingAgreement over the selected tokens.
+
+    Raises:
+        MetricInputError: an input is not a trace / integer [T, L, K] tensor, or a bad mask.
+        TraceMismatchError: the two routings are not of the same tokens and layers (shapes,
+            ``cu_seqlens``, ``layer_ids`` or ``num_experts`` differ).
+    """
+    experts_a_TLK, valid_a_T = _experts_and_valid(a, "a")
+    experts_b_TLK, valid_b_T = _experts_and_valid(b, "b")
+    if experts_a_TLK.shape != experts_b_TLK.shape:
+        raise TraceMismatchError(
+            f"routing_agreement: a has [T, L, K] = {list(experts_a_TLK.shape)} but b has {list(experts_b_TLK.shape)}; "
+            "compare routings of the same tokens and layers (convert engine rows to training rows with "
+            "routereplay.layout, select common layers with trace.select_layers)"
+        )
+    T, L, K = experts_a_TLK.shape
+    layer_ids = tuple(range(L))
+    if isinstance(a, RoutingTrace) and isinstance(b, RoutingTrace):
+        for what in ("layer_ids", "num_experts"):
+            if getattr(a, what) != getattr(b, what):
+                raise TraceMismatchError(
+                    f"routing_agreement: a has {what}={getattr(a, what)} but b has {what}={getattr(b, what)}; "
+                    "both traces must come from the same model layers"
+                )
+        if not torch.equal(a.cu_seqlens.cpu(), b.cu_seqlens.cpu()):
+            raise TraceMismatchError(
+                f"routing_agreement: the traces split their {T} tokens differently: a has sequence lengths "
+                f"{a.seq_lens.tolist()}, b has {b.seq_lens.tolist()}; the rows would be compared on the wrong tokens"
+            )
+    for x in (a, b):
+        if isinstance(x, RoutingTrace):
+            layer_ids = x.layer_ids
+    device = experts_a_TLK.device
+    experts_b_TLK = experts_b_TLK.to(device)
+    keep_T = _token_mask(mask, T, device, "routing_agreement")
+    for valid_T in (valid_a_T, valid_b_T):
+        if valid_T is not None:
+            keep_T = keep_T & valid_T.to(device)
+
+    # Accumulated sums over the selected tokens, per layer (float64: exact for counts < 2**53).
+    sums = {name: torch.zeros(L, dtype=torch.float64, device=device) for name in ("exact", "overlap", "jaccard", "top1", "ordered")}
+    any_disagree = torch.zeros((), dtype=torch.float64, device=device)
+    rows_N = keep_T.nonzero().squeeze(1)
+    N = rows_N.numel()
+    for start in range(0, N, _CHUNK_ROWS):
+        idx = rows_N[start : start + _CHUNK_ROWS]
+        a_NLK = experts_a_TLK.index_select(0, idx).to(torch.int32)
+        b_NLK = experts_b_TLK.index_select(0, idx).to(torch.int32)
+        # Ids within one route are distinct, so |A∩B| = number of a-slots found anywhere in b.
+        inter_NL = (a_NLK.unsqueeze(-1) == b_NLK.unsqueeze(-2)).any(-1).sum(-1).to(torch.float64)
+        exact_NL = inter_NL == K
+        sums["exact"] += exact_NL.sum(0, dtype=torch.float64)
+        sums["overlap"] += inter_NL.sum(0) / K
+        sums["jaccard"] += (inter_NL / (2 * K - inter_NL)).sum(0)
+        sums["top1"] += (a_NLK[..., 0] == b_NLK[..., 0]).sum(0, dtype=torch.float64)
+        sums["ordered"] += (a_NLK == b_NLK).all(-1).sum(0, dtype=torch.float64)
+        any_disagree += (~exact_NL).any(-1).sum(dtype=torch.float64)
+
+    n = float(N) if N else float("nan")
+    per_layer = {name: (s / n) for name, s in sums.items()}
+    mean = {name: float(v.mean()) if L else float("nan") for name, v in per_layer.items()}
+    return RoutingAgreement(
+        num_tokens=N,
+        layer_ids=tuple(layer_ids),
+        top_k=K,
+        disagreement=1.0 - mean["exact"],
+        exact_match=mean["exact"],
+        overlap=mean["overlap"],
+        jaccard=mean["jaccard"],
+        top1_agreement=mean["top1"],
+        ordered_match=mean["ordered"],
+        token_disagreement=float(any_disagree) / n,
+        mean_disagreeing_layers=float((1.0 - per_layer["exact"]).sum()),
+        per_layer_disagreement=tuple((1.0 - per_layer["exact"]).tolist()),
+        per_layer_overlap=tuple(per_layer["overlap"].tolist()),
+    )
+
+
+def logprob_mismatch(
+    logp_train: torch.Tensor,
+    logp_infer: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    taus: Sequence[float] = DEFAULT_TAUS,
+) -> LogprobMismatch:
+    """Mismatch between the trainer's and the inference engine's log-probs of the sampled tokens.
+
+    ``delta = logp_train - logp_infer`` per token (training side minus inference side);
+    ``r = exp(delta)`` is the importance ratio pi_train / pi_infer.
+
+    Args:
+        logp_train: float log-probabilities of the sampled tokens under the trainer, any shape.
+        logp_infer: the same tokens' log-probabilities under the inference engine, same shape.
+        mask: optional bool tensor of the same shape selecting the tokens to count (normally
+            the response tokens; prompt and padding masked out). None counts every entry.
+        taus: thresholds for ``F(tau) = mean 1[|delta| > ln tau]``; each must be > 1.
+
+    Returns:
+        LogprobMismatch (computed in float64).
+
+    Raises:
+        MetricInputError: shapes differ, the mask is not boolean / of the same shape, a tau is
+            not > 1, or a selected log-prob is not finite (names the first such position).
+    """
+    what = "logprob_mismatch"
+    for name, x in (("logp_train", logp_train), ("logp_infer", logp_infer)):
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            found = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise MetricInputError(f"{what}: {name} must be a float tensor of log-probabilities, found {found}")
+    if logp_train.shape != logp_infer.shape:
+        raise MetricInputError(
+            f"{what}: logp_train has shape {tuple(logp_train.shape)} but logp_infer has {tuple(logp_infer.shape)}; "
+            "both must hold one log-prob per sampled token in the same layout"
+        )
+    taus = tuple(float(t) for t in taus)
+    if any(not t > 1.0 for t in taus):
+        raise MetricInputError(f"{what}: every tau must be > 1 (F(tau) counts |delta| > ln tau), found {taus}")
+    shape = tuple(logp_train.shape)
+    flat_train, flat_infer = logp_train.reshape(-1), logp_infer.reshape(-1).to(logp_train.device)
+    if mask is None:
+        keep = torch.ones(flat_train.shape, dtype=torch.bool, device=flat_train.device)
+    else:
+        mask = torch.as_tensor(mask, device=flat_train.device)
+        if tuple(mask.shape) != shape:
+            raise MetricInputError(f"{what}: mask has shape {tuple(mask.shape)}, expected the log-probs' shape {shape}")
+        keep = _token_mask(mask.reshape(-1), flat_train.numel(), flat_train.device, what)
+    lt_N = flat_train[keep].to(torch.float64)
+    li_N = flat_infer[keep].to(torch.float64)
+    for name, v_N in (("logp_train", lt_N), ("logp_infer", li_N)):
+        bad_N = ~torch.isfinite(v_N)
+        if bool(bad_N.any()):
+            flat_pos = int(keep.nonzero()[int(bad_N.nonzero()[0, 0]), 0])
+            pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_pos), shape)) if shape else ()
+            raise MetricInputError(
+                f"{what}: {name} at position {pos} is {float(v_N[bad_N][0])}; every selected log-prob must be finite "
+                "(mask out tokens whose probability underflowed, or compute log-probs in float32)"
+            )
+    N = lt_N.numel()
+    if N == 0:
+        nan = float("nan")
+        return LogprobMismatch(
+            num_tokens=0, k1=nan, k2=nan, k3=nan, mean_abs_delta=nan, max_abs_delta=nan, prob_diff=nan,
+            pearson=nan, extreme={f"F({t:g})": nan for t in taus},
+        )
+    delta_N = lt_N - li_N
+    abs_N = delta_N.abs()
+    pt_N, pi_N = lt_N.exp(), li_N.exp()
+    # expm1 keeps k3 accurate when delta is tiny (exp(delta) - 1 would cancel).
+    k3 = float((torch.expm1(delta_N) - delta_N).mean())
+    return LogprobMismatch(
+        num_tokens=N,
+        k1=float((-delta_N).mean()),
+        k2=float((delta_N.square() / 2).mean()),
+        k3=k3,
+        mean_abs_delta=float(abs_N.mean()),
+        max_abs_delta=float(abs_N.max()),
+        prob_diff=float((pt_N - pi_N).abs().mean()),
+        pearson=_pearson(pt_N, pi_N),
+        extreme={f"F({t:g})": float((abs_N > math.log(t)).to(torch.float64).mean()) for t in taus},
+    )
+
+
+def _pearson(x_N: torch.Tensor, y_N: torch.Tensor) -> float:
+    """Pearson correlation in float64; NaN when either side has zero variance (undefined)."""
+    xc, yc = x_N - x_N.mean(), y_N - y_N.mean()
+    denom = float(xc.square().sum().sqrt() * yc.square().sum().sqrt())
+    if denom == 0.0:
+        return float("nan")
+    return float((xc * yc).sum()) / denom
