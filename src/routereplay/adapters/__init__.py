@@ -1,0 +1,1 @@
+"""Integrations with model libraries; importing a submodule is the opt-in."""

@@ -1,0 +1,480 @@
+"""routereplay.routing: live routing, replay with forced ids, validation, Megatron parity.
+
+Legend: T tokens, E logits per token, K top-k, G expert groups.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from routereplay.errors import RouterSpecError
+from routereplay.routing import RouterSpec, mask_zero_experts, route
+
+
+# --- independent helpers (also used by test_hf_specs) ----------------------------------------
+def random_valid_ids(spec: RouterSpec, num_tokens: int, gen: torch.Generator) -> torch.Tensor:
+    """Random ``[T, K]`` ids a trace could hold for ``spec``: distinct, in range, group limit kept."""
+    choice_TE = torch.rand(num_tokens, spec.num_logits, generator=gen)
+    if spec.n_group is not None:
+        group_TG = torch.rand(num_tokens, spec.n_group, generator=gen)
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_TG.topk(spec.topk_group, dim=1)[1], True)
+        keep_TE = keep_TG.repeat_interleave(spec.group_size, dim=1)
+        choice_TE = choice_TE.masked_fill(~keep_TE, -1.0)
+    return choice_TE.topk(spec.top_k, dim=1)[1]
+
+
+def reference_weights(
+    logits_TE: torch.Tensor,
+    ids_TK: torch.Tensor,
+    spec: RouterSpec,
+    *,
+    bias_E: torch.Tensor | None = None,
+    expert_scale_E: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gate weights at ``ids_TK`` in float64, written from the formulas (not from routing.py).
+
+    Differentiable w.r.t. ``logits_TE`` when it is a float64 leaf (the gradient test uses it).
+    """
+    del bias_E  # the bias only selects; it never enters the weights
+    x = logits_TE.double()
+    ids = ids_TK.long()
+
+    def score(v: torch.Tensor) -> torch.Tensor:
+        if spec.score_function == "softmax":
+            e = torch.exp(v - v.max(dim=-1, keepdim=True).values)
+            return e / e.sum(dim=-1, keepdim=True)
+        if spec.score_function == "sigmoid":
+            return 1.0 / (1.0 + torch.exp(-v))
+        if spec.score_function == "sqrtsoftplus":
+            return torch.sqrt(torch.log1p(torch.exp(v)))
+        return v
+
+    w = score(x).gather(1, ids) if spec.score_before_topk else score(x.gather(1, ids))
+    if spec.norm_topk_prob:
+        if spec.norm_kind == "p_norm":
+            w = w / (w.abs() ** spec.norm_p).sum(dim=-1, keepdim=True) ** (1.0 / spec.norm_p)
+        elif spec.norm_kind == "clamp":
+            w = w / w.sum(dim=-1, keepdim=True).clamp(min=spec.norm_eps)
+        else:
+            w = w / (w.sum(dim=-1, keepdim=True) + spec.norm_eps)
+    if expert_scale_E is not None:
+        w = w * expert_scale_E.detach().double()[ids]
+    if spec.scaling_op == "mul":
+        w = w * spec.scaling_factor
+    else:
+        w = w / spec.scaling_factor
+    return w
+
+
+# --- fixed variants: every branch of the pipeline --------------------------------------------
+E, K = 16, 4
+VARIANTS = {
+    "softmax_pre": RouterSpec(num_experts=E, top_k=K, compute_dtype=torch.float32, weights_dtype="logits"),
+    "softmax_pre_norm": RouterSpec(
+        num_experts=E, top_k=K, norm_topk_prob=True, compute_dtype=torch.float32, weights_dtype="logits"
+    ),
+    "softmax_post": RouterSpec(num_experts=E, top_k=K, score_before_topk=False),
+    "softmax_post_f32": RouterSpec(
+        num_experts=E, top_k=K, score_before_topk=False, compute_dtype=torch.float32, weights_dtype="input"
+    ),
+    "sigmoid_bias_groups": RouterSpec(
+        num_experts=E,
+        top_k=K,
+        score_function="sigmoid",
+        uses_bias=True,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        norm_eps=1e-20,
+        scaling_factor=2.5,
+        topk_sorted=False,
+    ),
+    "sigmoid_groups_zero_fill": RouterSpec(
+        num_experts=E,
+        top_k=K,
+        score_function="sigmoid",
+        uses_bias=True,
+        n_group=4,
+        topk_group=2,
+        group_mask_value=0.0,
+        norm_topk_prob=True,
+    ),
+    "softmax_groups_max": RouterSpec(
+        num_experts=E, top_k=K, n_group=8, topk_group=3, group_score_topn=1, group_mask_value=0.0, scaling_factor=16.0
+    ),
+    "sigmoid_post_bias_logits": RouterSpec(
+        num_experts=E, top_k=K, score_function="sigmoid", score_before_topk=False, uses_bias=True, bias_on="logits"
+    ),
+    "sqrtsoftplus": RouterSpec(
+        num_experts=E, top_k=K, score_function="sqrtsoftplus", uses_bias=True, norm_topk_prob=True, norm_eps=1e-20
+    ),
+    "clamp_norm": RouterSpec(
+        num_experts=E,
+        top_k=K,
+        compute_dtype=torch.float32,
+        uses_bias=True,
+        norm_topk_prob=True,
+        norm_kind="clamp",
+        norm_eps=1e-12,
+    ),
+    "p_norm": RouterSpec(num_experts=E, top_k=K, norm_topk_prob=True, norm_kind="p_norm", norm_p=1.0),
+    "div_scale": RouterSpec(num_experts=E, top_k=3, score_before_topk=False, scaling_factor=3.0, scaling_op="div"),
+    "megatron_cast": RouterSpec(
+        num_experts=E,
+        top_k=K,
+        score_function="sigmoid",
+        compute_dtype=torch.float32,
+        cast_scores=True,
+        norm_topk_prob=True,
+        norm_eps=1e-20,
+    ),
+    "zero_experts_keep": RouterSpec(num_experts=E - 4, num_logits=E, top_k=K, uses_bias=True, scaling_factor=6.0),
+    "zero_experts_mask": RouterSpec(num_experts=E - 1, num_logits=E, top_k=1, uses_bias=True, zero_expert_mode="mask"),
+    "expert_scale": RouterSpec(
+        num_experts=E, top_k=K, score_function="none", norm_topk_prob=True, uses_expert_scale=True
+    ),
+}
+
+
+def _inputs(spec: RouterSpec, dtype: torch.dtype, seed: int, num_tokens: int = 64):
+    gen = torch.Generator().manual_seed(seed)
+    logits_TE = (2.0 * torch.randn(num_tokens, spec.num_logits, generator=gen)).to(dtype)
+    if spec.score_function == "none":
+        logits_TE = torch.softmax(logits_TE.float(), dim=-1).to(dtype)
+    kwargs = {"out_dtype": dtype}
+    if spec.uses_bias:
+        kwargs["bias_E"] = 0.1 * torch.randn(spec.num_logits, generator=gen)
+    if spec.uses_expert_scale:
+        kwargs["expert_scale_E"] = 1.0 + 0.1 * torch.randn(spec.num_logits, generator=gen)
+    return logits_TE, kwargs, gen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_forcing_live_ids_reproduces_live_weights_bitwise(variant, dtype):
+    spec = VARIANTS[variant]
+    logits_TE, kwargs, _ = _inputs(spec, dtype, seed=1)
+    live_w, live_ids = route(logits_TE, spec, **kwargs)
+    assert live_ids.dtype == torch.int64 and live_ids.shape == (64, spec.top_k)
+    forced_w, forced_ids = route(logits_TE, spec, forced_TK=live_ids.to(torch.int16), **kwargs)
+    assert torch.equal(forced_ids, live_ids)
+    assert forced_w.dtype == live_w.dtype
+    assert torch.equal(forced_w, live_w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_forced_other_ids_match_float64_reference(variant, dtype):
+    spec = VARIANTS[variant]
+    logits_TE, kwargs, gen = _inputs(spec, dtype, seed=2)
+    forced_TK = random_valid_ids(spec, logits_TE.shape[0], gen)
+    got_w, got_ids = route(logits_TE, spec, forced_TK=forced_TK, **kwargs)
+    assert torch.equal(got_ids, forced_TK)
+    want_w = reference_weights(
+        logits_TE, forced_TK, spec, bias_E=kwargs.get("bias_E"), expert_scale_E=kwargs.get("expert_scale_E")
+    )
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 1e-2}
+    torch.testing.assert_close(got_w.double(), want_w, **tol)
+
+
+def test_live_selection_is_the_top_k_of_the_choice():
+    # independent check of the live selection: plain top-k of softmax scores, in ranked order
+    spec = VARIANTS["softmax_pre"]
+    logits_TE, kwargs, _ = _inputs(spec, torch.float32, seed=3)
+    _, ids_TK = route(logits_TE, spec, **kwargs)
+    assert torch.equal(ids_TK, logits_TE.topk(spec.top_k, dim=1)[1])
+
+
+def test_live_group_limited_selection_respects_the_groups():
+    spec = VARIANTS["sigmoid_bias_groups"]
+    logits_TE, kwargs, _ = _inputs(spec, torch.float32, seed=4)
+    _, ids_TK = route(logits_TE, spec, **kwargs)
+    groups_TK = ids_TK // spec.group_size
+    distinct_T = torch.tensor([len(set(row)) for row in groups_TK.tolist()])
+    assert int(distinct_T.max()) <= spec.topk_group
+    # and the bias changes the selection (so a test that ignores it would fail)
+    kwargs_big = dict(kwargs, bias_E=torch.linspace(-5, 5, spec.num_logits))
+    _, biased_TK = route(logits_TE, spec, **kwargs_big)
+    assert not torch.equal(biased_TK, ids_TK)
+
+
+@pytest.mark.parametrize("variant", ["softmax_pre_norm", "softmax_post", "sigmoid_bias_groups", "expert_scale"])
+def test_gradient_reaches_logits_through_forced_weights(variant):
+    spec = VARIANTS[variant]
+    logits_TE, kwargs, gen = _inputs(spec, torch.float32, seed=5, num_tokens=8)
+    logits_TE.requires_grad_(True)
+    forced_TK = random_valid_ids(spec, 8, gen)
+    weights_TK, _ = route(logits_TE, spec, forced_TK=forced_TK, **kwargs)
+    upstream_TK = torch.randn(weights_TK.shape, generator=gen)
+    (weights_TK * upstream_TK).sum().backward()
+    assert logits_TE.grad is not None and logits_TE.grad.abs().sum() > 0
+    # float64 check of the same derivative (softmax/sigmoid Jacobians, through the gather)
+    x = logits_TE.detach().double().requires_grad_(True)
+    want = reference_weights(x, forced_TK, spec, expert_scale_E=kwargs.get("expert_scale_E"))
+    (want * upstream_TK.double()).sum().backward()
+    torch.testing.assert_close(logits_TE.grad.double(), x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_forced_mask_routes_unmasked_rows_live():
+    spec = VARIANTS["sigmoid_bias_groups"]
+    logits_TE, kwargs, gen = _inputs(spec, torch.float32, seed=6)
+    live_w, live_ids = route(logits_TE, spec, **kwargs)
+    forced_TK = random_valid_ids(spec, 64, gen)
+    mask_T = torch.arange(64) % 3 != 0
+    # rows routed live may hold anything (an engine capture stores zeros there): not validated
+    forced_TK[~mask_T] = 0
+    w, ids = route(logits_TE, spec, forced_TK=forced_TK, forced_mask_T=mask_T, **kwargs)
+    assert torch.equal(ids[mask_T], forced_TK[mask_T])
+    assert torch.equal(ids[~mask_T], live_ids[~mask_T])
+    assert torch.equal(w[~mask_T], live_w[~mask_T])
+    only_forced_w, _ = route(logits_TE, spec, forced_TK=forced_TK.where(mask_T[:, None], live_ids), **kwargs)
+    assert torch.equal(w, only_forced_w)
+
+
+def test_mask_zero_experts():
+    spec = VARIANTS["zero_experts_mask"]
+    weights_TK = torch.tensor([[0.75], [0.25]])
+    experts_TK = torch.tensor([[spec.num_experts], [3]])
+    w, ids = mask_zero_experts(weights_TK, experts_TK, spec)
+    assert w.tolist() == [[0.0], [0.25]] and ids.tolist() == [[0], [3]]
+    keep = VARIANTS["zero_experts_keep"]
+    assert mask_zero_experts(weights_TK, experts_TK, keep) == (weights_TK, experts_TK)
+
+
+# --- validation messages -------------------------------------------------------------------------
+def test_forced_validation_messages():
+    spec = VARIANTS["sigmoid_bias_groups"]
+    logits_TE, kwargs, gen = _inputs(spec, torch.float32, seed=7, num_tokens=6)
+    ok_TK = random_valid_ids(spec, 6, gen)
+
+    bad = ok_TK.clone()
+    bad[4, 1] = 16
+    with pytest.raises(
+        RouterSpecError, match=r"layer 3: forced_TK row 4 holds expert ids \[.*16.*\]: expected ids in \[0, 16\)"
+    ):
+        route(logits_TE, spec, forced_TK=bad, where="layer 3: ", **kwargs)
+
+    dup = ok_TK.clone()
+    dup[2, 1] = dup[2, 0]
+    with pytest.raises(RouterSpecError, match=r"row 2 holds .*an expert repeats; each row needs top_k=4 distinct"):
+        route(logits_TE, spec, forced_TK=dup, **kwargs)
+
+    spread = ok_TK.clone()
+    spread[5] = torch.tensor([0, 4, 8, 12])
+    with pytest.raises(
+        RouterSpecError, match=r"row 5 .*span 4 expert groups, the router allows topk_group=2 of n_group=4"
+    ):
+        route(logits_TE, spec, forced_TK=spread, **kwargs)
+
+    with pytest.raises(RouterSpecError, match=r"forced_TK must be \[6, 4\] .*found \(6, 3\)"):
+        route(logits_TE, spec, forced_TK=ok_TK[:, :3], **kwargs)
+    with pytest.raises(RouterSpecError, match="forced_TK must be an integer tensor, found torch.float32"):
+        route(logits_TE, spec, forced_TK=ok_TK.float(), **kwargs)
+    with pytest.raises(RouterSpecError, match=r"forced_mask_T must be bool \[6\]"):
+        route(logits_TE, spec, forced_TK=ok_TK, forced_mask_T=torch.ones(6), **kwargs)
+
+    # check=False skips the data checks (the trace was validated once, up front)
+    _, ids = route(logits_TE, spec, forced_TK=dup, check=False, **kwargs)
+    assert torch.equal(ids, dup)
+
+
+def test_input_validation_messages():
+    spec = VARIANTS["sigmoid_bias_groups"]
+    logits_TE, kwargs, _ = _inputs(spec, torch.float32, seed=8, num_tokens=4)
+    with pytest.raises(RouterSpecError, match="needs bias_E"):
+        route(logits_TE, spec)
+    with pytest.raises(RouterSpecError, match=r"logits have 12 columns, the spec expects num_logits=16"):
+        route(logits_TE[:, :12], spec, **kwargs)
+    with pytest.raises(RouterSpecError, match=r"bias_E must be \[16\], found \(8,\)"):
+        route(logits_TE, spec, bias_E=torch.zeros(8))
+    with pytest.raises(RouterSpecError, match="pass out_dtype=hidden_states.dtype"):
+        route(logits_TE, VARIANTS["softmax_post_f32"])
+    with pytest.raises(RouterSpecError, match="forced_mask_T was given without forced_TK"):
+        route(logits_TE, spec, forced_mask_T=torch.ones(4, dtype=torch.bool), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"num_experts": 0, "top_k": 1}, "num_experts must be a positive int, found 0"),
+        ({"num_experts": 8, "top_k": 9}, r"top_k must be at most num_logits \(8\)"),
+        ({"num_experts": 8, "top_k": 2, "n_group": 4}, "n_group and topk_group go together"),
+        (
+            {"num_experts": 8, "top_k": 2, "n_group": 3, "topk_group": 1},
+            r"n_group must be a divisor of num_experts \(8\)",
+        ),
+        (
+            {"num_experts": 8, "top_k": 5, "n_group": 4, "topk_group": 2},
+            r"top_k must be at most topk_group \* group size \(4\)",
+        ),
+        ({"num_experts": 8, "top_k": 2, "score_function": "relu"}, "score_function must be one of"),
+        ({"num_experts": 8, "top_k": 2, "num_logits": 4}, "num_logits must be an int >= num_experts"),
+        (
+            {"num_experts": 8, "top_k": 2, "zero_expert_mode": "mask"},
+            "zero_expert_mode='mask' needs num_logits > num_experts",
+        ),
+        ({"num_experts": 8, "top_k": 2, "score_before_topk": False, "uses_bias": True}, "set bias_on='logits'"),
+        ({"num_experts": 8, "top_k": 2, "scaling_factor": math.inf}, "scaling_factor must be a finite float"),
+        ({"num_experts": 8, "top_k": 2, "compute_dtype": torch.int32}, "compute_dtype must be a floating torch.dtype"),
+    ],
+)
+def test_spec_validation(fields, match):
+    with pytest.raises(RouterSpecError, match=match):
+        RouterSpec(**fields)
+
+
+def test_spec_is_frozen():
+    spec = VARIANTS["softmax_pre"]
+    with pytest.raises(AttributeError):
+        spec.top_k = 3  # type: ignore[misc]
+    assert spec.num_logits == spec.num_experts
+
+
+# --- property-based: random specs ----------------------------------------------------------------
+@st.composite
+def specs(draw):
+    num_experts = draw(st.sampled_from([4, 6, 8, 12, 16]))
+    score_before = draw(st.booleans())
+    score_function = draw(st.sampled_from(["softmax", "sigmoid"] + (["sqrtsoftplus"] if score_before else [])))
+    groups = draw(st.booleans()) and num_experts % 2 == 0
+    fields = {}
+    if groups:
+        n_group = draw(st.sampled_from([d for d in (2, 3, 4) if num_experts % d == 0]))
+        topk_group = draw(st.integers(1, n_group))
+        group_size = num_experts // n_group
+        fields |= {
+            "n_group": n_group,
+            "topk_group": topk_group,
+            "group_score_topn": draw(st.integers(1, group_size)),
+            "group_mask_value": draw(st.sampled_from([float("-inf"), 0.0])),
+        }
+        max_k = topk_group * group_size
+    else:
+        max_k = num_experts
+    uses_bias = draw(st.booleans())
+    return RouterSpec(
+        num_experts=num_experts,
+        top_k=draw(st.integers(1, max_k)),
+        score_function=score_function,
+        score_before_topk=score_before,
+        norm_topk_prob=draw(st.booleans()),
+        norm_eps=draw(st.sampled_from([0.0, 1e-20, 1e-6])),
+        scaling_factor=draw(st.sampled_from([1.0, 2.5, 0.5])),
+        uses_bias=uses_bias,
+        bias_on="scores" if score_before else "logits",
+        compute_dtype=draw(st.sampled_from([None, torch.float32])),
+        cast_scores=draw(st.booleans()),
+        weights_dtype=draw(st.sampled_from(["keep", "logits"])),
+        topk_sorted=draw(st.booleans()),
+        **fields,
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_property_replay_of_live_ids_is_exact_and_others_match_reference(spec, dtype, seed):
+    logits_TE, kwargs, gen = _inputs(spec, dtype, seed=seed, num_tokens=16)
+    live_w, live_ids = route(logits_TE, spec, **kwargs)
+    # live ids obey the spec: distinct per row, in range, within topk_group groups
+    sorted_TK = live_ids.sort(dim=1).values
+    assert not (sorted_TK[:, 1:] == sorted_TK[:, :-1]).any()
+    assert int(live_ids.max()) < spec.num_logits
+    if spec.n_group is not None and spec.group_mask_value == float("-inf"):
+        for row in (live_ids // spec.group_size).tolist():
+            assert len(set(row)) <= spec.topk_group
+    forced_w, _ = route(logits_TE, spec, forced_TK=live_ids, **kwargs)
+    assert torch.equal(forced_w, live_w)
+
+    other_TK = random_valid_ids(spec, 16, gen)
+    got_w, _ = route(logits_TE, spec, forced_TK=other_TK, **kwargs)
+    want_w = reference_weights(logits_TE, other_TK, spec)
+    low = dtype == torch.bfloat16 and (spec.cast_scores or spec.compute_dtype is None or spec.weights_dtype == "logits")
+    tol = {"rtol": 3e-2, "atol": 1e-2} if low else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got_w.double(), want_w, **tol)
+
+
+# --- Megatron-Core parity --------------------------------------------------------------------------
+def _megatron():
+    if importlib.util.find_spec("megatron") is None:
+        pytest.skip("megatron-core is not installed: pip install 'routereplay[megatron]'")
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    return moe_utils, RouterReplay, RouterReplayAction
+
+
+def _megatron_spec(num_experts, top_k, score_function, pre, num_groups, group_topk, scaling, with_bias):
+    """The RouterSpec with Megatron-Core 0.16's semantics (see routing's module docstring)."""
+    sigmoid = score_function == "sigmoid"
+    groups = {}
+    if group_topk:
+        groups = {"n_group": num_groups, "topk_group": group_topk, "group_score_topn": top_k // group_topk}
+    return RouterSpec(
+        num_experts=num_experts,
+        top_k=top_k,
+        score_function=score_function,
+        score_before_topk=pre or sigmoid,
+        compute_dtype=torch.float32,
+        cast_scores=True,
+        norm_topk_prob=sigmoid and top_k > 1,
+        norm_eps=1e-20,
+        scaling_factor=scaling or 1.0,
+        uses_bias=with_bias,
+        **groups,
+    )
+
+
+MEGATRON_CASES = {
+    "softmax_topk_then_softmax": ("softmax", False, None, None, None, False),
+    "softmax_first": ("softmax", True, None, None, None, False),
+    "softmax_first_groups_scaled": ("softmax", True, 4, 2, 2.0, False),
+    "sigmoid_bias": ("sigmoid", True, None, None, None, True),
+    "sigmoid_bias_groups_scaled": ("sigmoid", True, 4, 2, 2.5, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", sorted(MEGATRON_CASES))
+def test_megatron_parity_live_and_replay_forward(case, dtype):
+    moe_utils, RouterReplay, RouterReplayAction = _megatron()
+    score_function, pre, num_groups, group_topk, scaling, with_bias = MEGATRON_CASES[case]
+    num_experts, top_k, num_tokens = 16, 4, 32
+    spec = _megatron_spec(num_experts, top_k, score_function, pre, num_groups, group_topk, scaling, with_bias)
+    gen = torch.Generator().manual_seed(11)
+    logits_TE = torch.randn(num_tokens, num_experts, generator=gen).to(dtype)
+    bias_E = 0.1 * torch.randn(num_experts, generator=gen) if with_bias else None
+    common = {
+        "topk": top_k,
+        "use_pre_softmax": pre,
+        "num_groups": num_groups,
+        "group_topk": group_topk,
+        "scaling_factor": scaling,
+        "score_function": score_function,
+        "expert_bias": bias_E,
+    }
+
+    # live: Megatron returns dense [T, E] probs and map; ours scattered into the same layout
+    probs_TE, map_TE = moe_utils.topk_routing_with_score_function(logits_TE, **common)
+    w_TK, ids_TK = route(logits_TE, spec, bias_E=bias_E)
+    assert torch.equal(torch.zeros_like(map_TE).scatter(1, ids_TK, True), map_TE)
+    assert torch.equal(torch.zeros_like(probs_TE).scatter(1, ids_TK, w_TK), probs_TE)
+
+    # replay: REPLAY_FORWARD with other valid ids; compare the gathered values
+    forced_TK = random_valid_ids(spec, num_tokens, gen)
+    replay = RouterReplay()
+    try:
+        replay.set_target_indices(forced_TK)
+        replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        probs_TE, map_TE = moe_utils.topk_routing_with_score_function(logits_TE, router_replay=replay, **common)
+    finally:
+        RouterReplay.global_router_replay_instances.remove(replay)
+    w_TK, ids_TK = route(logits_TE, spec, forced_TK=forced_TK, bias_E=bias_E)
+    assert torch.equal(map_TE.gather(1, forced_TK), torch.ones_like(forced_TK, dtype=torch.bool))
+    assert torch.equal(probs_TE.gather(1, forced_TK), w_TK)
