@@ -1,0 +1,430 @@
+"""HuggingFace transformers adapter: hooks at the router -> experts seam of MoE models.
+
+Importing this module is the opt-in to transformers (``pip install 'routereplay[hf]'``).
+
+How routers are found: every transformers model class declares the class whose output is its
+``router_logits`` in ``_can_record_outputs`` (an ``OutputRecorder`` target). Every instance of a
+declared class is a router; its global decoder-layer id is the ``layers.{i}`` / ``blocks.{i}``
+index in its module path, so dense layers keep their numbers (DeepSeek's first MoE layer after
+three dense ones is layer 3). The weights are recomputed by ``routereplay.routing.route`` with the
+``RouterSpec`` that ``adapters.hf_specs`` builds for the router.
+
+Seams (all on module *instances*, removed by ``handle.detach()``):
+    * common pattern: the router returns ``(logits_NE, weights_NK, ids_NK)``; a forward hook
+      replaces ``weights``/``ids`` with the handle's answer.
+    * ``dbrx``: the router returns logits only and the top-k is the MoE block's
+      ``route_tokens_to_experts`` method; an instance attribute wraps that method.
+    * ``llama4``: the router returns ``(scores_NE, logits_NE)``, scores dense (sigmoid of the
+      top-k logits, zero elsewhere); the hook rebuilds the dense scores at the forced ids with
+      the router's own ops (bit-identical to a live forward that picked those ids).
+    * ``zaya``: the router masks its skip class to (id 0, weight 0); the hook records and replays
+      the unmasked ids (skip = ``num_experts``) and applies the mask after.
+    * ``deepseek_v4``: hash-routed layers (experts a fixed function of the token id) are not
+      part of a trace: they replay themselves. They are listed in ``handle.skipped``.
+    * A pre-hook on each MoE block records its input shape ``[B, S]``; with ``verify=True`` a
+      pre-hook on the experts module checks the ids it receives.
+Families whose routing cannot be replayed exactly through such a seam are refused at attach with
+UnsupportedRouterError naming the family and the reason (see ``REFUSED`` and docs/MODELS.md).
+
+Legend: N rows a router sees, E experts (logits width), K top-k, B batch rows, S sequence length.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
+from routereplay.session import MoELayer, RouterHandle
+
+__all__ = ["REFUSED", "attach", "find_routers", "layer_id_of"]
+
+# Router (or declared MoE-block) class name -> why its routing cannot be replayed through a seam.
+REFUSED: dict[str, str] = {
+    "JetMoeTopKGating": (
+        "JetMoE's gating returns flattened sorted indices and per-expert sizes, and routes attention heads "
+        "(mixture of attention) as well as the MLP; there is no (weights, ids) seam to force"
+    ),
+    "DogeCDMoE": (
+        "Doge's cross-domain MoE picks experts by product-key retrieval inside the MoE block; "
+        "no router module returns top-k ids"
+    ),
+    "Ernie4_5_VLMoeMoeBlock": (
+        "ERNIE-4.5-VL splits tokens between text and vision routers inside the MoE block by modality, "
+        "so one trace row does not map to one router call"
+    ),
+    "NllbMoeTop2Router": (
+        "NLLB-MoE is an encoder-decoder whose router returns dense dispatch masks with expert capacity "
+        "and second-expert sampling; a top-k trace cannot describe its dispatch"
+    ),
+    "SwitchTransformersTop1Router": (
+        "Switch Transformers is an encoder-decoder whose router returns dense dispatch masks with expert "
+        "capacity dropping; a top-k trace cannot describe its dispatch"
+    ),
+    "InklingTopkRouter": (
+        "Inkling's router returns shared-expert gammas normalised together with the selected experts' "
+        "logits (a 4th output that depends on the selection); recomputing it is not implemented"
+    ),
+}
+
+# Routers whose experts are a fixed function of the token id: nothing to record or replay.
+_HASH_ROUTERS = {"DeepseekV4HashRouter"}
+
+# Parameter names under which experts modules receive the top-k ids (for verify=True).
+_EXPERTS_ID_ARGS = ("top_k_index", "topk_indices", "top_k_indices", "selected_experts", "router_indices", "topk_ids")
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)(?:\.|$)")
+
+
+def _require_transformers():
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError("routereplay.adapters.hf needs transformers: pip install 'routereplay[hf]'")
+    return importlib.import_module("transformers")
+
+
+def layer_id_of(path: str) -> int:
+    """Global decoder-layer index in a module path (``model.layers.7.mlp.gate`` -> 7).
+
+    Raises:
+        UnsupportedModelError: the path has no ``layers.{i}`` / ``blocks.{i}`` component.
+    """
+    m = _LAYER_RE.search(path)
+    if m is None:
+        raise UnsupportedModelError(
+            f"router {path}: cannot find its decoder-layer index (no 'layers.<i>' or 'blocks.<i>' in the path)"
+        )
+    return int(m.group(1))
+
+
+def _declared_router_classes(model: torch.nn.Module) -> tuple[list[type], list[str]]:
+    """Classes (and class-name suffixes) declared as ``router_logits`` sources by every sub-model."""
+    tf = _require_transformers()
+    classes: list[type] = []
+    names: list[str] = []
+    for module in model.modules():
+        if not isinstance(module, tf.PreTrainedModel):
+            continue
+        declared = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
+        if declared is None:
+            continue
+        for spec in declared if isinstance(declared, (list, tuple)) else [declared]:
+            target = getattr(spec, "target_class", spec)
+            class_name = getattr(spec, "class_name", None)
+            if isinstance(target, type) and target not in classes:
+                classes.append(target)
+            elif isinstance(spec, str) or class_name:
+                names.append(spec if isinstance(spec, str) else class_name)
+    return classes, names
+
+
+def find_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(path, module)`` of every router instance, in module order (= forward order).
+
+    A router is an instance of a class the model declares in ``_can_record_outputs["router_logits"]``,
+    or a known hash router (listed so that ``attach`` can report it in ``handle.skipped``).
+    """
+    classes, names = _declared_router_classes(model)
+    found = []
+    for path, module in model.named_modules():
+        declared = (classes and isinstance(module, tuple(classes))) or any(path.endswith(n) for n in names)
+        if declared or type(module).__name__ in _HASH_ROUTERS:
+            found.append((path, module))
+    return found
+
+
+def _family(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__
+
+
+def _parent(model: torch.nn.Module, path: str) -> tuple[str, torch.nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return parent_path, model.get_submodule(parent_path) if parent_path else model, attr
+
+
+def _arg_index(module: torch.nn.Module, names: tuple[str, ...]) -> tuple[int, str] | None:
+    """Position (after ``self``) and name of the first forward parameter named in ``names``."""
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    for i, name in enumerate(params):
+        if name in names:
+            return i, name
+    return None
+
+
+def _experts_id_index(experts: torch.nn.Module) -> tuple[int, str] | None:
+    """Position and name of the ids argument of an experts module's forward (for verify=True)."""
+    return _arg_index(experts, _EXPERTS_ID_ARGS)
+
+
+def _iter_outputs_hint(output: Any) -> str:
+    if isinstance(output, torch.Tensor):
+        return f"a tensor {tuple(output.shape)}"
+    if isinstance(output, tuple):
+        return (
+            "("
+            + ", ".join(
+                _iter_outputs_hint(o) if isinstance(o, (torch.Tensor, tuple)) else type(o).__name__ for o in output
+            )
+            + ")"
+        )
+    return type(output).__name__
+
+
+def attach(model: torch.nn.Module) -> RouterHandle:
+    """Find the MoE routers of a transformers model and hook them.
+
+    Args:
+        model: a ``transformers.PreTrainedModel`` with MoE layers.
+
+    Returns:
+        RouterHandle over the replayable routers, in forward order.
+
+    Raises:
+        UnsupportedModelError: no router declared / found, or layers that cannot share a trace.
+        UnsupportedRouterError: a router of a family listed in ``REFUSED``, or one whose routing
+            math ``hf_specs`` cannot reproduce; the message names the family and the reason.
+    """
+    hf_specs = importlib.import_module("routereplay.adapters.hf_specs")
+    family = _family(model)
+    classes, _ = _declared_router_classes(model)
+    for cls in classes:  # refused whether or not this config instantiated MoE layers
+        reason = REFUSED.get(cls.__name__)
+        if reason is not None:
+            paths = [p for p, m in model.named_modules() if isinstance(m, cls)]
+            where = f"router {paths[0]}" if paths else "router class"
+            raise UnsupportedRouterError(f"{family}: {where} ({cls.__name__}) is not supported: {reason}")
+    routers = find_routers(model)
+    if not routers:
+        classes, names = _declared_router_classes(model)
+        raise UnsupportedModelError(
+            f"{family} ({type(model).__name__}): no MoE router found; looked for instances of the classes "
+            f"declared in _can_record_outputs['router_logits'] ({[c.__name__ for c in classes] + names or 'none declared'})"
+        )
+    for path, router in routers:
+        reason = REFUSED.get(type(router).__name__)
+        if reason is not None:
+            raise UnsupportedRouterError(
+                f"{family}: router {path} ({type(router).__name__}) is not supported: {reason}"
+            )
+
+    config = getattr(model, "config", None)
+    layers, skipped, plans = [], [], []
+    for path, router in routers:
+        cls_name = type(router).__name__
+        if cls_name in _HASH_ROUTERS:
+            skipped.append((path, "hash router: experts are a fixed function of the token id, nothing to replay"))
+            continue
+        layer_id = layer_id_of(path)
+        try:
+            spec = hf_specs.spec_for_router(router, _text_config(config, router))
+        except UnsupportedRouterError as e:
+            raise UnsupportedRouterError(f"{family}: router {path} ({cls_name}) is not supported: {e}") from e
+        top_k, num_experts = _sizes(spec, router, path, family)
+        layers.append(
+            MoELayer(
+                layer_id=layer_id, path=path, router_class=cls_name, num_experts=num_experts, top_k=top_k, spec=spec
+            )
+        )
+        plans.append((path, router, spec))
+
+    if not layers:
+        raise UnsupportedModelError(
+            f"{family}: every router is a hash router ({[p for p, _ in skipped]}); nothing to replay"
+        )
+
+    experts_hooks = []
+    for path, router, _spec in plans:
+        _, block, _ = _parent(model, path)
+        experts = getattr(block, "experts", None)
+        has = isinstance(experts, torch.nn.Module) and _experts_id_index(experts) is not None
+        experts_hooks.append(has)
+    handle = RouterHandle(model, layers, adapter="hf", skipped=skipped, has_experts_hook=experts_hooks)
+    try:
+        for index, (path, router, spec) in enumerate(plans):
+            _install(handle, model, index, path, router, spec, hf_specs, family)
+    except BaseException:
+        handle.detach()
+        raise
+    return handle
+
+
+def _text_config(config: Any, router: torch.nn.Module) -> Any:
+    """The config the router was built from (multimodal models nest a text config)."""
+    router_config = getattr(router, "config", None)
+    if router_config is not None:
+        return router_config
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if callable(get_text) else config
+
+
+def _sizes(spec: Any, router: torch.nn.Module, path: str, family: str) -> tuple[int, int]:
+    top_k = getattr(spec, "top_k", None)
+    # the id range: LongCat's zero-computation experts are ids too
+    num_experts = getattr(spec, "num_logits", None) or getattr(spec, "num_experts", None)
+    if top_k is None:
+        top_k = getattr(router, "top_k", None)
+    if num_experts is None:
+        num_experts = getattr(router, "num_experts", None)
+    if not isinstance(top_k, int) or not isinstance(num_experts, int):
+        raise UnsupportedRouterError(
+            f"{family}: router {path} ({type(router).__name__}): cannot read top_k / num_experts "
+            f"(found top_k={top_k!r}, num_experts={num_experts!r})"
+        )
+    return top_k, num_experts
+
+
+def _route_kw(spec, hf_specs, router, args, kwargs, input_dtype) -> dict[str, Any]:
+    """Per-call inputs of ``routing.route``, read from the live call (buffers may have moved)."""
+    kw: dict[str, Any] = {}
+    if spec.uses_bias:
+        kw["bias_E"] = hf_specs.selection_bias(router, args, kwargs)
+    if spec.uses_expert_scale:
+        kw["expert_scale_E"] = hf_specs.expert_scale(router)
+    if spec.weights_dtype == "input":
+        kw["out_dtype"] = input_dtype
+    return kw
+
+
+def _input_dtype(args, kwargs, fallback: torch.Tensor) -> torch.dtype:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return hidden.dtype if isinstance(hidden, torch.Tensor) else fallback.dtype
+
+
+def _install(handle: RouterHandle, model, index: int, path: str, router, spec, hf_specs, family: str) -> None:
+    _parent_path, block, _ = _parent(model, path)
+    cls_name = type(router).__name__
+
+    # Batch shape [B, S] of every forward, from the MoE block's input.
+    def block_pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2:
+            handle._on_block_input(index, hidden.shape[:-1])
+
+    if block is not model:
+        h = block.register_forward_pre_hook(block_pre_hook, with_kwargs=True)
+        handle._add_remover(h.remove)
+
+    experts = getattr(block, "experts", None)
+    pos = _experts_id_index(experts) if isinstance(experts, torch.nn.Module) else None
+    if pos is not None:
+        arg_index, arg_name = pos
+
+        def experts_pre_hook(module, args, kwargs):
+            ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
+            if isinstance(ids, torch.Tensor):
+                handle._on_experts(index, ids)
+
+        h = experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)
+        handle._add_remover(h.remove)
+
+    if cls_name == "DbrxRouter":
+        _install_method_seam(handle, block, "route_tokens_to_experts", index, spec, hf_specs, router)
+        return
+    if cls_name == "Llama4Router":
+        top_k = handle.layers[index].top_k
+
+        def llama4_hook(module, args, kwargs, output):
+            scores_NE, logits_NE = output
+            with torch.no_grad():
+                ids_NK = torch.topk(logits_NE, top_k, dim=1).indices
+            live_NK = scores_NE.gather(1, ids_NK)
+            kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
+            weights_NK, ids_NK = handle._on_router(index, logits_NE, live_NK, ids_NK, **kw)
+            if weights_NK is live_NK:
+                return output
+            # Rebuild the dense scores with Llama4Router's own ops (sigmoid over the full [N, E]
+            # row with -inf off the selection): sigmoid over the gathered [N, K] alone can differ
+            # in the last bit on CPU (vectorised vs scalar tail). Same weights formula, same ids.
+            top_NK = logits_NE.gather(1, ids_NK)
+            masked_NE = torch.full_like(logits_NE, float("-inf")).scatter(1, ids_NK, top_NK)
+            dense_NE = torch.nn.functional.sigmoid(masked_NE.float()).to(masked_NE.dtype)
+            return dense_NE, logits_NE
+
+        h = router.register_forward_hook(llama4_hook, with_kwargs=True)
+        handle._add_remover(h.remove)
+        return
+
+    if cls_name == "ZayaRouter":
+        # ZAYA's top-k may pick a skip class (id == num_experts); the router returns it as id 0
+        # with weight 0, which a trace could not tell from expert 0. The hook therefore records
+        # and replays the unmasked ids from routing.route and applies the mask itself after.
+        routing = importlib.import_module("routereplay.routing")
+
+        def zaya_hook(module, args, kwargs, output):
+            if handle._mode is None and not torch.is_grad_enabled() and not handle._forwards[index]:
+                return None  # live and nothing to recompute: the router's own output stands
+            logits_NE = output[0]
+            kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
+            with torch.no_grad():
+                _live_w, live_ids = routing.route(logits_NE.detach(), spec, check=False, **kw)
+            weights_NK, ids_NK = handle._on_router(index, logits_NE, output[1], live_ids, **kw)
+            if ids_NK is live_ids:
+                return None
+            weights_NK, ids_NK = routing.mask_zero_experts(weights_NK, ids_NK, spec)
+            return (logits_NE, weights_NK.to(output[1].dtype), ids_NK, *output[3:])
+
+        h = router.register_forward_hook(zaya_hook, with_kwargs=True)
+        handle._add_remover(h.remove)
+        return
+
+    def router_hook(module, args, kwargs, output):
+        if not isinstance(output, tuple) or len(output) < 3:
+            raise UnsupportedRouterError(
+                f"{family}: router {path} ({cls_name}) returned {_iter_outputs_hint(output)}; "
+                "expected (router_logits, weights, ids)"
+            )
+        logits_NE, weights_NK, ids_NK = output[:3]
+        kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
+        new_w, new_ids = handle._on_router(index, logits_NE, weights_NK, ids_NK, **kw)
+        if new_w is weights_NK and new_ids is ids_NK:
+            return None
+        return (logits_NE, new_w, new_ids, *output[3:])
+
+    h = router.register_forward_hook(router_hook, with_kwargs=True)
+    handle._add_remover(h.remove)
+
+
+def _install_method_seam(
+    handle: RouterHandle, block: torch.nn.Module, name: str, index: int, spec, hf_specs, router
+) -> None:
+    """Wrap ``block.<name>(logits) -> (weights, ids)`` on the instance only."""
+    original = getattr(block, name)
+    had_instance_attr = name in block.__dict__
+
+    def wrapped(router_logits_NE, *args, **kwargs):
+        weights_NK, ids_NK = original(router_logits_NE, *args, **kwargs)
+        kw = _route_kw(spec, hf_specs, router, (router_logits_NE,), {}, router_logits_NE.dtype)
+        return handle._on_router(index, router_logits_NE, weights_NK, ids_NK, **kw)
+
+    setattr(block, name, wrapped)
+
+    def remove() -> None:
+        if had_instance_attr:
+            setattr(block, name, original)
+        else:
+            block.__dict__.pop(name, None)
+
+    handle._add_remover(remove)
+
+
+def iter_families() -> Iterator[str]:
+    """Model types of the installed transformers whose models declare a ``router_logits`` source."""
+    tf = _require_transformers()
+    root = importlib.util.find_spec("transformers.models").submodule_search_locations[0]
+    import pathlib
+
+    for d in sorted(pathlib.Path(root).iterdir()):
+        for f in d.glob("modeling_*.py"):
+            if '"router_logits"' in f.read_text(errors="ignore"):
+                yield d.name
+                break
+    del tf

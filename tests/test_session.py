@@ -1,0 +1,743 @@
+"""Record / replay sessions on a tiny Qwen3-MoE (CPU, fp32).
+
+Legend: B batch rows, S sequence length, T packed tokens, L MoE layers, K top-k, E experts.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers")
+
+from routereplay import session
+from routereplay.errors import (
+    LayerMismatchError,
+    LayoutError,
+    MissingRoutesError,
+    ReplayError,
+    ReplayVerificationError,
+    TokenCountMismatchError,
+    TraceExhaustedError,
+    UnconsumedTraceError,
+    UnsupportedModelError,
+)
+from routereplay.trace import RoutingTrace
+
+E, K, VOCAB = 8, 2, 64
+MOE_LAYERS = (1, 2, 3)  # layer 0 is dense (mlp_only_layers)
+
+
+def tiny_qwen3_moe(seed: int = 0):
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=E,
+        num_experts_per_tok=K,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.Qwen3MoeForCausalLM(config).float().eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def base_state():
+    return tiny_qwen3_moe().state_dict()
+
+
+@pytest.fixture
+def model(base_state):
+    m = tiny_qwen3_moe()
+    m.load_state_dict(base_state)
+    return m
+
+
+@pytest.fixture
+def handle(model):
+    h = session.attach(model)
+    yield h
+    if h.attached and h._mode is None:
+        h.detach()
+
+
+def batch(B=2, S=6, seed=1, pad=None):
+    g = torch.Generator().manual_seed(seed)
+    ids_BS = torch.randint(3, VOCAB, (B, S), generator=g)
+    mask_BS = torch.ones(B, S, dtype=torch.long)
+    if pad is not None:  # first row gets 2 pads, on the left or the right
+        if pad == "left":
+            mask_BS[0, :2] = 0
+        else:
+            mask_BS[0, -2:] = 0
+        ids_BS[mask_BS == 0] = 0
+    return {"input_ids": ids_BS, "attention_mask": mask_BS}
+
+
+def random_trace(like: RoutingTrace, seed=5) -> RoutingTrace:
+    """A valid trace shaped like ``like`` with random distinct experts per row."""
+    g = torch.Generator().manual_seed(seed)
+    T, L, K_ = like.experts.shape
+    ids_TLK = torch.rand(T, L, E, generator=g).argsort(-1)[..., :K_]
+    return RoutingTrace(experts=ids_TLK, cu_seqlens=like.cu_seqlens, layer_ids=like.layer_ids, num_experts=E)
+
+
+def record(handle, model, b, **kw):
+    with handle.record(**kw) as rec:
+        out = model(**b).logits
+    return rec, out
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def zero_grads(model):
+    for p in model.parameters():
+        p.grad = None
+
+
+# --- discovery --------------------------------------------------------------------------------
+def test_attach_finds_only_moe_layers_with_global_ids(handle):
+    assert handle.layer_ids == MOE_LAYERS
+    assert [m.path for m in handle.layers] == [f"model.layers.{i}.mlp.gate" for i in MOE_LAYERS]
+    assert {(m.top_k, m.num_experts, m.router_class) for m in handle.layers} == {(K, E, "Qwen3MoeTopKRouter")}
+    assert "layers=[1, 2, 3]" in repr(handle)
+
+
+def test_attach_refuses_non_moe_models():
+    with pytest.raises(
+        UnsupportedModelError, match=r"no routereplay adapter for torch.nn.modules.linear.Linear.*PreTrainedModel"
+    ):
+        session.attach(torch.nn.Linear(2, 2))
+
+
+def test_attach_twice_shares_nothing_but_second_detach_is_independent(model):
+    h1 = session.attach(model)
+    h2 = session.attach(model)
+    h2.detach()
+    b = batch()
+    rec, _ = record(h1, model, b)
+    assert rec.num_forwards == 1
+    h1.detach()
+
+
+# --- record -----------------------------------------------------------------------------------
+def test_record_calls_shapes_and_trace(handle, model):
+    b = batch(B=2, S=6)
+    with handle.record() as rec:
+        model(**b)
+        model(**batch(B=1, S=4, seed=3))
+    calls = rec.calls
+    assert [tuple(c.shape) for c in calls] == [(12, 3, K), (4, 3, K)]
+    assert calls[0].dtype == torch.uint8
+    assert rec.batch_shapes == [(2, 6), (1, 4)]
+    tr = rec.trace()
+    assert tr.layer_ids == MOE_LAYERS and tr.num_tokens == 16 and tr.seq_lens.tolist() == [6, 6, 4]
+    # the routers' own ids, in the order they saw the rows: compare with output_router_logits
+    assert torch.equal(tr.experts[:12], calls[0])
+
+
+def test_record_matches_router_topk(handle, model):
+    b = batch()
+    with handle.record() as rec:
+        out = model(**b, output_router_logits=True)
+    for layer, logits_NE in enumerate(out.router_logits):
+        top_NK = torch.softmax(logits_NE, -1).topk(K, -1).indices
+        assert torch.equal(rec.calls[0][:, layer].long(), top_NK)
+
+
+def test_record_offload_on_cpu_is_a_plain_record(handle, model):
+    b = batch()
+    rec_a, _ = record(handle, model, b, offload=True)
+    rec_b, _ = record(handle, model, b)
+    assert rec_a.trace() == rec_b.trace()
+
+
+def test_trace_mask_count_must_match_forwards(handle, model):
+    b = batch(pad="left")
+    rec, _ = record(handle, model, b)
+    with pytest.raises(LayoutError, match=r"2 attention mask\(s\) for 1 recorded forward\(s\)"):
+        rec.trace([b["attention_mask"], b["attention_mask"]])
+    with pytest.raises(
+        LayoutError, match=r"forward 0: attention_mask has shape \(2, 5\) \(10 positions\) but the routers saw 12 rows"
+    ):
+        rec.trace(b["attention_mask"][:, :5])
+
+
+# --- replay -----------------------------------------------------------------------------------
+def test_record_then_replay_is_bit_identical(handle, model):
+    b = batch()
+    rec, out = record(handle, model, b)
+    with handle.replay(rec.trace(), verify=True) as rep:
+        out2 = model(**b).logits
+    assert torch.equal(out, out2)
+    s = rep.stats
+    assert list(s) == list(MOE_LAYERS)
+    assert all(v.rows == 12 and v.replayed == 12 and v.live == 0 and v.coverage == 1.0 for v in s.values())
+    assert all(v.disagreement == 0 for v in s.values())
+
+
+def test_replay_of_other_routing_changes_output_and_reports_disagreement(handle, model):
+    b = batch()
+    rec, out = record(handle, model, b)
+    other = random_trace(rec.trace())
+    with handle.replay(other, verify=True) as rep:
+        out2 = model(**b).logits
+    assert not torch.allclose(out, out2)
+    with handle.record() as rec2:  # a replay does not leak into the next forward
+        out3 = model(**b).logits
+    assert torch.equal(out, out3) and rec2.trace() == rec.trace()
+    assert sum(v.disagreement for v in rep.stats.values()) > 0
+    assert 0 < rep.stats[1].disagreement_rate <= 1
+
+
+def test_replayed_gate_weights_come_from_live_logits(handle, model):
+    """The MoE block receives exactly the forced ids, weights = renormalised softmax at them."""
+    b = batch()
+    rec, _ = record(handle, model, b)
+    other = random_trace(rec.trace())
+    seen = {}
+    experts = model.model.layers[2].mlp.experts
+    hook = experts.register_forward_pre_hook(lambda m, args: seen.update(ids=args[1], w=args[2]))
+    router = model.model.layers[2].mlp.gate
+    logits_hook = router.register_forward_hook(lambda m, a, o: seen.update(logits=o[0]))
+    with handle.replay(other):
+        model(**b)
+    hook.remove()
+    logits_hook.remove()
+    forced_NK = other.experts[:, 1].long()
+    assert torch.equal(seen["ids"], forced_NK)
+    p = torch.softmax(seen["logits"], -1, dtype=torch.float).gather(1, forced_NK)
+    torch.testing.assert_close(seen["w"], p / p.sum(-1, keepdim=True), rtol=0, atol=1e-7)
+
+
+def test_router_weight_gets_gradient_under_replay(handle, model):
+    b = batch()
+    rec, _ = record(handle, model, b)
+    with handle.replay(random_trace(rec.trace())):
+        model(**b).logits.square().mean().backward()
+    for i in MOE_LAYERS:
+        g = model.model.layers[i].mlp.gate.weight.grad
+        assert g is not None and g.abs().sum() > 0
+
+
+# --- activation checkpointing ----------------------------------------------------------------
+def _loss_hf(model, b):
+    return model(**b).logits.square().mean()
+
+
+def _loss_torch_ckpt(reentrant):
+    def loss(model, b):
+        emb = model.get_input_embeddings()(b["input_ids"])
+
+        def run(e):
+            return model(inputs_embeds=e, attention_mask=b["attention_mask"]).logits
+
+        return torch.utils.checkpoint.checkpoint(run, emb, use_reentrant=reentrant).square().mean()
+
+    return loss
+
+
+def _plain_loss_embeds(model, b):
+    emb = model.get_input_embeddings()(b["input_ids"])
+    return model(inputs_embeds=emb, attention_mask=b["attention_mask"]).logits.square().mean()
+
+
+CKPT = {
+    "hf_reentrant": ({"use_reentrant": True}, _loss_hf, _loss_hf),
+    "hf_non_reentrant": ({"use_reentrant": False}, _loss_hf, _loss_hf),
+    "torch_reentrant": (None, _loss_torch_ckpt(True), _plain_loss_embeds),
+    "torch_non_reentrant": (None, _loss_torch_ckpt(False), _plain_loss_embeds),
+}
+
+
+def _enable(model, kwargs):
+    model.train()  # no dropout in this config: train mode only turns checkpointing on
+    if kwargs is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _disable(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_disable()
+
+
+@pytest.mark.parametrize("mode", list(CKPT))
+def test_checkpointed_replay_gradients_equal_plain_replay(handle, model, mode):
+    kwargs, ckpt_loss, plain_loss = CKPT[mode]
+    b = batch(pad="left")
+    rec, _ = record(handle, model, b)
+    other = random_trace(rec.trace())
+    model.train()
+    with handle.replay(other):
+        plain_loss(model, b).backward()
+    want = grads(model)
+    zero_grads(model)
+    with handle.record():  # live gradients differ: the test can fail
+        plain_loss(model, b).backward()
+    live = grads(model)
+    assert any(not torch.equal(want[n], live[n]) for n in want)
+    zero_grads(model)
+    _enable(model, kwargs)
+    with handle.replay(other):
+        ckpt_loss(model, b).backward()
+    got = grads(model)
+    _disable(model)
+    assert want.keys() == got.keys()
+    for n in want:
+        assert torch.equal(want[n], got[n]), n
+
+
+def test_checkpointed_backward_after_the_block_uses_the_block_routes(handle, model):
+    b = batch()
+    rec, _ = record(handle, model, b)
+    other = random_trace(rec.trace())
+    model.train()
+    with handle.replay(other):
+        _loss_hf(model, b).backward()
+    want = grads(model)
+    zero_grads(model)
+    _enable(model, {"use_reentrant": False})
+    with handle.replay(other):
+        loss = _loss_hf(model, b)
+    loss.backward()  # recompute runs outside the block
+    _disable(model)
+    got = grads(model)
+    assert all(torch.equal(want[n], got[n]) for n in want)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_microbatches_backward_together(handle, model, reentrant):
+    """Two forwards, then one backward of the summed losses: recompute order is reversed."""
+    b1, b2 = batch(seed=1), batch(seed=2)
+    r1, _ = record(handle, model, b1)
+    r2, _ = record(handle, model, b2)
+    t1, t2 = random_trace(r1.trace(), seed=7), random_trace(r2.trace(), seed=8)
+    model.train()
+    with handle.replay([t1, t2]):
+        (_loss_hf(model, b1) + _loss_hf(model, b2)).backward()
+    want = grads(model)
+    zero_grads(model)
+    _enable(model, {"use_reentrant": reentrant})
+    with handle.replay([t1, t2]):
+        (_loss_hf(model, b1) + _loss_hf(model, b2)).backward()
+    _disable(model)
+    got = grads(model)
+    assert all(torch.equal(want[n], got[n]) for n in want)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_recording_under_checkpointing_records_each_forward_once(handle, model, reentrant):
+    b = batch(pad="right")
+    model.train()
+    with handle.record() as rec_plain:
+        _loss_hf(model, b).backward()
+    want = grads(model)
+    zero_grads(model)
+    _enable(model, {"use_reentrant": reentrant})
+    with handle.record() as rec:
+        _loss_hf(model, b).backward()
+    _disable(model)
+    assert rec.num_forwards == 1
+    assert rec.trace() == rec_plain.trace()
+    got = grads(model)
+    assert all(torch.equal(want[n], got[n]) for n in want)
+
+
+# --- micro-batches --------------------------------------------------------------------------------
+def test_microbatch_list_consumed_in_order(handle, model):
+    b1, b2 = batch(seed=1), batch(B=1, S=5, seed=2)
+    with handle.record() as rec:
+        o1 = model(**b1).logits
+        o2 = model(**b2).logits
+    t1 = RoutingTrace(experts=rec.calls[0], cu_seqlens=[0, 6, 12], layer_ids=MOE_LAYERS, num_experts=E)
+    t2 = RoutingTrace(experts=rec.calls[1], cu_seqlens=[0, 5], layer_ids=MOE_LAYERS, num_experts=E)
+    with handle.replay([t1, t2]) as rep:
+        assert torch.equal(model(**b1).logits, o1)
+        assert rep.forwards == 1
+        assert torch.equal(model(**b2).logits, o2)
+    with (
+        pytest.raises(
+            TraceExhaustedError,
+            match=r"forward 3 reached layer 1 \(model.layers.1.mlp.gate\) but only 2 trace\(s\) were given",
+        ),
+        handle.replay([t1, t2]),
+    ):
+        model(**b1)
+        model(**b2)
+        model(**b1)
+    assert handle._mode is None
+    with (
+        pytest.raises(UnconsumedTraceError, match=r"ended after 1 forward\(s\) but 2 trace\(s\) were given"),
+        handle.replay([t1, t2]),
+    ):
+        model(**b1)
+    assert handle._mode is None
+
+
+def test_microbatch_row_mismatch_names_the_trace(handle, model):
+    b1 = batch(seed=1)
+    rec, _ = record(handle, model, b1)
+    t = rec.trace()
+    with (
+        pytest.raises(
+            TokenCountMismatchError,
+            match=r"layer 1 \(model.layers.1.mlp.gate\): the router saw 5 rows but trace 1 of 2 has 12 tokens",
+        ),
+        handle.replay([t, t]),
+    ):
+        model(**b1)
+        model(**batch(B=1, S=5))
+
+
+# --- padding ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pad", ["left", "right"])
+def test_padded_batch_record_replay(handle, model, pad):
+    b = batch(pad=pad)
+    rec, out = record(handle, model, b)
+    packed = rec.trace(attention_mask=b["attention_mask"])
+    assert packed.num_tokens == int(b["attention_mask"].sum()) and packed.seq_lens.tolist() == [4, 6]
+    full = rec.trace()
+    keep = b["attention_mask"].reshape(-1).bool()
+    assert torch.equal(packed.experts, full.experts[keep])
+    with handle.replay(packed, attention_mask=b["attention_mask"]) as rep:
+        out2 = model(**b).logits
+    assert torch.equal(out, out2)
+    assert rep.stats[1].replayed == 10 and rep.stats[1].live == 2
+    other = random_trace(packed)
+    with handle.replay(other, attention_mask=b["attention_mask"], verify=True):
+        out3 = model(**b).logits
+    real = b["attention_mask"].bool()
+    assert not torch.allclose(out[real], out3[real])
+    with (
+        pytest.raises(
+            TokenCountMismatchError,
+            match=r"the router saw 12 rows but the trace has 10 tokens; if the batch is padded, pass attention_mask",
+        ),
+        handle.replay(packed),
+    ):
+        model(**b)
+
+
+def test_mask_that_does_not_fit_the_trace(handle, model):
+    b = batch(pad="left")
+    rec, _ = record(handle, model, b)
+    packed = rec.trace(attention_mask=b["attention_mask"])
+    wrong = torch.ones(2, 6, dtype=torch.long)
+    with pytest.raises(
+        TokenCountMismatchError,
+        match=r"attention_mask has 2 rows with \[6, 6\] real tokens but the trace has 2 sequences of \[4, 6\] tokens",
+    ):
+        handle.replay(packed, attention_mask=wrong)
+    with pytest.raises(LayoutError, match=r"one attention_mask for 2 traces"):
+        handle.replay([packed, packed], attention_mask=wrong)
+
+
+def test_engine_capture_row_count_hint(handle, model):
+    b = batch()
+    rec, _ = record(handle, model, b)
+    full = rec.trace()
+    engine = RoutingTrace(  # one row fewer per sequence: the engine never forwards the last token
+        experts=torch.cat([full.experts[:5], full.experts[6:11]]),
+        cu_seqlens=[0, 5, 10],
+        layer_ids=MOE_LAYERS,
+        num_experts=E,
+    )
+    with (
+        pytest.raises(
+            TokenCountMismatchError,
+            match=r"router saw 12 rows but the trace has 10 tokens; if the batch is padded, pass attention_mask.*; or the trace has exactly one row fewer per sequence \(2 sequences\).*routereplay.layout",
+        ),
+        handle.replay(engine),
+    ):
+        model(**b)
+    with pytest.raises(TokenCountMismatchError, match=r"one row fewer per sequence.*engine -> training"):
+        handle.replay(engine, attention_mask=b["attention_mask"])
+
+
+# --- missing rows -------------------------------------------------------------------------------------
+def test_missing_routes(handle, model):
+    b = batch()
+    rec, out = record(handle, model, b)
+    full = rec.trace()
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[[5, 11]] = False
+    other = random_trace(full)
+    holed = RoutingTrace(
+        experts=full.experts, cu_seqlens=full.cu_seqlens, layer_ids=MOE_LAYERS, num_experts=E, valid=valid
+    )
+    with pytest.raises(
+        MissingRoutesError,
+        match=r"2 row\(s\) have no recorded route, the first at row 5 \(sequence 0, position 5\).*missing=\"live\"",
+    ):
+        handle.replay(holed)
+    with handle.replay(holed, missing="live") as rep:
+        out2 = model(**b).logits
+    assert torch.equal(out, out2)  # the holes route live: the same as recorded
+    assert rep.stats[2].replayed == 10 and rep.stats[2].live == 2
+    # the live rows really are live: forcing other routes elsewhere keeps them live
+    holed_other = RoutingTrace(
+        experts=other.experts, cu_seqlens=full.cu_seqlens, layer_ids=MOE_LAYERS, num_experts=E, valid=valid
+    )
+    seen = {}
+    h = model.model.layers[1].mlp.experts.register_forward_pre_hook(lambda m, a: seen.update(ids=a[1]))
+    with handle.replay(holed_other, missing="live"):
+        model(**b)
+    h.remove()
+    assert torch.equal(seen["ids"][[5, 11]], rec.calls[0][[5, 11], 0].long())
+    assert torch.equal(seen["ids"][valid], other.experts[valid, 0].long())
+    with pytest.raises(ReplayError, match=r'missing must be "error" or "live", found \'skip\''):
+        handle.replay(holed, missing="skip")
+
+
+# --- layer / k mismatches ---------------------------------------------------------------------------
+def test_layer_and_shape_mismatches(handle, model):
+    b = batch()
+    rec, _ = record(handle, model, b)
+    t = rec.trace()
+    more = RoutingTrace(
+        experts=torch.cat([t.experts, t.experts[:, :1]], 1),
+        cu_seqlens=t.cu_seqlens,
+        layer_ids=(0, 1, 2, 3),
+        num_experts=E,
+    )
+    with pytest.raises(
+        LayerMismatchError,
+        match=r"trace has layers \[0, 1, 2, 3\] but the model's MoE layers are \[1, 2, 3\].*trace.select_layers\(handle.layer_ids\)",
+    ):
+        handle.replay(more)
+    with handle.replay(more.select_layers(handle.layer_ids)):
+        model(**b)
+    k3 = RoutingTrace(
+        experts=torch.rand(12, 3, E).argsort(-1)[..., :3], cu_seqlens=t.cu_seqlens, layer_ids=MOE_LAYERS, num_experts=E
+    )
+    with pytest.raises(
+        LayerMismatchError, match=r"^layer 1 \(model.layers.1.mlp.gate\): trace has top_k=3, router has top_k=2$"
+    ):
+        handle.replay(k3)
+    e16 = RoutingTrace(experts=t.experts, cu_seqlens=t.cu_seqlens, layer_ids=MOE_LAYERS, num_experts=16)
+    with pytest.raises(
+        LayerMismatchError,
+        match=r"layer 1 \(model.layers.1.mlp.gate\): trace has num_experts=16, router has num_experts=8",
+    ):
+        handle.replay(e16)
+    with pytest.raises(LayerMismatchError, match=r"^trace 1: trace has layers \[0, 1, 2, 3\]"):
+        handle.replay([t, more])
+    with pytest.raises(ReplayError, match=r"replay needs a RoutingTrace or a non-empty list of them, found list"):
+        handle.replay([])
+
+
+# --- scoping -------------------------------------------------------------------------------------------
+def test_modes_cannot_nest(handle, model):
+    b = batch()
+    rec, _ = record(handle, model, b)
+    with (
+        handle.record(),
+        pytest.raises(
+            ReplayError,
+            match=r"a recording block of this handle is already active; record/replay blocks of one model cannot be nested",
+        ),
+        handle.replay(rec.trace()),
+    ):
+        pass
+    r = handle.record()
+    with r:
+        pass
+    with pytest.raises(ReplayError, match=r"a Recording can be entered once"), r:
+        pass
+
+
+def test_exception_inside_a_block_leaves_no_state(handle, model):
+    b = batch()
+    rec, out = record(handle, model, b)
+    other = random_trace(rec.trace())
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        handle.replay([other, other]),
+    ):  # unconsumed, but the user's error wins
+        model(**b)
+        raise RuntimeError("boom")
+    assert handle._mode is None
+    assert torch.equal(model(**b).logits, out)
+    with pytest.raises(TokenCountMismatchError), handle.replay(other):
+        model(**batch(B=1, S=3))
+    assert handle._mode is None
+    with handle.record() as rec2:
+        assert torch.equal(model(**b).logits, out)
+    assert rec2.trace() == rec.trace()
+
+
+def test_two_models_are_independent(base_state):
+    actor, ref = tiny_qwen3_moe(), tiny_qwen3_moe(seed=1)
+    actor.load_state_dict(base_state)
+    ha, hr = session.attach(actor), session.attach(ref)
+    b = batch()
+    rec_a, out_a = record(ha, actor, b)
+    rec_r, out_r = record(hr, ref, b)
+    other = random_trace(rec_a.trace())
+    with ha.replay(other):
+        with hr.record() as rec_r2:  # the reference records live while the actor replays
+            assert torch.equal(ref(**b).logits, out_r)
+        replayed = actor(**b).logits
+    assert rec_r2.trace() == rec_r.trace()
+    assert not torch.allclose(replayed, out_a)
+    assert torch.equal(ref(**b).logits, out_r)
+    ha.detach()
+    with hr.record() as rec_r3:
+        ref(**b)
+    assert rec_r3.num_forwards == 1
+    hr.detach()
+
+
+def test_detach_restores_the_model(base_state):
+    pristine = tiny_qwen3_moe()
+    pristine.load_state_dict(base_state)
+    model = tiny_qwen3_moe()
+    model.load_state_dict(base_state)
+    b = batch(pad="left")
+    want = pristine(**b).logits
+    h = session.attach(model)
+    rec, _ = record(h, model, b)
+    with h.replay(random_trace(rec.trace())):
+        model(**b)
+    h.detach()
+    h.detach()  # idempotent
+    sd_a, sd_b = model.state_dict(), pristine.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert torch.equal(model(**b).logits, want)
+    for (name, m), (_, p) in zip(model.named_modules(), pristine.named_modules()):
+        assert len(m._forward_hooks) == len(p._forward_hooks), name
+        assert len(m._forward_pre_hooks) == len(p._forward_pre_hooks), name
+        assert set(m.__dict__) == set(p.__dict__), name
+    with pytest.raises(ReplayError, match=r"this handle was detached; call routereplay.attach\(model\) again"):
+        h.record()
+
+
+def test_detach_inside_a_block_is_refused(handle, model):
+    with handle.record(), pytest.raises(ReplayError, match=r"detach\(\) inside a record/replay block"):
+        handle.detach()
+
+
+# --- verify ---------------------------------------------------------------------------------------------
+def test_verify_catches_ids_rewritten_before_the_experts(handle, model):
+    b = batch()
+    rec, _ = record(handle, model, b)
+    router = model.model.layers[2].mlp.gate
+    # Something after the adapter's hook rewrites the ids: replay would silently be wrong.
+    bad = router.register_forward_hook(lambda m, a, o: (o[0], o[1], (o[2] + 1) % E))
+    try:
+        with (
+            pytest.raises(
+                ReplayVerificationError,
+                match=r"layer 2 \(model.layers.2.mlp.gate\): the experts received ids of shape \(12, 2\) that differ from the forced ids",
+            ),
+            handle.replay(rec.trace(), verify=True),
+        ):
+            model(**b)
+        assert handle._mode is None
+        with handle.replay(rec.trace()):  # without verify it goes unnoticed
+            model(**b)
+    finally:
+        bad.remove()
+
+
+def test_verify_catches_experts_never_called(handle, model):
+    b = batch()
+    rec, _ = record(handle, model, b)
+    mlp = model.model.layers[3].mlp
+
+    def bypass(hidden_BSD):  # a block that routes but never calls its experts module
+        mlp.gate(hidden_BSD.reshape(-1, hidden_BSD.shape[-1]))
+        return torch.zeros_like(hidden_BSD)
+
+    mlp.forward = bypass
+    try:
+        with (
+            pytest.raises(
+                ReplayVerificationError,
+                match=r"layer 3 \(model.layers.3.mlp.gate\): the router's forced ids never reached the experts module",
+            ),
+            handle.replay(rec.trace(), verify=True),
+        ):
+            model(**b)
+    finally:
+        del mlp.forward
+
+
+# --- properties ---------------------------------------------------------------------------------------
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lens=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    left=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_record_trace_replay_roundtrip(handle, model, lens, left, seed):
+    """record -> trace(mask) -> replay(mask) reproduces the logits, and the experts receive
+    exactly the trace's ids on real tokens, for any left or right padding."""
+    B, S = len(lens), max(lens)
+    g = torch.Generator().manual_seed(seed)
+    pos_S = torch.arange(S)
+    len_B1 = torch.tensor(lens)[:, None]
+    mask_BS = (pos_S >= S - len_B1) if left else (pos_S < len_B1)
+    mask_BS = mask_BS.long()
+    b = {"input_ids": torch.randint(3, VOCAB, (B, S), generator=g) * mask_BS, "attention_mask": mask_BS}
+    rec, out = record(handle, model, b)
+    packed = rec.trace(attention_mask=mask_BS)
+    assert packed.seq_lens.tolist() == lens
+    with handle.replay(packed, attention_mask=mask_BS):
+        assert torch.equal(model(**b).logits, out)
+    other = random_trace(packed, seed=seed)
+    seen = []
+    hooks = [
+        model.model.layers[i].mlp.experts.register_forward_pre_hook(lambda m, a: seen.append(a[1])) for i in MOE_LAYERS
+    ]
+    try:
+        with handle.replay(other, attention_mask=mask_BS):
+            model(**b)
+    finally:
+        for h in hooks:
+            h.remove()
+    keep_N = mask_BS.reshape(-1).bool()
+    assert torch.equal(torch.stack([s[keep_N] for s in seen], 1), other.experts.long())
+
+
+def test_checkpointed_backward_of_two_blocks_together(handle, model):
+    """Two replay blocks, then one backward of both losses: each recompute finds its block's routes."""
+    b1, b2 = batch(seed=1), batch(seed=2)
+    t1 = random_trace(record(handle, model, b1)[0].trace(), seed=7)
+    t2 = random_trace(record(handle, model, b2)[0].trace(), seed=8)
+    model.train()
+    with handle.replay([t1, t2]):
+        (_loss_hf(model, b1) + _loss_hf(model, b2)).backward()
+    want = grads(model)
+    zero_grads(model)
+    _enable(model, {"use_reentrant": False})
+    with handle.replay(t1):
+        l1 = _loss_hf(model, b1)
+    with handle.replay(t2):
+        l2 = _loss_hf(model, b2)
+    (l1 + l2).backward()
+    _disable(model)
+    got = grads(model)
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    del l1, l2
+    assert not any(f.alive() for fs in handle._forwards for f in fs)  # released with their graphs
