@@ -1,0 +1,468 @@
+"""``routereplay check``: measure rollout-vs-trainer routing mismatch and show that replay closes it.
+
+On a built-in small Qwen3-MoE-style model (or ``--model DIR``, a local HF MoE checkpoint):
+
+1. **rollout**: sample completions with ``generate`` in ``--rollout-dtype`` (bf16), capturing
+   routes the way inference engines return them, and the sampled tokens' log-probs;
+2. **without replay**: a trainer forward in ``--train-dtype`` (fp32) over the same tokens, right
+   padded: routing agreement and log-prob mismatch against the rollout (response tokens);
+3. **with R3 replay**: the same forward replaying the rollout's routes; the routes the experts
+   actually received are tapped and compared: disagreement must be exactly 0;
+4. **noise floor**: the trainer forward of each sample alone vs the batched forward (no
+   replay): the mismatch that batch composition alone causes, which no routing fix removes;
+5. **R2 drift**: one AdamW step on ``-mean logp(response)``, then old vs new policy routing.
+
+Writes ``report.json``, ``per_layer_disagreement.png`` and ``delta_hist.png`` to ``--out`` and
+prints a table. Exit status 0 when replay reproduces the rollout's routes exactly, 1 when it
+does not, 2 on a usage / environment error. ``delta = logp_train - logp_infer`` throughout.
+
+Legend (shape suffixes used in this file):
+    B  samples;  P  padded prompt length;  G  generated positions;  S  padded sample length
+    T  packed tokens of all samples;  V  vocabulary;  L  MoE layers;  K  top-k
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from routereplay.errors import RouteReplayError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+INSTALL = "pip install 'routereplay[hf,plot,cli]'"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelSize:
+    """Shape of the built-in model."""
+
+    layers: int
+    hidden: int
+    experts: int
+    top_k: int
+    vocab: int
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    moe_intermediate: int = 64
+
+
+DEFAULT_SIZE = ModelSize(layers=6, hidden=128, experts=32, top_k=4, vocab=1024)
+TINY_SIZE = ModelSize(layers=2, hidden=32, experts=8, top_k=2, vocab=64, heads=2, kv_heads=1, head_dim=16, moe_intermediate=16)
+# Weight init std. HF's default 0.02 gives a near-uniform next-token distribution on a random
+# model. With 0.1 the bf16-rollout vs fp32-trainer mismatch lands where the R3 paper measured
+# real MoE models (k3 about 2e-3, several % of routes differ); 0.2 exaggerates it (k3 about 7e-2).
+INIT_STD = 0.1
+EOS_ID, PAD_ID = 1, 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="DIR", help="local HF MoE checkpoint directory (default: built-in random model)")
+    parser.add_argument("--rollout-dtype", choices=DTYPES, default="bf16", help="dtype of the generating model (default bf16)")
+    parser.add_argument("--train-dtype", choices=DTYPES, default="fp32", help="dtype of the training model (default fp32)")
+    parser.add_argument("--samples", type=int, default=8, help="prompts to sample (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per sample (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in model, prompts and sampling")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--out", default="./routereplay-check", help="output directory (default ./routereplay-check)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the R2 drift step (default 1e-4)")
+    # Test-size model; not part of the documented interface.
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+
+
+def _missing_deps() -> list[str]:
+    return [name for name in ("transformers", "matplotlib", "tqdm") if importlib.util.find_spec(name) is None]
+
+
+def build_default_model(size: ModelSize = DEFAULT_SIZE, *, seed: int = 0) -> Any:
+    """The built-in Qwen3-MoE-style model: random weights from a fixed seed, fp32, eval mode."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        intermediate_size=2 * size.hidden,
+        moe_intermediate_size=size.moe_intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        head_dim=size.head_dim,
+        num_experts=size.experts,
+        num_experts_per_tok=size.top_k,
+        norm_topk_prob=True,
+        initializer_range=INIT_STD,
+        max_position_embeddings=1024,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def _load_model(path: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+
+
+def builtin_prompts(num: int, vocab: int, *, seed: int) -> list[list[int]]:
+    """``num`` prompts of token ids with distinct lengths (so the batch is really left-padded)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    hi = min(vocab, 32000)
+    return [torch.randint(3, hi, (5 + (3 * i) % 11,), generator=g).tolist() for i in range(num)]
+
+
+def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(p) for p in prompts)
+    ids_BP = torch.full((len(prompts), P), pad, dtype=torch.int64)
+    mask_BP = torch.zeros((len(prompts), P), dtype=torch.int64)
+    for b, p in enumerate(prompts):  # one row per prompt: a loop over sequences, not tokens
+        ids_BP[b, P - len(p):] = torch.tensor(p)
+        mask_BP[b, P - len(p):] = 1
+    return ids_BP, mask_BP
+
+
+class _RoutesTap:
+    """Observes the expert ids each MoE layer actually used, independently of the replay's bookkeeping.
+
+    Hooks the experts module's ids argument where the block has one (what the experts received),
+    else the router's returned ids (hook registered after the adapter's, so it sees the forced
+    ids). Only for forwards run while ``active``.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        from routereplay.adapters.hf import _experts_id_index
+
+        self.handle = handle
+        self.active = False
+        self.seen: list[list[torch.Tensor]] = [[] for _ in handle.layers]
+        self.observed_at: list[str] = []
+        self._hooks = []
+        model = handle.model
+        for i, layer in enumerate(handle.layers):
+            block = model.get_submodule(layer.path.rpartition(".")[0])
+            experts = getattr(block, "experts", None)
+            pos = _experts_id_index(experts) if isinstance(experts, torch.nn.Module) else None
+            if pos is not None:
+                self._hooks.append(experts.register_forward_pre_hook(self._experts_hook(i, *pos), with_kwargs=True))
+                self.observed_at.append("experts input")
+            else:
+                router = model.get_submodule(layer.path)
+                self._hooks.append(router.register_forward_hook(self._router_hook(i)))
+                self.observed_at.append("router output")
+
+    def _experts_hook(self, i: int, arg_index: int, arg_name: str):
+        def hook(module, args, kwargs):
+            ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
+            if self.active:
+                self.seen[i].append(ids.detach())
+
+        return hook
+
+    def _router_hook(self, i: int):
+        def hook(module, args, output):
+            if self.active:
+                if not isinstance(output, tuple) or len(output) < 3:
+                    raise RouteReplayError(
+                        f"routereplay check: cannot observe the routes of {self.handle._where(i)}: its router returns "
+                        "no ids and its MoE block has no experts module taking ids"
+                    )
+                self.seen[i].append(output[2].detach())
+
+        return hook
+
+    def trace(self, attention_mask_BS: torch.Tensor, like: Any) -> Any:
+        """The tapped routes of the single forward run while active, padding dropped."""
+        if any(len(s) != 1 for s in self.seen):
+            raise RouteReplayError(f"routereplay check: expected one tapped forward per layer, got {[len(s) for s in self.seen]}")
+        ids_NLK = torch.stack([s[0] for s in self.seen], 1).cpu()
+        keep_N = attention_mask_BS.reshape(-1).bool().cpu()
+        return like._replace(experts=ids_NLK[keep_N].to(like.experts.dtype), valid=None, meta={"source": "check tap"})
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def _replay_trace(rollout: Any) -> Any:
+    """The routes R3 replays in the trainer: the rollout's, as training rows (a seam for tests)."""
+    return rollout.training_trace()
+
+
+def _train_forward(model: Any, batch: dict, device: str) -> torch.Tensor:
+    """Log-probs ``[B, S]`` of a padded batch (position ids given: HF does not derive them from the mask)."""
+    from routereplay.rl import token_logprobs
+
+    ids = batch["input_ids"].to(device)
+    logits = model(
+        input_ids=ids, attention_mask=batch["attention_mask"].to(device), position_ids=batch["position_ids"].to(device)
+    ).logits
+    return token_logprobs(logits, ids)
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = _missing_deps()
+    if missing:
+        print(f"routereplay check needs {', '.join(missing)}: {INSTALL}", file=sys.stderr)
+        return 2
+    if args.samples < 1 or args.max_new_tokens < 1:
+        print("routereplay check: --samples and --max-new-tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    except (RouteReplayError, OSError) as e:
+        print(f"routereplay check: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from routereplay import plots
+    from routereplay.metrics import logprob_mismatch, routing_agreement
+    from routereplay.rl import RouteStore
+    from routereplay.session import attach
+
+    t0 = time.perf_counter()
+    device = args.device
+    os.makedirs(args.out, exist_ok=True)
+    bar = tqdm(total=5, desc="routereplay check", unit="stage", file=sys.stderr, leave=False)
+
+    # --- models -----------------------------------------------------------------------------
+    if args.model:
+        model = _load_model(args.model)
+        model_desc = args.model
+        gen_cfg = getattr(model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+        pad = getattr(gen_cfg, "pad_token_id", None)
+        pad = pad if pad is not None else (eos if isinstance(eos, int) else (eos or [0])[0])
+    else:
+        size = TINY_SIZE if args.tiny else DEFAULT_SIZE
+        model = build_default_model(size, seed=args.seed)
+        model_desc = (
+            f"built-in Qwen3-MoE ({size.layers} layers, hidden {size.hidden}, {size.experts} experts, top-{size.top_k}, "
+            f"vocab {size.vocab}, seed {args.seed})"
+        )
+        eos, pad = EOS_ID, PAD_ID
+    train_dtype, rollout_dtype = DTYPES[args.train_dtype], DTYPES[args.rollout_dtype]
+    if torch.float64 in (train_dtype, rollout_dtype) and hasattr(model, "set_experts_implementation"):
+        # transformers' default grouped_mm experts kernel has no float64 path.
+        model.set_experts_implementation("eager")
+    train_model = model.to(device=device, dtype=train_dtype)
+    rollout_model = copy.deepcopy(train_model).to(dtype=rollout_dtype)
+    h_roll, h_train = attach(rollout_model), attach(train_model)
+    vocab = train_model.config.get_text_config().vocab_size if hasattr(train_model.config, "get_text_config") else train_model.config.vocab_size
+
+    # --- (a) rollout: sampled generation with route capture ---------------------------------
+    bar.set_postfix_str("rollout")
+    prompts = builtin_prompts(args.samples, vocab, seed=args.seed)
+    ids_BP, mask_BP = _left_pad(prompts, pad)
+    torch.manual_seed(args.seed)
+    with torch.no_grad(), h_roll.capture_generation() as cap:
+        out = rollout_model.generate(
+            ids_BP.to(device), attention_mask=mask_BP.to(device), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            return_dict_in_generate=True, output_logits=True,
+        )
+    rollout = cap.rollout(out, prompt_attention_mask=mask_BP, eos_token_id=eos, pad_token_id=pad)
+    h_roll.detach()
+    del rollout_model
+    # The engine's log-prob of each sampled token, from the raw (unprocessed) decode logits.
+    P = ids_BP.shape[1]
+    logits_BGV = torch.stack(out.logits, 1).float()
+    comp_BG = out.sequences[:, P:]
+    logp_infer_BG = torch.log_softmax(logits_BGV, -1).gather(-1, comp_BG[..., None]).squeeze(-1).cpu()
+    keep_BG = torch.arange(comp_BG.shape[1]) < rollout.completion_lens[:, None]
+    resp_T = rollout.response_mask()
+    logp_infer_T = torch.zeros(rollout.input_ids.numel(), dtype=torch.float64)
+    logp_infer_T[resp_T] = logp_infer_BG[keep_BG].double()
+    bar.update()
+
+    # --- (b) trainer forward without replay -----------------------------------------------------
+    bar.set_postfix_str("trainer forward")
+    batch = rollout.padded(padding_side="right", pad_token_id=pad)
+    mask_BS = batch["attention_mask"].bool()
+    with torch.no_grad(), h_train.record() as rec:
+        logp_BS = _train_forward(train_model, batch, device)
+    train_trace = rec.trace(attention_mask=batch["attention_mask"])
+    logp_train_T = logp_BS.cpu()[mask_BS].double()
+    rollout_rows = rollout.training_trace()
+    without = {
+        "routing": routing_agreement(rollout_rows, train_trace, mask=resp_T).to_dict(),
+        "routing_all_tokens": routing_agreement(rollout_rows, train_trace).to_dict(),
+        "mismatch": logprob_mismatch(logp_train_T, logp_infer_T, resp_T).to_dict(),
+    }
+    bar.update()
+
+    # --- (c) trainer forward with R3 replay, routes tapped independently -------------------------
+    bar.set_postfix_str("R3 replay")
+    store = RouteStore(h_train, _replay_trace(rollout))
+    tap = _RoutesTap(h_train)
+    try:
+        with torch.no_grad(), store.replay(range(rollout.num_seqs), attention_mask=batch["attention_mask"]) as rep:
+            tap.active = True
+            logp_r3_BS = _train_forward(train_model, batch, device)
+            tap.active = False
+        used_trace = tap.trace(batch["attention_mask"], like=train_trace)
+    finally:
+        tap.remove()
+    stats = rep.stats
+    logp_r3_T = logp_r3_BS.cpu()[mask_BS].double()
+    expected_rows = int(rollout_rows.valid_mask.sum())
+    with_replay = {
+        "routing": routing_agreement(rollout_rows, used_trace, mask=resp_T).to_dict(),
+        "routing_all_tokens": routing_agreement(rollout_rows, used_trace).to_dict(),
+        "mismatch": logprob_mismatch(logp_r3_T, logp_infer_T, resp_T).to_dict(),
+        "replayed_rows": {str(k): s.replayed for k, s in stats.items()},
+        "expected_replayed_rows": expected_rows,
+        "routes_observed_at": sorted(set(tap.observed_at)),
+    }
+    bar.update()
+
+    # --- (e) noise floor: each sample alone vs batched, no replay ------------------------------
+    bar.set_postfix_str("noise floor")
+    alone = []
+    with torch.no_grad(), h_train.record() as rec_alone:
+        for b in range(rollout.num_seqs):  # one forward per sample: the point is batch size 1
+            one = rollout.padded([b])
+            alone.append(_train_forward(train_model, one, device).cpu()[0])
+    alone_trace = rec_alone.trace()
+    logp_alone_T = torch.cat(alone).double()
+    noise = {
+        "routing": routing_agreement(train_trace, alone_trace, mask=resp_T).to_dict(),
+        "mismatch": logprob_mismatch(logp_train_T, logp_alone_T, resp_T).to_dict(),
+        "compared": "trainer forward, batched (right-padded) vs each sample alone",
+    }
+    bar.update()
+
+    # --- (d) R2 drift: one optimizer step, then old vs new policy routing -----------------------
+    bar.set_postfix_str("R2 drift")
+    opt = torch.optim.AdamW(train_model.parameters(), lr=args.lr)
+    resp_BS = batch["response_mask"].to(device)
+    loss = -(_train_forward(train_model, batch, device)[resp_BS]).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad(), h_train.record() as rec_new:
+        logp_new_BS = _train_forward(train_model, batch, device)
+    new_trace = rec_new.trace(attention_mask=batch["attention_mask"])
+    drift = {
+        "routing": routing_agreement(train_trace, new_trace, mask=resp_T).to_dict(),
+        "mismatch": logprob_mismatch(logp_new_BS.cpu()[mask_BS].double(), logp_train_T, resp_T).to_dict(),
+        "optimizer": f"AdamW lr={args.lr}, one step on -mean logp(response)",
+        "delta": "logp_new - logp_old",
+    }
+    h_train.detach()
+    bar.update()
+    bar.close()
+
+    # --- verdict, report, plots ---------------------------------------------------------------
+    replay_exact = (
+        with_replay["routing_all_tokens"]["disagreement"] == 0.0
+        and with_replay["routing_all_tokens"]["ordered_match"] == 1.0
+        and all(v == expected_rows for v in with_replay["replayed_rows"].values())
+    )
+    report = {
+        "settings": {
+            "model": model_desc,
+            "rollout_dtype": args.rollout_dtype,
+            "train_dtype": args.train_dtype,
+            "samples": args.samples,
+            "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed,
+            "device": str(device),
+            "layer_ids": list(train_trace.layer_ids),
+            "top_k": train_trace.top_k,
+            "num_experts": train_trace.num_experts,
+            "tokens": int(rollout.input_ids.numel()),
+            "response_tokens": int(resp_T.sum()),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+        "without_replay": without,
+        "with_replay": with_replay,
+        "noise_floor": noise,
+        "r2_drift": drift,
+        "replay_exact": replay_exact,
+        "delta": "logp_train - logp_infer",
+    }
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    layer_ids = list(train_trace.layer_ids)
+    plots.plot_per_layer_disagreement(
+        os.path.join(args.out, "per_layer_disagreement.png"),
+        layer_ids,
+        {
+            "without replay": without["routing"]["per_layer_disagreement"],
+            "with R3 replay": with_replay["routing"]["per_layer_disagreement"],
+            "R2 drift (1 step)": drift["routing"]["per_layer_disagreement"],
+        },
+    )
+    plots.plot_delta_histogram(
+        os.path.join(args.out, "delta_hist.png"),
+        {
+            "without replay": (logp_train_T - logp_infer_T)[resp_T].numpy(),
+            "with R3 replay": (logp_r3_T - logp_infer_T)[resp_T].numpy(),
+        },
+    )
+    print(format_report(report, args.out))
+    return 0 if replay_exact else 1
+
+
+def _f(x: float | None, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def format_report(report: dict, out_dir: str) -> str:
+    """The table ``check`` prints (see docs/CHECK.md for how to read it)."""
+    s = report["settings"]
+    lines = [
+        f"model: {s['model']}",
+        (
+            f"rollout {s['rollout_dtype']} -> trainer {s['train_dtype']}, {s['samples']} samples, "
+            f"{s['response_tokens']} response tokens, layers {s['layer_ids']}, top-{s['top_k']} of {s['num_experts']}"
+        ),
+        "",
+        f"{'':<26}{'route disagr.':>14}{'tokens any':>12}{'layers/tok':>11}{'k3':>11}{'F(2)':>9}{'max|delta|':>11}",
+    ]
+    rows = (
+        ("without replay", report["without_replay"]),
+        ("with R3 replay", report["with_replay"]),
+        ("noise floor (batching)", report["noise_floor"]),
+        ("R2 drift (1 step)", report["r2_drift"]),
+    )
+    for label, part in rows:
+        r, m = part["routing"], part["mismatch"]
+        lines.append(
+            f"{label:<26}{_f(r['disagreement']):>14}{_f(r['token_disagreement']):>12}{_f(r['mean_disagreeing_layers'], '.2f'):>11}"
+            f"{_f(m['k3'], '.2e'):>11}{_f(m['extreme']['F(2)'], '.3f'):>9}{_f(m['max_abs_delta'], '.3f'):>11}"
+        )
+    w = report["with_replay"]
+    lines += [
+        "",
+        "route disagr. = share of (token, layer) routes whose expert set differs from the rollout's; response tokens;",
+        "k3 = mean(exp(delta) - 1 - delta), delta = logp_train - logp_infer (R2 row: logp_new - logp_old).",
+        (
+            f"replayed rows per layer: {sorted(set(w['replayed_rows'].values()))} of {w['expected_replayed_rows']} "
+            f"routed rows (routes observed at the {', '.join(w['routes_observed_at'])})"
+        ),
+    ]
+    if report["replay_exact"]:
+        lines.append("PASS: R3 replay reproduces the rollout's routes exactly (disagreement 0 on every token and layer).")
+    else:
+        lines.append("FAIL: with R3 replay the trainer's routes still differ from the rollout's; see report.json.")
+    lines.append(f"wrote {os.path.join(out_dir, 'report.json')}, per_layer_disagreement.png, delta_hist.png")
+    return "\n".join(lines)

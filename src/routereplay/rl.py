@@ -1,0 +1,225 @@
+"""Trainer helpers for a plain PyTorch RL loop: R3 and R2 routing replay across micro-batches.
+
+* **R3** (rollout routing replay): the training forwards use the experts the inference engine
+  chose while generating. ``RouteStore(handle, rollout.training_trace())``.
+* **R2** (old-policy routing replay): the old-policy log-prob pass records its routes; every
+  update step (several epochs, any micro-batch split) replays them, so the importance ratio
+  compares two policies that route identically. ``RouteStore(handle)`` then ``store.record``.
+
+A store holds one routed sequence per **sample id** (an int), so the update pass may cut and
+shuffle micro-batches freely: ``store.replay(sample_ids, attention_mask=...)`` assembles the
+trace of exactly those samples in that order. Padded (``[B, S]`` + attention mask) and packed
+(``[1, T]`` with restarting ``position_ids``; pass no mask) layouts both work.
+
+Rows without a route are allowed only where the engine convention leaves them: the last token
+of each sample (its logits predict past the end and never enter the loss, so its live route
+cannot affect any trained quantity). Any other missing row raises; nothing falls back to live
+routing silently.
+
+    store = RouteStore(handle)                           # R2
+    with torch.no_grad():
+        for ids in minibatches:
+            with store.record(ids, attention_mask=mask):
+                old_logp = token_logprobs(model(**batch).logits, batch["input_ids"])
+    for step in range(num_steps):
+        for ids in minibatches:
+            with store.replay(ids, attention_mask=mask) as rep:
+                loss = loss_fn(model(**batch).logits, old_logp)
+            loss.backward()
+
+Legend (shape suffixes used in this file):
+    B  samples in a micro-batch;  S  padded length;  V  vocabulary
+    T  tokens of the selected samples, packed;  N  samples held by the store
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from routereplay.errors import LayoutError, MissingRoutesError, ReplayError
+from routereplay.trace import RoutingTrace
+
+__all__ = ["RouteStore", "token_logprobs"]
+
+
+def token_logprobs(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each token given the ones before it, in float32 or wider.
+
+    Args:
+        logits_BSV: a causal LM's logits ``[B, S, V]`` (position s predicts token s + 1).
+        input_ids_BS: int ``[B, S]`` the tokens that were forwarded.
+
+    Returns:
+        float ``[B, S]``: ``out[b, s] = log p(input_ids[b, s] | input_ids[b, :s])`` for s >= 1;
+        ``out[:, 0] = 0`` (the first token is not predicted).
+    """
+    dtype = torch.promote_types(logits_BSV.dtype, torch.float32)
+    logp_BSV = torch.log_softmax(logits_BSV[:, :-1].to(dtype), dim=-1)
+    picked_BS = logp_BSV.gather(-1, input_ids_BS[:, 1:, None].to(logits_BSV.device)).squeeze(-1)
+    return torch.cat([picked_BS.new_zeros(picked_BS.shape[0], 1), picked_BS], dim=1)
+
+
+def _ids_tensor(sample_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    ids_B = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1).cpu()
+    if ids_B.numel() and int(ids_B.min()) < 0:
+        raise LayoutError(f"sample ids must be non-negative, found {ids_B.tolist()}")
+    if torch.unique(ids_B).numel() != ids_B.numel():
+        raise LayoutError(f"sample ids of one micro-batch must be distinct, found {ids_B.tolist()}")
+    return ids_B
+
+
+class RouteStore:
+    """Routes of a batch of samples, addressed by sample id, replayed into any micro-batch split.
+
+    Args:
+        handle: the ``RouterHandle`` of the training model.
+        trace: optional initial routes (R3): one sequence per sample, sample ``i`` = sequence
+            ``i``, in training rows (``Rollout.training_trace()`` or
+            ``routereplay.layout.engine_to_training``).
+
+    Raises:
+        MissingRoutesError: the initial trace lacks routes other than each sample's last row.
+    """
+
+    def __init__(self, handle: Any, trace: RoutingTrace | None = None) -> None:
+        self._handle = handle
+        self._trace: RoutingTrace | None = None
+        self._pos_N = torch.zeros(0, dtype=torch.int64)  # sample id -> sequence in _trace (-1: none)
+        if trace is not None:
+            _check_only_last_rows_missing(trace, "the store's trace")
+            self._add(torch.arange(trace.num_seqs), trace.to("cpu"))
+
+    @property
+    def sample_ids(self) -> list[int]:
+        """Ids of the samples that have routes."""
+        return (self._pos_N >= 0).nonzero().squeeze(1).tolist()
+
+    def trace(self, sample_ids: Sequence[int] | torch.Tensor) -> RoutingTrace:
+        """The routes of ``sample_ids``, one sequence each, in that order.
+
+        Raises:
+            MissingRoutesError: a sample has no routes in the store.
+        """
+        ids_B = _ids_tensor(sample_ids)
+        known = ids_B < self._pos_N.numel()
+        pos_B = torch.full_like(ids_B, -1)
+        pos_B[known] = self._pos_N[ids_B[known]]
+        if bool((pos_B < 0).any()):
+            missing = ids_B[pos_B < 0].tolist()
+            raise MissingRoutesError(
+                f"sample(s) {missing} have no routes in this store (it holds {len(self.sample_ids)} samples); "
+                "record them in the old-policy pass (store.record) or build the store from their rollout trace"
+            )
+        return self._trace.select_sequences(pos_B)
+
+    @contextmanager
+    def record(
+        self,
+        sample_ids: Sequence[int] | torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> Iterator[Any]:
+        """R2: record the routes of ONE forward over the samples ``sample_ids`` (old-policy pass).
+
+        Args:
+            sample_ids: the batch rows' sample ids (padded), or the packed sequences' ids.
+            attention_mask: ``[B, S]`` for a padded batch (padding is dropped).
+            cu_seqlens: int ``[B+1]`` for a packed ``[1, T]`` batch (no mask).
+
+        Yields:
+            The session's ``Recording``.
+
+        Raises:
+            LayoutError: neither or both layouts given, or sizes that do not fit the forward.
+            ReplayError: not exactly one forward ran inside the block.
+        """
+        ids_B = _ids_tensor(sample_ids)
+        if (attention_mask is None) == (cu_seqlens is None):
+            raise LayoutError("record needs attention_mask (padded batch) or cu_seqlens (packed batch), exactly one")
+        with self._handle.record() as rec:
+            yield rec
+        n = rec.num_forwards
+        if n != 1:
+            raise ReplayError(
+                f"store.record saw {n} forwards; record one forward per block so its rows map onto samples {ids_B.tolist()}"
+            )
+        if attention_mask is not None:
+            if attention_mask.shape[0] != ids_B.numel():
+                raise LayoutError(
+                    f"attention_mask has {attention_mask.shape[0]} rows but {ids_B.numel()} sample ids were given"
+                )
+            trace = rec.trace(attention_mask=attention_mask)
+        else:
+            cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
+            flat = rec.trace()
+            if cu.numel() != ids_B.numel() + 1 or int(cu[-1]) != flat.num_tokens:
+                raise LayoutError(
+                    f"cu_seqlens {cu.tolist()} must have {ids_B.numel() + 1} entries ending at the {flat.num_tokens} "
+                    "rows the routers saw"
+                )
+            trace = flat._replace(cu_seqlens=cu.to(flat.device))
+        self._add(ids_B, trace.to("cpu"))
+
+    def replay(
+        self,
+        sample_ids: Sequence[int] | torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        verify: bool = False,
+    ) -> Any:
+        """Force the routes of ``sample_ids`` on the next forward (R2 update pass or R3 training).
+
+        Args:
+            sample_ids: the batch rows' (padded) or packed sequences' sample ids, in order.
+            attention_mask: ``[B, S]`` for a padded batch; None for a packed ``[1, T]`` batch.
+            verify: check that the experts receive the forced ids (see ``handle.replay``).
+
+        Returns:
+            The session's ``Replay`` context manager (``rep.stats`` after the block).
+
+        Raises:
+            MissingRoutesError: a sample has no routes, or a row other than a sample's last lacks one.
+            TokenCountMismatchError, LayerMismatchError: from the session, at entry.
+        """
+        trace = self.trace(sample_ids)
+        _check_only_last_rows_missing(trace, f"samples {_ids_tensor(sample_ids).tolist()}")
+        # Only each sample's last row may lack a route (checked above): route it live.
+        return self._handle.replay(trace, attention_mask=attention_mask, missing="live", verify=verify)
+
+    # --- internals -----------------------------------------------------------------------
+    def _add(self, ids_B: torch.Tensor, trace: RoutingTrace) -> None:
+        if trace.num_seqs != ids_B.numel():
+            raise LayoutError(f"{ids_B.numel()} sample ids for a trace of {trace.num_seqs} sequences")
+        have = ids_B < self._pos_N.numel()
+        again = ids_B[have][self._pos_N[ids_B[have]] >= 0]
+        if again.numel():
+            raise LayoutError(f"sample(s) {again.tolist()} already have routes in this store; use a new store per batch")
+        start = 0 if self._trace is None else self._trace.num_seqs
+        self._trace = trace if self._trace is None else RoutingTrace.concat([self._trace, trace])
+        size = max(self._pos_N.numel(), int(ids_B.max()) + 1 if ids_B.numel() else 0)
+        pos_N = torch.full((size,), -1, dtype=torch.int64)
+        pos_N[: self._pos_N.numel()] = self._pos_N
+        pos_N[ids_B] = torch.arange(start, start + ids_B.numel())
+        self._pos_N = pos_N
+
+
+def _check_only_last_rows_missing(trace: RoutingTrace, what: str) -> None:
+    """Raise unless every invalid row is the last row of its sequence."""
+    if trace.valid is None:
+        return
+    last_T = torch.zeros(trace.num_tokens, dtype=torch.bool, device=trace.device)
+    ends = trace.cu_seqlens[1:][trace.seq_lens > 0] - 1
+    last_T[ends] = True
+    bad_T = ~trace.valid & ~last_T
+    if bool(bad_T.any()):
+        t = int(bad_T.nonzero()[0, 0])
+        b = int(torch.searchsorted(trace.cu_seqlens, torch.tensor(t, device=trace.device), right=True)) - 1
+        raise MissingRoutesError(
+            f"{what}: row {t} (sequence {b}, position {t - int(trace.cu_seqlens[b])}) has no route and is not the "
+            f"sequence's last token ({int(bad_T.sum())} such rows); only the last token of each sample may route live"
+        )

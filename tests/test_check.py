@@ -1,0 +1,130 @@
+"""``routereplay check`` end to end at a tiny size, and ``routereplay compare``.
+
+The check runs the whole pipeline (bf16 rollout with capture, fp32 trainer with and without R3
+replay, noise floor, one optimizer step) on a 2-layer model: a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="routereplay check needs transformers (pip install 'routereplay[hf]')")
+pytest.importorskip("matplotlib", reason="routereplay check writes plots with matplotlib (pip install 'routereplay[plot]')")
+pytest.importorskip("tqdm", reason="routereplay check shows progress with tqdm (pip install 'routereplay[cli]')")
+
+from routereplay import check, io
+from routereplay.cli import main
+from routereplay.trace import RoutingTrace
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--samples", "2", "--max-new-tokens", "4", "--tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("check")
+    code = main(["check", *TINY, "--out", str(out)])
+    return code, out
+
+
+def test_check_passes_and_writes_report_and_plots(tiny_report, capsys):
+    code, out = tiny_report
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    for part, metric in [
+        ("without_replay", "routing"), ("without_replay", "mismatch"), ("with_replay", "routing"),
+        ("with_replay", "mismatch"), ("r2_drift", "routing"), ("noise_floor", "mismatch"),
+    ]:
+        value = report[part][metric]["disagreement" if metric == "routing" else "k3"]
+        assert isinstance(value, float) and 0.0 <= value <= 1.0, (part, metric, value)
+    assert report["with_replay"]["routing"]["disagreement"] == 0.0
+    assert report["with_replay"]["routing_all_tokens"]["ordered_match"] == 1.0
+    assert report["replay_exact"] is True
+    # bf16 rollout vs fp32 trainer: the sampled tokens' log-probs differ without replay.
+    assert report["without_replay"]["mismatch"]["k3"] > 0
+    assert report["without_replay"]["mismatch"]["num_tokens"] == report["settings"]["response_tokens"] > 0
+    assert set(report["with_replay"]["replayed_rows"].values()) == {report["with_replay"]["expected_replayed_rows"]}
+    s = report["settings"]
+    assert (s["rollout_dtype"], s["train_dtype"], s["samples"], s["max_new_tokens"]) == ("bf16", "fp32", 2, 4)
+    for name in ("per_layer_disagreement.png", "delta_hist.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000, name
+
+
+def test_check_prints_table():
+    report = {
+        "settings": {"model": "m", "rollout_dtype": "bf16", "train_dtype": "fp32", "samples": 2, "response_tokens": 8,
+                     "layer_ids": [0, 1], "top_k": 2, "num_experts": 8},
+        "with_replay": {"replayed_rows": {"0": 19, "1": 19}, "expected_replayed_rows": 19,
+                        "routes_observed_at": ["experts input"]},
+        "replay_exact": False,
+    }
+    part = {"routing": {"disagreement": 0.25, "token_disagreement": 0.5, "mean_disagreeing_layers": 0.5},
+            "mismatch": {"k3": 1.5e-3, "extreme": {"F(2)": 0.125}, "max_abs_delta": 0.7}}
+    for name in ("without_replay", "noise_floor", "r2_drift"):
+        report[name] = part
+    report["with_replay"].update(part)
+    text = check.format_report(report, "out")
+    assert "without replay                    0.2500      0.5000       0.50   1.50e-03    0.125      0.700" in text
+    assert "replayed rows per layer: [19] of 19 routed rows (routes observed at the experts input)" in text
+    assert "FAIL: with R3 replay the trainer's routes still differ from the rollout's" in text
+
+
+def test_check_exits_1_when_replay_does_not_reproduce_routes(tmp_path, monkeypatch):
+    # Replay a wrong routing (every id shifted by one): the tapped routes then differ from the rollout's.
+    def shifted(rollout):
+        rows = rollout.training_trace()
+        return rows._replace(experts=(rows.experts + 1) % rows.num_experts)
+
+    monkeypatch.setattr(check, "_replay_trace", shifted)
+    code = main(["check", "--samples", "1", "--max-new-tokens", "2", "--tiny", "--out", str(tmp_path)])
+    assert code == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["replay_exact"] is False and report["with_replay"]["routing_all_tokens"]["disagreement"] == 1.0
+
+
+def test_check_missing_dependency_names_the_pip_command(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(check, "_missing_deps", lambda: ["matplotlib"])
+    assert main(["check", "--out", str(tmp_path)]) == 2
+    assert "routereplay check needs matplotlib: pip install 'routereplay[hf,plot,cli]'" in capsys.readouterr().err
+
+
+def test_check_rejects_bad_sizes(capsys, tmp_path):
+    assert main(["check", "--samples", "0", "--out", str(tmp_path)]) == 2
+    assert "--samples and --max-new-tokens must be at least 1" in capsys.readouterr().err
+
+
+# --- compare --------------------------------------------------------------------------------
+def _trace(experts, cu=(0, 3)):
+    return RoutingTrace(experts=torch.tensor(experts), cu_seqlens=torch.tensor(cu), layer_ids=(1, 3), num_experts=8)
+
+
+A = [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 2], [3, 0]]]
+B = [[[0, 1], [3, 2]], [[4, 6], [6, 7]], [[5, 7], [0, 3]]]
+
+
+def test_compare_table_and_json(tmp_path, capsys):
+    a, b = tmp_path / "a.rrt", tmp_path / "b.rrt"
+    io.save(_trace(A), a)
+    io.save(_trace(B), b)
+    assert main(["compare", str(a), str(b)]) == 0
+    text = capsys.readouterr().out
+    assert "tokens compared: 3   top-k: 2" in text
+    assert "      1        0.6667     0.5000" in text and "      3        0.0000     1.0000" in text
+    assert "router-level disagreement  mean_{t,l} 1[A != B as sets]  0.3333" in text
+    assert main(["compare", str(a), str(b), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["layer_ids"] == [1, 3] and result["token_disagreement"] == pytest.approx(2 / 3)
+
+
+def test_compare_errors(tmp_path, capsys):
+    a, b = tmp_path / "a.rrt", tmp_path / "b.rrt"
+    io.save(_trace(A), a)
+    io.save(_trace(B, cu=(0, 1, 3)), b)
+    assert main(["compare", str(a), str(b)]) == 2
+    assert "a has sequence lengths [3], b has [1, 2]; the rows would be compared on the wrong tokens" in capsys.readouterr().err
+    assert main(["compare", str(a), str(tmp_path / "missing.rrt")]) == 2
+    assert "missing.rrt" in capsys.readouterr().err

@@ -1,0 +1,334 @@
+"""Generation capture (routereplay.rollout) and the R3 / R2 trainer helpers (routereplay.rl).
+
+The alignment tests run the models in float64 so that a KV-cached decode step and a full
+training forward compute the same router scores up to ~1e-16: the captured routes must then be
+EXACTLY the routes of a training forward over the same tokens.
+
+Legend: B samples, P padded prompt length, G generated positions, S padded length, T packed
+tokens, L MoE layers, K top-k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="generation capture tests need transformers (pip install 'routereplay[hf]')")
+
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from routereplay.errors import GenerationCaptureError, LayoutError, MissingRoutesError, ReplayError
+from routereplay.rl import RouteStore, token_logprobs
+from routereplay.session import attach
+
+EOS, PAD = 1, 0
+# Several end-of-sequence ids make EOS frequent enough on a random model (generate accepts a list).
+EOS_IDS = [1, 2, 3]
+
+
+def _model(*, vocab=40, seed=0, dtype=torch.float64):
+    """Tiny Qwen3-MoE (2 layers, 8 experts, top-2). A small vocab makes EOS frequent."""
+    cfg = Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, initializer_range=0.2, pad_token_id=PAD, eos_token_id=EOS,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(cfg).eval().to(dtype)
+    # The grouped_mm experts kernel has no float64 path on the CPU.
+    model.set_experts_implementation("eager")
+    return model
+
+
+# Three prompts of lengths 3, 5, 2, left-padded to 5.
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+
+
+def _prompt_batch():
+    P = max(map(len, PROMPTS))
+    ids = torch.full((len(PROMPTS), P), PAD)
+    mask = torch.zeros((len(PROMPTS), P), dtype=torch.long)
+    for b, p in enumerate(PROMPTS):
+        ids[b, P - len(p):] = torch.tensor(p)
+        mask[b, P - len(p):] = 1
+    return ids, mask
+
+
+def _generate(model, handle, **kw):
+    ids, mask = _prompt_batch()
+    torch.manual_seed(kw.pop("seed", 0))
+    with torch.no_grad(), handle.capture_generation() as cap:
+        out = model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    return cap, out, ids, mask
+
+
+def _tapped_routes(model, handle):
+    """Pre-hooks on every experts module collecting the ids it receives: an independent witness."""
+    seen = [[] for _ in handle.layers]
+    hooks = []
+    for i, layer in enumerate(handle.layers):
+        experts = model.get_submodule(layer.path.rpartition(".")[0]).experts
+        hooks.append(experts.register_forward_pre_hook(lambda m, args, i=i: seen[i].append(args[1].clone())))
+    return seen, hooks
+
+
+@pytest.mark.parametrize(
+    "gen_kw",
+    [
+        dict(do_sample=False, max_new_tokens=6, eos_token_id=None),
+        dict(do_sample=True, top_k=0, max_new_tokens=6, num_return_sequences=2, eos_token_id=None),
+        dict(do_sample=True, top_k=0, max_new_tokens=8, num_return_sequences=3, eos_token_id=EOS_IDS, seed=2),
+        dict(do_sample=True, top_k=0, max_new_tokens=5, eos_token_id=EOS_IDS, use_cache=False, seed=2),
+    ],
+    ids=["greedy", "sample-R2", "sample-R3-eos", "no-cache-eos"],
+)
+def test_captured_routes_equal_training_forward_routes(gen_kw):
+    model = _model()
+    handle = attach(model)
+    eos = gen_kw.get("eos_token_id")
+    cap, out, ids, mask = _generate(model, handle, **gen_kw)
+    R = gen_kw.get("num_return_sequences", 1)
+    rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=eos, pad_token_id=PAD if eos is not None else None)
+    trace = cap.trace(out, prompt_attention_mask=mask, eos_token_id=eos)
+    assert trace == rollout.trace
+
+    B, G = len(PROMPTS) * R, out.shape[1] - ids.shape[1]
+    prompt_lens = torch.tensor([len(p) for p in PROMPTS]).repeat_interleave(R)
+    assert rollout.num_seqs == B and torch.equal(rollout.prompt_lens, prompt_lens)
+    # Completion: through the first EOS, else all G tokens; engine rows = tokens - 1 per sample.
+    comp = out[:, ids.shape[1]:]
+    if eos is None:
+        expected_comp = torch.full((B,), G)
+    else:
+        is_eos = torch.isin(comp, torch.tensor(EOS_IDS))
+        expected_comp = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, G)
+        # The case must exercise an early EOS and a sample that runs to max_new_tokens.
+        assert bool((expected_comp < G).any()) and bool((expected_comp == G).any()), expected_comp
+        if R == 3:  # and a completion that is only the EOS token (its rows end at the prompt)
+            assert bool((expected_comp == 1).any()), expected_comp
+    assert torch.equal(rollout.completion_lens, expected_comp)
+    assert torch.equal(trace.seq_lens, prompt_lens + expected_comp - 1)
+    for b in range(B):  # the packed tokens are the prompt's real tokens then the kept completion
+        tokens = rollout.input_ids[rollout.cu_seqlens[b]:rollout.cu_seqlens[b + 1]].tolist()
+        assert tokens == PROMPTS[b // R] + comp[b, : expected_comp[b]].tolist()
+
+    # The same tokens through a full training forward (right padded, record mode).
+    batch = rollout.padded(padding_side="right")
+    with torch.no_grad(), handle.record() as rec:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    train = rec.trace(attention_mask=batch["attention_mask"])
+    rows = rollout.training_trace()
+    assert torch.equal(rows.seq_lens, train.seq_lens)
+    valid = rows.valid_mask
+    assert int((~valid).sum()) == B  # only each sample's last token lacks a route
+    assert torch.equal(rows.experts[valid], train.experts[valid])
+
+
+def test_capture_with_left_padded_training_batch_and_select():
+    model = _model()
+    handle = attach(model)
+    cap, out, _, mask = _generate(model, handle, do_sample=True, top_k=0, max_new_tokens=4, eos_token_id=None)
+    rollout = cap.rollout(out, prompt_attention_mask=mask).select([2, 0])
+    batch = rollout.padded(padding_side="left")
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
+    assert torch.equal(batch["response_mask"].sum(1), rollout.completion_lens)
+    with torch.no_grad(), handle.record() as rec:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    train = rec.trace(attention_mask=batch["attention_mask"])
+    rows = rollout.training_trace()
+    assert torch.equal(rows.experts[rows.valid_mask], train.experts[rows.valid_mask])
+
+
+def test_capture_errors():
+    model = _model()
+    handle = attach(model)
+    ids, mask = _prompt_batch()
+    with torch.no_grad(), handle.capture_generation() as cap:
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None)
+        with pytest.raises(GenerationCaptureError, match=r"after the `with handle.capture_generation\(\)` block ends"):
+            cap.trace(out)
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None)
+    with pytest.raises(GenerationCaptureError, match=r"recorded 6 forwards but sequences hold 3 generated tokens"):
+        cap.trace(out, prompt_attention_mask=mask)
+
+    with torch.no_grad(), handle.capture_generation() as cap:
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None)
+    with pytest.raises(GenerationCaptureError, match=r"saw 3 sequences of 5 prompt tokens but sequences has shape \(2, 8\)"):
+        cap.trace(out[:2], prompt_attention_mask=mask)
+    right = mask.flip(1)
+    with pytest.raises(LayoutError, match=r"row 0 has padding at position 3 after a real token: generate\(\) needs left-padded"):
+        cap.trace(out, prompt_attention_mask=right)
+    with pytest.raises(LayoutError, match=r"prompt_attention_mask has shape \(2, 5\), expected \[B0, 5\] with 3 generated"):
+        cap.trace(out, prompt_attention_mask=mask[:2])
+    forged = out.clone()
+    forged[0, -3:] = torch.tensor([EOS, 7, 7])
+    with pytest.raises(GenerationCaptureError, match=r"sequence 0: token 7 at generated position 1 follows its EOS at position 0"):
+        cap.trace(forged, prompt_attention_mask=mask, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(GenerationCaptureError, match=r"no forward was recorded"):
+        with handle.capture_generation() as cap:
+            pass
+        cap.trace(out)
+
+
+def test_token_logprobs_shifts_by_one():
+    logits = torch.tensor([[[0.5, 0.5], [0.25, 0.75], [1.0, 1.0]]]).log()
+    lp = token_logprobs(logits, torch.tensor([[0, 1, 0]]))
+    # position 1 is predicted by position 0 (p(1) = 0.5), position 2 by position 1 (p(0) = 0.25)
+    assert torch.allclose(lp, torch.tensor([[0.0, math.log(0.5), math.log(0.25)]]))
+
+
+# --- R3 -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bf16_rollout():
+    """Samples generated by a bf16 copy of ``_model(vocab=64)``: its routes differ from the fp32 trainer's."""
+    roll = _model(vocab=64, dtype=torch.bfloat16)
+    roll.set_experts_implementation("grouped_mm")
+    h = attach(roll)
+    ids, mask = _prompt_batch()
+    torch.manual_seed(1)
+    with torch.no_grad(), h.capture_generation() as cap:
+        out = roll.generate(ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=6,
+                            num_return_sequences=2, pad_token_id=PAD, eos_token_id=None)
+    return cap.rollout(out, prompt_attention_mask=mask)
+
+
+def test_r3_replay_padded_microbatches_uses_rollout_routes(bf16_rollout):
+    model = _model(vocab=64, dtype=torch.float32)
+    rollout = bf16_rollout
+    handle = attach(model)
+    rows = rollout.training_trace()
+    store = RouteStore(handle, rows)
+    seen, hooks = _tapped_routes(model, handle)
+    splits = [[5, 0, 3], [1, 4, 2]]  # shuffled micro-batches
+    try:
+        for ids in splits:
+            batch = rollout.padded(ids)
+            with store.replay(ids, attention_mask=batch["attention_mask"], verify=True) as rep:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+            expected = rows.select_sequences(ids)
+            keep = batch["attention_mask"].reshape(-1).bool()
+            for i in range(len(handle.layers)):
+                used = seen[i][-1][keep]
+                v = expected.valid_mask
+                assert torch.equal(used[v], expected.experts[v, i].long())
+            assert all(s.replayed == int(expected.valid_mask.sum()) for s in rep.stats.values())
+    finally:
+        for h in hooks:
+            h.remove()
+    # Without replay the fp32 trainer ranks some of these routes differently (bf16 rollout): the
+    # replayed ids above are the rollout's, not what the trainer would have picked.
+    batch = rollout.padded()
+    with torch.no_grad(), handle.record() as rec:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    live = rec.trace(attention_mask=batch["attention_mask"])
+    v = rows.valid_mask
+    assert not torch.equal(live.experts[v], rows.experts[v])
+
+
+def test_r3_replay_packed_layout(bf16_rollout):
+    model = _model(vocab=64, dtype=torch.float32)
+    rollout = bf16_rollout
+    handle = attach(model)
+    rows = rollout.training_trace()
+    store = RouteStore(handle, rows)
+    ids = [3, 1, 4]
+    part = rollout.select(ids)
+    pos = torch.cat([torch.arange(int(n)) for n in part.seq_lens])  # positions restart per sample
+    seen, hooks = _tapped_routes(model, handle)
+    try:
+        with store.replay(ids) as rep:
+            model(input_ids=part.input_ids[None], position_ids=pos[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    expected = rows.select_sequences(ids)
+    v = expected.valid_mask
+    for i in range(len(handle.layers)):
+        assert torch.equal(seen[i][0][v], expected.experts[v, i].long())
+    assert all(s.live == part.num_seqs for s in rep.stats.values())  # only the last tokens route live
+
+
+# --- R2 -----------------------------------------------------------------------------------------
+def test_r2_record_old_policy_then_replay_over_steps(bf16_rollout):
+    model = _model(vocab=64, dtype=torch.float64)
+    rollout = bf16_rollout
+    handle = attach(model)
+    store = RouteStore(handle)
+    old_logp = {}
+    with torch.no_grad():
+        for ids in ([0, 1, 2], [3, 4, 5]):  # old-policy pass: padded micro-batches
+            batch = rollout.padded(ids)
+            with store.record(ids, attention_mask=batch["attention_mask"]):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"]).logits
+            lp = token_logprobs(logits, batch["input_ids"])
+            for r, i in enumerate(ids):
+                old_logp[i] = lp[r][batch["attention_mask"][r].bool()]
+    assert store.sample_ids == list(range(6))
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    seen, hooks = _tapped_routes(model, handle)
+    drifted = 0
+    try:
+        for step, split in enumerate(([[4, 1], [0, 5, 2], [3]], [[2, 3, 0], [5, 1, 4]])):
+            for ids in split:
+                batch = rollout.padded(ids)
+                with store.replay(ids, attention_mask=batch["attention_mask"]) as rep:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   position_ids=batch["position_ids"]).logits
+                lp = token_logprobs(logits, batch["input_ids"])
+                keep = batch["attention_mask"].bool()
+                expected = store.trace(ids)
+                for i in range(len(handle.layers)):
+                    assert torch.equal(seen[i][-1][keep.reshape(-1)], expected.experts[:, i].long())
+                if step == 0:  # same weights, same routes: the importance ratio is 1
+                    for r, i in enumerate(ids):
+                        assert torch.allclose(lp[r][keep[r]], old_logp[i], atol=1e-12)
+                else:
+                    drifted += sum(s.disagreement for s in rep.stats.values())
+                loss = -(lp[batch["response_mask"]]).mean()
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        for h in hooks:
+            h.remove()
+    # After an update the live router would pick other experts for some rows: R2 pinned them.
+    assert drifted > 0
+
+
+def test_route_store_errors():
+    model = _model(vocab=64, dtype=torch.float32)
+    handle = attach(model)
+    ids, mask = _prompt_batch()
+    store = RouteStore(handle)
+    with pytest.raises(LayoutError, match=r"record needs attention_mask \(padded batch\) or cu_seqlens \(packed batch\), exactly one"):
+        with store.record([0, 1, 2]):
+            pass
+    with pytest.raises(ReplayError, match=r"store.record saw 2 forwards; record one forward per block"):
+        with torch.no_grad(), store.record([0, 1, 2], attention_mask=mask):
+            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask)
+    with torch.no_grad(), store.record([0, 1, 2], attention_mask=mask):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(LayoutError, match=r"sample\(s\) \[1\] already have routes in this store"):
+        with torch.no_grad(), store.record([1], attention_mask=mask[:1]):
+            model(input_ids=ids[:1], attention_mask=mask[:1])
+    with pytest.raises(MissingRoutesError, match=r"sample\(s\) \[7\] have no routes in this store \(it holds 3 samples\)"):
+        store.replay([0, 7], attention_mask=mask[:2])
+    with pytest.raises(LayoutError, match=r"sample ids of one micro-batch must be distinct, found \[0, 0\]"):
+        store.trace([0, 0])
+    packed = torch.cat([ids[b][mask[b].bool()] for b in range(3)])
+    with torch.no_grad(), RouteStore(handle).record([0, 1, 2], cu_seqlens=[0, 3, 8, 10]) as rec:
+        model(input_ids=packed[None])
+    assert rec.trace().num_tokens == 10
+    with pytest.raises(LayoutError, match=r"cu_seqlens \[0, 3, 9\] must have 3 entries ending at the 10 rows"):
+        with torch.no_grad(), RouteStore(handle).record([0, 1], cu_seqlens=[0, 3, 9]):
+            model(input_ids=packed[None])
+    # A missing route in the middle of a sample is never routed live silently.
+    t = store.trace([0, 1, 2])
+    holes = torch.ones(t.num_tokens, dtype=torch.bool)
+    holes[1] = False
+    with pytest.raises(MissingRoutesError, match=r"row 1 \(sequence 0, position 1\) has no route and is not the sequence's last token"):
+        RouteStore(handle, t._replace(valid=holes))
