@@ -68,6 +68,13 @@ def survey(family: str) -> dict:
     notes = (
         [f"hash-routed layers left out of traces: {', '.join(p for p, _ in handle.skipped)}"] if handle.skipped else []
     )
+    attention = [m for m in handle.layers if m.layer_id != hf.layer_id_of(m.path)]
+    if attention:
+        paths = sorted({re.sub(r"\.\d+(?=\.|$)", ".{i}", m.path) for m in attention})
+        notes.append(
+            f"every router replayed; attention routers `{', '.join(paths)}` have layer id "
+            "num_hidden_layers + i (the MLP router of layer i keeps id i)"
+        )
     g = torch.Generator().manual_seed(0)
     b1 = {"input_ids": torch.randint(3, 120, (2, 6), generator=g)}
     b2 = {"input_ids": torch.randint(3, 120, (2, 6), generator=g)}
@@ -109,7 +116,8 @@ def render(rows: list[dict]) -> str:
         "replaying another batch's routes changed them (the full contract is `tests/test_hf_contract.py`).",
         '"refused" families raise `UnsupportedRouterError` at `attach` with the reason below.',
         "Layer ids are the global decoder-layer numbers of the MoE layers of the tiny test model (dense",
-        "layers keep their numbers and are not part of a trace).",
+        "layers keep their numbers and are not part of a trace). A router inside attention (JetMoE's mixture of",
+        "attention heads) of decoder layer i has id num_hidden_layers + i.",
         "",
         "| family | model class | router path | router class | MoE layers (tiny) | status | note |",
         "|---|---|---|---|---|---|---|",

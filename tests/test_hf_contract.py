@@ -6,7 +6,8 @@ independent reference: the family's own modeling code run with ``torch.topk`` an
 ids inside each MoE block (so the gate weights come from the family's formula, not from
 routereplay.routing); (c) every router gets a non-zero gradient under replay; (d) checkpointed
 replay gradients equal plain replay gradients exactly; (e) left- and right-padded batches replay
-bit-identically; (f) only MoE layers are in the trace, under their global decoder-layer ids.
+bit-identically; (f) only MoE layers are in the trace, under their global decoder-layer ids
+(attention routers, JetMoE's, under num_hidden_layers + i).
 Refused families must be refused at attach with their documented reason.
 
 Legend: B batch rows, S sequence length, N rows a router sees, E logits width, K top-k.
@@ -34,7 +35,6 @@ from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
 REFUSED_FAMILIES: dict[str, str] = {
     "doge": r"^[\w-]+: router( \S+| class) \(DogeCDMoE\) is not supported: Doge's cross-domain MoE picks experts by product-key retrieval",
     "ernie4_5_vl_moe": r"^[\w-]+: router \S+ \(Ernie4_5_VLMoeMoeBlock\) is not supported: ERNIE-4.5-VL splits tokens between text and vision routers",
-    "jetmoe": r"^[\w-]+: router \S+ \(JetMoeTopKGating\) is not supported: JetMoE's gating returns flattened sorted indices",
     "nllb_moe": r"^[\w-]+: router \S+ \(NllbMoeTop2Router\) is not supported: NLLB-MoE is an encoder-decoder",
     "switch_transformers": r"^[\w-]+: router \S+ \(SwitchTransformersTop1Router\) is not supported: Switch Transformers is an encoder-decoder",
     "phimoe": r"^[\w-]+: router \S+ \(PhimoeTopKRouter\) is not supported: PhimoeTopKRouter \(phimoe\): sparsemixer routing",
@@ -131,6 +131,7 @@ def _forced_topk(model, handle, forced_LNK):
 
     hooks = []
     for l, layer in enumerate(handle.layers):
+        router = model.get_submodule(layer.path)
         block = model.get_submodule(layer.path.rpartition(".")[0])
 
         def pre(m, a, l=l):
@@ -139,7 +140,9 @@ def _forced_topk(model, handle, forced_LNK):
         def post(m, a, o):
             state["ids"] = None
 
-        hooks += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+        # The router's pre-hook too: JetMoE's attention MoE block runs through map/reduce, never forward.
+        hooks += [block.register_forward_pre_hook(pre), router.register_forward_pre_hook(pre)]
+        hooks += [block.register_forward_hook(post)]
     torch.topk = answer
     torch.Tensor.topk = lambda self, k, dim=-1, largest=True, sorted=True: answer(self, k, dim, largest, sorted)
     try:
@@ -183,15 +186,20 @@ def test_record_replay_identity_and_layer_ids(family, zoo):
     assert torch.equal(out, plain)  # (a) recording is transparent
     assert torch.equal(out2, plain)  # (a) replaying the same routes is bit-identical
     assert all(s.disagreement == 0 and s.coverage == 1.0 for s in rep.stats.values())
-    # (f) only MoE layers, global ids: decoder layers that own experts, minus hash-routed ones
+    # (f) only MoE layers, global ids: decoder layers that own experts, minus hash-routed ones;
+    # an attention router (JetMoE's self_attention.experts) of layer i has id len(layers) + i and
+    # runs before the layer's MLP router
     layers = _decoder_layers(model)
     skipped = {hf.layer_id_of(p) for p, _ in handle.skipped}
-    moe = [
-        i
-        for i, layer in enumerate(layers)
-        if any(n.endswith("experts") for n, _ in layer.named_modules()) and i not in skipped
-    ]
+    moe = []
+    for i, layer in enumerate(layers):
+        names = [n for n, _ in layer.named_modules()]
+        in_attention = any(n.endswith("attention.experts") for n in names)
+        in_mlp = any(n.endswith("experts") and "attention" not in n for n in names) or "mlp.router" in names
+        moe += ([len(layers) + i] if in_attention else []) + ([i] if in_mlp and i not in skipped else [])
     assert list(handle.layer_ids) == moe
+    attention = [m.path for m in handle.layers if m.layer_id >= len(layers)]
+    assert all(p.endswith("self_attention.experts.router") for p in attention), attention
     assert trace.layer_ids == handle.layer_ids and trace.num_tokens == B * S
 
 

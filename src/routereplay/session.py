@@ -85,7 +85,8 @@ class MoELayer:
 
     Args:
         layer_id: global decoder-layer index (dense layers count, so DeepSeek's first MoE
-            layer after ``first_k_dense_replace=3`` has id 3).
+            layer after ``first_k_dense_replace=3`` has id 3); a router inside attention (JetMoE)
+            of decoder layer ``i`` has id ``num_hidden_layers + i`` (see ``adapters.hf``).
         path: module path of the router (``model.layers.3.mlp.gate``).
         router_class: class name of the router module.
         num_experts: the range of expert ids the router can pick (its logits width: LongCat's

@@ -21,8 +21,20 @@ Seams (all on module *instances*, removed by ``handle.detach()``):
       the unmasked ids (skip = ``num_experts``) and applies the mask after.
     * ``deepseek_v4``: hash-routed layers (experts a fixed function of the token id) are not
       part of a trace: they replay themselves. They are listed in ``handle.skipped``.
+    * ``jetmoe``: the gating returns ``(index_sorted_experts, batch_index, batch_gates,
+      expert_size, logits_NE)`` (flattened, expert-sorted); the hook takes the top-k ids from the
+      logits, and under record/replay rebuilds all four routing outputs from the ``(weights, ids)``
+      the handle answers with the gating's own ops (bit-identical to a live call that picked them).
+      JetMoE has two routers per decoder layer, both replayed: the MLP's (``mlp.router``) and the
+      mixture of attention heads' (``self_attention.experts.router``, see layer ids below).
     * A pre-hook on each MoE block records its input shape ``[B, S]``; with ``verify=True`` a
       pre-hook on the experts module checks the ids it receives.
+Layer ids of attention routers: a router inside attention (JetMoE's mixture of attention heads,
+``model.layers.{i}.self_attention.experts.router``) gets id ``num_hidden_layers + i``, so the MLP
+router of decoder layer ``i`` keeps id ``i``, every id is unique, and an id ``>= num_hidden_layers``
+always means "attention router of layer ``id - num_hidden_layers``". ``handle.layers`` stays in
+forward order (layer ``i``'s attention router before its MLP router); each ``MoELayer.path`` says
+which router a trace column belongs to.
 Families whose routing cannot be replayed exactly through such a seam are refused at attach with
 UnsupportedRouterError naming the family and the reason (see ``REFUSED`` and docs/MODELS.md).
 
@@ -47,10 +59,6 @@ __all__ = ["REFUSED", "attach", "find_routers", "layer_id_of"]
 
 # Router (or declared MoE-block) class name -> why its routing cannot be replayed through a seam.
 REFUSED: dict[str, str] = {
-    "JetMoeTopKGating": (
-        "JetMoE's gating returns flattened sorted indices and per-expert sizes, and routes attention heads "
-        "(mixture of attention) as well as the MLP; there is no (weights, ids) seam to force"
-    ),
     "DogeCDMoE": (
         "Doge's cross-domain MoE picks experts by product-key retrieval inside the MoE block; "
         "no router module returns top-k ids"
@@ -78,6 +86,10 @@ _HASH_ROUTERS = {"DeepseekV4HashRouter"}
 
 # Parameter names under which experts modules receive the top-k ids (for verify=True).
 _EXPERTS_ID_ARGS = ("top_k_index", "topk_indices", "top_k_indices", "selected_experts", "router_indices", "topk_ids")
+
+# MoE blocks inside attention (called through their own methods, never through forward): their
+# routers get layer id num_hidden_layers + i and their [B, S] comes from the attention module.
+_ATTENTION_MOE_BLOCKS = {"JetMoeMoA"}
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)(?:\.|$)")
 
@@ -224,6 +236,8 @@ def attach(model: torch.nn.Module) -> RouterHandle:
             skipped.append((path, "hash router: experts are a fixed function of the token id, nothing to replay"))
             continue
         layer_id = layer_id_of(path)
+        if _in_attention(model, path):
+            layer_id += _num_hidden_layers(config, router, path, family)
         try:
             spec = hf_specs.spec_for_router(router, _text_config(config, router))
         except UnsupportedRouterError as e:
@@ -240,6 +254,13 @@ def attach(model: torch.nn.Module) -> RouterHandle:
         raise UnsupportedModelError(
             f"{family}: every router is a hash router ({[p for p, _ in skipped]}); nothing to replay"
         )
+    if any(_in_attention(model, p) for p, _, _ in plans):
+        # Module order lists decoder layer i's MLP router before its attention router (JetMoE
+        # registers ``mlp`` first); the forward calls attention first. Keep handle.layers in forward order.
+        order = sorted(
+            range(len(plans)), key=lambda j: (layer_id_of(plans[j][0]), not _in_attention(model, plans[j][0]))
+        )
+        layers, plans = [layers[j] for j in order], [plans[j] for j in order]
 
     experts_hooks = []
     for path, router, _spec in plans:
@@ -255,6 +276,21 @@ def attach(model: torch.nn.Module) -> RouterHandle:
         handle.detach()
         raise
     return handle
+
+
+def _in_attention(model: torch.nn.Module, path: str) -> bool:
+    """Whether the router at ``path`` routes attention heads (its MoE block is an attention MoE)."""
+    return type(_parent(model, path)[1]).__name__ in _ATTENTION_MOE_BLOCKS
+
+
+def _num_hidden_layers(config: Any, router: torch.nn.Module, path: str, family: str) -> int:
+    n = getattr(_text_config(config, router), "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise UnsupportedModelError(
+            f"{family}: router {path} routes attention heads, whose layer id is num_hidden_layers + i, "
+            f"but the config has no int num_hidden_layers (found {n!r})"
+        )
+    return n
 
 
 def _text_config(config: Any, router: torch.nn.Module) -> Any:
@@ -309,8 +345,10 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
         if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2:
             handle._on_block_input(index, hidden.shape[:-1])
 
-    if block is not model:
-        h = block.register_forward_pre_hook(block_pre_hook, with_kwargs=True)
+    # An attention MoE block is never called through forward: its input shape is the attention's.
+    shape_module = _parent(model, _parent_path)[1] if type(block).__name__ in _ATTENTION_MOE_BLOCKS else block
+    if shape_module is not model:
+        h = shape_module.register_forward_pre_hook(block_pre_hook, with_kwargs=True)
         handle._add_remover(h.remove)
 
     experts = getattr(block, "experts", None)
@@ -373,6 +411,32 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
             return (logits_NE, weights_NK.to(output[1].dtype), ids_NK, *output[3:])
 
         h = router.register_forward_hook(zaya_hook, with_kwargs=True)
+        handle._add_remover(h.remove)
+        return
+
+    if cls_name == "JetMoeTopKGating":
+        routing = importlib.import_module("routereplay.routing")
+        top_k, num_experts = handle.layers[index].top_k, handle.layers[index].num_experts
+
+        def jetmoe_hook(module, args, kwargs, output):
+            if handle._mode is None and not torch.is_grad_enabled() and not handle._forwards[index]:
+                return None  # live and nothing to recompute: the gating's own output stands
+            logits_NE = output[4]
+            kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
+            with torch.no_grad():
+                live_w, live_ids = routing.route(logits_NE.detach(), spec, check=False, **kw)
+            weights_NK, ids_NK = handle._on_router(index, logits_NE, live_w, live_ids, **kw)
+            if ids_NK is live_ids:
+                return None
+            # JetMoeTopKGating.forward's own ops after its top-k, on the answered (weights, ids).
+            hits_NE = torch.zeros([ids_NK.shape[0], num_experts], dtype=weights_NK.dtype, device=weights_NK.device)
+            expert_size = hits_NE.scatter(1, ids_NK, 1).long().sum(0).tolist()
+            _, index_sorted_experts = ids_NK.flatten().sort(0)
+            batch_index = index_sorted_experts.div(top_k, rounding_mode="trunc")
+            batch_gates = weights_NK.flatten()[index_sorted_experts]
+            return index_sorted_experts, batch_index, batch_gates, expert_size, logits_NE
+
+        h = router.register_forward_hook(jetmoe_hook, with_kwargs=True)
         handle._add_remover(h.remove)
         return
 
