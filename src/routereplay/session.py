@@ -292,10 +292,10 @@ class RouterHandle:
         return f"layer {m.layer_id} ({m.path})"
 
     def _on_block_input(self, index: int, shape: Sequence[int]) -> None:
-        """Pre-hook of the MoE block: ``shape`` is its hidden-states shape without the last dim."""
+        """Pre-hook of the first MoE block: ``shape`` is its hidden-states shape without the last dim."""
         if self._mode is None or _in_backward():
             return
-        self._mode._note_shape(index, tuple(int(s) for s in shape))
+        self._mode._note_shape(index, tuple(shape))
 
     def _on_router(
         self,
@@ -428,13 +428,12 @@ class Recording:
 
     def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw):
         ids = ids_NK.detach()
-        compact = ids.to(self._dtype)
-        if self._offload and compact.is_cuda:
-            host = torch.empty(compact.shape, dtype=compact.dtype, pin_memory=True)
-            host.copy_(compact, non_blocking=True)
-            compact = host
+        kept = ids  # narrowed to the compact dtype when read (`calls`): no extra kernel per layer here
+        if self._offload and ids.is_cuda:
+            kept = torch.empty(ids.shape, dtype=self._dtype, pin_memory=True)
+            kept.copy_(ids.to(self._dtype), non_blocking=True)
             self._pending_copy = True
-        self._ids[index].append(compact)
+        self._ids[index].append(kept)
         h = self._handle
         if not h._may_recompute():
             return weights_NK, ids_NK
@@ -472,7 +471,7 @@ class Recording:
         """Per forward, in call order: ``[N, L, K]`` ids (compact dtype) of the rows the routers saw."""
         n = self.num_forwards
         self._sync()
-        return [torch.stack([layer[i] for layer in self._ids], dim=1) for i in range(n)]
+        return [torch.stack([layer[i] for layer in self._ids], dim=1).to(self._dtype) for i in range(n)]
 
     @property
     def batch_shapes(self) -> list[tuple[int, int]]:
@@ -647,8 +646,8 @@ class Replay:
         num_forced = rows if mask_N is None else int(mask_N.sum())
         return _MicroBatch(
             rows=rows,
-            forced_LNK=forced_LNK.to(device),
-            mask_N=None if mask_N is None else mask_N.to(device),
+            forced_LNK=_to_device(forced_LNK, device),
+            mask_N=None if mask_N is None else _to_device(mask_N, device),
             num_forced=num_forced,
             trace_tokens=cpu.num_tokens,
             num_seqs=cpu.num_seqs,
@@ -816,6 +815,14 @@ def _rows_message(where: str, n: int, num_mbs: int, N: int, mb: _MicroBatch) -> 
     if not hints:
         hints.append("the trace belongs to another batch")
     return msg + "; " + "; or ".join(hints)
+
+
+def _to_device(t_cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> accelerator without stalling: a pageable copy would wait for every queued kernel
+    (the previous step's backward), so stage through pinned memory and copy asynchronously."""
+    if device.type == "cpu":
+        return t_cpu
+    return t_cpu.pin_memory().to(device, non_blocking=True)
 
 
 def _model_device(model: Any) -> torch.device:

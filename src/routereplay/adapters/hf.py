@@ -339,7 +339,9 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
     _parent_path, block, _ = _parent(model, path)
     cls_name = type(router).__name__
 
-    # Batch shape [B, S] of every forward, from the MoE block's input.
+    # Batch shape [B, S] of every forward, from the MoE block's input. Every MoE layer of a
+    # forward sees the same shape, so only the first one (in forward order) carries the hook:
+    # one hook fewer per layer on the decode hot path.
     def block_pre_hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2:
@@ -347,7 +349,7 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
 
     # An attention MoE block is never called through forward: its input shape is the attention's.
     shape_module = _parent(model, _parent_path)[1] if type(block).__name__ in _ATTENTION_MOE_BLOCKS else block
-    if shape_module is not model:
+    if index == 0 and shape_module is not model:
         h = shape_module.register_forward_pre_hook(block_pre_hook, with_kwargs=True)
         handle._add_remover(h.remove)
 
