@@ -76,7 +76,9 @@ def main() -> None:
     handle = session.attach(model)
     with handle.record() as rec, torch.no_grad():
         model(**batch)
-    trace = rec.trace()
+    # Replayed traces live on the host, as R3 traces from an inference engine (and R2 traces
+    # recorded with offload=True) do: replay stages them through pinned memory without a sync.
+    trace = rec.trace().to("cpu")
 
     def step():
         for p_ in model.parameters():

@@ -9,6 +9,7 @@ differ only in size. No model hub is needed.
 from __future__ import annotations
 
 import argparse
+import math
 
 from routereplay.check import ModelSize, build_default_model
 
@@ -26,15 +27,21 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--moe-intermediate", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init-std", type=float, default=None,
+        help="weight init std (default 0.1 * sqrt(128 / hidden): the built-in model's 0.1 at hidden 128, "
+        "scaled so activations keep the same size at larger widths)",
+    )
     a = p.parse_args()
     size = ModelSize(
         layers=a.layers, hidden=a.hidden, experts=a.experts, top_k=a.topk, vocab=a.vocab,
         heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, moe_intermediate=a.moe_intermediate,
     )
-    model = build_default_model(size, seed=a.seed)
+    init_std = a.init_std if a.init_std is not None else 0.1 * math.sqrt(128 / a.hidden)
+    model = build_default_model(size, seed=a.seed, init_std=init_std)
     model.save_pretrained(a.out)
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {a.out}: {n / 1e6:.1f} M parameters, {size}")
+    print(f"wrote {a.out}: {n / 1e6:.1f} M parameters, init std {init_std:.4f}, {size}")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def _missing_deps() -> list[str]:
     return [name for name in ("transformers", "matplotlib", "tqdm") if importlib.util.find_spec(name) is None]
 
 
-def build_default_model(size: ModelSize = DEFAULT_SIZE, *, seed: int = 0) -> Any:
+def build_default_model(size: ModelSize = DEFAULT_SIZE, *, seed: int = 0, init_std: float = INIT_STD) -> Any:
     """The built-in Qwen3-MoE-style model: random weights from a fixed seed, fp32, eval mode."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -100,7 +100,7 @@ def build_default_model(size: ModelSize = DEFAULT_SIZE, *, seed: int = 0) -> Any
         num_experts=size.experts,
         num_experts_per_tok=size.top_k,
         norm_topk_prob=True,
-        initializer_range=INIT_STD,
+        initializer_range=init_std,
         max_position_embeddings=1024,
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
