@@ -1,0 +1,73 @@
+"""GPU tier: bit-exact replay on CUDA, bf16, under torch.use_deterministic_algorithms.
+
+Runs on the lent GPU (``benchmarks/run_gpu.sh``, results in BENCHMARKS.md); on a machine without
+CUDA every test is skipped with that reason. Per supported family: record then replay the same
+batch gives the recorded ids exactly and bit-identical logits, and checkpointed replay gradients
+equal plain replay gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device: run on the lent GPU (benchmarks/run_gpu.sh)", allow_module_level=True)
+
+import hf_zoo
+from test_hf_contract import SUPPORTED
+
+from routereplay import session
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@pytest.fixture(autouse=True)
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _model(family):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = hf_zoo.build(family)
+    return model.to("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_replay_is_bit_exact_on_cuda_bf16(family):
+    model = _model(family)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.get_text_config().vocab_size, (2, 16), generator=g).cuda()
+    handle = session.attach(model)
+    with torch.no_grad(), handle.record() as rec:
+        ref = model(input_ids=ids).logits
+    trace = rec.trace()
+    with torch.no_grad(), handle.replay(trace) as rep:
+        out = model(input_ids=ids).logits
+    assert torch.equal(out, ref), f"{family}: replayed logits differ from the recorded forward on CUDA"
+    assert all(s.coverage == 1.0 for s in rep.stats.values())
+
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    with handle.replay(trace):
+        model(input_ids=ids).logits.float().square().mean().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for p in model.parameters():
+        p.grad = None
+    if model.supports_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with handle.replay(trace):
+            model(input_ids=ids).logits.float().square().mean().backward()
+        for n, p in model.named_parameters():
+            if n in plain:
+                assert torch.equal(p.grad, plain[n]), f"{family}: checkpointed replay gradient of {n} differs"
+    handle.detach()
+
