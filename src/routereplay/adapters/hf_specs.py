@@ -362,17 +362,8 @@ def _score_fn_name(router: nn.Module, config: Any) -> str:
 
 
 def _deepseek_v4(router: nn.Module, config: Any) -> RouterSpec:
-    return _sigmoid_bias(
-        router,
-        config,
-        eps=1e-20,
-        scale=float(router.routed_scaling_factor),
-        compute_dtype=None,
-        score_function=_score_fn_name(router, config),
-    )
-
-
-def _inkling2(router: nn.Module, config: Any) -> RouterSpec:
+    """DeepSeek-V4 top-k layers and Inkling-2 (same formula): sigmoid-family scores, selection
+    bias, eps 1e-20 in the normalisation, routed_scaling_factor."""
     return _sigmoid_bias(
         router,
         config,
@@ -536,7 +527,7 @@ _BUILDERS: dict[str, Callable[[nn.Module, Any], RouterSpec]] = {
     "FlintTopKRouter": _flint,
     "Lfm2MoeTopKRouter": _lfm2,
     "DeepseekV4TopKRouter": _deepseek_v4,
-    **dict.fromkeys(("Inkling2TopKRouter", "Inkling2LoopTopKRouter"), _inkling2),
+    **dict.fromkeys(("Inkling2TopKRouter", "Inkling2LoopTopKRouter"), _deepseek_v4),
     "Kolibri1TopKRouter": _kolibri,
     # the rest
     **dict.fromkeys(("Ernie4_5_MoeTopKRouter", "Ernie4_5_VLMoeMoeTopKRouter"), _ernie),
