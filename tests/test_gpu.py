@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device: run on the lent GPU (benchmarks/run_gpu.sh)", allow_module_level=True)
 
 import hf_zoo
-from test_hf_contract import SUPPORTED
+from test_hf_contract import SUPPORTED, _logits
 
 from routereplay import session
 
@@ -47,10 +47,10 @@ def test_replay_is_bit_exact_on_cuda_bf16(family):
     ids = torch.randint(3, model.config.get_text_config().vocab_size, (2, 16), generator=g).cuda()
     handle = session.attach(model)
     with torch.no_grad(), handle.record() as rec:
-        ref = model(input_ids=ids).logits
+        ref = _logits(model, {"input_ids": ids})
     trace = rec.trace()
     with torch.no_grad(), handle.replay(trace) as rep:
-        out = model(input_ids=ids).logits
+        out = _logits(model, {"input_ids": ids})
     assert torch.equal(out, ref), f"{family}: replayed logits differ from the recorded forward on CUDA"
     assert all(s.coverage == 1.0 for s in rep.stats.values())
 
@@ -58,14 +58,14 @@ def test_replay_is_bit_exact_on_cuda_bf16(family):
     for p in model.parameters():
         p.grad = None
     with handle.replay(trace):
-        model(input_ids=ids).logits.float().square().mean().backward()
+        _logits(model, {"input_ids": ids}).float().square().mean().backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for p in model.parameters():
         p.grad = None
     if model.supports_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         with handle.replay(trace):
-            model(input_ids=ids).logits.float().square().mean().backward()
+            _logits(model, {"input_ids": ids}).float().square().mean().backward()
         for n, p in model.named_parameters():
             if n in plain:
                 assert torch.equal(p.grad, plain[n]), f"{family}: checkpointed replay gradient of {n} differs"
