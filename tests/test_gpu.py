@@ -48,6 +48,11 @@ def _model(family):
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not any(p.search(name) for p in patterns):
             tensor.data = tensor.data.to(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            _logits(model, {"input_ids": _ids(model)})
+    except RuntimeError:  # DeepSeek-V4 in transformers 5.24 mixes dtypes when loaded so: all bf16
+        model.to(torch.bfloat16)
     return model
 
 
