@@ -153,7 +153,7 @@ class RoutingTrace:
     @classmethod
     def _checked_ids(cls, experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts) -> torch.Tensor:
         """Range- and duplicate-check the ids on valid rows; return them in the compact dtype."""
-        T, L, K = experts_TLK.shape
+        _, L, K = experts_TLK.shape
         ids = experts_TLK if valid_T is None else experts_TLK[valid_T]
         if ids.numel():
             lo, hi = torch.aminmax(ids)
@@ -344,7 +344,7 @@ class RoutingTrace:
             raise TraceMismatchError(f"new rows have top_k={new.top_k}, trace has top_k={self.top_k}")
         end = int(self.cu_seqlens[i + 1])
         n = new.num_tokens
-        cat = lambda a, b: torch.cat([a[:end], b, a[end:]])  # noqa: E731
+        cat = lambda a, b: torch.cat([a[:end], b, a[end:]])
         cu = self.cu_seqlens.clone()
         cu[i + 1 :] += n
         has_valid = self.valid is not None or new.valid is not None
@@ -357,13 +357,13 @@ class RoutingTrace:
 
     # --- placement -----------------------------------------------------------------------
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> RoutingTrace:
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
         return self._replace(
             experts=move(self.experts), cu_seqlens=move(self.cu_seqlens), valid=move(self.valid), gates=move(self.gates)
         )
 
     def pin_memory(self) -> RoutingTrace:
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        pin = lambda t: None if t is None else t.pin_memory()
         return self._replace(
             experts=pin(self.experts), cu_seqlens=pin(self.cu_seqlens), valid=pin(self.valid), gates=pin(self.gates)
         )
@@ -376,7 +376,7 @@ class RoutingTrace:
             return False
         if self.experts.shape != other.experts.shape or (self.gates is None) != (other.gates is None):
             return False
-        same = lambda a, b: a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())  # noqa: E731
+        same = lambda a, b: a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
         return (
             same(self.experts, other.experts)
             and same(self.cu_seqlens, other.cu_seqlens)
