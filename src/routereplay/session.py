@@ -584,7 +584,9 @@ class Replay:
         self._count = [0] * L
         self._rows = [0] * L
         self._replayed = [0] * L
-        self._disagree: list[torch.Tensor | None] = [None] * L
+        # Per layer, (live ids, forced ids, forced mask) of each forward: disagreement is computed
+        # only when `stats` is read, keeping its kernels off the forward's hot path.
+        self._compared: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(L)]
         self._issued: list[torch.Tensor | None] = [None] * L
         self._entered = False
 
@@ -729,13 +731,7 @@ class Replay:
         weights, ids = h._route(
             logits_NE, h.layers[index].spec, forced_TK=forced_NK, forced_mask_T=mask_N, check=False, **route_kw
         )
-        # Statistics stay on the device; they are read (synced) only through `stats`.
-        with torch.no_grad():
-            differ_N = (ids_NK.sort(-1).values != forced_NK.sort(-1).values).any(-1)
-            if mask_N is not None:
-                differ_N &= mask_N
-            d = differ_N.sum()
-            self._disagree[index] = d if self._disagree[index] is None else self._disagree[index] + d
+        self._compared[index].append((ids_NK.detach(), forced_NK, mask_N))
         self._rows[index] += N
         self._replayed[index] += mb.num_forced
         self._count[index] = n + 1
@@ -769,19 +765,27 @@ class Replay:
 
     @property
     def stats(self) -> dict[int, LayerStats]:
-        """Per layer id: rows, replayed rows, live rows and live-vs-forced disagreement (syncs once)."""
+        """Per layer id: rows, replayed rows, live rows and live-vs-forced disagreement (computed and
+        synced here, not during the forwards)."""
         h = self._handle
         out = {}
         for i, m in enumerate(h.layers):
-            d = self._disagree[i]
+            d = sum(int(_set_differs(*c).sum()) for c in self._compared[i])
             out[m.layer_id] = LayerStats(
                 layer_id=m.layer_id,
                 rows=self._rows[i],
                 replayed=self._replayed[i],
                 live=self._rows[i] - self._replayed[i],
-                disagreement=0 if d is None else int(d),
+                disagreement=d,
             )
         return out
+
+
+def _set_differs(live_NK: torch.Tensor, forced_NK: torch.Tensor, mask_N: torch.Tensor | None) -> torch.Tensor:
+    """bool ``[N]``: forced rows whose live top-k set differs from the forced set."""
+    with torch.no_grad():
+        differ_N = (live_NK.sort(-1).values != forced_NK.sort(-1).values).any(-1)
+        return differ_N if mask_N is None else differ_N & mask_N
 
 
 def _engine_hint(rows: int, tokens: int, seqs: int) -> str:
