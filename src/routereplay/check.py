@@ -143,7 +143,7 @@ class _RoutesTap:
     """
 
     def __init__(self, handle: Any) -> None:
-        from routereplay.adapters.hf import _experts_id_index
+        from routereplay.adapters.hf import experts_ids_argument
 
         self.handle = handle
         self.active = False
@@ -154,7 +154,7 @@ class _RoutesTap:
         for i, layer in enumerate(handle.layers):
             block = model.get_submodule(layer.path.rpartition(".")[0])
             experts = getattr(block, "experts", None)
-            pos = _experts_id_index(experts) if isinstance(experts, torch.nn.Module) else None
+            pos = experts_ids_argument(experts) if isinstance(experts, torch.nn.Module) else None
             if pos is not None:
                 self._hooks.append(experts.register_forward_pre_hook(self._experts_hook(i, *pos), with_kwargs=True))
                 self.observed_at.append("experts input")
@@ -176,7 +176,7 @@ class _RoutesTap:
             if self.active:
                 if not isinstance(output, tuple) or len(output) < 3:
                     raise RouteReplayError(
-                        f"routereplay check: cannot observe the routes of {self.handle._where(i)}: its router returns "
+                        f"routereplay check: cannot observe the routes of {self.handle.where(i)}: its router returns "
                         "no ids and its MoE block has no experts module taking ids"
                     )
                 self.seen[i].append(output[2].detach())

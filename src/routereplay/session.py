@@ -287,7 +287,8 @@ class RouterHandle:
         if self._detached:
             raise ReplayError("this handle was detached; call routereplay.attach(model) again")
 
-    def _where(self, index: int) -> str:
+    def where(self, index: int) -> str:
+        """How errors name the ``index``-th MoE layer: ``layer 7 (model.layers.7.mlp.gate)``."""
         m = self.layers[index]
         return f"layer {m.layer_id} ({m.path})"
 
@@ -459,7 +460,7 @@ class Recording:
         counts = [len(x) for x in self._ids]
         if len(set(counts)) > 1:
             h = self._handle
-            desc = ", ".join(f"{h._where(i)}: {c}" for i, c in enumerate(counts))
+            desc = ", ".join(f"{h.where(i)}: {c}" for i, c in enumerate(counts))
             raise ReplayError(
                 f"MoE layers saw different numbers of forwards ({desc}); every forward must run "
                 "every MoE layer for a trace to be built"
@@ -480,7 +481,7 @@ class Recording:
         shapes = self._shapes[0]
         if len(shapes) != n:
             raise ReplayError(
-                f"{self._handle._where(0)}: the adapter saw {len(shapes)} block inputs for {n} forwards; "
+                f"{self._handle.where(0)}: the adapter saw {len(shapes)} block inputs for {n} forwards; "
                 "batch shapes are unknown for this model, pass attention_mask to trace()"
             )
         return [(s[0], s[1]) if len(s) == 2 else (1, s[0]) if len(s) == 1 else (s[0], s[-1]) for s in shapes]
@@ -556,7 +557,7 @@ class Replay:
         self._missing = missing
         self._verify = verify
         if verify:
-            lacking = [handle._where(i) for i, has in enumerate(handle._has_experts_hook) if not has]
+            lacking = [handle.where(i) for i, has in enumerate(handle._has_experts_hook) if not has]
             if lacking:
                 raise ReplayError(
                     f"verify=True needs the experts module of every MoE layer, the adapter found none for "
@@ -602,11 +603,11 @@ class Replay:
         for i, m in enumerate(h.layers):
             if trace.top_k != m.top_k:
                 raise LayerMismatchError(
-                    f"{where_mb}{h._where(i)}: trace has top_k={trace.top_k}, router has top_k={m.top_k}"
+                    f"{where_mb}{h.where(i)}: trace has top_k={trace.top_k}, router has top_k={m.top_k}"
                 )
             if trace.num_experts != m.num_experts:
                 raise LayerMismatchError(
-                    f"{where_mb}{h._where(i)}: trace has num_experts={trace.num_experts}, router has num_experts={m.num_experts}"
+                    f"{where_mb}{h.where(i)}: trace has num_experts={trace.num_experts}, router has num_experts={m.num_experts}"
                 )
         cpu = trace.to("cpu")
         valid_T = cpu.valid
@@ -672,7 +673,7 @@ class Replay:
             if bool(over_T.any()):
                 t = int(over_T.nonzero()[0, 0])
                 raise RouterSpecError(
-                    f"{where_mb}{h._where(i)}: row {t} selects experts {ids_LTK[i, t].tolist()} from "
+                    f"{where_mb}{h.where(i)}: row {t} selects experts {ids_LTK[i, t].tolist()} from "
                     f"{int(spans_T[t])} groups, the router allows topk_group={topk_group} of n_group={n_group} "
                     f"(groups of {group_size}); the trace comes from a router with another group limit"
                 )
@@ -693,12 +694,12 @@ class Replay:
             for i, issued in enumerate(self._issued):
                 if issued is not None:
                     raise ReplayVerificationError(
-                        f"{h._where(i)}: the router's forced ids never reached the experts module; "
+                        f"{h.where(i)}: the router's forced ids never reached the experts module; "
                         "this MoE block does not route through the seam the adapter hooks"
                     )
         used = min(self._count)
         if used < len(self._mbs) or max(self._count) != used:
-            desc = ", ".join(f"{h._where(i)}: {c}" for i, c in enumerate(self._count))
+            desc = ", ".join(f"{h.where(i)}: {c}" for i, c in enumerate(self._count))
             raise UnconsumedTraceError(
                 f"the replay block ended after {used} forward(s) but {len(self._mbs)} trace(s) were given "
                 f"(forwards per layer: {desc}); run one forward per trace or pass fewer traces"
@@ -712,16 +713,16 @@ class Replay:
         n = self._count[index]
         if n >= len(self._mbs):
             raise TraceExhaustedError(
-                f"forward {n + 1} reached {h._where(index)} but only {len(self._mbs)} trace(s) were given; "
+                f"forward {n + 1} reached {h.where(index)} but only {len(self._mbs)} trace(s) were given; "
                 "pass one trace per forward (micro-batch) or leave the replay block before this forward"
             )
         mb = self._mbs[n]
         N = logits_NE.shape[0]
         if N != mb.rows:
-            raise TokenCountMismatchError(_rows_message(h._where(index), n, len(self._mbs), N, mb))
+            raise TokenCountMismatchError(_rows_message(h.where(index), n, len(self._mbs), N, mb))
         if self._verify and self._issued[index] is not None:
             raise ReplayVerificationError(
-                f"{h._where(index)}: the previous forward's forced ids never reached the experts module"
+                f"{h.where(index)}: the previous forward's forced ids never reached the experts module"
             )
         forced_NK = mb.forced_LNK[index]
         mask_N = mb.mask_N
@@ -747,14 +748,14 @@ class Replay:
         h = self._handle
         if issued is None:
             raise ReplayVerificationError(
-                f"{h._where(index)}: the experts ran without a routed call of the router first"
+                f"{h.where(index)}: the experts ran without a routed call of the router first"
             )
         self._issued[index] = None
         if received_NK is issued:
             return
         if received_NK.shape != issued.shape or not torch.equal(received_NK.to(issued.dtype), issued):
             raise ReplayVerificationError(
-                f"{h._where(index)}: the experts received ids of shape {tuple(received_NK.shape)} that differ from "
+                f"{h.where(index)}: the experts received ids of shape {tuple(received_NK.shape)} that differ from "
                 f"the forced ids {tuple(issued.shape)}; something between the router and the experts rewrote them"
             )
 

@@ -172,7 +172,7 @@ def _arg_index(module: torch.nn.Module, names: tuple[str, ...]) -> tuple[int, st
     return None
 
 
-def _experts_id_index(experts: torch.nn.Module) -> tuple[int, str] | None:
+def experts_ids_argument(experts: torch.nn.Module) -> tuple[int, str] | None:
     """Position and name of the ids argument of an experts module's forward (for verify=True)."""
     return _arg_index(experts, _EXPERTS_ID_ARGS)
 
@@ -266,7 +266,7 @@ def attach(model: torch.nn.Module) -> RouterHandle:
     for path, router, _spec in plans:
         _, block, _ = _parent(model, path)
         experts = getattr(block, "experts", None)
-        has = isinstance(experts, torch.nn.Module) and _experts_id_index(experts) is not None
+        has = isinstance(experts, torch.nn.Module) and experts_ids_argument(experts) is not None
         experts_hooks.append(has)
     handle = RouterHandle(model, layers, adapter="hf", skipped=skipped, has_experts_hook=experts_hooks)
     try:
@@ -354,7 +354,7 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
         handle._add_remover(h.remove)
 
     experts = getattr(block, "experts", None)
-    pos = _experts_id_index(experts) if isinstance(experts, torch.nn.Module) else None
+    pos = experts_ids_argument(experts) if isinstance(experts, torch.nn.Module) else None
     if pos is not None:
         arg_index, arg_name = pos
 
