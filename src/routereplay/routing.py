@@ -317,6 +317,19 @@ def _fail_row(where: str, row: int, ids: list[int], problem: str, fix: str) -> R
     return RouterSpecError(f"{where}forced_TK row {row} holds expert ids {ids}: {problem}; {fix}")
 
 
+def groups_spanned(experts_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor | None:
+    """int ``[T]``: expert groups each row's ids span, where ``spec`` enforces a strict group limit.
+
+    None when it does not: no groups, ``topk_group >= n_group``, or a finite fill for dropped
+    groups (0.0 in some families), with which the router itself can pick an expert of a dropped
+    group when the kept choices score below the fill.
+    """
+    if spec.n_group is None or spec.topk_group >= spec.n_group or spec.group_mask_value != float("-inf"):
+        return None
+    groups_TK = (experts_TK // spec.group_size).sort(dim=1).values
+    return (groups_TK[:, 1:] != groups_TK[:, :-1]).sum(dim=1) + 1
+
+
 def _validate_forced(forced_TK: torch.Tensor, forced_mask_T: torch.Tensor | None, spec: RouterSpec, where: str) -> None:
     """Range, duplicates and group limit of the forced rows (host sync: only with check=True)."""
     rows_T = (
@@ -346,11 +359,8 @@ def _validate_forced(forced_TK: torch.Tensor, forced_mask_T: torch.Tensor | None
             f"an expert repeats; each row needs top_k={spec.top_k} distinct experts",
             "check the trace (RoutingTrace validation rejects such rows)",
         )
-    if spec.n_group is not None and spec.group_mask_value == float("-inf"):
-        # With a finite fill (0.0 in some families) the router itself can pick an expert of a
-        # dropped group when the kept choices are below the fill, so the limit is not strict there.
-        groups_TK = (forced_TK // spec.group_size).sort(dim=1).values
-        num_groups_T = (groups_TK[:, 1:] != groups_TK[:, :-1]).sum(dim=1) + 1
+    num_groups_T = groups_spanned(forced_TK, spec)
+    if num_groups_T is not None:
         over_T = (num_groups_T > spec.topk_group) & rows_T
         if bool(over_T.any()):
             row = int(over_T.nonzero()[0, 0])

@@ -62,6 +62,7 @@ from routereplay.errors import (
     UnconsumedTraceError,
     UnsupportedModelError,
 )
+from routereplay.routing import groups_spanned
 from routereplay.trace import RoutingTrace, expert_dtype
 
 __all__ = [
@@ -661,21 +662,19 @@ class Replay:
         """Group-limited routers (DeepSeek-V3 style) accept at most ``topk_group`` groups per row."""
         h = self._handle
         for i, m in enumerate(h.layers):
-            n_group, topk_group = getattr(m.spec, "n_group", None), getattr(m.spec, "topk_group", None)
-            if not n_group or topk_group is None or topk_group >= n_group:
+            spans_T = groups_spanned(ids_LTK[i], m.spec)
+            if spans_T is None:
                 continue
-            group_size = getattr(m.spec, "group_size", None) or m.num_experts // n_group
-            groups_TK = (ids_LTK[i] // group_size).sort(dim=1).values
-            spans_T = (groups_TK[:, 1:] != groups_TK[:, :-1]).sum(1) + 1
-            over_T = spans_T > topk_group
+            over_T = spans_T > m.spec.topk_group
             if valid_T is not None:
                 over_T &= valid_T
             if bool(over_T.any()):
                 t = int(over_T.nonzero()[0, 0])
                 raise RouterSpecError(
                     f"{where_mb}{h.where(i)}: row {t} selects experts {ids_LTK[i, t].tolist()} from "
-                    f"{int(spans_T[t])} groups, the router allows topk_group={topk_group} of n_group={n_group} "
-                    f"(groups of {group_size}); the trace comes from a router with another group limit"
+                    f"{int(spans_T[t])} groups, the router allows topk_group={m.spec.topk_group} of "
+                    f"n_group={m.spec.n_group} (groups of {m.spec.group_size}); "
+                    "the trace comes from a router with another group limit"
                 )
 
     def __enter__(self) -> Replay:  # noqa: PYI034 (typing.Self needs Python 3.11)
