@@ -410,7 +410,7 @@ class Recording:
         self._offload = offload
         L = len(handle.layers)
         self._ids: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer, per forward: [N, K]
-        self._shapes: list[list[tuple[int, ...]]] = [[] for _ in range(L)]
+        self._shapes: list[tuple[int, ...]] = []  # per forward, from the first MoE block's input
         self._dtype = expert_dtype(handle.num_experts)
         self._entered = False
         self._pending_copy = False
@@ -426,7 +426,7 @@ class Recording:
         self._handle._exit(self)
 
     def _note_shape(self, index: int, shape: tuple[int, ...]) -> None:
-        self._shapes[index].append(shape)
+        self._shapes.append(shape)
 
     def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw):
         ids = ids_NK.detach()
@@ -479,7 +479,7 @@ class Recording:
     def batch_shapes(self) -> list[tuple[int, int]]:
         """Per forward, ``(B, S)`` of the MoE block input (``(1, N)`` for 2-D block inputs)."""
         n = self.num_forwards
-        shapes = self._shapes[0]
+        shapes = self._shapes
         if len(shapes) != n:
             raise ReplayError(
                 f"{self._handle.where(0)}: the adapter saw {len(shapes)} block inputs for {n} forwards; "
