@@ -22,6 +22,10 @@ class TraceShapeError(TraceError):
     """A tensor has the wrong number of dimensions, shape or dtype kind."""
 
 
+class NumExpertsError(TraceShapeError):
+    """``num_experts`` is not an int in ``[1, MAX_NUM_EXPERTS]`` (ids must fit int32 storage)."""
+
+
 class SeqlensError(TraceError):
     """``cu_seqlens`` is not a monotone int vector from 0 to the number of tokens."""
 

@@ -21,21 +21,52 @@ from routereplay.errors import (
     ExpertIdError,
     GatesError,
     LayerIdsError,
+    NumExpertsError,
     SeqlensError,
     TraceMismatchError,
     TraceShapeError,
 )
 
-__all__ = ["RoutingTrace", "expert_dtype"]
+__all__ = ["MAX_NUM_EXPERTS", "RoutingTrace", "expert_dtype"]
+
+# The widest dtype a trace stores ids in is int32 (the .rrt format's I32), so the largest id,
+# num_experts - 1, must be at most 2**31 - 1: above this bound an id would wrap on storage.
+# Routers in use have at most a few thousand experts; the bound only refuses corrupt or
+# mistyped counts, and it makes every num_experts-sized count fit a signed 32-bit index.
+MAX_NUM_EXPERTS = 2**31
+
+# Unsigned dtypes torch stores but cannot compare or reduce (no aminmax, <, nonzero on CPU in
+# torch 2.x): the ids are widened to the signed dtype that holds all their values before the
+# checks. uint64 ids of 2**63 and above become negative there, and are reported as unsigned.
+_WIDE_UNSIGNED = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
 
 
 def expert_dtype(num_experts: int) -> torch.dtype:
-    """The smallest integer dtype that holds every id in ``[0, num_experts)``."""
+    """The smallest integer dtype that holds every id in ``[0, num_experts)``.
+
+    uint8 up to 256 experts, int16 up to 2**15, int32 up to :data:`MAX_NUM_EXPERTS` (2**31).
+    Signed 16/32-bit rather than unsigned because torch cannot compare or reduce uint16/uint32
+    tensors, and the ``.rrt`` format stores exactly these three (U8, I16, I32).
+
+    Raises:
+        NumExpertsError: ``num_experts`` is not an int in ``[1, MAX_NUM_EXPERTS]``.
+    """
+    _check_num_experts(num_experts)
     if num_experts <= 256:
         return torch.uint8
     if num_experts <= 2**15:
         return torch.int16
     return torch.int32
+
+
+def _check_num_experts(num_experts: object) -> None:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise NumExpertsError(f"num_experts must be a positive int, found {num_experts!r}")
+    if num_experts > MAX_NUM_EXPERTS:
+        raise NumExpertsError(
+            f"num_experts={num_experts} is above the largest count a trace can store, "
+            f"MAX_NUM_EXPERTS=2**31 (ids are stored as int32 at most); pass the router's real expert count"
+        )
 
 
 def _first_true(mask: torch.Tensor) -> int:
@@ -74,13 +105,16 @@ class RoutingTrace:
     def __post_init__(self) -> None:
         experts_TLK, cu_seqlens_B1, valid_T = self.experts, self.cu_seqlens, self.valid
         num_experts = self.num_experts
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise TraceShapeError(f"num_experts must be a positive int, found {num_experts!r}")
+        _check_num_experts(num_experts)
         if not isinstance(experts_TLK, torch.Tensor) or experts_TLK.ndim != 3:
-            found = tuple(experts_TLK.shape) if isinstance(experts_TLK, torch.Tensor) else type(experts_TLK).__name__
+            if isinstance(experts_TLK, torch.Tensor):
+                found = tuple(experts_TLK.shape)
+            else:
+                found = type(experts_TLK).__name__
             raise TraceShapeError(f"experts must be a [T, L, K] tensor, found {found}")
-        if experts_TLK.dtype.is_floating_point or experts_TLK.dtype.is_complex or experts_TLK.dtype == torch.bool:
-            raise TraceShapeError(f"experts must be an integer tensor, found dtype {experts_TLK.dtype}")
+        dtype = experts_TLK.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise TraceShapeError(f"experts must be an integer tensor, found dtype {dtype}")
         T, L, K = experts_TLK.shape
         if K < 1:
             raise TraceShapeError(f"experts has top_k={K}; a route needs at least one expert")
@@ -100,7 +134,9 @@ class RoutingTrace:
         if not isinstance(cu_seqlens_B1, torch.Tensor):
             cu_seqlens_B1 = torch.as_tensor(cu_seqlens_B1)
         if cu_seqlens_B1.ndim != 1 or cu_seqlens_B1.numel() < 1 or cu_seqlens_B1.dtype.is_floating_point:
-            raise SeqlensError(f"cu_seqlens must be a 1-D int tensor [B+1], found {tuple(cu_seqlens_B1.shape)} {cu_seqlens_B1.dtype}")
+            raise SeqlensError(
+                f"cu_seqlens must be a 1-D int tensor [B+1], found {tuple(cu_seqlens_B1.shape)} {cu_seqlens_B1.dtype}"
+            )
         cu_seqlens_B1 = cu_seqlens_B1.to(device=experts_TLK.device, dtype=torch.int64)
         if int(cu_seqlens_B1[0]) != 0:
             raise SeqlensError(f"cu_seqlens must start at 0, found {int(cu_seqlens_B1[0])}")
@@ -123,14 +159,19 @@ class RoutingTrace:
         gates_TLK = self.gates
         if gates_TLK is not None:
             if not isinstance(gates_TLK, torch.Tensor) or not gates_TLK.dtype.is_floating_point:
-                raise GatesError(f"gates must be a float tensor, found {getattr(gates_TLK, 'dtype', type(gates_TLK).__name__)}")
+                found = getattr(gates_TLK, "dtype", type(gates_TLK).__name__)
+                raise GatesError(f"gates must be a float tensor, found {found}")
             if gates_TLK.shape != experts_TLK.shape:
-                raise GatesError(f"gates must be shaped like experts {tuple(experts_TLK.shape)}, found {tuple(gates_TLK.shape)}")
+                raise GatesError(
+                    f"gates must be shaped like experts {tuple(experts_TLK.shape)}, found {tuple(gates_TLK.shape)}"
+                )
             finite = torch.isfinite(gates_TLK) if valid_T is None else torch.isfinite(gates_TLK[valid_T])
             if not bool(finite.all()):
                 rows = torch.isfinite(gates_TLK).reshape(T, -1).all(-1).logical_not().nonzero()
                 t = int(rows[0, 0])
-                raise GatesError(f"gates must be finite: row {t} ({self._where(cu_seqlens_B1, t)}) has {gates_TLK[t].tolist()}")
+                raise GatesError(
+                    f"gates must be finite: row {t} ({self._where(cu_seqlens_B1, t)}) has {gates_TLK[t].tolist()}"
+                )
 
         experts_TLK = self._checked_ids(experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts)
 
@@ -152,8 +193,17 @@ class RoutingTrace:
 
     @classmethod
     def _checked_ids(cls, experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts) -> torch.Tensor:
-        """Range- and duplicate-check the ids on valid rows; return them in the compact dtype."""
+        """Range- and duplicate-check the ids on valid rows; return them in the compact dtype.
+
+        Wide unsigned ids (uint16/uint32/uint64, as vLLM returns above 256 experts) are widened
+        to a signed dtype for the checks (a temporary copy of the ids) and stored compactly.
+        """
         _, L, K = experts_TLK.shape
+        unsigned64 = experts_TLK.dtype == torch.uint64
+        if experts_TLK.dtype in _WIDE_UNSIGNED:
+            # uint64 is reinterpreted, not converted: ids >= 2**63 turn negative and fail the range check.
+            wide = _WIDE_UNSIGNED[experts_TLK.dtype]
+            experts_TLK = experts_TLK.view(wide) if unsigned64 else experts_TLK.to(wide)
         ids = experts_TLK if valid_T is None else experts_TLK[valid_T]
         if ids.numel():
             lo, hi = torch.aminmax(ids)
@@ -161,8 +211,11 @@ class RoutingTrace:
                 bad_NLK = (ids < 0) | (ids >= num_experts)
                 n, l, k = (int(i) for i in bad_NLK.nonzero()[0])
                 t = n if valid_T is None else int(valid_T.nonzero()[n, 0])
+                found = int(ids[n, l, k])
+                if unsigned64 and found < 0:
+                    found += 2**64
                 raise ExpertIdError(
-                    f"expert id {int(ids[n, l, k])} at row {t} ({cls._where(cu_seqlens_B1, t)}), "
+                    f"expert id {found} at row {t} ({cls._where(cu_seqlens_B1, t)}), "
                     f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
                 )
             if K > 1:
@@ -182,7 +235,9 @@ class RoutingTrace:
         return experts_TLK if experts_TLK.dtype == dtype else experts_TLK.to(dtype)
 
     @classmethod
-    def _trusted(cls, *, experts, cu_seqlens, layer_ids, num_experts, valid=None, gates=None, meta=None) -> RoutingTrace:
+    def _trusted(
+        cls, *, experts, cu_seqlens, layer_ids, num_experts, valid=None, gates=None, meta=None
+    ) -> RoutingTrace:
         """Build a trace from parts derived from validated traces, skipping the O(T) checks.
 
         Used by layouts and slicing so that large conversions run at memory bandwidth.
@@ -199,6 +254,20 @@ class RoutingTrace:
         ):
             object.__setattr__(self, name, value)
         return self
+
+    def __reduce__(self):
+        """Pickle as the tensors plus the small fields; unpickling skips the O(T) checks.
+
+        ``meta`` travels as a plain dict (a mappingproxy cannot be pickled). A tensor that views
+        a larger storage (a slice of a bigger batch) is compacted first, so the pickle carries
+        the trace's own bytes, not its parent's. Under ``torch.multiprocessing`` the tensors go
+        through torch's shared-memory reductions like any other tensor.
+        """
+        parts = {name: getattr(self, name) for name in self.__slots__}
+        for name in ("experts", "cu_seqlens", "valid", "gates"):
+            parts[name] = _own_bytes(parts[name])
+        parts["meta"] = dict(self.meta)
+        return _unpickle, (parts,)
 
     def _replace(self, **changes) -> RoutingTrace:
         parts = {name: getattr(self, name) for name in self.__slots__}
@@ -241,7 +310,8 @@ class RoutingTrace:
     @property
     def nbytes(self) -> int:
         """Bytes held by the trace's tensors."""
-        return sum(t.numel() * t.element_size() for t in (self.experts, self.cu_seqlens, self.valid, self.gates) if t is not None)
+        tensors = (self.experts, self.cu_seqlens, self.valid, self.gates)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # --- selection -----------------------------------------------------------------------
     def sequence(self, i: int) -> RoutingTrace:
@@ -304,7 +374,10 @@ class RoutingTrace:
                         "only traces of the same model layers can be concatenated"
                     )
             if (t.gates is None) != (first.gates is None):
-                raise TraceMismatchError(f"trace {n} {'has' if t.gates is not None else 'lacks'} gates but trace 0 does not match; drop gates from all or none")
+                has = "has" if t.gates is not None else "lacks"
+                raise TraceMismatchError(
+                    f"trace {n} {has} gates but trace 0 does not match; drop gates from all or none"
+                )
         offsets = torch.tensor([0] + [t.num_tokens for t in traces], dtype=torch.int64).cumsum(0).tolist()
         cu = torch.cat([first.cu_seqlens[:1]] + [t.cu_seqlens[1:] + off for t, off in zip(traces, offsets)])
         any_valid = any(t.valid is not None for t in traces)
@@ -372,7 +445,8 @@ class RoutingTrace:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RoutingTrace):
             return NotImplemented
-        if (self.layer_ids, self.num_experts, dict(self.meta)) != (other.layer_ids, other.num_experts, dict(other.meta)):
+        fields = lambda t: (t.layer_ids, t.num_experts, dict(t.meta))
+        if fields(self) != fields(other):
             return False
         if self.experts.shape != other.experts.shape or (self.gates is None) != (other.gates is None):
             return False
@@ -395,6 +469,20 @@ class RoutingTrace:
             f"top_k={self.top_k}, num_experts={self.num_experts}, dtype={self.experts.dtype}, "
             f"device={self.device}{extras})"
         )
+
+
+def _unpickle(parts: dict) -> RoutingTrace:
+    # Pickled traces were validated when built; like a pickled tensor, the bytes are trusted.
+    return RoutingTrace._trusted(**parts)
+
+
+def _own_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a compact copy of it when it views only part of its storage."""
+    if t is None:
+        return None
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _first_duplicate_row(ids_NK: torch.Tensor, chunk: int = 1 << 15) -> int:
