@@ -244,7 +244,14 @@ def test_vllm_payload_errors(requests_):
             base64.b64encode(b"\x00" * 12).decode(),
             "request 0: routed_experts decodes to 12 bytes that are not a .npy file",
         ),
-        (npy_base64(cap)[:-24], "request 0: routed_experts is a corrupt or truncated .npy payload"),
+        (
+            npy_base64(cap)[:-24],
+            re.escape(
+                "request 0: routed_experts .npy header declares shape (6, 3, 2) of int16 = 72 bytes, but 55 bytes "
+                "follow the header; the payload is truncated or its header is corrupt"
+            ),
+        ),
+        (base64.b64decode(npy_base64(cap))[:20], "request 0: routed_experts is a corrupt or truncated .npy payload"),
         ([[[1, 2]], [[1]]], r"request 0: routed_experts is not a rectangular \[rows, layers, top_k\] array"),
         (cap.astype(np.float32), "request 0: routed_experts has dtype float32; expected an integer dtype"),
         (cap[0], r"request 0: routed_experts must be \[rows, layers, top_k\], found shape \(3, 2\)"),

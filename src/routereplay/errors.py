@@ -71,6 +71,14 @@ class ZeroRoutesError(EngineFormatError):
     """
 
 
+class RouteContinuityError(EngineFormatError):
+    """Routes added to a sequence leave a gap, overlap rows that differ, or belong to other tokens."""
+
+
+class RetractedRoutesError(EngineFormatError):
+    """SGLang retracted the request: its re-prefill rewrote the routes of tokens generated before."""
+
+
 # --- routing, sessions and adapters --------------------------------------------------------
 class RouterSpecError(RouteReplayError):
     """A RouterSpec is inconsistent, or forced ids violate it (k, range, groups)."""

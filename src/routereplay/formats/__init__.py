@@ -6,6 +6,8 @@ One leaf module per source, all pure numpy/torch (no vllm, sglang, verl or megat
     routereplay.formats.sglang     ``meta_info["routed_experts"]`` (base64 int32) and ``routed_experts_start_len``
     routereplay.formats.verl       DataProto ``routed_experts`` padded ``[bs, seq, L, K]`` + attention mask
     routereplay.formats.megatron   ``RouterReplay.get_recorded_data()`` / ``set_replay_data()`` lists
+    routereplay.formats.accumulate ``RouteAccumulator``: one sequence from several requests (multi-turn
+                                   turns, partial-rollout resume attempts), boundary rows kept
 
 Two row conventions, chosen by ``rows=`` wherever it matters:
 
@@ -31,6 +33,12 @@ Shared rules (every ``from_*``):
       top-1 only sequences of at least 16 routed rows are checked.
     * Wrong shapes, lengths or dtypes raise EngineFormatError naming the request / sample and what
       was expected.
+    * Payloads come as writable numpy arrays of any integer dtype (vLLM: uint8, uint16 above 256
+      experts, int16 or int32 by release), read-only arrays (SGLang decoded with ``np.frombuffer``,
+      ``.npy`` payloads), torch tensors (SGLang with ``skip_tokenizer_init``, on any device) or
+      nested lists. Ids are never narrowed: each payload is read in its own dtype and copied once
+      into int32 (int64 for uint32 / int64 sources) when requests are stacked; a read-only array is
+      copied rather than shared with torch.
 
 Legend (shape suffixes):
     N  rows of a payload (one per routed token), all requests back to back
@@ -119,6 +127,23 @@ def _int_array(x, where: str, what: str = "routed_experts") -> np.ndarray:
             f"{where}: {what} has dtype {arr.dtype}; expected an integer dtype (uint8, int16, uint16, int32, ...)"
         )
     return arr
+
+
+def _as_tensor(arr: np.ndarray, where: str, what: str = "routed_experts") -> torch.Tensor:
+    """A CPU tensor of an integer array: shared when possible, copied when it must be.
+
+    A read-only array (``np.frombuffer`` over SGLang's base64 bytes, a ``.npy`` payload) is copied in
+    its own dtype rather than shared: torch cannot protect a non-writable buffer. Unsigned dtypes
+    wider than uint8 are widened to the next signed dtype that holds them (uint16 -> int32,
+    uint32 -> int64), never narrowed: vLLM stores ids of models above 256 experts as uint16.
+    """
+    if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
+        if arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise EngineFormatError(f"{where}: {what} holds an id above 2**63-1 ({int(arr.max())}); the payload is corrupt")
+        arr = arr.astype(np.int32 if arr.dtype.itemsize == 2 else np.int64)
+    elif not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(arr)
 
 
 def _common_int_dtype(arrays: Sequence[np.ndarray]) -> np.dtype:
@@ -366,12 +391,14 @@ def _to_rows(trace: RoutingTrace, rows: Rows, have: Rows) -> RoutingTrace:
 
 
 # The public converters, importable from the package (defined after the helpers they use).
+from routereplay.formats.accumulate import RouteAccumulator
 from routereplay.formats.megatron import from_megatron, megatron_router_layer_ids, to_megatron
 from routereplay.formats.sglang import decode_sglang_payload, extend_sglang, from_sglang, to_sglang
 from routereplay.formats.verl import from_verl, from_verl_unpadded, to_verl, to_verl_unpadded
 from routereplay.formats.vllm import decode_vllm_payload, from_vllm, from_vllm_outputs, to_vllm
 
 __all__ = [
+    "RouteAccumulator",
     "Rows",
     "decode_sglang_payload",
     "decode_vllm_payload",

@@ -251,6 +251,14 @@ def from_megatron(
     cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).reshape(-1).to(recorded[0].device)
     if cu.numel() < 1 or int(cu[-1]) != N or int(cu[0]) != 0:
         raise EngineFormatError(f"cu_seqlens {cu.tolist()[:8]} must run from 0 to the {N} rows each router recorded")
+    lens_B = cu.diff()
+    if bool((lens_B < 0).any()):
+        b = int((lens_B < 0).nonzero()[0, 0])
+        raise EngineFormatError(
+            f"cu_seqlens decreases at index {b + 1} (cu_seqlens[{b}]={int(cu[b])}, cu_seqlens[{b + 1}]={int(cu[b + 1])}): "
+            f"sequence {b} would have {int(lens_B[b])} rows; cu_seqlens must be non-decreasing, the cumulative sum "
+            "of the sequence lengths with a leading 0 (e.g. [0, 5, 8, 12])"
+        )
     perm = sorted(range(len(ids)), key=ids.__getitem__)
     experts_NLK = torch.stack([recorded[p] for p in perm], dim=1)
     if order == "sbhd":

@@ -16,9 +16,19 @@ read from SGLang's ``layers/moe/routed_experts_capturer.py``, ``managers/tokeniz
   Some builds ignore it and return all ``seqlen - 1`` rows; the payload length tells which happened
   (:func:`from_sglang` and :func:`extend_sglang` accept both and raise if it fits neither).
 * ``meta_info["prompt_tokens"]`` and ``["completion_tokens"]`` give ``seqlen``.
+* Retraction: under KV-cache pressure, or when generation is paused in ``retract`` mode for a weight
+  update, the scheduler retracts a running request and later re-prefills its prompt plus the tokens
+  generated so far. The capture buffer is indexed by KV slot, so that re-prefill overwrites the rows
+  of every token it recomputes: the returned rows of tokens generated before the retraction are the
+  re-prefill's (under the new weights, if they changed), not those the tokens were generated with.
+  The payload does not say which rows were rewritten; ``meta_info["num_retractions"]`` says that it
+  happened. Every decoder here raises RetractedRoutesError for such a request unless
+  ``on_retraction="accept"`` (right when no weight update happened in between).
 
 A batch of requests becomes one trace with one sequence per request, in engine rows by default.
-Multi-turn: :func:`extend_sglang` appends a later turn's new rows to a sequence of such a trace.
+Multi-turn: :func:`extend_sglang` appends a later turn's new rows to a sequence of such a trace, and
+:class:`routereplay.formats.RouteAccumulator` (``add_sglang``) builds one conversation or one
+resumed generation from its requests.
 
 Legend: N payload rows, Lp payload layers, L MoE layers, K top-k, T trace rows, B sequences.
 """
@@ -32,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from routereplay.errors import EngineFormatError, TraceMismatchError
+from routereplay.errors import EngineFormatError, RetractedRoutesError, TraceMismatchError
 from routereplay.formats import (
     Rows,
     _assemble,
@@ -103,12 +113,38 @@ def _meta_info(payload: Any) -> Mapping | None:
     return None
 
 
+def _check_retraction(info: Mapping, label: str, on_retraction: str) -> None:
+    """RetractedRoutesError when ``meta_info["num_retractions"]`` says SGLang rewrote the request's routes."""
+    if on_retraction not in ("error", "accept"):
+        raise EngineFormatError(f'on_retraction must be "error" or "accept", found {on_retraction!r}')
+    count = info.get("num_retractions")
+    if not count or on_retraction == "accept":
+        return
+    version = info.get("weight_version")
+    raise RetractedRoutesError(
+        f"{label}: SGLang retracted this request {count} time(s) (meta_info num_retractions); on resuming it "
+        "re-prefilled the prompt and the tokens generated so far and overwrote their routes, so the rows before "
+        "the last retraction come from that re-prefill, not from the forwards that generated the tokens"
+        + (f" (weight_version at the end: {version!r})" if version is not None else "")
+        + ". If no weight update happened while it was retracted, pass on_retraction=\"accept\"; otherwise "
+        "drop the sample, or abort and resume it as a partial rollout (RouteAccumulator) so each attempt's rows are kept"
+    )
+
+
 def _new_rows(
-    payload: Any, label: str, *, num_layers: int, top_k: int, num_tokens: int | None, start_len: int | None
+    payload: Any,
+    label: str,
+    *,
+    num_layers: int,
+    top_k: int,
+    num_tokens: int | None,
+    start_len: int | None,
+    on_retraction: str = "error",
 ) -> tuple[np.ndarray, int]:
     """Decode one request; return its rows ``[start_len, seqlen - 1)`` and ``start_len``."""
     info = _meta_info(payload)
     if info is not None:
+        _check_retraction(info, label, on_retraction)
         if "routed_experts" not in info or info["routed_experts"] is None:
             raise EngineFormatError(
                 f"{label}: meta_info has no routed_experts; launch SGLang with --enable-return-routed-experts "
@@ -173,6 +209,7 @@ def from_sglang(
     rows: Rows = "engine",
     allow_zero_routes: bool = False,
     allow_missing: bool = False,
+    on_retraction: str = "error",
     meta: Mapping[str, str] | None = None,
 ) -> RoutingTrace:
     """Routes of a batch of SGLang requests as one trace, one sequence per request.
@@ -190,6 +227,8 @@ def from_sglang(
         moe_layer_ids: global ids of the MoE layers; dense layers in the payload are dropped.
         rows: ``"engine"`` (as SGLang gives them) or ``"training"`` (one more, invalid, row per sequence).
         allow_zero_routes, allow_missing: see :mod:`routereplay.formats`.
+        on_retraction: ``"error"`` (default) raises RetractedRoutesError for a request whose
+            ``meta_info["num_retractions"]`` is nonzero; ``"accept"`` takes its rows as returned.
         meta: extra trace meta; ``meta["source"]`` is ``"sglang"``.
 
     Returns:
@@ -197,7 +236,8 @@ def from_sglang(
 
     Raises:
         EngineFormatError: undecodable payload, or a row count that fits neither ``seqlen-1-start_len``
-            nor ``seqlen-1`` (message names the request); ZeroRoutesError; RoutingTrace validation errors.
+            nor ``seqlen-1`` (message names the request); RetractedRoutesError; ZeroRoutesError;
+            RoutingTrace validation errors.
     """
     payloads = list(payloads)
     B = len(payloads)
@@ -212,6 +252,7 @@ def from_sglang(
             top_k=top_k,
             num_tokens=None if S is None else S[i],
             start_len=None if starts is None else starts[i],
+            on_retraction=on_retraction,
         )[0]
         for i, p in enumerate(payloads)
     ]
@@ -242,6 +283,7 @@ def extend_sglang(
     moe_layer_ids: Sequence[int] | None = None,
     allow_zero_routes: bool = False,
     allow_missing: bool = False,
+    on_retraction: str = "error",
 ) -> RoutingTrace:
     """Add a later turn of a multi-turn conversation to sequence ``sequence`` of an engine-rows trace.
 
@@ -256,7 +298,7 @@ def extend_sglang(
         trace: a trace in engine rows (as :func:`from_sglang` returns by default).
         sequence: index of the conversation's sequence in ``trace``.
         payload: the later turn's ``meta_info`` (or bare ``routed_experts``, then give ``num_tokens``).
-        num_layers, top_k, moe_layer_ids, allow_zero_routes, allow_missing: as in :func:`from_sglang`
+        num_layers, top_k, moe_layer_ids, allow_zero_routes, allow_missing, on_retraction: as in :func:`from_sglang`
             (``moe_layer_ids`` must select the trace's layers).
         num_tokens: the later turn's ``seqlen`` (default: from ``meta_info``).
         start_len: the ``routed_experts_start_len`` sent (default: ``meta_info``'s, else 0). Usually
@@ -275,7 +317,13 @@ def extend_sglang(
     sequence %= B
     label = f"request for sequence {sequence}"
     arr, start = _new_rows(
-        payload, label, num_layers=num_layers, top_k=top_k, num_tokens=num_tokens, start_len=start_len
+        payload,
+        label,
+        num_layers=num_layers,
+        top_k=top_k,
+        num_tokens=num_tokens,
+        start_len=start_len,
+        on_retraction=on_retraction,
     )
     have = int(trace.seq_lens[sequence])
     if start > have:

@@ -35,6 +35,7 @@ import torch
 from routereplay.errors import EngineFormatError
 from routereplay.formats import (
     Rows,
+    _as_tensor,
     _assemble,
     _check_lengths,
     _expand_layers,
@@ -109,7 +110,7 @@ def from_verl(
         EngineFormatError: shapes that disagree, a route on a padding position, or on the last token
             while ``last_token_routed=False``; ZeroRoutesError; RoutingTrace validation errors.
     """
-    re_BSLK = torch.from_numpy(np.ascontiguousarray(_int_array(routed_experts, "verl batch")))
+    re_BSLK = _as_tensor(_int_array(routed_experts, "verl batch"), "verl batch")
     if re_BSLK.ndim != 4:
         raise EngineFormatError(
             f"verl batch: routed_experts must be [bs, seq, layers, top_k], found shape {tuple(re_BSLK.shape)}"
@@ -117,7 +118,7 @@ def from_verl(
     mask = (
         attention_mask.detach().cpu()
         if isinstance(attention_mask, torch.Tensor)
-        else torch.as_tensor(np.asarray(attention_mask))
+        else _as_tensor(np.asarray(attention_mask), "verl batch", "attention_mask")
     )
     if mask.ndim != 2 or tuple(mask.shape) != tuple(re_BSLK.shape[:2]):
         raise EngineFormatError(

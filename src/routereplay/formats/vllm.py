@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -83,12 +84,45 @@ def decode_vllm_payload(payload: Any, *, where: str = "payload") -> np.ndarray:
                 f"{where}: routed_experts decodes to {len(raw)} bytes that are not a .npy file (no \\x93NUMPY magic); "
                 "vLLM's HTTP payload is base64 of np.save bytes (SGLang's raw int32 payload: use formats.sglang)"
             )
-        try:
-            arr = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise EngineFormatError(f"{where}: routed_experts is a corrupt or truncated .npy payload ({e})") from None
-        return _int_array(arr, where)
+        return _int_array(_npy_array(raw, where), where)
     return _int_array(payload, where)
+
+
+def _npy_array(raw: bytes, where: str) -> np.ndarray:
+    """The array in ``.npy`` bytes, its header checked against the bytes present before anything is allocated.
+
+    ``np.load`` trusts the header: a payload declaring shape ``(10**12, 48, 8)`` makes it try to
+    allocate terabytes. Here the declared shape and dtype must account for exactly the bytes after
+    the header; the result is a read-only view of ``raw`` (no copy; byte-swapped if not native).
+    """
+    fp = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} (np.save writes 1.0 or 2.0)")
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise EngineFormatError(f"{where}: routed_experts is a corrupt or truncated .npy payload ({e})") from None
+    if dtype.hasobject or dtype.kind not in "iu":
+        raise EngineFormatError(
+            f"{where}: routed_experts .npy header declares dtype {dtype}; expected an integer dtype "
+            "(uint8, uint16, int16, int32, ...)"
+        )
+    count = math.prod(shape)  # Python ints: no overflow however large the declared shape
+    declared, present = count * dtype.itemsize, len(raw) - fp.tell()
+    if declared != present:
+        raise EngineFormatError(
+            f"{where}: routed_experts .npy header declares shape {tuple(shape)} of {dtype} = {declared} bytes, "
+            f"but {present} bytes follow the header; the payload is truncated or its header is corrupt "
+            "(refused before allocating anything)"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=fp.tell()).reshape(
+        shape, order="F" if fortran_order else "C"
+    )
+    return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
 
 
 def from_vllm(
@@ -98,6 +132,7 @@ def from_vllm(
     prompt_routed_experts: Sequence[Any] | None = None,
     prompt_lens: Sequence[int] | None = None,
     completion_lens: Sequence[int] | None = None,
+    prompt_starts: Sequence[int] | None = None,
     moe_layer_ids: Sequence[int] | None = None,
     rows: Rows = "engine",
     allow_zero_routes: bool = False,
@@ -116,6 +151,11 @@ def from_vllm(
             and, when given, the row count must be ``prompt + completion - 1``. The split form needs
             ``completion_lens`` (its generated part may hold ``completion - 1`` or, clipped by
             speculative decoding, ``completion`` rows).
+        prompt_starts: per request, the ``routed_experts_prompt_start`` it was sent with (combined
+            form only; default 0). Sequence i then holds rows ``[prompt_starts[i], prompt + completion
+            - 1)`` of its request: the payload's first row is the route of token ``prompt_starts[i]``.
+            A nonzero start needs ``prompt_lens`` and ``completion_lens``: a server that predates the
+            field ignores it and returns every row, which is accepted and cut at the start.
         moe_layer_ids: global ids of the MoE layers; dense layers in the payload are dropped.
         rows: ``"engine"`` (T-1 rows per sequence, as vLLM gives them) or ``"training"`` (T rows,
             last invalid).
@@ -137,6 +177,7 @@ def from_vllm(
         prompt_routed_experts=prompt_routed_experts,
         prompt_lens=prompt_lens,
         completion_lens=completion_lens,
+        prompt_starts=prompt_starts,
         moe_layer_ids=moe_layer_ids,
         rows=rows,
         allow_zero_routes=allow_zero_routes,
@@ -153,6 +194,7 @@ def _from_vllm(
     prompt_routed_experts,
     prompt_lens,
     completion_lens,
+    prompt_starts,
     moe_layer_ids,
     rows,
     allow_zero_routes,
@@ -164,20 +206,27 @@ def _from_vllm(
     B = len(routed_experts)
     P = _check_lengths(prompt_lens, B, "prompt_lens")
     C = _check_lengths(completion_lens, B, "completion_lens")
+    S = _check_lengths(prompt_starts, B, "prompt_starts") or [0] * B
     if prompt_routed_experts is None:
         if (P is None) != (C is None):
             raise EngineFormatError("give both prompt_lens and completion_lens (to check the row counts) or neither")
         parts = [decode_vllm_payload(x, where=label) for x, label in zip(routed_experts, labels)]
-        if P is not None:
-            for i, (a, label) in enumerate(zip(parts, labels)):
-                n = a.shape[0] if a.ndim else 0
-                if n != P[i] + C[i] - 1:
+        for i, (a, label) in enumerate(zip(parts, labels)):
+            if P is None:
+                if S[i]:
                     raise EngineFormatError(
-                        f"{label}: routed_experts has {n} rows, expected prompt+completion-1 = "
-                        f"{P[i]}+{C[i]}-1 = {P[i] + C[i] - 1} (the last sampled token has no route); the routes "
-                        "do not belong to these tokens (truncated or re-tokenized response?)"
+                        f"{label}: routed_experts_prompt_start={S[i]} needs prompt_lens and completion_lens, to check "
+                        "the rows and to tell whether the server honoured the start (older servers ignore it)"
                     )
+                continue
+            parts[i] = _combined_rows(a, label, P[i], C[i], S[i])
         experts_NLK, cu = _assemble(parts, labels)
+    elif any(S):
+        i = next(i for i, s in enumerate(S) if s)
+        raise EngineFormatError(
+            f"{labels[i]}: prompt_starts[{i}]={S[i]} with the split form (prompt_routed_experts); vLLM returns "
+            "routed_experts_prompt_start slices in the combined routed_experts only. Pass the combined payload"
+        )
     else:
         prompt_routed_experts = list(prompt_routed_experts)
         if len(prompt_routed_experts) != B:
@@ -229,6 +278,31 @@ def _from_vllm(
     )
 
 
+def _combined_rows(a: np.ndarray, label: str, prompt: int, completion: int, start: int) -> np.ndarray:
+    """Rows ``[start, prompt + completion - 1)`` of a combined payload, checked against the token counts."""
+    if start > prompt:
+        raise EngineFormatError(
+            f"{label}: routed_experts_prompt_start={start} is beyond the prompt's {prompt} tokens; vLLM accepts "
+            "0 <= start <= prompt length"
+        )
+    n = a.shape[0] if a.ndim else 0
+    full = prompt + completion - 1
+    if n == full - start:
+        return a
+    if start and n == full:
+        return a[start:]  # a server that predates routed_experts_prompt_start returned every row
+    expected = (
+        f"prompt+completion-1 = {prompt}+{completion}-1 = {full}"
+        if not start
+        else f"prompt+completion-1-prompt_start = {prompt}+{completion}-1-{start} = {full - start} (or {full} "
+        "from a server that ignores routed_experts_prompt_start)"
+    )
+    raise EngineFormatError(
+        f"{label}: routed_experts has {n} rows, expected {expected} (the last sampled token has no route); "
+        "the routes do not belong to these tokens (truncated or re-tokenized response?)"
+    )
+
+
 def _get(obj: Any, name: str, default: Any = None) -> Any:
     if isinstance(obj, Mapping):
         return obj.get(name, default)
@@ -239,6 +313,7 @@ def from_vllm_outputs(
     outputs: Sequence[Any],
     *,
     num_experts: int,
+    prompt_starts: Sequence[int] | None = None,
     moe_layer_ids: Sequence[int] | None = None,
     rows: Rows = "engine",
     allow_zero_routes: bool = False,
@@ -254,6 +329,8 @@ def from_vllm_outputs(
 
     Args:
         outputs: the engine's outputs, one per request.
+        prompt_starts: per request (not per completion), the ``routed_experts_prompt_start`` sent
+            (``SamplingParams`` or the OpenAI request field); the outputs do not echo it.
         num_experts, moe_layer_ids, rows, allow_zero_routes, allow_missing, meta: as in :func:`from_vllm`.
 
     Returns:
@@ -263,7 +340,9 @@ def from_vllm_outputs(
         EngineFormatError: a request without completions, a split payload without token counts, or
             any error of :func:`from_vllm` (messages name ``request i`` / ``request i, completion j``).
     """
-    gens, prompts, P, C, labels = [], [], [], [], []
+    outputs = list(outputs)
+    starts = _check_lengths(prompt_starts, len(outputs), "prompt_starts") or [0] * len(outputs)
+    gens, prompts, P, C, S, labels = [], [], [], [], [], []
     split = None
     for i, out in enumerate(outputs):
         completions = _get(out, "outputs")
@@ -293,6 +372,7 @@ def from_vllm_outputs(
             prompts.append(prompt_routes)
             P.append(n_prompt)
             C.append(n_comp)
+            S.append(starts[i])
             labels.append(label)
     known = [p is not None and c is not None for p, c in zip(P, C)]
     if split and not all(known):
@@ -320,6 +400,7 @@ def from_vllm_outputs(
         prompt_routed_experts=prompts if split else None,
         prompt_lens=P if have_lens else None,
         completion_lens=C if have_lens else None,
+        prompt_starts=S,
         moe_layer_ids=moe_layer_ids,
         rows=rows,
         allow_zero_routes=allow_zero_routes,
