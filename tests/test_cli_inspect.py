@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -163,6 +166,75 @@ def test_expert_counts_match_one_hot_sum(seed, T, L, E, chunk, masked):
     finally:
         cli_inspect._CHUNK_ROWS = old
     assert torch.equal(counts_LE, expected_LE.reshape(L, E))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    T=st.integers(0, 9),
+    L=st.integers(1, 3),
+    E=st.sampled_from([2, 5, 40, 300]),
+    chunk=st.integers(1, 4),
+    masked=st.booleans(),
+)
+def test_sparse_counts_give_the_dense_summary(seed, T, L, E, chunk, masked):
+    # Above a size, inspect counts only the experts that occur; both ways give the same summary.
+    g = torch.Generator().manual_seed(seed)
+    K = min(2, E)
+    experts_TLK = torch.rand(T, L, E, generator=g).argsort(-1)[..., :K]
+    valid_T = torch.rand(T, generator=g) < 0.6 if masked else None
+    trace = RoutingTrace(
+        experts=experts_TLK, cu_seqlens=torch.tensor([0, T]), layer_ids=range(L), num_experts=E, valid=valid_T
+    )
+    dense = cli_inspect.summarize(trace)
+    old = cli_inspect._CHUNK_ROWS, cli_inspect._DENSE_COUNTS
+    cli_inspect._CHUNK_ROWS, cli_inspect._DENSE_COUNTS = chunk, 0
+    try:
+        if L * E > trace.experts.numel():
+            used = cli_inspect._used_counts(trace)
+            assert sum(u.numel() for u in used) <= trace.experts.numel()  # sized by the ids, not by E
+        sparse = cli_inspect.summarize(trace)
+    finally:
+        cli_inspect._CHUNK_ROWS, cli_inspect._DENSE_COUNTS = old
+    assert sparse == dense
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from Linux /proc/self/status")
+def test_file_declaring_2_31_experts_is_inspected_in_bounded_memory(tmp_path):
+    # A valid file of a few hundred bytes with num_experts=2**31: dense [L, E] counts would be
+    # 17 GB. Run inspect under an address-space limit of 1 GiB above what the process holds.
+    top = 2**31 - 1
+    trace = RoutingTrace(
+        experts=torch.tensor([[[top, 0]], [[5, 0]], [[7, 6]]]),
+        cu_seqlens=torch.tensor([0, 3]),
+        layer_ids=[2],
+        num_experts=2**31,
+    )
+    path = save(tmp_path, trace)
+    assert path.stat().st_size < 400
+    script = textwrap.dedent(
+        f"""
+        import re, resource, sys
+        import routereplay.cli
+        vm = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        sys.exit(routereplay.cli.main(["inspect", {str(path)!r}, "--json"]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    s = json.loads(done.stdout)
+    assert (s["num_experts"], s["file_size"]) == (2**31, path.stat().st_size)
+    # 6 assignments over 5 experts out of 2**31: minimum share 0, maximum 2/6 (expert 0).
+    assert s["layers"] == [
+        {
+            "layer_id": 2,
+            "assignments": 6,
+            "min_share": 0.0,
+            "max_share": pytest.approx(2 / 6),
+            "entropy": pytest.approx((math.log(6) - 2 / 6 * math.log(2)) / math.log(2**31)),
+        }
+    ]
 
 
 def test_corrupt_file_exits_2(tmp_path, capsys):

@@ -327,11 +327,17 @@ SIZE = 8 + N_HEADER + 49
         (5, r"file is truncated: it has 5 bytes, fewer than the 8-byte header length"),
         (
             8,
-            rf"file is truncated or its header length is corrupt: the first 8 bytes declare a {N_HEADER}-byte header but only 0 bytes follow",
+            (
+                rf"file is truncated or its header length is corrupt: the first 8 bytes declare a {N_HEADER}-byte "
+                r"header but only 0 bytes follow"
+            ),
         ),
         (
             200,
-            rf"file is truncated or its header length is corrupt: the first 8 bytes declare a {N_HEADER}-byte header but only 192 bytes follow",
+            (
+                rf"file is truncated or its header length is corrupt: the first 8 bytes declare a {N_HEADER}-byte "
+                r"header but only 192 bytes follow"
+            ),
         ),
         (8 + N_HEADER, r"file is truncated: the header describes 49 bytes of tensor data but only 0 follow"),
         (8 + N_HEADER + 30, r"file is truncated: the header describes 49 bytes of tensor data but only 30 follow"),
@@ -366,7 +372,8 @@ def test_every_payload_bit_flip_fails_the_checksum(tmp_path, golden_bytes):
             path.write_bytes(flip(golden_bytes, byte, bit))
             with pytest.raises(
                 TraceFormatError,
-                match=r"checksum mismatch: the header records crc32 3310664a but the file's bytes give [0-9a-f]{8}; the file is corrupt",
+                match=r"checksum mismatch: the header records crc32 3310664a but the file's bytes give "
+                r"[0-9a-f]{8}; the file is corrupt",
             ):
                 rio.load(path, validate=False)
 
@@ -393,7 +400,10 @@ def test_every_header_bit_flip_is_caught(tmp_path, golden_bytes):
         (
             b"routereplay.trace",
             2,
-            r"not a routereplay trace: its safetensors metadata has format 'voutereplay.trace', expected format 'routereplay.trace'",
+            (
+                r"not a routereplay trace: its safetensors metadata has format 'voutereplay.trace', "
+                r"expected format 'routereplay.trace'"
+            ),
         ),
         (b'{"__metadata__"', 1, r"header is not valid JSON \(.*\); the file is corrupt"),
         (b'"version":"1"', 88, r"trace format version 0 was never written by routereplay"),
@@ -411,7 +421,10 @@ def test_header_bit_flips(tmp_path, golden_bytes, needle, bit, message):
 def test_future_version(tmp_path, golden_bytes, recompute):
     data = edited(golden_bytes, {"version": "2"}, **({} if recompute else {"checksum": "3310664a"}))
     path = write(tmp_path, data)
-    msg = r"trace format version 2 is newer than routereplay \S+ reads \(format version 1\.x\); upgrade routereplay \(pip install -U routereplay\)"
+    msg = (
+        r"trace format version 2 is newer than routereplay \S+ reads \(format version 1\.x\); "
+        r"upgrade routereplay \(pip install -U routereplay\)"
+    )
     with pytest.raises(TraceFormatError, match=re.escape(str(path)) + ": " + msg):
         rio.load(path)
     with pytest.raises(TraceFormatError, match=msg):
@@ -433,7 +446,10 @@ def test_newer_minor_version_ignores_unknown_names(tmp_path, golden_bytes):
         ({"version": "one"}, r"format version field is 'one', expected 'MAJOR' or 'MAJOR.MINOR' such as '1'"),
         (
             {"format": "other.format"},
-            r"not a routereplay trace: its safetensors metadata has format 'other.format', expected format 'routereplay.trace'",
+            (
+                r"not a routereplay trace: its safetensors metadata has format 'other.format', "
+                r"expected format 'routereplay.trace'"
+            ),
         ),
         ({"extra": "1"}, r"unknown metadata field\(s\) \['extra'\] in a version-1 trace; the file is corrupt"),
         (
@@ -489,7 +505,10 @@ def test_missing_tensor(tmp_path, golden_bytes):
     [
         (
             {"dtype": "U8", "shape": [5, 2, 3], "data_offsets": [24, 44]},
-            r"tensor 'experts' of dtype U8 and shape \[5, 2, 3\] needs 30 bytes but its data_offsets \[24, 44\] span 20",
+            (
+                r"tensor 'experts' of dtype U8 and shape \[5, 2, 3\] needs 30 bytes "
+                r"but its data_offsets \[24, 44\] span 20"
+            ),
         ),
         (
             {"dtype": "Q4", "shape": [5, 2, 2], "data_offsets": [24, 44]},
@@ -573,6 +592,150 @@ def test_unvalidated_load_still_checks_seqlens_ends(tmp_path, golden_bytes):
         rio.load(path)
     with pytest.raises(TraceFormatError, match=r"cu_seqlens runs from 0 to 4, expected 0 to T=5"):
         rio.load(path, validate=False)
+
+
+# --- bounded header parsing (hostile or corrupt headers) -------------------------------------
+def _with_header(raw: bytes) -> bytes:
+    return struct.pack("<Q", len(raw)) + raw
+
+
+DEPTH_MSG = (
+    r"header nests JSON at least {depth} levels deep, expected at most 3 \(object > tensor entry > shape list\); "
+    r"the file is corrupt; write it again with routereplay.io.save, or it is not a safetensors file"
+)  # str.format fills in the depth found
+
+
+@pytest.mark.parametrize("depth", [4, 10, 100_000])
+def test_deeply_nested_header_is_refused_before_parsing(tmp_path, depth):
+    # 100_000 levels made json.loads raise RecursionError.
+    path = write(tmp_path, _with_header(b"[" * depth + b"]" * depth))
+    message = DEPTH_MSG.format(depth=depth)
+    with pytest.raises(TraceFormatError, match="^" + re.escape(str(path)) + ": " + message + "$"):
+        rio.read_header(path)
+    with pytest.raises(TraceFormatError, match="^<bytes>: " + message + "$"):
+        rio.loads(path.read_bytes())
+
+
+def test_nesting_inside_a_tensor_entry_is_refused(tmp_path, golden_bytes):
+    table, payload = split(golden_bytes)
+    table["experts"]["shape"] = [[[5]], 2, 2]
+    path = write(tmp_path, build(table, payload))
+    with pytest.raises(TraceFormatError, match=DEPTH_MSG.format(depth=5)):
+        rio.load(path)
+
+
+def test_brackets_and_escapes_inside_strings_do_not_count_as_nesting(tmp_path, golden_bytes):
+    meta = {"model": "tiny-moe", "source": '[[[[{{{{ \\" \\\\" [[[[ "'}
+    path = write(tmp_path, edited(golden_bytes, {"meta": json.dumps(meta, sort_keys=True, separators=(",", ":"))}))
+    assert dict(rio.load(path).meta) == meta
+
+
+@pytest.mark.parametrize(
+    "field, expected", [("layer_ids", "a JSON list of non-negative ints"), ("meta", "a JSON object of strings")]
+)
+def test_deeply_nested_structured_field_is_refused(tmp_path, golden_bytes, field, expected):
+    value = "[" * 100_000 + "]" * 100_000
+    path = write(tmp_path, edited(golden_bytes, {field: value}))
+    with pytest.raises(TraceFormatError) as e:
+        rio.load(path)
+    assert str(e.value) == (
+        f"{path}: field {field!r} is '{'[' * 79}... (200000 characters), expected {expected}; "
+        "the file is corrupt; write it again with routereplay.io.save"
+    )
+
+
+def test_header_above_the_size_limit_is_refused():
+    n = 16 * 2**20 + 8
+    data = _with_header(b"{" + b" " * (n - 2) + b"}")
+    with pytest.raises(TraceFormatError) as e:
+        rio.loads(data)
+    assert str(e.value) == (
+        f"<bytes>: declares a {n}-byte header, above the 16777216-byte limit for a trace header (a real one is a "
+        "few KB); the file is corrupt; write it again with routereplay.io.save"
+    )
+
+
+def test_save_refuses_a_header_readers_would_refuse(tmp_path):
+    trace = golden_traces()["golden_v1.rrt"]._replace(meta={"notes": "x" * (16 * 2**20)})
+    message = (
+        r"^the .rrt header of this trace would be \d+ bytes, above the 16777216-byte limit readers accept "
+        r"\(its meta holds \d+ bytes of JSON and layer_ids 2 entries\); keep meta to short provenance strings$"
+    )
+    with pytest.raises(TraceFormatError, match=message):
+        rio.save(trace, tmp_path / "big.rrt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"num_experts": "2147483649"}, r"field 'num_experts' is '2147483649', expected at most 2147483648"),
+        (
+            {"num_experts": "9" * 5000},
+            r"field 'num_experts' is '9{79}\.\.\. \(5000 characters\), expected at most 2147483648",
+        ),
+        ({"top_k": "9"}, r"field 'top_k' is '9', expected at most 8"),
+        ({"top_k": "1" + "0" * 30}, r"field 'top_k' is '10{30}', expected at most 8"),
+    ],
+)
+def test_counts_are_bounded_before_conversion(tmp_path, golden_bytes, edit, message):
+    path = write(tmp_path, edited(golden_bytes, edit))
+    with pytest.raises(TraceFormatError, match="^" + re.escape(str(path)) + ": " + message + "; the file is corrupt"):
+        rio.load(path)
+
+
+def test_largest_expert_count_round_trips(tmp_path):
+    top = 2**31 - 1
+    trace = RoutingTrace(
+        experts=torch.tensor([[[top, 0]], [[5, top - 1]]]), cu_seqlens=[0, 2], layer_ids=(0,), num_experts=2**31
+    )
+    rio.save(trace, tmp_path / "e.rrt")
+    got = rio.load(tmp_path / "e.rrt")
+    assert got == trace and got.experts.dtype == torch.int32 and got.experts.max() == top
+
+
+# --- .rrt bytes (dumps / loads) ------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(golden_traces()))
+def test_dumps_gives_the_file_bytes_and_loads_reads_them(name):
+    golden = (DATA / name).read_bytes()
+    trace = golden_traces()[name]
+    assert rio.dumps(trace) == golden
+    for data in (golden, bytearray(golden), memoryview(golden)):
+        assert rio.loads(data) == trace
+        assert rio.loads(data, validate=False) == trace
+
+
+@settings(max_examples=30, deadline=None)
+@given(trace=traces(), validate=st.booleans())
+def test_bytes_round_trip(trace, validate):
+    data = rio.dumps(trace)
+    got = rio.loads(data, validate=validate)
+    assert got == trace and rio.dumps(got) == data
+
+
+def test_loads_copies_the_data(golden_bytes):
+    data = bytearray(golden_bytes)
+    trace = rio.loads(data)
+    data[8 + N_HEADER + 24] = 7  # experts[0, 0, 0] in the caller's buffer
+    assert int(trace.experts[0, 0, 0]) == 0
+    assert trace.experts.untyped_storage().data_ptr() != 0
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 200, 8 + N_HEADER, SIZE - 1])
+def test_loads_checks_what_load_checks(tmp_path, golden_bytes, keep):
+    path = write(tmp_path, golden_bytes[:keep])
+    with pytest.raises(TraceFormatError) as from_file:
+        rio.load(path)
+    with pytest.raises(TraceFormatError) as from_bytes:
+        rio.loads(golden_bytes[:keep])
+    assert str(from_bytes.value) == str(from_file.value).replace(str(path), "<bytes>")
+    with pytest.raises(TraceFormatError, match=r"^<bytes>: checksum mismatch"):
+        rio.loads(golden_bytes.replace(b"3310664a", b"3310664b"))
+
+
+def test_dumps_rejects_non_traces():
+    with pytest.raises(TypeError, match=r"dumps expects a RoutingTrace, found dict"):
+        rio.dumps({})
 
 
 if __name__ == "__main__":

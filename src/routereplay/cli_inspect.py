@@ -4,6 +4,11 @@ Prints the shape of the trace (sequences, tokens, layers, top-k, experts, dtypes
 per MoE layer, how evenly the recorded routes spread over the experts. A corrupt file prints
 the reason on stderr and exits with status 2.
 
+Memory stays proportional to the file's real size: nothing is sized by the header's
+``num_experts`` alone (a 360-byte file may declare 2**31 experts). Per-layer counts are dense
+``[L, E]`` only when that is small next to the ids themselves, and sparse (the experts that
+occur) otherwise.
+
 Legend (shape suffixes used in this file):
     T  tokens        L  MoE layers        K  top-k slots        E  experts        N  rows of a chunk
 """
@@ -25,6 +30,8 @@ __all__ = ["add_arguments", "expert_counts", "format_text", "run", "summarize"]
 
 # Rows per bincount: bounds the int64 copy of the ids to about 2**16 * L * K * 8 bytes.
 _CHUNK_ROWS = 1 << 16
+# Dense [L, E] counts are used while L * E is at most this or at most the number of ids.
+_DENSE_COUNTS = 1 << 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,24 +70,55 @@ def expert_counts(trace: RoutingTrace) -> torch.Tensor:
             trace built or loaded without validation).
     """
     L, E = trace.num_layers, trace.num_experts
-    offsets_L1 = torch.arange(L, device=trace.device).unsqueeze(1) * E
     counts_LE = torch.zeros(L * E, dtype=torch.int64, device=trace.device)
+    for keys_M in _layer_keys(trace):
+        counts_LE += torch.bincount(keys_M, minlength=L * E)
+    return counts_LE.view(L, E)
+
+
+def _layer_keys(trace: RoutingTrace):
+    """Per chunk of rows, int64 ``l * E + id`` for every valid (row, layer, slot), range-checked.
+
+    One bincount / unique then covers all layers: layer l's ids land in ``[l*E, (l+1)*E)``.
+    """
+    L, E = trace.num_layers, trace.num_experts
+    offsets_L1 = torch.arange(L, device=trace.device).unsqueeze(1) * E
     for start in range(0, trace.num_tokens, _CHUNK_ROWS):
         ids_NLK = trace.experts[start : start + _CHUNK_ROWS]
         if trace.valid is not None:
             ids_NLK = ids_NLK[trace.valid[start : start + _CHUNK_ROWS]]
-        if ids_NLK.numel():
-            # A trace loaded without validation may hold ids out of range; they would be
-            # counted against the wrong layer below.
-            lo, hi = torch.aminmax(ids_NLK)
-            if int(lo) < 0 or int(hi) >= E:
-                raise ExpertIdError(
-                    f"rows {start} to {start + ids_NLK.shape[0] - 1} hold expert ids in [{int(lo)}, {int(hi)}], "
-                    f"outside [0, {E}); load the trace with validation to find the row"
-                )
-        # One bincount for all layers: layer l's ids are shifted into [l*E, (l+1)*E).
-        counts_LE += torch.bincount((ids_NLK.long() + offsets_L1).reshape(-1), minlength=L * E)
-    return counts_LE.view(L, E)
+        if not ids_NLK.numel():
+            continue
+        # A trace loaded without validation may hold ids out of range; they would be
+        # counted against the wrong layer.
+        lo, hi = torch.aminmax(ids_NLK)
+        if int(lo) < 0 or int(hi) >= E:
+            raise ExpertIdError(
+                f"rows {start} to {start + ids_NLK.shape[0] - 1} hold expert ids in [{int(lo)}, {int(hi)}], "
+                f"outside [0, {E}); load the trace with validation to find the row"
+            )
+        yield (ids_NLK.long() + offsets_L1).reshape(-1)
+
+
+def _used_counts(trace: RoutingTrace) -> list[torch.Tensor]:
+    """Per layer, int64 counts of the experts chosen at least once (in no particular order).
+
+    Memory is bounded by the ids present, not by ``num_experts``: dense counts when ``L * E`` is
+    small, otherwise a running ``unique`` over the chunks (at most one key per distinct
+    (layer, expert) pair that occurs).
+    """
+    L, E = trace.num_layers, trace.num_experts
+    if L * E <= max(_DENSE_COUNTS, trace.experts.numel()):
+        counts_LE = expert_counts(trace)
+        return [row[row > 0] for row in counts_LE]
+    keys_U = torch.zeros(0, dtype=torch.int64, device=trace.device)
+    counts_U = torch.zeros(0, dtype=torch.int64, device=trace.device)
+    for keys_M in _layer_keys(trace):
+        new_keys, new_counts = torch.unique(keys_M, return_counts=True)
+        keys_U, inverse = torch.unique(torch.cat([keys_U, new_keys]), return_inverse=True)
+        counts_U = torch.zeros_like(keys_U).index_add_(0, inverse, torch.cat([counts_U, new_counts]))
+    layer_U = torch.div(keys_U, E, rounding_mode="floor")
+    return [counts_U[layer_U == l] for l in range(L)]
 
 
 def summarize(trace: RoutingTrace, header: io.TraceFileHeader | None = None) -> dict:
@@ -97,21 +135,21 @@ def summarize(trace: RoutingTrace, header: io.TraceFileHeader | None = None) -> 
         header: its file header, for the file-level entries (path, sizes, version, checksum).
     """
     L, K, E = trace.num_layers, trace.top_k, trace.num_experts
-    counts_LE = expert_counts(trace).cpu().to(torch.float64)
-    total_L = counts_LE.sum(-1, keepdim=True)
-    share_LE = counts_LE / total_L.clamp(min=1)
-    plogp_LE = torch.where(share_LE > 0, share_LE * share_LE.log(), torch.zeros_like(share_LE))
-    entropy_L = -plogp_LE.sum(-1) / math.log(E) if E > 1 else torch.ones(L, dtype=torch.float64)
     layers = []
-    for l, layer_id in enumerate(trace.layer_ids):
-        n = int(total_L[l])
+    for layer_id, used_U in zip(trace.layer_ids, _used_counts(trace)):
+        # Only the experts that occur: an unused expert adds nothing to the entropy sum and
+        # makes the minimum share 0.
+        used_U = used_U.cpu().to(torch.float64)
+        n = int(used_U.sum())
+        share_U = used_U / max(n, 1)
+        entropy = float(-(share_U * share_U.log()).sum()) / math.log(E) if E > 1 else 1.0
         layers.append(
             {
                 "layer_id": layer_id,
                 "assignments": n,
-                "min_share": float(share_LE[l].min()) if n else None,
-                "max_share": float(share_LE[l].max()) if n else None,
-                "entropy": float(entropy_L[l]) if n else None,
+                "min_share": (float(share_U.min()) if used_U.numel() == E else 0.0) if n else None,
+                "max_share": float(share_U.max()) if n else None,
+                "entropy": entropy if n else None,
             }
         )
     seq_lens_B = trace.seq_lens.cpu()

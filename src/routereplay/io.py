@@ -27,11 +27,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
 from routereplay.errors import ExpertIdError, GatesError, TraceFormatError
-from routereplay.trace import RoutingTrace, expert_dtype
+from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -39,7 +40,9 @@ __all__ = [
     "FORMAT_VERSION",
     "TensorEntry",
     "TraceFileHeader",
+    "dumps",
     "load",
+    "loads",
     "read_header",
     "save",
 ]
@@ -49,8 +52,15 @@ FORMAT_VERSION = "1"
 CHECKSUM_ALGORITHM = "crc32"
 # The major version this module reads, and the newest minor it knows every field of.
 _MAJOR, _MINOR = 1, 0
-# safetensors refuses headers above 100 MB; a larger declared length is a corrupt file.
-_MAX_HEADER_BYTES = 100_000_000
+# A trace's header is a few hundred bytes plus its layer ids and meta (a few KB in practice).
+# Parsing JSON can take ~20x its size in Python objects, so the reader refuses headers above
+# 16 MiB (safetensors' own limit is 100 MB) and save refuses to write one.
+_MAX_HEADER_BYTES = 16 * 2**20
+# JSON nesting of a valid header: the top-level object > a tensor entry > its shape list.
+# Metadata values are strings; the structured ones (layer_ids, meta) nest one level inside.
+# Checked before json.loads, whose recursion a hostile header would otherwise exhaust.
+_MAX_HEADER_DEPTH = 3
+_MAX_FIELD_DEPTH = 1
 _PLACEHOLDER = "00000000"
 
 # safetensors dtype names <-> torch dtypes this format stores.
@@ -151,6 +161,26 @@ def save(trace: RoutingTrace, path: str | os.PathLike[str], *, fsync: bool = Tru
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{path}: directory {directory} does not exist; create it before saving the trace")
 
+    _atomic_write(path, _encode(trace), fsync=fsync)
+
+
+def dumps(trace: RoutingTrace) -> bytes:
+    """The bytes :func:`save` would write for ``trace``: a whole ``.rrt`` file in memory.
+
+    For handing a trace to another process or host as bytes (a message queue, an object store):
+    checksummed and versioned like a file. Costs one copy of the tensors into the result.
+
+    Raises:
+        the errors of :func:`save` other than the file-system ones.
+    """
+    if not isinstance(trace, RoutingTrace):
+        raise TypeError(f"dumps expects a RoutingTrace, found {type(trace).__name__}")
+    _check_host_byte_order()
+    return b"".join(_encode(trace))
+
+
+def _encode(trace: RoutingTrace) -> list:
+    """The file as chunks: the prefix (length + header), then each tensor's bytes, in file order."""
     tensors = _tensors_of(trace)
     # File order: larger elements first, then by name. Every tensor then starts at a multiple
     # of its element size, so readers can view the bytes in place (safetensors does the same).
@@ -181,7 +211,13 @@ def save(trace: RoutingTrace, path: str | os.PathLike[str], *, fsync: bool = Tru
     for payload in payloads:
         crc = zlib.crc32(payload, crc)
     prefix = _encode_prefix({**metadata, "checksum": f"{crc:08x}"}, entries)
-    _atomic_write(path, [prefix, *payloads], fsync=fsync)
+    if len(prefix) - 8 > _MAX_HEADER_BYTES:
+        raise TraceFormatError(
+            f"the .rrt header of this trace would be {len(prefix) - 8} bytes, above the "
+            f"{_MAX_HEADER_BYTES}-byte limit readers accept (its meta holds {len(metadata['meta'])} bytes "
+            f"of JSON and layer_ids {len(trace.layer_ids)} entries); keep meta to short provenance strings"
+        )
+    return [prefix, *payloads]
 
 
 def _tensors_of(trace: RoutingTrace) -> dict[str, torch.Tensor]:
@@ -319,12 +355,63 @@ def load(
         header, prefix = _read_prefix(f, path)
     tensors = _read_tensors(path, header)
     _verify_checksum(path, header, prefix, tensors)
-    fields = _parse_fields(path, header)
+    if not mmap and torch.device(device).type == "cpu":
+        tensors = {name: t.clone() for name, t in tensors.items()}
+    return _build(path, header, tensors, validate=validate, device=device)
 
+
+def loads(
+    data: bytes | bytearray | memoryview, *, validate: bool = True, device: torch.device | str = "cpu"
+) -> RoutingTrace:
+    """Read a trace from the bytes of a ``.rrt`` file (what :func:`dumps` returns).
+
+    Checks exactly what :func:`load` checks, in the same order. The tensors own their memory:
+    the data section is copied once (``data`` may be reused or freed afterwards).
+
+    Args:
+        data: the whole file's bytes.
+        validate, device: as for :func:`load`.
+
+    Raises:
+        TraceFormatError: as for :func:`load`; the message starts with ``<bytes>`` where
+            :func:`load` names the path.
+        TraceError subclasses: ``validate=True`` and the stored routes are not a valid trace.
+    """
+    _check_host_byte_order()
+    label = "<bytes>"
+    view = memoryview(data).cast("B")
+    header, prefix = _read_prefix(_BytesReader(view), label, file_size=view.nbytes)
+    _require_tensors(label, header)
+    data_start = 8 + header.header_size
+    # One copy of the data section into memory torch owns, then a view per tensor.
+    buffer = torch.empty(header.data_size, dtype=torch.uint8)
+    buffer.numpy()[:] = np.frombuffer(view, dtype=np.uint8, count=header.data_size, offset=data_start)
+    tensors = {
+        name: buffer[e.start : e.end].view(_DTYPES[e.dtype]).view(e.shape) for name, e in header.tensors.items()
+    }
+    _verify_checksum(label, header, prefix, tensors)
+    return _build(label, header, tensors, validate=validate, device=device)
+
+
+class _BytesReader:
+    """``read(n)`` over a memoryview without copying the rest of it (io.BytesIO would)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view, self._pos = view, 0
+
+    def read(self, n: int) -> bytes:
+        out = bytes(self._view[self._pos : self._pos + n])
+        self._pos += len(out)
+        return out
+
+
+def _build(
+    path: str, header: TraceFileHeader, tensors: dict[str, torch.Tensor], *, validate: bool, device
+) -> RoutingTrace:
+    """The trace from checksummed host tensors: parse the fields, move, then validate or run the O(1) checks."""
+    fields = _parse_fields(path, header)
     if torch.device(device).type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}
-    elif not mmap:
-        tensors = {name: t.clone() for name, t in tensors.items()}
     parts = {
         "experts": tensors["experts"],
         "cu_seqlens": tensors["cu_seqlens"],
@@ -354,9 +441,14 @@ def _fail(path: str, problem: str) -> TraceFormatError:
 _CORRUPT = "the file is corrupt; write it again with routereplay.io.save"
 
 
-def _read_prefix(f, path: str) -> tuple[TraceFileHeader, bytes]:
-    """Read and check the 8-byte length and the JSON header; return them with the raw bytes."""
-    file_size = os.fstat(f.fileno()).st_size
+def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileHeader, bytes]:
+    """Read and check the 8-byte length and the JSON header; return them with the raw bytes.
+
+    Nothing is allocated from a declared size before it is checked against ``file_size`` (the
+    bytes actually present) and the header limit.
+    """
+    if file_size is None:
+        file_size = os.fstat(f.fileno()).st_size
     head = f.read(8)
     if len(head) < 8:
         raise _fail(
@@ -372,10 +464,21 @@ def _read_prefix(f, path: str) -> tuple[TraceFileHeader, bytes]:
             f"{header_size}-byte header but only {file_size - 8} bytes follow",
         )
     if header_size > _MAX_HEADER_BYTES:
-        raise _fail(path, f"declares a {header_size}-byte header, above the 100 MB safetensors limit; {_CORRUPT}")
+        raise _fail(
+            path,
+            f"declares a {header_size}-byte header, above the {_MAX_HEADER_BYTES}-byte limit for a trace "
+            f"header (a real one is a few KB); {_CORRUPT}",
+        )
     raw = f.read(header_size)
     if len(raw) < header_size:
         raise _fail(path, f"file shrank while being read: expected {header_size} header bytes, got {len(raw)}")
+    depth = _json_depth(raw, stop_above=_MAX_HEADER_DEPTH)
+    if depth > _MAX_HEADER_DEPTH:
+        raise _fail(
+            path,
+            f"header nests JSON at least {depth} levels deep, expected at most {_MAX_HEADER_DEPTH} "
+            f"(object > tensor entry > shape list); {_CORRUPT}, or it is not a safetensors file",
+        )
     try:
         table = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -520,8 +623,7 @@ def _parse_table(path: str, table: dict) -> dict[str, TensorEntry]:
     return {name: entry for _, _, name, entry in entries}
 
 
-def _read_tensors(path: str, header: TraceFileHeader) -> dict[str, torch.Tensor]:
-    """Memory-map the tensors with safetensors (zero copy on the host) and check their layout."""
+def _require_tensors(path: str, header: TraceFileHeader) -> None:
     for name in _REQUIRED_TENSORS:
         if name not in header.tensors:
             raise _fail(
@@ -529,6 +631,11 @@ def _read_tensors(path: str, header: TraceFileHeader) -> dict[str, torch.Tensor]
                 f"missing tensor {name!r}; a trace file holds {list(_REQUIRED_TENSORS)} "
                 f"and optionally {list(_OPTIONAL_TENSORS)}",
             )
+
+
+def _read_tensors(path: str, header: TraceFileHeader) -> dict[str, torch.Tensor]:
+    """Memory-map the tensors with safetensors (zero copy on the host) and check their layout."""
+    _require_tensors(path, header)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata()
@@ -569,29 +676,26 @@ def _parse_fields(path: str, header: TraceFileHeader) -> dict:
     """Decode the metadata fields and check they agree with the tensor shapes (all O(1) or O(L))."""
     md, entries = header.metadata, header.tensors
 
-    def count(name: str) -> int:
+    def count(name: str, bound: int) -> int:
         value = md[name]
         if not _COUNT_RE.fullmatch(value):
-            raise _fail(path, f"field {name!r} is {value!r}, expected a positive decimal integer; {_CORRUPT}")
+            raise _fail(path, f"field {name!r} is {_short(value)}, expected a positive decimal integer; {_CORRUPT}")
+        # Compare the digits before int(): Python refuses to convert more than 4300 of them.
+        if len(value) > len(str(bound)) or int(value) > bound:
+            raise _fail(path, f"field {name!r} is {_short(value)}, expected at most {bound}; {_CORRUPT}")
         return int(value)
 
-    num_experts, top_k = count("num_experts"), count("top_k")
-    try:
-        layer_ids = json.loads(md["layer_ids"])
-    except json.JSONDecodeError:
-        layer_ids = None
+    num_experts = count("num_experts", MAX_NUM_EXPERTS)
+    top_k = count("top_k", min(num_experts, MAX_NUM_EXPERTS))
+    layer_ids = _field_json(md["layer_ids"])
     if not isinstance(layer_ids, list) or any(type(i) is not int or i < 0 for i in layer_ids):
-        raise _fail(
-            path, f"field 'layer_ids' is {md['layer_ids']!r}, expected a JSON list of non-negative ints; {_CORRUPT}"
-        )
+        found = _short(md["layer_ids"])
+        raise _fail(path, f"field 'layer_ids' is {found}, expected a JSON list of non-negative ints; {_CORRUPT}")
     if len(set(layer_ids)) != len(layer_ids):
         raise _fail(path, f"field 'layer_ids' {layer_ids} repeats a layer; {_CORRUPT}")
-    try:
-        meta = json.loads(md["meta"])
-    except json.JSONDecodeError:
-        meta = None
+    meta = _field_json(md["meta"])
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _fail(path, f"field 'meta' is {md['meta']!r}, expected a JSON object of strings; {_CORRUPT}")
+        raise _fail(path, f"field 'meta' is {_short(md['meta'])}, expected a JSON object of strings; {_CORRUPT}")
 
     experts, cu = entries["experts"], entries["cu_seqlens"]
     want = _DTYPE_NAMES[expert_dtype(num_experts)]
@@ -621,6 +725,55 @@ def _parse_fields(path: str, header: TraceFileHeader) -> dict:
             f"shaped like experts {[T, L, K]}; {_CORRUPT}",
         )
     return {"num_experts": num_experts, "layer_ids": tuple(layer_ids), "meta": meta}
+
+
+def _short(value: str, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters for messages about corrupt fields."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} characters)"
+
+
+def _field_json(value: str) -> object:
+    """A structured metadata field decoded, or None when it is not flat JSON (depth-checked first)."""
+    if _json_depth(value.encode("utf-8"), stop_above=_MAX_FIELD_DEPTH) > _MAX_FIELD_DEPTH:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return None
+
+
+def _json_depth(raw: bytes, *, stop_above: int, chunk: int = 1 << 20) -> int:
+    """Deepest nesting of ``[`` / ``{`` outside string literals in the JSON text ``raw``.
+
+    Vectorized over chunks of ``chunk`` bytes (a Python loop per byte would take seconds on a
+    16 MiB header), carrying the string / escape / depth state from chunk to chunk. Returns as
+    soon as the depth exceeds ``stop_above``. Exact for valid JSON; on invalid JSON it may be
+    off after the first syntax error, where ``json.loads`` stops anyway.
+    """
+    in_string, backslashes, depth, deepest = False, 0, 0, 0
+    for begin in range(0, len(raw), chunk):
+        a = np.frombuffer(raw, dtype=np.uint8, count=min(chunk, len(raw) - begin), offset=begin)
+        n = a.size
+        idx = np.arange(n, dtype=np.int64)
+        is_bs = a == 0x5C
+        # Backslashes right before each byte: a quote after an odd run is escaped.
+        last_other = np.maximum.accumulate(np.where(is_bs, -1, idx))
+        run_before = np.empty(n, dtype=np.int64)
+        run_before[0] = backslashes
+        run_before[1:] = idx[:-1] - last_other[:-1]
+        run_before[1:] += np.where(last_other[:-1] < 0, backslashes, 0)
+        quote = (a == 0x22) & (run_before % 2 == 0)
+        quotes = np.cumsum(quote, dtype=np.int64) + int(in_string)
+        outside = quotes % 2 == 0
+        step = ((a == 0x5B) | (a == 0x7B)).astype(np.int64) - ((a == 0x5D) | (a == 0x7D)).astype(np.int64)
+        level = depth + np.cumsum(np.where(outside, step, 0))
+        deepest = max(deepest, int(level.max()))
+        if deepest > stop_above:
+            return deepest
+        in_string, depth = bool(quotes[-1] % 2), int(level[-1])
+        backslashes = (n - 1 - int(last_other[-1])) + (backslashes if last_other[-1] < 0 else 0)
+    return deepest
 
 
 def _check_host_byte_order() -> None:
