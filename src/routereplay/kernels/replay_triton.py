@@ -244,7 +244,7 @@ def _replay_fwd(
             tl.store(rowsum_ptr + rows, den, mask=rmask)
     w = _scores_at(x, kmask, mx, den, SCORE, S_CODE, W_CODE, KP, BLOCK_T, PRECISE)
     if NORM > 0:
-        w, total, div = _normalise(w, eps, NORM, ADD_EPS, W_CODE, BLOCK_T, KP, KB)
+        w, _total, _div = _normalise(w, eps, NORM, ADD_EPS, W_CODE, BLOCK_T, KP, KB)
     if HAS_SCALE:
         w = _round(w * tl.load(scale_ptr + safe, mask=m2, other=1.0).to(tl.float32), P_CODE)
     if SCALE_OP == 1 or SCALE_OP == 2:
@@ -505,7 +505,9 @@ def _check_inputs(logits_TE, spec, forced_TK, forced_mask_T, bias_E, expert_scal
         raise RouterSpecError(f"{where}spec must be a RouterSpec, found {type(spec).__name__}")
     if not isinstance(logits_TE, torch.Tensor) or logits_TE.ndim != 2 or not logits_TE.is_floating_point():
         found = (
-            f"{tuple(logits_TE.shape)} {logits_TE.dtype}" if isinstance(logits_TE, torch.Tensor) else type(logits_TE).__name__
+            f"{tuple(logits_TE.shape)} {logits_TE.dtype}"
+            if isinstance(logits_TE, torch.Tensor)
+            else type(logits_TE).__name__
         )
         raise RouterSpecError(f"{where}logits must be a float [T, {spec.num_logits}] tensor, found {found}")
     reason = unsupported_reason(spec, logits_dtype=logits_TE.dtype, device=logits_TE.device)
@@ -613,9 +615,5 @@ def route_forced_fused(
         keep_T = forced_mask_T.view(torch.uint8)
     scale = expert_scale_E.contiguous() if expert_scale_E is not None else None
     plan = plan_for(spec, logits_TE.dtype, None if scale is None else scale.dtype, out_dtype, device.type == "cuda")
-    save_stats = torch.is_grad_enabled() and (
-        logits_TE.requires_grad or (scale is not None and scale.requires_grad)
-    )
-    return _FusedReplay.apply(
-        logits_TE, scale, forced_TK, live_TK, keep_T, plan, save_stats, block_rows, fp_fusion
-    )
+    save_stats = torch.is_grad_enabled() and (logits_TE.requires_grad or (scale is not None and scale.requires_grad))
+    return _FusedReplay.apply(logits_TE, scale, forced_TK, live_TK, keep_T, plan, save_stats, block_rows, fp_fusion)
