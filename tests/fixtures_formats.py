@@ -33,10 +33,57 @@ def full_layer_axis(routes_TLK: np.ndarray, moe_layer_ids, num_hidden_layers: in
 
 
 # --- vLLM -----------------------------------------------------------------------------------------
-def vllm_capture(truth_TLK, *, moe_layer_ids=None, num_hidden_layers=None, dtype=np.int16) -> np.ndarray:
-    """``routed_experts`` of a finished request: the host buffer's rows for the T-1 forwarded tokens."""
-    rows = truth_TLK[: truth_TLK.shape[0] - 1]  # the last sampled token is never forwarded
+def vllm_dtype(num_experts: int) -> np.dtype:
+    """The in-process dtype of vLLM's slot manager: uint8 up to 256 experts, else uint16."""
+    return np.dtype(np.uint8 if num_experts <= 256 else np.uint16)
+
+
+def vllm_capture(
+    truth_TLK, *, moe_layer_ids=None, num_hidden_layers=None, dtype=np.int16, prompt_start: int = 0
+) -> np.ndarray:
+    """``routed_experts`` of a finished request: the host buffer's rows for the T-1 forwarded tokens.
+
+    ``prompt_start`` (``SamplingParams.routed_experts_prompt_start``): the scheduler gathers the
+    prompt's rows from that position on, then one row per decode step, so the payload is rows
+    ``[prompt_start, T - 1)``.
+    """
+    rows = truth_TLK[prompt_start : truth_TLK.shape[0] - 1]  # the last sampled token is never forwarded
     return full_layer_axis(rows, moe_layer_ids, num_hidden_layers).astype(dtype)
+
+
+def partial_rollout(prompt_len: int, generated: list[int], routes_per_attempt: list[np.ndarray], dtype=np.uint8):
+    """A generation aborted and resumed as verl's ``FullyAsyncLLMServerClient`` does it.
+
+    Attempt k is sent ``prompt + tokens generated so far`` and generates ``generated[k]`` tokens;
+    ``routes_per_attempt[k]`` is the route the engine computes at every position under the weights
+    of attempt k (``[P + sum(generated), L, K]``). Each attempt's payload covers its whole request
+    minus one row (``None`` when it generated nothing, as verl skips it).
+
+    Returns ``(attempts, verl_rows)``: ``[(payload, token_ids)]`` per attempt and the rows verl's
+    client keeps (the first payload, then the last ``len(new tokens)`` rows of each later one).
+    """
+    total = prompt_len + sum(generated)
+    tokens = list(range(1000, 1000 + total))
+    attempts, verl_rows, sent = [], None, prompt_len
+    for g, routes in zip(generated, routes_per_attempt):
+        n = sent + g
+        payload = None if g == 0 else routes[: n - 1].astype(dtype)
+        attempts.append((payload, tokens[:n]))
+        if payload is not None:
+            verl_rows = payload if verl_rows is None else np.concatenate([verl_rows, payload[-g:]])
+        sent = n
+    return attempts, verl_rows
+
+
+def generated_with(prompt_len: int, generated: list[int], routes_per_attempt: list[np.ndarray]) -> np.ndarray:
+    """Row r = the route of the forward that generated token r + 1: from the attempt that generated it."""
+    rows, sent = [], prompt_len
+    for g, routes in zip(generated, routes_per_attempt):
+        first = 0 if not rows else sent - 1  # this attempt forwards position sent-1 to generate token sent
+        if g:
+            rows.append(routes[first : sent + g - 1])
+        sent += g
+    return np.concatenate(rows)
 
 
 def vllm_split(capture_NLK, prompt_len: int, completion_len: int, extra_row=None):
@@ -70,11 +117,13 @@ def sglang_meta_info(
     moe_layer_ids=None,
     num_hidden_layers=None,
     override_rows=None,
+    num_retractions: int | None = None,
 ) -> dict:
     """``meta_info`` of a finished request: base64 of the little-endian int32 rows ``[start_len, seqlen-1)``.
 
     ``honour_start_len=False`` mimics builds that ignore ``routed_experts_start_len``.
     ``override_rows``: ``{absolute_row: [L, K] routes}`` that this forward computed differently.
+    ``num_retractions``: ``meta_info["num_retractions"]`` (SGLang reports it on every response).
     """
     T = truth_TLK.shape[0]
     rows = truth_TLK[: T - 1].copy()
@@ -88,6 +137,7 @@ def sglang_meta_info(
         "prompt_tokens": prompt_len,
         "completion_tokens": T - prompt_len,
         "finish_reason": {"type": "stop"},
+        **({} if num_retractions is None else {"num_retractions": num_retractions}),
     }
 
 

@@ -156,8 +156,8 @@ class RouteAccumulator:
             routed_experts: the request's routes ``[N, Lp, K]`` in any form
                 :func:`routereplay.formats.decode_vllm_payload` takes (arrays of any integer dtype,
                 read-only ones included, tensors, nested lists, base64 ``.npy``). For SGLang's raw
-                base64 use :meth:`add_sglang`. ``None`` is accepted for a request that generated no
-                new token (an attempt aborted before its first token).
+                base64 use :meth:`add_sglang`. An attempt aborted before its first token has nothing
+                to add: skip it, as verl does (``None`` raises, since it also means capture was off).
             start: the absolute row the payload starts at (the ``routed_experts_prompt_start`` /
                 ``routed_experts_start_len`` the request was sent with; 0 for a whole payload, as
                 each partial-rollout attempt returns). A payload of ``num_tokens - 1`` rows sent with
@@ -182,13 +182,10 @@ class RouteAccumulator:
             raise EngineFormatError(f"{label}: start={start!r} must be an int in [0, num_tokens-1 = {n - 1}]")
         start = int(start)
         if routed_experts is None:
-            if n > self._num_tokens:
-                raise EngineFormatError(
-                    f"{label}: routed_experts is None but the request has {n - self._num_tokens} new token(s); "
-                    "enable route capture for this request (vLLM --enable-return-routed-experts)"
-                )
-            self._commit_tokens(n, ids)
-            return 0
+            raise EngineFormatError(
+                f"{label}: routed_experts is None. An attempt aborted before its first token has no new rows: skip "
+                "it. Otherwise the engine captured nothing: start vLLM with --enable-return-routed-experts"
+            )
         arr = decode_vllm_payload(routed_experts, where=label)
         m = arr.shape[0] if arr.ndim else 0
         if m == n - 1 - start:
