@@ -1,25 +1,43 @@
 """vLLM routed-experts payloads <-> RoutingTrace.
 
 vLLM conventions (``--enable-return-routed-experts``; read from vLLM's
-``model_executor/layers/fused_moe/routed_experts_capturer.py``, ``v1/engine/output_processor.py``
-and ``entrypoints/openai/*/protocol.py``):
+``model_executor/layers/fused_moe/routed_experts_capturer.py``, ``v1/core/sched/scheduler.py``,
+``sampling_params.py``, ``outputs.py`` and ``entrypoints/openai/*/protocol.py``, and its pull
+requests #28284, #51906 and #56844):
 
 * Rows: one per *forwarded* token. A request of ``prompt + completion`` tokens has
   ``prompt + completion - 1`` rows: the last sampled token is never forwarded, so it has no route.
 * Combined form: ``CompletionOutput.routed_experts`` numpy ``[prompt + completion - 1, L, K]``
-  covering prompt then generated tokens.
-* Split form (newer releases): ``RequestOutput.prompt_routed_experts`` ``[prompt, L, K]`` (shared by
-  the ``n`` completions of a request) plus ``CompletionOutput.routed_experts`` for the generated
-  part, ``[completion - 1, L, K]``; vLLM clips it to ``completion`` rows when speculative decoding
-  (MTP) captured more, and then the last row belongs to a draft token the model may have rejected,
-  so it is dropped here. Either part is ``None`` when empty.
-* Dtype by release: int32 (first), int16 (host cache), uint8 when experts <= 256 else uint16 (slot
-  manager). Rows vLLM never captured (prefix-cache hits that could not be restored) hold -1.
+  covering prompt then generated tokens. This is the only form current vLLM ships.
+* ``routed_experts_prompt_start`` (per request: ``SamplingParams`` and the OpenAI chat / completion
+  request field; non-streaming responses only; added by #51906, Aug 2026): the scheduler gathers the
+  prompt's rows from that position on, so the payload is rows ``[start, prompt + completion - 1)``
+  and its first row is the route of token ``start``. ``0 <= start <= prompt`` (``start == prompt``,
+  the generated part only, is valid since #56844; before it the engine asserted ``start < prompt``).
+  The response does not echo the start: pass ``prompt_starts=``. A server that predates the field
+  ignores it and returns every row; with token counts that is told apart and cut here. Multi-turn:
+  send ``start = rows held = tokens so far - 1`` so the previous turn's last token (never forwarded
+  by that turn) gets its row from this one; :class:`routereplay.formats.RouteAccumulator` does the
+  bookkeeping.
+* Split form: ``RequestOutput.prompt_routed_experts`` ``[prompt, L, K]`` (shared by the ``n``
+  completions of a request; at the top level of OpenAI responses) plus ``CompletionOutput.
+  routed_experts`` for the generated part, ``[completion - 1, L, K]``, clipped to ``completion`` rows
+  when speculative decoding (MTP) captured more, the last row then being a draft token's (dropped
+  here). Either part is ``None`` when empty. From what we read, the field is in the OpenAI responses
+  of vLLM 0.20-0.21 (``"prompt_routed_experts": null`` unless captured) and in forks built on them
+  (Prime-RL's); vLLM's ``outputs.py`` on main has no such field and #51906 replaced the use case
+  with ``routed_experts_prompt_start``. It is read (and written by :func:`to_vllm` with
+  ``prompt_lens``) for those releases only; it cannot be combined with a prompt start.
+* Dtype: read from the payload itself, never assumed. In process: int32 (first release, #28284),
+  int16 (host cache), uint8 when experts <= 256 else uint16 (slot manager). Over HTTP the ``.npy``
+  carries its own dtype (documented as int32 by #51906; servers that pass the slot manager's array
+  through send uint8 / uint16). Ids are widened, never narrowed (a uint16 id above 32767 stays
+  itself). Rows vLLM never captured (prefix-cache hits that could not be restored) hold -1.
 * Layer axis: ``num_hidden_layers`` with dense layers as empty rows in older releases, MoE layers only
   in newer ones (``_count_moe_layers``). ``moe_layer_ids=`` handles both.
 * HTTP (OpenAI server): ``choices[i].routed_experts`` is nested lists in older servers, base64 of
-  ``.npy`` bytes in newer ones (decode: ``np.load(io.BytesIO(base64.b64decode(s)))``);
-  ``prompt_routed_experts`` sits at the response's top level in the split form.
+  ``.npy`` bytes in newer ones. The ``.npy`` header is checked against the bytes present before
+  anything is allocated (``np.load`` would trust a header declaring terabytes).
 
 A batch of requests becomes one trace with one sequence per request (per completion for ``n > 1``),
 in engine rows by default (``rows="training"`` appends an invalid row for each last token).
