@@ -351,7 +351,8 @@ def unslice(
         layer_ids: the layers of the result (default: every layer some record has, sorted).
 
     Returns:
-        RoutingTrace: ``cu_seqlens`` from ``seq_lens``, padding rows dropped.
+        RoutingTrace: ``cu_seqlens`` from ``seq_lens``, padding rows dropped; a row is valid when
+        every record that holds it marks it valid.
 
     Raises:
         LayoutError: a record with the wrong row count or micro-batch count, two ranks that saw
@@ -372,6 +373,7 @@ def unslice(
     K, E = first.top_k, first.num_experts
     experts_TLK = torch.zeros(T, len(ids), K, dtype=first.experts.dtype)
     owner_TL = torch.full((T, len(ids)), -1, dtype=torch.int64)  # which record wrote each route first
+    valid_T = torch.ones(T, dtype=torch.bool)
     for k, (coords, mbs) in enumerate(items):
         plan = micro_batch_sequences(layout, lens_T.numel(), coords.dp)
         if len(mbs) != len(plan):
@@ -393,6 +395,7 @@ def unslice(
             real_N = src_N >= 0
             rows = glob_M[src_N[real_N]]
             got = rec.experts.cpu()[real_N]
+            valid_T[rows] &= rec.valid_mask.cpu()[real_N]
             for j_rec, lid in enumerate(rec.layer_ids):
                 if lid not in col:
                     continue
@@ -417,4 +420,12 @@ def unslice(
             f"layer {ids[j]}: global row {t} (sequence {b}, position {t - int(cu_B1[b])}) was recorded by no rank; "
             "pass the records of every rank that owns that layer and those rows"
         )
-    return RoutingTrace(experts=experts_TLK, cu_seqlens=cu_B1, layer_ids=ids, num_experts=E, meta=dict(first.meta))
+    experts_TLK[~valid_T] = 0
+    return RoutingTrace(
+        experts=experts_TLK,
+        cu_seqlens=cu_B1,
+        layer_ids=ids,
+        num_experts=E,
+        valid=None if bool(valid_T.all()) else valid_T,
+        meta=dict(first.meta),
+    )
