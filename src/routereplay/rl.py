@@ -43,7 +43,7 @@ import torch
 from routereplay.errors import LayoutError, MissingRoutesError, ReplayError
 from routereplay.trace import RoutingTrace
 
-__all__ = ["RouteStore", "token_logprobs"]
+__all__ = ["DispatchTap", "RouteStore", "token_logprobs"]
 
 
 def token_logprobs(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -80,18 +80,31 @@ class RouteStore:
         trace: optional initial routes (R3): one sequence per sample, sample ``i`` = sequence
             ``i``, in training rows (``Rollout.training_trace()`` or
             ``routereplay.layout.engine_to_training``).
+        sample_ids: the sample id of each sequence of ``trace`` (default ``0 .. B-1``); a
+            data-parallel rank holds only its samples under their global ids
+            (``routereplay.distributed.rank_store``).
 
     Raises:
         MissingRoutesError: the initial trace lacks routes other than each sample's last row.
+        LayoutError: ``sample_ids`` without a trace, not one per sequence, negative or repeated.
     """
 
-    def __init__(self, handle: Any, trace: RoutingTrace | None = None) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        trace: RoutingTrace | None = None,
+        *,
+        sample_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> None:
         self._handle = handle
         self._trace: RoutingTrace | None = None
         self._pos_N = torch.zeros(0, dtype=torch.int64)  # sample id -> sequence in _trace (-1: none)
+        if trace is None and sample_ids is not None:
+            raise LayoutError("RouteStore got sample_ids without a trace; pass the trace whose sequences they name")
         if trace is not None:
             _check_only_last_rows_missing(trace, "the store's trace")
-            self._add(torch.arange(trace.num_seqs), trace.to("cpu"))
+            ids_B = torch.arange(trace.num_seqs) if sample_ids is None else _ids_tensor(sample_ids)
+            self._add(ids_B, trace.to("cpu"))
 
     @property
     def sample_ids(self) -> list[int]:
@@ -222,4 +235,132 @@ def _check_only_last_rows_missing(trace: RoutingTrace, what: str) -> None:
         raise MissingRoutesError(
             f"{what}: row {t} (sequence {b}, position {t - int(trace.cu_seqlens[b])}) has no route and is not the "
             f"sequence's last token ({int(bad_T.sum())} such rows); only the last token of each sample may route live"
+        )
+
+
+class DispatchTap:
+    """The expert ids each MoE layer actually dispatched, observed at the experts' input.
+
+    An independent witness of replay for your own trainer: it does not read the replay's
+    bookkeeping (``rep.stats`` reports how far *live* routing would drift, not what ran). It hooks
+    each MoE block's experts module where the adapter knows its ids argument, else the router's
+    returned ids (after the replay's substitution). Forwards run while autograd executes a
+    backward (activation-checkpoint recomputes) are not observed.
+
+        with store.replay(ids, attention_mask=mask), DispatchTap(handle) as tap:
+            logits = model(**batch).logits
+        dispatched = tap.trace(attention_mask=mask)            # what the experts received
+        assert routing_agreement(store.trace(ids), dispatched).disagreement == 0.0
+
+    Args:
+        handle: the ``RouterHandle`` of the model.
+
+    Attributes:
+        observed_at: per MoE layer, ``"experts input"`` or ``"router output"``.
+
+    Raises:
+        ReplayError: a layer where neither point can be observed.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._seen: list[list[torch.Tensor]] = [[] for _ in handle.layers]
+        self._hooks: list[Any] = []
+        self._points: list[tuple[torch.nn.Module, tuple[int, str] | None]] = []
+        self.observed_at: list[str] = []
+        model = handle.model
+        arg_of = None
+        if getattr(handle, "adapter", None) == "hf":
+            from routereplay.adapters.hf import experts_ids_argument
+
+            arg_of = experts_ids_argument
+        for layer in handle.layers:
+            block = model.get_submodule(layer.path.rpartition(".")[0])
+            experts = getattr(block, "experts", None)
+            pos = arg_of(experts) if arg_of is not None and isinstance(experts, torch.nn.Module) else None
+            if pos is not None:
+                self._points.append((experts, pos))
+                self.observed_at.append("experts input")
+            else:
+                self._points.append((model.get_submodule(layer.path), None))
+                self.observed_at.append("router output")
+
+    def __enter__(self) -> DispatchTap:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        self._seen = [[] for _ in self._handle.layers]
+        for i, (module, pos) in enumerate(self._points):
+            if pos is not None:
+                self._hooks.append(module.register_forward_pre_hook(self._pre_hook(i, *pos), with_kwargs=True))
+            else:
+                self._hooks.append(module.register_forward_hook(self._post_hook(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _pre_hook(self, i: int, arg_index: int, arg_name: str):
+        def hook(module, args, kwargs):
+            if torch._C._current_graph_task_id() == -1:
+                ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
+                self._seen[i].append(ids.detach().reshape(-1, ids.shape[-1]))
+
+        return hook
+
+    def _post_hook(self, i: int):
+        def hook(module, args, output):
+            if torch._C._current_graph_task_id() != -1:
+                return
+            if not isinstance(output, tuple) or len(output) < 3 or not isinstance(output[2], torch.Tensor):
+                raise ReplayError(
+                    f"DispatchTap: cannot observe the routes of {self._handle.where(i)}: its router returns no ids "
+                    "and its MoE block has no experts module taking ids"
+                )
+            self._seen[i].append(output[2].detach().reshape(-1, output[2].shape[-1]))
+
+        return hook
+
+    @property
+    def forwards(self) -> int:
+        """Forwards observed (every layer must have seen the same number)."""
+        counts = {len(s) for s in self._seen}
+        if len(counts) != 1:
+            raise ReplayError(f"DispatchTap: MoE layers saw different numbers of forwards {[len(s) for s in self._seen]}")
+        return counts.pop()
+
+    def trace(self, attention_mask: torch.Tensor | None = None, *, forward: int = -1) -> RoutingTrace:
+        """The dispatched routes of one observed forward (the last by default).
+
+        Args:
+            attention_mask: ``[B, S]`` of a padded forward: padding rows are dropped, one sequence
+                per batch row. None: every row the routers saw, as one sequence.
+            forward: which observed forward (Python index).
+
+        Returns:
+            RoutingTrace over ``handle.layer_ids`` (compare it with ``routing_agreement``).
+
+        Raises:
+            ReplayError: nothing observed, or the mask does not fit the forward's rows.
+        """
+        n = self.forwards
+        if n == 0:
+            raise ReplayError("DispatchTap: no forward was observed; run the forward inside the `with` block")
+        ids_NLK = torch.stack([s[forward] for s in self._seen], 1).cpu()
+        N = ids_NLK.shape[0]
+        if attention_mask is None:
+            cu = torch.tensor([0, N])
+        else:
+            mask_BS = attention_mask.to("cpu").bool()
+            if mask_BS.numel() != N:
+                raise ReplayError(
+                    f"DispatchTap: attention_mask {tuple(mask_BS.shape)} has {mask_BS.numel()} positions but the "
+                    f"forward dispatched {N} rows"
+                )
+            ids_NLK = ids_NLK[mask_BS.reshape(-1)]
+            cu = torch.zeros(mask_BS.shape[0] + 1, dtype=torch.int64)
+            torch.cumsum(mask_BS.sum(1), 0, out=cu[1:])
+        h = self._handle
+        return RoutingTrace(
+            experts=ids_NLK, cu_seqlens=cu, layer_ids=h.layer_ids, num_experts=h.num_experts,
+            meta={"source": "routereplay.rl.DispatchTap"},
         )
