@@ -1,0 +1,257 @@
+"""routereplay.kernels on the CPU: the fused replay kernel through Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported, and must not leak into the rest of
+the suite, so the kernel runs in one subprocess (this file run as a script, ``--interp-report``)
+that measures every case against ``routing.route`` and prints JSON; the tests here read that
+report. Under the interpreter exp / log1p are NumPy's and torch's CPU kernels reduce in another
+order than the CUDA ones the kernel reproduces, so the forward is held to a measured ulp bound
+(bit-exactness is the GPU tier's claim, tests/test_kernels_gpu.py).
+
+Legend: T tokens, E logits per token, K top-k.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from routereplay.routing import RouterSpec
+
+HERE = Path(__file__).resolve().parent
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install 'routereplay[triton]'")
+
+# measured under the interpreter (numpy exp vs torch's CPU exp and reduction order), 64 tokens x
+# 3 seeds per case: at most 4 ulp in float32 and 4 ulp in bfloat16 (a one-ulp difference in a score
+# grows through the bf16-rounded sum, division and scaling); ulps counted in the logits' dtype
+ULP_BOUND = {"float32": 4, "bfloat16": 4}
+ID_DTYPES = ("uint8", "int16", "int32", "int64")
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between two float tensors of one dtype."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if a.numel() == 0:
+        return 0
+    if a.dtype == torch.float32:
+        ia, ib = a.view(torch.int32).long(), b.view(torch.int32).long()
+        flip = 0x7FFFFFFF
+    else:
+        ia, ib = a.view(torch.int16).long(), b.view(torch.int16).long()
+        flip = 0x7FFF
+    # map the sign-magnitude bit patterns onto one ordered integer line
+    ia = torch.where(ia < 0, -(ia & flip), ia)
+    ib = torch.where(ib < 0, -(ib & flip), ib)
+    return int((ia - ib).abs().max())
+
+
+# --- the interpreter subprocess -----------------------------------------------------------
+def _report() -> dict:
+    """Run every case through the kernel and route(); return what the tests assert on."""
+    import warnings
+
+    import numpy as np
+
+    warnings.simplefilter("ignore")  # padded lanes divide 0/0 under the interpreter; never stored
+    np.seterr(all="ignore")
+    sys.path.insert(0, str(HERE))
+    from test_routing import VARIANTS, _inputs, random_valid_ids
+
+    from routereplay import routing
+    from routereplay.errors import RouterSpecError
+    from routereplay.kernels import route_forced_fused, unsupported_reason
+
+    out: dict = {"cases": {}, "errors": {}}
+    for name, spec in sorted(VARIANTS.items()):
+        for dtype in (torch.float32, torch.bfloat16):
+            key = f"{name}-{str(dtype).split('.')[-1]}"
+            reason = unsupported_reason(spec, logits_dtype=dtype, device="cpu")
+            if reason is not None:
+                out["cases"][key] = {"unsupported": reason}
+                continue
+            case = {"ulp": 0, "ids_equal": True, "dtype_equal": True, "id_dtypes_agree": True, "grad_rel": 0.0}
+            for seed in range(3):
+                logits_TE, kwargs, gen = _inputs(spec, dtype, seed)
+                ids_TK = random_valid_ids(spec, logits_TE.shape[0], gen)
+                mask_T = torch.rand(logits_TE.shape[0], generator=gen) > 0.25 if seed == 2 else None
+                ref_w, ref_i = routing.route(logits_TE, spec, forced_TK=ids_TK, forced_mask_T=mask_T, **kwargs)
+                results = [
+                    route_forced_fused(
+                        logits_TE, spec, forced_TK=ids_TK.to(getattr(torch, d)), forced_mask_T=mask_T, **kwargs
+                    )
+                    for d in (ID_DTYPES if seed == 0 else ("uint8",))
+                ]
+                w, i = results[0]
+                case["ids_equal"] &= torch.equal(i, ref_i) and i.dtype == torch.int64
+                case["dtype_equal"] &= w.dtype == ref_w.dtype
+                case["id_dtypes_agree"] &= all(torch.equal(w, w2) and torch.equal(i, i2) for w2, i2 in results)
+                if w.dtype == ref_w.dtype:  # fp32 weights of bf16 logits (an fp32 expert scale): bf16 ulps
+                    ulp = (
+                        ulp_distance(w.to(dtype), ref_w.to(dtype)) if dtype != torch.float32 else ulp_distance(w, ref_w)
+                    )
+                    case["ulp"] = max(case["ulp"], ulp)
+            # backward against route()'s autograd, with live rows in the batch
+            logits_TE, kwargs, gen = _inputs(spec, dtype, 7, num_tokens=37)
+            ids_TK = random_valid_ids(spec, 37, gen)
+            mask_T = torch.rand(37, generator=gen) > 0.25
+            grad_TK = torch.randn(37, spec.top_k, generator=gen)
+            grads = []
+            for fn in (routing.route, route_forced_fused):
+                leaf = logits_TE.clone().requires_grad_(True)
+                scale = kwargs.get("expert_scale_E")
+                if scale is not None:
+                    kwargs["expert_scale_E"] = scale.detach().clone().requires_grad_(True)
+                w, _ = fn(leaf, spec, forced_TK=ids_TK, forced_mask_T=mask_T, **kwargs)
+                (w.float() * grad_TK).sum().backward()
+                grads.append(
+                    [leaf.grad.float()] + ([kwargs["expert_scale_E"].grad.float()] if scale is not None else [])
+                )
+            case["grad_rel"] = max(float((a - b).norm() / b.norm()) for a, b in zip(grads[1], grads[0], strict=True))
+            out["cases"][key] = case
+
+    spec = VARIANTS["softmax_pre_norm"]
+    logits_TE, kwargs, gen = _inputs(spec, torch.float32, 0, num_tokens=8)
+    ids_TK = random_valid_ids(spec, 8, gen)
+    # validation: route()'s own checks and messages
+    dup_TK = ids_TK.clone()
+    dup_TK[3, 1] = dup_TK[3, 0]
+    for label, call in {
+        "duplicate": lambda fn: fn(logits_TE, spec, forced_TK=dup_TK.to(torch.uint8), **kwargs),
+        "shape": lambda fn: fn(logits_TE, spec, forced_TK=ids_TK[:, :2], **kwargs),
+        "float_ids": lambda fn: fn(logits_TE, spec, forced_TK=ids_TK.float(), **kwargs),
+    }.items():
+        messages = []
+        for fn in (routing.route, route_forced_fused):
+            try:
+                call(fn)
+                messages.append(None)
+            except RouterSpecError as e:
+                messages.append(str(e))
+        out["errors"][label] = messages
+    try:
+        route_forced_fused(logits_TE, VARIANTS["p_norm"], forced_TK=ids_TK, where="layer 3: ")
+        out["errors"]["unsupported"] = None
+    except RouterSpecError as e:
+        out["errors"]["unsupported"] = str(e)
+    # an id out of range with validate=False: its row is NaN, the others are untouched
+    bad_TK = ids_TK.clone()
+    bad_TK[5, 2] = spec.num_logits + 3
+    w, _ = route_forced_fused(logits_TE, spec, forced_TK=bad_TK, validate=False, **kwargs)
+    ref_w, _ = routing.route(logits_TE, spec, forced_TK=ids_TK, **kwargs)
+    others = torch.arange(8) != 5
+    out["nan_row"] = bool(w[5].isnan().all()) and not bool(w[others].isnan().any())
+    out["nan_row_others_ulp"] = ulp_distance(w[others], ref_w[others])
+    # strided logits, and no rows at all
+    wide_TE = torch.randn(8, 2 * spec.num_logits, generator=gen)
+    w, _ = route_forced_fused(wide_TE[:, ::2], spec, forced_TK=ids_TK, **kwargs)
+    ref_w, _ = routing.route(wide_TE[:, ::2], spec, forced_TK=ids_TK, **kwargs)
+    out["strided_ulp"] = ulp_distance(w, ref_w)
+    w, i = route_forced_fused(logits_TE[:0], spec, forced_TK=ids_TK[:0], **kwargs)
+    out["empty"] = [list(w.shape), list(i.shape)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed: pip install 'routereplay[triton]'")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--interp-report"],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _case_keys() -> list[str]:
+    sys.path.insert(0, str(HERE))
+    from test_routing import VARIANTS
+
+    return [f"{name}-{d}" for name in sorted(VARIANTS) for d in ("float32", "bfloat16")]
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("key", _case_keys())
+def test_interpreted_kernel_matches_route(report, key):
+    case = report["cases"][key]
+    if "unsupported" in case:
+        assert key.startswith("p_norm-"), f"{key}: only DBRX's p-norm is left to route(), found {case}"
+        return
+    dtype = key.rsplit("-", 1)[1]
+    assert case["ids_equal"], f"{key}: ids differ from route()'s (or are not int64)"
+    assert case["dtype_equal"], f"{key}: weights dtype differs from route()'s"
+    assert case["id_dtypes_agree"], f"{key}: uint8 / int16 / int32 / int64 ids give different results"
+    assert case["ulp"] <= ULP_BOUND[dtype], f"{key}: {case['ulp']} ulp from route(), bound {ULP_BOUND[dtype]}"
+    bound = 1e-6 if dtype == "float32" else 2e-2
+    assert case["grad_rel"] <= bound, f"{key}: gradient relative error {case['grad_rel']:.2e} > {bound}"
+
+
+@NEEDS_TRITON
+def test_interpreted_kernel_validates_like_route(report):
+    errors = report["errors"]
+    for label in ("duplicate", "shape", "float_ids"):
+        ref, fused = errors[label]
+        assert ref is not None and ref == fused, f"{label}: route() says {ref!r}, the kernel says {fused!r}"
+    assert "expert repeats" in errors["duplicate"][1]
+    assert errors["unsupported"] == (
+        "layer 3: the fused replay kernel does not cover this router spec: norm_kind='p_norm' (DBRX) is not "
+        "fused: torch.norm's reduction order is not reproduced; check routereplay.kernels.supports(spec, ...) "
+        "first and call routing.route for such specs"
+    )
+
+
+@NEEDS_TRITON
+def test_interpreted_kernel_edge_cases(report):
+    assert report["nan_row"], "an out-of-range id with validate=False must poison exactly its row"
+    assert report["nan_row_others_ulp"] <= ULP_BOUND["float32"]
+    assert report["strided_ulp"] <= ULP_BOUND["float32"]
+    assert report["empty"] == [[0, 4], [0, 4]]
+
+
+def test_import_routereplay_does_not_import_triton():
+    code = (
+        "import sys, routereplay, routereplay.kernels; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "from routereplay.routing import RouterSpec; "
+        "print(routereplay.kernels.supports(RouterSpec(num_experts=8, top_k=2)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_unsupported_reasons():
+    from routereplay.kernels import unsupported_reason
+
+    if not HAS_TRITON:
+        assert unsupported_reason(RouterSpec(num_experts=8, top_k=2)) == (
+            "triton is not installed: pip install 'routereplay[triton]'"
+        )
+        return
+    assert unsupported_reason(RouterSpec(num_experts=8, top_k=2)) is None
+    dbrx = RouterSpec(num_experts=16, top_k=4, norm_topk_prob=True, norm_kind="p_norm", norm_p=1.0)
+    assert "p_norm" in unsupported_reason(dbrx)
+    assert unsupported_reason(RouterSpec(num_experts=64, top_k=33)) == "top_k=33 > 32"
+    assert unsupported_reason(RouterSpec(num_experts=2048, top_k=8)) == ("softmax over num_logits=2048 > 1024 experts")
+    assert unsupported_reason(RouterSpec(num_experts=2048, top_k=8, score_function="sigmoid")) is None
+    assert "float64" in unsupported_reason(RouterSpec(num_experts=8, top_k=2), logits_dtype=torch.float64)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        assert unsupported_reason(RouterSpec(num_experts=8, top_k=2), device="cpu") == (
+            "logits on cpu: the kernel runs on CUDA (or on the CPU with TRITON_INTERPRET=1)"
+        )
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interp-report"]:
+    torch.set_num_threads(1)
+    print(json.dumps(_report()))
