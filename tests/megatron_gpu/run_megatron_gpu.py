@@ -1,0 +1,503 @@
+"""Megatron-Core GPU tier: routereplay on GPTModel, against Megatron's own RouterReplay (issue 8, 5(a)-(e)).
+
+Run one configuration per torchrun launch (``run_all.sh`` runs every one that fits the GPUs):
+
+    CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --nproc_per_node=N tests/megatron_gpu/run_megatron_gpu.py \\
+        --config NAME --out $OUT
+
+Checks, each on every rank (results: ``$OUT/megatron_<config>.json``, one line per check):
+    (a) record_replay_bitexact   record a forward, replay its trace: the logits are bit-identical
+    (b) forced_equals_megatron   force other valid ids: the output changes, and equals what Megatron's
+                                 own RouterReplay (REPLAY_FORWARD) gives forced with the same ids
+    (c) recompute_grads_equal    forward+backward under forced ids, with full (uniform) and selective
+                                 ("moe") recompute: gradients equal those without recompute
+    (d) two_models_independent   an actor and a reference GPTModel in one process record and replay
+                                 independently (Megatron's global list cannot do this)
+    (e) r3_vllm_trace            a global trace as vLLM returns it (engine rows, dense layers as zero
+                                 rows) -> routereplay.formats -> routereplay.parallel slice per rank ->
+                                 replay on every rank: the logits equal the recorded ones
+Pipeline configurations run Megatron's schedules (1F1B, or interleaved with VPP 2) with several
+micro-batches, forward and backward; every micro-batch replays its own ids. fp32,
+``deterministic_mode`` and ``torch.use_deterministic_algorithms`` (outputs compared bit for bit).
+
+Legend: S sequence length, B micro-batch size, V vocabulary, N = S * B router rows, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+# name -> parallel sizes (tp, ep, etp, pp, vpp), recompute checks, num_layers, dense layers
+CONFIGS = {
+    "single": {"gpus": 1},
+    "dp2": {"gpus": 2},
+    "tp2": {"gpus": 2, "tp": 2},
+    "ep2": {"gpus": 2, "ep": 2},
+    "tp2_ep2_etp1": {"gpus": 2, "tp": 2, "ep": 2, "etp": 1},
+    "pp2": {"gpus": 2, "pp": 2},
+    "pp2_vpp2": {"gpus": 2, "pp": 2, "vpp": 2},
+    # issue 14 (4 GPUs)
+    "tp2_pp2": {"gpus": 4, "tp": 2, "pp": 2},
+    "ep2_pp2": {"gpus": 4, "ep": 2, "pp": 2},
+    "tp2_ep2_dp2_etp1": {"gpus": 4, "tp": 2, "ep": 2, "etp": 1},
+    "pp2_vpp2_ep2": {"gpus": 4, "pp": 2, "vpp": 2, "ep": 2},
+    "pp2_dense_stage": {"gpus": 2, "pp": 2, "dense": (0, 1)},  # stage 0 has no MoE layer
+}
+S, B, V, HIDDEN, EXPERTS, TOPK, LAYERS = 32, 2, 128, 64, 8, 2, 4
+
+
+def log(msg: str) -> None:
+    print(f"[rank {dist.get_rank()}] {msg}", flush=True)
+
+
+def setup(cfg: dict) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.moe import moe_utils
+
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.get("tp", 1),
+        pipeline_model_parallel_size=cfg.get("pp", 1),
+        virtual_pipeline_model_parallel_size=cfg.get("vpp") if cfg.get("vpp", 1) > 1 else None,
+        expert_model_parallel_size=cfg.get("ep", 1),
+        expert_tensor_parallel_size=cfg.get("etp", cfg.get("tp", 1)),
+    )
+    model_parallel_cuda_manual_seed(1234)
+    if "te_general_gemm" not in vars(moe_utils):  # 0.16.1 names it even without Transformer Engine
+        moe_utils.te_general_gemm = None
+    torch.use_deterministic_algorithms(True)
+
+
+def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None = None):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dense = set(cfg.get("dense", ()))
+    kw = {
+        "num_layers": LAYERS,
+        "hidden_size": HIDDEN,
+        "num_attention_heads": 4,
+        "num_moe_experts": EXPERTS,
+        "moe_router_topk": TOPK,
+        "moe_layer_freq": [0 if i in dense else 1 for i in range(LAYERS)],
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_router_load_balancing_type": "aux_loss",
+        "moe_aux_loss_coeff": 1e-2,
+        "moe_router_pre_softmax": False,
+        "add_bias_linear": False,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "tensor_model_parallel_size": cfg.get("tp", 1),
+        "pipeline_model_parallel_size": cfg.get("pp", 1),
+        "virtual_pipeline_model_parallel_size": cfg.get("vpp") if cfg.get("vpp", 1) > 1 else None,
+        "expert_model_parallel_size": cfg.get("ep", 1),
+        "expert_tensor_parallel_size": cfg.get("etp", cfg.get("tp", 1)),
+        "pipeline_dtype": torch.float32,
+        "deterministic_mode": True,
+        "moe_enable_routing_replay": replay,
+    }
+    if recompute == "full":
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        kw.update(recompute_granularity="selective", recompute_modules=["moe"])
+    return TransformerConfig(**kw)
+
+
+def build(cfg: dict, seed: int = 7, **tkw) -> list:
+    """The model chunks of this rank (one without VPP), same weights for the same seed."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    config = transformer_config(cfg, **tkw)
+    vpp = cfg.get("vpp", 1)
+    chunks = []
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    for v in range(vpp):
+        vp = v if vpp > 1 else None
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp)
+        m = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=V,
+            max_sequence_length=S,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            vp_stage=vp,
+        ).cuda()
+        m.train()  # dropout is 0; Megatron recomputes only in training mode
+        chunks.append(m)
+    return chunks
+
+
+def copy_weights(dst: list, src: list) -> None:
+    for d, s in zip(dst, src):
+        d.load_state_dict(s.state_dict())
+
+
+def batches(num_mb: int, seed: int) -> list[dict]:
+    """Micro-batches of this DP rank (every TP/PP rank of a DP rank gets the same)."""
+    from megatron.core import parallel_state as ps
+
+    g = torch.Generator().manual_seed(seed * 1000 + ps.get_data_parallel_rank())
+    out = []
+    for _ in range(num_mb):
+        ids = torch.randint(0, V, (B, S), generator=g)
+        out.append(
+            {
+                "input_ids": ids.cuda(),
+                "position_ids": torch.arange(S).expand(B, S).contiguous().cuda(),
+                "attention_mask": torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool), 1).cuda(),
+            }
+        )
+    return out
+
+
+def run_schedule(chunks: list, mbs: list[dict], *, backward: bool) -> list[torch.Tensor]:
+    """Megatron's schedule over the micro-batches; returns the last stage's logits per micro-batch
+    (empty on other stages). Loss: mean of squared logits (every logit gets a gradient)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    outputs: list[torch.Tensor] = []
+
+    def loss_func(output_tensor):
+        outputs.append(output_tensor.detach().clone())
+        loss = output_tensor.float().pow(2).mean()
+        return loss, {"loss": loss.detach()}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return model(batch["input_ids"], batch["position_ids"], batch["attention_mask"]), loss_func
+
+    iters = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(mbs),
+        seq_length=S,
+        micro_batch_size=B,
+        forward_only=not backward,
+    )
+    return outputs
+
+
+def grads(chunks: list) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() if p.grad is not None else None for c in chunks for p in c.parameters()]
+
+
+def zero_grads(chunks: list) -> None:
+    for c in chunks:
+        for p in c.parameters():
+            p.grad = None
+
+
+def traces_of(rec, handle) -> list:
+    """One RoutingTrace (router rows) per recorded forward."""
+    from routereplay.trace import RoutingTrace
+
+    out = []
+    for ids_NLK in rec.calls:
+        N = ids_NLK.shape[0]
+        out.append(
+            RoutingTrace(
+                experts=ids_NLK.cpu(),
+                cu_seqlens=torch.tensor([0, N]),
+                layer_ids=handle.layer_ids,
+                num_experts=handle.num_experts,
+            )
+        )
+    return out
+
+
+def other_routes(trace, seed: int):
+    """Valid routes that differ from ``trace``'s: a random K of E per row and layer."""
+    g = torch.Generator().manual_seed(seed)
+    T, L, K = trace.experts.shape
+    ids = torch.rand(T * L, trace.num_experts, generator=g).argsort(-1)[:, :K].reshape(T, L, K)
+    return trace._replace(experts=ids.to(trace.experts.dtype))
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b)
+    )
+
+
+# --- checks ----------------------------------------------------------------------------------
+def check_a_b(cfg, num_mb: int) -> dict:
+    """(a) and (b) on one model built with Megatron's replay enabled (its list holds only this model)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    import routereplay
+
+    RouterReplay.clear_global_router_replay_instances()
+    chunks = build(cfg, replay=True)
+    routers = [m for c in chunks for m in c.modules() if type(m).__name__ == "TopKRouter"]
+    instances = [r.router_replay for r in routers]
+    assert instances == RouterReplay.global_router_replay_instances
+    mbs = batches(num_mb, seed=1)
+    handle = routereplay.attach(chunks if len(chunks) > 1 else chunks[0])
+    res = {"layers": list(handle.layer_ids)}
+    live = run_schedule(chunks, mbs, backward=False)
+    with handle.record() as rec:
+        recorded = run_schedule(chunks, mbs, backward=False)
+    traces = traces_of(rec, handle)
+    with handle.replay(traces):
+        replayed = run_schedule(chunks, mbs, backward=False)
+    res["a_record_replay_bitexact"] = same(live, recorded) and same(recorded, replayed)
+    res["rows_per_router"] = traces[0].num_tokens
+    # (b) forced other routes, then the same ids through Megatron's own RouterReplay. It keeps one
+    # REPLAY_FORWARD target per router, so the micro-batches go through its FIFO instead
+    # (REPLAY_BACKWARD pops one per forward, in order; the same gather as REPLAY_FORWARD).
+    forced = [other_routes(t, 100 + i) for i, t in enumerate(traces)]
+    with handle.replay(forced):
+        ours = run_schedule(chunks, mbs, backward=False)
+    handle.detach()
+    by_router = {id(r): i for i, r in enumerate(routers)}
+    col = [handle.layer_ids.index(lid) for lid in _router_layer_ids(chunks, by_router)]
+    for tr in forced:
+        ids = tr.experts.to(torch.int64).cuda()
+        RouterReplay.set_replay_data([ids[:, c].contiguous() for c in col])
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+    theirs = run_schedule(chunks, mbs, backward=False)
+    RouterReplay.clear_global_indices()
+    RouterReplay.clear_global_router_replay_action()
+    res["b_forced_changes_output"] = (not same(ours, live)) if ours else None
+    res["b_forced_equals_megatron"] = same(ours, theirs)
+    RouterReplay.clear_global_router_replay_instances()
+    return res
+
+
+def _router_layer_ids(chunks, by_router) -> list[int]:
+    from routereplay.adapters import megatron as mga
+
+    d = mga.discover(chunks if len(chunks) > 1 else chunks[0])
+    by_path = {m.path: m.layer_id for m in d.layers}
+    out = []
+    for c, chunk in enumerate(chunks):
+        for path, m in chunk.named_modules():
+            if type(m).__name__ == "TopKRouter":
+                out.append(by_path[f"{c}.{path}" if len(chunks) > 1 else path])
+    return out
+
+
+def check_c(cfg, num_mb: int) -> dict:
+    """(c) gradients under forced routes: full (uniform) and selective ("moe") recompute vs none."""
+    import routereplay
+
+    res = {}
+    base = build(cfg)
+    mbs = batches(num_mb, seed=2)
+    h = routereplay.attach(base if len(base) > 1 else base[0])
+    with h.record() as rec:
+        run_schedule(base, mbs, backward=False)
+    forced = [other_routes(t, 200 + i) for i, t in enumerate(traces_of(rec, h))]
+    zero_grads(base)
+    with h.replay(forced):
+        out0 = run_schedule(base, mbs, backward=True)
+    g0 = grads(base)
+    h.detach()
+    for mode in ("full", "selective"):
+        model = build(cfg, recompute=mode)
+        copy_weights(model, base)
+        hm = routereplay.attach(model if len(model) > 1 else model[0])
+        zero_grads(model)
+        with hm.replay(forced):
+            out = run_schedule(model, mbs, backward=True)
+        res[f"c_recompute_{mode}_grads_equal"] = same(grads(model), g0) and same(out, out0)
+        hm.detach()
+    return res
+
+
+def check_d(cfg) -> dict:
+    """(d) actor and reference in one process: independent record and replay."""
+    import routereplay
+
+    actor, ref = build(cfg, seed=7), build(cfg, seed=8)
+    mbs = batches(1, seed=3)
+    ha = routereplay.attach(actor if len(actor) > 1 else actor[0])
+    hr = routereplay.attach(ref if len(ref) > 1 else ref[0])
+    with ha.record() as ra:
+        la = run_schedule(actor, mbs, backward=False)
+    with hr.record() as rr:
+        lr = run_schedule(ref, mbs, backward=False)
+    ta, tr = traces_of(ra, ha), traces_of(rr, hr)
+    with ha.replay(ta), hr.replay(tr):  # both active at once, interleaved forwards
+        la2 = run_schedule(actor, mbs, backward=False)
+        lr2 = run_schedule(ref, mbs, backward=False)
+    differ = not all(torch.equal(a.experts, b.experts) for a, b in zip(ta, tr))
+    ha.detach()
+    hr.detach()
+    return {"d_two_models_independent": same(la, la2) and same(lr, lr2), "d_models_route_differently": differ}
+
+
+def check_e(cfg, num_mb: int) -> dict:
+    """(e) an R3 trace in vLLM's format, sliced per rank through routereplay.parallel."""
+    from megatron.core import parallel_state as ps
+
+    import routereplay
+    from routereplay import parallel
+    from routereplay.formats import vllm
+    from routereplay.trace import RoutingTrace
+
+    chunks = build(cfg)
+    mbs = batches(num_mb, seed=4)
+    h = routereplay.attach(chunks if len(chunks) > 1 else chunks[0])
+    with h.record() as rec:
+        live = run_schedule(chunks, mbs, backward=False)
+    # The "engine": this DP rank's sequences, gathered over PP so every MoE layer is there, as
+    # vLLM returns them (tokens - 1 rows, every decoder layer on the layer axis, dense = zeros).
+    mine = traces_of(rec, h)  # router rows [S*B] s-major per micro-batch
+    dense = set(cfg.get("dense", ()))
+    moe_ids = [i for i in range(LAYERS) if i not in dense]
+    seqs_LK = []
+    for t in mine:
+        e = t.experts.reshape(S, B, len(h.layer_ids), TOPK).transpose(0, 1)  # [B, S, L_local, K]
+        seqs_LK += list(e)
+    local = torch.stack(seqs_LK)  # [num_mb*B, S, L_local, K]
+    full = torch.zeros(local.shape[0], S, LAYERS, TOPK, dtype=local.dtype, device="cuda")
+    full[:, :, list(h.layer_ids)] = local.cuda()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(full, group=ps.get_pipeline_model_parallel_group())
+    payloads = [full[b, :-1].cpu().numpy() for b in range(full.shape[0])]  # vLLM: tokens - 1 rows
+    # training rows: each sequence's last token (never forwarded by an engine) has no route
+    trace = vllm.from_vllm(payloads, num_experts=EXPERTS, moe_layer_ids=moe_ids, rows="training")
+    # The trace is this DP rank's own sequences (dp=1 here): every DP rank plays its own engine.
+    # EP is left out: it changes neither rows nor ids (see routereplay.parallel).
+    layout = parallel.ParallelLayout(
+        micro_batch_size=B,
+        format="sbhd",
+        seq_length=S,
+        tp=cfg.get("tp", 1),
+        pp=cfg.get("pp", 1),
+        vpp=cfg.get("vpp", 1),
+    )
+    coords = parallel.RankCoords(tp=ps.get_tensor_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_rank())
+    rank_traces = parallel.slice_for_rank(trace, layout, coords, layer_ids=h.layer_ids)
+    assert all(isinstance(t, RoutingTrace) for t in rank_traces)
+    with h.replay(rank_traces, missing="live"):
+        replayed = run_schedule(chunks, mbs, backward=False)
+    h.detach()
+    return {"e_r3_vllm_trace": same(live, replayed), "e_rows_per_rank": rank_traces[0].num_tokens}
+
+
+COLUMNS = (
+    ("a_record_replay_bitexact", "(a) record→replay"),
+    ("b_forced_equals_megatron", "(b) forced = Megatron"),
+    ("b_forced_changes_output", "(b) output changed"),
+    ("c_recompute_full_grads_equal", "(c) full recompute"),
+    ("c_recompute_selective_grads_equal", "(c) selective recompute"),
+    ("d_two_models_independent", "(d) two models"),
+    ("e_r3_vllm_trace", "(e) R3 vLLM trace"),
+)
+
+
+def summarize(folder: str) -> str:
+    """A markdown table (one row per configuration, every rank must pass) from the JSON files."""
+    import glob
+    import subprocess
+
+    rows: dict[str, list[dict]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "megatron_*.rank*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        rows.setdefault(r["config"], []).append(r)
+    commit = (
+        os.environ.get("RR_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
+        ).stdout.strip()
+    )
+    head = "| config | GPUs | megatron-core | " + " | ".join(c for _, c in COLUMNS) + " | date | GPU | commit |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 6)]
+    for name, ranks in rows.items():
+        cells = []
+        for key, _ in COLUMNS:
+            vals = [r.get(key) for r in ranks]
+            errs = [v for r in ranks for k, v in r.items() if k.endswith("_error") and k[0] == key[0]]
+            if errs:
+                cells.append("error: " + errs[0][:60].replace("|", "/"))
+            elif all(v is None for v in vals):
+                cells.append("n/a")
+            else:
+                cells.append("pass" if all(v in (True, None) for v in vals) else "FAIL")
+        r0 = ranks[0]
+        lines.append(
+            f"| {name} | {r0['world']} | {r0['megatron_core']} | "
+            + " | ".join(cells)
+            + f" | {r0['date']} | {r0['gpu']} | {commit} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--summarize", metavar="DIR", help="write DIR/megatron_gpu.md from the JSON files and exit")
+    if "--summarize" in sys.argv:
+        folder = ap.parse_args().summarize
+        table = summarize(folder)
+        with open(os.path.join(folder, "megatron_gpu.md"), "w") as f:
+            f.write(table)
+        print(table)
+        return 0
+    ap.add_argument("--config", required=True, choices=sorted(CONFIGS))
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--microbatches", type=int, default=4)
+    args = ap.parse_args()
+    cfg = CONFIGS[args.config]
+    setup(cfg)
+    import megatron.core
+
+    world = dist.get_world_size()
+    if world != cfg["gpus"]:
+        raise SystemExit(f"config {args.config} needs {cfg['gpus']} processes, torchrun started {world}")
+    num_mb = args.microbatches if cfg.get("pp", 1) > 1 else 2
+    result = {
+        "config": args.config,
+        "rank": dist.get_rank(),
+        "world": world,
+        "gpu": torch.cuda.get_device_name(),
+        "megatron_core": megatron.core.__version__,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "microbatches": num_mb,
+    }
+    ok = True
+    for name, fn in (
+        ("ab", lambda: check_a_b(cfg, num_mb)),
+        ("c", lambda: check_c(cfg, num_mb)),
+        ("d", lambda: check_d(cfg)),
+        ("e", lambda: check_e(cfg, num_mb)),
+    ):
+        try:
+            result.update(fn())
+        except Exception as e:  # noqa: BLE001 (a failed check is a result: record it, run the others)
+            ok = False
+            result[f"{name}_error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    checks = {k: v for k, v in result.items() if k[:2] in ("a_", "b_", "c_", "d_", "e_") and isinstance(v, bool)}
+    ok = ok and all(checks.values())
+    result["passed"] = ok
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"megatron_{args.config}.rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    log(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
