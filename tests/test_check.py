@@ -12,7 +12,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="routereplay check needs transformers (pip install 'routereplay[hf]')")
-pytest.importorskip("matplotlib", reason="routereplay check writes plots with matplotlib (pip install 'routereplay[plot]')")
+pytest.importorskip(
+    "matplotlib", reason="routereplay check writes plots with matplotlib (pip install 'routereplay[plot]')"
+)
 pytest.importorskip("tqdm", reason="routereplay check shows progress with tqdm (pip install 'routereplay[cli]')")
 
 from routereplay import check, io
@@ -93,8 +95,119 @@ def test_check_missing_dependency_names_the_pip_command(monkeypatch, capsys, tmp
 
 
 def test_check_rejects_bad_sizes(capsys, tmp_path):
-    assert main(["check", "--samples", "0", "--out", str(tmp_path)]) == 2
-    assert "--samples and --max-new-tokens must be at least 1" in capsys.readouterr().err
+    assert _usage_error(capsys, "--samples", "0", "--out", str(tmp_path)) == (
+        "routereplay check: error: --samples and --max-new-tokens must be at least 1\n"
+    )
+
+
+# --- usage errors: one line on stderr, exit 2 (exit 1 means only "replay did not reproduce") --
+def _usage_error(capsys, *argv: str) -> str:
+    assert main(["check", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("nonsense", "--device 'nonsense' is not a torch device; use cpu, cuda, cuda:N, mps or xpu"),
+        ("meta", "--device meta holds no data and cannot run a model; use cpu, cuda, cuda:N, mps or xpu"),
+        ("cuda:0", None),
+        ("cuda:64", None),
+    ],
+)
+def test_check_device_errors(capsys, tmp_path, device, message):
+    if message is None:
+        if device == "cuda:0" and torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device 0, so --device cuda:0 is usable")
+        message = f"--device {device}: this torch cannot use it ("
+    err = _usage_error(capsys, "--device", device, "--out", str(tmp_path / "out"))
+    assert err.startswith(f"routereplay check: error: {message}")
+    if "this torch cannot use it" in message:
+        assert err.endswith("); use --device cpu or an available device\n")
+    assert not (tmp_path / "out").exists()  # refused before doing anything
+
+
+def test_check_model_path_errors(capsys, tmp_path):
+    missing, a_file, empty = tmp_path / "absent", tmp_path / "weights.bin", tmp_path / "empty"
+    a_file.write_bytes(b"")
+    empty.mkdir()
+    prefix = "routereplay check: error: --model"
+    assert _usage_error(capsys, "--model", str(missing)) == (
+        f"{prefix} {missing}: no such directory; pass a local Hugging Face MoE checkpoint directory\n"
+    )
+    assert _usage_error(capsys, "--model", str(a_file)) == (
+        f"{prefix} {a_file}: is a file, expected a local Hugging Face MoE checkpoint directory\n"
+    )
+    assert _usage_error(capsys, "--model", str(empty)) == (
+        f"{prefix} {empty}: not a Hugging Face model directory (it has no config.json); "
+        "pass a local MoE checkpoint directory\n"
+    )
+
+
+def test_check_model_that_transformers_cannot_load(capsys, tmp_path):
+    unknown, no_weights = tmp_path / "unknown", tmp_path / "no_weights"
+    unknown.mkdir()
+    (unknown / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    from transformers import Qwen3MoeConfig
+
+    Qwen3MoeConfig(**_TINY_CONFIG).save_pretrained(no_weights)
+    for path, cause in [(unknown, "ValueError: "), (no_weights, "OSError: ")]:
+        err = _usage_error(capsys, "--model", str(path), "--out", str(tmp_path / "out"))
+        assert err.startswith(
+            f"routereplay check: error: --model {path}: transformers could not load a causal LM from it ({cause}"
+        )
+        assert err.endswith("); pass a local Hugging Face MoE checkpoint directory\n")
+
+
+def test_check_model_without_moe_layers(capsys, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = tmp_path / "dense"
+    LlamaForCausalLM(LlamaConfig(**_TINY_CONFIG)).save_pretrained(dense)
+    capsys.readouterr()
+    assert main(["check", "--model", str(dense), *TINY, "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    # Above it, transformers' own "Loading weights" progress bar on stderr.
+    last = err.rsplit("\r", 1)[-1].splitlines()[-1]
+    assert out == "" and last.startswith("routereplay check: error: ")
+
+
+_TINY_CONFIG = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 64,
+}
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--samples", "many"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "routereplay check: error: argument --samples: invalid int value: 'many' (see routereplay check --help)\n"
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["nonsense"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("routereplay: error: argument ") and err.count("\n") == 1
+
+
+def test_check_internal_error_is_not_exit_1(monkeypatch, capsys, tmp_path):
+    # Exit 1 means only "replay did not reproduce the routes"; a bug exits 3 with its traceback.
+    def broken(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(check, "_run", broken)
+    assert main(["check", *TINY, "--out", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError: a bug" in err
+    assert err.endswith("routereplay check: internal error (the traceback above); please report it\n")
 
 
 # --- compare --------------------------------------------------------------------------------
@@ -125,6 +238,7 @@ def test_compare_errors(tmp_path, capsys):
     io.save(_trace(A), a)
     io.save(_trace(B, cu=(0, 1, 3)), b)
     assert main(["compare", str(a), str(b)]) == 2
-    assert "a has sequence lengths [3], b has [1, 2]; the rows would be compared on the wrong tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a has sequence lengths [3], b has [1, 2]; the rows would be compared on the wrong tokens" in err
     assert main(["compare", str(a), str(tmp_path / "missing.rrt")]) == 2
     assert "missing.rrt" in capsys.readouterr().err

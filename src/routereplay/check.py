@@ -14,7 +14,8 @@ On a built-in small Qwen3-MoE-style model (or ``--model DIR``, a local HF MoE ch
 
 Writes ``report.json``, ``per_layer_disagreement.png`` and ``delta_hist.png`` to ``--out`` and
 prints a table. Exit status 0 when replay reproduces the rollout's routes exactly, 1 when it
-does not, 2 on a usage / environment error. ``delta = logp_train - logp_infer`` throughout.
+does not, 2 on a usage / environment error (one line on stderr), 3 on an internal error.
+``delta = logp_train - logp_infer`` throughout.
 
 Legend (shape suffixes used in this file):
     B  samples;  P  padded prompt length;  G  generated positions;  S  padded sample length
@@ -31,6 +32,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +60,9 @@ class ModelSize:
 
 
 DEFAULT_SIZE = ModelSize(layers=6, hidden=128, experts=32, top_k=4, vocab=1024)
-TINY_SIZE = ModelSize(layers=2, hidden=32, experts=8, top_k=2, vocab=64, heads=2, kv_heads=1, head_dim=16, moe_intermediate=16)
+TINY_SIZE = ModelSize(
+    layers=2, hidden=32, experts=8, top_k=2, vocab=64, heads=2, kv_heads=1, head_dim=16, moe_intermediate=16
+)
 # Weight init std. HF's default 0.02 gives a near-uniform next-token distribution on a random
 # model. With 0.1 the bf16-rollout vs fp32-trainer mismatch lands where the R3 paper measured
 # real MoE models (k3 about 2e-3, several % of routes differ); 0.2 exaggerates it (k3 about 7e-2).
@@ -67,15 +71,23 @@ EOS_ID, PAD_ID = 1, 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="DIR", help="local HF MoE checkpoint directory (default: built-in random model)")
-    parser.add_argument("--rollout-dtype", choices=DTYPES, default="bf16", help="dtype of the generating model (default bf16)")
-    parser.add_argument("--train-dtype", choices=DTYPES, default="fp32", help="dtype of the training model (default fp32)")
+    parser.add_argument(
+        "--model", metavar="DIR", help="local HF MoE checkpoint directory (default: built-in random model)"
+    )
+    parser.add_argument(
+        "--rollout-dtype", choices=DTYPES, default="bf16", help="dtype of the generating model (default bf16)"
+    )
+    parser.add_argument(
+        "--train-dtype", choices=DTYPES, default="fp32", help="dtype of the training model (default fp32)"
+    )
     parser.add_argument("--samples", type=int, default=8, help="prompts to sample (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per sample (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in model, prompts and sampling")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--out", default="./routereplay-check", help="output directory (default ./routereplay-check)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the R2 drift step (default 1e-4)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-4, help="AdamW learning rate of the R2 drift step (default 1e-4)"
+    )
     # Test-size model; not part of the documented interface.
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
@@ -111,10 +123,58 @@ def build_default_model(size: ModelSize = DEFAULT_SIZE, *, seed: int = 0, init_s
     return Qwen3MoeForCausalLM(config).eval()
 
 
+class _UsageError(Exception):
+    """An argument ``check`` cannot run with: one line on stderr, exit status 2 (never 1)."""
+
+
 def _load_model(path: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        # Config without a known model_type, missing weights, a tokenizer-only folder, ...
+        raise _UsageError(
+            f"--model {path}: transformers could not load a causal LM from it ({type(e).__name__}: {_first_line(e)}); "
+            "pass a local Hugging Face MoE checkpoint directory"
+        ) from None
+    return model.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What makes the arguments unusable, in one line, or None. Checked before any model is built."""
+    if args.samples < 1 or args.max_new_tokens < 1:
+        return "--samples and --max-new-tokens must be at least 1"
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        return f"--device {args.device!r} is not a torch device; use cpu, cuda, cuda:N, mps or xpu"
+    if device.type == "meta":
+        return "--device meta holds no data and cannot run a model; use cpu, cuda, cuda:N, mps or xpu"
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        # AssertionError: "Torch not compiled with CUDA enabled"; RuntimeError: no driver, bad ordinal.
+        return (
+            f"--device {args.device}: this torch cannot use it ({_first_line(e)}); "
+            "use --device cpu or an available device"
+        )
+    if args.model is not None:
+        if not os.path.exists(args.model):
+            return f"--model {args.model}: no such directory; pass a local Hugging Face MoE checkpoint directory"
+        if not os.path.isdir(args.model):
+            return f"--model {args.model}: is a file, expected a local Hugging Face MoE checkpoint directory"
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            return (
+                f"--model {args.model}: not a Hugging Face model directory (it has no config.json); "
+                "pass a local MoE checkpoint directory"
+            )
+    return None
 
 
 def builtin_prompts(num: int, vocab: int, *, seed: int) -> list[list[int]]:
@@ -186,7 +246,8 @@ class _RoutesTap:
     def trace(self, attention_mask_BS: torch.Tensor, like: Any) -> Any:
         """The tapped routes of the single forward run while active, padding dropped."""
         if any(len(s) != 1 for s in self.seen):
-            raise RouteReplayError(f"routereplay check: expected one tapped forward per layer, got {[len(s) for s in self.seen]}")
+            counts = [len(s) for s in self.seen]
+            raise RouteReplayError(f"routereplay check: expected one tapped forward per layer, got {counts}")
         ids_NLK = torch.stack([s[0] for s in self.seen], 1).cpu()
         keep_N = attention_mask_BS.reshape(-1).bool().cpu()
         return like._replace(experts=ids_NLK[keep_N].to(like.experts.dtype), valid=None, meta={"source": "check tap"})
@@ -213,32 +274,42 @@ def _train_forward(model: Any, batch: dict, device: str) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the check. Returns 0 (replay exact), 1 (replay did not reproduce the routes), 2 (a
+    usage or environment error, reported in one line on stderr) or 3 (an internal error)."""
+    problem = _argument_problem(args)
+    if problem is not None:
+        print(f"routereplay check: error: {problem}", file=sys.stderr)
+        return 2
     missing = _missing_deps()
     if missing:
         print(f"routereplay check needs {', '.join(missing)}: {INSTALL}", file=sys.stderr)
         return 2
-    if args.samples < 1 or args.max_new_tokens < 1:
-        print("routereplay check: --samples and --max-new-tokens must be at least 1", file=sys.stderr)
-        return 2
     try:
         return _run(args)
-    except (RouteReplayError, OSError) as e:
-        print(f"routereplay check: {e}", file=sys.stderr)
+    except _UsageError as e:
+        print(f"routereplay check: error: {e}", file=sys.stderr)
         return 2
+    except (RouteReplayError, OSError) as e:
+        print(f"routereplay check: error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    except Exception:  # noqa: BLE001  (reported with its traceback; only the exit status changes)
+        # A bug, not a finding: Python's own exit status for it (1) would read as "replay did
+        # not reproduce the routes".
+        traceback.print_exc()
+        print("routereplay check: internal error (the traceback above); please report it", file=sys.stderr)
+        return 3
 
 
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from routereplay import plots
+    from routereplay import attach, plots
     from routereplay.metrics import logprob_mismatch, routing_agreement
     from routereplay.rl import RouteStore
-    from routereplay.session import attach
 
     t0 = time.perf_counter()
     device = args.device
     os.makedirs(args.out, exist_ok=True)
-    bar = tqdm(total=5, desc="routereplay check", unit="stage", file=sys.stderr, leave=False)
 
     # --- models -----------------------------------------------------------------------------
     if args.model:
@@ -252,8 +323,8 @@ def _run(args: argparse.Namespace) -> int:
         size = TINY_SIZE if args.tiny else DEFAULT_SIZE
         model = build_default_model(size, seed=args.seed)
         model_desc = (
-            f"built-in Qwen3-MoE ({size.layers} layers, hidden {size.hidden}, {size.experts} experts, top-{size.top_k}, "
-            f"vocab {size.vocab}, seed {args.seed})"
+            f"built-in Qwen3-MoE ({size.layers} layers, hidden {size.hidden}, {size.experts} experts, "
+            f"top-{size.top_k}, vocab {size.vocab}, seed {args.seed})"
         )
         eos, pad = EOS_ID, PAD_ID
     train_dtype, rollout_dtype = DTYPES[args.train_dtype], DTYPES[args.rollout_dtype]
@@ -263,7 +334,12 @@ def _run(args: argparse.Namespace) -> int:
     train_model = model.to(device=device, dtype=train_dtype)
     rollout_model = copy.deepcopy(train_model).to(dtype=rollout_dtype)
     h_roll, h_train = attach(rollout_model), attach(train_model)
-    vocab = train_model.config.get_text_config().vocab_size if hasattr(train_model.config, "get_text_config") else train_model.config.vocab_size
+    config = train_model.config
+    vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
+
+    # The bar starts once the models are built, so that a model that cannot be loaded or
+    # attached is reported on a line of its own.
+    bar = tqdm(total=5, desc="routereplay check", unit="stage", file=sys.stderr, leave=False)
 
     # --- (a) rollout: sampled generation with route capture ---------------------------------
     bar.set_postfix_str("rollout")
@@ -447,7 +523,8 @@ def format_report(report: dict, out_dir: str) -> str:
     for label, part in rows:
         r, m = part["routing"], part["mismatch"]
         lines.append(
-            f"{label:<26}{_f(r['disagreement']):>14}{_f(r['token_disagreement']):>12}{_f(r['mean_disagreeing_layers'], '.2f'):>11}"
+            f"{label:<26}{_f(r['disagreement']):>14}{_f(r['token_disagreement']):>12}"
+            f"{_f(r['mean_disagreeing_layers'], '.2f'):>11}"
             f"{_f(m['k3'], '.2e'):>11}{_f(m['extreme']['F(2)'], '.3f'):>9}{_f(m['max_abs_delta'], '.3f'):>11}"
         )
     w = report["with_replay"]
@@ -461,7 +538,9 @@ def format_report(report: dict, out_dir: str) -> str:
         ),
     ]
     if report["replay_exact"]:
-        lines.append("PASS: R3 replay reproduces the rollout's routes exactly (disagreement 0 on every token and layer).")
+        lines.append(
+            "PASS: R3 replay reproduces the rollout's routes exactly (disagreement 0 on every token and layer)."
+        )
     else:
         lines.append("FAIL: with R3 replay the trainer's routes still differ from the rollout's; see report.json.")
     lines.append(f"wrote {os.path.join(out_dir, 'report.json')}, per_layer_disagreement.png, delta_hist.png")
