@@ -417,3 +417,38 @@ def test_routing_that_skips_the_hook_raises(mcore):
     router.routing(_logits(4, 1, 8, 0))  # live: nothing to replay, Megatron's own routing stands
     for u in reversed(undo):
         u()
+
+
+def test_public_attach_records_and_replays_through_megatron_routing(mcore):
+    """routereplay.attach with this adapter: the trace holds Megatron's own recorded ids (router rows,
+    s-major), and a replay of other ids gives what Megatron's RouterReplay gives for them."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    import routereplay
+
+    _, model, theirs, _ = _two_models(mcore)
+    routers = [r for _, r in _routers(model)]
+    h = routereplay.attach(model, adapter=mga)
+    assert h.layer_ids == (0, 1, 2, 3)
+    logits = [_logits(6, 2, 8, 40 + i) for i in range(len(routers))]
+    for inst in theirs:
+        inst.set_router_replay_action(RouterReplayAction.RECORD)
+    with h.record() as rec:
+        for r, x in zip(routers, logits):
+            r.routing(x)
+    trace = rec.trace()
+    assert trace.num_tokens == 12 and trace.num_seqs == 1
+    for i, inst in enumerate(theirs):
+        assert torch.equal(trace.experts[:, i].long(), inst.get_recorded_indices())
+    forced = trace._replace(experts=_valid_ids(12 * 4, 8, 2, 41).reshape(12, 4, 2).to(trace.experts.dtype))
+    with h.replay(forced):
+        ours = [r.routing(x) for r, x in zip(routers, logits)]
+    h.detach()
+    for i, inst in enumerate(theirs):
+        inst.set_target_indices(forced.experts[:, i].long())
+        inst.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    want = [r.routing(x) for r, x in zip(routers, logits)]
+    for (po, mo), (pw, mw) in zip(ours, want):
+        assert torch.equal(po, pw) and torch.equal(mo, mw)
+    for inst in theirs:
+        RouterReplay.global_router_replay_instances.remove(inst)

@@ -26,6 +26,7 @@ Legend: S sequence length, B micro-batch size, V vocabulary, N = S * B router ro
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -203,6 +204,17 @@ def zero_grads(chunks: list) -> None:
             p.grad = None
 
 
+def attach(chunks: list):
+    """``routereplay.attach`` on this rank's model (the chunk list under VPP). Without an installed
+    routereplay (PYTHONPATH=src on the lent machine) the entry points are absent: name the adapter."""
+    import routereplay
+    from routereplay.adapters import megatron as mga
+
+    model = chunks if len(chunks) > 1 else chunks[0]
+    registered = [n for n, _ in importlib.import_module("routereplay.attach").adapters()]
+    return routereplay.attach(model) if "megatron" in registered else routereplay.attach(model, adapter=mga)
+
+
 def traces_of(rec, handle) -> list:
     """One RoutingTrace (router rows) per recorded forward."""
     from routereplay.trace import RoutingTrace
@@ -240,7 +252,6 @@ def check_a_b(cfg, num_mb: int) -> dict:
     """(a) and (b) on one model built with Megatron's replay enabled (its list holds only this model)."""
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-    import routereplay
 
     RouterReplay.clear_global_router_replay_instances()
     chunks = build(cfg, replay=True)
@@ -248,7 +259,7 @@ def check_a_b(cfg, num_mb: int) -> dict:
     instances = [r.router_replay for r in routers]
     assert instances == RouterReplay.global_router_replay_instances
     mbs = batches(num_mb, seed=1)
-    handle = routereplay.attach(chunks if len(chunks) > 1 else chunks[0])
+    handle = attach(chunks)
     res = {"layers": list(handle.layer_ids)}
     live = run_schedule(chunks, mbs, backward=False)
     with handle.record() as rec:
@@ -295,12 +306,11 @@ def _router_layer_ids(chunks, by_router) -> list[int]:
 
 def check_c(cfg, num_mb: int) -> dict:
     """(c) gradients under forced routes: full (uniform) and selective ("moe") recompute vs none."""
-    import routereplay
 
     res = {}
     base = build(cfg)
     mbs = batches(num_mb, seed=2)
-    h = routereplay.attach(base if len(base) > 1 else base[0])
+    h = attach(base)
     with h.record() as rec:
         run_schedule(base, mbs, backward=False)
     forced = [other_routes(t, 200 + i) for i, t in enumerate(traces_of(rec, h))]
@@ -312,7 +322,7 @@ def check_c(cfg, num_mb: int) -> dict:
     for mode in ("full", "selective"):
         model = build(cfg, recompute=mode)
         copy_weights(model, base)
-        hm = routereplay.attach(model if len(model) > 1 else model[0])
+        hm = attach(model)
         zero_grads(model)
         with hm.replay(forced):
             out = run_schedule(model, mbs, backward=True)
@@ -323,12 +333,11 @@ def check_c(cfg, num_mb: int) -> dict:
 
 def check_d(cfg) -> dict:
     """(d) actor and reference in one process: independent record and replay."""
-    import routereplay
 
     actor, ref = build(cfg, seed=7), build(cfg, seed=8)
     mbs = batches(1, seed=3)
-    ha = routereplay.attach(actor if len(actor) > 1 else actor[0])
-    hr = routereplay.attach(ref if len(ref) > 1 else ref[0])
+    ha = attach(actor)
+    hr = attach(ref)
     with ha.record() as ra:
         la = run_schedule(actor, mbs, backward=False)
     with hr.record() as rr:
@@ -347,14 +356,13 @@ def check_e(cfg, num_mb: int) -> dict:
     """(e) an R3 trace in vLLM's format, sliced per rank through routereplay.parallel."""
     from megatron.core import parallel_state as ps
 
-    import routereplay
     from routereplay import parallel
     from routereplay.formats import vllm
     from routereplay.trace import RoutingTrace
 
     chunks = build(cfg)
     mbs = batches(num_mb, seed=4)
-    h = routereplay.attach(chunks if len(chunks) > 1 else chunks[0])
+    h = attach(chunks)
     with h.record() as rec:
         live = run_schedule(chunks, mbs, backward=False)
     # The "engine": this DP rank's sequences, gathered over PP so every MoE layer is there, as
