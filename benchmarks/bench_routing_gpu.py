@@ -1,0 +1,361 @@
+"""Forced-replay routing on one GPU: routereplay's route(), the fused Triton kernel, Megatron-Core, the bytes floor.
+
+    python3 benchmarks/bench_routing_gpu.py                   # the four shapes of issue 11, fp32 logits
+    OUT=/dir python3 benchmarks/bench_routing_gpu.py          # also writes /dir/bench_routing_gpu.json
+    TRITON_INTERPRET=1 python3 benchmarks/bench_routing_gpu.py --smoke   # tiny shapes on the CPU (logic only)
+
+Per shape, same card, same run, median of per-call CUDA-event timings after warm-up, inputs rotated
+over several copies so that the logits do not sit in L2:
+
+* Megatron-Core ``moe_utils.topk_routing_with_score_function``: live, and ``RouterReplay`` in
+  ``REPLAY_FORWARD`` with int64 ids on the GPU and in pinned host memory (its training path:
+  dense ``[T, E]`` probs and routing map);
+* ``routing.route(..., forced_TK=ids, validate=False)`` with uint8 ids (GPU, pinned host) and int64;
+* ``kernels.route_forced_fused`` with uint8 ids (GPU, pinned host) and int64, its forward
+  rows-per-program swept;
+* forward + backward of each (Megatron: grad of its dense probs; ours: grad of the ``[T, K]`` weights);
+* the bytes floor: reading the logits and the uint8 ids and writing ``[T, K]`` weights and int64
+  ids, at the device-to-device copy bandwidth measured in this run (a 1 GiB copy).
+
+Correctness is checked in the same run: the fused weights against route()'s (ulp distance, fp
+fusion on and off), route()'s against Megatron's replay probs at the same ids.
+
+Legend: T tokens, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch
+
+from routereplay import routing
+from routereplay.routing import RouterSpec
+
+# name, tokens, experts, top-k, Megatron arguments, our spec
+CASES = [
+    ("16384x128 top-k then softmax", 16384, 128, 8, {"score_function": "softmax", "use_pre_softmax": False}),
+    ("16384x128 softmax then top-k", 16384, 128, 8, {"score_function": "softmax", "use_pre_softmax": True}),
+    (
+        "65536x256 sigmoid+bias, 8 groups keep 4",
+        65536,
+        256,
+        8,
+        {"score_function": "sigmoid", "num_groups": 8, "group_topk": 4, "scaling_factor": 2.5, "bias": True},
+    ),
+    ("4096x64 top-4", 4096, 64, 4, {"score_function": "softmax", "use_pre_softmax": False}),
+]
+
+
+def spec_for(num_experts: int, top_k: int, mc: dict) -> RouterSpec:
+    """The RouterSpec that computes what Megatron's topk_routing_with_score_function computes."""
+    if mc["score_function"] == "softmax":
+        return RouterSpec(
+            num_experts=num_experts,
+            top_k=top_k,
+            score_function="softmax",
+            score_before_topk=mc["use_pre_softmax"],
+            compute_dtype=torch.float32,
+            weights_dtype="logits",
+            family="megatron",
+        )
+    return RouterSpec(
+        num_experts=num_experts,
+        top_k=top_k,
+        score_function="sigmoid",
+        compute_dtype=torch.float32,
+        uses_bias=mc.get("bias", False),
+        n_group=mc.get("num_groups"),
+        topk_group=mc.get("group_topk"),
+        group_score_topn=top_k // mc["group_topk"] if mc.get("group_topk") else 2,
+        norm_topk_prob=top_k > 1,
+        norm_eps=1e-20,
+        scaling_factor=mc.get("scaling_factor") or 1.0,
+        weights_dtype="logits",
+        family="megatron",
+    )
+
+
+class Timer:
+    """Median per-call time in µs: CUDA events on the GPU, the host clock (after a sync) elsewhere."""
+
+    def __init__(self, device: torch.device, warmup: int, reps: int):
+        self.device, self.warmup, self.reps = device, warmup, reps
+
+    def __call__(self, fn, copies: int) -> float:
+        for i in range(self.warmup):
+            fn(i % copies)
+        cuda = self.device.type == "cuda"
+        times = []
+        for i in range(self.reps):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(i % copies)
+                end.record()
+                times.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                fn(i % copies)
+                times.append(time.perf_counter() - t0)
+        if cuda:
+            torch.cuda.synchronize()
+            return statistics.median(s.elapsed_time(e) * 1e3 for s, e in times)
+        return statistics.median(times) * 1e6
+
+
+def ulp(a: torch.Tensor, b: torch.Tensor) -> int:
+    ia, ib = a.float().view(torch.int32).long(), b.float().view(torch.int32).long()
+    ia = torch.where(ia < 0, -(ia & 0x7FFFFFFF), ia)
+    ib = torch.where(ib < 0, -(ib & 0x7FFFFFFF), ib)
+    return int((ia - ib).abs().max()) if a.numel() else 0
+
+
+def copy_bandwidth(device: torch.device, timer: Timer) -> float:
+    """Bytes read + written per second by a device-to-device copy of 1 GiB (64 MiB on the CPU)."""
+    n = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    us = timer(lambda i: dst.copy_(src), 1)
+    return 2 * n / (us * 1e-6)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, bandwidth, args, mu, RouterReplay):
+    from routereplay.kernels import replay_triton as kernels  # the entry point plus its tuning knobs
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    spec = spec_for(num_experts, top_k, mc)
+    logits_bytes = num_tokens * num_experts * torch.finfo(dtype).bits // 8
+    copies = max(2, math.ceil(args.rotate_bytes / logits_bytes))
+    logits = [(2 * torch.randn(num_tokens, num_experts, generator=gen)).to(device, dtype) for _ in range(copies)]
+    bias = (0.1 * torch.randn(num_experts, generator=gen)).to(device) if mc.get("bias") else None
+    # ids a router of this spec could pick: live routing of other logits
+    ids64 = [
+        routing.route((2 * torch.randn(num_tokens, num_experts, generator=gen)).to(device, dtype), spec, bias_E=bias)[1]
+        for _ in range(copies)
+    ]
+    ids8 = [i.to(torch.uint8) for i in ids64]
+    pin = device.type == "cuda"
+    ids8_host = [i.cpu().pin_memory() if pin else i.cpu() for i in ids8]
+    ids64_host = [i.cpu().pin_memory() if pin else i.cpu() for i in ids64]
+    kw = {"bias_E": bias} if bias is not None else {}
+    mkw = {
+        "use_pre_softmax": mc.get("use_pre_softmax", False),
+        "num_groups": mc.get("num_groups"),
+        "group_topk": mc.get("group_topk"),
+        "scaling_factor": mc.get("scaling_factor"),
+        "score_function": mc["score_function"],
+        "expert_bias": bias,
+    }
+    replay = RouterReplay()
+    replay.set_router_replay_action(mu_action(mu, "REPLAY_FORWARD"))
+
+    def megatron(i, ids=None):
+        if ids is None:
+            return mu.topk_routing_with_score_function(logits[i], top_k, **mkw)
+        replay.clear_indices()
+        replay.set_target_indices(ids[i])
+        return mu.topk_routing_with_score_function(logits[i], top_k, router_replay=replay, **mkw)
+
+    def ours(i, ids, fused=False, block_rows=None):
+        if fused:
+            return kernels.route_forced_fused(
+                logits[i], spec, forced_TK=ids[i], validate=False, block_rows=block_rows, **kw
+            )
+        return routing.route(logits[i], spec, forced_TK=ids[i], validate=False, **kw)
+
+    res: dict = {"name": name, "tokens": num_tokens, "experts": num_experts, "top_k": top_k, "copies": copies}
+    fwd = res["forward_us"] = {}
+    fwd["megatron_live"] = timer(lambda i: megatron(i), copies)
+    fwd["megatron_replay_gpu_ids"] = timer(lambda i: megatron(i, ids64), copies)
+    fwd["megatron_replay_host_ids"] = timer(lambda i: megatron(i, ids64_host), copies)
+    fwd["route_uint8_gpu_ids"] = timer(lambda i: ours(i, ids8), copies)
+    fwd["route_int64_gpu_ids"] = timer(lambda i: ours(i, ids64), copies)
+    fwd["route_uint8_host_ids"] = timer(lambda i: ours(i, ids8_host), copies)
+    sweep = {}
+    for rows in args.block_rows:
+        sweep[rows] = timer(lambda i, r=rows: ours(i, ids8, True, r), copies)
+    best = min(sweep, key=sweep.get)
+    res["fused_block_rows_us"] = {str(k): v for k, v in sweep.items()}
+    res["fused_block_rows_default"] = kernels._block_rows(
+        kernels.plan_for(spec, dtype, None, None, device.type == "cuda"), backward=False
+    )
+    fwd["fused_uint8_gpu_ids"] = timer(lambda i: ours(i, ids8, True), copies)
+    fwd["fused_uint8_gpu_ids_best_rows"] = sweep[best]
+    res["fused_best_block_rows"] = best
+    fwd["fused_int64_gpu_ids"] = timer(lambda i: ours(i, ids64, True), copies)
+    fwd["fused_uint8_host_ids"] = timer(lambda i: ours(i, ids8_host, True), copies)
+
+    # forward + backward: gradients of the router output w.r.t. the logits
+    leaves = [x.clone().requires_grad_(True) for x in logits]
+    grad_dense = torch.randn(num_tokens, num_experts, generator=gen).to(device, dtype)
+    grad_k = torch.randn(num_tokens, top_k, generator=gen).to(device, dtype)
+
+    def fb_megatron(i):
+        replay.clear_indices()
+        replay.set_target_indices(ids64[i])
+        probs, _ = mu.topk_routing_with_score_function(leaves[i], top_k, router_replay=replay, **mkw)
+        return torch.autograd.grad(probs, leaves[i], grad_dense)
+
+    def fb_ours(i, ids, fused):
+        if fused:
+            w, _ = kernels.route_forced_fused(leaves[i], spec, forced_TK=ids[i], validate=False, **kw)
+        else:
+            w, _ = routing.route(leaves[i], spec, forced_TK=ids[i], validate=False, **kw)
+        return torch.autograd.grad(w, leaves[i], grad_k)
+
+    fb = res["forward_backward_us"] = {}
+    fb["megatron_replay_gpu_ids"] = timer(fb_megatron, copies)
+    fb["route_uint8_gpu_ids"] = timer(lambda i: fb_ours(i, ids8, False), copies)
+    fb["fused_uint8_gpu_ids"] = timer(lambda i: fb_ours(i, ids8, True), copies)
+    fb["fused_uint8_host_ids"] = timer(lambda i: fb_ours(i, ids8_host, True), copies)
+
+    # the bytes floor: logits + uint8 ids read, [T, K] weights (logits dtype) + int64 ids written
+    esize = torch.finfo(dtype).bits // 8
+    floor_bytes = logits_bytes + num_tokens * top_k * (1 + esize + 8)
+    res["floor_bytes"] = floor_bytes
+    res["floor_us"] = floor_bytes / bandwidth * 1e6
+    # forward + backward floor: also read dW [T, K] and write dlogits [T, E]
+    res["floor_fb_us"] = (floor_bytes + num_tokens * top_k * esize + logits_bytes) / bandwidth * 1e6
+
+    # correctness in the same run
+    ref_w, ref_i = routing.route(logits[0], spec, forced_TK=ids8[0], validate=False, **kw)
+    check = res["check"] = {}
+    for fusion in (False, True):
+        w, i = kernels.route_forced_fused(logits[0], spec, forced_TK=ids8[0], validate=False, fp_fusion=fusion, **kw)
+        check[f"fused_vs_route_ulp_fp_fusion_{fusion}"] = ulp(w, ref_w)
+        check["ids_equal"] = bool(torch.equal(i, ref_i))
+    probs, _ = megatron(0, ids64)
+    check["route_vs_megatron_ulp"] = ulp(probs.gather(1, ids64[0]), ref_w)
+    w_leaf = leaves[0]
+    g_ref = torch.autograd.grad(
+        routing.route(w_leaf, spec, forced_TK=ids8[0], validate=False, **kw)[0], w_leaf, grad_k
+    )[0]
+    g_fused = torch.autograd.grad(
+        kernels.route_forced_fused(w_leaf, spec, forced_TK=ids8[0], validate=False, **kw)[0], w_leaf, grad_k
+    )[0]
+    check["grad_rel_err"] = float((g_fused.float() - g_ref.float()).norm() / g_ref.float().norm())
+    replay.clear_indices()
+    return res
+
+
+def mu_action(mu, name):
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    return getattr(RouterReplayAction, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="logits dtype")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--rotate-bytes", type=int, default=256 << 20, help="logits bytes rotated over (> L2)")
+    p.add_argument("--block-rows", type=int, nargs="*", default=[16, 32, 64, 128])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): logic only")
+    args = p.parse_args(argv)
+
+    from megatron.core.transformer.moe import moe_utils as mu
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    if not hasattr(mu, "te_general_gemm"):  # megatron-core 0.16.1 names it without Transformer Engine
+        mu.te_general_gemm = None
+    import megatron.core
+    import triton
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = getattr(torch, args.dtype)
+    cases = CASES
+    if args.smoke:
+        cases = [(n, 64, e, k, mc) for n, _, e, k, mc in CASES]
+        args.warmup, args.reps, args.rotate_bytes, args.block_rows = 1, 2, 0, [16]
+    timer = Timer(device, args.warmup, args.reps)
+    bandwidth = copy_bandwidth(device, timer)
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": os.environ.get("COMMIT") or git_commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "megatron_core": getattr(megatron.core, "__version__", "?"),
+        "python": platform.python_version(),
+        "logits_dtype": args.dtype,
+        "copy_bandwidth_TBps": bandwidth / 1e12,
+        "warmup": args.warmup,
+        "reps": args.reps,
+    }
+    print(json.dumps(meta))
+    results = []
+    for name, t, e, k, mc in cases:
+        results.append(
+            run_case(
+                name, t, e, k, mc, device=device, dtype=dtype, timer=timer, bandwidth=bandwidth, args=args, mu=mu,
+                RouterReplay=RouterReplay,
+            )
+        )  # fmt: skip
+        print(json.dumps(results[-1]), flush=True)
+    RouterReplay.clear_global_router_replay_instances()
+
+    # the table: µs, and ratios to Megatron's replay with ids on the GPU / to the bytes floor
+    cols = [
+        ("Mcore live", "forward_us", "megatron_live"),
+        ("Mcore replay", "forward_us", "megatron_replay_gpu_ids"),
+        ("Mcore host ids", "forward_us", "megatron_replay_host_ids"),
+        ("route u8", "forward_us", "route_uint8_gpu_ids"),
+        ("route i64", "forward_us", "route_int64_gpu_ids"),
+        ("route host u8", "forward_us", "route_uint8_host_ids"),
+        ("fused u8", "forward_us", "fused_uint8_gpu_ids"),
+        ("fused i64", "forward_us", "fused_int64_gpu_ids"),
+        ("fused host u8", "forward_us", "fused_uint8_host_ids"),
+    ]
+    print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | megatron-core "
+          f"{meta['megatron_core']} | {args.dtype} logits | copy {bandwidth / 1e12:.2f} TB/s | commit {meta['commit']}")  # fmt: skip
+    print("forward, median µs (ratio to Megatron replay with GPU ids):")
+    print(f"{'case':42s}" + "".join(f"{c[0]:>16s}" for c in cols) + f"{'floor':>9s}{'fused/floor':>12s}")
+    for r in results:
+        base = r["forward_us"]["megatron_replay_gpu_ids"]
+        cells = "".join(f"{r[s][k]:9.1f} ({r[s][k] / base:4.2f})" for _, s, k in cols)
+        print(
+            f"{r['name']:42s}{cells}{r['floor_us']:9.1f}{r['forward_us']['fused_uint8_gpu_ids'] / r['floor_us']:12.1f}"
+        )
+    print("forward + backward, median µs (ratio to Megatron replay):")
+    for r in results:
+        fb = r["forward_backward_us"]
+        base = fb["megatron_replay_gpu_ids"]
+        cells = "  ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in fb.items())
+        print(f"{r['name']:42s}{cells}  floor {r['floor_fb_us']:.1f}")
+    print("checks and fused rows-per-program sweep:")
+    for r in results:
+        print(f"{r['name']:42s}{json.dumps(r['check'])} rows {json.dumps(r['fused_block_rows_us'])}")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "bench_routing_gpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
