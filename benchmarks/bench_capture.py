@@ -56,10 +56,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, args.vocab, (args.batch, args.prompt_len), generator=g).to(args.device)
     mask = torch.ones_like(ids)
-    gen_kw = dict(
-        attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-        eos_token_id=None, pad_token_id=0,
-    )
+    gen_kw = {
+        "attention_mask": mask,
+        "do_sample": False,
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": args.new_tokens,
+        "eos_token_id": None,
+        "pad_token_id": 0,
+    }
 
     def plain() -> float:
         _sync(args.device)

@@ -90,12 +90,17 @@ def _brute_force(a_TLK, b_TLK):
             jac[t, l] = len(set(A) & set(B)) / len(set(A) | set(B))
             top1[t, l] = A[0] == B[0]
             ordered[t, l] = A == B
-    return dict(
-        disagreement=1 - m.mean(), overlap=ov.mean(), jaccard=jac.mean(), top1_agreement=top1.mean(),
-        ordered_match=ordered.mean(), token_disagreement=(m == 0).any(1).mean(),
-        mean_disagreeing_layers=(1 - m).sum(1).mean(), per_layer_disagreement=tuple(1 - m.mean(0)),
-        per_layer_overlap=tuple(ov.mean(0)),
-    )
+    return {
+        "disagreement": 1 - m.mean(),
+        "overlap": ov.mean(),
+        "jaccard": jac.mean(),
+        "top1_agreement": top1.mean(),
+        "ordered_match": ordered.mean(),
+        "token_disagreement": (m == 0).any(1).mean(),
+        "mean_disagreeing_layers": (1 - m).sum(1).mean(),
+        "per_layer_disagreement": tuple(1 - m.mean(0)),
+        "per_layer_overlap": tuple(ov.mean(0)),
+    }
 
 
 @st.composite

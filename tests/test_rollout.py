@@ -77,10 +77,13 @@ def _tapped_routes(model, handle):
 @pytest.mark.parametrize(
     "gen_kw",
     [
-        dict(do_sample=False, max_new_tokens=6, eos_token_id=None),
-        dict(do_sample=True, top_k=0, max_new_tokens=6, num_return_sequences=2, eos_token_id=None),
-        dict(do_sample=True, top_k=0, max_new_tokens=8, num_return_sequences=3, eos_token_id=EOS_IDS, seed=2),
-        dict(do_sample=True, top_k=0, max_new_tokens=5, eos_token_id=EOS_IDS, use_cache=False, seed=2),
+        {"do_sample": False, "max_new_tokens": 6, "eos_token_id": None},
+        {"do_sample": True, "top_k": 0, "max_new_tokens": 6, "num_return_sequences": 2, "eos_token_id": None},
+        {
+            "do_sample": True, "top_k": 0, "max_new_tokens": 8, "num_return_sequences": 3, "eos_token_id": EOS_IDS,
+            "seed": 2,
+        },
+        {"do_sample": True, "top_k": 0, "max_new_tokens": 5, "eos_token_id": EOS_IDS, "use_cache": False, "seed": 2},
     ],
     ids=["greedy", "sample-R2", "sample-R3-eos", "no-cache-eos"],
 )
@@ -303,18 +306,18 @@ def test_route_store_errors():
     handle = attach(model)
     ids, mask = _prompt_batch()
     store = RouteStore(handle)
-    with pytest.raises(LayoutError, match=r"record needs attention_mask \(padded batch\) or cu_seqlens \(packed batch\), exactly one"):
-        with store.record([0, 1, 2]):
-            pass
-    with pytest.raises(ReplayError, match=r"store.record saw 2 forwards; record one forward per block"):
-        with torch.no_grad(), store.record([0, 1, 2], attention_mask=mask):
-            model(input_ids=ids, attention_mask=mask)
-            model(input_ids=ids, attention_mask=mask)
+    msg = r"record needs attention_mask \(padded batch\) or cu_seqlens \(packed batch\), exactly one"
+    with pytest.raises(LayoutError, match=msg), store.record([0, 1, 2]):
+        pass
+    msg = r"store.record saw 2 forwards; record one forward per block"
+    with pytest.raises(ReplayError, match=msg), torch.no_grad(), store.record([0, 1, 2], attention_mask=mask):
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids, attention_mask=mask)
     with torch.no_grad(), store.record([0, 1, 2], attention_mask=mask):
         model(input_ids=ids, attention_mask=mask)
-    with pytest.raises(LayoutError, match=r"sample\(s\) \[1\] already have routes in this store"):
-        with torch.no_grad(), store.record([1], attention_mask=mask[:1]):
-            model(input_ids=ids[:1], attention_mask=mask[:1])
+    msg = r"sample\(s\) \[1\] already have routes in this store"
+    with pytest.raises(LayoutError, match=msg), torch.no_grad(), store.record([1], attention_mask=mask[:1]):
+        model(input_ids=ids[:1], attention_mask=mask[:1])
     with pytest.raises(MissingRoutesError, match=r"sample\(s\) \[7\] have no routes in this store \(it holds 3 samples\)"):
         store.replay([0, 7], attention_mask=mask[:2])
     with pytest.raises(LayoutError, match=r"sample ids of one micro-batch must be distinct, found \[0, 0\]"):
@@ -323,9 +326,10 @@ def test_route_store_errors():
     with torch.no_grad(), RouteStore(handle).record([0, 1, 2], cu_seqlens=[0, 3, 8, 10]) as rec:
         model(input_ids=packed[None])
     assert rec.trace().num_tokens == 10
-    with pytest.raises(LayoutError, match=r"cu_seqlens \[0, 3, 9\] must have 3 entries ending at the 10 rows"):
-        with torch.no_grad(), RouteStore(handle).record([0, 1], cu_seqlens=[0, 3, 9]):
-            model(input_ids=packed[None])
+    msg = r"cu_seqlens \[0, 3, 9\] must have 3 entries ending at the 10 rows"
+    fresh = RouteStore(handle)
+    with pytest.raises(LayoutError, match=msg), torch.no_grad(), fresh.record([0, 1], cu_seqlens=[0, 3, 9]):
+        model(input_ids=packed[None])
     # A missing route in the middle of a sample is never routed live silently.
     t = store.trace([0, 1, 2])
     holes = torch.ones(t.num_tokens, dtype=torch.bool)
