@@ -23,7 +23,7 @@ import time
 import torch
 
 from routereplay.check import DTYPES, ModelSize, build_default_model
-from routereplay.session import attach
+from routereplay import attach
 
 
 def _sync(device: str) -> None:

@@ -65,7 +65,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from routereplay import session
+    import routereplay
 
     model = build(args)
     device = torch.device(args.device)
@@ -73,7 +73,7 @@ def main() -> None:
     batch = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    handle = session.attach(model)
+    handle = routereplay.attach(model)
     with handle.record() as rec, torch.no_grad():
         model(**batch)
     # Replayed traces live on the host, as R3 traces from an inference engine (and R2 traces
@@ -103,7 +103,7 @@ def main() -> None:
         sync()
         dt = time.perf_counter() - t0
         if kind == "plain":
-            handle = session.attach(model)
+            handle = routereplay.attach(model)
         return dt
 
     kinds = ("plain", "record", "replay")

@@ -33,7 +33,7 @@ def survey(family: str) -> dict:
 
     from routereplay.adapters import hf
     from routereplay.errors import RouteReplayError
-    from routereplay.session import attach
+    from routereplay import attach
 
     row = {
         "family": family,

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 import hf_zoo
 from test_hf_contract import SUPPORTED, _logits
 
-from routereplay import session
+import routereplay
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -69,7 +69,7 @@ def _loss(model, ids):
 def test_replay_is_bit_exact_on_cuda_bf16(family):
     model = _model(family)
     ids = _ids(model)
-    handle = session.attach(model)
+    handle = routereplay.attach(model)
     with torch.no_grad(), handle.record() as rec:
         ref = _logits(model, {"input_ids": ids})
     with torch.no_grad(), handle.replay(rec.trace()) as rep:
@@ -87,7 +87,7 @@ def test_checkpointed_replay_gradients_on_cuda_bf16(family):
         _loss(model, ids).backward()
     except RuntimeError as e:
         pytest.skip(f"{family}: transformers' model cannot train in bf16 as loaded, without routereplay: {e}")
-    handle = session.attach(model)
+    handle = routereplay.attach(model)
     with torch.no_grad(), handle.record() as rec:
         model(input_ids=ids)
     trace = rec.trace()

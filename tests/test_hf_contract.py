@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 import hf_zoo
 
-from routereplay import session
+import routereplay
 from routereplay.adapters import hf
 from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
 
@@ -74,7 +74,7 @@ def zoo(request):
     model.eval()
     for p in model.parameters():
         p.grad = None
-    handle = session.attach(model)
+    handle = routereplay.attach(model)
     yield model, handle
     if handle.attached:
         handle.detach()
@@ -168,7 +168,7 @@ def test_refused_at_attach_with_reason(family):
     hooks = lambda: [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m.__dict__)) for m in model.modules()]
     before = hooks()
     with pytest.raises((UnsupportedRouterError, UnsupportedModelError), match=REFUSED_FAMILIES[family]):
-        session.attach(model)
+        routereplay.attach(model)
     assert hooks() == before  # a refusal leaves nothing behind
 
 
@@ -212,7 +212,7 @@ def test_other_routing_matches_family_reference(family, zoo):
         rec_o, _ = _record(handle, model, b_other)
         other = rec_o.trace()  # live routes of other tokens: valid for this router by construction
         assert not torch.equal(other.experts, rec.trace().experts)
-        with handle.replay(other, verify=all(handle._has_experts_hook)):
+        with handle.replay(other, verify=all(handle.verifiable)):
             replayed = _logits(model, b)
         assert not torch.allclose(replayed, out)  # (b) the forced routes are used
         handle.detach()
@@ -310,7 +310,7 @@ def test_group_limit_checked_at_replay_entry():
 
     model, _, state = _built("deepseek_v3")
     model.load_state_dict(state)
-    handle = session.attach(model)
+    handle = routereplay.attach(model)
     spec = handle.layers[1].spec
     try:
         assert (spec.n_group, spec.topk_group, handle.num_experts, handle.top_k) == (4, 2, 8, 2)
@@ -323,7 +323,8 @@ def test_group_limit_checked_at_replay_entry():
         object.__setattr__(handle.layers[1], "spec", dataclasses.replace(spec, topk_group=1))
         with pytest.raises(
             RouterSpecError,
-            match=r"^layer 2 \(model.layers.2.mlp.gate\): row 3 selects experts \[0, 2\] from 2 groups, the router allows "
+            match=r"^layer 2 \(model.layers.2.mlp.gate\): forced_TK row 3 holds expert ids \[0, 2\]: they span 2 expert groups, "
+            r"the router allows "
             r"topk_group=1 of n_group=4 \(groups of 2\); the trace comes from a router with another group limit$",
         ):
             handle.replay(trace)

@@ -280,8 +280,8 @@ def test_forced_validation_messages():
     with pytest.raises(RouterSpecError, match=r"forced_mask_T must be bool \[6\]"):
         route(logits_TE, spec, forced_TK=ok_TK, forced_mask_T=torch.ones(6), **kwargs)
 
-    # check=False skips the data checks (the trace was validated once, up front)
-    _, ids = route(logits_TE, spec, forced_TK=dup, check=False, **kwargs)
+    # validate=False skips the data checks (the trace was validated once, up front)
+    _, ids = route(logits_TE, spec, forced_TK=dup, validate=False, **kwargs)
     assert torch.equal(ids, dup)
 
 

@@ -14,11 +14,14 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-from routereplay import session
+import routereplay
 from routereplay.errors import (
+    AlreadyAttachedError,
+    BatchShapeMismatchError,
     LayerMismatchError,
     LayoutError,
     MissingRoutesError,
+    RecomputeMismatchError,
     ReplayError,
     ReplayVerificationError,
     TokenCountMismatchError,
@@ -70,9 +73,9 @@ def model(base_state):
 
 @pytest.fixture
 def handle(model):
-    h = session.attach(model)
+    h = routereplay.attach(model)
     yield h
-    if h.attached and h._mode is None:
+    if h.attached and h.active is None:
         h.detach()
 
 
@@ -122,19 +125,26 @@ def test_attach_finds_only_moe_layers_with_global_ids(handle):
 
 def test_attach_refuses_non_moe_models():
     with pytest.raises(
-        UnsupportedModelError, match=r"no routereplay adapter for torch.nn.modules.linear.Linear.*PreTrainedModel"
+        UnsupportedModelError,
+        match=r"no routereplay adapter claims torch.nn.modules.linear.Linear; registered adapters: \['hf'.*routereplay\[hf\]",
     ):
-        session.attach(torch.nn.Linear(2, 2))
+        routereplay.attach(torch.nn.Linear(2, 2))
 
 
-def test_attach_twice_shares_nothing_but_second_detach_is_independent(model):
-    h1 = session.attach(model)
-    h2 = session.attach(model)
-    h2.detach()
-    b = batch()
-    rec, _ = record(h1, model, b)
-    assert rec.num_forwards == 1
+def test_attach_twice_names_the_existing_handle(model):
+    h1 = routereplay.attach(model)
+    with pytest.raises(
+        AlreadyAttachedError,
+        match=r"^Qwen3MoeForCausalLM is already attached to RouterHandle\(Qwen3MoeForCausalLM, adapter=hf, "
+        r"layers=\[1, 2, 3\].*call detach\(\) on that handle first",
+    ):
+        routereplay.attach(model)
     h1.detach()
+    with routereplay.attach(model) as h2:  # detached on exit: attach works again afterwards
+        rec, _ = record(h2, model, batch())
+        assert rec.num_forwards == 1 and h2.active is None
+    assert not h2.attached
+    routereplay.attach(model).detach()
 
 
 # --- record -----------------------------------------------------------------------------------
@@ -385,13 +395,13 @@ def test_microbatch_list_consumed_in_order(handle, model):
         model(**b1)
         model(**b2)
         model(**b1)
-    assert handle._mode is None
+    assert handle.active is None
     with (
         pytest.raises(UnconsumedTraceError, match=r"ended after 1 forward\(s\) but 2 trace\(s\) were given"),
         handle.replay([t1, t2]),
     ):
         model(**b1)
-    assert handle._mode is None
+    assert handle.active is None
 
 
 def test_microbatch_row_mismatch_names_the_trace(handle, model):
@@ -576,11 +586,11 @@ def test_exception_inside_a_block_leaves_no_state(handle, model):
     ):  # unconsumed, but the user's error wins
         model(**b)
         raise RuntimeError("boom")
-    assert handle._mode is None
+    assert handle.active is None
     assert torch.equal(model(**b).logits, out)
     with pytest.raises(TokenCountMismatchError), handle.replay(other):
         model(**batch(B=1, S=3))
-    assert handle._mode is None
+    assert handle.active is None
     with handle.record() as rec2:
         assert torch.equal(model(**b).logits, out)
     assert rec2.trace() == rec.trace()
@@ -589,7 +599,7 @@ def test_exception_inside_a_block_leaves_no_state(handle, model):
 def test_two_models_are_independent(base_state):
     actor, ref = tiny_qwen3_moe(), tiny_qwen3_moe(seed=1)
     actor.load_state_dict(base_state)
-    ha, hr = session.attach(actor), session.attach(ref)
+    ha, hr = routereplay.attach(actor), routereplay.attach(ref)
     b = batch()
     rec_a, out_a = record(ha, actor, b)
     rec_r, out_r = record(hr, ref, b)
@@ -615,7 +625,7 @@ def test_detach_restores_the_model(base_state):
     model.load_state_dict(base_state)
     b = batch(pad="left")
     want = pristine(**b).logits
-    h = session.attach(model)
+    h = routereplay.attach(model)
     rec, _ = record(h, model, b)
     with h.replay(random_trace(rec.trace())):
         model(**b)
@@ -653,7 +663,7 @@ def test_verify_catches_ids_rewritten_before_the_experts(handle, model):
             handle.replay(rec.trace(), verify=True),
         ):
             model(**b)
-        assert handle._mode is None
+        assert handle.active is None
         with handle.replay(rec.trace()):  # without verify it goes unnoticed
             model(**b)
     finally:
@@ -740,4 +750,4 @@ def test_checkpointed_backward_of_two_blocks_together(handle, model):
     got = grads(model)
     assert all(torch.equal(want[n], got[n]) for n in want)
     del l1, l2
-    assert not any(f.alive() for fs in handle._forwards for f in fs)  # released with their graphs
+    assert len(handle._bindings) == 0  # released with their graphs

@@ -10,7 +10,9 @@ Integrations (transformers, megatron-core, ...) are imported only when a model o
 from routereplay import errors
 from routereplay.io import load, save
 from routereplay.routing import RouterSpec, route
-from routereplay.session import MoELayer, RouterHandle, attach
+from routereplay.attach import attach
+from routereplay.seam import MoELayer
+from routereplay.session import RouterHandle
 from routereplay.trace import RoutingTrace
 
 __all__ = ["MoELayer", "RouterHandle", "RouterSpec", "RoutingTrace", "attach", "errors", "load", "route", "save"]

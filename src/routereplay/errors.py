@@ -120,6 +120,18 @@ class ReplayVerificationError(ReplayError):
     """``verify=True`` found that the experts did not receive the forced ids."""
 
 
+class RecomputeMismatchError(ReplayError):
+    """An activation-checkpoint recompute cannot be matched with certainty to the forward it re-runs."""
+
+
+class AlreadyAttachedError(ReplayError):
+    """``attach`` was called on a model that already has an attached handle."""
+
+
+class BatchShapeMismatchError(TokenCountMismatchError):
+    """A forward's batch shape ``[B, S]`` differs from the sequences of the trace replayed on it."""
+
+
 # --- metrics --------------------------------------------------------------------------------
 class MetricInputError(RouteReplayError):
     """Inputs to a routing-agreement or log-prob-mismatch metric do not fit (type, shape, mask, NaN)."""
@@ -127,3 +139,16 @@ class MetricInputError(RouteReplayError):
 
 class GenerationCaptureError(ReplayError):
     """The forwards recorded around ``generate`` do not map onto the returned sequences."""
+
+
+class EosMismatchError(GenerationCaptureError):
+    """A generation stopped on an end-of-sequence id that ``rollout()`` was not told about."""
+
+
+class BatchMismatchError(ReplayError):
+    """A training batch does not hold the tokens the routes replayed on it were recorded for."""
+
+
+# --- integrations ---------------------------------------------------------------------------
+class IntegrationError(RouteReplayError):
+    """A trainer integration (TRL, ...) is configured in a way routing replay cannot support."""

@@ -32,7 +32,7 @@ Where the semantics deliberately differ from Megatron-Core 0.16
 (``moe_utils.topk_routing_with_score_function`` with ``RouterReplay``):
 
 * Forced ids are validated (shape ``[T, K]`` with ``K == top_k``, range, no repeated expert in a
-  row, at most ``topk_group`` groups per row) unless ``check=False``; Megatron's
+  row, at most ``topk_group`` groups per row) unless ``validate=False``; Megatron's
   ``REPLAY_FORWARD`` gathers whatever it is given.
 * The group limit is checked on forced ids as a count of distinct groups (when dropped groups are
   filled with ``-inf``, i.e. the limit is strict, as in Megatron); whether those groups
@@ -100,7 +100,7 @@ class RouterSpec:
             values (2: DeepSeek-V3; 1: the max, DeepSeek-V2; ``top_k // topk_group``: Megatron).
         group_mask_value: the choice value given to experts of groups not kept (``-inf``, or 0.0
             in the families that fill with zero). Only with ``-inf`` is the group limit strict,
-            and only then does ``route(check=True)`` enforce it on forced ids.
+            and only then does ``route(validate=True)`` enforce it on forced ids.
         uses_bias: the router adds a per-expert bias to the selection (``e_score_correction_bias``);
             :func:`route` then requires ``bias_E``.
         bias_on: ``"scores"`` (bias added to the scores) or ``"logits"`` (added to the logits).
@@ -330,8 +330,21 @@ def groups_spanned(experts_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor |
     return (groups_TK[:, 1:] != groups_TK[:, :-1]).sum(dim=1) + 1
 
 
+def forced_violations(forced_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """bool ``[T]``: rows whose forced ids the router could not have picked (an id outside
+    ``[0, num_logits)``, an id twice, more groups than ``topk_group``). No host sync."""
+    bad_T = ((forced_TK < 0) | (forced_TK >= spec.num_logits)).any(dim=1)
+    if forced_TK.shape[1] > 1:
+        sorted_TK = forced_TK.sort(dim=1).values
+        bad_T |= (sorted_TK[:, 1:] == sorted_TK[:, :-1]).any(dim=1)
+    num_groups_T = groups_spanned(forced_TK, spec)
+    if num_groups_T is not None:
+        bad_T |= num_groups_T > spec.topk_group
+    return bad_T
+
+
 def _validate_forced(forced_TK: torch.Tensor, forced_mask_T: torch.Tensor | None, spec: RouterSpec, where: str) -> None:
-    """Range, duplicates and group limit of the forced rows (host sync: only with check=True)."""
+    """Range, duplicates and group limit of the forced rows (host sync: only with validate=True)."""
     rows_T = (
         forced_mask_T
         if forced_mask_T is not None
@@ -383,7 +396,7 @@ def route(
     bias_E: torch.Tensor | None = None,
     expert_scale_E: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-    check: bool = True,
+    validate: bool = True,
     where: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route tokens live, or replay forced expert ids with weights from the live logits.
@@ -400,7 +413,7 @@ def route(
         expert_scale_E: ``[num_experts]`` per-expert weight scale; required iff
             ``spec.uses_expert_scale``.
         out_dtype: the router input's dtype; required iff ``spec.weights_dtype == "input"``.
-        check: validate ``forced_TK`` (shape, range, duplicates, group limit). This reads the
+        validate: check ``forced_TK`` (shape, range, duplicates, group limit). This reads the
             ids on the host; pass False when the trace was validated up front.
         where: prefix for error messages (e.g. ``"layer 7 (model.layers.7.mlp.gate): "``).
 
@@ -410,7 +423,7 @@ def route(
 
     Raises:
         RouterSpecError: inputs that do not fit the spec (shape, missing bias / scale /
-            out_dtype), or, with ``check=True``, forced ids out of range, repeated in a row, over
+            out_dtype), or, with ``validate=True``, forced ids out of range, repeated in a row, over
             the group limit, or of the wrong shape; the message names the row and its ids.
     """
     if not isinstance(spec, RouterSpec):
@@ -489,7 +502,7 @@ def route(
         forced_TK = forced_TK.to(device=logits_TE.device, dtype=torch.int64, non_blocking=True)
         if forced_mask_T is not None:
             forced_mask_T = forced_mask_T.to(device=logits_TE.device, non_blocking=True)
-        if check:
+        if validate:
             _validate_forced(forced_TK, forced_mask_T, spec, where)
         if forced_mask_T is None:
             experts_TK = forced_TK

@@ -47,15 +47,18 @@ import importlib
 import importlib.util
 import inspect
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
-from routereplay.session import MoELayer, RouterHandle
+from routereplay.seam import Discovery, MoELayer, RouterCalls
 
-__all__ = ["REFUSED", "attach", "find_routers", "layer_id_of"]
+__all__ = ["NAME", "REFUSED", "claims", "discover", "find_routers", "install", "layer_id_of"]
+
+NAME = "hf"
 
 # Router (or declared MoE-block) class name -> why its routing cannot be replayed through a seam.
 REFUSED: dict[str, str] = {
@@ -191,17 +194,27 @@ def _iter_outputs_hint(output: Any) -> str:
     return type(output).__name__
 
 
-def attach(model: torch.nn.Module) -> RouterHandle:
-    """Find the MoE routers of a transformers model and hook them.
+def claims(model: Any) -> bool:
+    """A transformers ``PreTrainedModel`` (imports nothing when transformers is not loaded)."""
+    if (type(model).__module__ or "").startswith("transformers."):
+        return True
+    tf = sys.modules.get("transformers")
+    pretrained = getattr(tf, "PreTrainedModel", None) if tf is not None else None
+    return pretrained is not None and isinstance(model, pretrained)
+
+
+def discover(model: torch.nn.Module) -> Discovery:
+    """Find the MoE routers of a transformers model, in forward order.
 
     Args:
         model: a ``transformers.PreTrainedModel`` with MoE layers.
 
     Returns:
-        RouterHandle over the replayable routers, in forward order.
+        The replayable routers (global layer ids, specs), the skipped hash routers, and per layer
+        whether ``verify=True`` can see what its experts receive.
 
     Raises:
-        UnsupportedModelError: no router declared / found, or layers that cannot share a trace.
+        UnsupportedModelError: no router declared / found.
         UnsupportedRouterError: a router of a family listed in ``REFUSED``, or one whose routing
             math ``hf_specs`` cannot reproduce; the message names the family and the reason.
     """
@@ -229,7 +242,7 @@ def attach(model: torch.nn.Module) -> RouterHandle:
             )
 
     config = getattr(model, "config", None)
-    layers, skipped, plans = [], [], []
+    layers, skipped = [], []
     for path, router in routers:
         cls_name = type(router).__name__
         if cls_name in _HASH_ROUTERS:
@@ -248,34 +261,36 @@ def attach(model: torch.nn.Module) -> RouterHandle:
                 layer_id=layer_id, path=path, router_class=cls_name, num_experts=num_experts, top_k=top_k, spec=spec
             )
         )
-        plans.append((path, router, spec))
 
     if not layers:
         raise UnsupportedModelError(
             f"{family}: every router is a hash router ({[p for p, _ in skipped]}); nothing to replay"
         )
-    if any(_in_attention(model, p) for p, _, _ in plans):
+    if any(_in_attention(model, m.path) for m in layers):
         # Module order lists decoder layer i's MLP router before its attention router (JetMoE
-        # registers ``mlp`` first); the forward calls attention first. Keep handle.layers in forward order.
-        order = sorted(
-            range(len(plans)), key=lambda j: (layer_id_of(plans[j][0]), not _in_attention(model, plans[j][0]))
-        )
-        layers, plans = [layers[j] for j in order], [plans[j] for j in order]
+        # registers ``mlp`` first); the forward calls attention first. Keep the layers in forward order.
+        layers.sort(key=lambda m: (layer_id_of(m.path), not _in_attention(model, m.path)))
+    verifiable = []
+    for m in layers:
+        experts = getattr(_parent(model, m.path)[1], "experts", None)
+        verifiable.append(isinstance(experts, torch.nn.Module) and experts_ids_argument(experts) is not None)
+    return Discovery(layers=tuple(layers), skipped=tuple(skipped), verifiable=tuple(verifiable))
 
-    experts_hooks = []
-    for path, router, _spec in plans:
-        _, block, _ = _parent(model, path)
-        experts = getattr(block, "experts", None)
-        has = isinstance(experts, torch.nn.Module) and experts_ids_argument(experts) is not None
-        experts_hooks.append(has)
-    handle = RouterHandle(model, layers, adapter="hf", skipped=skipped, has_experts_hook=experts_hooks)
+
+def install(model: torch.nn.Module, discovery: Discovery, calls: RouterCalls) -> list:
+    """Hook the routers of ``discovery.layers`` on their instances; return the undo callables."""
+    hf_specs = importlib.import_module("routereplay.adapters.hf_specs")
+    family = _family(model)
+    removers: list = []
     try:
-        for index, (path, router, spec) in enumerate(plans):
-            _install(handle, model, index, path, router, spec, hf_specs, family)
+        for index, layer in enumerate(discovery.layers):
+            router = model.get_submodule(layer.path)
+            _install(calls, removers, model, index, layer, router, hf_specs, family)
     except BaseException:
-        handle.detach()
+        for remove in reversed(removers):
+            remove()
         raise
-    return handle
+    return removers
 
 
 def _in_attention(model: torch.nn.Module, path: str) -> bool:
@@ -335,7 +350,8 @@ def _input_dtype(args, kwargs, fallback: torch.Tensor) -> torch.dtype:
     return hidden.dtype if isinstance(hidden, torch.Tensor) else fallback.dtype
 
 
-def _install(handle: RouterHandle, model, index: int, path: str, router, spec, hf_specs, family: str) -> None:
+def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELayer, router, hf_specs, family) -> None:
+    path, spec = layer.path, layer.spec
     _parent_path, block, _ = _parent(model, path)
     cls_name = type(router).__name__
 
@@ -345,13 +361,13 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
     def block_pre_hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2:
-            handle._on_block_input(index, hidden.shape[:-1])
+            calls.on_block_input(index, hidden.shape[:-1])
 
     # An attention MoE block is never called through forward: its input shape is the attention's.
     shape_module = _parent(model, _parent_path)[1] if type(block).__name__ in _ATTENTION_MOE_BLOCKS else block
     if index == 0 and shape_module is not model:
         h = shape_module.register_forward_pre_hook(block_pre_hook, with_kwargs=True)
-        handle._add_remover(h.remove)
+        removers.append(h.remove)
 
     experts = getattr(block, "experts", None)
     pos = experts_ids_argument(experts) if isinstance(experts, torch.nn.Module) else None
@@ -361,16 +377,16 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
         def experts_pre_hook(module, args, kwargs):
             ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
             if isinstance(ids, torch.Tensor):
-                handle._on_experts(index, ids)
+                calls.on_experts(index, ids)
 
         h = experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)
-        handle._add_remover(h.remove)
+        removers.append(h.remove)
 
     if cls_name == "DbrxRouter":
-        _install_method_seam(handle, block, "route_tokens_to_experts", index, spec, hf_specs, router)
+        _install_method_seam(calls, removers, block, "route_tokens_to_experts", index, spec, hf_specs, router)
         return
     if cls_name == "Llama4Router":
-        top_k = handle.layers[index].top_k
+        top_k = layer.top_k
 
         def llama4_hook(module, args, kwargs, output):
             scores_NE, logits_NE = output
@@ -378,7 +394,7 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
                 ids_NK = torch.topk(logits_NE, top_k, dim=1).indices
             live_NK = scores_NE.gather(1, ids_NK)
             kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
-            weights_NK, ids_NK = handle._on_router(index, logits_NE, live_NK, ids_NK, **kw)
+            weights_NK, ids_NK = calls.on_router(index, logits_NE, live_NK, ids_NK, **kw)
             if weights_NK is live_NK:
                 return output
             # Rebuild the dense scores with Llama4Router's own ops (sigmoid over the full [N, E]
@@ -390,7 +406,7 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
             return dense_NE, logits_NE
 
         h = router.register_forward_hook(llama4_hook, with_kwargs=True)
-        handle._add_remover(h.remove)
+        removers.append(h.remove)
         return
 
     if cls_name == "ZayaRouter":
@@ -400,34 +416,34 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
         routing = importlib.import_module("routereplay.routing")
 
         def zaya_hook(module, args, kwargs, output):
-            if handle._mode is None and not torch.is_grad_enabled() and not handle._forwards[index]:
+            if calls.routes_live(index):
                 return None  # live and nothing to recompute: the router's own output stands
             logits_NE = output[0]
             kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
             with torch.no_grad():
-                _live_w, live_ids = routing.route(logits_NE.detach(), spec, check=False, **kw)
-            weights_NK, ids_NK = handle._on_router(index, logits_NE, output[1], live_ids, **kw)
+                _live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
+            weights_NK, ids_NK = calls.on_router(index, logits_NE, output[1], live_ids, **kw)
             if ids_NK is live_ids:
                 return None
             weights_NK, ids_NK = routing.mask_zero_experts(weights_NK, ids_NK, spec)
             return (logits_NE, weights_NK.to(output[1].dtype), ids_NK, *output[3:])
 
         h = router.register_forward_hook(zaya_hook, with_kwargs=True)
-        handle._add_remover(h.remove)
+        removers.append(h.remove)
         return
 
     if cls_name == "JetMoeTopKGating":
         routing = importlib.import_module("routereplay.routing")
-        top_k, num_experts = handle.layers[index].top_k, handle.layers[index].num_experts
+        top_k, num_experts = layer.top_k, layer.num_experts
 
         def jetmoe_hook(module, args, kwargs, output):
-            if handle._mode is None and not torch.is_grad_enabled() and not handle._forwards[index]:
+            if calls.routes_live(index):
                 return None  # live and nothing to recompute: the gating's own output stands
             logits_NE = output[4]
             kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
             with torch.no_grad():
-                live_w, live_ids = routing.route(logits_NE.detach(), spec, check=False, **kw)
-            weights_NK, ids_NK = handle._on_router(index, logits_NE, live_w, live_ids, **kw)
+                live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
+            weights_NK, ids_NK = calls.on_router(index, logits_NE, live_w, live_ids, **kw)
             if ids_NK is live_ids:
                 return None
             # JetMoeTopKGating.forward's own ops after its top-k, on the answered (weights, ids).
@@ -439,7 +455,7 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
             return index_sorted_experts, batch_index, batch_gates, expert_size, logits_NE
 
         h = router.register_forward_hook(jetmoe_hook, with_kwargs=True)
-        handle._add_remover(h.remove)
+        removers.append(h.remove)
         return
 
     def router_hook(module, args, kwargs, output):
@@ -450,17 +466,17 @@ def _install(handle: RouterHandle, model, index: int, path: str, router, spec, h
             )
         logits_NE, weights_NK, ids_NK = output[:3]
         kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
-        new_w, new_ids = handle._on_router(index, logits_NE, weights_NK, ids_NK, **kw)
+        new_w, new_ids = calls.on_router(index, logits_NE, weights_NK, ids_NK, **kw)
         if new_w is weights_NK and new_ids is ids_NK:
             return None
         return (logits_NE, new_w, new_ids, *output[3:])
 
     h = router.register_forward_hook(router_hook, with_kwargs=True)
-    handle._add_remover(h.remove)
+    removers.append(h.remove)
 
 
 def _install_method_seam(
-    handle: RouterHandle, block: torch.nn.Module, name: str, index: int, spec, hf_specs, router
+    calls: RouterCalls, removers: list, block: torch.nn.Module, name: str, index: int, spec, hf_specs, router
 ) -> None:
     """Wrap ``block.<name>(logits) -> (weights, ids)`` on the instance only."""
     original = getattr(block, name)
@@ -469,7 +485,7 @@ def _install_method_seam(
     def wrapped(router_logits_NE, *args, **kwargs):
         weights_NK, ids_NK = original(router_logits_NE, *args, **kwargs)
         kw = _route_kw(spec, hf_specs, router, (router_logits_NE,), {}, router_logits_NE.dtype)
-        return handle._on_router(index, router_logits_NE, weights_NK, ids_NK, **kw)
+        return calls.on_router(index, router_logits_NE, weights_NK, ids_NK, **kw)
 
     setattr(block, name, wrapped)
 
@@ -479,7 +495,7 @@ def _install_method_seam(
         else:
             block.__dict__.pop(name, None)
 
-    handle._add_remover(remove)
+    removers.append(remove)
 
 
 def iter_families() -> Iterator[str]:

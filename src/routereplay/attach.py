@@ -1,0 +1,92 @@
+"""``routereplay.attach``: the composition root that picks an adapter and builds the handle.
+
+Adapters are found through the ``routereplay.adapters`` entry-point group (``pyproject.toml``):
+each entry names a module implementing ``routereplay.seam.Adapter``. The first adapter whose
+``claims(model)`` is true discovers the MoE layers and installs its interception; a new engine is
+a new leaf module plus one entry point, and nothing in the core changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from importlib.metadata import entry_points
+from typing import Any
+
+from routereplay.errors import AlreadyAttachedError, UnsupportedModelError
+from routereplay.seam import Adapter
+from routereplay.session import RouterHandle
+
+__all__ = ["adapters", "attach"]
+
+_GROUP = "routereplay.adapters"
+# The marker an attached model carries in its instance ``__dict__`` (no nn.Module registration,
+# not in ``state_dict``); removed by ``detach``.
+_MARK = "_routereplay_handle"
+
+
+def adapters() -> list[tuple[str, str]]:
+    """``(name, module)`` of the registered adapters, in registration order."""
+    return [(ep.name, ep.value) for ep in entry_points(group=_GROUP)]
+
+
+def _chunks(model: Any) -> list[Any]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def attach(model: Any, *, adapter: Adapter | str | None = None, **options: Any) -> RouterHandle:
+    """Attach routereplay to an MoE model: find its routers and intercept them.
+
+    Args:
+        model: the model instance (or a list of model chunks, e.g. pipeline stages), intercepted
+            on its module instances only.
+        adapter: an adapter module / object, or the name of a registered one; default: the first
+            registered adapter that claims the model.
+        **options: passed to the adapter's ``discover``.
+
+    Returns:
+        A :class:`~routereplay.session.RouterHandle`; ``handle.detach()`` (or leaving
+        ``with attach(model) as handle:``) restores the model exactly.
+
+    Raises:
+        AlreadyAttachedError: the model is attached already (detach that handle first).
+        UnsupportedModelError: no adapter claims the model, or it has no replayable router.
+    """
+    for chunk in _chunks(model):
+        existing = getattr(chunk, "__dict__", {}).get(_MARK)
+        if existing is not None and existing() is not None and existing().attached:
+            raise AlreadyAttachedError(
+                f"{type(chunk).__name__} is already attached to {existing()!r}; call detach() on that handle "
+                "first, or keep using it (two handles on one model would both intercept its routers)"
+            )
+    ad = _resolve(model, adapter)
+    discovery = ad.discover(model, **options)
+    handle = RouterHandle(model, discovery, adapter=ad.NAME)
+    removers = ad.install(model, discovery, handle.calls)
+    for chunk in _chunks(model):
+        if hasattr(chunk, "__dict__"):
+            chunk.__dict__[_MARK] = weakref.ref(handle)
+            removers.append(lambda chunk=chunk: chunk.__dict__.pop(_MARK, None))
+    handle._installed(removers)
+    return handle
+
+
+def _resolve(model: Any, adapter: Adapter | str | None) -> Adapter:
+    if adapter is not None and not isinstance(adapter, str):
+        return adapter
+    registered = adapters()
+    if isinstance(adapter, str):
+        for name, module in registered:
+            if name == adapter:
+                return importlib.import_module(module)
+        raise UnsupportedModelError(f"no routereplay adapter named {adapter!r}; registered: {[n for n, _ in registered]}")
+    for _name, module in registered:
+        candidate = importlib.import_module(module)
+        if candidate.claims(model):
+            return candidate
+    cls = type(model)
+    raise UnsupportedModelError(
+        f"no routereplay adapter claims {cls.__module__}.{cls.__qualname__}; registered adapters: "
+        f"{[n for n, _ in registered] or 'none (is routereplay installed? pip install -e .)'} "
+        "(transformers models: pip install 'routereplay[hf]'; megatron-core GPTModel: 'routereplay[megatron]')"
+    )

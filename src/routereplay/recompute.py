@@ -1,0 +1,198 @@
+"""Recompute identity: an activation-checkpoint recompute replays the ids of its own forward.
+
+Activation checkpointing runs a region's forward twice: once in the forward pass (its activations
+dropped), once more inside backward to rebuild them. A replayed router must pick the same experts
+both times, whatever else ran in between: other micro-batches, live reference passes, other
+replay blocks over the same batch with other traces, another model. A value (a checksum of the
+logits) cannot tell two such forwards apart; the *region object* the checkpoint implementation
+keeps between the two runs can. Every checkpoint implementation has one:
+
+========================================  ===========================  ===========================
+implementation                            forward: region seen as      recompute: region seen as
+========================================  ===========================  ===========================
+autograd-Function checkpoints (torch      the ``ctx`` of the           the same ``ctx`` in the
+``use_reentrant=True``, Megatron's        Function's ``forward``       Function's ``backward``
+``tensor_parallel.checkpoint``, ...)      on the Python stack          on the Python stack
+torch non-reentrant (``use_reentrant=     the ``_CheckpointFrame``     the ``_CheckpointFrame`` whose
+False``, selective checkpointing,         of the innermost saved-      ``unpack_hook`` is on the
+``checkpoint_wrapper``, composable        tensor hooks, and of each    Python stack
+``checkpoint``)                           ``checkpoint()`` call
+========================================  ===========================  ===========================
+
+So a router call reads its **scopes** off the stack (innermost first): each scope is a region and
+whether the call runs in that region's forward or in its recompute. A call in forward binds what
+it routed (ids, or "live") to every enclosing region under its layer, in call order. A call in a
+recompute takes the ``n``-th binding of its layer from the innermost region being recomputed,
+``n`` counting that layer's calls within this recompute run (one run per region and backward
+pass, so ``retain_graph`` backwards each start at 0), and binds it to the regions the recompute
+itself opens (nested checkpoints). Bindings live exactly as long as their region object, that is
+as long as the autograd graph that can recompute it (weak keys).
+
+A recompute whose region has no binding for the call (its forward ran before ``attach``, or ran
+the layer fewer times) raises :class:`~routereplay.errors.RecomputeMismatchError`: never live
+routing by guess. A router call in backward that sits in no recognised recompute is either a
+forward run from a backward hook (routed as any forward) or an unrecognised checkpoint
+implementation: the session refuses it while any forward it replayed or recorded outside a
+recognised region may still be recomputed.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint as _ckpt
+
+from routereplay.errors import RecomputeMismatchError
+
+__all__ = ["Binding", "Bindings", "Scope", "in_backward", "scopes"]
+
+_FunctionCtx = torch.autograd.function.BackwardCFunction
+_CheckpointFrame = getattr(_ckpt, "_CheckpointFrame", None)
+
+# What a frame's code object is, decided once per code object.
+_PLAIN, _FN_FORWARD, _FN_BACKWARD, _CKPT_CALL, _CKPT_UNPACK = range(5)
+_kind_of_code: dict[types.CodeType, int] = {}
+_checkpoint_code = getattr(getattr(_ckpt.checkpoint, "__wrapped__", _ckpt.checkpoint), "__code__", None)
+
+
+def in_backward() -> bool:
+    """True while autograd executes a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """One checkpointed region enclosing a router call: ``run`` is None in the region's forward,
+    and names the recompute run (backward pass) while it is recomputed."""
+
+    region: object
+    run: object | None
+
+    @property
+    def recompute(self) -> bool:
+        return self.run is not None
+
+
+def _code_kind(code: types.CodeType) -> int:
+    kind = _kind_of_code.get(code)
+    if kind is None:
+        kind = _PLAIN
+        if code.co_argcount >= 1 and code.co_varnames[0] == "ctx" and code.co_name in ("forward", "backward"):
+            kind = _FN_FORWARD if code.co_name == "forward" else _FN_BACKWARD
+        elif code is _checkpoint_code:
+            kind = _CKPT_CALL
+        elif code.co_name == "unpack_hook" and "frame" in code.co_freevars:
+            kind = _CKPT_UNPACK
+        _kind_of_code[code] = kind
+    return kind
+
+
+def _hooks_frame() -> object | None:
+    """The ``_CheckpointFrame`` of the innermost non-reentrant checkpoint forward, if its
+    saved-tensor hooks are the innermost ones."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if top is None or _CheckpointFrame is None:
+        return None
+    pack = top[0]
+    code = getattr(pack, "__code__", None)
+    if code is None or "frame" not in code.co_freevars:
+        return None
+    region = pack.__closure__[code.co_freevars.index("frame")].cell_contents
+    return region if isinstance(region, _CheckpointFrame) else None
+
+
+def scopes() -> list[Scope]:
+    """The checkpointed regions around the caller, innermost first (see the module docstring)."""
+    out: list[Scope] = []
+    seen: set[int] = set()
+
+    def add(region: object, run: object | None) -> None:
+        if id(region) not in seen:
+            seen.add(id(region))
+            out.append(Scope(region, run))
+
+    top = _hooks_frame()
+    if top is not None:
+        add(top, None)
+    frame = sys._getframe(1)
+    while frame is not None:
+        kind = _code_kind(frame.f_code)
+        if kind != _PLAIN:
+            local = frame.f_locals
+            if kind == _FN_FORWARD or kind == _FN_BACKWARD:
+                ctx = local.get("ctx")
+                if isinstance(ctx, _FunctionCtx):
+                    add(ctx, torch._C._current_graph_task_id() if kind == _FN_BACKWARD else None)
+            elif kind == _CKPT_CALL:
+                gen = local.get("gen")
+                region = getattr(getattr(gen, "gi_frame", None), "f_locals", {}).get("new_frame")
+                if _CheckpointFrame is not None and isinstance(region, _CheckpointFrame):
+                    add(region, None)
+            else:  # _CKPT_UNPACK
+                region = local.get("frame")
+                if _CheckpointFrame is not None and isinstance(region, _CheckpointFrame):
+                    add(region, ("unpack", local.get("gid")))
+        frame = frame.f_back
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """What one router call of a region's forward used: ``ids_NK`` None means it routed live."""
+
+    ids_NK: torch.Tensor | None
+    mask_N: torch.Tensor | None
+    forward: str  # how errors name the forward: "replay block 2, forward 1", "live forward"
+
+
+class Bindings:
+    """Per handle: region -> per layer, the bindings of that region's forward in call order."""
+
+    def __init__(self, num_layers: int) -> None:
+        self._num_layers = num_layers
+        self._calls: weakref.WeakKeyDictionary[object, list[list[Binding]]] = weakref.WeakKeyDictionary()
+        self._runs: weakref.WeakKeyDictionary[object, dict[object, list[int]]] = weakref.WeakKeyDictionary()
+
+    def bind(self, regions: list[Scope], index: int, binding: Binding) -> None:
+        """Bind a forward call of layer ``index`` to each forward region in ``regions``."""
+        for scope in regions:
+            per_layer = self._calls.get(scope.region)
+            if per_layer is None:
+                per_layer = self._calls[scope.region] = [[] for _ in range(self._num_layers)]
+            per_layer[index].append(binding)
+
+    def lookup(self, scope: Scope, index: int, where: str) -> Binding:
+        """The binding a recompute call of layer ``index`` in ``scope`` (a recompute) must use.
+
+        Raises:
+            RecomputeMismatchError: the region's forward made no such call under this handle.
+        """
+        per_layer = self._calls.get(scope.region)
+        runs = self._runs.get(scope.region)
+        if runs is None:
+            runs = self._runs[scope.region] = {}
+        counts = runs.setdefault(scope.run, [0] * self._num_layers)
+        n = counts[index]
+        counts[index] = n + 1
+        region = type(scope.region).__name__
+        if per_layer is None:
+            raise RecomputeMismatchError(
+                f"{where}: activation recompute of a checkpointed region ({region}) whose forward this handle never "
+                "saw (it ran before routereplay.attach, or in another process); run the forward and its backward "
+                "with the model attached"
+            )
+        calls = per_layer[index]
+        if n >= len(calls):
+            raise RecomputeMismatchError(
+                f"{where}: activation recompute of a checkpointed region ({region}) calls this router "
+                f"{n + 1} time(s), but the region's forward called it {len(calls)} time(s); the recompute does "
+                "not re-run the forward it belongs to"
+            )
+        return calls[n]
+
+    def __len__(self) -> int:
+        return len(self._calls)

@@ -1,0 +1,164 @@
+"""The record mode: the live routes of every forward run inside ``with handle.record() as rec:``.
+
+Recomputes of activation checkpointing are not recorded again (the handle answers them from the
+forward's binding): each layer records once per forward.
+
+Legend: N rows a router sees in one forward (B * S, padding included), T tokens of the trace,
+L MoE layers (``handle.layers`` order), K top-k, B sequences (batch rows), S padded length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from routereplay.errors import LayoutError, ReplayError
+from routereplay.recompute import Binding
+from routereplay.trace import RoutingTrace, expert_dtype
+
+__all__ = ["Recording"]
+
+
+class Recording:
+    """Live routes of the forwards run inside the block; built by ``handle.record()``."""
+
+    def __init__(self, handle: Any, *, offload: bool) -> None:
+        self._handle = handle
+        self._offload = offload
+        L = len(handle.layers)
+        self._ids: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer, per forward: [N, K]
+        self._shapes: list[tuple[int, ...]] = []  # per forward, from the first MoE block's input
+        self._dtype = expert_dtype(handle.num_experts)
+        self._entered = False
+        self._block = 0
+        self._pending_copy = False
+
+    def __enter__(self) -> Recording:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        if self._entered:
+            raise ReplayError("a Recording can be entered once; call handle.record() again")
+        self._block = self._handle._enter(self)
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle._exit(self)
+
+    def _note_shape(self, index: int, shape: tuple[int, ...]) -> None:
+        self._shapes.append(shape)
+
+    def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
+        ids = ids_NK.detach()
+        kept = ids  # narrowed to the compact dtype when read (`calls`): no extra kernel per layer here
+        if self._offload and ids.is_cuda:
+            kept = torch.empty(ids.shape, dtype=self._dtype, pin_memory=True)
+            kept.copy_(ids.to(self._dtype), non_blocking=True)
+            self._pending_copy = True
+        self._ids[index].append(kept)
+        binding = Binding(ids, None, f"record block {self._block}, forward {len(self._ids[index])}")
+        if not scoped:
+            return weights_NK, ids_NK, binding
+        # A checkpointed region's recompute will be forced to these ids, and non-reentrant
+        # checkpointing requires it to run the same ops as the forward: the forward routes through
+        # the same forced computation (the spec's weight math reproduces the router's weights bit
+        # for bit).
+        weights, ids = self._handle._forced(index, logits_NE, ids, None, route_kw)
+        return weights, ids, binding
+
+    # --- results -------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self._pending_copy:
+            torch.cuda.synchronize()
+            self._pending_copy = False
+
+    @property
+    def num_forwards(self) -> int:
+        """Forwards recorded (each layer must have seen the same number)."""
+        counts = [len(x) for x in self._ids]
+        if len(set(counts)) > 1:
+            h = self._handle
+            desc = ", ".join(f"{h.where(i)}: {c}" for i, c in enumerate(counts))
+            raise ReplayError(
+                f"MoE layers saw different numbers of forwards ({desc}); every forward must run "
+                "every MoE layer for a trace to be built"
+            )
+        return counts[0]
+
+    @property
+    def calls(self) -> list[torch.Tensor]:
+        """Per forward, in call order: ``[N, L, K]`` ids (compact dtype) of the rows the routers saw."""
+        n = self.num_forwards
+        self._sync()
+        return [torch.stack([layer[i] for layer in self._ids], dim=1).to(self._dtype) for i in range(n)]
+
+    @property
+    def batch_shapes(self) -> list[tuple[int, int]]:
+        """Per forward, ``(B, S)`` of the MoE block input (``(1, N)`` for 2-D block inputs)."""
+        n = self.num_forwards
+        shapes = self._shapes
+        if len(shapes) != n:
+            raise ReplayError(
+                f"{self._handle.where(0)}: the adapter saw {len(shapes)} block inputs for {n} forwards; "
+                "batch shapes are unknown for this model, pass attention_mask to trace()"
+            )
+        return [(s[0], s[1]) if len(s) == 2 else (1, s[0]) if len(s) == 1 else (s[0], s[-1]) for s in shapes]
+
+    def trace(self, attention_mask: torch.Tensor | Sequence[torch.Tensor] | None = None) -> RoutingTrace:
+        """The recorded routes as a RoutingTrace.
+
+        Args:
+            attention_mask: None: every row the routers saw, each forward's ``B`` rows of ``S``
+                tokens becoming ``B`` sequences. A ``[B, S]`` mask (or a list, one per forward):
+                padding dropped, one sequence per batch row, real tokens in order.
+
+        Returns:
+            RoutingTrace over ``handle.layer_ids``, forwards concatenated in call order.
+
+        Raises:
+            LayoutError: the mask count or shape does not fit the forwards.
+        """
+        calls = self.calls
+        h = self._handle
+        if attention_mask is None:
+            masks = [None] * len(calls)
+        elif isinstance(attention_mask, torch.Tensor):
+            masks = [attention_mask]
+        else:
+            masks = list(attention_mask)
+        if len(masks) != len(calls):
+            raise LayoutError(
+                f"{len(masks)} attention mask(s) for {len(calls)} recorded forward(s); pass one [B, S] mask per forward"
+            )
+        shapes = self.batch_shapes if attention_mask is None else [None] * len(calls)
+        parts_NLK, lens = [], []
+        for n, (ids_NLK, mask) in enumerate(zip(calls, masks)):
+            N = ids_NLK.shape[0]
+            if mask is None:
+                B, S = shapes[n]
+                if B * S != N:
+                    B, S = 1, N
+                parts_NLK.append(ids_NLK)
+                lens.append(torch.full((B,), S, dtype=torch.int64))
+                continue
+            mask_BS = mask.to("cpu", torch.bool)
+            if mask_BS.ndim != 2 or mask_BS.numel() != N:
+                raise LayoutError(
+                    f"forward {n}: attention_mask has shape {tuple(mask_BS.shape)} ({mask_BS.numel()} positions) "
+                    f"but the routers saw {N} rows; pass the [B, S] mask of that forward's input_ids"
+                )
+            keep_N = mask_BS.reshape(-1).to(ids_NLK.device)
+            parts_NLK.append(ids_NLK[keep_N])
+            lens.append(mask_BS.sum(1))
+        experts_TLK = torch.cat(parts_NLK) if parts_NLK else torch.zeros(0, len(h.layers), h.top_k, dtype=self._dtype)
+        lens_B = torch.cat(lens) if lens else torch.zeros(0, dtype=torch.int64)
+        cu = torch.zeros(lens_B.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lens_B, 0, out=cu[1:])
+        # Ids come straight from the routers (in range, distinct): no O(T) validation needed.
+        return RoutingTrace._trusted(
+            experts=experts_TLK,
+            cu_seqlens=cu.to(experts_TLK.device),
+            layer_ids=h.layer_ids,
+            num_experts=h.num_experts,
+            meta={"source": "routereplay.record", "model": type(h.model).__name__},
+        )

@@ -1,0 +1,396 @@
+"""The replay mode: forced routing for the forwards run inside ``with handle.replay(...) as rep:``.
+
+At entry every trace is checked against the model (layers, top-k, expert count, missing rows) and
+laid out in the rows the routers will see (``layout.to_router_rows`` for padded batches), then
+moved to the model's device in its compact dtype (pinned, asynchronous) and widened there. The
+ids themselves (range, a repeated expert, a group limit) are checked where they live: a CPU trace
+replayed on the CPU at entry; ids on an accelerator by a device-side reduction at entry whose
+result is read at the block's exit (no host sync in the forward), out-of-range ids clamped
+meanwhile so that no kernel indexes outside the logits.
+
+Legend: N rows a router sees in one forward (B * S, padding included), T tokens of the trace,
+L MoE layers (``handle.layers`` order), K top-k, B sequences (batch rows), S padded length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from routereplay import layout
+from routereplay.errors import (
+    BatchShapeMismatchError,
+    LayerMismatchError,
+    LayoutError,
+    MissingRoutesError,
+    ReplayError,
+    ReplayVerificationError,
+    TokenCountMismatchError,
+    TraceExhaustedError,
+    UnconsumedTraceError,
+)
+from routereplay.recompute import Binding
+from routereplay.routing import _validate_forced, forced_violations
+from routereplay.trace import RoutingTrace
+
+__all__ = ["LayerStats", "Replay"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerStats:
+    """Replay statistics of one MoE layer, summed over the forwards of a replay block.
+
+    ``disagreement`` counts replayed rows whose live top-k *set* differs from the forced set
+    (how far the live policy drifted from the recorded one).
+    """
+
+    layer_id: int
+    rows: int
+    replayed: int
+    live: int
+    disagreement: int
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of rows that used recorded routes."""
+        return self.replayed / self.rows if self.rows else 0.0
+
+    @property
+    def disagreement_rate(self) -> float:
+        """``disagreement / replayed``: share of replayed rows the live router would route elsewhere."""
+        return self.disagreement / self.replayed if self.replayed else 0.0
+
+
+@dataclass(slots=True)
+class _MicroBatch:
+    """One replay trace, validated and laid out in the router's row order."""
+
+    rows: int  # N the routers must see
+    forced_LNK: torch.Tensor  # int64, on the model's device
+    mask_N: torch.Tensor | None  # rows that use the trace (None: every row)
+    trace_tokens: int
+    num_seqs: int
+    shape: tuple[int, int] | None  # (B, S) the forward's batch must have, when the trace says
+    padded: bool
+    bad_L: torch.Tensor | None  # device: per layer, whether a forced row is invalid (read at exit)
+
+
+class Replay:
+    """Forced routing for the forwards run inside the block; built by ``handle.replay(...)``."""
+
+    def __init__(self, handle: Any, traces, *, attention_mask, missing, verify) -> None:
+        if missing not in ("error", "live"):
+            raise ReplayError(f'missing must be "error" or "live", found {missing!r}')
+        self._handle = handle
+        self._missing = missing
+        self._verify = verify
+        if verify:
+            lacking = [handle.where(i) for i, has in enumerate(handle.verifiable) if not has]
+            if lacking:
+                raise ReplayError(
+                    f"verify=True needs the experts module of every MoE layer, the adapter found none for "
+                    f"{', '.join(lacking)}; replay without verify"
+                )
+        single = isinstance(traces, RoutingTrace)
+        trace_list = [traces] if single else list(traces)
+        if not trace_list or not all(isinstance(t, RoutingTrace) for t in trace_list):
+            raise ReplayError(f"replay needs a RoutingTrace or a non-empty list of them, found {type(traces).__name__}")
+        if attention_mask is None:
+            masks = [None] * len(trace_list)
+        elif isinstance(attention_mask, torch.Tensor):
+            if not single and len(trace_list) != 1:
+                raise LayoutError(
+                    f"one attention_mask for {len(trace_list)} traces; pass a list with one [B, S] mask per trace"
+                )
+            masks = [attention_mask]
+        else:
+            masks = list(attention_mask)
+            if len(masks) != len(trace_list):
+                raise LayoutError(f"{len(masks)} attention masks for {len(trace_list)} traces; pass one per trace")
+        device = _model_device(handle.model)
+        total = len(trace_list)
+        self._mbs = [self._prepare(f"trace {n}: " if total > 1 else "", t, m, device) for n, (t, m) in enumerate(zip(trace_list, masks))]
+        L = len(handle.layers)
+        self._count = [0] * L
+        self._rows = [0] * L
+        # Per layer, (live ids, forced ids, forced mask) of each forward: disagreement is computed
+        # only when `stats` is read, keeping its kernels off the forward's hot path.
+        self._compared: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(L)]
+        self._issued: list[torch.Tensor | None] = [None] * L
+        self._entered = False
+        self._block = 0
+
+    # --- entry -------------------------------------------------------------------------------
+    def _prepare(self, where_mb: str, trace: RoutingTrace, mask, device: torch.device) -> _MicroBatch:
+        """Check one trace against the model and lay it out in router rows on ``device``."""
+        h = self._handle
+        if trace.layer_ids != h.layer_ids:
+            raise LayerMismatchError(
+                f"{where_mb}trace has layers {list(trace.layer_ids)} but the model's MoE layers are "
+                f"{list(h.layer_ids)}; if the trace covers more layers use trace.select_layers(handle.layer_ids)"
+            )
+        for i, m in enumerate(h.layers):
+            if trace.top_k != m.top_k:
+                raise LayerMismatchError(f"{where_mb}{h.where(i)}: trace has top_k={trace.top_k}, router has top_k={m.top_k}")
+            if trace.num_experts != m.num_experts:
+                raise LayerMismatchError(
+                    f"{where_mb}{h.where(i)}: trace has num_experts={trace.num_experts}, "
+                    f"router has num_experts={m.num_experts}"
+                )
+        valid_T = trace.valid
+        if valid_T is not None and self._missing == "error":
+            holes_T = ~valid_T
+            if bool(holes_T.any()):  # a host read of [T] bools at entry, only for traces with holes
+                t = int(holes_T.nonzero()[0, 0])
+                b = int(torch.searchsorted(trace.cu_seqlens, torch.tensor(t, device=trace.device), right=True)) - 1
+                raise MissingRoutesError(
+                    f"{where_mb}{int(holes_T.sum())} row(s) have no recorded route, the first at row {t} "
+                    f"(sequence {b}, position {t - int(trace.cu_seqlens[b])}); fill them (routereplay.layout) or "
+                    'replay with missing="live" to route them live'
+                )
+        if mask is None:
+            rows, shape, padded = trace, _uniform_shape(trace), False
+        else:
+            mask_BS = torch.as_tensor(mask).to(trace.device, torch.bool)
+            if mask_BS.ndim != 2:
+                raise LayoutError(f"{where_mb}attention_mask must be [B, S], found shape {tuple(mask_BS.shape)}")
+            real_B = mask_BS.sum(1)
+            if mask_BS.shape[0] != trace.num_seqs or not torch.equal(real_B, trace.seq_lens):
+                raise TokenCountMismatchError(
+                    f"{where_mb}attention_mask has {mask_BS.shape[0]} rows with {real_B.tolist()} real tokens but the "
+                    f"trace has {trace.num_seqs} sequences of {trace.seq_lens.tolist()} tokens"
+                    + _engine_hint(int(real_B.sum()), trace.num_tokens, trace.num_seqs)
+                )
+            rows, shape, padded = layout.to_router_rows(trace, mask_BS), tuple(mask_BS.shape), True
+        mask_N = rows.valid
+        # compact dtype across the copy (8x fewer bytes than int64), widened on the device
+        forced_LNK = _to_device(rows.experts.permute(1, 0, 2).contiguous(), device).to(torch.int64)
+        mask_N = None if mask_N is None else _to_device(mask_N, device)
+        bad_L = self._check_ids(where_mb, forced_LNK, mask_N)
+        return _MicroBatch(
+            rows=rows.num_tokens,
+            forced_LNK=forced_LNK,
+            mask_N=mask_N,
+            trace_tokens=trace.num_tokens,
+            num_seqs=trace.num_seqs,
+            shape=shape,
+            padded=padded,
+            bad_L=bad_L,
+        )
+
+    def _check_ids(self, where_mb: str, forced_LNK: torch.Tensor, mask_N: torch.Tensor | None) -> torch.Tensor | None:
+        """Range, repeats and group limit of the forced ids, where they live.
+
+        On the CPU: raises RouterSpecError now. On an accelerator: returns a device bool ``[L]``
+        read at exit, and clamps the ids into range so that no kernel reads outside the logits.
+        """
+        h = self._handle
+        bad_LN = torch.stack([forced_violations(forced_LNK[i], m.spec) for i, m in enumerate(h.layers)])
+        if mask_N is not None:
+            bad_LN &= mask_N
+        if forced_LNK.device.type == "cpu":
+            if bool(bad_LN.any()):
+                i = int(bad_LN.any(1).nonzero()[0, 0])
+                _validate_forced(forced_LNK[i], mask_N, h.layers[i].spec, f"{where_mb}{h.where(i)}: ")
+            return None
+        forced_LNK.clamp_(0, h.num_experts - 1)
+        return bad_LN.any(1)
+
+    def __enter__(self) -> Replay:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        if self._entered:
+            raise ReplayError("a Replay can be entered once; call handle.replay(...) again")
+        self._block = self._handle._enter(self)
+        self._entered = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        h = self._handle
+        h._exit(self)
+        if exc_type is not None:
+            return
+        self._raise_bad_ids()
+        if self._verify:
+            for i, issued in enumerate(self._issued):
+                if issued is not None:
+                    raise ReplayVerificationError(
+                        f"{h.where(i)}: the router's forced ids never reached the experts module; "
+                        "this MoE block does not route through the seam the adapter hooks"
+                    )
+        used = min(self._count)
+        if used < len(self._mbs) or max(self._count) != used:
+            desc = ", ".join(f"{h.where(i)}: {c}" for i, c in enumerate(self._count))
+            raise UnconsumedTraceError(
+                f"the replay block ended after {used} forward(s) but {len(self._mbs)} trace(s) were given "
+                f"(forwards per layer: {desc}); run one forward per trace or pass fewer traces"
+            )
+
+    def _raise_bad_ids(self) -> None:
+        """Device-side id checks of entry, read once (one host sync, at exit)."""
+        h = self._handle
+        flags = [mb.bad_L for mb in self._mbs if mb.bad_L is not None]
+        if not flags or not bool(torch.stack(flags).any()):
+            return
+        for n, mb in enumerate(self._mbs):
+            if mb.bad_L is not None and bool(mb.bad_L.any()):
+                i = int(mb.bad_L.nonzero()[0, 0])
+                raise ReplayError(
+                    f"trace {n}, {h.where(i)}: the trace has ids this router cannot pick (out of range, repeated "
+                    "in a row, or over its group limit); the forwards of this block used clamped ids: discard "
+                    "their results and validate the trace (RoutingTrace(...) or routereplay.load(validate=True))"
+                )
+
+    # --- forwards ------------------------------------------------------------------------------
+    def _note_shape(self, index: int, shape: tuple[int, ...]) -> None:
+        n = self._count[index]
+        if n >= len(self._mbs) or len(shape) != 2:
+            return
+        mb = self._mbs[n]
+        B, S = shape
+        if mb.shape is None or B == 1 and not mb.padded or (B, S) == mb.shape or B * S != mb.rows:
+            return  # a packed [1, T] batch holds any number of sequences; a row count off says more in _route
+        mb_txt = f"trace {n} of {len(self._mbs)}" if len(self._mbs) > 1 else "the trace"
+        what = "its attention mask is" if mb.padded else f"{mb_txt} holds {mb.num_seqs} sequences of {mb.shape[1]} tokens, a batch of"
+        raise BatchShapeMismatchError(
+            f"{self._handle.where(index)}: the forward's batch is [{B}, {S}] but {what} {list(mb.shape)}; "
+            "replay each trace on the batch it was recorded on (or pass its attention_mask)"
+        )
+
+    def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
+        h = self._handle
+        n = self._count[index]
+        if n >= len(self._mbs):
+            raise TraceExhaustedError(
+                f"forward {n + 1} reached {h.where(index)} but only {len(self._mbs)} trace(s) were given; "
+                "pass one trace per forward (micro-batch) or leave the replay block before this forward"
+            )
+        mb = self._mbs[n]
+        N = logits_NE.shape[0]
+        if N != mb.rows:
+            raise TokenCountMismatchError(_rows_message(h.where(index), n, len(self._mbs), N, mb))
+        if self._verify and self._issued[index] is not None:
+            raise ReplayVerificationError(
+                f"{h.where(index)}: the previous forward's forced ids never reached the experts module"
+            )
+        forced_NK = mb.forced_LNK[index]
+        mask_N = mb.mask_N
+        if forced_NK.device != logits_NE.device:
+            forced_NK = forced_NK.to(logits_NE.device, non_blocking=True)
+            mask_N = None if mask_N is None else mask_N.to(logits_NE.device, non_blocking=True)
+        weights, ids = h._forced(index, logits_NE, forced_NK, mask_N, route_kw)
+        self._compared[index].append((ids_NK.detach(), forced_NK, mask_N))
+        self._rows[index] += N
+        self._count[index] = n + 1
+        if self._verify:
+            self._issued[index] = ids
+        return weights, ids, Binding(forced_NK, mask_N, f"replay block {self._block}, forward {n + 1}")
+
+    def _check_experts(self, index: int, received_NK: torch.Tensor) -> None:
+        if not self._verify:
+            return
+        issued = self._issued[index]
+        h = self._handle
+        if issued is None:
+            raise ReplayVerificationError(f"{h.where(index)}: the experts ran without a routed call of the router first")
+        self._issued[index] = None
+        if received_NK is issued:
+            return
+        if received_NK.shape != issued.shape or not torch.equal(received_NK.to(issued.dtype), issued):
+            raise ReplayVerificationError(
+                f"{h.where(index)}: the experts received ids of shape {tuple(received_NK.shape)} that differ from "
+                f"the forced ids {tuple(issued.shape)}; something between the router and the experts rewrote them"
+            )
+
+    # --- results -------------------------------------------------------------------------------
+    @property
+    def forwards(self) -> int:
+        """Forwards replayed so far (micro-batch traces consumed)."""
+        return min(self._count)
+
+    @property
+    def stats(self) -> dict[int, LayerStats]:
+        """Per layer id: rows, replayed rows, live rows and live-vs-forced disagreement (computed and
+        synced here, not during the forwards)."""
+        self._raise_bad_ids()
+        h = self._handle
+        out = {}
+        for i, m in enumerate(h.layers):
+            d = sum(int(_set_differs(*c).sum()) for c in self._compared[i])
+            replayed = sum(len(live) if mask is None else int(mask.sum()) for live, _, mask in self._compared[i])
+            out[m.layer_id] = LayerStats(
+                layer_id=m.layer_id,
+                rows=self._rows[i],
+                replayed=replayed,
+                live=self._rows[i] - replayed,
+                disagreement=d,
+            )
+        return out
+
+
+def _uniform_shape(trace: RoutingTrace) -> tuple[int, int] | None:
+    """``(B, S)`` when every sequence of the trace has the same length (a batch without padding)."""
+    lens_B = trace.seq_lens
+    if lens_B.numel() == 0 or not bool((lens_B == lens_B[0]).all()):
+        return None
+    return trace.num_seqs, int(lens_B[0])
+
+
+def _set_differs(live_NK: torch.Tensor, forced_NK: torch.Tensor, mask_N: torch.Tensor | None) -> torch.Tensor:
+    """bool ``[N]``: forced rows whose live top-k set differs from the forced set."""
+    with torch.no_grad():
+        differ_N = (live_NK.sort(-1).values != forced_NK.sort(-1).values).any(-1)
+        return differ_N if mask_N is None else differ_N & mask_N
+
+
+def _engine_hint(rows: int, tokens: int, seqs: int) -> str:
+    if rows - tokens == seqs:
+        return (
+            f"; the trace has exactly one row fewer per sequence ({seqs} sequences): it looks like an engine "
+            "capture (no route for the last token), convert it with routereplay.layout (engine -> training)"
+        )
+    if tokens - rows == seqs:
+        return f"; the trace has one row more per sequence ({seqs} sequences) than the batch: were the last tokens dropped?"
+    return ""
+
+
+def _rows_message(where: str, n: int, num_mbs: int, N: int, mb: _MicroBatch) -> str:
+    mb_txt = f"trace {n} of {num_mbs}" if num_mbs > 1 else "the trace"
+    if mb.padded:
+        return (
+            f"{where}: the router saw {N} rows but the attention mask of {mb_txt} has {mb.rows} positions; "
+            "pass the mask of the batch this forward runs on"
+        )
+    msg = f"{where}: the router saw {N} rows but {mb_txt} has {mb.trace_tokens} tokens"
+    hints = []
+    if N > mb.trace_tokens:
+        hints.append(
+            "if the batch is padded, pass attention_mask=batch['attention_mask'] so the trace's real tokens "
+            "are placed at the mask's positions"
+        )
+    engine = _engine_hint(N, mb.trace_tokens, mb.num_seqs)
+    if engine:
+        hints.append(engine.removeprefix("; "))
+    if not hints:
+        hints.append("the trace belongs to another batch")
+    return msg + "; " + "; or ".join(hints)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> accelerator without stalling: a pageable copy would wait for every queued kernel
+    (the previous step's backward), so stage through pinned memory and copy asynchronously."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type != "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
+
+
+def _model_device(model: Any) -> torch.device:
+    for m in model if isinstance(model, (list, tuple)) else [model]:
+        params = getattr(m, "parameters", None)
+        if params is not None:
+            for p in params():
+                return p.device
+    return torch.device("cpu")
+
