@@ -108,3 +108,69 @@ def test_checkpointed_replay_gradients_on_cuda_bf16(family):
     for n, p in model.named_parameters():
         if n in plain:
             assert torch.equal(p.grad, plain[n]), f"{family}: checkpointed replay gradient of {n} differs"
+
+
+# --- the session on CUDA: offload, host syncs, device-side id checks ----------------------------
+def _qwen3():
+    return _model("qwen3_moe")
+
+
+def test_record_offload_copies_ids_to_pinned_host_memory():
+    model = _qwen3()
+    ids = _ids(model)
+    handle = routereplay.attach(model)
+    with torch.no_grad(), handle.record(offload=True) as off:
+        model(input_ids=ids)
+    with torch.no_grad(), handle.record() as plain:
+        model(input_ids=ids)
+    handle.detach()
+    kept = off._ids[0][0]
+    assert kept.device.type == "cpu" and kept.is_pinned()
+    assert off.trace().to("cpu") == plain.trace().to("cpu")
+
+
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_record_and_replay_make_no_host_sync_in_the_forward(where):
+    """Under set_sync_debug_mode("error") any host sync raises: entry and forwards of record and
+    replay make none (replay's id-check flag is read once, at exit, outside this scope)."""
+    model = _qwen3()
+    ids = _ids(model)
+    handle = routereplay.attach(model)
+    with torch.no_grad(), handle.record() as rec:
+        model(input_ids=ids)
+    trace = rec.trace().to("cpu").pin_memory() if where == "host" else rec.trace()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        rep = handle.replay(trace)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            rep.__enter__()
+            model(input_ids=ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        rep.__exit__(None, None, None)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with handle.record():
+                model(input_ids=ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    handle.detach()
+
+
+def test_device_trace_with_bad_ids_raises_at_exit():
+    model = _qwen3()
+    ids = _ids(model)
+    handle = routereplay.attach(model)
+    with torch.no_grad(), handle.record() as rec:
+        model(input_ids=ids)
+    t = rec.trace()
+    bad = t._replace(experts=t.experts.clone())
+    bad.experts[3, 0, 0] = handle.num_experts + 1  # edited in place: out of range
+    with (
+        pytest.raises(routereplay.errors.ReplayError, match=r"^trace 0, layer .*: the trace has ids this router cannot pick"),
+        torch.no_grad(),
+        handle.replay(bad),
+    ):
+        model(input_ids=ids)  # runs on clamped ids, no device assert
+    handle.detach()

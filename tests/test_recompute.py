@@ -90,7 +90,7 @@ class World:
             return self.model(**b).logits.square().mean()
         # an outer non-reentrant checkpoint around the whole model, per-layer checkpoints inside
         emb = self.model.get_input_embeddings()(b["input_ids"])
-        run = lambda e: self.model(inputs_embeds=e, attention_mask=b["attention_mask"]).logits  # noqa: E731
+        run = lambda e: self.model(inputs_embeds=e, attention_mask=b["attention_mask"]).logits
         return checkpoint(run, emb, use_reentrant=False, early_stop=False).square().mean()
 
     def grads(self):

@@ -21,9 +21,9 @@ from routereplay.errors import (
     LayerMismatchError,
     LayoutError,
     MissingRoutesError,
-    RecomputeMismatchError,
     ReplayError,
     ReplayVerificationError,
+    RouterSpecError,
     TokenCountMismatchError,
     TraceExhaustedError,
     UnconsumedTraceError,
@@ -172,11 +172,36 @@ def test_record_matches_router_topk(handle, model):
         assert torch.equal(rec.calls[0][:, layer].long(), top_NK)
 
 
-def test_record_offload_on_cpu_is_a_plain_record(handle, model):
+def test_replay_checks_the_ids_at_entry(handle, model):
+    """A trace edited in place (or loaded with validate=False) is refused before any forward."""
     b = batch()
-    rec_a, _ = record(handle, model, b, offload=True)
-    rec_b, _ = record(handle, model, b)
-    assert rec_a.trace() == rec_b.trace()
+    t = record(handle, model, b)[0].trace()
+    bad = t._replace(experts=t.experts.clone())
+    bad.experts[7, 1] = torch.tensor([3, 3], dtype=bad.experts.dtype)  # an expert twice
+    with pytest.raises(
+        RouterSpecError,
+        match=r"^layer 2 \(model.layers.2.mlp.gate\): forced_TK row 7 holds expert ids \[3, 3\]: an expert repeats",
+    ):
+        handle.replay(bad)
+    bad.experts[7, 1] = torch.tensor([1, E], dtype=bad.experts.dtype)  # out of range
+    with pytest.raises(RouterSpecError, match=r"^trace 1: layer 2 .*row 7 holds expert ids \[1, 8\]: expected ids in \[0, 8\)"):
+        handle.replay([t, bad])
+
+
+def test_replay_without_mask_checks_the_batch_shape(handle, model):
+    rec, _ = record(handle, model, batch(B=2, S=8))
+    t = rec.trace()
+    with (
+        pytest.raises(
+            BatchShapeMismatchError,
+            match=r"^layer 1 \(model.layers.1.mlp.gate\): the forward's batch is \[4, 4\] but the trace holds 2 "
+            r"sequences of 8 tokens, a batch of \[2, 8\]",
+        ),
+        handle.replay(t),
+    ):
+        model(**batch(B=4, S=4))
+    with handle.replay(t):  # the same 16 rows packed into one row: a packed batch holds any sequences
+        model(input_ids=batch(B=2, S=8)["input_ids"].reshape(1, 16))
 
 
 def test_trace_mask_count_must_match_forwards(handle, model):

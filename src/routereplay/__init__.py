@@ -8,9 +8,9 @@ Integrations (transformers, megatron-core, ...) are imported only when a model o
 """
 
 from routereplay import errors
+from routereplay.attach import attach
 from routereplay.io import load, save
 from routereplay.routing import RouterSpec, route
-from routereplay.attach import attach
 from routereplay.seam import MoELayer
 from routereplay.session import RouterHandle
 from routereplay.trace import RoutingTrace
