@@ -25,9 +25,15 @@ _GROUP = "routereplay.adapters"
 _MARK = "_routereplay_handle"
 
 
+# Used only when routereplay runs from a source tree that was never installed (no entry points
+# registered at all, e.g. ``PYTHONPATH=src`` on a GPU machine): the adapters this package ships.
+_SOURCE_TREE = (("hf", "routereplay.adapters.hf"), ("megatron", "routereplay.adapters.megatron"))
+
+
 def adapters() -> list[tuple[str, str]]:
     """``(name, module)`` of the registered adapters, in registration order."""
-    return [(ep.name, ep.value) for ep in entry_points(group=_GROUP)]
+    found = [(ep.name, ep.value) for ep in entry_points(group=_GROUP)]
+    return found or list(_SOURCE_TREE)
 
 
 def _chunks(model: Any) -> list[Any]:
