@@ -39,7 +39,13 @@ def _all_gather_shard(shard: RoutingTrace, world: int) -> list[RoutingTrace]:
     dist.all_gather(valid, shard.valid_mask.to(torch.uint8))
     dist.all_gather(cus, shard.cu_seqlens)
     return [
-        RoutingTrace(experts=e.view(shard.experts.dtype), cu_seqlens=c, layer_ids=shard.layer_ids, num_experts=shard.num_experts, valid=v.bool())
+        RoutingTrace(
+            experts=e.view(shard.experts.dtype),
+            cu_seqlens=c,
+            layer_ids=shard.layer_ids,
+            num_experts=shard.num_experts,
+            valid=v.bool(),
+        )
         for e, c, v in zip(experts, cus, valid)
     ]
 

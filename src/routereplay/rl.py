@@ -159,7 +159,8 @@ class RouteStore:
         n = rec.num_forwards
         if n != 1:
             raise ReplayError(
-                f"store.record saw {n} forwards; record one forward per block so its rows map onto samples {ids_B.tolist()}"
+                f"store.record saw {n} forwards; record one forward per block so its rows map onto samples "
+                f"{ids_B.tolist()}"
             )
         if attention_mask is not None:
             if attention_mask.shape[0] != ids_B.numel():
@@ -211,7 +212,9 @@ class RouteStore:
         have = ids_B < self._pos_N.numel()
         again = ids_B[have][self._pos_N[ids_B[have]] >= 0]
         if again.numel():
-            raise LayoutError(f"sample(s) {again.tolist()} already have routes in this store; use a new store per batch")
+            raise LayoutError(
+                f"sample(s) {again.tolist()} already have routes in this store; use a new store per batch"
+            )
         start = 0 if self._trace is None else self._trace.num_seqs
         self._trace = trace if self._trace is None else RoutingTrace.concat([self._trace, trace])
         size = max(self._pos_N.numel(), int(ids_B.max()) + 1 if ids_B.numel() else 0)
@@ -325,7 +328,8 @@ class DispatchTap:
         """Forwards observed (every layer must have seen the same number)."""
         counts = {len(s) for s in self._seen}
         if len(counts) != 1:
-            raise ReplayError(f"DispatchTap: MoE layers saw different numbers of forwards {[len(s) for s in self._seen]}")
+            seen = [len(s) for s in self._seen]
+            raise ReplayError(f"DispatchTap: MoE layers saw different numbers of forwards {seen}")
         return counts.pop()
 
     def trace(self, attention_mask: torch.Tensor | None = None, *, forward: int = -1) -> RoutingTrace:

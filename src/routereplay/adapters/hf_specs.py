@@ -356,7 +356,8 @@ def _score_fn_name(router: nn.Module, config: Any) -> str:
     name = getattr(config, "scoring_func", None)
     if name not in ("sigmoid", "sqrtsoftplus"):
         raise UnsupportedRouterError(
-            f"{type(router).__name__} ({_family(router)}): scoring_func={name!r}; only sigmoid and sqrtsoftplus are known"
+            f"{type(router).__name__} ({_family(router)}): scoring_func={name!r}; "
+            "only sigmoid and sqrtsoftplus are known"
         )
     return name
 
