@@ -236,3 +236,40 @@ def test_logprob_mismatch_errors():
         logprob_mismatch(bad, lp)
     # The same non-finite entry is fine when masked out.
     assert logprob_mismatch(bad, lp, torch.tensor([[True] * 3, [True, True, False]])).num_tokens == 5
+
+
+# --- one mask convention: packed [T], or padded [B, S] with its attention mask ----------------
+# The three tokens of A_TLK / B_TLK as a left-padded batch of two sequences (1 and 2 tokens).
+ATTN_BS = torch.tensor([[0, 1], [1, 1]])
+RESP_BS = torch.tensor([[False, True], [False, True]])  # packed: tokens 0 and 2
+RESP_T = torch.tensor([True, False, True])
+
+
+def test_padded_mask_with_attention_mask_equals_packed_mask():
+    packed = routing_agreement(A_TLK, B_TLK, RESP_T)
+    padded = routing_agreement(A_TLK, B_TLK, RESP_BS, attention_mask=ATTN_BS)
+    assert padded == packed and packed.num_tokens == 2
+    lt_T, li_T = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -2.0, -0.25])
+    m_packed = logprob_mismatch(lt_T, li_T, RESP_T)
+    assert logprob_mismatch(lt_T, li_T, RESP_BS, attention_mask=ATTN_BS) == m_packed
+    # Padded log-probs take their own-shaped mask alone.
+    lt_BS = torch.zeros(2, 2).masked_scatter(ATTN_BS.bool(), lt_T)
+    li_BS = torch.zeros(2, 2).masked_scatter(ATTN_BS.bool(), li_T)
+    assert logprob_mismatch(lt_BS, li_BS, RESP_BS) == m_packed
+
+
+def test_mask_convention_errors():
+    with pytest.raises(MetricInputError, match=r"routing_agreement: mask must have shape \(3,\), one entry per token, "
+                       r"found \(2, 2\); for a padded \[B, S\] mask pass attention_mask=\[B, S\] as well"):
+        routing_agreement(A_TLK, B_TLK, RESP_BS)
+    with pytest.raises(MetricInputError, match=r"routing_agreement: attention_mask has 4 real tokens but the data has 3"):
+        routing_agreement(A_TLK, B_TLK, RESP_BS, attention_mask=torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(MetricInputError, match=r"attention_mask is given without a mask"):
+        routing_agreement(A_TLK, B_TLK, attention_mask=ATTN_BS)
+    lt_T = torch.zeros(3)
+    with pytest.raises(MetricInputError, match=r"logprob_mismatch: mask has shape \(2, 2\), expected the log-probs' shape "
+                       r"\(3,\); for packed log-probs and a padded \[B, S\] mask pass attention_mask as well"):
+        logprob_mismatch(lt_T, lt_T, RESP_BS)
+    with pytest.raises(MetricInputError, match=r"attention_mask goes with packed \[T\] log-probs, found log-probs of shape "
+                       r"\(2, 2\)"):
+        logprob_mismatch(torch.zeros(2, 2), torch.zeros(2, 2), RESP_BS, attention_mask=ATTN_BS)

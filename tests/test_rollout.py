@@ -19,9 +19,9 @@ pytest.importorskip("transformers", reason="generation capture tests need transf
 
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from routereplay.errors import GenerationCaptureError, LayoutError, MissingRoutesError, ReplayError
+from routereplay import attach
+from routereplay.errors import EosMismatchError, GenerationCaptureError, LayoutError, MissingRoutesError, ReplayError
 from routereplay.rl import RouteStore, token_logprobs
-from routereplay.session import attach
 
 EOS, PAD = 1, 0
 # Several end-of-sequence ids make EOS frequent enough on a random model (generate accepts a list).
@@ -133,7 +133,7 @@ def test_capture_with_left_padded_training_batch_and_select():
     model = _model()
     handle = attach(model)
     cap, out, _, mask = _generate(model, handle, do_sample=True, top_k=0, max_new_tokens=4, eos_token_id=None)
-    rollout = cap.rollout(out, prompt_attention_mask=mask).select([2, 0])
+    rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=None).select([2, 0])
     batch = rollout.padded(padding_side="left")
     assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
     assert torch.equal(batch["response_mask"].sum(1), rollout.completion_lens)
@@ -175,6 +175,98 @@ def test_capture_errors():
         cap.trace(out)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_rollout_logprobs_aligned_with_training_logprobs(use_cache):
+    """capture_generation(logprobs=True): in float64 the rollout's log-probs equal token_logprobs of
+    a training forward over padded() at exactly the response positions (no off-by-one)."""
+    model = _model()
+    handle = attach(model)
+    ids, mask = _prompt_batch()
+    torch.manual_seed(2)
+    with torch.no_grad(), handle.capture_generation(logprobs=True, temperature=0.7) as cap:
+        out = model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, temperature=0.7, max_new_tokens=6,
+                             eos_token_id=EOS_IDS, pad_token_id=PAD, num_return_sequences=2, use_cache=use_cache)
+    rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=EOS_IDS)
+    assert rollout.logprobs is not None and rollout.logprobs.dtype == torch.float32
+    assert torch.all(rollout.logprobs[~rollout.response_mask()] == 0)
+    for side in ("right", "left"):
+        batch = rollout.padded([4, 1, 3], padding_side=side)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).logits
+        train = token_logprobs(logits / 0.7, batch["input_ids"]).float()
+        resp = batch["response_mask"]
+        assert torch.allclose(batch["rollout_logprobs"][resp], train[resp], atol=1e-5)
+        assert torch.all(batch["rollout_logprobs"][~resp] == 0)
+
+
+def test_rollout_logprobs_equal_generate_output_logits():
+    model = _model()
+    handle = attach(model)
+    ids, mask = _prompt_batch()
+    torch.manual_seed(0)
+    with torch.no_grad(), handle.capture_generation(logprobs=True) as cap:
+        out = model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=5, eos_token_id=None,
+                             pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
+    rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=None)
+    comp = out.sequences[:, ids.shape[1]:]
+    expected = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, comp[..., None])[..., 0]
+    assert torch.equal(rollout.logprobs[rollout.response_mask()], expected.reshape(-1))
+
+
+def test_eos_defaults_to_model_ids_and_unknown_stop_raises():
+    model = _model()
+    model.generation_config.eos_token_id = EOS_IDS
+    handle = attach(model)
+    ids, mask = _prompt_batch()
+    torch.manual_seed(2)
+    with torch.no_grad(), handle.capture_generation() as cap:
+        out = model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=8, pad_token_id=PAD,
+                             num_return_sequences=3)
+    comp = out[:, ids.shape[1]:]
+    stopped = torch.isin(comp, torch.tensor(EOS_IDS)).any(1)
+    assert bool(stopped.any()) and bool((~stopped).any())
+    # Default: every id of generation_config, so the rollout matches what generate stopped on.
+    default = cap.rollout(out, prompt_attention_mask=mask)
+    explicit = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=EOS_IDS, pad_token_id=PAD)
+    assert torch.equal(default.input_ids, explicit.input_ids) and default.trace == explicit.trace
+    # Told all ids but one: a sequence that stopped early on that one (then only padding) raises.
+    G = comp.shape[1]
+    first_pos = torch.where(torch.isin(comp, torch.tensor(EOS_IDS)), torch.arange(G), G).min(1).values
+    b = int((first_pos < G - 1).nonzero()[0, 0])
+    stop_id = int(comp[b, first_pos[b]])
+    told = [i for i in EOS_IDS if i != stop_id]
+    with pytest.raises(EosMismatchError, match=rf"sequence \d+ stopped at generated position \d+ on token {stop_id}, an "
+                       r"end-of-sequence id of the model's generation_config \(\[1, 2, 3\]\).*but rollout\(\) was told "
+                       rf"eos_token_id=\{told}; .*Pass eos_token_id=\[1, 2, 3\]"):
+        cap.rollout(out, prompt_attention_mask=mask, eos_token_id=told)
+
+
+def test_padded_widths_positions_and_pad_id():
+    model = _model()
+    model.generation_config.pad_token_id = 39
+    handle = attach(model)
+    ids, mask = _prompt_batch()
+    with torch.no_grad(), handle.capture_generation() as cap:
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, eos_token_id=None)
+    rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=None)
+    assert rollout.pad_token_id == 39
+    batch = rollout.padded([2, 1], padding_side="left", width=10)
+    lens = [len(PROMPTS[2]) + 3, len(PROMPTS[1]) + 3]
+    assert batch["input_ids"].shape == (2, 10)
+    for b, n in enumerate(lens):
+        assert batch["attention_mask"][b].tolist() == [0] * (10 - n) + [1] * n
+        assert batch["position_ids"][b].tolist() == [0] * (10 - n) + list(range(n))
+        assert batch["input_ids"][b, : 10 - n].tolist() == [39] * (10 - n)
+        assert batch["response_mask"][b].tolist() == [False] * (10 - 3) + [True] * 3
+    right = rollout.padded([2, 1])
+    assert right["input_ids"].shape == (2, max(lens))  # width: the longest selected sample
+    assert right["position_ids"][0].tolist() == list(range(lens[0])) + [0] * (max(lens) - lens[0])
+    assert "rollout_logprobs" not in right
+    with pytest.raises(LayoutError, match=r"padded\(width=4\) is narrower than the longest selected sample \(8 tokens\)"):
+        rollout.padded([1], width=4)
+
+
 def test_token_logprobs_shifts_by_one():
     logits = torch.tensor([[[0.5, 0.5], [0.25, 0.75], [1.0, 1.0]]]).log()
     lp = token_logprobs(logits, torch.tensor([[0, 1, 0]]))
@@ -194,7 +286,7 @@ def bf16_rollout():
     with torch.no_grad(), h.capture_generation() as cap:
         out = roll.generate(ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=6,
                             num_return_sequences=2, pad_token_id=PAD, eos_token_id=None)
-    return cap.rollout(out, prompt_attention_mask=mask)
+    return cap.rollout(out, prompt_attention_mask=mask, eos_token_id=None)
 
 
 def test_r3_replay_padded_microbatches_uses_rollout_routes(bf16_rollout):

@@ -15,6 +15,16 @@ generated its data:
 Both are Monte-Carlo estimates over the tokens selected by a mask (normally the response tokens);
 k1 and k3 on sampled tokens are not full-vocabulary KL divergences.
 
+**Masks: one convention for both functions.** ``mask`` selects the tokens counted (normally the
+response tokens) in one of two layouts:
+
+* **packed** ``[T]``: one entry per token of the packed data (a RoutingTrace's rows, a
+  ``Rollout``'s ``input_ids``, log-probs ``[T]``);
+* **padded** ``[B, S]`` together with that batch's ``attention_mask`` ``[B, S]`` (e.g. both from
+  ``Rollout.padded``): the mask is read at the attention mask's real positions, row by row, which
+  is the packed order of traces and rollouts. Padded log-probs ``[B, S]`` need no
+  ``attention_mask``: their mask has their shape.
+
 Legend (shape suffixes used in this file):
     T  tokens (rows of a trace, or any flattened token axis)
     L  MoE layers
@@ -142,23 +152,55 @@ def _experts_and_valid(x: RoutingTrace | torch.Tensor, name: str) -> tuple[torch
     raise MetricInputError(f"routing_agreement: {name} must be a RoutingTrace or an integer [T, L, K] tensor, found {found}")
 
 
-def _token_mask(mask: torch.Tensor | Sequence[bool] | None, T: int, device: torch.device, what: str) -> torch.Tensor:
+def _bool_mask(mask: torch.Tensor | Sequence[bool], device: torch.device, what: str, name: str = "mask") -> torch.Tensor:
+    mask_X = torch.as_tensor(mask, device=device)
+    if mask_X.dtype != torch.bool:
+        if mask_X.dtype.is_floating_point or not bool(((mask_X == 0) | (mask_X == 1)).all()):
+            raise MetricInputError(f"{what}: {name} must be bool (or 0/1 integers), found dtype {mask_X.dtype}")
+        mask_X = mask_X.bool()
+    return mask_X
+
+
+def _packed_mask(
+    mask: torch.Tensor | Sequence[bool] | None,
+    attention_mask: torch.Tensor | None,
+    T: int,
+    device: torch.device,
+    what: str,
+) -> torch.Tensor:
+    """bool ``[T]`` from a packed ``[T]`` mask, or a padded ``[B, S]`` mask read at ``attention_mask``'s real positions."""
     if mask is None:
+        if attention_mask is not None:
+            raise MetricInputError(f"{what}: attention_mask is given without a mask; pass the [B, S] mask it goes with")
         return torch.ones(T, dtype=torch.bool, device=device)
-    mask_T = torch.as_tensor(mask, device=device)
-    if mask_T.dtype != torch.bool:
-        if mask_T.dtype.is_floating_point or not bool(((mask_T == 0) | (mask_T == 1)).all()):
-            raise MetricInputError(f"{what}: mask must be bool (or 0/1 integers), found dtype {mask_T.dtype}")
-        mask_T = mask_T.bool()
-    if mask_T.shape != (T,):
-        raise MetricInputError(f"{what}: mask must have shape ({T},), one entry per token, found {tuple(mask_T.shape)}")
-    return mask_T
+    mask_X = _bool_mask(mask, device, what)
+    if attention_mask is not None:
+        attn_BS = _bool_mask(attention_mask, device, what, "attention_mask")
+        if attn_BS.ndim != 2 or mask_X.shape != attn_BS.shape:
+            raise MetricInputError(
+                f"{what}: a padded mask and its attention_mask must both be [B, S], found {tuple(mask_X.shape)} and "
+                f"{tuple(attn_BS.shape)}"
+            )
+        if int(attn_BS.sum()) != T:
+            raise MetricInputError(
+                f"{what}: attention_mask has {int(attn_BS.sum())} real tokens but the data has {T}; pass the "
+                "attention mask of the batch these tokens were packed from"
+            )
+        return mask_X[attn_BS]
+    if mask_X.shape != (T,):
+        hint = "; for a padded [B, S] mask pass attention_mask=[B, S] as well" if mask_X.ndim == 2 else ""
+        raise MetricInputError(
+            f"{what}: mask must have shape ({T},), one entry per token, found {tuple(mask_X.shape)}{hint}"
+        )
+    return mask_X
 
 
 def routing_agreement(
     a: RoutingTrace | torch.Tensor,
     b: RoutingTrace | torch.Tensor,
     mask: torch.Tensor | Sequence[bool] | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
 ) -> RoutingAgreement:
     """Routing agreement of ``b`` against ``a`` over the same tokens.
 
@@ -169,7 +211,10 @@ def routing_agreement(
         a, b: RoutingTraces of the same tokens (same ``cu_seqlens``, ``layer_ids``, ``top_k``),
             or integer ``[T, L, K]`` tensors. Rows where either trace has ``valid`` False are
             left out (an engine capture has no route for each sequence's last token).
-        mask: optional bool ``[T]``: tokens to compare (e.g. response tokens only).
+        mask: optional tokens to compare (e.g. response tokens only): bool ``[T]``, or a
+            padded ``[B, S]`` mask with ``attention_mask`` (see the module docstring).
+        attention_mask: ``[B, S]`` of the padded batch ``mask`` belongs to; its real
+            positions, row by row, are the traces' ``T`` rows.
 
     Returns:
         RoutingAgreement over the selected tokens.
@@ -206,7 +251,7 @@ def routing_agreement(
             layer_ids = x.layer_ids
     device = experts_a_TLK.device
     experts_b_TLK = experts_b_TLK.to(device)
-    keep_T = _token_mask(mask, T, device, "routing_agreement")
+    keep_T = _packed_mask(mask, attention_mask, T, device, "routing_agreement")
     for valid_T in (valid_a_T, valid_b_T):
         if valid_T is not None:
             keep_T = keep_T & valid_T.to(device)
@@ -255,6 +300,7 @@ def logprob_mismatch(
     logp_infer: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
+    attention_mask: torch.Tensor | None = None,
     taus: Sequence[float] = DEFAULT_TAUS,
 ) -> LogprobMismatch:
     """Mismatch between the trainer's and the inference engine's log-probs of the sampled tokens.
@@ -265,8 +311,12 @@ def logprob_mismatch(
     Args:
         logp_train: float log-probabilities of the sampled tokens under the trainer, any shape.
         logp_infer: the same tokens' log-probabilities under the inference engine, same shape.
-        mask: optional bool tensor of the same shape selecting the tokens to count (normally
-            the response tokens; prompt and padding masked out). None counts every entry.
+        mask: optional bool tensor selecting the tokens to count (normally the response tokens;
+            prompt and padding masked out): the log-probs' shape (packed ``[T]`` or padded
+            ``[B, S]``), or a padded ``[B, S]`` mask with ``attention_mask`` for packed ``[T]``
+            log-probs (see the module docstring). None counts every entry.
+        attention_mask: ``[B, S]`` of the padded batch ``mask`` belongs to, when the log-probs
+            are packed ``[T]``.
         taus: thresholds for ``F(tau) = mean 1[|delta| > ln tau]``; each must be > 1.
 
     Returns:
@@ -291,13 +341,18 @@ def logprob_mismatch(
         raise MetricInputError(f"{what}: every tau must be > 1 (F(tau) counts |delta| > ln tau), found {taus}")
     shape = tuple(logp_train.shape)
     flat_train, flat_infer = logp_train.reshape(-1), logp_infer.reshape(-1).to(logp_train.device)
-    if mask is None:
-        keep = torch.ones(flat_train.shape, dtype=torch.bool, device=flat_train.device)
-    else:
-        mask = torch.as_tensor(mask, device=flat_train.device)
+    if attention_mask is not None and len(shape) != 1:
+        raise MetricInputError(
+            f"{what}: attention_mask goes with packed [T] log-probs, found log-probs of shape {shape}; padded "
+            "[B, S] log-probs take a [B, S] mask alone"
+        )
+    if mask is not None and attention_mask is None:
+        mask = _bool_mask(mask, flat_train.device, what)
         if tuple(mask.shape) != shape:
-            raise MetricInputError(f"{what}: mask has shape {tuple(mask.shape)}, expected the log-probs' shape {shape}")
-        keep = _token_mask(mask.reshape(-1), flat_train.numel(), flat_train.device, what)
+            hint = "; for packed log-probs and a padded [B, S] mask pass attention_mask as well" if mask.ndim == 2 else ""
+            raise MetricInputError(f"{what}: mask has shape {tuple(mask.shape)}, expected the log-probs' shape {shape}{hint}")
+        mask = mask.reshape(-1)
+    keep = _packed_mask(mask, attention_mask, flat_train.numel(), flat_train.device, what)
     lt_N = flat_train[keep].to(torch.float64)
     li_N = flat_infer[keep].to(torch.float64)
     for name, v_N in (("logp_train", lt_N), ("logp_infer", li_N)):

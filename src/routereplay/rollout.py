@@ -4,14 +4,26 @@
     with handle.capture_generation() as cap:
         out = model.generate(input_ids, attention_mask=mask, do_sample=True, max_new_tokens=64)
     trace = cap.trace(out, prompt_attention_mask=mask, eos_token_id=eos)   # engine rows
-    rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=eos)  # tokens + routes
+    rollout = cap.rollout(out, prompt_attention_mask=mask)   # tokens + routes (EOS ids: the model's)
+    batch = rollout.padded(ids)                              # a training micro-batch, see Rollout.padded
+
+With ``capture_generation(logprobs=True, temperature=t)`` the capture also keeps, for every
+generated token, its log-probability under the distribution it was sampled from,
+``log_softmax(logits / t)`` of the forward that produced it (the raw model distribution divided by
+the temperature, before top-k / top-p filtering: what vLLM reports by default). ``Rollout.logprobs``
+holds them packed like ``input_ids``; ``padded()`` returns them aligned with the training batch, in
+the convention of ``routereplay.rl.token_logprobs``, so ``logp_train - batch["rollout_logprobs"]``
+under ``batch["response_mask"]`` is the train-inference ``delta`` of ``routereplay.metrics``.
 
 ``generate`` with a KV cache runs one prefill forward over the (left-padded) prompts, ``B * P``
 router rows, then one decode forward per new token, ``B`` rows each (one per sequence, finished
 sequences included). The token sampled last is never forwarded, so, exactly like vLLM and
 SGLang, each sequence gets ``prompt_len + completion_len - 1`` rows: the **engine convention**.
 Tokens after a sequence's first EOS are dropped; the EOS token is kept as the sample's last
-token, which (like every sample's last token) has no route.
+token, which (like every sample's last token) has no route. The EOS ids default to every id of
+the model's ``generation_config.eos_token_id`` (what ``generate`` stops on unless told otherwise);
+a sequence that stopped on an id ``rollout()`` was not told about raises ``EosMismatchError``
+(otherwise its padding would become response tokens, silently).
 ``Rollout.training_trace()`` converts to **training rows** (one per token, the last row of each
 sequence invalid) for a trainer's full-sequence forward.
 
@@ -26,7 +38,7 @@ Legend (shape suffixes used in this file):
     P  padded prompt length;  G  generated positions (``sequences.shape[1] - P``)
     S  prompt + generated positions that have a route (``P + G - 1``)
     T  tokens of the packed rollout (real prompt tokens + kept completion tokens)
-    L  MoE layers;  K  top-k slots
+    L  MoE layers;  K  top-k slots;  V  vocabulary;  X  ``sequences.shape[1]`` (P + G)
 """
 
 from __future__ import annotations
@@ -37,24 +49,71 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import GenerationCaptureError, LayoutError
+from routereplay.errors import EosMismatchError, GenerationCaptureError, LayoutError
 from routereplay.layout import engine_to_training
 from routereplay.trace import RoutingTrace, _ranges
 
-__all__ = ["GenerationCapture", "Rollout", "capture_generation"]
+__all__ = ["FROM_MODEL", "GenerationCapture", "Rollout", "capture_generation", "model_eos_ids", "model_pad_id"]
+
+#: Default of ``eos_token_id`` / ``pad_token_id``: read the ids from the generating model.
+FROM_MODEL = "from_model"
 
 
-def capture_generation(handle: Any, *, offload: bool = False) -> GenerationCapture:
+def capture_generation(
+    handle: Any, *, offload: bool = False, logprobs: bool = False, temperature: float = 1.0
+) -> GenerationCapture:
     """Record the routes of one ``model.generate`` call.
 
     Args:
         handle: the ``RouterHandle`` of the generating model (``routereplay.attach(model)``).
         offload: copy ids to pinned CPU memory as they are produced (CUDA only).
+        logprobs: also keep each generated token's log-probability (``Rollout.logprobs``): one
+            ``[B, V]`` log-softmax is held at a time, never the logits of every step.
+        temperature: the sampling temperature ``generate`` used; log-probs are those of
+            ``softmax(logits / temperature)`` (top-k / top-p filtering is not applied).
 
     Returns:
         A :class:`GenerationCapture` context manager.
+
+    Raises:
+        GenerationCaptureError: ``temperature`` is not positive.
     """
-    return GenerationCapture(handle, offload=offload)
+    return GenerationCapture(handle, offload=offload, logprobs=logprobs, temperature=temperature)
+
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.reshape(-1).tolist()]
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def model_eos_ids(model: Any) -> list[int]:
+    """Every end-of-sequence id ``generate`` stops on by default: the model's
+    ``generation_config.eos_token_id`` (an int or a list), else ``config.eos_token_id``; ``[]`` if none."""
+    gen = getattr(model, "generation_config", None)
+    ids = _id_list(getattr(gen, "eos_token_id", None))
+    if not ids:
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        ids = _id_list(getattr(text, "eos_token_id", None))
+    return ids
+
+
+def model_pad_id(model: Any) -> int:
+    """The pad id ``generate`` fills finished sequences with: ``generation_config.pad_token_id``, else
+    ``config.pad_token_id``, else the first EOS id (what ``generate`` falls back to), else 0."""
+    for owner in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        if owner is not None and hasattr(owner, "get_text_config"):
+            owner = owner.get_text_config()
+        pad = getattr(owner, "pad_token_id", None)
+        if pad is not None:
+            return int(pad)
+    eos = model_eos_ids(model)
+    return eos[0] if eos else 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -66,12 +125,36 @@ class Rollout:
         cu_seqlens: int64 ``[B+1]`` sample boundaries in ``input_ids``.
         prompt_lens: int64 ``[B]`` real prompt tokens per sample (completion = the rest).
         trace: RoutingTrace in the engine convention: ``seq_len - 1`` rows per sample.
+        logprobs: float32 ``[T]`` or None: ``logprobs[t]`` = the rollout's log-probability of
+            token ``t`` given the tokens before it, on completion tokens; 0.0 on prompt tokens
+            (only with ``capture_generation(logprobs=True)``).
+        pad_token_id: the id ``padded()`` fills with by default (the generating model's).
+
+    Raises:
+        LayoutError: sizes that do not fit together.
     """
 
     input_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     prompt_lens: torch.Tensor
     trace: RoutingTrace
+    logprobs: torch.Tensor | None = None
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        T, B = self.input_ids.numel(), self.cu_seqlens.numel() - 1
+        if self.input_ids.ndim != 1 or self.cu_seqlens.ndim != 1 or int(self.cu_seqlens[-1]) != T:
+            raise LayoutError(
+                f"Rollout: input_ids must be [T] and cu_seqlens [B+1] ending at T, found input_ids "
+                f"{tuple(self.input_ids.shape)} and cu_seqlens ending at {int(self.cu_seqlens[-1])}"
+            )
+        if self.prompt_lens.shape != (B,) or self.trace.num_seqs != B:
+            raise LayoutError(
+                f"Rollout: {B} samples but prompt_lens has shape {tuple(self.prompt_lens.shape)} and the trace "
+                f"{self.trace.num_seqs} sequences"
+            )
+        if self.logprobs is not None and self.logprobs.shape != (T,):
+            raise LayoutError(f"Rollout: logprobs must be [T] = [{T}], found {tuple(self.logprobs.shape)}")
 
     @property
     def num_seqs(self) -> int:
@@ -87,7 +170,8 @@ class Rollout:
         return self.seq_lens - self.prompt_lens
 
     def response_mask(self) -> torch.Tensor:
-        """bool ``[T]``: True on completion tokens (the tokens a policy-gradient loss scores)."""
+        """bool ``[T]``: True on completion tokens (the tokens a policy-gradient loss scores), the
+        final EOS included (the policy sampled it); False on prompt tokens."""
         pos_T = torch.arange(self.input_ids.numel()) - torch.repeat_interleave(self.cu_seqlens[:-1], self.seq_lens)
         return pos_T >= torch.repeat_interleave(self.prompt_lens, self.seq_lens)
 
@@ -101,61 +185,161 @@ class Rollout:
         lens_N = self.seq_lens[idx_N]
         cu = torch.zeros(idx_N.numel() + 1, dtype=torch.int64)
         torch.cumsum(lens_N, 0, out=cu[1:])
+        rows_T = _ranges(self.cu_seqlens[idx_N], lens_N)
         return Rollout(
-            input_ids=self.input_ids[_ranges(self.cu_seqlens[idx_N], lens_N)],
+            input_ids=self.input_ids[rows_T],
             cu_seqlens=cu,
             prompt_lens=self.prompt_lens[idx_N],
             trace=self.trace.select_sequences(idx_N.to(self.trace.device)),
+            logprobs=None if self.logprobs is None else self.logprobs[rows_T],
+            pad_token_id=self.pad_token_id,
         )
 
-    def padded(self, idx: Sequence[int] | torch.Tensor | None = None, *, padding_side: str = "right",
-               pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-        """A padded training batch of the samples ``idx`` (all when None).
+    def padded(
+        self,
+        idx: Sequence[int] | torch.Tensor | None = None,
+        *,
+        padding_side: str = "right",
+        pad_token_id: int | None = None,
+        width: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """A padded training batch of the samples ``idx`` (all when None), in that order.
+
+        Layout: row ``b`` holds sample ``idx[b]``'s prompt and completion tokens back to back
+        (no padding between them), padded on ``padding_side`` to the width ``S``.
+
+        Args:
+            idx: sample indices (a micro-batch); None for every sample.
+            padding_side: ``"right"`` or ``"left"``.
+            pad_token_id: the id of padding positions; None: the generating model's pad id
+                (``self.pad_token_id``). Padding never matters to a masked forward, but a fixed
+                id keeps batches reproducible.
+            width: ``S``; None: the longest selected sample, so ``S`` changes from one
+                micro-batch to the next. Give a width to get fixed shapes (must be >= the longest).
 
         Returns:
-            ``input_ids`` int64 ``[B, S]``, ``attention_mask`` int64 ``[B, S]``, ``response_mask``
-            bool ``[B, S]``, and ``position_ids`` int64 ``[B, S]`` (0 at each sample's first real
-            token: HF models do not derive positions from a left-padded mask themselves).
+            ``input_ids`` int64 ``[B, S]``; ``attention_mask`` int64 ``[B, S]`` (1 on real tokens);
+            ``response_mask`` bool ``[B, S]``: True on completion tokens, the final EOS included,
+            False on prompt and padding (the tokens a policy-gradient loss scores);
+            ``position_ids`` int64 ``[B, S]``: 0 at each sample's first real token, counting up
+            over its real tokens, 0 on padding (HF models do not derive positions from a left-padded
+            mask themselves: pass them); and, when the rollout has log-probs, ``rollout_logprobs``
+            float32 ``[B, S]``: ``rollout_logprobs[b, s]`` = the rollout's log-probability of
+            ``input_ids[b, s]`` given the tokens before it, on response tokens, 0.0 elsewhere: the
+            same alignment as ``routereplay.rl.token_logprobs(logits, input_ids)``.
+
+        Raises:
+            LayoutError: a bad ``padding_side`` or a ``width`` below the longest sample.
         """
         if padding_side not in ("left", "right"):
             raise LayoutError(f'padding_side must be "left" or "right", found {padding_side!r}')
         part = self if idx is None else self.select(idx)
         lens_B = part.seq_lens
-        B, S = lens_B.numel(), int(lens_B.max()) if lens_B.numel() else 0
+        B = lens_B.numel()
+        longest = int(lens_B.max()) if B else 0
+        S = longest if width is None else int(width)
+        if S < longest:
+            raise LayoutError(f"padded(width={width}) is narrower than the longest selected sample ({longest} tokens)")
+        pad = self.pad_token_id if pad_token_id is None else pad_token_id
         col_S = torch.arange(S)
-        if padding_side == "right":
-            mask_BS = col_S < lens_B[:, None]
-            pos_BS = col_S.expand(B, S)
-        else:
-            mask_BS = col_S >= (S - lens_B)[:, None]
-            pos_BS = col_S - (S - lens_B)[:, None]
-        input_ids = torch.full((B, S), pad_token_id, dtype=torch.int64)
+        start_B = torch.zeros_like(lens_B) if padding_side == "right" else S - lens_B
+        pos_BS = col_S - start_B[:, None]
+        mask_BS = (pos_BS >= 0) & (pos_BS < lens_B[:, None])
+        input_ids = torch.full((B, S), pad, dtype=torch.int64)
         input_ids[mask_BS] = part.input_ids
         response_BS = torch.zeros((B, S), dtype=torch.bool)
         response_BS[mask_BS] = part.response_mask()
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": mask_BS.long(),
             "response_mask": response_BS,
-            "position_ids": pos_BS.clamp(min=0).contiguous(),
+            "position_ids": torch.where(mask_BS, pos_BS, 0),
         }
+        if part.logprobs is not None:
+            logp_BS = torch.zeros((B, S), dtype=torch.float32)
+            logp_BS[mask_BS] = part.logprobs.float()
+            out["rollout_logprobs"] = logp_BS
+        return out
 
 
 class GenerationCapture:
     """Context manager recording every forward of one ``generate`` call; see the module docstring."""
 
-    def __init__(self, handle: Any, *, offload: bool = False) -> None:
+    def __init__(self, handle: Any, *, offload: bool = False, logprobs: bool = False, temperature: float = 1.0) -> None:
+        if not float(temperature) > 0.0:
+            raise GenerationCaptureError(f"temperature must be > 0 to compute log-probs, found {temperature}")
         self._handle = handle
         self._recording = handle.record(offload=offload)
         self._done = False
+        self._want_logprobs = logprobs
+        self._temperature = float(temperature)
+        self._hook = None
+        self._lp_prev_BV: torch.Tensor | None = None  # log-softmax of the last forward's final position
+        self._lp_tokens: list[torch.Tensor] = []  # per forward >= 1: the token it was fed ([B])
+        self._lp_values: list[torch.Tensor] = []  # that token's log-prob under the forward before ([B])
+        self._lp_error: str | None = None
 
-    def __enter__(self) -> GenerationCapture:
-        self._recording.__enter__()
+    def __enter__(self) -> GenerationCapture:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        if self._want_logprobs:
+            self._hook = self._handle.model.register_forward_hook(self._on_forward, with_kwargs=True)
+        try:
+            self._recording.__enter__()
+        except BaseException:
+            self._remove_hook()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._remove_hook()
         self._recording.__exit__(*exc)
         self._done = True
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _on_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook of the generating model: keep one step's log-softmax, gather the next token's."""
+        if torch._C._current_graph_task_id() != -1 or self._lp_error is not None:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = getattr(output, "logits", None)
+        if not isinstance(ids, torch.Tensor) or not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+            self._lp_error = (
+                "logprobs=True needs each forward of generate() to take input_ids and return logits [B, S, V]; "
+                f"a forward of {type(module).__name__} did not"
+            )
+            return
+        with torch.no_grad():
+            if self._lp_prev_BV is not None:
+                tok_B = ids[:, -1]
+                self._lp_tokens.append(tok_B.detach())
+                self._lp_values.append(self._lp_prev_BV.gather(1, tok_B[:, None].to(self._lp_prev_BV.device))[:, 0])
+            self._lp_prev_BV = torch.log_softmax(logits[:, -1].detach().float() / self._temperature, dim=-1)
+
+    def _generated_logprobs(self, comp_BG: torch.Tensor) -> torch.Tensor:
+        """float32 ``[B, G]``: the log-prob of each generated token under the step that sampled it."""
+        if self._lp_error is not None:
+            raise GenerationCaptureError(self._lp_error)
+        if self._lp_prev_BV is None:
+            raise GenerationCaptureError("logprobs=True but no forward returned logits inside the capture block")
+        G = comp_BG.shape[1]
+        n = min(len(self._lp_values), G)
+        if n:
+            fed_BN = torch.stack(self._lp_tokens[:n], 1).to(comp_BG.device)
+            bad_BN = fed_BN != comp_BG[:, :n]
+            if bool(bad_BN.any()):
+                b, g = (int(i) for i in bad_BN.nonzero()[0])
+                raise GenerationCaptureError(
+                    f"sequence {b}: decode forward {g + 1} was fed token {int(fed_BN[b, g])} but sequences holds "
+                    f"{int(comp_BG[b, g])} at generated position {g}; pass the output of the generate() call made "
+                    "inside this capture block"
+                )
+        values = [v.to(comp_BG.device) for v in self._lp_values[:n]]
+        if n < G:  # the last sampled token was never forwarded: gather it from the last step
+            values.append(self._lp_prev_BV.to(comp_BG.device).gather(1, comp_BG[:, G - 1 :])[:, 0])
+        return torch.stack(values, 1)
 
     @property
     def recording(self) -> Any:
@@ -167,8 +351,8 @@ class GenerationCapture:
         sequences: Any,
         *,
         prompt_attention_mask: torch.Tensor | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | str | None = FROM_MODEL,
+        pad_token_id: int | str | None = FROM_MODEL,
     ) -> RoutingTrace:
         """The generated samples' routes in the engine convention (``seq_len - 1`` rows each).
 
@@ -187,10 +371,10 @@ class GenerationCapture:
         sequences: Any,
         *,
         prompt_attention_mask: torch.Tensor | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | str | None = FROM_MODEL,
+        pad_token_id: int | str | None = FROM_MODEL,
     ) -> Rollout:
-        """The generated samples, packed, with their routes.
+        """The generated samples, packed, with their routes (and log-probs when captured).
 
         Args:
             sequences: ``generate``'s output: the ``[B, P + G]`` token tensor or an output object
@@ -198,9 +382,14 @@ class GenerationCapture:
             prompt_attention_mask: the ``[B0, P]`` mask passed to ``generate`` (left padding);
                 ``B0 = B / num_return_sequences``. None: the prompts had no padding.
             eos_token_id: id(s) that end a completion; the completion keeps its first EOS and
-                drops what follows. None: every completion runs to the end of ``sequences``.
-            pad_token_id: if given, checked to fill every position after a completion's EOS
-                (catches sequences that do not belong to this capture).
+                drops what follows. Default: every id of the model's
+                ``generation_config.eos_token_id`` (see :func:`model_eos_ids`). None: no EOS, every
+                completion runs to the end of ``sequences``. Pass the ids ``generate`` was given
+                when you overrode them.
+            pad_token_id: the id ``generate`` filled finished sequences with; checked to fill every
+                position after a completion's EOS (catches sequences that do not belong to this
+                capture, or an EOS that ``generate`` did not stop on). Default: the model's
+                (:func:`model_pad_id`), also ``Rollout.pad_token_id``. None: not checked.
 
         Returns:
             :class:`Rollout`.
@@ -208,10 +397,21 @@ class GenerationCapture:
         Raises:
             GenerationCaptureError: the recorded forwards do not match ``sequences`` (another
                 ``generate`` call, beam search, assisted decoding, several calls in one block).
+            EosMismatchError: a sequence stopped on an EOS id of the model that is not in
+                ``eos_token_id`` (its padding would otherwise become response tokens).
             LayoutError: the prompt mask is not ``[B0, P]``, not 0/1, or not left-padded.
         """
         if not self._done:
             raise GenerationCaptureError("call trace()/rollout() after the `with handle.capture_generation()` block ends")
+        model = self._handle.model
+        model_eos = model_eos_ids(model)
+        eos_ids = model_eos if isinstance(eos_token_id, str) and eos_token_id == FROM_MODEL else eos_token_id
+        eos_list = None if eos_ids is None else _id_list(eos_ids)
+        if isinstance(pad_token_id, str) and pad_token_id == FROM_MODEL:
+            pad_check = rollout_pad = model_pad_id(model)
+        else:
+            pad_check = pad_token_id
+            rollout_pad = model_pad_id(model) if pad_token_id is None else int(pad_token_id)
         seq_BX = getattr(sequences, "sequences", sequences)
         if not isinstance(seq_BX, torch.Tensor) or seq_BX.ndim != 2:
             found = tuple(seq_BX.shape) if isinstance(seq_BX, torch.Tensor) else type(seq_BX).__name__
@@ -254,24 +454,16 @@ class GenerationCapture:
         prompt_BP = self._prompt_mask(prompt_attention_mask, B, P, seq_BX.device)
         comp_BG = seq_BX[:, P:]
         # Completion length: up to and including the first EOS, else all G tokens.
-        if eos_token_id is None:
+        if eos_list is None or not eos_list:
             comp_len_B = torch.full((B,), G, dtype=torch.int64, device=seq_BX.device)
         else:
-            eos_ids = torch.as_tensor(eos_token_id, device=seq_BX.device).reshape(-1)
-            is_eos_BG = torch.isin(comp_BG, eos_ids)
+            is_eos_BG = torch.isin(comp_BG, torch.tensor(eos_list, device=seq_BX.device))
             first_B = torch.where(is_eos_BG.any(1), is_eos_BG.int().argmax(1), G - 1)
             comp_len_B = first_B + 1
         col_G = torch.arange(G, device=seq_BX.device)
         keep_comp_BG = col_G < comp_len_B[:, None]
-        if pad_token_id is not None and eos_token_id is not None:
-            stray_BG = ~keep_comp_BG & (comp_BG != pad_token_id)
-            if bool(stray_BG.any()):
-                b, g = (int(i) for i in stray_BG.nonzero()[0])
-                raise GenerationCaptureError(
-                    f"sequence {b}: token {int(comp_BG[b, g])} at generated position {g} follows its EOS at position "
-                    f"{int(comp_len_B[b]) - 1} but is not pad_token_id={pad_token_id}; these sequences do not come "
-                    "from a generate() call with this eos/pad setting"
-                )
+        if pad_check is not None:
+            self._check_stops(comp_BG, comp_len_B, keep_comp_BG, eos_list, model_eos, int(pad_check))
         # Rows: every real prompt position, then completion positions 0 .. len-2 (the last token has no route).
         keep_rows_BS = torch.cat([prompt_BP, col_G[:-1] < (comp_len_B - 1)[:, None]], 1)
         keep_tok_BX = torch.cat([prompt_BP, keep_comp_BG], 1)
@@ -290,7 +482,67 @@ class GenerationCapture:
             num_experts=h.num_experts,
             meta={"source": "routereplay.capture_generation", "model": type(h.model).__name__},
         )
-        return Rollout(input_ids=seq_BX[keep_tok_BX].cpu(), cu_seqlens=cu, prompt_lens=prompt_lens_B, trace=trace)
+        logprobs_T = None
+        if self._want_logprobs:
+            logp_BX = torch.zeros(seq_BX.shape, dtype=torch.float32, device=seq_BX.device)
+            logp_BX[:, P:] = self._generated_logprobs(comp_BG)
+            logprobs_T = logp_BX[keep_tok_BX].cpu()
+        return Rollout(
+            input_ids=seq_BX[keep_tok_BX].cpu(),
+            cu_seqlens=cu,
+            prompt_lens=prompt_lens_B,
+            trace=trace,
+            logprobs=logprobs_T,
+            pad_token_id=rollout_pad,
+        )
+
+    @staticmethod
+    def _check_stops(
+        comp_BG: torch.Tensor,
+        comp_len_B: torch.Tensor,
+        keep_comp_BG: torch.Tensor,
+        eos_list: list[int] | None,
+        model_eos: list[int],
+        pad: int,
+    ) -> None:
+        """Every position after a kept completion is padding, and no kept completion stopped early.
+
+        ``generate`` fills a finished sequence with ``pad``. A kept completion whose tail is an id
+        ``generate`` stops on by default followed only by padding ended there: counting that
+        padding as response tokens corrupts replay, metrics and the loss, so it raises.
+        """
+        G = comp_BG.shape[1]
+        if eos_list:
+            stray_BG = ~keep_comp_BG & (comp_BG != pad)
+            if bool(stray_BG.any()):
+                b, g = (int(i) for i in stray_BG.nonzero()[0])
+                raise GenerationCaptureError(
+                    f"sequence {b}: token {int(comp_BG[b, g])} at generated position {g} follows its EOS at position "
+                    f"{int(comp_len_B[b]) - 1} but is not the pad id {pad}; these sequences do not come "
+                    f"from a generate() call that stopped on eos_token_id={eos_list} (pass the ids and pad id "
+                    "generate() used)"
+                )
+        unknown = sorted(set(model_eos) - set(eos_list or []))
+        if not unknown:
+            return
+        # An unknown stop id inside a kept completion (not its last token) after which the whole
+        # rest of the row is padding: generate() stopped there.
+        col_G = torch.arange(G, device=comp_BG.device)
+        is_stop_BG = torch.isin(comp_BG, torch.tensor(unknown, device=comp_BG.device)) & (col_G < comp_len_B[:, None] - 1)
+        tail_pad_BG = (comp_BG == pad).flip(1).int().cumprod(1).flip(1).bool()  # all(pad at g:)
+        after_pad_BG = torch.cat([tail_pad_BG[:, 1:], torch.ones_like(tail_pad_BG[:, :1])], 1)  # all(pad after g)
+        stop_BG = is_stop_BG & after_pad_BG
+        stopped_B = stop_BG.any(1)
+        pos_B = stop_BG.int().argmax(1)
+        if bool(stopped_B.any()):
+            b = int(stopped_B.nonzero()[0, 0])
+            g = int(pos_B[b])
+            raise EosMismatchError(
+                f"sequence {b} stopped at generated position {g} on token {int(comp_BG[b, g])}, an end-of-sequence id "
+                f"of the model's generation_config ({model_eos}), followed by {int(comp_len_B[b]) - 1 - g} pad tokens, "
+                f"but rollout() was told eos_token_id={eos_list}; the padding would become response tokens. "
+                f"Pass eos_token_id={sorted(set(model_eos) | set(eos_list or []))} (every id generate() stops on)"
+            )
 
     @staticmethod
     def _prompt_mask(mask: torch.Tensor | None, B: int, P: int, device: torch.device) -> torch.Tensor:
