@@ -346,10 +346,27 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             save_checkpoints(out)
         dist.barrier()
         results = run_cases(list(CASES), rank, world, out, torch.device("cpu"), torch.float32)
+        results["example"] = _run_example()
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:
         dist.destroy_process_group()
+
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "fsdp2_r2.py")
+
+
+def _run_example() -> dict:
+    """examples/fsdp2_r2.py's train() on this process group (the example docs/DISTRIBUTED.md shows)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fsdp2_r2", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    try:
+        return example.train()
+    except Exception as e:  # noqa: BLE001 -- reported; test_example_runs fails with it
+        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
 
 
 def _free_port() -> int:
@@ -429,3 +446,13 @@ def test_tp_upstream_gradient_accumulation_bug(results, name):
             f"transformers' replicated_with_grad_allreduce now accumulates correctly ({excluded}): "
             "remove TP_UPSTREAM_BUG so these parameters are compared again"
         )
+
+
+def test_example_fsdp2_r2_runs(results):
+    """examples/fsdp2_r2.py: the update pass reproduces the old policy exactly, the routes gather."""
+    for r, res in enumerate(_case(results, "example")):
+        ex = res["example"]
+        assert ex["max_abs_log_ratio_first_pass"] == 0.0, f"rank {r}: R2 replay must give ratio 1 before any update"
+        for step in ("step0", "step1"):
+            assert ex[step]["gathered_samples"] == list(range(NUM_SAMPLES)), f"rank {r} {step}"
+            assert 0.0 < ex[step]["disagreement_after_update"] < 1.0, "the update moved some routes, not all"
