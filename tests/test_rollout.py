@@ -21,7 +21,8 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from routereplay import attach
 from routereplay.errors import EosMismatchError, GenerationCaptureError, LayoutError, MissingRoutesError, ReplayError
-from routereplay.rl import RouteStore, token_logprobs
+from routereplay.metrics import routing_agreement
+from routereplay.rl import DispatchTap, RouteStore, token_logprobs
 
 EOS, PAD = 1, 0
 # Several end-of-sequence ids make EOS frequent enough on a random model (generate accepts a list).
@@ -428,3 +429,28 @@ def test_route_store_errors():
     holes[1] = False
     with pytest.raises(MissingRoutesError, match=r"row 1 \(sequence 0, position 1\) has no route and is not the sequence's last token"):
         RouteStore(handle, t._replace(valid=holes))
+
+
+def test_dispatch_tap_sees_what_the_experts_received(bf16_rollout):
+    """The witness is independent of the replay: live, the fp32 trainer dispatches other experts than
+    the bf16 rollout chose; under replay exactly the rollout's."""
+    rollout = bf16_rollout
+    model = _model(vocab=64, dtype=torch.float32)
+    handle = attach(model)
+    store = RouteStore(handle, rollout.training_trace())
+    ids = [5, 0, 3, 1, 4, 2]
+    batch = rollout.padded(ids, padding_side="left")
+    fwd = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad(), DispatchTap(handle) as tap:
+        model(**fwd)
+        with store.replay(ids, attention_mask=batch["attention_mask"]):
+            model(**fwd)
+    assert tap.forwards == 2 and set(tap.observed_at) == {"experts input"}
+    recorded = store.trace(ids)
+    live = routing_agreement(recorded, tap.trace(attention_mask=batch["attention_mask"], forward=0))
+    replayed = routing_agreement(recorded, tap.trace(attention_mask=batch["attention_mask"], forward=1))
+    # (the bf16 rollout ranks some experts differently: sets agree, ordered lists do not)
+    assert live.ordered_match < 1.0 and replayed.disagreement == 0.0 and replayed.ordered_match == 1.0
+    with pytest.raises(ReplayError, match=r"DispatchTap: attention_mask \(6, 2\) has 12 positions but the forward "
+                       r"dispatched \d+ rows"):
+        tap.trace(attention_mask=batch["attention_mask"][:, :2])

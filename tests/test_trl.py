@@ -227,3 +227,17 @@ def test_no_replay_is_plain_trl(tmp_path):
     trainer = _trainer(tmp_path, None, config=_config(tmp_path, max_steps=1))
     trainer.train()
     assert trainer.router_replay_handle is None and not _replay_logs(trainer)
+
+
+def test_example_runs(capsys):
+    """examples/trl_grpo_r3.py, at a test size."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo_r3.py"
+    spec = importlib.util.spec_from_file_location("trl_grpo_r3", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    logs = example.main(["--tiny", "--steps", "2", "--max-completion-length", "4"])
+    assert [h["router_replay/disagreement"] for h in logs] == [0.0, 0.0]
+    assert "disagreement  live_disagreement" in capsys.readouterr().out
