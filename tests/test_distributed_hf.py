@@ -50,7 +50,8 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 if __import__("importlib").util.find_spec("accelerate") is None:  # DistributedConfig loads through accelerate
     pytest.skip(
-        "transformers' DistributedConfig needs accelerate: pip install 'routereplay[distributed]'", allow_module_level=True
+        "transformers' DistributedConfig needs accelerate: pip install 'routereplay[distributed]'",
+        allow_module_level=True,
     )
 
 RTOL = 1e-5
@@ -265,6 +266,7 @@ def run_case(name: str, rank: int, world: int, ckpt_dir: str, device, dtype) -> 
         ref(input_ids=input_ids, attention_mask=mask)
     want = ref_rec.trace(attention_mask=mask).select_layers(handle.layer_ids)
     out["record_equal"] = _same_routes(rec.trace(attention_mask=mask), want)
+    out["record_disagreement"] = _disagreement(rec.trace(attention_mask=mask), want)
 
     # (b) forced routes: the rollout routes of this rank's samples, through the R3 store
     store = rd.rank_store(handle, rollout.select_layers(handle.layer_ids), sample_ids=my_ids)
@@ -285,40 +287,42 @@ def run_case(name: str, rank: int, world: int, ckpt_dir: str, device, dtype) -> 
         out["pp_logits_require_grad"] = bool(res.logits.requires_grad)
         return out
 
-    # (c) one process's gradients: the same micro-batches of every dp rank, accumulated in one model
-    ref_grads = {}
+    # (c) one process's gradients for the same routes: R3 replays the rollout; R2 replays the routes
+    # the sharded model recorded (all-gathered), which are also compared to one process's own R2
+    # recording (exact in fp32; under TP in bf16 the all-reduce's order can flip near-tie routes).
+    all_batches = [mb for r in range(dp_size) for mb in batches[r]]
     for mode in ("R3", "R2"):
-        all_batches = [mb for r in range(dp_size) for mb in batches[r]]
-        _train_step(ref, ref_handle, data, all_batches, mode, rollout, 1 / num_targets(data), device, "plain")
-        ref_grads[mode] = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
-    for mode in ("R3", "R2"):
+        grads, routes = {}, rollout
         for flavour in FLAVOURS:
             store = _train_step(model, handle, data, mine, mode, rollout, scale, device, flavour)
-            errs = {}
-            for n, p in model.named_parameters():
-                errs[n] = _rel_err(_full(p.grad), ref_grads[mode][n]) if p.grad is not None else float("inf")
+            grads[flavour] = {
+                n: None if p.grad is None else _full(p.grad).detach().clone() for n, p in model.named_parameters()
+            }
+            if mode == "R2" and flavour == FLAVOURS[0]:
+                ids, routes = rd.gather_store(store)
+                ref_store = _train_step(ref, ref_handle, data, all_batches, "R2", rollout, 0.0, device, "plain")
+                out["r2_gather_ids"] = ids
+                out["r2_gather_equal"] = _same_routes(routes, ref_store.trace(ids))
+                out["r2_routes_disagreement"] = _disagreement(routes, ref_store.trace(ids))
+        # one process, the same routes, every dp rank's micro-batches accumulated
+        _train_step(ref, ref_handle, data, all_batches, "R3", routes, 1 / num_targets(data), device, "plain")
+        want = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
+        for flavour in FLAVOURS:
+            errs = {n: float("inf") if g is None else _rel_err(g, want[n]) for n, g in grads[flavour].items()}
             upstream = {n: errs.pop(n) for n in list(errs) if tp_bug and TP_UPSTREAM_BUG.search(n)}
             worst = max(errs, key=errs.get)
             out[f"grad_{mode}_{flavour}"] = {
                 "max_rel_err": errs[worst], "worst": worst, "params": len(errs), "upstream_excluded": upstream,
                 "bad": {n: e for n, e in errs.items() if e > RTOL},
             }  # fmt: skip
-        if mode == "R2":  # the last R2 store: old-policy routes of every rank, gathered
-            ids, gathered = rd.gather_store(store)
-            ref_store = _train_step(
-                ref,
-                ref_handle,
-                data,
-                [mb for r in range(dp_size) for mb in batches[r]],
-                "R2",
-                rollout,
-                0.0,
-                device,
-                "plain",
-            )
-            out["r2_gather_ids"] = ids
-            out["r2_gather_equal"] = _same_routes(gathered, ref_store.trace(ids))
     return out
+
+
+def _disagreement(a, b) -> float:
+    """Share of (token, layer) routes whose expert sets differ."""
+    from routereplay import metrics
+
+    return metrics.routing_agreement(a.experts, b.experts, a.valid_mask & b.valid_mask).disagreement
 
 
 def run_cases(names, rank: int, world: int, ckpt_dir: str, device, dtype) -> dict:
