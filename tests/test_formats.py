@@ -322,13 +322,15 @@ def test_missing_rows(requests_):
         EngineFormatError, match=re.escape("request 1: row 2 has no route on layer 1 (routed_experts holds [-1, -1])")
     ):
         from_vllm(caps, num_experts=E, moe_layer_ids=MOE)
-    trace = from_vllm(caps, num_experts=E, moe_layer_ids=MOE, allow_missing=True)
+    trace = from_vllm(caps, num_experts=E, moe_layer_ids=MOE, missing="invalid")
     assert trace.valid.nonzero().numel() == trace.num_tokens - 1 and not bool(trace.valid[6 + 2])
     back = to_vllm(trace, dtype="int16")
     assert (back[1][2] == -1).all()
-    assert same_routes(from_vllm(back, num_experts=E, moe_layer_ids=MOE, allow_missing=True), trace)
+    assert same_routes(from_vllm(back, num_experts=E, moe_layer_ids=MOE, missing="invalid"), trace)
     with pytest.raises(EngineFormatError, match="unsigned dtype uint8 cannot hold -1"):
         to_vllm(trace, dtype="uint8")
+    with pytest.raises(EngineFormatError, match=r'^missing must be "error" or "invalid", found True$'):
+        from_vllm(caps, num_experts=E, moe_layer_ids=MOE, missing=True)
 
 
 def test_to_vllm_errors(requests_):
@@ -385,7 +387,7 @@ def test_vllm_round_trip(trace, encoding, dtype, full, data):
         return  # an all-empty nested list carries no shape; covered by the error test
     hidden = 8 if full else None
     payloads = to_vllm(trace, encoding=encoding, dtype=dtype, num_hidden_layers=hidden)
-    back = from_vllm(payloads, num_experts=trace.num_experts, moe_layer_ids=trace.layer_ids, allow_missing=True)
+    back = from_vllm(payloads, num_experts=trace.num_experts, moe_layer_ids=trace.layer_ids, missing="invalid")
     assert same_routes(back, trace)
     # split form: prompt part + generated part, with counts
     lens = trace.seq_lens.tolist()
@@ -399,7 +401,7 @@ def test_vllm_round_trip(trace, encoding, dtype, full, data):
             moe_layer_ids=trace.layer_ids,
             prompt_lens=P,
             completion_lens=[n - p + 1 for n, p in zip(lens, P)],
-            allow_missing=True,
+            missing="invalid",
         )
         assert same_routes(back, trace)
 
@@ -557,7 +559,7 @@ def test_sglang_round_trip(trace, full, data):
         num_tokens=[n + 1 for n in lens],
         start_lens=starts,
         moe_layer_ids=trace.layer_ids,
-        allow_missing=True,
+        missing="invalid",
     )
     keep = torch.cat(
         [torch.arange(int(trace.cu_seqlens[b]) + s, int(trace.cu_seqlens[b + 1])) for b, s in enumerate(starts)]

@@ -284,7 +284,7 @@ def test_multiturn_continuity_errors(two_turns):
 
 def test_multiturn_fills_a_held_row_without_route(two_turns):
     t = two_turns
-    acc = RouteAccumulator(num_experts=E, moe_layer_ids=MOE, allow_missing=True)
+    acc = RouteAccumulator(num_experts=E, moe_layer_ids=MOE, missing="invalid")
     first = vllm_capture(t["w1"][: t["n1"]], dtype=np.int16)
     first[2] = -1  # a row vLLM never captured (prefix-cache hit it could not restore)
     acc.add(first, token_ids=t["t1"])

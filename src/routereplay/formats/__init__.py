@@ -24,7 +24,7 @@ Shared rules (every ``from_*``):
       layers is taken as MoE layers only. Without ``moe_layer_ids`` the layer axis is kept whole with
       ids ``0..L-1``.
     * A negative id on a kept layer is a missing route (vLLM fills rows it never captured, e.g. a
-      prefix-cache hit, with -1): EngineFormatError, or with ``allow_missing=True`` the row is marked
+      prefix-cache hit, with -1): EngineFormatError, or with ``missing="invalid"`` the row is marked
       invalid.
     * An MoE layer routed entirely to expert 0 across a whole sequence is a known silent capture
       failure: ZeroRoutesError naming the sequence and layer, or with ``allow_zero_routes=True`` every
@@ -285,7 +285,7 @@ def _finish(
     moe_layer_ids,
     rows: Rows,
     allow_zero_routes: bool,
-    allow_missing: bool,
+    missing: str,
     source: str,
     meta: Mapping[str, str] | None,
     valid_N: torch.Tensor | None = None,
@@ -310,15 +310,17 @@ def _finish(
     missing_N = (experts_NLK < 0).flatten(1).any(-1) if experts_NLK.dtype.is_signed else None
     if missing_N is not None and valid_N is not None:
         missing_N &= valid_N
+    if missing not in ("error", "invalid"):
+        raise EngineFormatError(f'missing must be "error" or "invalid", found {missing!r}')
     if missing_N is not None and bool(missing_N.any()):
-        if not allow_missing:
+        if missing == "error":
             n = int(missing_N.nonzero()[0, 0])
             label, pos = _label_of_row(cu_seqlens_B1, labels, n)
             l = int((experts_NLK[n] < 0).any(-1).nonzero()[0, 0])
             raise EngineFormatError(
                 f"{label}: row {pos} has no route on layer {layer_ids[l]} ({what} holds {experts_NLK[n, l].tolist()}); "
                 "the engine did not capture that token (prefix-cache hit, preemption?). Disable prefix caching for "
-                "routed requests, or pass allow_missing=True to mark such rows invalid"
+                'routed requests, or pass missing="invalid" to mark such rows invalid'
             )
         valid_N = ~missing_N if valid_N is None else valid_N & ~missing_N
 

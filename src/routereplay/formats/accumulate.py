@@ -69,7 +69,7 @@ class RouteAccumulator:
             the held row and counts differing rows in :attr:`num_overlap_mismatches` (expected after
             a weight update between attempts); ``"check"`` raises RouteContinuityError on the first
             differing row (for runs where the weights cannot have changed).
-        allow_zero_routes, allow_missing: see :mod:`routereplay.formats`; applied to each payload.
+        allow_zero_routes, missing: see :mod:`routereplay.formats`; applied to each payload.
         source: ``meta["source"]`` of the trace.
 
     Example (vLLM, two turns)::
@@ -88,7 +88,7 @@ class RouteAccumulator:
         "_num_tokens",
         "_token_ids",
         "_valid_R",
-        "allow_missing",
+        "missing",
         "allow_zero_routes",
         "moe_layer_ids",
         "num_experts",
@@ -105,7 +105,7 @@ class RouteAccumulator:
         moe_layer_ids: Sequence[int] | None = None,
         overlap: Overlap = "keep",
         allow_zero_routes: bool = False,
-        allow_missing: bool = False,
+        missing: str = "error",
         source: str = "engine",
     ) -> None:
         if overlap not in ("keep", "check"):
@@ -114,7 +114,7 @@ class RouteAccumulator:
         self.moe_layer_ids = None if moe_layer_ids is None else tuple(moe_layer_ids)
         self.overlap = overlap
         self.allow_zero_routes = allow_zero_routes
-        self.allow_missing = allow_missing
+        self.missing = missing
         self.source = source
         self.num_overlap_mismatches = 0
         self.num_payloads = 0
@@ -290,7 +290,7 @@ class RouteAccumulator:
             moe_layer_ids=self.moe_layer_ids,
             rows="engine",
             allow_zero_routes=self.allow_zero_routes,
-            allow_missing=self.allow_missing,
+            missing=self.missing,
             source=self.source,
             meta=None,
         )

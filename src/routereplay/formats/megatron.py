@@ -285,7 +285,7 @@ def from_megatron(
         moe_layer_ids=None,
         rows=rows,
         allow_zero_routes=allow_zero_routes,
-        allow_missing=False,
+        missing="error",
         source="megatron",
         meta=meta,
         valid_N=valid,

@@ -208,7 +208,7 @@ def from_sglang(
     moe_layer_ids: Sequence[int] | None = None,
     rows: Rows = "engine",
     allow_zero_routes: bool = False,
-    allow_missing: bool = False,
+    missing: str = "error",
     on_retraction: str = "error",
     meta: Mapping[str, str] | None = None,
 ) -> RoutingTrace:
@@ -226,7 +226,7 @@ def from_sglang(
             honoured it.
         moe_layer_ids: global ids of the MoE layers; dense layers in the payload are dropped.
         rows: ``"engine"`` (as SGLang gives them) or ``"training"`` (one more, invalid, row per sequence).
-        allow_zero_routes, allow_missing: see :mod:`routereplay.formats`.
+        allow_zero_routes, missing: see :mod:`routereplay.formats`.
         on_retraction: ``"error"`` (default) raises RetractedRoutesError for a request whose
             ``meta_info["num_retractions"]`` is nonzero; ``"accept"`` takes its rows as returned.
         meta: extra trace meta; ``meta["source"]`` is ``"sglang"``.
@@ -265,7 +265,7 @@ def from_sglang(
         moe_layer_ids=moe_layer_ids,
         rows=rows,
         allow_zero_routes=allow_zero_routes,
-        allow_missing=allow_missing,
+        missing=missing,
         source="sglang",
         meta=meta,
     )
@@ -282,7 +282,7 @@ def extend_sglang(
     start_len: int | None = None,
     moe_layer_ids: Sequence[int] | None = None,
     allow_zero_routes: bool = False,
-    allow_missing: bool = False,
+    missing: str = "error",
     on_retraction: str = "error",
 ) -> RoutingTrace:
     """Add a later turn of a multi-turn conversation to sequence ``sequence`` of an engine-rows trace.
@@ -298,7 +298,7 @@ def extend_sglang(
         trace: a trace in engine rows (as :func:`from_sglang` returns by default).
         sequence: index of the conversation's sequence in ``trace``.
         payload: the later turn's ``meta_info`` (or bare ``routed_experts``, then give ``num_tokens``).
-        num_layers, top_k, moe_layer_ids, allow_zero_routes, allow_missing, on_retraction: as in :func:`from_sglang`
+        num_layers, top_k, moe_layer_ids, allow_zero_routes, missing, on_retraction: as in :func:`from_sglang`
             (``moe_layer_ids`` must select the trace's layers).
         num_tokens: the later turn's ``seqlen`` (default: from ``meta_info``).
         start_len: the ``routed_experts_start_len`` sent (default: ``meta_info``'s, else 0). Usually
@@ -340,7 +340,7 @@ def extend_sglang(
         moe_layer_ids=moe_layer_ids,
         rows="engine",
         allow_zero_routes=allow_zero_routes,
-        allow_missing=allow_missing,
+        missing=missing,
         source="sglang",
         meta=None,
     )

@@ -86,7 +86,7 @@ def from_verl(
     last_token_routed: bool = False,
     rows: Rows = "training",
     allow_zero_routes: bool = False,
-    allow_missing: bool = False,
+    missing: str = "error",
     meta: Mapping[str, str] | None = None,
 ) -> RoutingTrace:
     """A trace from verl's padded ``routed_experts`` and its attention mask, one sequence per sample.
@@ -100,7 +100,7 @@ def from_verl(
         last_token_routed: False for routes from an inference engine (the last token's row is
             empty and becomes an invalid row); True for routes the trainer recorded (R2).
         rows: ``"training"`` (one row per token) or ``"engine"`` (each sample's last row dropped).
-        allow_zero_routes, allow_missing: see :mod:`routereplay.formats`.
+        allow_zero_routes, missing: see :mod:`routereplay.formats`.
         meta: extra trace meta; ``meta["source"]`` is ``"verl"``.
 
     Returns:
@@ -152,7 +152,7 @@ def from_verl(
         moe_layer_ids=moe_layer_ids,
         rows=rows,
         allow_zero_routes=allow_zero_routes,
-        allow_missing=allow_missing,
+        missing=missing,
         source="verl",
         meta=meta,
         valid_N=valid,
@@ -169,7 +169,7 @@ def from_verl_unpadded(
     last_token_routed: bool = False,
     rows: Rows = "training",
     allow_zero_routes: bool = False,
-    allow_missing: bool = False,
+    missing: str = "error",
     meta: Mapping[str, str] | None = None,
 ) -> RoutingTrace:
     """A trace from verl's per-sample unpadded ``routed_experts`` ``[tokens, Lp, K]``.
@@ -177,7 +177,7 @@ def from_verl_unpadded(
     Args:
         samples: one token-aligned array / tensor per sample (e.g. ``non_tensor_batch["routed_experts"]``).
         num_tokens: per sample token count; when given each sample must have exactly that many rows.
-        num_experts, moe_layer_ids, last_token_routed, rows, allow_zero_routes, allow_missing, meta:
+        num_experts, moe_layer_ids, last_token_routed, rows, allow_zero_routes, missing, meta:
             as in :func:`from_verl`.
 
     Returns:
@@ -205,7 +205,7 @@ def from_verl_unpadded(
         moe_layer_ids=moe_layer_ids,
         rows=rows,
         allow_zero_routes=allow_zero_routes,
-        allow_missing=allow_missing,
+        missing=missing,
         source="verl",
         meta=meta,
         valid_N=valid,

@@ -154,7 +154,7 @@ def from_vllm(
     moe_layer_ids: Sequence[int] | None = None,
     rows: Rows = "engine",
     allow_zero_routes: bool = False,
-    allow_missing: bool = False,
+    missing: str = "error",
     meta: Mapping[str, str] | None = None,
 ) -> RoutingTrace:
     """Routes of a batch of vLLM requests as one trace, one sequence per request.
@@ -177,7 +177,7 @@ def from_vllm(
         moe_layer_ids: global ids of the MoE layers; dense layers in the payload are dropped.
         rows: ``"engine"`` (T-1 rows per sequence, as vLLM gives them) or ``"training"`` (T rows,
             last invalid).
-        allow_zero_routes, allow_missing: see :mod:`routereplay.formats`.
+        allow_zero_routes, missing: see :mod:`routereplay.formats`.
         meta: extra trace meta; ``meta["source"]`` is ``"vllm"``.
 
     Returns:
@@ -199,7 +199,7 @@ def from_vllm(
         moe_layer_ids=moe_layer_ids,
         rows=rows,
         allow_zero_routes=allow_zero_routes,
-        allow_missing=allow_missing,
+        missing=missing,
         meta=meta,
     )
 
@@ -216,7 +216,7 @@ def _from_vllm(
     moe_layer_ids,
     rows,
     allow_zero_routes,
-    allow_missing,
+    missing,
     meta,
 ) -> RoutingTrace:
     _check_rows(rows)
@@ -290,7 +290,7 @@ def _from_vllm(
         moe_layer_ids=moe_layer_ids,
         rows=rows,
         allow_zero_routes=allow_zero_routes,
-        allow_missing=allow_missing,
+        missing=missing,
         source="vllm",
         meta=meta,
     )
@@ -335,7 +335,7 @@ def from_vllm_outputs(
     moe_layer_ids: Sequence[int] | None = None,
     rows: Rows = "engine",
     allow_zero_routes: bool = False,
-    allow_missing: bool = False,
+    missing: str = "error",
     meta: Mapping[str, str] | None = None,
 ) -> RoutingTrace:
     """Routes of vLLM ``RequestOutput`` objects or OpenAI-server JSON responses, one sequence per completion.
@@ -349,7 +349,7 @@ def from_vllm_outputs(
         outputs: the engine's outputs, one per request.
         prompt_starts: per request (not per completion), the ``routed_experts_prompt_start`` sent
             (``SamplingParams`` or the OpenAI request field); the outputs do not echo it.
-        num_experts, moe_layer_ids, rows, allow_zero_routes, allow_missing, meta: as in :func:`from_vllm`.
+        num_experts, moe_layer_ids, rows, allow_zero_routes, missing, meta: as in :func:`from_vllm`.
 
     Returns:
         RoutingTrace with one sequence per completion, request by request.
@@ -422,7 +422,7 @@ def from_vllm_outputs(
         moe_layer_ids=moe_layer_ids,
         rows=rows,
         allow_zero_routes=allow_zero_routes,
-        allow_missing=allow_missing,
+        missing=missing,
         meta=meta,
     )
 
