@@ -105,6 +105,29 @@ def batch_of(data: list[torch.Tensor], ids: list[int], device) -> tuple[torch.Te
     return input_ids_BS.to(device), mask_BS.to(device)
 
 
+def packed_and_padded(data: list[torch.Tensor], ids: list[int], device="cpu") -> dict[str, torch.Tensor]:
+    """The samples ``ids`` as a padding-free packed batch and as the equivalent left-padded batch.
+
+    For issue 9 item 3 (padding-free packing in record / replay, the session rewrite's part): no
+    test uses it yet. Packed: ``input_ids [1, T]``, ``position_ids [1, T]`` restarting at 0 at each
+    sample, ``cu_seq_lens [B+1]`` (flash-attention varlen's ``cu_seq_lens_q``/``_k``). Padded:
+    ``padded_input_ids [B, S]`` and ``attention_mask [B, S]`` from :func:`batch_of`. Row ``t`` of
+    the packed batch is real token ``t`` of the padded batch in row-major order.
+    """
+    seqs = [data[i] for i in ids]
+    lens = torch.tensor([x.numel() for x in seqs])
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    padded, mask = batch_of(data, ids, device)
+    return {
+        "input_ids": torch.cat(seqs)[None].to(device),
+        "position_ids": torch.cat([torch.arange(n) for n in lens.tolist()])[None].to(device),
+        "cu_seq_lens": cu.to(device),
+        "padded_input_ids": padded,
+        "attention_mask": mask,
+    }
+
+
 def token_loss_sum(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, mask_BS: torch.Tensor) -> torch.Tensor:
     """Sum over predicted tokens (both positions real) of the next-token cross entropy, in fp32."""
     target_BS = input_ids_BS[:, 1:].masked_fill((mask_BS[:, 1:] * mask_BS[:, :-1]) == 0, -100)

@@ -95,14 +95,22 @@ def test_sample_ids_are_distributed_samplers(n, world, shuffle, drop_last, seed,
         assert len(set(ids)) == len(ids), "a rank never gets a sample twice"
 
 
-@given(trace=traces(valid_kinds=(False, "last")), world=st.integers(1, 4), shuffle=st.booleans(), drop_last=st.booleans(), seed=st.integers(0, 9))
+@given(
+    trace=traces(valid_kinds=(False, "last")),
+    world=st.integers(1, 4),
+    shuffle=st.booleans(),
+    drop_last=st.booleans(),
+    seed=st.integers(0, 9),
+)
 @SETTINGS
 def test_split_then_merge_round_trip(trace, world, shuffle, drop_last, seed):
     """Every rank's samples via RouteStore, merged back: the global trace (its kept samples)."""
     N = trace.num_seqs
     shards = []
     for rank in range(world):
-        ids = rd.distributed_sample_ids(N, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        ids = rd.distributed_sample_ids(
+            N, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         store = rd.rank_store(None, trace, sample_ids=ids)
         assert store.sample_ids == sorted(ids)
         shards.append((ids, store.trace(ids) if ids else trace.select_sequences([])))
@@ -137,7 +145,9 @@ def test_rank_store_holds_only_its_samples():
     store = rd.rank_store(None, trace, sample_ids=[4, 1])
     assert store.sample_ids == [1, 4]
     assert store.trace([4, 1]) == trace.select_sequences([4, 1])
-    with pytest.raises(MissingRoutesError, match=r"^sample\(s\) \[2\] have no routes in this store \(it holds 2 samples\)"):
+    with pytest.raises(
+        MissingRoutesError, match=r"^sample\(s\) \[2\] have no routes in this store \(it holds 2 samples\)"
+    ):
         store.trace([1, 2])
     with pytest.raises(LayoutError, match=r"^sample id\(s\) \[5\] are outside the global trace, which has 5 samples"):
         rd.rank_store(None, trace, sample_ids=[0, 5])
@@ -151,7 +161,9 @@ def test_merge_refusals():
         rd.merge_routes([([0, 1], trace.select_sequences([0, 1])), ([1], trace.select_sequences([2]))])
     with pytest.raises(LayoutError, match=r"^shard 1 has 2 sample ids for a trace of 1 sequences"):
         rd.merge_routes([([0], trace.sequence(0)), ([1, 2], trace.sequence(1))])
-    with pytest.raises(TraceMismatchError, match=r"^trace 1 has layer_ids=\(1, 3, 5\) but trace 0 has layer_ids=\(1, 3\)"):
+    with pytest.raises(
+        TraceMismatchError, match=r"^trace 1 has layer_ids=\(1, 3, 5\) but trace 0 has layer_ids=\(1, 3\)"
+    ):
         rd.merge_routes([([0], trace.sequence(0)), ([1], make_trace([2], L=3))])
     with pytest.raises(LayoutError, match=r"^merge_routes needs at least one shard"):
         rd.merge_routes([])
@@ -185,7 +197,9 @@ def _global_batch() -> tuple[RoutingTrace, torch.Tensor, torch.Tensor, torch.Ten
 
 def _rows(trace: RoutingTrace, ids: list[int]) -> torch.Tensor:
     cu = trace.cu_seqlens
-    return torch.cat([torch.arange(int(cu[i]), int(cu[i + 1])) for i in ids]) if ids else torch.zeros(0, dtype=torch.int64)
+    return (
+        torch.cat([torch.arange(int(cu[i]), int(cu[i + 1])) for i in ids]) if ids else torch.zeros(0, dtype=torch.int64)
+    )
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:

@@ -225,17 +225,21 @@ def gather_routes(
     num_seqs = 0 if trace is None else trace.num_seqs
     if ids_B.numel() != num_seqs:
         raise LayoutError(f"{ids_B.numel()} sample ids for a trace of {num_seqs} sequences")
-    header = None if trace is None else {
-        "layer_ids": tuple(trace.layer_ids),
-        "top_k": trace.top_k,
-        "num_experts": trace.num_experts,
-        "experts": str(trace.experts.dtype),
-        "gates": None if trace.gates is None else str(trace.gates.dtype),
-        "num_seqs": trace.num_seqs,
-        "num_tokens": trace.num_tokens,
-        "valid": trace.valid is not None,
-        "meta": dict(trace.meta),
-    }
+    header = (
+        None
+        if trace is None
+        else {
+            "layer_ids": tuple(trace.layer_ids),
+            "top_k": trace.top_k,
+            "num_experts": trace.num_experts,
+            "experts": str(trace.experts.dtype),
+            "gates": None if trace.gates is None else str(trace.gates.dtype),
+            "num_seqs": trace.num_seqs,
+            "num_tokens": trace.num_tokens,
+            "valid": trace.valid is not None,
+            "meta": dict(trace.meta),
+        }
+    )
     world = dist.get_world_size(group)
     headers: list[dict | None] = [None] * world
     dist.all_gather_object(headers, header, group=group)
