@@ -19,6 +19,7 @@ import contextlib
 import functools
 import re
 import warnings
+from copy import deepcopy
 
 import pytest
 import torch
@@ -219,6 +220,25 @@ def test_other_routing_matches_family_reference(family, zoo):
         with _forced_topk(model, handle, [other.experts[:, l].long() for l in range(len(handle.layers))]):
             reference = _logits(model, b)
     torch.testing.assert_close(replayed, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", _params(SUPPORTED))
+def test_deepcopy_of_an_attached_model_routes_live_and_leaves_the_handle_alone(family, zoo):
+    """A deepcopy (a TRL reference model, say) carries the interception but is not attached: it
+    routes live, and its forwards never reach the original's handle."""
+    model, handle = zoo
+    b, b_other = _batch(1), _batch(2)
+    with torch.no_grad():
+        plain = _logits(model, b)
+        copy = deepcopy(model)
+        other = _record(handle, model, b_other)[0].trace()
+        with handle.replay(other) as rep:
+            replayed = _logits(model, b)
+            from_copy = _logits(copy, b)  # inside the block: must neither replay nor count
+        assert rep.forwards == 1
+        assert torch.equal(from_copy, plain)
+        assert not torch.allclose(replayed, plain)
+        routereplay.attach(copy).detach()  # the copy is not attached
 
 
 def _loss(model, b):

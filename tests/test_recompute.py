@@ -307,6 +307,7 @@ class RecomputeMachine(RuleBasedStateMachine):
         losses = self.pending[pick % len(self.pending)]
         if not retain:
             self.pending.remove(losses)
+        self._fresh_grads()
         for loss in losses:
             loss.backward(retain_graph=retain)
         _same_grads(*self.worlds)
@@ -314,10 +315,20 @@ class RecomputeMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.pending) >= 2)
     @rule()
     def backward_sum(self):
+        self._fresh_grads()
         for i in range(2):
             sum(losses[i] * (n + 1) for n, losses in enumerate(self.pending)).backward()
         self.pending.clear()
         _same_grads(*self.worlds)
+
+    def _fresh_grads(self):
+        """Each backward's gradients are compared on their own: a reentrant (Function-based)
+        checkpoint adds its contributions into ``.grad`` one region at a time, so on top of an
+        earlier ``.grad`` G it rounds ``(G + g1) + g2`` where one graph rounds ``G + (g1 + g2)``,
+        a property of reentrant checkpointing itself, not of replay."""
+        for w in self.worlds:
+            for p in w.model.parameters():
+                p.grad = None
 
     @precondition(lambda self: self.other_pending)
     @rule()

@@ -6,6 +6,7 @@ Legend: B batch rows, S sequence length, T packed tokens, L MoE layers, K top-k,
 from __future__ import annotations
 
 import warnings
+from copy import deepcopy
 
 import pytest
 import torch
@@ -144,7 +145,10 @@ def test_attach_twice_names_the_existing_handle(model):
         rec, _ = record(h2, model, batch())
         assert rec.num_forwards == 1 and h2.active is None
     assert not h2.attached
-    routereplay.attach(model).detach()
+    h3 = routereplay.attach(model)
+    copy = deepcopy(model)  # the copy carries the mark but none of the hooks: it is not attached
+    routereplay.attach(copy).detach()
+    h3.detach()
 
 
 # --- record -----------------------------------------------------------------------------------

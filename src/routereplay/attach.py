@@ -59,10 +59,12 @@ def attach(model: Any, *, adapter: Adapter | str | None = None, **options: Any) 
         UnsupportedModelError: no adapter claims the model, or it has no replayable router.
     """
     for chunk in _chunks(model):
-        existing = getattr(chunk, "__dict__", {}).get(_MARK)
-        if existing is not None and existing() is not None and existing().attached:
+        mark = getattr(chunk, "__dict__", {}).get(_MARK)
+        existing = mark() if mark is not None else None
+        # identity, not the mark alone: a deepcopy of an attached model copies the mark but not the hooks
+        if existing is not None and existing.attached and any(c is chunk for c in _chunks(existing.model)):
             raise AlreadyAttachedError(
-                f"{type(chunk).__name__} is already attached to {existing()!r}; call detach() on that handle "
+                f"{type(chunk).__name__} is already attached to {existing!r}; call detach() on that handle "
                 "first, or keep using it (two handles on one model would both intercept its routers)"
             )
     ad = _resolve(model, adapter)

@@ -48,6 +48,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -359,6 +360,8 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
     # forward sees the same shape, so only the first one (in forward order) carries the hook:
     # one hook fewer per layer on the decode hot path.
     def block_pre_hook(module, args, kwargs):
+        if module is not shape_module:
+            return  # a deepcopy of the attached model carries this hook: not ours to report
         hidden = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2:
             calls.on_block_input(index, hidden.shape[:-1])
@@ -375,6 +378,8 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         arg_index, arg_name = pos
 
         def experts_pre_hook(module, args, kwargs):
+            if module is not experts:
+                return  # a deepcopy's experts
             ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
             if isinstance(ids, torch.Tensor):
                 calls.on_experts(index, ids)
@@ -389,6 +394,8 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         top_k = layer.top_k
 
         def llama4_hook(module, args, kwargs, output):
+            if module is not router:
+                return None  # a deepcopy of the attached model carries this hook: it routes live
             scores_NE, logits_NE = output
             with torch.no_grad():
                 ids_NK = torch.topk(logits_NE, top_k, dim=1).indices
@@ -416,6 +423,8 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         routing = importlib.import_module("routereplay.routing")
 
         def zaya_hook(module, args, kwargs, output):
+            if module is not router:
+                return None  # a deepcopy of the attached model carries this hook: it routes live
             if calls.routes_live(index):
                 return None  # live and nothing to recompute: the router's own output stands
             logits_NE = output[0]
@@ -437,6 +446,8 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         top_k, num_experts = layer.top_k, layer.num_experts
 
         def jetmoe_hook(module, args, kwargs, output):
+            if module is not router:
+                return None  # a deepcopy of the attached model carries this hook: it routes live
             if calls.routes_live(index):
                 return None  # live and nothing to recompute: the gating's own output stands
             logits_NE = output[4]
@@ -459,6 +470,8 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         return
 
     def router_hook(module, args, kwargs, output):
+        if module is not router:
+            return None  # a deepcopy of the attached model carries this hook: it routes live
         if not isinstance(output, tuple) or len(output) < 3:
             raise UnsupportedRouterError(
                 f"{family}: router {path} ({cls_name}) returned {_iter_outputs_hint(output)}; "
@@ -482,12 +495,15 @@ def _install_method_seam(
     original = getattr(block, name)
     had_instance_attr = name in block.__dict__
 
-    def wrapped(router_logits_NE, *args, **kwargs):
+    def wrapped(self, router_logits_NE, *args, **kwargs):
+        if self is not block:  # a deepcopy rebinds this method to the copy: the copy routes live
+            return getattr(type(self), name)(self, router_logits_NE, *args, **kwargs)
         weights_NK, ids_NK = original(router_logits_NE, *args, **kwargs)
         kw = _route_kw(spec, hf_specs, router, (router_logits_NE,), {}, router_logits_NE.dtype)
         return calls.on_router(index, router_logits_NE, weights_NK, ids_NK, **kw)
 
-    setattr(block, name, wrapped)
+    # a bound method, so that deepcopy rebinds it to the copy instead of calling into this block
+    setattr(block, name, types.MethodType(wrapped, block))
 
     def remove() -> None:
         if had_instance_attr:
