@@ -17,7 +17,7 @@ them. Tolerances: logits and gradients agree to ``RTOL`` relative to the tensor'
 not bitwise, because sharding changes the order of floating-point sums (FSDP's reduce-scatter
 adds the ranks' gradients in another order than one process accumulating micro-batches; TP's
 row-wise all-reduce sums partial matmuls; EP's all-reduce sums expert outputs); measured worst
-cases are ~1e-7 relative, fp32 epsilon is 1.2e-7, so 1e-5 leaves room without hiding a wrong
+cases are ~3e-7 relative, fp32 epsilon is 1.2e-7, so 1e-5 leaves room without hiding a wrong
 route (a changed route moves gradients by O(1) relative). Routes themselves must agree exactly.
 
 The same case code runs on GPUs with NCCL and bf16 (``tests/gpu_distributed.py``, by torchrun).
@@ -48,11 +48,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
-if __import__("importlib").util.find_spec("accelerate") is None:  # DistributedConfig loads through accelerate
-    pytest.skip(
-        "transformers' DistributedConfig needs accelerate: pip install 'routereplay[distributed]'",
-        allow_module_level=True,
-    )
+# DistributedConfig loads through accelerate. A mark, not a module-level skip: tests/gpu_distributed.py
+# imports this module outside pytest and reports the DistributedConfig cases as skipped itself.
+pytestmark = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("accelerate") is None,
+    reason="transformers' DistributedConfig needs accelerate: pip install 'routereplay[distributed]'",
+)
 
 RTOL = 1e-5
 NUM_SAMPLES, MICRO_BATCH = 8, 2
