@@ -780,3 +780,54 @@ def test_checkpointed_backward_of_two_blocks_together(handle, model):
     assert all(torch.equal(want[n], got[n]) for n in want)
     del l1, l2
     assert len(handle._bindings) == 0  # released with their graphs
+
+
+# --- padding-free packed batches ----------------------------------------------------------------------
+def _packed(lens, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (1, sum(lens)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0)
+    return ids, pos
+
+
+def test_packed_batch_records_one_sequence_per_sample(handle, model):
+    """[1, T] without an attention mask, position_ids restarting at 0: one trace sequence per sample
+    (the rows are the routers' rows; how the model keeps the samples apart is its own business)."""
+    ids, pos = _packed([4, 6])
+    with handle.record() as rec:
+        model(input_ids=ids, position_ids=pos)
+    t = rec.trace()
+    assert t.seq_lens.tolist() == [4, 6] and t.num_tokens == 10
+    assert torch.equal(t.experts, rec.calls[0])
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with handle.record() as rec_cu:
+        model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu)
+    assert rec_cu.trace().seq_lens.tolist() == [4, 6]
+    with handle.record() as bad:
+        model(input_ids=ids, position_ids=pos + 1)
+    with pytest.raises(LayoutError, match=r"^forward 0: the packed batch's position_ids start at 1, not 0"):
+        bad.trace()
+
+
+def test_packed_replay_checks_the_boundaries(handle, model):
+    ids, pos = _packed([4, 6])
+    with handle.record() as rec:
+        out = model(input_ids=ids, position_ids=pos).logits
+    t = rec.trace()
+    with handle.replay(t):
+        assert torch.equal(model(input_ids=ids, position_ids=pos).logits, out)
+    _, other = _packed([6, 4])
+    with (
+        pytest.raises(
+            BatchShapeMismatchError,
+            match=r"^layer 1 \(model.layers.1.mlp.gate\): the packed batch of forward 1 has sequence boundaries "
+            r"\(from its position_ids\) other than the trace's",
+        ),
+        handle.replay(t),
+    ):
+        model(input_ids=ids, position_ids=other)
+    with (
+        pytest.raises(BatchShapeMismatchError, match=r"holds 3 sequences \(cu_seq_lens_q\) but the trace has 2"),
+        handle.replay(t),
+    ):
+        model(input_ids=ids, position_ids=pos, cu_seq_lens_q=torch.tensor([0, 2, 4, 10]))

@@ -30,6 +30,7 @@ class Recording:
         L = len(handle.layers)
         self._ids: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer, per forward: [N, K]
         self._shapes: list[tuple[int, ...]] = []  # per forward, from the first MoE block's input
+        self._packed: list[tuple[str, torch.Tensor] | None] = []  # per forward: a packed batch's sequences
         self._dtype = expert_dtype(handle.num_experts)
         self._entered = False
         self._block = 0
@@ -45,8 +46,9 @@ class Recording:
     def __exit__(self, *exc: object) -> None:
         self._handle._exit(self)
 
-    def _note_shape(self, index: int, shape: tuple[int, ...]) -> None:
+    def _note_shape(self, index: int, shape: tuple[int, ...], packed=None) -> None:
         self._shapes.append(shape)
+        self._packed.append(packed)
 
     def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
         ids = ids_NK.detach()
@@ -139,7 +141,8 @@ class Recording:
                 if B * S != N:
                     B, S = 1, N
                 parts_NLK.append(ids_NLK)
-                lens.append(torch.full((B,), S, dtype=torch.int64))
+                packed = self._packed[n] if B == 1 and n < len(self._packed) else None
+                lens.append(_packed_lens(n, packed, N) if packed is not None else torch.full((B,), S, dtype=torch.int64))
                 continue
             mask_BS = mask.to("cpu", torch.bool)
             if mask_BS.ndim != 2 or mask_BS.numel() != N:
@@ -162,3 +165,37 @@ class Recording:
             num_experts=h.num_experts,
             meta={"source": "routereplay.record", "model": type(h.model).__name__},
         )
+
+
+def _packed_lens(n: int, packed: tuple[str, torch.Tensor], N: int) -> torch.Tensor:
+    """Sequence lengths of a padding-free packed forward, from its varlen boundaries or from its
+    position ids (each sequence restarts at 0 and counts up by one).
+
+    Raises:
+        LayoutError: boundaries that do not cover the ``N`` rows, or positions that do not restart
+            at 0 and count up within each sequence.
+    """
+    kind, value = packed
+    value = value.to("cpu", torch.int64)
+    if kind == "cu":
+        if value.numel() < 2 or int(value[0]) != 0 or int(value[-1]) != N or bool((value.diff() < 0).any()):
+            raise LayoutError(
+                f"forward {n}: cu_seq_lens_q {value.tolist()} does not run from 0 to the {N} packed rows the "
+                "routers saw; pass the boundaries of this forward's packed batch"
+            )
+        return value.diff()
+    starts_B = (value == 0).nonzero().reshape(-1)
+    if starts_B.numel() == 0 or int(starts_B[0]) != 0:
+        raise LayoutError(
+            f"forward {n}: the packed batch's position_ids start at {int(value[0])}, not 0; a padding-free "
+            "batch restarts its positions at 0 for each sequence"
+        )
+    lens_B = torch.diff(starts_B, append=torch.tensor([N]))
+    want_N = torch.arange(N) - torch.repeat_interleave(starts_B, lens_B)
+    if not torch.equal(value, want_N):
+        t = int((value != want_N).nonzero()[0, 0])
+        raise LayoutError(
+            f"forward {n}: position_ids[{t}] is {int(value[t])}, expected {int(want_N[t])}: the positions of a "
+            "packed sequence must count up from 0 by one"
+        )
+    return lens_B

@@ -75,6 +75,7 @@ class _MicroBatch:
     shape: tuple[int, int] | None  # (B, S) the forward's batch must have, when the trace says
     padded: bool
     bad_L: torch.Tensor | None  # device: per layer, whether a forced row is invalid (read at exit)
+    cu_B1: torch.Tensor  # the trace's sequence boundaries (packed batches are checked against them)
 
 
 class Replay:
@@ -119,6 +120,7 @@ class Replay:
         # only when `stats` is read, keeping its kernels off the forward's hot path.
         self._compared: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(L)]
         self._issued: list[torch.Tensor | None] = [None] * L
+        self._deferred: list[tuple[torch.Tensor, str]] = []  # device-side checks, read at exit
         self._entered = False
         self._block = 0
 
@@ -178,6 +180,7 @@ class Replay:
             shape=shape,
             padded=padded,
             bad_L=bad_L,
+            cu_B1=trace.cu_seqlens,
         )
 
     def _check_ids(self, where_mb: str, forced_LNK: torch.Tensor, mask_N: torch.Tensor | None) -> torch.Tensor | None:
@@ -227,7 +230,10 @@ class Replay:
             )
 
     def _raise_bad_ids(self) -> None:
-        """Device-side id checks of entry, read once (one host sync, at exit)."""
+        """Device-side checks (ids at entry, packed boundaries), read once (one host sync, at exit)."""
+        for differs, message in self._deferred:
+            if bool(differs):
+                raise BatchShapeMismatchError(message)
         h = self._handle
         flags = [mb.bad_L for mb in self._mbs if mb.bad_L is not None]
         if not flags or not bool(torch.stack(flags).any()):
@@ -242,12 +248,14 @@ class Replay:
                 )
 
     # --- forwards ------------------------------------------------------------------------------
-    def _note_shape(self, index: int, shape: tuple[int, ...]) -> None:
+    def _note_shape(self, index: int, shape: tuple[int, ...], packed=None) -> None:
         n = self._count[index]
         if n >= len(self._mbs) or len(shape) != 2:
             return
         mb = self._mbs[n]
         B, S = shape
+        if packed is not None and not mb.padded and S == mb.rows:
+            self._check_packing(index, n, mb, packed)
         if mb.shape is None or B == 1 and not mb.padded or (B, S) == mb.shape or B * S != mb.rows:
             return  # a packed [1, T] batch holds any number of sequences; a row count off says more in _route
         mb_txt = f"trace {n} of {len(self._mbs)}" if len(self._mbs) > 1 else "the trace"
@@ -256,6 +264,31 @@ class Replay:
             f"{self._handle.where(index)}: the forward's batch is [{B}, {S}] but {what} {list(mb.shape)}; "
             "replay each trace on the batch it was recorded on (or pass its attention_mask)"
         )
+
+    def _check_packing(self, index: int, n: int, mb: _MicroBatch, packed: tuple[str, torch.Tensor]) -> None:
+        """A packed ``[1, T]`` forward must hold the trace's sequences: same boundaries."""
+        kind, value = packed
+        where = f"{self._handle.where(index)}: the packed batch of forward {n + 1}"
+        fix = "pack the samples in the trace's sequence order (or replay a trace of this packing)"
+        cu_B1 = mb.cu_B1.to(value.device, non_blocking=True)
+        if kind == "cu":
+            if value.numel() != cu_B1.numel():
+                raise BatchShapeMismatchError(
+                    f"{where} holds {value.numel() - 1} sequences (cu_seq_lens_q) but the trace has "
+                    f"{cu_B1.numel() - 1}; {fix}"
+                )
+            differs = (value.to(torch.int64) != cu_B1).any()
+        else:
+            lens_B = cu_B1.diff()
+            starts_N = torch.repeat_interleave(cu_B1[:-1], lens_B, output_size=mb.rows)
+            want_N = torch.arange(mb.rows, device=value.device) - starts_N
+            differs = (value.to(torch.int64) != want_N).any()
+        message = f"{where} has sequence boundaries (from its {'cu_seq_lens_q' if kind == 'cu' else 'position_ids'}) other than the trace's; {fix}"
+        if differs.device.type == "cpu":
+            if bool(differs):
+                raise BatchShapeMismatchError(message)
+        else:
+            self._deferred.append((differs, message))
 
     def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
         h = self._handle

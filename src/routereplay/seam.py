@@ -109,9 +109,20 @@ class RouterCalls(Protocol):
         to extract may then skip calling :meth:`on_router`. Advisory: calling it anyway is exact."""
         ...
 
-    def on_block_input(self, index: int, shape: Sequence[int]) -> None:
+    def on_block_input(
+        self,
+        index: int,
+        shape: Sequence[int],
+        *,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> None:
         """The MoE block's input shape without the hidden dim (``[B, S]``), before its router runs.
-        Adapters report it for the first MoE layer only; it names the batch a trace row belongs to."""
+        Adapters report it for the first MoE layer only; it names the batch a trace row belongs to.
+
+        For a padding-free packed batch (``[1, T]`` holding several sequences, no attention mask)
+        the adapter also passes what names its sequences: ``position_ids`` ``[1, T]`` restarting
+        at 0 at each sequence, or the varlen boundaries ``cu_seqlens`` ``[B+1]``."""
         ...
 
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:

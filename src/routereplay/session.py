@@ -279,12 +279,24 @@ class _Calls:
         h = self._handle
         return h._mode is None and not torch.is_grad_enabled() and not h._training() and not recompute.in_backward()
 
-    def on_block_input(self, index: int, shape: Sequence[int]) -> None:
+    def on_block_input(self, index: int, shape: Sequence[int], *, position_ids=None, cu_seqlens=None) -> None:
         mode = self._handle._mode
         if mode is not None and not recompute.in_backward():
-            mode._note_shape(index, tuple(shape))
+            packed = _packed_sequences(tuple(shape), position_ids, cu_seqlens)
+            mode._note_shape(index, tuple(shape), packed)
 
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:
         mode = self._handle._mode
         if isinstance(mode, Replay) and not recompute.in_backward():
             mode._check_experts(index, ids_NK)
+
+
+def _packed_sequences(shape, position_ids, cu_seqlens) -> tuple[str, torch.Tensor] | None:
+    """What names the sequences of a packed ``[1, T]`` batch: ``("cu", [B+1])`` or ``("pos", [T])``."""
+    if len(shape) != 2 or shape[0] != 1:
+        return None
+    if isinstance(cu_seqlens, torch.Tensor):
+        return "cu", cu_seqlens.reshape(-1)
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel() == shape[1]:
+        return "pos", position_ids.reshape(-1)
+    return None

@@ -359,17 +359,32 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
     # Batch shape [B, S] of every forward, from the MoE block's input. Every MoE layer of a
     # forward sees the same shape, so only the first one (in forward order) carries the hook:
     # one hook fewer per layer on the decode hot path.
+    # A padding-free packed batch ([1, T], several sequences, no attention mask) names its
+    # sequences in the model's inputs: position_ids restarting at 0, or flash-attention's varlen
+    # cu_seq_lens_q. The model's pre-hook keeps them for the first MoE block's report.
+    packing: dict[str, Any] = {}
+
+    def model_pre_hook(module, args, kwargs):
+        if module is not model:
+            return
+        packing.clear()
+        if kwargs.get("attention_mask") is None:
+            packing["position_ids"] = kwargs.get("position_ids")
+            packing["cu_seqlens"] = kwargs.get("cu_seq_lens_q")
+
     def block_pre_hook(module, args, kwargs):
         if module is not shape_module:
             return  # a deepcopy of the attached model carries this hook: not ours to report
         hidden = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2:
-            calls.on_block_input(index, hidden.shape[:-1])
+            calls.on_block_input(index, hidden.shape[:-1], **packing)
 
     # An attention MoE block is never called through forward: its input shape is the attention's.
     shape_module = _parent(model, _parent_path)[1] if type(block).__name__ in _ATTENTION_MOE_BLOCKS else block
     if index == 0 and shape_module is not model:
         h = shape_module.register_forward_pre_hook(block_pre_hook, with_kwargs=True)
+        removers.append(h.remove)
+        h = model.register_forward_pre_hook(model_pre_hook, with_kwargs=True)
         removers.append(h.remove)
 
     experts = getattr(block, "experts", None)
