@@ -1,0 +1,81 @@
+"""Where a replayed HF training step spends its time, next to a plain one (same model, same run).
+
+    python benchmarks/profile_replay.py --device cuda --dtype bfloat16 --layers 8 --hidden 1024 \
+        --experts 64 --topk 8 --batch 4 --seq 2048
+
+Prints, per arm (plain, replay), the host time of the step's phases measured without a sync
+(replay entry, forward dispatch, backward dispatch, block exit) and the synced step time, medians
+of ``--reps`` interleaved repetitions; then torch.profiler's top host-side ops of one replayed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from bench_hf_overhead import build
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("layers", 8), ("hidden", 1024), ("experts", 64), ("topk", 8), ("batch", 4), ("seq", 2048)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--moe-intermediate", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--reps", type=int, default=15)
+    args = p.parse_args()
+    import routereplay
+
+    model = build(args)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    batch = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq)).to(dev)}
+    handle = routereplay.attach(model)
+    with torch.no_grad(), handle.record() as rec:
+        model(**batch)
+    trace = rec.trace().to("cpu")
+
+    def step(kind):
+        for q in model.parameters():
+            q.grad = None
+        sync()
+        t = [time.perf_counter()]
+        ctx = handle.replay(trace) if kind == "replay" else None
+        if ctx is not None:
+            ctx.__enter__()
+        t.append(time.perf_counter())
+        loss = model(**batch).logits.float().square().mean()
+        t.append(time.perf_counter())
+        loss.backward()
+        t.append(time.perf_counter())
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        t.append(time.perf_counter())
+        sync()
+        t.append(time.perf_counter())
+        return [b - a for a, b in zip(t, t[1:])] + [t[-1] - t[0]]
+
+    names = ("entry", "forward", "backward", "exit", "wait", "step")
+    for _ in range(3):
+        step("plain"), step("replay")
+    res = {"plain": [], "replay": []}
+    for r in range(args.reps):
+        for kind in (("plain", "replay") if r % 2 else ("replay", "plain")):
+            res[kind].append(step(kind))
+    for kind, rows in res.items():
+        med = [statistics.median(col) * 1e3 for col in zip(*rows)]
+        print(kind.ljust(7), "  ".join(f"{n} {v:8.2f} ms" for n, v in zip(names, med)))
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step("replay")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
