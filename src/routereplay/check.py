@@ -1,6 +1,9 @@
 """``routereplay check``: measure rollout-vs-trainer routing mismatch and show that replay closes it.
 
-On a built-in small Qwen3-MoE-style model (or ``--model DIR``, a local HF MoE checkpoint):
+On the built-in small Qwen3-MoE-style model trained on multi-digit addition
+(``routereplay/data/small_moe``, written by ``scripts/train_small_moe.py``; when its weights are
+not installed, or with ``--random``, the built-in randomly initialised model), or ``--model DIR``, a
+local HF MoE checkpoint. The report's ``model`` line says which one ran.
 
 1. **rollout**: sample completions with ``generate`` in ``--rollout-dtype`` (bf16), capturing
    routes the way inference engines return them, and the sampled tokens' log-probs;
@@ -72,7 +75,12 @@ EOS_ID, PAD_ID = 1, 0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", metavar="DIR", help="local HF MoE checkpoint directory (default: built-in random model)"
+        "--model", metavar="DIR",
+        help="local HF MoE checkpoint directory (default: the built-in trained model, else the built-in random one)",
+    )
+    parser.add_argument(
+        "--random", action="store_true",
+        help="use the built-in randomly initialised model even when the trained one is installed",
     )
     parser.add_argument(
         "--rollout-dtype", choices=DTYPES, default="bf16", help="dtype of the generating model (default bf16)"
@@ -127,18 +135,75 @@ class _UsageError(Exception):
     """An argument ``check`` cannot run with: one line on stderr, exit status 2 (never 1)."""
 
 
-def _load_model(path: str) -> Any:
+def _load_model(path: str, *, what: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         # Config without a known model_type, missing weights, a tokenizer-only folder, ...
+        fix = "pass a local Hugging Face MoE checkpoint directory"
+        if what is not None:
+            fix = "reinstall routereplay, or run with --random"
         raise _UsageError(
-            f"--model {path}: transformers could not load a causal LM from it ({type(e).__name__}: {_first_line(e)}); "
-            "pass a local Hugging Face MoE checkpoint directory"
+            f"{what or '--model ' + path}: transformers could not load a causal LM from it "
+            f"({type(e).__name__}: {_first_line(e)}); {fix}"
         ) from None
     return model.eval()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Chosen:
+    """The model ``check`` runs on and what goes with it."""
+
+    model: Any
+    kind: str  # "trained" (built-in), "random" (built-in) or "local" (--model)
+    description: str
+    eos: Any
+    pad: int
+    task: Any  # routereplay.data.addition.AdditionTask when the model has a char tokenizer, else None
+
+
+def _shape(config: Any) -> str:
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    parts = [
+        f"{getattr(c, 'num_hidden_layers', '?')} layers", f"hidden {getattr(c, 'hidden_size', '?')}",
+        f"{getattr(c, 'num_experts', getattr(c, 'num_local_experts', '?'))} experts",
+        f"top-{getattr(c, 'num_experts_per_tok', '?')}", f"vocab {getattr(c, 'vocab_size', '?')}",
+    ]
+    return ", ".join(parts)
+
+
+def _choose_model(args: argparse.Namespace) -> _Chosen:
+    """``--model DIR``; else the packaged trained model unless ``--random`` (or the test-size ``--tiny``)
+    or its weights are absent; else the random model. Never a silent swap: the description says which."""
+    from routereplay.data import addition
+
+    trained = None if (args.model or args.random or args.tiny) else addition.trained_model_dir()
+    path = args.model or trained
+    if path is None:
+        size = TINY_SIZE if args.tiny else DEFAULT_SIZE
+        desc = (
+            f"built-in random Qwen3-MoE ({size.layers} layers, hidden {size.hidden}, {size.experts} experts, "
+            f"top-{size.top_k}, vocab {size.vocab}, seed {args.seed})"
+        )
+        if not (args.random or args.tiny):
+            desc += "; the trained model is not installed (no weights in routereplay/data/small_moe)"
+        return _Chosen(model=build_default_model(size, seed=args.seed), kind="random", description=desc,
+                       eos=EOS_ID, pad=PAD_ID, task=None)
+    model = _load_model(path, what=None if args.model else f"the built-in trained model ({path})")
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
+    pad = getattr(gen_cfg, "pad_token_id", None)
+    pad = pad if pad is not None else (eos if isinstance(eos, int) else (eos or [0])[0])
+    task = None
+    if os.path.isfile(os.path.join(path, addition.TOKENIZER_FILE)):
+        _, task = addition.load_tokenizer(path)
+    if trained:
+        desc = f"built-in trained Qwen3-MoE ({_shape(model.config)}; addition, up to {task.max_digits} digits)"
+    else:
+        desc = path + (f" (addition prompts, up to {task.max_digits} digits)" if task is not None else "")
+    return _Chosen(model=model, kind="trained" if trained else "local", description=desc, eos=eos, pad=pad, task=task)
 
 
 def _first_line(e: BaseException) -> str:
@@ -164,6 +229,8 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
             f"--device {args.device}: this torch cannot use it ({_first_line(e)}); "
             "use --device cpu or an available device"
         )
+    if args.model is not None and args.random:
+        return "--model and --random exclude each other; pass a checkpoint directory or --random, not both"
     if args.model is not None:
         if not os.path.exists(args.model):
             return f"--model {args.model}: no such directory; pass a local Hugging Face MoE checkpoint directory"
@@ -312,21 +379,8 @@ def _run(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     # --- models -----------------------------------------------------------------------------
-    if args.model:
-        model = _load_model(args.model)
-        model_desc = args.model
-        gen_cfg = getattr(model, "generation_config", None)
-        eos = getattr(gen_cfg, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
-        pad = getattr(gen_cfg, "pad_token_id", None)
-        pad = pad if pad is not None else (eos if isinstance(eos, int) else (eos or [0])[0])
-    else:
-        size = TINY_SIZE if args.tiny else DEFAULT_SIZE
-        model = build_default_model(size, seed=args.seed)
-        model_desc = (
-            f"built-in Qwen3-MoE ({size.layers} layers, hidden {size.hidden}, {size.experts} experts, "
-            f"top-{size.top_k}, vocab {size.vocab}, seed {args.seed})"
-        )
-        eos, pad = EOS_ID, PAD_ID
+    chosen = _choose_model(args)
+    model, model_desc, eos, pad = chosen.model, chosen.description, chosen.eos, chosen.pad
     train_dtype, rollout_dtype = DTYPES[args.train_dtype], DTYPES[args.rollout_dtype]
     if torch.float64 in (train_dtype, rollout_dtype) and hasattr(model, "set_experts_implementation"):
         # transformers' default grouped_mm experts kernel has no float64 path.
@@ -343,7 +397,10 @@ def _run(args: argparse.Namespace) -> int:
 
     # --- (a) rollout: sampled generation with route capture ---------------------------------
     bar.set_postfix_str("rollout")
-    prompts = builtin_prompts(args.samples, vocab, seed=args.seed)
+    if chosen.task is not None:
+        prompts = chosen.task.prompts(args.samples, seed=args.seed + 1)
+    else:
+        prompts = builtin_prompts(args.samples, vocab, seed=args.seed)
     ids_BP, mask_BP = _left_pad(prompts, pad)
     torch.manual_seed(args.seed)
     with torch.no_grad(), h_roll.capture_generation() as cap:
@@ -453,6 +510,7 @@ def _run(args: argparse.Namespace) -> int:
     report = {
         "settings": {
             "model": model_desc,
+            "model_kind": chosen.kind,
             "rollout_dtype": args.rollout_dtype,
             "train_dtype": args.train_dtype,
             "samples": args.samples,
