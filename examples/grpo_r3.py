@@ -24,6 +24,10 @@ A plain loop on one device, no TRL (``Rollout``, ``RouteStore``, ``DispatchTap``
    the one in the loss), gradient norm (before clipping to 1), disagreement and k3 against the
    rollout, and under replay the share of replayed routes live routing would have changed.
 
+The bf16 trainer is bf16 autocast over fp32 weights; transformers' grouped-mm experts kernel is
+not autocast-enabled and runs in the weights' dtype, so under autocast the experts' matmuls stay
+fp32 while attention, routers and the LM head run in bf16.
+
 Writes ``grpo.json`` (every run's per-step log, a summary per run) and ``grpo_m{M}.png`` curves to
 ``--out``; with ``--no-combine``, one ``run_*.json`` per run instead (merged later by ``--combine``).
 Needs ``transformers`` and ``matplotlib`` (``pip install 'routereplay[hf,plot]'``).
@@ -191,7 +195,7 @@ def run_one(args: argparse.Namespace, base_model, task: AdditionTask, *, arm: st
             r_QG = rewards_B.view(-1, args.group)
             adv_B = ((r_QG - r_QG.mean(1, keepdim=True)) / (r_QG.std(1, unbiased=False, keepdim=True) + 1e-6)).view(-1)
             batch = rollout.padded(padding_side="right", pad_token_id=pad)
-            rows_trace = rollout.training_trace()
+            rows_trace = rollout.training_trace().to("cpu")
             all_ids = torch.arange(B)
 
             # Old-policy pass: the trainer on the rollout's tokens, same weights as the engine.
