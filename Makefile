@@ -44,7 +44,7 @@ test: venv verl-venv
 	$(VERL_PY) -m pytest -q -p no:cacheprovider tests_verl
 
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests tests_verl benchmarks examples scripts
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) build *.egg-info src/*.egg-info

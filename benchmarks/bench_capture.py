@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from routereplay.check import DTYPES, ModelSize, build_default_model
 from routereplay import attach
+from routereplay.check import DTYPES, ModelSize, build_default_model
 
 
 def _sync(device: str) -> None:

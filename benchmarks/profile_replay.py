@@ -11,6 +11,7 @@ of ``--reps`` interleaved repetitions; then torch.profiler's top host-side ops o
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -57,7 +58,7 @@ def main() -> None:
         t.append(time.perf_counter())
         sync()
         t.append(time.perf_counter())
-        return [b - a for a, b in zip(t, t[1:])] + [t[-1] - t[0]]
+        return [b - a for a, b in itertools.pairwise(t)] + [t[-1] - t[0]]
 
     names = ("entry", "forward", "backward", "exit", "wait", "step")
     for _ in range(3):

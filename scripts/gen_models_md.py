@@ -31,9 +31,9 @@ def _logits(model, batch):
 def survey(family: str) -> dict:
     import hf_zoo
 
+    from routereplay import attach
     from routereplay.adapters import hf
     from routereplay.errors import RouteReplayError
-    from routereplay import attach
 
     row = {
         "family": family,
