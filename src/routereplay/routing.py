@@ -387,44 +387,22 @@ def _validate_forced(forced_TK: torch.Tensor, forced_mask_T: torch.Tensor | None
             )
 
 
-def route(
+def check_route_args(
     logits_TE: torch.Tensor,
     spec: RouterSpec,
     *,
-    forced_TK: torch.Tensor | None = None,
-    forced_mask_T: torch.Tensor | None = None,
-    bias_E: torch.Tensor | None = None,
-    expert_scale_E: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    validate: bool = True,
+    forced_TK: torch.Tensor | None,
+    forced_mask_T: torch.Tensor | None,
+    bias_E: torch.Tensor | None,
+    expert_scale_E: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
     where: str = "",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route tokens live, or replay forced expert ids with weights from the live logits.
-
-    Args:
-        logits_TE: router output ``[T, num_logits]`` (the probabilities for
-            ``score_function="none"``), any float dtype, any device.
-        spec: the router family's math.
-        forced_TK: integer ``[T, top_k]`` expert ids to use instead of the live selection, in
-            recorded order (any integer dtype, any device; moved to the logits' device).
-        forced_mask_T: bool ``[T]``; rows marked False route live. Needs ``forced_TK``.
-        bias_E: ``[num_logits]`` selection bias; required iff ``spec.uses_bias``. It changes
-            which experts are picked, never the weights.
-        expert_scale_E: ``[num_experts]`` per-expert weight scale; required iff
-            ``spec.uses_expert_scale``.
-        out_dtype: the router input's dtype; required iff ``spec.weights_dtype == "input"``.
-        validate: check ``forced_TK`` (shape, range, duplicates, group limit). This reads the
-            ids on the host; pass False when the trace was validated up front.
-        where: prefix for error messages (e.g. ``"layer 7 (model.layers.7.mlp.gate): "``).
-
-    Returns:
-        ``(weights_TK, experts_TK)``: float weights ``[T, top_k]`` in the spec's output dtype
-        (differentiable w.r.t. ``logits_TE``), int64 ids ``[T, top_k]`` on the logits' device.
+) -> None:
+    """The argument checks of :func:`route` (shapes, dtypes, the spec's bias / scale / out_dtype
+    needs); shared by every implementation of its contract (``routereplay.kernels``).
 
     Raises:
-        RouterSpecError: inputs that do not fit the spec (shape, missing bias / scale /
-            out_dtype), or, with ``validate=True``, forced ids out of range, repeated in a row, over
-            the group limit, or of the wrong shape; the message names the row and its ids.
+        RouterSpecError: the first argument that does not fit, with where / expected / found.
     """
     if not isinstance(spec, RouterSpec):
         raise RouterSpecError(f"{where}spec must be a RouterSpec, found {type(spec).__name__}")
@@ -489,6 +467,57 @@ def route(
                 else type(forced_mask_T).__name__
             )
             raise RouterSpecError(f"{where}forced_mask_T must be bool [{num_tokens}], found {found}")
+
+
+def route(
+    logits_TE: torch.Tensor,
+    spec: RouterSpec,
+    *,
+    forced_TK: torch.Tensor | None = None,
+    forced_mask_T: torch.Tensor | None = None,
+    bias_E: torch.Tensor | None = None,
+    expert_scale_E: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    validate: bool = True,
+    where: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route tokens live, or replay forced expert ids with weights from the live logits.
+
+    Args:
+        logits_TE: router output ``[T, num_logits]`` (the probabilities for
+            ``score_function="none"``), any float dtype, any device.
+        spec: the router family's math.
+        forced_TK: integer ``[T, top_k]`` expert ids to use instead of the live selection, in
+            recorded order (any integer dtype, any device; moved to the logits' device).
+        forced_mask_T: bool ``[T]``; rows marked False route live. Needs ``forced_TK``.
+        bias_E: ``[num_logits]`` selection bias; required iff ``spec.uses_bias``. It changes
+            which experts are picked, never the weights.
+        expert_scale_E: ``[num_experts]`` per-expert weight scale; required iff
+            ``spec.uses_expert_scale``.
+        out_dtype: the router input's dtype; required iff ``spec.weights_dtype == "input"``.
+        validate: check ``forced_TK`` (shape, range, duplicates, group limit). This reads the
+            ids on the host; pass False when the trace was validated up front.
+        where: prefix for error messages (e.g. ``"layer 7 (model.layers.7.mlp.gate): "``).
+
+    Returns:
+        ``(weights_TK, experts_TK)``: float weights ``[T, top_k]`` in the spec's output dtype
+        (differentiable w.r.t. ``logits_TE``), int64 ids ``[T, top_k]`` on the logits' device.
+
+    Raises:
+        RouterSpecError: inputs that do not fit the spec (shape, missing bias / scale /
+            out_dtype), or, with ``validate=True``, forced ids out of range, repeated in a row, over
+            the group limit, or of the wrong shape; the message names the row and its ids.
+    """
+    check_route_args(
+        logits_TE,
+        spec,
+        forced_TK=forced_TK,
+        forced_mask_T=forced_mask_T,
+        bias_E=bias_E,
+        expert_scale_E=expert_scale_E,
+        out_dtype=out_dtype,
+        where=where,
+    )
 
     scores_TE = None
     if spec.score_before_topk:

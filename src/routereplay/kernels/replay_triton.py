@@ -54,7 +54,7 @@ from triton.language.extra import libdevice
 from routereplay import routing
 from routereplay.errors import RouterSpecError
 from routereplay.kernels import interpreting, unsupported_reason
-from routereplay.routing import RouterSpec
+from routereplay.routing import RouterSpec, check_route_args
 
 __all__ = ["ReplayPlan", "plan_for", "route_forced_fused"]
 
@@ -500,78 +500,32 @@ class _FusedReplay(torch.autograd.Function):
 
 
 def _check_inputs(logits_TE, spec, forced_TK, forced_mask_T, bias_E, expert_scale_E, out_dtype, where) -> None:
-    """The argument checks of ``routing.route``, with its messages."""
-    if not isinstance(spec, RouterSpec):
-        raise RouterSpecError(f"{where}spec must be a RouterSpec, found {type(spec).__name__}")
-    if not isinstance(logits_TE, torch.Tensor) or logits_TE.ndim != 2 or not logits_TE.is_floating_point():
-        found = (
-            f"{tuple(logits_TE.shape)} {logits_TE.dtype}"
-            if isinstance(logits_TE, torch.Tensor)
-            else type(logits_TE).__name__
-        )
-        raise RouterSpecError(f"{where}logits must be a float [T, {spec.num_logits}] tensor, found {found}")
+    """``routing.route``'s argument checks (with its messages), then what the kernel itself needs."""
+    if forced_TK is None:
+        raise RouterSpecError(f"{where}forced_TK must be an integer tensor, found NoneType")
+    check_route_args(
+        logits_TE,
+        spec,
+        forced_TK=forced_TK,
+        forced_mask_T=forced_mask_T,
+        bias_E=bias_E,
+        expert_scale_E=expert_scale_E,
+        out_dtype=out_dtype,
+        where=where,
+    )
     reason = unsupported_reason(spec, logits_dtype=logits_TE.dtype, device=logits_TE.device)
     if reason is not None:
         raise RouterSpecError(
             f"{where}the fused replay kernel does not cover this {spec.family or 'router'} spec: {reason}; "
             "check routereplay.kernels.supports(spec, ...) first and call routing.route for such specs"
         )
-    num_tokens, width = logits_TE.shape
-    if width != spec.num_logits:
-        raise RouterSpecError(
-            f"{where}logits have {width} columns, the spec expects num_logits={spec.num_logits} "
-            f"({spec.num_experts} routed experts); the spec was built for another router"
-        )
-    if spec.uses_bias != (bias_E is not None):
-        need = "needs bias_E (its e_score_correction_bias)" if spec.uses_bias else "has no selection bias"
-        raise RouterSpecError(
-            f"{where}the {spec.family or 'router'} spec {need}, found bias_E="
-            f"{'None' if bias_E is None else tuple(bias_E.shape)}; pass selection_bias(router)"
-        )
-    if spec.uses_expert_scale != (expert_scale_E is not None):
-        need = "needs expert_scale_E" if spec.uses_expert_scale else "has no per-expert scale"
-        raise RouterSpecError(
-            f"{where}the {spec.family or 'router'} spec {need}, found expert_scale_E="
-            f"{'None' if expert_scale_E is None else tuple(expert_scale_E.shape)}"
-        )
-    if expert_scale_E is not None and (
-        tuple(expert_scale_E.shape) != (spec.num_logits,) or expert_scale_E.dtype not in (*_CODE,)
-    ):
+    if expert_scale_E is not None and expert_scale_E.dtype not in _CODE:
         raise RouterSpecError(
             f"{where}expert_scale_E must be float32/bfloat16/float16 [{spec.num_logits}], "
             f"found {tuple(expert_scale_E.shape)} {expert_scale_E.dtype}"
         )
-    if spec.weights_dtype == "input" and out_dtype is None:
-        raise RouterSpecError(
-            f"{where}the {spec.family or 'router'} spec casts weights to the router input's dtype: "
-            "pass out_dtype=hidden_states.dtype"
-        )
     if spec.weights_dtype == "input" and out_dtype not in _CODE:
         raise RouterSpecError(f"{where}out_dtype must be float32, bfloat16 or float16, found {out_dtype}")
-    if (
-        not isinstance(forced_TK, torch.Tensor)
-        or forced_TK.dtype == torch.bool
-        or forced_TK.is_floating_point()
-        or forced_TK.is_complex()
-    ):
-        found = f"{forced_TK.dtype}" if isinstance(forced_TK, torch.Tensor) else type(forced_TK).__name__
-        raise RouterSpecError(f"{where}forced_TK must be an integer tensor, found {found}")
-    if tuple(forced_TK.shape) != (num_tokens, spec.top_k):
-        raise RouterSpecError(
-            f"{where}forced_TK must be [{num_tokens}, {spec.top_k}] (rows of the router input, "
-            f"top_k={spec.top_k}), found {tuple(forced_TK.shape)}"
-        )
-    if forced_mask_T is not None and (
-        not isinstance(forced_mask_T, torch.Tensor)
-        or forced_mask_T.dtype != torch.bool
-        or tuple(forced_mask_T.shape) != (num_tokens,)
-    ):
-        found = (
-            f"{tuple(forced_mask_T.shape)} {forced_mask_T.dtype}"
-            if isinstance(forced_mask_T, torch.Tensor)
-            else type(forced_mask_T).__name__
-        )
-        raise RouterSpecError(f"{where}forced_mask_T must be bool [{num_tokens}], found {found}")
 
 
 def route_forced_fused(
