@@ -803,9 +803,14 @@ def test_packed_batch_records_one_sequence_per_sample(handle, model):
     with handle.record() as rec_cu:
         model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu)
     assert rec_cu.trace().seq_lens.tolist() == [4, 6]
-    with handle.record() as bad:
+    with handle.record() as sliced:  # a sequence-parallel slice: positions continue, one sequence
         model(input_ids=ids, position_ids=pos + 1)
-    with pytest.raises(LayoutError, match=r"^forward 0: the packed batch's position_ids start at 1, not 0"):
+    assert sliced.trace().seq_lens.tolist() == [10]
+    skip = pos.clone()
+    skip[0, 6] = 5  # not counting up by one
+    with handle.record() as bad:
+        model(input_ids=ids, position_ids=skip)
+    with pytest.raises(LayoutError, match=r"^forward 0: position_ids\[6\] is 5, expected 2: the positions of a packed"):
         bad.trace()
 
 
@@ -826,6 +831,10 @@ def test_packed_replay_checks_the_boundaries(handle, model):
         handle.replay(t),
     ):
         model(input_ids=ids, position_ids=other)
+    with handle.record() as sliced:  # a sequence-parallel slice: positions do not restart at 0
+        model(input_ids=ids, position_ids=pos + 3)
+    with handle.replay(sliced.trace()):
+        model(input_ids=ids, position_ids=pos + 3)
     with (
         pytest.raises(BatchShapeMismatchError, match=r"holds 3 sequences \(cu_seq_lens_q\) but the trace has 2"),
         handle.replay(t),

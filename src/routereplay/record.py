@@ -172,8 +172,9 @@ def _packed_lens(n: int, packed: tuple[str, torch.Tensor], N: int) -> torch.Tens
     position ids (each sequence restarts at 0 and counts up by one).
 
     Raises:
-        LayoutError: boundaries that do not cover the ``N`` rows, or positions that do not restart
-            at 0 and count up within each sequence.
+        LayoutError: boundaries that do not cover the ``N`` rows, or positions that do not count up
+            by one within each sequence. Positions that do not start at 0 (a sequence-parallel slice)
+            give one sequence of ``N`` rows.
     """
     kind, value = packed
     value = value.to("cpu", torch.int64)
@@ -184,12 +185,11 @@ def _packed_lens(n: int, packed: tuple[str, torch.Tensor], N: int) -> torch.Tens
                 "routers saw; pass the boundaries of this forward's packed batch"
             )
         return value.diff()
+    if N == 0 or int(value[0]) != 0:
+        # a slice of a longer packed row (sequence parallel): one sequence of N rows, as without
+        # positions; routereplay.layout.split_sp / gather_sp map it to the global layout
+        return torch.tensor([N])
     starts_B = (value == 0).nonzero().reshape(-1)
-    if starts_B.numel() == 0 or int(starts_B[0]) != 0:
-        raise LayoutError(
-            f"forward {n}: the packed batch's position_ids start at {int(value[0])}, not 0; a padding-free "
-            "batch restarts its positions at 0 for each sequence"
-        )
     lens_B = torch.diff(starts_B, append=torch.tensor([N]))
     want_N = torch.arange(N) - torch.repeat_interleave(starts_B, lens_B)
     if not torch.equal(value, want_N):

@@ -334,9 +334,17 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
     def _rank_trace(self, trace: RoutingTrace, layout: _Layout) -> RoutingTrace:
         """The packed trace as this rank's routers see it: bucket padding, then its SP slice."""
         if layout.static_pad:
+            # verl's pad_packed_inputs restarts the pad's position_ids at 0: the pad rows are a
+            # sequence of their own (no route: they route live), as the routers' batch says
             L, K = trace.num_layers, trace.top_k
-            pad = torch.zeros(layout.static_pad, L, K, dtype=trace.experts.dtype)
-            trace = trace.extend_sequence(-1, pad, valid=torch.zeros(layout.static_pad, dtype=torch.bool))
+            pad = RoutingTrace(
+                experts=torch.zeros(layout.static_pad, L, K, dtype=trace.experts.dtype),
+                cu_seqlens=torch.tensor([0, layout.static_pad]),
+                layer_ids=trace.layer_ids,
+                num_experts=trace.num_experts,
+                valid=torch.zeros(layout.static_pad, dtype=torch.bool),
+            )
+            trace = RoutingTrace.concat([trace, pad])
         return split_sp(trace, layout.sp, rank=layout.sp_rank) if layout.sp > 1 else trace
 
     def _replay_step(self, micro_batch, loss_function, forward_only, layout: _Layout):
