@@ -23,3 +23,59 @@ def test_public_api():
 
     for name in ("RoutingTrace", "save", "load", "attach", "RouterSpec", "route", "errors"):
         assert hasattr(routereplay, name), name
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the routereplay modules it imports (anywhere in the file, lazy imports included)."""
+    import ast
+    import pathlib
+
+    import routereplay
+
+    root = pathlib.Path(routereplay.__file__).parent
+    names = {
+        "routereplay" + "".join(f".{p}" for p in f.relative_to(root).with_suffix("").parts): f for f in root.rglob("*.py")
+    }
+    names = {k.removesuffix(".__init__"): f for k, f in names.items()}
+    graph = {}
+    for name, f in names.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("routereplay"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            deps |= {t for t in targets if t in names and t != name and t != "routereplay"}
+        graph[name] = deps
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    """Data flows one way: trace -> layout -> session -> adapters; integrations and CLI on top."""
+    graph = _import_graph()
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, dep])}"
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert "routereplay.adapters.hf" not in _closure(graph, "routereplay.session")
+    assert not any(m.startswith("routereplay.adapters.") for m in _closure(graph, "routereplay.session"))
+
+
+def _closure(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen

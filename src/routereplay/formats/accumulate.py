@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from routereplay.errors import EngineFormatError, RouteContinuityError
-from routereplay.formats import Rows, _assemble, _check_rows, _finish, _to_rows
+from routereplay.formats.common import Rows, _assemble, _check_rows, _finish, _to_rows
 from routereplay.formats.sglang import _meta_info, _new_rows
 from routereplay.formats.vllm import decode_vllm_payload
 from routereplay.trace import RoutingTrace

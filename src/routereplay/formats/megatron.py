@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from routereplay.errors import EngineFormatError, LayerMismatchError
-from routereplay.formats import Rows, _finish, _seq_ids, _to_rows
+from routereplay.formats.common import Rows, _finish, _seq_ids, _to_rows
 from routereplay.trace import RoutingTrace
 
 __all__ = ["from_megatron", "megatron_router_layer_ids", "to_megatron"]

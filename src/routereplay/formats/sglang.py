@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from routereplay.errors import EngineFormatError, RetractedRoutesError, TraceMismatchError
-from routereplay.formats import (
+from routereplay.formats.common import (
     Rows,
     _assemble,
     _b64decode,

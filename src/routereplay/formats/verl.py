@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from routereplay.errors import EngineFormatError
-from routereplay.formats import (
+from routereplay.formats.common import (
     Rows,
     _as_tensor,
     _assemble,

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from routereplay.errors import EngineFormatError
-from routereplay.formats import (
+from routereplay.formats.common import (
     Rows,
     _assemble,
     _b64decode,

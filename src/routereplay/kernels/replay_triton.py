@@ -53,7 +53,7 @@ from triton.language.extra import libdevice
 
 from routereplay import routing
 from routereplay.errors import RouterSpecError
-from routereplay.kernels import interpreting, unsupported_reason
+from routereplay.kernels.coverage import interpreting, unsupported_reason
 from routereplay.routing import RouterSpec, check_route_args
 
 __all__ = ["ReplayPlan", "plan_for", "route_forced_fused"]

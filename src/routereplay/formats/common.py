@@ -1,0 +1,343 @@
+"""Helpers shared by the engine converters (see ``routereplay.formats`` for the conventions)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from routereplay.errors import EngineFormatError, ZeroRoutesError
+from routereplay.layout import engine_to_training, training_to_engine
+from routereplay.trace import RoutingTrace
+
+Rows = Literal["engine", "training"]
+
+# Below this many routed rows a top-1 layer can route everything to expert 0 by chance
+# (probability about (1/E)^n), so the zero-route check would raise false alarms.
+_K1_MIN_ROWS = 16
+
+
+def _b64decode(data: str | bytes) -> bytes:
+    """Strict base64 decoding (binascii.Error on any character outside the alphabet or bad padding)."""
+    if sys.version_info >= (3, 11):
+        return binascii.a2b_base64(data, strict_mode=True)  # validates while decoding: one pass
+    return base64.b64decode(data, validate=True)
+
+
+# --- small argument checks -------------------------------------------------------------------
+def _check_rows(rows: str) -> None:
+    if rows not in ("engine", "training"):
+        raise EngineFormatError(f'rows must be "engine" (T-1 rows per sequence) or "training" (T rows), found {rows!r}')
+
+
+def _check_lengths(values, n: int, name: str) -> list[int] | None:
+    """``values`` as a list of n non-negative ints (or None)."""
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor | np.ndarray):
+        values = values.tolist()
+    values = list(values)
+    if len(values) != n:
+        raise EngineFormatError(f"{name} has {len(values)} entries but there are {n} requests; give one per request")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
+            raise EngineFormatError(f"{name}[{i}] must be a non-negative int, found {v!r}")
+    return [int(v) for v in values]
+
+
+def _int_array(x, where: str, what: str = "routed_experts") -> np.ndarray:
+    """A numpy integer array from an ndarray, a CPU/GPU tensor or nested lists (no copy when possible)."""
+    if x is None:
+        raise EngineFormatError(
+            f"{where}: {what} is None; the engine returned no routes (enable route capture for this request)"
+        )
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise EngineFormatError(f"{where}: {what} has dtype {x.dtype}; expected integer expert ids")
+        x = x.detach().cpu()
+        arr = x.numpy() if x.dtype != torch.uint16 else x.to(torch.int32).numpy()
+    else:
+        try:
+            arr = np.asarray(x)
+        except ValueError as e:  # ragged nested lists
+            raise EngineFormatError(f"{where}: {what} is not a rectangular [rows, layers, top_k] array ({e})") from None
+    if arr.dtype == object:
+        raise EngineFormatError(
+            f"{where}: {what} is not a rectangular [rows, layers, top_k] array (ragged nested lists)"
+        )
+    if arr.size == 0 and arr.dtype.kind == "f":  # np.asarray([]) is float64: an empty list of rows
+        arr = arr.astype(np.int32)
+    if arr.dtype.kind not in "iu":
+        raise EngineFormatError(
+            f"{where}: {what} has dtype {arr.dtype}; expected an integer dtype (uint8, int16, uint16, int32, ...)"
+        )
+    return arr
+
+
+def _as_tensor(arr: np.ndarray, where: str, what: str = "routed_experts") -> torch.Tensor:
+    """A CPU tensor of an integer array: shared when possible, copied when it must be.
+
+    A read-only array (``np.frombuffer`` over SGLang's base64 bytes, a ``.npy`` payload) is copied in
+    its own dtype rather than shared: torch cannot protect a non-writable buffer. Unsigned dtypes
+    wider than uint8 are widened to the next signed dtype that holds them (uint16 -> int32,
+    uint32 -> int64), never narrowed: vLLM stores ids of models above 256 experts as uint16.
+    """
+    if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
+        if arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise EngineFormatError(f"{where}: {what} holds an id above 2**63-1 ({int(arr.max())}); the payload is corrupt")
+        arr = arr.astype(np.int32 if arr.dtype.itemsize == 2 else np.int64)
+    elif not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(arr)
+
+
+def _common_int_dtype(arrays: Sequence[np.ndarray]) -> np.dtype:
+    """int32 when every source fits in it without wrapping, else int64 (never wrap a corrupt id into range)."""
+    for a in arrays:
+        if a.dtype.itemsize > 4 or (a.dtype.kind == "u" and a.dtype.itemsize >= 4):
+            return np.dtype(np.int64)
+    return np.dtype(np.int32)
+
+
+def _assemble(
+    parts: Sequence[np.ndarray], labels: Sequence[str], what: str = "routed_experts"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-request ``[n_i, Lp, K]`` arrays into one ``[N, Lp, K]`` tensor plus ``cu_seqlens [B+1]``.
+
+    An empty request may come as ``[]`` (shape ``(0,)``); it takes the layer and top-k of the others.
+    """
+    shapes = [a.shape[1:] for a in parts if a.ndim == 3]
+    for a, label in zip(parts, labels):
+        if a.ndim != 3 and not (a.ndim == 1 and a.shape[0] == 0):
+            raise EngineFormatError(f"{label}: {what} must be [rows, layers, top_k], found shape {tuple(a.shape)}")
+    if not shapes:
+        if not parts:
+            raise EngineFormatError(f"no requests given: {what} is an empty list")
+        raise EngineFormatError(f"cannot tell the number of layers and top-k: every request's {what} is empty")
+    Lp, K = shapes[0]
+    for a, label in zip(parts, labels):
+        if a.ndim == 3 and a.shape[1:] != (Lp, K):
+            raise EngineFormatError(
+                f"{label}: {what} has {a.shape[1]} layers x top-{a.shape[2]}, but {labels[0]} has {Lp} layers x top-{K}; "
+                "every request of one model must have the same layer axis and top-k"
+            )
+    dtype = _common_int_dtype(parts)
+    lens = [a.shape[0] for a in parts]
+    out_NLK = np.empty((sum(lens), Lp, K), dtype=dtype)
+    off = 0
+    for a, n in zip(parts, lens):
+        if n:
+            out_NLK[off : off + n] = a
+        off += n
+    cu = torch.zeros(len(parts) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
+    return torch.from_numpy(out_NLK), cu
+
+
+def _seq_ids(cu_seqlens_B1: torch.Tensor) -> torch.Tensor:
+    """int64 ``[T]``: the sequence of every row."""
+    B = cu_seqlens_B1.numel() - 1
+    return torch.repeat_interleave(torch.arange(B, device=cu_seqlens_B1.device), cu_seqlens_B1.diff())
+
+
+def _label_of_row(cu_seqlens_B1: torch.Tensor, labels: Sequence[str], n: int) -> tuple[str, int]:
+    b = int(torch.searchsorted(cu_seqlens_B1, torch.tensor(n, device=cu_seqlens_B1.device), right=True)) - 1
+    return labels[b], n - int(cu_seqlens_B1[b])
+
+
+# --- layer axis --------------------------------------------------------------------------------
+def _layer_ids_arg(moe_layer_ids) -> tuple[int, ...] | None:
+    if moe_layer_ids is None:
+        return None
+    if isinstance(moe_layer_ids, torch.Tensor | np.ndarray):
+        moe_layer_ids = moe_layer_ids.tolist()
+    ids = tuple(moe_layer_ids)
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int | np.integer) or i < 0 for i in ids):
+        raise EngineFormatError(f"moe_layer_ids must be a non-empty list of non-negative ints, found {moe_layer_ids!r}")
+    ids = tuple(int(i) for i in ids)
+    if any(b <= a for a, b in itertools.pairwise(ids)):
+        raise EngineFormatError(
+            f"moe_layer_ids must be strictly increasing (a payload's layer axis is in model order), found {list(ids)}"
+        )
+    return ids
+
+
+def _select_layers(
+    experts_NLpK: torch.Tensor,
+    cu_seqlens_B1: torch.Tensor,
+    labels: Sequence[str],
+    moe_layer_ids,
+    what: str = "routed_experts",
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Keep the MoE layers of a payload; check that every dropped (dense) layer is empty."""
+    Lp = experts_NLpK.shape[1]
+    ids = _layer_ids_arg(moe_layer_ids)
+    if ids is None:
+        return experts_NLpK, tuple(range(Lp))
+    if Lp == len(ids):
+        return experts_NLpK, ids  # an MoE-only layer axis (or ids == range(Lp): the same thing)
+    if Lp <= ids[-1]:
+        raise EngineFormatError(
+            f"{what} has {Lp} layers, which fits neither an MoE-only layer axis ({len(ids)} layers for moe_layer_ids "
+            f"{list(ids)}) nor a full decoder-layer axis (more than {ids[-1]} layers); check moe_layer_ids and the model"
+        )
+    keep = torch.tensor(ids, dtype=torch.int64, device=experts_NLpK.device)
+    dense = torch.ones(Lp, dtype=torch.bool, device=experts_NLpK.device)
+    dense[keep] = False
+    dropped_NDK = experts_NLpK[:, dense]
+    # Dense layers are left as the capture buffer's fill: zeros (vLLM, SGLang, verl) or -1 (placeholders).
+    busy_ND = ((dropped_NDK != 0) & (dropped_NDK != -1)).any(-1)
+    if bool(busy_ND.any()):
+        n, d = (int(i) for i in busy_ND.nonzero()[0])
+        layer = int(dense.nonzero()[d, 0])
+        label, pos = _label_of_row(cu_seqlens_B1, labels, n)
+        raise EngineFormatError(
+            f"{label}: layer {layer} is not in moe_layer_ids {list(ids)} but holds expert ids "
+            f"{dropped_NDK[n, d].tolist()} at row {pos}; a dense layer's rows are empty, so moe_layer_ids is "
+            "probably wrong (a shifted layer map replays every later layer with another layer's routes)"
+        )
+    return experts_NLpK.index_select(1, keep), ids
+
+
+def _expand_layers(
+    experts_TLK: torch.Tensor, layer_ids: Sequence[int], num_hidden_layers: int | None, fill: int = 0
+) -> torch.Tensor:
+    """The inverse of :func:`_select_layers`: MoE layers placed on a full decoder-layer axis, dense layers ``fill``."""
+    if num_hidden_layers is None:
+        return experts_TLK
+    if (
+        isinstance(num_hidden_layers, bool)
+        or not isinstance(num_hidden_layers, int)
+        or num_hidden_layers <= max(layer_ids, default=-1)
+    ):
+        raise EngineFormatError(
+            f"num_hidden_layers={num_hidden_layers!r} cannot hold the trace's layers {list(layer_ids)}; "
+            "give the model's number of decoder layers (or None for an MoE-only layer axis)"
+        )
+    T, _, K = experts_TLK.shape
+    out = torch.full((T, num_hidden_layers, K), fill, dtype=experts_TLK.dtype, device=experts_TLK.device)
+    out[:, list(layer_ids)] = experts_TLK
+    return out
+
+
+# --- building and checking a trace -------------------------------------------------------------
+def _finish(
+    experts_NLpK: torch.Tensor,
+    cu_seqlens_B1: torch.Tensor,
+    labels: Sequence[str],
+    *,
+    num_experts: int,
+    moe_layer_ids,
+    rows: Rows,
+    allow_zero_routes: bool,
+    missing: str,
+    source: str,
+    meta: Mapping[str, str] | None,
+    valid_N: torch.Tensor | None = None,
+    have: Rows = "engine",
+    layer_ids: tuple[int, ...] | None = None,
+    what: str = "routed_experts",
+) -> RoutingTrace:
+    """Layer selection, missing-route and zero-route checks, then a validated RoutingTrace.
+
+    ``experts_NLpK`` holds rows in the ``have`` convention (``valid_N`` marks rows without a route);
+    the trace is returned in the ``rows`` convention. ``layer_ids`` (instead of ``moe_layer_ids``)
+    names the payload's layers as they are, without selection.
+    """
+    _check_rows(rows)
+    cu_seqlens_B1 = cu_seqlens_B1.to(experts_NLpK.device)
+    if valid_N is not None:
+        valid_N = valid_N.to(experts_NLpK.device)
+    if layer_ids is None:
+        experts_NLK, layer_ids = _select_layers(experts_NLpK, cu_seqlens_B1, labels, moe_layer_ids, what)
+    else:
+        experts_NLK = experts_NLpK
+    missing_N = (experts_NLK < 0).flatten(1).any(-1) if experts_NLK.dtype.is_signed else None
+    if missing_N is not None and valid_N is not None:
+        missing_N &= valid_N
+    if missing not in ("error", "invalid"):
+        raise EngineFormatError(f'missing must be "error" or "invalid", found {missing!r}')
+    if missing_N is not None and bool(missing_N.any()):
+        if missing == "error":
+            n = int(missing_N.nonzero()[0, 0])
+            label, pos = _label_of_row(cu_seqlens_B1, labels, n)
+            l = int((experts_NLK[n] < 0).any(-1).nonzero()[0, 0])
+            raise EngineFormatError(
+                f"{label}: row {pos} has no route on layer {layer_ids[l]} ({what} holds {experts_NLK[n, l].tolist()}); "
+                "the engine did not capture that token (prefix-cache hit, preemption?). Disable prefix caching for "
+                'routed requests, or pass missing="invalid" to mark such rows invalid'
+            )
+        valid_N = ~missing_N if valid_N is None else valid_N & ~missing_N
+
+    valid_N = _zero_route_check(experts_NLK, cu_seqlens_B1, labels, layer_ids, valid_N, allow_zero_routes, what)
+
+    if valid_N is not None:
+        # invalid rows are stored as zeros; clear them here so -1 fills never reach the id checks
+        experts_NLK = experts_NLK.masked_fill(~valid_N[:, None, None], 0)
+    trace = RoutingTrace(
+        experts=experts_NLK,
+        cu_seqlens=cu_seqlens_B1,
+        layer_ids=layer_ids,
+        num_experts=num_experts,
+        valid=valid_N,
+        meta={"source": source, **dict(meta or {})},
+    )
+    return _to_rows(trace, rows, have)
+
+
+def _zero_route_check(
+    experts_NLK, cu_seqlens_B1, labels, layer_ids, valid_N, allow_zero_routes, what
+) -> torch.Tensor | None:
+    """ZeroRoutesError for a (sequence, layer) whose every valid row is expert 0 in every slot."""
+    N, L, K = experts_NLK.shape
+    B = cu_seqlens_B1.numel() - 1
+    if N == 0 or B == 0:
+        return valid_N
+    routed_NL = (experts_NLK != 0).any(-1)  # a row that is not all-zero on that layer
+    if valid_N is not None:
+        routed_NL &= valid_N[:, None]
+    seq_N = _seq_ids(cu_seqlens_B1)
+    dev = experts_NLK.device
+    routed_BL = torch.zeros(B, L, dtype=torch.int64, device=dev).index_add_(0, seq_N, routed_NL.to(torch.int64))
+    rows_B = (
+        cu_seqlens_B1.diff()
+        if valid_N is None
+        else torch.zeros(B, dtype=torch.int64, device=dev).index_add_(0, seq_N, valid_N.to(torch.int64))
+    )
+    min_rows = 1 if K > 1 else _K1_MIN_ROWS
+    zero_BL = (routed_BL == 0) & (rows_B >= min_rows)[:, None]
+    if not bool(zero_BL.any()):
+        return valid_N
+    if not allow_zero_routes:
+        b, l = (int(i) for i in zero_BL.nonzero()[0])
+        layers = [layer_ids[int(j)] for j in zero_BL[b].nonzero()[:, 0]]
+        raise ZeroRoutesError(
+            f"{labels[b]}: every one of its {int(rows_B[b])} routes on layer {layer_ids[l]} is expert 0 in all "
+            f"{K} slots (layers with this pattern: {layers}); this is a known silent capture failure of inference "
+            "engines (or a dense layer: pass moe_layer_ids to drop dense layers). Fix the capture, or pass "
+            "allow_zero_routes=True to load it with this sequence's rows marked invalid"
+        )
+    bad_N = zero_BL.any(1)[seq_N]
+    return ~bad_N if valid_N is None else valid_N & ~bad_N
+
+
+# --- row conventions (engine: T-1 rows per sequence; training: T rows, last invalid) -----------
+def _to_rows(trace: RoutingTrace, rows: Rows, have: Rows) -> RoutingTrace:
+    """Convert a trace holding ``have`` rows to ``rows`` (routereplay.layout does the work).
+
+    Training -> engine drops each sequence's last row even when it holds a route: the caller asked
+    for the engine convention, which has no row for a sequence's last token.
+    """
+    _check_rows(rows)
+    _check_rows(have)
+    if rows == have:
+        return trace
+    if rows == "training":
+        return engine_to_training(trace)
+    return training_to_engine(trace, drop_valid_last=True)
