@@ -9,6 +9,7 @@ Legend: B samples, P padded prompt length, C completion positions, S = P + C, L 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -241,3 +242,113 @@ def test_example_runs(capsys):
     logs = example.main(["--tiny", "--steps", "2", "--max-completion-length", "4"])
     assert [h["router_replay/disagreement"] for h in logs] == [0.0, 0.0]
     assert "disagreement  live_disagreement" in capsys.readouterr().out
+
+
+# --- PEFT: the reference is the policy itself with adapters disabled (or TRL's "ref" adapter) -----
+
+
+class _ScoreSpy(GRPOTrainer):
+    """Keeps each scored generation batch and the policy's weights it was scored with."""
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        weights = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.scored.append(({k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()}, weights))
+        return out
+
+
+@contextlib.contextmanager
+def _reference(peft_model):
+    """TRL's reference for a PEFT policy, by hand: its "ref" adapter if it made one, else adapters disabled."""
+    if "ref" not in peft_model.peft_config:
+        with peft_model.disable_adapter():
+            yield
+        return
+    peft_model.set_adapter("ref")
+    try:
+        yield
+    finally:
+        peft_model.set_adapter("default")
+
+
+def _completion_logps(model, ids_BS, mask_BS, C, chunk):
+    """TRL's log-prob forward (its fused head), chunk by chunk as TRL runs it: same rows, so the same floats."""
+    out = []
+    for s in range(0, ids_BS.shape[0], chunk):
+        ids, mask = ids_BS[s : s + chunk], mask_BS[s : s + chunk]
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :-C] = -100
+        out.append(model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs[:, -C:])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(("mode", "adapter"), [("R3", "new"), ("R2", "new"), ("R3", "retrained")])
+def test_peft_reference_forward_runs_live(tmp_path, mode, adapter):
+    """beta > 0 with LoRA: TRL's reference log-probs come from the same module with adapters disabled (a new
+    adapter) or with its "ref" copy active (a re-trained adapter); they must be the live forward, never replayed."""
+    peft = pytest.importorskip("peft", reason="the PEFT reference path needs peft (pip install 'routereplay[dev]')")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    # One generation per two updates (num_iterations=2: TRL's old-policy pass runs, so R2 can record),
+    # three updates: the second generation is scored with trained adapters.
+    config = _config(tmp_path, beta=0.1, max_steps=3, gradient_accumulation_steps=1, steps_per_generation=1)
+    if adapter == "new":
+        kw = {"peft_config": peft.LoraConfig(**lora)}
+    else:  # a PeftModel with a non-zero adapter: TRL keeps its initial copy as the "ref" adapter
+        kw = {"model": peft.get_peft_model(build_default_model(TINY_SIZE), peft.LoraConfig(**lora, init_lora_weights=False))}
+    trainer = _trainer(tmp_path, mode, cls=_ScoreSpy, config=config, **kw)
+    trainer.scored = []
+    trainer.train()
+    model = trainer.model
+    assert trainer.ref_model is None and isinstance(model, peft.PeftModel)
+    assert ("ref" in model.peft_config) == (adapter == "retrained")
+    logs = _replay_logs(trainer)
+    assert len(logs) == 3, trainer.state.log_history
+    assert [h["router_replay/disagreement"] for h in logs] == [0.0, 0.0, 0.0]
+    assert all(h["router_replay/coverage"] > 0.5 for h in logs) and any(h["kl"] > 0 for h in logs)
+    assert len(trainer.scored) == 2
+    trainer.router_replay_handle.detach()
+
+    # By hand, with no routereplay in the forward: the reference log-probs TRL stored are the live
+    # reference forward, bit for bit. And replaying the policy's routes there would have changed them.
+    routes_differ = []
+    for out, weights in trainer.scored:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name])
+        ids_BS = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        mask_BS = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        cmask_BC = out["completion_mask"].bool()
+        B, C = out["completion_ids"].shape
+        with torch.no_grad():
+            with _reference(model):
+                ref_BC = _completion_logps(model, ids_BS, mask_BS, C, chunk=config.per_device_train_batch_size)
+            assert torch.equal(ref_BC, out["ref_per_token_logps"])
+            h = attach(model.get_base_model())
+            with h.record() as rec:  # the policy's own routes (adapters enabled): what replay would impose
+                _completion_logps(model, ids_BS, mask_BS, C, chunk=B)
+            policy_routes = rec.trace(attention_mask=mask_BS)
+            with _reference(model), h.record() as rec:
+                _completion_logps(model, ids_BS, mask_BS, C, chunk=B)
+            differ = routing_agreement(policy_routes, rec.trace(attention_mask=mask_BS)).disagreement
+            with _reference(model), h.replay(policy_routes, attention_mask=mask_BS):
+                replayed_BC = _completion_logps(model, ids_BS, mask_BS, C, chunk=B)
+            h.detach()
+        routes_differ.append(differ > 0)
+        if differ > 0:  # the check above has teeth: a replayed reference forward would not be equal
+            assert (replayed_BC - out["ref_per_token_logps"])[cmask_BC].abs().max() > 1e-4
+    assert routes_differ[-1], routes_differ  # trained adapters route differently from the reference
+
+
+def test_peft_refusals(tmp_path):
+    peft = pytest.importorskip("peft", reason="the PEFT reference path needs peft (pip install 'routereplay[dev]')")
+    config = _config(tmp_path, beta=0.1, max_steps=1)
+    # Prompt learning: disabling it swaps the model's forward, which the reference cannot be recognised by.
+    with pytest.raises(IntegrationError, match=r"router_replay with a PEFT model: adapter\(s\) \['default'\] have a "
+                       r"prompt-learning method, so TRL's reference forward \(adapters disabled\) cannot be told from"):
+        _trainer(tmp_path, "R3", config=config, peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                    num_virtual_tokens=2))
+    # Adapters disabled on one layer only: neither the policy nor the reference.
+    trainer = _trainer(tmp_path, "R2", config=config, peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    trainer.model.get_base_model().model.layers[0].self_attn.q_proj.enable_adapters(False)
+    with pytest.raises(IntegrationError, match=r"router_replay with a PEFT model: 1 of 2 adapter layers are disabled"):
+        trainer.train()

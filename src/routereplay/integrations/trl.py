@@ -24,8 +24,11 @@ run live silently: every replay block checks that exactly its forwards consumed 
 * ``None``: plain ``trl.GRPOTrainer`` (nothing is attached).
 
 The **reference model is never replayed**: a separate ``ref_model`` is not attached at all, and
-with PEFT (reference = the policy with adapters disabled, or the ``"ref"`` adapter) that forward
-is recognised and runs live.
+with PEFT (reference = the policy with adapters disabled, or TRL's ``"ref"`` adapter active) that
+forward is recognised from the adapter layers' state and runs live. PEFT: adapter-layer methods
+(LoRA and the like; tested with peft 0.21); prompt learning is refused (disabling it swaps the
+model's forward, so the reference forward could not be told from a policy forward), and so is a
+forward with adapters disabled on some layers only.
 
 **Carrying routes through TRL's batching.** The batch dict TRL builds per generation gets two
 keys, which TRL's ``shuffle_sequence_dict`` / ``split_tensor_dict`` permute and split with
@@ -119,19 +122,56 @@ class _Batch:
 
 
 def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def _peft_reference_active(model: Any) -> bool:
-    """PEFT's reference forward: adapters disabled (``disable_adapter()``) or the ``"ref"`` adapter active."""
-    if not _is_peft(model):
+    # By type, not by attribute: every transformers model has peft-like methods (PeftAdapterMixin's
+    # ``disable_adapters``, ``active_adapters``), so duck typing cannot tell a PeftModel apart.
+    if importlib.util.find_spec("peft") is None:
         return False
-    if getattr(model, "active_adapter", None) == "ref":
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _peft_tuner_layers(model: Any) -> tuple[Any, ...]:
+    """The adapter layers of a ``PeftModel`` (LoRA and the other tuner methods); refuses prompt learning.
+
+    Raises:
+        IntegrationError: a prompt-learning method (prefix / prompt tuning: disabling it swaps the
+            model's forward, which the reference forward cannot be recognised by), or no adapter layer.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    prompt = sorted(n for n, c in model.peft_config.items() if c.is_prompt_learning)
+    layers = tuple(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+    if prompt or not layers:
+        raise IntegrationError(
+            f"router_replay with a PEFT model: adapter(s) {prompt or sorted(model.peft_config)} have "
+            f"{'a prompt-learning method' if prompt else 'no adapter layer'}, so TRL's reference forward (adapters "
+            "disabled) cannot be told from a policy forward; use an adapter-layer method such as LoRA"
+        )
+    return layers
+
+
+def _peft_reference_active(model: Any, layers: Sequence[Any]) -> bool:
+    """Whether a ``PeftModel`` is set up as TRL's reference: its adapters disabled (``disable_adapter()``,
+    a new adapter) or TRL's ``"ref"`` adapter active (a re-trained adapter).
+
+    Args:
+        model: the unwrapped ``PeftModel``.
+        layers: its adapter layers (``_peft_tuner_layers``).
+
+    Raises:
+        IntegrationError: some adapter layers are disabled and others not.
+    """
+    if list(model.active_adapters) == ["ref"]:
         return True
-    for module in model.modules():
-        if hasattr(module, "disable_adapters") and hasattr(module, "active_adapters") and module is not model:
-            return bool(module.disable_adapters)
-    return False
+    disabled = [bool(layer.disable_adapters) for layer in layers]
+    if all(disabled) != any(disabled):
+        raise IntegrationError(
+            f"router_replay with a PEFT model: {sum(disabled)} of {len(disabled)} adapter layers are disabled, so "
+            "this forward is neither the policy (all enabled) nor TRL's reference (all disabled); enable or disable "
+            "adapters for the whole model (model.disable_adapter())"
+        )
+    return disabled[0]
 
 
 def _old_pass(args: Any, num_iterations: int, vllm_is: bool) -> bool:
@@ -190,8 +230,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             ``trainer.router_replay_handle.detach()`` restores the model exactly.
 
     Raises:
-        IntegrationError: an unknown mode, or a TRL configuration the mode cannot support (the
-            message names what is missing).
+        IntegrationError: an unknown mode, a TRL configuration the mode cannot support (the
+            message names what is missing), or a PEFT prompt-learning adapter.
         UnsupportedModelError: the policy has no replayable MoE router.
     """
 
@@ -213,6 +253,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._rr_old_done = False
         self._rr_loss: tuple[_Batch, torch.Tensor] | None = None
         self._rr_last_logps: torch.Tensor | None = None
+        self._rr_peft_layers: tuple[Any, ...] | None = None  # a PEFT policy's adapter layers
         if router_replay is None:
             return
         if router_replay == "R3" and getattr(self, "_is_vlm", False):
@@ -223,6 +264,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         from routereplay import attach
 
         policy = self.accelerator.unwrap_model(self.model)
+        if _is_peft(policy):
+            self._rr_peft_layers = _peft_tuner_layers(policy)
         self.router_replay_handle = attach(policy.get_base_model() if _is_peft(policy) else policy)
 
     # --- configuration --------------------------------------------------------------------
@@ -368,7 +411,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         unwrap = self.accelerator.unwrap_model
         if self.ref_model is not None and (model is self.ref_model or unwrap(model) is unwrap(self.ref_model)):
             return "live"
-        if _peft_reference_active(unwrap(model)):
+        if self._rr_peft_layers is not None and _peft_reference_active(unwrap(model), self._rr_peft_layers):
             return "live"
         if self._rr_scoring:
             if not self._rr_old_done and self._rr_old_pass_expected:
