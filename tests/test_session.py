@@ -840,3 +840,14 @@ def test_packed_replay_checks_the_boundaries(handle, model):
         handle.replay(t),
     ):
         model(input_ids=ids, position_ids=pos, cu_seq_lens_q=torch.tensor([0, 2, 4, 10]))
+
+
+def test_trace_meta_names_the_model_through_an_fsdp2_wrapper_class(handle, model):
+    """FSDP2's fully_shard swaps the instance's class for a generated subclass ``FSDP<Model>``."""
+    cls = type(model)
+    model.__class__ = type(f"FSDP{cls.__name__}", (cls,), {})
+    try:
+        rec, _ = record(handle, model, batch())
+        assert rec.trace().meta["model"] == "Qwen3MoeForCausalLM"
+    finally:
+        model.__class__ = cls

@@ -163,7 +163,7 @@ class Recording:
             cu_seqlens=cu.to(experts_TLK.device),
             layer_ids=h.layer_ids,
             num_experts=h.num_experts,
-            meta={"source": "routereplay.record", "model": type(h.model).__name__},
+            meta={"source": "routereplay.record", "model": _model_name(h.model)},
         )
 
 
@@ -199,3 +199,12 @@ def _packed_lens(n: int, packed: tuple[str, torch.Tensor], N: int) -> torch.Tens
             "packed sequence must count up from 0 by one"
         )
     return lens_B
+
+
+def _model_name(model) -> str:
+    """The model's class name, through wrappers that subclass it (FSDP2's ``FSDP<Model>``)."""
+    model = model[0] if isinstance(model, (list, tuple)) and model else model
+    for cls in type(model).__mro__:
+        if not cls.__module__.startswith("torch.distributed") and not cls.__name__.startswith("FSDP"):
+            return cls.__name__
+    return type(model).__name__
