@@ -187,10 +187,11 @@ class Bindings:
             )
         calls = per_layer[index]
         if n >= len(calls):
+            forward = next((c.forward for layer in per_layer for c in layer), "?")
             raise RecomputeMismatchError(
                 f"{where}: activation recompute of a checkpointed region ({region}) calls this router "
-                f"{n + 1} time(s), but the region's forward called it {len(calls)} time(s); the recompute does "
-                "not re-run the forward it belongs to"
+                f"{n + 1} time(s), but the region's forward ({forward}) called it {len(calls)} time(s); the "
+                "recompute does not re-run the forward it belongs to"
             )
         return calls[n]
 
