@@ -242,7 +242,7 @@ def test_recompute_that_calls_the_router_more_often_than_its_forward(state):
     with pytest.raises(
         RecomputeMismatchError,
         match=r"^layer 1 \(model.layers.1.mlp.gate\): activation recompute of a checkpointed region "
-        r"\(FunctionCheckpointBackward\) calls this router 2 time\(s\), but the region's forward \(replay block 1, "
+        r"\(FunctionCheckpointBackward\) calls this router 2 time\(s\), but the region's forward \(replay block 2, "
         r"forward 1\) called it 1 time\(s\)",
     ):
         loss.backward()
