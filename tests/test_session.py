@@ -851,3 +851,29 @@ def test_trace_meta_names_the_model_through_an_fsdp2_wrapper_class(handle, model
         assert rec.trace().meta["model"] == "Qwen3MoeForCausalLM"
     finally:
         model.__class__ = cls
+
+
+def test_packed_boundary_errors(handle, model):
+    ids, pos = _packed([4, 6])
+    with handle.record() as rec:
+        model(input_ids=ids, position_ids=pos)
+    t = rec.trace()
+    with handle.record() as bad:
+        model(input_ids=ids, position_ids=pos, cu_seq_lens_q=torch.tensor([0, 4, 9]))
+    with pytest.raises(LayoutError, match=r"^forward 0: cu_seq_lens_q \[0, 4, 9\] does not run from 0 to the 10 packed rows"):
+        bad.trace()
+    with (
+        pytest.raises(
+            BatchShapeMismatchError,
+            match=r"the packed batch of forward 1 has sequence boundaries \(from its cu_seq_lens_q\) other than the trace's",
+        ),
+        handle.replay(t),
+    ):
+        model(input_ids=ids, position_ids=pos, cu_seq_lens_q=torch.tensor([0, 6, 10]))
+
+
+def test_attach_by_adapter_name(model):
+    with pytest.raises(UnsupportedModelError, match=r"^no routereplay adapter named 'vllm'; registered: \['hf'"):
+        routereplay.attach(model, adapter="vllm")
+    with routereplay.attach(model, adapter="hf") as h:
+        assert h.adapter == "hf"
