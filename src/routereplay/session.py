@@ -269,31 +269,29 @@ class _Calls:
 
     Under ``torch.compile`` each call is a graph break (``torch.compiler.disable``): the dispatch
     reads Python state (the active mode, the checkpoint scopes on the stack) that a graph cannot
-    capture, and must run for every forward, not once at trace time.
+    capture, and must run for every forward, not once at trace time. The wrapping happens per
+    handle, at attach: ``torch.compiler.disable`` imports Dynamo (and Triton), which
+    ``import routereplay`` must not.
     """
-
-    __slots__ = ("_handle",)
 
     def __init__(self, handle: RouterHandle) -> None:
         self._handle = handle
+        for name in ("on_router", "routes_live", "on_block_input", "on_experts"):
+            setattr(self, name, torch.compiler.disable(getattr(self, name)))
 
-    @torch.compiler.disable
     def on_router(self, index, logits_NE, weights_NK, ids_NK, **route_kw):
         return self._handle._on_router(index, logits_NE, weights_NK, ids_NK, route_kw)
 
-    @torch.compiler.disable
     def routes_live(self, index: int) -> bool:
         h = self._handle
         return h._mode is None and not torch.is_grad_enabled() and not h._training() and not recompute.in_backward()
 
-    @torch.compiler.disable
     def on_block_input(self, index: int, shape: Sequence[int], *, position_ids=None, cu_seqlens=None) -> None:
         mode = self._handle._mode
         if mode is not None and not recompute.in_backward():
             packed = _packed_sequences(tuple(shape), position_ids, cu_seqlens)
             mode._note_shape(index, tuple(shape), packed)
 
-    @torch.compiler.disable
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:
         mode = self._handle._mode
         if isinstance(mode, Replay) and not recompute.in_backward():
