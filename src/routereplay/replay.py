@@ -32,7 +32,7 @@ from routereplay.errors import (
     UnconsumedTraceError,
 )
 from routereplay.recompute import Binding
-from routereplay.routing import _validate_forced, forced_violations, groups_spanned
+from routereplay.routing import _validate_forced, forced_violations
 from routereplay.trace import RoutingTrace
 
 __all__ = ["LayerStats", "Replay"]
@@ -364,19 +364,12 @@ class Replay:
 
 
 def _violations(forced_LNK: torch.Tensor, layers) -> torch.Tensor:
-    """bool ``[L, N]``: rows whose forced ids their router could not have picked (as
-    ``routing.forced_violations``), over every layer at once: a few kernels per replay entry, no
-    sort (all ``K * K`` pairs compared instead), no host sync."""
-    num_logits = max(m.spec.num_logits for m in layers)
-    bad_LN = ((forced_LNK < 0) | (forced_LNK >= num_logits)).any(-1)
-    K = forced_LNK.shape[-1]
-    if K > 1:
-        offdiag_KK = ~torch.eye(K, dtype=torch.bool, device=forced_LNK.device)
-        bad_LN |= ((forced_LNK.unsqueeze(-1) == forced_LNK.unsqueeze(-2)) & offdiag_KK).flatten(-2).any(-1)
-    for i, m in enumerate(layers):
-        if m.spec.num_logits != num_logits or groups_spanned(forced_LNK[i, :1], m.spec) is not None:
-            bad_LN[i] |= forced_violations(forced_LNK[i], m.spec)  # a narrower router, or a group limit
-    return bad_LN
+    """bool ``[L, N]``: ``routing.forced_violations`` of every layer; one call over all layers
+    when they share a spec (the usual case), else one per layer."""
+    spec = layers[0].spec
+    if all(m.spec == spec for m in layers):
+        return forced_violations(forced_LNK, spec)
+    return torch.stack([forced_violations(forced_LNK[i], m.spec) for i, m in enumerate(layers)])
 
 
 def _uniform_shape(trace: RoutingTrace) -> tuple[int, int] | None:

@@ -326,17 +326,20 @@ def groups_spanned(experts_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor |
     """
     if spec.n_group is None or spec.topk_group >= spec.n_group or spec.group_mask_value != float("-inf"):
         return None
-    groups_TK = (experts_TK // spec.group_size).sort(dim=1).values
-    return (groups_TK[:, 1:] != groups_TK[:, :-1]).sum(dim=1) + 1
+    groups_TK = (experts_TK // spec.group_size).sort(dim=-1).values
+    return (groups_TK[..., 1:] != groups_TK[..., :-1]).sum(dim=-1) + 1
 
 
 def forced_violations(forced_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
-    """bool ``[T]``: rows whose forced ids the router could not have picked (an id outside
-    ``[0, num_logits)``, an id twice, more groups than ``topk_group``). No host sync."""
-    bad_T = ((forced_TK < 0) | (forced_TK >= spec.num_logits)).any(dim=1)
-    if forced_TK.shape[1] > 1:
-        sorted_TK = forced_TK.sort(dim=1).values
-        bad_T |= (sorted_TK[:, 1:] == sorted_TK[:, :-1]).any(dim=1)
+    """bool ``[T]`` (or ``[..., T]`` for ``[..., T, K]`` ids): rows whose forced ids the router could
+    not have picked (an id outside ``[0, num_logits)``, an id twice, more groups than
+    ``topk_group``). A few elementwise kernels (every pair of the K slots compared, no sort), no
+    host sync."""
+    bad_T = ((forced_TK < 0) | (forced_TK >= spec.num_logits)).any(dim=-1)
+    K = forced_TK.shape[-1]
+    if K > 1:
+        offdiag_KK = ~torch.eye(K, dtype=torch.bool, device=forced_TK.device)
+        bad_T |= ((forced_TK.unsqueeze(-1) == forced_TK.unsqueeze(-2)) & offdiag_KK).flatten(-2).any(dim=-1)
     num_groups_T = groups_spanned(forced_TK, spec)
     if num_groups_T is not None:
         bad_T |= num_groups_T > spec.topk_group
