@@ -131,8 +131,10 @@ def test_record_offload_copies_ids_to_pinned_host_memory():
 
 @pytest.mark.parametrize("where", ["host", "device"])
 def test_record_and_replay_make_no_host_sync_in_the_forward(where):
-    """Under set_sync_debug_mode("error") any host sync raises: entry and forwards of record and
-    replay make none (replay's id-check flag is read once, at exit, outside this scope)."""
+    """Under set_sync_debug_mode("error") any host sync raises: entering the replay block and the
+    forwards of record and replay make none. Building the replay (``handle.replay(trace)``: checks
+    and layout of the trace) runs before that scope and is not audited here; the id-check flag is
+    read once, at exit, outside it too."""
     model = _qwen3()
     ids = _ids(model)
     handle = routereplay.attach(model)
