@@ -6,6 +6,18 @@ the spec's score function, renormalisation, expert scale and scaling factor, and
 ``[T, K]`` weights and the int64 ids. Same contract as
 ``routing.route(logits_TE, spec, forced_TK=...)``.
 
+Inside a replay, prepare once per layer and call per forward: :func:`prepare_fused` does the spec
+and dtype work up front, and its call checks only what keeps the launch memory-safe, then launches
+the already-compiled kernel directly (the host cost of a call is most of its cost at 16k tokens)::
+
+    fused = kernels.prepare_fused(spec, logits_dtype=torch.bfloat16, device=logits_TE.device)
+    weights_TK, experts_TK = fused(logits_TE, ids_TK)   # ids validated by the caller
+
+What it promises (:func:`ulp_bound`): on CUDA the forward weights are bit for bit ``route()``'s,
+and the ids identical, for every spec it covers (0 ulp); the backward matches ``route()``'s
+autograd within a relative 1e-6 (float32) / 2e-2 (bfloat16). Under Triton's CPU interpreter (CI)
+the forward is within 4 ulp of the logits dtype (NumPy's exp, torch's CPU reduction orders).
+
 Only some :class:`~routereplay.routing.RouterSpec` variants are covered. Callers ask first and use
 :func:`routereplay.routing.route` (the reference path) for the rest; the kernel never falls back on
 its own::
@@ -24,10 +36,62 @@ import importlib.util
 
 import torch
 
-from routereplay.kernels.coverage import INSTALL_HINT, interpreting, supports, unsupported_reason
+from routereplay.kernels.coverage import INSTALL_HINT, interpreting, supports, ulp_bound, unsupported_reason
 from routereplay.routing import RouterSpec
 
-__all__ = ["INSTALL_HINT", "interpreting", "route_forced_fused", "supports", "unsupported_reason"]
+__all__ = [
+    "INSTALL_HINT",
+    "interpreting",
+    "prepare_fused",
+    "route_forced_fused",
+    "supports",
+    "ulp_bound",
+    "unsupported_reason",
+]
+
+
+def prepare_fused(
+    spec: RouterSpec,
+    *,
+    logits_dtype: torch.dtype,
+    device: torch.device | str,
+    scale_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+    where: str = "",
+):
+    """A prepared fused replay for one router: ``fused(logits_TE, forced_TK, forced_mask_T=None,
+    bias_E=None, expert_scale_E=None) -> (weights_TK, ids_TK)``.
+
+    The call has ``route_forced_fused(..., validate=False)``'s semantics (ids validated by the
+    caller; any integer id dtype, on the device or in pinned host memory; rows whose
+    ``forced_mask_T`` is False route live) at a fraction of its host cost: the spec, dtype and
+    coverage work happens here, once.
+
+    Args:
+        spec: the router's spec (see :func:`unsupported_reason`).
+        logits_dtype: dtype of the logits every call passes.
+        device: their device (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+        scale_dtype: the per-expert scale's dtype; required iff ``spec.uses_expert_scale``.
+        out_dtype: the router input's dtype; required iff ``spec.weights_dtype == "input"``.
+        where: prefix for error messages (e.g. ``"layer 7 (model.layers.7.mlp.gate): "``).
+
+    Returns:
+        A ``routereplay.kernels.replay_triton.PreparedReplay``; its call raises RouterSpecError for
+        inputs that do not fit the prepared spec, dtypes or device.
+
+    Raises:
+        RouterSpecError: the kernel does not cover the spec, dtype or device (the message gives
+            :func:`unsupported_reason`), or a dtype the spec needs is missing.
+        ImportError: triton is not installed (the message gives the install command).
+    """
+    if importlib.util.find_spec("triton") is None:
+        raise ImportError(f"routereplay.kernels needs triton: {INSTALL_HINT}")
+    from routereplay.kernels.replay_triton import PreparedReplay
+
+    return PreparedReplay(
+        spec, logits_dtype=logits_dtype, device=device, scale_dtype=scale_dtype, out_dtype=out_dtype, where=where
+    )
+
 
 def route_forced_fused(
     logits_TE: torch.Tensor,

@@ -3,14 +3,26 @@ its implementation, so neither imports the other for it."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
+from routereplay.errors import RouterSpecError
 from routereplay.routing import RouterSpec
 
-__all__ = ["INSTALL_HINT", "MAX_LOGITS", "MAX_TOP_K", "interpreting", "supports", "unsupported_reason"]
+__all__ = [
+    "INSTALL_HINT",
+    "MAX_LOGITS",
+    "MAX_TOP_K",
+    "cuda_sum_halves_lanes",
+    "interpreting",
+    "supports",
+    "ulp_bound",
+    "unsupported_reason",
+]
 
 INSTALL_HINT = "pip install 'routereplay[triton]'"
 
@@ -66,3 +78,59 @@ def supports(
 ) -> bool:
     """True when :func:`route_forced_fused` covers ``spec`` (see :func:`unsupported_reason`)."""
     return unsupported_reason(spec, logits_dtype=logits_dtype, device=device) is None
+
+
+@functools.cache
+def cuda_sum_halves_lanes() -> bool:
+    """True when this torch build's CUDA ``sum`` over a short last dim combines a warp's lanes by
+    halving offsets (``dim_x/2, ..., 2, 1``), False when by doubling ones (``1, 2, ..., dim_x/2``).
+
+    ``ReduceOp::block_x_reduce`` (``ATen/native/cuda/Reduce.cuh``) used doubling offsets until
+    pytorch/pytorch#164790 (torch 2.10) switched CUDA builds to halving ones, which is the order of
+    a warp's xor-butterfly and of Triton's own reductions; ROCm builds kept doubling. The order
+    decides the float32 sum of the top-k weights that a renormalisation divides by, so the kernel
+    reproduces the one this build uses: read from the header the build ships, or, without it,
+    from the version.
+    """
+    if torch.version.hip is not None:
+        return False
+    header = Path(torch.__file__).parent / "include" / "ATen" / "native" / "cuda" / "Reduce.cuh"
+    try:
+        text = header.read_text()
+    except OSError:
+        major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+        return (major, minor) >= (2, 10)
+    return "offset = dim_x >> 1; offset > 0" in text
+
+
+def ulp_bound(spec: RouterSpec, logits_dtype: torch.dtype) -> int:
+    """What the fused kernel promises on CUDA: the largest distance, in ulp of the weights' dtype,
+    between its forward weights and :func:`routereplay.routing.route`'s on the same device.
+
+    0 for every spec the kernel covers: it performs the float operations ``route`` performs on
+    CUDA, in the same order and with the same roundings (see ``replay_triton``'s docstring), so
+    the weights are bit for bit equal and the ids identical. The one order that depends on the
+    torch build, the sum of the top-k weights, is read from the build
+    (:func:`cuda_sum_halves_lanes`). Not promised: the backward (compared with ``route``'s
+    autograd within a relative tolerance: 1e-6 float32, 2e-2 bfloat16), ``fp_fusion=True``, and
+    Triton's CPU interpreter (NumPy's exp and torch's CPU reduction orders: the CPU tests hold it
+    to 4 ulp of the logits dtype).
+
+    Args:
+        spec: the router's spec.
+        logits_dtype: dtype of the logits the kernel will read.
+
+    Returns:
+        The bound in ulp (an int; 0 means bit-exact).
+
+    Raises:
+        RouterSpecError: the kernel does not cover ``spec`` / ``logits_dtype`` (the message gives
+            :func:`unsupported_reason`).
+    """
+    reason = unsupported_reason(spec, logits_dtype=logits_dtype)
+    if reason is not None:
+        raise RouterSpecError(
+            f"the fused replay kernel does not cover this {spec.family or 'router'} spec: {reason}; "
+            "no bound applies, routing.route replays it"
+        )
+    return 0
