@@ -129,34 +129,137 @@ def test_record_offload_copies_ids_to_pinned_host_memory():
     assert off.trace().to("cpu") == plain.trace().to("cpu")
 
 
+def _syncs(fn) -> int:
+    """Host syncs ``fn()`` makes (``set_sync_debug_mode("warn")`` warnings)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+def _padded(ids):
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on the first row
+    return mask
+
+
 @pytest.mark.parametrize("where", ["host", "device"])
-def test_record_and_replay_make_no_host_sync_in_the_forward(where):
-    """Under set_sync_debug_mode("error") any host sync raises: entering the replay block and the
-    forwards of record and replay make none. Building the replay (``handle.replay(trace)``: checks
-    and layout of the trace) runs before that scope and is not audited here; the id-check flag is
-    read once, at exit, outside it too."""
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_record_and_replay_add_no_host_sync(where, padded, prepared):
+    """Building the replay (checks and layout of the trace, the copy of a host trace), entering
+    it, the forward and the backward add no host sync to what the model's own forward and
+    backward make (HF's mask handling syncs on a padded batch), nor does record's forward; the
+    device-side checks are read once, at the block's exit (outside the count)."""
+    model = _qwen3()
+    ids = _ids(model)
+    mask = _padded(ids) if padded else None
+    handle = routereplay.attach(model)
+
+    def step():
+        model(input_ids=ids, attention_mask=mask).logits.float().square().mean().backward()
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+
+    with torch.no_grad(), handle.record() as rec:
+        model(input_ids=ids, attention_mask=mask)
+    trace = rec.trace(attention_mask=mask)
+    trace = trace.to("cpu") if where == "host" else trace
+    plain, plain_fwd = _syncs(step), _syncs(forward)
+
+    def recorded():
+        with handle.record():
+            forward()
+
+    assert _syncs(recorded) == plain_fwd
+    source = handle.prepare(trace, attention_mask=mask) if prepared else trace
+    for _ in range(2 if prepared else 1):
+        box = []
+
+        def replayed(box=box):
+            rep = handle.replay(source, attention_mask=None if prepared else mask)
+            rep.__enter__()
+            box.append(rep)
+            step()
+
+        assert _syncs(replayed) == plain
+        box[0].__exit__(None, None, None)
+        assert all(s.disagreement == 0 and s.live == (3 if padded else 0) for s in box[0].stats.values())
+    handle.detach()
+
+
+def test_host_trace_copy_on_the_side_stream_waits_for_nothing_and_is_waited_for():
+    """A host trace is copied on a side stream while the compute stream is busy; the forward waits
+    for it on the device: the replay equals the replay of the same trace already on the GPU."""
     model = _qwen3()
     ids = _ids(model)
     handle = routereplay.attach(model)
     with torch.no_grad(), handle.record() as rec:
         model(input_ids=ids)
-    trace = rec.trace().to("cpu").pin_memory() if where == "host" else rec.trace()
-    torch.cuda.synchronize()
-    with torch.no_grad():
-        rep = handle.replay(trace)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            rep.__enter__()
-            model(input_ids=ids)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        rep.__exit__(None, None, None)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with handle.record():
-                model(input_ids=ids)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    g = torch.Generator().manual_seed(3)
+    trace = rec.trace()
+    T, L, K = trace.experts.shape
+    other = trace._replace(
+        experts=torch.rand(T, L, handle.num_experts, generator=g).argsort(-1)[..., :K].to(trace.experts.dtype)
+    )
+    with torch.no_grad(), handle.replay(other.to("cuda")):
+        want = _logits(model, {"input_ids": ids})
+    host = handle.prepare(other)
+    assert host.ready is not None and host.forced_LNK.device.type == "cuda"
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(3):
+        for _ in range(20):  # queue ~tens of ms of work ahead of the replay on the compute stream
+            busy = busy @ busy / 64
+        with torch.no_grad(), handle.replay(handle.prepare(other)) as rep:
+            got = _logits(model, {"input_ids": ids})
+        assert torch.equal(got, want)
+        with torch.no_grad(), handle.replay(host):
+            assert torch.equal(_logits(model, {"input_ids": ids}), want)
+    assert all(s.replayed == T for s in rep.stats.values())
+    handle.detach()
+
+
+def test_device_trace_checks_are_read_at_exit():
+    model = _qwen3()
+    ids = _ids(model)
+    mask = _padded(ids)
+    handle = routereplay.attach(model)
+    with torch.no_grad(), handle.record() as rec:
+        model(input_ids=ids, attention_mask=mask)
+    t = rec.trace(attention_mask=mask)
+    holes = t._replace(valid=torch.arange(t.num_tokens, device="cuda") != 5)
+    errors = routereplay.errors
+    with (
+        pytest.raises(errors.MissingRoutesError, match=r"1 row\(s\) have no recorded route, the first at row 5"),
+        torch.no_grad(),
+        handle.replay(holes, attention_mask=mask),
+    ):
+        model(input_ids=ids, attention_mask=mask)
+    short = mask.clone()
+    short[1, 0] = 0
+    with (
+        pytest.raises(errors.TokenCountMismatchError, match=r"attention_mask has 2 rows with \[13, 15\] real tokens"),
+        torch.no_grad(),
+        handle.replay(t, attention_mask=short),
+    ):
+        model(input_ids=ids, attention_mask=short)
+    flat = rec.trace()  # 2 sequences of 16 rows
+    with (
+        pytest.raises(
+            errors.BatchShapeMismatchError,
+            match=r"the forward's batch is \[4, 8\] but the trace holds 2 sequences of 16",
+        ),
+        torch.no_grad(),
+        handle.replay(flat),
+    ):
+        model(input_ids=ids.reshape(4, 8))
     handle.detach()
 
 
@@ -169,10 +272,12 @@ def test_device_trace_with_bad_ids_raises_at_exit():
     t = rec.trace()
     bad = t._replace(experts=t.experts.clone())
     bad.experts[3, 0, 0] = handle.num_experts + 1  # edited in place: out of range
+    kept = bad.experts.clone()
     with (
-        pytest.raises(routereplay.errors.ReplayError, match=r"^trace 0, layer .*: the trace has ids this router cannot pick"),
+        pytest.raises(routereplay.errors.ReplayError, match=r"^layer .*: the trace has ids this router cannot pick"),
         torch.no_grad(),
         handle.replay(bad),
     ):
         model(input_ids=ids)  # runs on clamped ids, no device assert
+    assert torch.equal(bad.experts, kept)  # clamped in the replay's own copy, not in the trace
     handle.detach()

@@ -581,7 +581,7 @@ def test_layer_and_shape_mismatches(handle, model):
         handle.replay(e16)
     with pytest.raises(LayerMismatchError, match=r"^trace 1: trace has layers \[0, 1, 2, 3\]"):
         handle.replay([t, more])
-    with pytest.raises(ReplayError, match=r"replay needs a RoutingTrace or a non-empty list of them, found list"):
+    with pytest.raises(ReplayError, match=r"replay needs a RoutingTrace, a PreparedTrace or a non-empty list of them, found list"):
         handle.replay([])
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "gather_sp",
     "join_micro_batches",
     "pack_padded",
+    "router_row_sources",
     "shard_cp",
     "split_micro_batches",
     "split_sp",
@@ -495,6 +496,35 @@ def to_router_rows(trace: RoutingTrace, attention_mask_BS: torch.Tensor) -> Rout
         valid=valid_N,
         gates=None if padded.gates_BSLK is None else padded.gates_BSLK.view(B * S, trace.num_layers, trace.top_k),
     )
+
+
+def router_row_sources(
+    cu_seqlens_B1: torch.Tensor, attention_mask_BS: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each of the ``B*S`` router rows of a padded batch comes from, with no host sync.
+
+    The gather form of :func:`to_router_rows` for traces on an accelerator: row ``b*S + s`` of a
+    real token (mask True) takes trace row ``cu_seqlens[b] + r``, ``r`` the number of real tokens
+    before ``s`` in batch row ``b`` (left, right or interleaved padding alike).
+
+    Args:
+        cu_seqlens_B1: int64 ``[B+1]`` sequence boundaries of the trace.
+        attention_mask_BS: bool or 0/1 ``[B, S]`` of the batch, on the same device.
+        num_tokens: the trace's ``T`` (a host int, so no read of ``cu_seqlens[-1]``).
+
+    Returns:
+        ``src_N`` int64 ``[B*S]`` trace rows (clamped into ``[0, T)``: padding rows point at some
+        row), ``real_N`` bool ``[B*S]`` rows of real tokens the trace covers, and a bool scalar
+        tensor, True when a batch row's real-token count differs from its sequence's length (the
+        caller reads it when a host sync is allowed).
+    """
+    mask_BS = attention_mask_BS.to(torch.bool)
+    lens_B = cu_seqlens_B1.diff()
+    rank_BS = mask_BS.cumsum(1) - 1
+    real_BS = mask_BS & (rank_BS < lens_B[:, None])
+    src_BS = (cu_seqlens_B1[:-1, None] + rank_BS).clamp_(0, max(num_tokens - 1, 0))
+    differs = (mask_BS.sum(1) != lens_B).any()
+    return src_BS.reshape(-1), real_BS.reshape(-1), differs
 
 
 def from_router_rows(rows: RoutingTrace, attention_mask_BS: torch.Tensor) -> RoutingTrace:

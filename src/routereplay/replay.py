@@ -14,6 +14,7 @@ L MoE layers (``handle.layers`` order), K top-k, B sequences (batch rows), S pad
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from routereplay.recompute import Binding
 from routereplay.routing import _validate_forced, forced_violations
 from routereplay.trace import RoutingTrace
 
-__all__ = ["LayerStats", "Replay"]
+__all__ = ["LayerStats", "PreparedTrace", "Replay", "prepare"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,29 +64,187 @@ class LayerStats:
         return self.disagreement / self.replayed if self.replayed else 0.0
 
 
-@dataclass(slots=True)
-class _MicroBatch:
-    """One replay trace, validated and laid out in the router's row order."""
+_Check = tuple[torch.Tensor, Callable[[], Exception]]  # a device bool flag, the error it means
 
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class PreparedTrace:
+    """A trace checked against one handle's model and laid out in its routers' rows, on the model's
+    device: ``handle.prepare(trace, attention_mask=...)``.
+
+    Replay it any number of times (``handle.replay(prepared)``): R2's epochs and R3's passes over
+    one micro-batch then check, lay out and copy the trace once. It holds the ``[L, N, K]`` ids in
+    their compact dtype (uint8 up to 256 experts) on the device while it lives.
+    """
+
+    handle: Any
+    missing: str
     rows: int  # N the routers must see
-    forced_LNK: torch.Tensor  # int64, on the model's device
+    forced_LNK: torch.Tensor  # compact dtype, on the model's device (clamped into range there)
     mask_N: torch.Tensor | None  # rows that use the trace (None: every row)
     trace_tokens: int
     num_seqs: int
-    shape: tuple[int, int] | None  # (B, S) the forward's batch must have, when the trace says
+    shape: tuple[int, int] | None  # (B, S) the forward's batch must have, when known on the host
+    lens_B: torch.Tensor | None  # a device trace without a mask: sequence lengths, checked in the forward
     padded: bool
-    bad_L: torch.Tensor | None  # device: per layer, whether a forced row is invalid (read at exit)
     cu_B1: torch.Tensor  # the trace's sequence boundaries (packed batches are checked against them)
+    checks: tuple[_Check, ...]  # device-side checks, read at the exit of every block that replays it
+    ready: Any  # the CUDA event after the side-stream copy of a host trace, or None
+
+
+def prepare(
+    handle: Any, trace: RoutingTrace, *, attention_mask=None, missing: str = "error", where: str = ""
+) -> PreparedTrace:
+    """Check ``trace`` against the model and lay it out in router rows on the model's device.
+
+    Checks run where the trace lives: a host trace is checked on the host (errors now), then
+    copied from pinned memory on a side stream; a trace already on the accelerator is checked by
+    device-side reductions read at the replay block's exit (no host sync before it).
+    """
+    if missing not in ("error", "live"):
+        raise ReplayError(f'missing must be "error" or "live", found {missing!r}')
+    if not isinstance(trace, RoutingTrace):
+        raise ReplayError(f"{where}replay needs a RoutingTrace, found {type(trace).__name__}")
+    _check_model(handle, trace, where)
+    device = _model_device(handle.model)
+    if trace.device.type != "cpu" and trace.device != device:
+        trace = trace.to(device, non_blocking=True)
+    checks: list[_Check] = []
+    valid_T = trace.valid
+    if valid_T is not None and missing == "error":
+        _check(~valid_T.all(), lambda: _holes_error(where, trace), checks)
+    if attention_mask is None:
+        experts_NLK, mask_N, shape, lens_B = trace.experts, valid_T, None, None
+        if trace.device.type == "cpu":
+            shape = _uniform_shape(trace)
+        else:
+            lens_B = trace.seq_lens
+    else:
+        mask_BS = torch.as_tensor(attention_mask).to(trace.device, torch.bool, non_blocking=True)
+        if mask_BS.ndim != 2:
+            raise LayoutError(f"{where}attention_mask must be [B, S], found shape {tuple(mask_BS.shape)}")
+        if mask_BS.shape[0] != trace.num_seqs:
+            raise _mask_error(where, mask_BS, trace)
+        src_N, mask_N, counts_differ = layout.router_row_sources(trace.cu_seqlens, mask_BS, trace.num_tokens)
+        _check(counts_differ, lambda: _mask_error(where, mask_BS, trace), checks)
+        experts_NLK = trace.experts.index_select(0, src_N)
+        if valid_T is not None:
+            mask_N = mask_N & valid_T.index_select(0, src_N)
+        shape, lens_B = tuple(mask_BS.shape), None
+    if mask_N is not None and mask_N.device.type == "cpu" and bool(mask_N.all()):
+        mask_N = None  # every row forced: route() skips the live selection
+    forced_LNK, ready = experts_NLK.permute(1, 0, 2), None
+    if forced_LNK.device != device:
+        # Host -> accelerator: pinned staging, then an asynchronous copy on the handle's side
+        # stream, so that neither waits for the work queued on the compute stream; the forward
+        # waits for it (an event) just before its first MoE layer.
+        stream = handle._side_stream(device)
+        with torch.cuda.stream(stream):
+            forced_LNK = _pinned(forced_LNK).to(device, non_blocking=True)
+            mask_N = None if mask_N is None else _pinned(mask_N).to(device, non_blocking=True)
+            _check_ids(handle, where, forced_LNK, mask_N, checks)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+    else:
+        if device.type != "cpu":  # the prepared trace's own copy: its ids get clamped in place
+            forced_LNK = forced_LNK.clone(memory_format=torch.contiguous_format)
+        _check_ids(handle, where, forced_LNK, mask_N, checks)
+    return PreparedTrace(
+        handle=handle,
+        missing=missing,
+        rows=experts_NLK.shape[0],
+        forced_LNK=forced_LNK,
+        mask_N=mask_N,
+        trace_tokens=trace.num_tokens,
+        num_seqs=trace.num_seqs,
+        shape=shape,
+        lens_B=lens_B,
+        padded=attention_mask is not None,
+        cu_B1=trace.cu_seqlens,
+        checks=tuple(checks),
+        ready=ready,
+    )
+
+
+def _check_model(handle: Any, trace: RoutingTrace, where: str) -> None:
+    if trace.layer_ids != handle.layer_ids:
+        raise LayerMismatchError(
+            f"{where}trace has layers {list(trace.layer_ids)} but the model's MoE layers are "
+            f"{list(handle.layer_ids)}; if the trace covers more layers use trace.select_layers(handle.layer_ids)"
+        )
+    for i, m in enumerate(handle.layers):
+        if trace.top_k != m.top_k:
+            raise LayerMismatchError(
+                f"{where}{handle.where(i)}: trace has top_k={trace.top_k}, router has top_k={m.top_k}"
+            )
+        if trace.num_experts != m.num_experts:
+            raise LayerMismatchError(
+                f"{where}{handle.where(i)}: trace has num_experts={trace.num_experts}, "
+                f"router has num_experts={m.num_experts}"
+            )
+
+
+def _check_ids(handle: Any, where: str, forced_LNK: torch.Tensor, mask_N, checks: list[_Check]) -> None:
+    """Range, repeats and group limit of the forced ids, where they live: on the CPU a
+    RouterSpecError now; on an accelerator a device flag read at exit, the ids clamped into range
+    meanwhile (in place: ``forced_LNK`` is the prepared trace's own copy) so that no kernel reads
+    outside the logits."""
+    bad_LN = _violations(forced_LNK.long(), handle.layers)
+    if mask_N is not None:
+        bad_LN &= mask_N
+    if forced_LNK.device.type == "cpu":
+        if bool(bad_LN.any()):
+            i = int(bad_LN.any(1).nonzero()[0, 0])
+            _validate_forced(forced_LNK[i].long(), mask_N, handle.layers[i].spec, f"{where}{handle.where(i)}: ")
+        return
+    forced_LNK.clamp_(0, handle.num_experts - 1)
+    bad_L = bad_LN.any(1)
+
+    def error() -> Exception:
+        i = int(bad_L.nonzero()[0, 0])
+        return ReplayError(
+            f"{where}{handle.where(i)}: the trace has ids this router cannot pick (out of range, repeated "
+            "in a row, or over its group limit); the forwards of this block used clamped ids: discard "
+            "their results and validate the trace (RoutingTrace(...) or routereplay.load(validate=True))"
+        )
+
+    checks.append((bad_L.any(), error))
+
+
+def _check(flag: torch.Tensor, error: Callable[[], Exception], checks: list[_Check]) -> None:
+    """Raise now where the flag lives on the host; keep an accelerator's for the block's exit."""
+    if flag.device.type == "cpu":
+        if bool(flag):
+            raise error()
+    else:
+        checks.append((flag, error))
+
+
+def _holes_error(where: str, trace: RoutingTrace) -> MissingRoutesError:
+    holes_T = ~trace.valid
+    t = int(holes_T.nonzero()[0, 0])
+    b = int(torch.searchsorted(trace.cu_seqlens, torch.tensor(t, device=trace.device), right=True)) - 1
+    return MissingRoutesError(
+        f"{where}{int(holes_T.sum())} row(s) have no recorded route, the first at row {t} "
+        f"(sequence {b}, position {t - int(trace.cu_seqlens[b])}); fill them (routereplay.layout) or "
+        'replay with missing="live" to route them live'
+    )
+
+
+def _mask_error(where: str, mask_BS: torch.Tensor, trace: RoutingTrace) -> TokenCountMismatchError:
+    real_B = mask_BS.sum(1)
+    return TokenCountMismatchError(
+        f"{where}attention_mask has {mask_BS.shape[0]} rows with {real_B.tolist()} real tokens but the "
+        f"trace has {trace.num_seqs} sequences of {trace.seq_lens.tolist()} tokens"
+        + _engine_hint(int(real_B.sum()), trace.num_tokens, trace.num_seqs)
+    )
 
 
 class Replay:
     """Forced routing for the forwards run inside the block; built by ``handle.replay(...)``."""
 
     def __init__(self, handle: Any, traces, *, attention_mask, missing, verify) -> None:
-        if missing not in ("error", "live"):
-            raise ReplayError(f'missing must be "error" or "live", found {missing!r}')
         self._handle = handle
-        self._missing = missing
         self._verify = verify
         if verify:
             lacking = [handle.where(i) for i, has in enumerate(handle.verifiable) if not has]
@@ -94,10 +253,12 @@ class Replay:
                     f"verify=True needs the experts module of every MoE layer, the adapter found none for "
                     f"{', '.join(lacking)}; replay without verify"
                 )
-        single = isinstance(traces, RoutingTrace)
+        single = isinstance(traces, (RoutingTrace, PreparedTrace))
         trace_list = [traces] if single else list(traces)
-        if not trace_list or not all(isinstance(t, RoutingTrace) for t in trace_list):
-            raise ReplayError(f"replay needs a RoutingTrace or a non-empty list of them, found {type(traces).__name__}")
+        if not trace_list or not all(isinstance(t, (RoutingTrace, PreparedTrace)) for t in trace_list):
+            raise ReplayError(
+                f"replay needs a RoutingTrace, a PreparedTrace or a non-empty list of them, found {type(traces).__name__}"
+            )
         if attention_mask is None:
             masks = [None] * len(trace_list)
         elif isinstance(attention_mask, torch.Tensor):
@@ -110,96 +271,34 @@ class Replay:
             masks = list(attention_mask)
             if len(masks) != len(trace_list):
                 raise LayoutError(f"{len(masks)} attention masks for {len(trace_list)} traces; pass one per trace")
-        device = _model_device(handle.model)
         total = len(trace_list)
-        self._mbs = [self._prepare(f"trace {n}: " if total > 1 else "", t, m, device) for n, (t, m) in enumerate(zip(trace_list, masks))]
+        self._mbs: list[PreparedTrace] = []
+        for n, (t, m) in enumerate(zip(trace_list, masks)):
+            where = f"trace {n}: " if total > 1 else ""
+            if isinstance(t, RoutingTrace):
+                self._mbs.append(prepare(handle, t, attention_mask=m, missing=missing or "error", where=where))
+                continue
+            if t.handle is not handle:
+                raise ReplayError(f"{where}this PreparedTrace was prepared by another handle; prepare it with this one")
+            if m is not None:
+                raise LayoutError(
+                    f"{where}a PreparedTrace carries its attention mask; pass attention_mask to prepare()"
+                )
+            if missing is not None and missing != t.missing:
+                raise ReplayError(f'{where}the trace was prepared with missing="{t.missing}", replay asks "{missing}"')
+            self._mbs.append(t)
         L = len(handle.layers)
+        self._forced: list[torch.Tensor | None] = [None] * total  # per trace: int64 [L, N, K], widened on first use
         self._count = [0] * L
         self._rows = [0] * L
         # Per layer, (live ids, forced ids, forced mask) of each forward: disagreement is computed
         # only when `stats` is read, keeping its kernels off the forward's hot path.
         self._compared: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(L)]
         self._issued: list[torch.Tensor | None] = [None] * L
-        self._deferred: list[tuple[torch.Tensor, str]] = []  # device-side checks, read at exit
+        self._deferred: list[_Check] = []  # device-side checks of the forwards, read at exit
+        self._shape_checked = -1  # the last forward whose batch shape was checked
         self._entered = False
         self._block = 0
-
-    # --- entry -------------------------------------------------------------------------------
-    def _prepare(self, where_mb: str, trace: RoutingTrace, mask, device: torch.device) -> _MicroBatch:
-        """Check one trace against the model and lay it out in router rows on ``device``."""
-        h = self._handle
-        if trace.layer_ids != h.layer_ids:
-            raise LayerMismatchError(
-                f"{where_mb}trace has layers {list(trace.layer_ids)} but the model's MoE layers are "
-                f"{list(h.layer_ids)}; if the trace covers more layers use trace.select_layers(handle.layer_ids)"
-            )
-        for i, m in enumerate(h.layers):
-            if trace.top_k != m.top_k:
-                raise LayerMismatchError(f"{where_mb}{h.where(i)}: trace has top_k={trace.top_k}, router has top_k={m.top_k}")
-            if trace.num_experts != m.num_experts:
-                raise LayerMismatchError(
-                    f"{where_mb}{h.where(i)}: trace has num_experts={trace.num_experts}, "
-                    f"router has num_experts={m.num_experts}"
-                )
-        valid_T = trace.valid
-        if valid_T is not None and self._missing == "error":
-            holes_T = ~valid_T
-            if bool(holes_T.any()):  # a host read of [T] bools at entry, only for traces with holes
-                t = int(holes_T.nonzero()[0, 0])
-                b = int(torch.searchsorted(trace.cu_seqlens, torch.tensor(t, device=trace.device), right=True)) - 1
-                raise MissingRoutesError(
-                    f"{where_mb}{int(holes_T.sum())} row(s) have no recorded route, the first at row {t} "
-                    f"(sequence {b}, position {t - int(trace.cu_seqlens[b])}); fill them (routereplay.layout) or "
-                    'replay with missing="live" to route them live'
-                )
-        if mask is None:
-            rows, shape, padded = trace, _uniform_shape(trace), False
-        else:
-            mask_BS = torch.as_tensor(mask).to(trace.device, torch.bool)
-            if mask_BS.ndim != 2:
-                raise LayoutError(f"{where_mb}attention_mask must be [B, S], found shape {tuple(mask_BS.shape)}")
-            real_B = mask_BS.sum(1)
-            if mask_BS.shape[0] != trace.num_seqs or not torch.equal(real_B, trace.seq_lens):
-                raise TokenCountMismatchError(
-                    f"{where_mb}attention_mask has {mask_BS.shape[0]} rows with {real_B.tolist()} real tokens but the "
-                    f"trace has {trace.num_seqs} sequences of {trace.seq_lens.tolist()} tokens"
-                    + _engine_hint(int(real_B.sum()), trace.num_tokens, trace.num_seqs)
-                )
-            rows, shape, padded = layout.to_router_rows(trace, mask_BS), tuple(mask_BS.shape), True
-        mask_N = rows.valid
-        # compact dtype across the copy (8x fewer bytes than int64), widened on the device
-        forced_LNK = _to_device(rows.experts.permute(1, 0, 2).contiguous(), device).to(torch.int64)
-        mask_N = None if mask_N is None else _to_device(mask_N, device)
-        bad_L = self._check_ids(where_mb, forced_LNK, mask_N)
-        return _MicroBatch(
-            rows=rows.num_tokens,
-            forced_LNK=forced_LNK,
-            mask_N=mask_N,
-            trace_tokens=trace.num_tokens,
-            num_seqs=trace.num_seqs,
-            shape=shape,
-            padded=padded,
-            bad_L=bad_L,
-            cu_B1=trace.cu_seqlens,
-        )
-
-    def _check_ids(self, where_mb: str, forced_LNK: torch.Tensor, mask_N: torch.Tensor | None) -> torch.Tensor | None:
-        """Range, repeats and group limit of the forced ids, where they live.
-
-        On the CPU: raises RouterSpecError now. On an accelerator: returns a device bool ``[L]``
-        read at exit, and clamps the ids into range so that no kernel reads outside the logits.
-        """
-        h = self._handle
-        bad_LN = _violations(forced_LNK, h.layers)
-        if mask_N is not None:
-            bad_LN &= mask_N
-        if forced_LNK.device.type == "cpu":
-            if bool(bad_LN.any()):
-                i = int(bad_LN.any(1).nonzero()[0, 0])
-                _validate_forced(forced_LNK[i], mask_N, h.layers[i].spec, f"{where_mb}{h.where(i)}: ")
-            return None
-        forced_LNK.clamp_(0, h.num_experts - 1)
-        return bad_LN.any(1)
 
     def __enter__(self) -> Replay:  # noqa: PYI034 (typing.Self needs Python 3.11)
         if self._entered:
@@ -213,7 +312,7 @@ class Replay:
         h._exit(self)
         if exc_type is not None:
             return
-        self._raise_bad_ids()
+        self._raise_deferred()
         if self._verify:
             for i, issued in enumerate(self._issued):
                 if issued is not None:
@@ -229,43 +328,57 @@ class Replay:
                 f"(forwards per layer: {desc}); run one forward per trace or pass fewer traces"
             )
 
-    def _raise_bad_ids(self) -> None:
-        """Device-side checks (ids at entry, packed boundaries), read once (one host sync, at exit)."""
-        for differs, message in self._deferred:
-            if bool(differs):
-                raise BatchShapeMismatchError(message)
-        h = self._handle
-        flags = [mb.bad_L for mb in self._mbs if mb.bad_L is not None]
-        if not flags or not bool(torch.stack(flags).any()):
+    def _raise_deferred(self) -> None:
+        """The device-side checks (the traces' at preparation, the forwards' packed boundaries and
+        batch shapes), read once: one host sync, at exit."""
+        checks = list(self._deferred)
+        for mb in self._mbs:
+            if mb.ready is not None:
+                torch.cuda.current_stream(mb.forced_LNK.device).wait_event(mb.ready)
+            checks.extend(mb.checks)
+        if not checks or not bool(torch.stack([flag for flag, _ in checks]).any()):
             return
-        for n, mb in enumerate(self._mbs):
-            if mb.bad_L is not None and bool(mb.bad_L.any()):
-                i = int(mb.bad_L.nonzero()[0, 0])
-                raise ReplayError(
-                    f"trace {n}, {h.where(i)}: the trace has ids this router cannot pick (out of range, repeated "
-                    "in a row, or over its group limit); the forwards of this block used clamped ids: discard "
-                    "their results and validate the trace (RoutingTrace(...) or routereplay.load(validate=True))"
-                )
+        for flag, error in checks:
+            if bool(flag):
+                raise error()
 
     # --- forwards ------------------------------------------------------------------------------
     def _note_shape(self, index: int, shape: tuple[int, ...], packed=None) -> None:
         n = self._count[index]
-        if n >= len(self._mbs) or len(shape) != 2:
+        if n >= len(self._mbs) or len(shape) != 2 or n == self._shape_checked:
             return
+        self._shape_checked = n  # one check per forward, at its first MoE block
         mb = self._mbs[n]
         B, S = shape
         if packed is not None and not mb.padded and S == mb.rows:
             self._check_packing(index, n, mb, packed)
-        if mb.shape is None or B == 1 and not mb.padded or (B, S) == mb.shape or B * S != mb.rows:
+        if B == 1 and not mb.padded or B * S != mb.rows:
             return  # a packed [1, T] batch holds any number of sequences; a row count off says more in _route
+        if mb.lens_B is not None and B > 1:
+            # a device trace: its sequence lengths are not on the host; a uniform trace must match
+            lens_B = mb.lens_B
+            uniform = (lens_B == lens_B[0]).all()
+            differs = uniform & (lens_B[0] != S) if B == mb.num_seqs else uniform
+            self._deferred.append((differs, lambda: self._shape_error(index, n, (B, S), (mb.num_seqs, int(lens_B[0])))))
+        elif mb.shape is not None and (B, S) != mb.shape:
+            raise self._shape_error(index, n, (B, S), mb.shape)
+
+    def _shape_error(
+        self, index: int, n: int, found: tuple[int, int], want: tuple[int, int]
+    ) -> BatchShapeMismatchError:
+        mb = self._mbs[n]
         mb_txt = f"trace {n} of {len(self._mbs)}" if len(self._mbs) > 1 else "the trace"
-        what = "its attention mask is" if mb.padded else f"{mb_txt} holds {mb.num_seqs} sequences of {mb.shape[1]} tokens, a batch of"
-        raise BatchShapeMismatchError(
-            f"{self._handle.where(index)}: the forward's batch is [{B}, {S}] but {what} {list(mb.shape)}; "
+        what = (
+            "its attention mask is"
+            if mb.padded
+            else f"{mb_txt} holds {want[0]} sequences of {want[1]} tokens, a batch of"
+        )
+        return BatchShapeMismatchError(
+            f"{self._handle.where(index)}: the forward's batch is {list(found)} but {what} {list(want)}; "
             "replay each trace on the batch it was recorded on (or pass its attention_mask)"
         )
 
-    def _check_packing(self, index: int, n: int, mb: _MicroBatch, packed: tuple[str, torch.Tensor]) -> None:
+    def _check_packing(self, index: int, n: int, mb: PreparedTrace, packed: tuple[str, torch.Tensor]) -> None:
         """A packed ``[1, T]`` forward must hold the trace's sequences: same boundaries."""
         kind, value = packed
         where = f"{self._handle.where(index)}: the packed batch of forward {n + 1}"
@@ -285,12 +398,24 @@ class Replay:
             # positions not starting at 0 are a slice of a longer packed row (sequence parallel):
             # its sequences are the layout's business (routereplay.layout.split_sp), not checked here
             differs = (value[0] == 0) & (value.to(torch.int64) != want_N).any()
-        message = f"{where} has sequence boundaries (from its {'cu_seq_lens_q' if kind == 'cu' else 'position_ids'}) other than the trace's; {fix}"
-        if differs.device.type == "cpu":
-            if bool(differs):
-                raise BatchShapeMismatchError(message)
-        else:
-            self._deferred.append((differs, message))
+        source = "cu_seq_lens_q" if kind == "cu" else "position_ids"
+        message = f"{where} has sequence boundaries (from its {source}) other than the trace's; {fix}"
+        _check(differs, lambda: BatchShapeMismatchError(message), self._deferred)
+
+    def _forced_LNK(self, n: int) -> torch.Tensor:
+        """int64 ``[L, N, K]`` ids of trace ``n``, widened at its first MoE layer (after the side-stream
+        copy of a host trace, which the compute stream waits for here: no host sync)."""
+        forced_LNK = self._forced[n]
+        if forced_LNK is None:
+            mb = self._mbs[n]
+            if mb.ready is not None:
+                stream = torch.cuda.current_stream(mb.forced_LNK.device)
+                stream.wait_event(mb.ready)
+                for t in (mb.forced_LNK, mb.mask_N):  # allocated on the side stream, used on this one
+                    if t is not None:
+                        t.record_stream(stream)
+            forced_LNK = self._forced[n] = mb.forced_LNK.to(torch.int64, memory_format=torch.contiguous_format)
+        return forced_LNK
 
     def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
         h = self._handle
@@ -308,7 +433,7 @@ class Replay:
             raise ReplayVerificationError(
                 f"{h.where(index)}: the previous forward's forced ids never reached the experts module"
             )
-        forced_NK = mb.forced_LNK[index]
+        forced_NK = self._forced_LNK(n)[index]
         mask_N = mb.mask_N
         if forced_NK.device != logits_NE.device:
             forced_NK = forced_NK.to(logits_NE.device, non_blocking=True)
@@ -327,7 +452,9 @@ class Replay:
         issued = self._issued[index]
         h = self._handle
         if issued is None:
-            raise ReplayVerificationError(f"{h.where(index)}: the experts ran without a routed call of the router first")
+            raise ReplayVerificationError(
+                f"{h.where(index)}: the experts ran without a routed call of the router first"
+            )
         self._issued[index] = None
         if received_NK is issued:
             return
@@ -347,7 +474,7 @@ class Replay:
     def stats(self) -> dict[int, LayerStats]:
         """Per layer id: rows, replayed rows, live rows and live-vs-forced disagreement (computed and
         synced here, not during the forwards)."""
-        self._raise_bad_ids()
+        self._raise_deferred()
         h = self._handle
         out = {}
         for i, m in enumerate(h.layers):
@@ -398,7 +525,7 @@ def _engine_hint(rows: int, tokens: int, seqs: int) -> str:
     return ""
 
 
-def _rows_message(where: str, n: int, num_mbs: int, N: int, mb: _MicroBatch) -> str:
+def _rows_message(where: str, n: int, num_mbs: int, N: int, mb: PreparedTrace) -> str:
     mb_txt = f"trace {n} of {num_mbs}" if num_mbs > 1 else "the trace"
     if mb.padded:
         return (
@@ -420,14 +547,10 @@ def _rows_message(where: str, n: int, num_mbs: int, N: int, mb: _MicroBatch) -> 
     return msg + "; " + "; or ".join(hints)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> accelerator without stalling: a pageable copy would wait for every queued kernel
-    (the previous step's backward), so stage through pinned memory and copy asynchronously."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type != "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device, non_blocking=True)
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of host tensor ``t`` in pinned memory: an accelerator copies it asynchronously."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t)
 
 
 def _model_device(model: Any) -> torch.device:
@@ -437,4 +560,3 @@ def _model_device(model: Any) -> torch.device:
             for p in params():
                 return p.device
     return torch.device("cpu")
-

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from routereplay.errors import LayoutError, MissingRoutesError, ReplayError
+from routereplay.replay import PreparedTrace
 from routereplay.trace import RoutingTrace
 
 __all__ = ["DispatchTap", "RouteStore", "token_logprobs"]
@@ -179,9 +180,19 @@ class RouteStore:
             trace = flat._replace(cu_seqlens=cu.to(flat.device))
         self._add(ids_B, trace.to("cpu"))
 
+    def prepare(self, sample_ids: Sequence[int] | torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> Any:
+        """The routes of ``sample_ids`` checked and laid out for the model once (``handle.prepare``):
+        pass the result to :meth:`replay` in every pass over this micro-batch (R2's epochs, R3's
+        old-policy and loss passes). Arguments as for :meth:`replay`.
+        """
+        trace = self.trace(sample_ids)
+        _check_only_last_rows_missing(trace, f"samples {_ids_tensor(sample_ids).tolist()}")
+        # Only each sample's last row may lack a route (checked above): route it live.
+        return self._handle.prepare(trace, attention_mask=attention_mask, missing="live")
+
     def replay(
         self,
-        sample_ids: Sequence[int] | torch.Tensor,
+        sample_ids: Sequence[int] | torch.Tensor | PreparedTrace,
         *,
         attention_mask: torch.Tensor | None = None,
         verify: bool = False,
@@ -189,7 +200,8 @@ class RouteStore:
         """Force the routes of ``sample_ids`` on the next forward (R2 update pass or R3 training).
 
         Args:
-            sample_ids: the batch rows' (padded) or packed sequences' sample ids, in order.
+            sample_ids: the batch rows' (padded) or packed sequences' sample ids, in order; or
+                what :meth:`prepare` returned for them (then no ``attention_mask``: it carries it).
             attention_mask: ``[B, S]`` for a padded batch; None for a packed ``[1, T]`` batch.
             verify: check that the experts receive the forced ids (see ``handle.replay``).
 
@@ -200,10 +212,9 @@ class RouteStore:
             MissingRoutesError: a sample has no routes, or a row other than a sample's last lacks one.
             TokenCountMismatchError, LayerMismatchError: from the session, at entry.
         """
-        trace = self.trace(sample_ids)
-        _check_only_last_rows_missing(trace, f"samples {_ids_tensor(sample_ids).tolist()}")
-        # Only each sample's last row may lack a route (checked above): route it live.
-        return self._handle.replay(trace, attention_mask=attention_mask, missing="live", verify=verify)
+        if isinstance(sample_ids, PreparedTrace):  # a mask here is an error: the prepared trace has one
+            return self._handle.replay(sample_ids, attention_mask=attention_mask, verify=verify)
+        return self._handle.replay(self.prepare(sample_ids, attention_mask=attention_mask), verify=verify)
 
     # --- internals -----------------------------------------------------------------------
     def _add(self, ids_B: torch.Tensor, trace: RoutingTrace) -> None:
@@ -365,6 +376,9 @@ class DispatchTap:
             torch.cumsum(mask_BS.sum(1), 0, out=cu[1:])
         h = self._handle
         return RoutingTrace(
-            experts=ids_NLK, cu_seqlens=cu, layer_ids=h.layer_ids, num_experts=h.num_experts,
+            experts=ids_NLK,
+            cu_seqlens=cu,
+            layer_ids=h.layer_ids,
+            num_experts=h.num_experts,
             meta={"source": "routereplay.rl.DispatchTap"},
         )

@@ -37,12 +37,12 @@ import torch
 from routereplay import recompute
 from routereplay.errors import RecomputeMismatchError, ReplayError, UnsupportedModelError
 from routereplay.record import Recording
-from routereplay.replay import LayerStats, Replay
+from routereplay.replay import LayerStats, PreparedTrace, Replay, prepare
 from routereplay.routing import route
 from routereplay.seam import Discovery, MoELayer
 from routereplay.trace import RoutingTrace
 
-__all__ = ["LayerStats", "MoELayer", "Recording", "Replay", "RouterHandle"]
+__all__ = ["LayerStats", "MoELayer", "PreparedTrace", "Recording", "Replay", "RouterHandle"]
 
 
 class _GraphToken:
@@ -95,6 +95,7 @@ class RouterHandle:
         self._unscoped: weakref.WeakSet[_GraphToken] = weakref.WeakSet()
         self._blocks = 0
         self._detached = False
+        self._streams: dict[torch.device, Any] = {}  # per device: the side stream host traces are copied on
 
     # --- public API ----------------------------------------------------------------------
     def record(self, *, offload: bool = False) -> Recording:
@@ -110,32 +111,49 @@ class RouterHandle:
         self._check_attached()
         return Recording(self, offload=offload)
 
+    def prepare(
+        self, trace: RoutingTrace, *, attention_mask: torch.Tensor | None = None, missing: str = "error"
+    ) -> PreparedTrace:
+        """Check ``trace`` against the model and lay it out for its routers, once, for many replays.
+
+        ``handle.replay(trace, ...)`` does this at every entry; a :class:`PreparedTrace` does it
+        once for R2's epochs and R3's passes over the same micro-batch. A host trace is copied to
+        the model's device asynchronously on a side stream (the first forward waits for it on the
+        device, not the host); a device trace is checked by device-side reductions read at the
+        exit of each replay block (no host sync before). Arguments as for :meth:`replay`.
+        """
+        self._check_attached()
+        return prepare(self, trace, attention_mask=attention_mask, missing=missing)
+
     def replay(
         self,
-        traces: RoutingTrace | Sequence[RoutingTrace],
+        traces: RoutingTrace | PreparedTrace | Sequence[RoutingTrace | PreparedTrace],
         *,
         attention_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        missing: str = "error",
+        missing: str | None = None,
         verify: bool = False,
     ) -> Replay:
         """A context manager that forces the routers to the experts of ``traces``.
 
         Args:
-            traces: one trace, or one per forward (micro-batches, consumed in order).
+            traces: one trace, or one per forward (micro-batches, consumed in order); a
+                :class:`PreparedTrace` (:meth:`prepare`) skips the checks and the copy.
             attention_mask: ``[B, S]`` (one per trace for a list) when the batch is padded:
                 the trace's real tokens are scattered to the mask's True positions, padding rows
                 route live. Without it the routers must see exactly ``trace.num_tokens`` rows,
                 and a forward whose batch is ``[B, S]`` with ``B > 1`` must match the trace's
-                ``B`` sequences of ``S`` tokens.
-            missing: ``"error"`` (rows with ``trace.valid`` False raise MissingRoutesError) or
-                ``"live"`` (such rows route live).
+                ``B`` sequences of ``S`` tokens. A prepared trace carries its mask.
+            missing: ``"error"`` (the default: rows with ``trace.valid`` False raise
+                MissingRoutesError) or ``"live"`` (such rows route live); a prepared trace keeps
+                the one it was prepared with.
             verify: also check that each experts module received the forced ids.
 
         Returns:
             The :class:`Replay`; ``rep.stats`` after the block.
 
         Raises:
-            LayerMismatchError, LayoutError, MissingRoutesError, RouterSpecError: at entry.
+            LayerMismatchError, LayoutError, MissingRoutesError, RouterSpecError: at entry (for a
+                trace on an accelerator, the data checks at the block's exit).
             TokenCountMismatchError, BatchShapeMismatchError, TraceExhaustedError: in a forward.
             UnconsumedTraceError: at exit.
         """
@@ -209,6 +227,12 @@ class RouterHandle:
     def _exit(self, mode: Recording | Replay) -> None:
         assert self._mode is mode
         self._mode = None
+
+    def _side_stream(self, device: torch.device) -> Any:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
 
     def _forced(self, index: int, logits_NE, forced_NK, mask_N, route_kw) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's weights at the forced ids (``mask_N`` False rows route live)."""

@@ -1,0 +1,145 @@
+"""Prepared traces (``handle.prepare``): checked and laid out once, replayed many times.
+
+CPU, tiny Qwen3-MoE of test_session. The device-side half (side-stream copy, checks read at the
+block's exit, no host sync) is in tests/test_gpu.py.
+
+Legend: B batch rows, S sequence length, T packed tokens, N router rows (B*S), L MoE layers, K top-k.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("transformers")
+
+from test_session import batch, random_trace, record, tiny_qwen3_moe
+
+import routereplay
+from routereplay import layout
+from routereplay.errors import LayoutError, MissingRoutesError, ReplayError, RouterSpecError
+from routereplay.replay import PreparedTrace
+from routereplay.rl import RouteStore
+from routereplay.trace import RoutingTrace
+
+
+@pytest.fixture
+def model():
+    return tiny_qwen3_moe()
+
+
+@pytest.fixture
+def handle(model):
+    h = routereplay.attach(model)
+    yield h
+    if h.attached and h.active is None:
+        h.detach()
+
+
+@pytest.mark.parametrize("pad", [None, "left", "right"])
+def test_a_prepared_trace_replays_like_the_trace_every_time(handle, model, pad):
+    b = batch(pad=pad)
+    mask = b["attention_mask"] if pad else None
+    rec, out = record(handle, model, b)
+    trace = random_trace(rec.trace(attention_mask=mask))
+    with handle.replay(trace, attention_mask=mask) as rep:
+        want = model(**b).logits
+    prepared = handle.prepare(trace, attention_mask=mask)
+    assert isinstance(prepared, PreparedTrace) and prepared.forced_LNK.dtype == torch.uint8
+    for _ in range(3):  # epochs / passes over one micro-batch
+        with handle.replay(prepared) as again:
+            got = model(**b).logits
+        assert torch.equal(got, want)
+        assert again.stats == rep.stats
+    assert not torch.equal(want, out)  # the trace was not the live routing: the replay forced it
+
+
+def test_prepared_traces_mix_with_traces_in_a_micro_batch_list(handle, model):
+    b1, b2 = batch(seed=1), batch(seed=2)
+    t1 = record(handle, model, b1)[0].trace()
+    t2 = record(handle, model, b2)[0].trace()
+    with handle.replay([handle.prepare(t1), t2]) as rep:
+        model(**b1)
+        model(**b2)
+    assert rep.forwards == 2 and all(s.disagreement == 0 for s in rep.stats.values())
+
+
+def test_prepare_checks_at_once_and_replay_refuses_what_does_not_belong(handle, model):
+    b = batch(pad="right")
+    rec, _ = record(handle, model, b)
+    trace = rec.trace(attention_mask=b["attention_mask"])
+    bad = trace._replace(experts=trace.experts.clone())
+    bad.experts[3, 1] = bad.experts[3, 1, 0]  # an expert twice in a row
+    with pytest.raises(RouterSpecError, match=r"layer 2 \(model.layers.2.mlp.gate\): "):
+        handle.prepare(bad, attention_mask=b["attention_mask"])
+    holes = trace._replace(valid=torch.arange(trace.num_tokens) != 4)
+    with pytest.raises(MissingRoutesError, match=r"1 row\(s\) have no recorded route, the first at row 4"):
+        handle.prepare(holes, attention_mask=b["attention_mask"])
+    live = handle.prepare(holes, attention_mask=b["attention_mask"], missing="live")
+    with pytest.raises(
+        LayoutError, match=r"a PreparedTrace carries its attention mask; pass attention_mask to prepare"
+    ):
+        handle.replay(live, attention_mask=b["attention_mask"])
+    with pytest.raises(ReplayError, match=r'the trace was prepared with missing="live", replay asks "error"'):
+        handle.replay(live, missing="error")
+    other = routereplay.attach(tiny_qwen3_moe())
+    with pytest.raises(ReplayError, match=r"this PreparedTrace was prepared by another handle"):
+        other.replay(live)
+    with handle.replay(live) as rep:  # the hole routes live
+        model(**b)
+    assert rep.stats[2].live == 2 + 1
+
+
+def test_route_store_prepares_each_micro_batch_once(handle, model):
+    b = batch(B=4, pad="left")
+    store = RouteStore(handle)
+    halves = [range(2), range(2, 4)]
+    outs = []
+    for ids in halves:  # the old-policy pass, one micro-batch per record block
+        with store.record(ids, attention_mask=b["attention_mask"][ids]):
+            outs.append(model(input_ids=b["input_ids"][ids], attention_mask=b["attention_mask"][ids]).logits)
+    prepared = [store.prepare(ids, attention_mask=b["attention_mask"][ids]) for ids in halves]
+    for _ in range(2):  # two epochs over the same micro-batches
+        for ids, p, out in zip(halves, prepared, outs):
+            with store.replay(p) as rep:
+                got = model(input_ids=b["input_ids"][ids], attention_mask=b["attention_mask"][ids]).logits
+            assert torch.equal(got, out)
+            assert {s.replayed for s in rep.stats.values()} == {int(b["attention_mask"][ids].sum())}
+    with pytest.raises(LayoutError, match=r"a PreparedTrace carries its attention mask"):
+        store.replay(prepared[0], attention_mask=b["attention_mask"][:2])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 7), min_size=1, max_size=4),
+    extra=st.integers(0, 3),
+    left=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_router_row_sources_is_to_router_rows_as_a_gather(lens, extra, left, seed):
+    """The sync-free gather puts every real token's route where to_router_rows scatters it."""
+    S = max(lens) + extra
+    mask_BS = torch.zeros(len(lens), S, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        if left:
+            mask_BS[b, S - n :] = True
+        else:
+            mask_BS[b, :n] = True
+    T = sum(lens)
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.rand(T, 2, 8, generator=g).argsort(-1)[..., :3]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    trace = RoutingTrace(experts=experts, cu_seqlens=cu, layer_ids=(0, 1), num_experts=8)
+    rows = layout.to_router_rows(trace, mask_BS)
+    src_N, real_N, differs = layout.router_row_sources(trace.cu_seqlens, mask_BS, T)
+    assert not bool(differs)
+    assert torch.equal(real_N, mask_BS.reshape(-1))
+    if T:
+        assert torch.equal(experts.index_select(0, src_N)[real_N], rows.experts[real_N])
+    short = mask_BS.clone()
+    b = next((i for i, n in enumerate(lens) if n), None)
+    if b is not None:
+        short[b, short[b].nonzero()[0, 0]] = False  # one real token fewer than the trace's sequence
+        assert bool(layout.router_row_sources(trace.cu_seqlens, short, T)[2])
