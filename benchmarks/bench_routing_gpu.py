@@ -3,6 +3,7 @@
     python3 benchmarks/bench_routing_gpu.py                   # the four shapes of issue 11, fp32 logits
     OUT=/dir python3 benchmarks/bench_routing_gpu.py          # also writes /dir/bench_routing_gpu.json
     TRITON_INTERPRET=1 python3 benchmarks/bench_routing_gpu.py --smoke   # tiny shapes on the CPU (logic only)
+    python3 benchmarks/bench_routing_gpu.py --host-cost       # no GPU: host µs of a call, the launch stubbed
 
 Per shape, same card, same run, median of per-call CUDA-event timings after warm-up, inputs rotated
 over several copies so that the logits do not sit in L2:
@@ -11,14 +12,21 @@ over several copies so that the logits do not sit in L2:
   ``REPLAY_FORWARD`` with int64 ids on the GPU and in pinned host memory (its training path:
   dense ``[T, E]`` probs and routing map);
 * ``routing.route(..., forced_TK=ids, validate=False)`` with uint8 ids (GPU, pinned host) and int64;
-* ``kernels.route_forced_fused`` with uint8 ids (GPU, pinned host) and int64, its forward
-  rows-per-program swept;
+* ``kernels.route_forced_fused`` (the checked wrapper) with uint8 ids (GPU, pinned host) and int64,
+  its forward rows-per-program swept;
+* ``kernels.prepare_fused``'s call (what replay calls per layer): uint8 / int64 ids on the GPU and
+  in pinned host memory;
 * forward + backward of each (Megatron: grad of its dense probs; ours: grad of the ``[T, K]`` weights);
 * the bytes floor: reading the logits and the uint8 ids and writing ``[T, K]`` weights and int64
   ids, at the device-to-device copy bandwidth measured in this run (a 1 GiB copy).
 
-Correctness is checked in the same run: the fused weights against route()'s (ulp distance, fp
-fusion on and off), route()'s against Megatron's replay probs at the same ids.
+Correctness is checked in the same run: the fused and prepared weights against route()'s (ulp
+distance, fp fusion on and off, next to ``kernels.ulp_bound``), route()'s against Megatron's replay
+probs at the same ids.
+
+``--host-cost`` needs no GPU: it times, on the CPU, everything a call does except the kernel launch
+(checks, allocations, autograd, the launcher's Python side; the launcher itself is a no-op), for the
+prepared call and for the checked wrapper, forward and forward + backward.
 
 Legend: T tokens, E experts, K top-k.
 """
@@ -43,6 +51,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch
 
 from routereplay import routing
+from routereplay.kernels import ulp_bound
 from routereplay.routing import RouterSpec
 
 # name, tokens, experts, top-k, Megatron arguments, our spec
@@ -201,13 +210,24 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
     best = min(sweep, key=sweep.get)
     res["fused_block_rows_us"] = {str(k): v for k, v in sweep.items()}
     res["fused_block_rows_default"] = kernels._block_rows(
-        kernels.plan_for(spec, dtype, None, None, device.type == "cuda"), backward=False
+        kernels.plan_for(spec, dtype, None, None, device.type == "cuda"), False, num_tokens, _num_sms(device)
     )
     fwd["fused_uint8_gpu_ids"] = timer(lambda i: ours(i, ids8, True), copies)
     fwd["fused_uint8_gpu_ids_best_rows"] = sweep[best]
     res["fused_best_block_rows"] = best
     fwd["fused_int64_gpu_ids"] = timer(lambda i: ours(i, ids64, True), copies)
     fwd["fused_uint8_host_ids"] = timer(lambda i: ours(i, ids8_host, True), copies)
+    prepared = kernels.PreparedReplay(spec, logits_dtype=dtype, device=device)
+    bias_arg = kw.get("bias_E")
+
+    def prep(i, ids):
+        return prepared(logits[i], ids[i], None, bias_arg)
+
+    fwd["prepared_uint8_gpu_ids"] = timer(lambda i: prep(i, ids8), copies)
+    fwd["prepared_int64_gpu_ids"] = timer(lambda i: prep(i, ids64), copies)
+    fwd["prepared_uint8_host_ids"] = timer(lambda i: prep(i, ids8_host), copies)
+    fwd["prepared_int64_host_ids"] = timer(lambda i: prep(i, ids64_host), copies)
+    res["prepared_block_rows"] = kernels._block_rows(prepared.plan, False, num_tokens, prepared._num_sms)
 
     # forward + backward: gradients of the router output w.r.t. the logits
     leaves = [x.clone().requires_grad_(True) for x in logits]
@@ -219,6 +239,10 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         replay.set_target_indices(ids64[i])
         probs, _ = mu.topk_routing_with_score_function(leaves[i], top_k, router_replay=replay, **mkw)
         return torch.autograd.grad(probs, leaves[i], grad_dense)
+
+    def fb_prepared(i, ids):
+        w, _ = prepared(leaves[i], ids[i], None, bias_arg)
+        return torch.autograd.grad(w, leaves[i], grad_k)
 
     def fb_ours(i, ids, fused):
         if fused:
@@ -232,6 +256,8 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
     fb["route_uint8_gpu_ids"] = timer(lambda i: fb_ours(i, ids8, False), copies)
     fb["fused_uint8_gpu_ids"] = timer(lambda i: fb_ours(i, ids8, True), copies)
     fb["fused_uint8_host_ids"] = timer(lambda i: fb_ours(i, ids8_host, True), copies)
+    fb["prepared_uint8_gpu_ids"] = timer(lambda i: fb_prepared(i, ids8), copies)
+    fb["prepared_uint8_host_ids"] = timer(lambda i: fb_prepared(i, ids8_host), copies)
 
     # the bytes floor: logits + uint8 ids read, [T, K] weights (logits dtype) + int64 ids written
     esize = torch.finfo(dtype).bits // 8
@@ -248,6 +274,10 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         w, i = kernels.route_forced_fused(logits[0], spec, forced_TK=ids8[0], validate=False, fp_fusion=fusion, **kw)
         check[f"fused_vs_route_ulp_fp_fusion_{fusion}"] = ulp(w, ref_w)
         check["ids_equal"] = bool(torch.equal(i, ref_i))
+    w, i = prepared(logits[0], ids8[0], None, bias_arg)
+    check["prepared_vs_route_ulp"] = ulp(w, ref_w)
+    check["prepared_ids_equal"] = bool(torch.equal(i, ref_i))
+    check["ulp_bound"] = ulp_bound(spec, dtype)
     probs, _ = megatron(0, ids64)
     check["route_vs_megatron_ulp"] = ulp(probs.gather(1, ids64[0]), ref_w)
     w_leaf = leaves[0]
@@ -260,6 +290,69 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
     check["grad_rel_err"] = float((g_fused.float() - g_ref.float()).norm() / g_ref.float().norm())
     replay.clear_indices()
     return res
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def host_cost(args) -> dict:
+    """Host µs per call on the CPU with the kernel launch replaced by a no-op launcher: the
+    prepared call (direct-launch path) and the checked wrapper, forward and forward + backward,
+    at the issue's 16384 x 128 top-8 shapes (the tensors are small CPU ones: only the host path
+    is timed, and CPU allocations stand in for the CUDA caching allocator's)."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # lets a PreparedReplay live on the CPU
+    from routereplay.kernels import replay_triton as rt
+
+    class _NoLaunch:  # what a compiled kernel gives the direct launch path, launching nothing
+        function, packed_metadata = 0, (4, 1, 0)
+
+        @staticmethod
+        def run(*launch_args):
+            return None
+
+    class _StubJIT:  # stands in for the JIT functions: the first launch "compiles" _NoLaunch
+        def __init__(self, fn):
+            self.arg_names = fn.arg_names
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: _NoLaunch()
+
+    rt._replay_fwd, rt._replay_bwd = _StubJIT(rt._replay_fwd), _StubJIT(rt._replay_bwd)
+    rt._raw_stream = lambda index: 0
+    timer = Timer(torch.device("cpu"), args.warmup, args.reps)
+    out = {}
+    for name, _, num_experts, top_k, mc in CASES[:2]:
+        out[name] = _host_cost_case(rt, timer, spec_for(num_experts, top_k, mc))
+        print(json.dumps({name: out[name]}))
+    return out
+
+
+def _host_cost_case(rt, timer: Timer, spec: RouterSpec) -> dict:
+    logits = torch.randn(64, spec.num_logits)
+    leaf = logits.clone().requires_grad_(True)
+    ids8 = torch.randperm(spec.num_logits)[: spec.top_k].repeat(64, 1).to(torch.uint8)
+    grad = torch.ones(64, spec.top_k)
+    prepared = rt.PreparedReplay(spec, logits_dtype=torch.float32, device="cpu")
+    prepared._fast = True  # take the direct-launch path, with the stubbed launcher
+    prepared._direct = lambda num_tokens: True
+
+    def fb(call):
+        w, _ = call(leaf)
+        return torch.autograd.grad(w, leaf, grad)
+
+    def checked(x):
+        return rt.route_forced_fused(x, spec, forced_TK=ids8, validate=False)
+
+    out = {
+        "prepared_forward_us": timer(lambda i: prepared(leaf, ids8), 1),
+        "prepared_forward_backward_us": timer(lambda i: fb(lambda x: prepared(x, ids8)), 1),
+        "prepared_forward_no_grad_us": timer(lambda i: prepared(logits, ids8), 1),
+        "checked_wrapper_forward_us": timer(lambda i: checked(leaf), 1),
+        "checked_wrapper_forward_backward_us": timer(lambda i: fb(checked), 1),
+    }
+    out["kept_launchers"] = [len(prepared._fwd_kernels), len(prepared._bwd_kernels)]
+    return out
 
 
 def mu_action(mu, name):
@@ -276,7 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotate-bytes", type=int, default=256 << 20, help="logits bytes rotated over (> L2)")
     p.add_argument("--block-rows", type=int, nargs="*", default=[16, 32, 64, 128])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): logic only")
+    p.add_argument("--host-cost", action="store_true", help="no GPU: host µs of a call with the launch stubbed")
     args = p.parse_args(argv)
+    if args.host_cost:
+        args.warmup, args.reps = max(args.warmup, 50), max(args.reps, 2000)
+        result = host_cost(args)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+            Path(os.environ["OUT"], "bench_routing_host_cost.json").write_text(json.dumps(result, indent=1))
+        return 0
 
     from megatron.core.transformer.moe import moe_utils as mu
     from megatron.core.transformer.moe.router_replay import RouterReplay
@@ -330,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         ("fused u8", "forward_us", "fused_uint8_gpu_ids"),
         ("fused i64", "forward_us", "fused_int64_gpu_ids"),
         ("fused host u8", "forward_us", "fused_uint8_host_ids"),
+        ("prep u8", "forward_us", "prepared_uint8_gpu_ids"),
+        ("prep i64", "forward_us", "prepared_int64_gpu_ids"),
+        ("prep host u8", "forward_us", "prepared_uint8_host_ids"),
+        ("prep host i64", "forward_us", "prepared_int64_host_ids"),
     ]
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | megatron-core "
           f"{meta['megatron_core']} | {args.dtype} logits | copy {bandwidth / 1e12:.2f} TB/s | commit {meta['commit']}")  # fmt: skip
@@ -349,7 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['name']:42s}{cells}  floor {r['floor_fb_us']:.1f}")
     print("checks and fused rows-per-program sweep:")
     for r in results:
-        print(f"{r['name']:42s}{json.dumps(r['check'])} rows {json.dumps(r['fused_block_rows_us'])}")
+        print(
+            f"{r['name']:42s}{json.dumps(r['check'])} rows {json.dumps(r['fused_block_rows_us'])} "
+            f"prepared rows {r['prepared_block_rows']}"
+        )
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,8 @@ def _report() -> dict:
 
     from routereplay import routing
     from routereplay.errors import RouterSpecError
-    from routereplay.kernels import route_forced_fused, unsupported_reason
+    from routereplay.kernels import prepare_fused, route_forced_fused, unsupported_reason
+    from routereplay.kernels.replay_triton import PreparedReplay
 
     out: dict = {"cases": {}, "errors": {}}
     for name, spec in sorted(VARIANTS.items()):
@@ -76,7 +77,14 @@ def _report() -> dict:
             if reason is not None:
                 out["cases"][key] = {"unsupported": reason}
                 continue
-            case = {"ulp": 0, "ids_equal": True, "dtype_equal": True, "id_dtypes_agree": True, "grad_rel": 0.0}
+            case = {
+                "ulp": 0,
+                "ids_equal": True,
+                "dtype_equal": True,
+                "id_dtypes_agree": True,
+                "prepared_equal": True,
+                "grad_rel": 0.0,
+            }
             for seed in range(3):
                 logits_TE, kwargs, gen = _inputs(spec, dtype, seed)
                 ids_TK = random_valid_ids(spec, logits_TE.shape[0], gen)
@@ -89,6 +97,19 @@ def _report() -> dict:
                     for d in (ID_DTYPES if seed == 0 else ("uint8",))
                 ]
                 w, i = results[0]
+                if seed != 1:  # the prepared call is the same kernel: bit for bit the wrapper's
+                    scale = kwargs.get("expert_scale_E")
+                    fused = prepare_fused(
+                        spec,
+                        logits_dtype=dtype,
+                        device="cpu",
+                        scale_dtype=None if scale is None else scale.dtype,
+                        out_dtype=dtype,
+                    )
+                    w3, i3 = fused(
+                        logits_TE, ids_TK.to(torch.uint8), mask_T, kwargs.get("bias_E"), kwargs.get("expert_scale_E")
+                    )
+                    case["prepared_equal"] &= torch.equal(w3, w) and torch.equal(i3, i)
                 case["ids_equal"] &= torch.equal(i, ref_i) and i.dtype == torch.int64
                 case["dtype_equal"] &= w.dtype == ref_w.dtype
                 case["id_dtypes_agree"] &= all(torch.equal(w, w2) and torch.equal(i, i2) for w2, i2 in results)
@@ -155,6 +176,73 @@ def _report() -> dict:
     out["strided_ulp"] = ulp_distance(w, ref_w)
     w, i = route_forced_fused(logits_TE[:0], spec, forced_TK=ids_TK[:0], **kwargs)
     out["empty"] = [list(w.shape), list(i.shape)]
+    out["sum_order"], out["sum_orders_differ"] = _sum_order_report(PreparedReplay)
+    out["prepared_errors"] = _prepared_errors(prepare_fused, RouterSpecError)
+    return out
+
+
+def _emulated_sum(x_TK, halves: bool):
+    """float32 sum over K in the lane order of torch's CUDA reduction (see ``_sum_torch_k``)."""
+    import numpy as np
+
+    num_k = x_TK.shape[1]
+    lanes = 1 << (num_k.bit_length() - 1)
+    padded = np.zeros((x_TK.shape[0], 2 * lanes), np.float32)
+    padded[:, :num_k] = x_TK
+    v = padded[:, :lanes] + padded[:, lanes:]  # lane l: column l, then column l + lanes
+    while v.shape[1] > 1:
+        half = v.shape[1] // 2
+        v = v[:, :half] + v[:, half:] if halves else v[:, 0::2] + v[:, 1::2]
+    return v[:, 0]
+
+
+def _sum_order_report(PreparedReplay) -> tuple[dict, bool]:
+    """Identity scores, renormalised: the weights are x / sum(x), so the kernel's sum order is all
+    that can differ from a float32 emulation of each lane order; held to 0 ulp, both orders."""
+    gen = torch.Generator().manual_seed(11)
+    ulps, differ = {}, False
+    for top_k in (4, 6, 8, 12):
+        spec = RouterSpec(num_experts=32, top_k=top_k, score_function="none", norm_topk_prob=True)
+        logits_TE = torch.rand(96, 32, generator=gen) * torch.rand(96, 1, generator=gen)
+        ids_TK = torch.rand(96, 32, generator=gen).argsort(dim=1)[:, :top_k]
+        x_TK = logits_TE.gather(1, ids_TK).numpy()
+        results = []
+        for halves in (True, False):
+            fused = PreparedReplay(spec, logits_dtype=torch.float32, device="cpu", sum_halves=halves)
+            w, _ = fused(logits_TE, ids_TK)
+            want = torch.from_numpy(x_TK / _emulated_sum(x_TK, halves)[:, None])
+            ulps[f"K{top_k}-{'halves' if halves else 'pairs'}"] = ulp_distance(w, want)
+            results.append(w)
+        differ |= not torch.equal(results[0], results[1])
+    return ulps, differ
+
+
+def _prepared_errors(prepare_fused, RouterSpecError) -> dict:
+    """The messages of a prepared call's refusals (and of prepare_fused's)."""
+    from test_routing import VARIANTS
+
+    spec = VARIANTS["softmax_pre_norm"]
+    fused = prepare_fused(spec, logits_dtype=torch.float32, device="cpu", where="layer 2: ")
+    logits_TE = torch.randn(8, spec.num_logits)
+    ids_TK = torch.arange(spec.top_k).repeat(8, 1)
+    calls = {
+        "logits_dtype": lambda: fused(logits_TE.bfloat16(), ids_TK),
+        "ids_shape": lambda: fused(logits_TE, ids_TK[:, :2]),
+        "float_ids": lambda: fused(logits_TE, ids_TK.float()),
+        "mask_dtype": lambda: fused(logits_TE, ids_TK, torch.ones(8)),
+        "unsupported": lambda: prepare_fused(VARIANTS["p_norm"], logits_dtype=torch.float32, device="cpu"),
+        "no_scale_dtype": lambda: prepare_fused(VARIANTS["expert_scale"], logits_dtype=torch.float32, device="cpu"),
+        "scale_dtype": lambda: prepare_fused(
+            VARIANTS["expert_scale"], logits_dtype=torch.float32, device="cpu", scale_dtype=torch.bfloat16
+        )(logits_TE, ids_TK, expert_scale_E=torch.ones(spec.num_logits)),
+    }
+    out = {}
+    for label, call in calls.items():
+        try:
+            call()
+            out[label] = None
+        except RouterSpecError as e:
+            out[label] = str(e)
     return out
 
 
@@ -193,6 +281,7 @@ def test_interpreted_kernel_matches_route(report, key):
     assert case["ids_equal"], f"{key}: ids differ from route()'s (or are not int64)"
     assert case["dtype_equal"], f"{key}: weights dtype differs from route()'s"
     assert case["id_dtypes_agree"], f"{key}: uint8 / int16 / int32 / int64 ids give different results"
+    assert case["prepared_equal"], f"{key}: prepare_fused's call differs from route_forced_fused"
     assert case["ulp"] <= ULP_BOUND[dtype], f"{key}: {case['ulp']} ulp from route(), bound {ULP_BOUND[dtype]}"
     bound = 1e-6 if dtype == "float32" else 2e-2
     assert case["grad_rel"] <= bound, f"{key}: gradient relative error {case['grad_rel']:.2e} > {bound}"
@@ -209,6 +298,38 @@ def test_interpreted_kernel_validates_like_route(report):
         "layer 3: the fused replay kernel does not cover this router spec: norm_kind='p_norm' (DBRX) is not "
         "fused: torch.norm's reduction order is not reproduced; check routereplay.kernels.supports(spec, ...) "
         "first and call routing.route for such specs"
+    )
+
+
+@NEEDS_TRITON
+def test_interpreted_top_k_sum_follows_each_lane_order_exactly(report):
+    assert report["sum_order"] == {f"K{k}-{order}": 0 for k in (4, 6, 8, 12) for order in ("halves", "pairs")}, report[
+        "sum_order"
+    ]
+    assert report["sum_orders_differ"], "the two lane orders gave the same weights: the test cannot tell them apart"
+
+
+@NEEDS_TRITON
+def test_interpreted_prepared_call_refusals(report):
+    errors = report["prepared_errors"]
+    assert errors["logits_dtype"] == (
+        "layer 2: logits are torch.bfloat16, the fused replay was prepared for torch.float32: "
+        "prepare one per logits dtype"
+    )
+    assert errors["ids_shape"] == (
+        "layer 2: forced_TK must be [8, 4] (rows of the router input, top_k=4), found (8, 2)"
+    )
+    assert errors["float_ids"] == "layer 2: forced_TK must be an integer tensor, found torch.float32"
+    assert errors["mask_dtype"] == "layer 2: forced_mask_T must be bool [8], found (8,) torch.float32"
+    assert errors["unsupported"].startswith(
+        "the fused replay kernel does not cover this router spec: norm_kind='p_norm' (DBRX) is not fused"
+    )
+    assert errors["no_scale_dtype"] == (
+        "the router spec scales weights per expert: pass scale_dtype=expert_scale.dtype "
+        "(float32, bfloat16 or float16), found None"
+    )
+    assert errors["scale_dtype"] == (
+        "expert_scale_E is torch.float32, the fused replay was prepared with scale_dtype=torch.bfloat16"
     )
 
 
@@ -250,6 +371,50 @@ def test_unsupported_reasons():
         assert unsupported_reason(RouterSpec(num_experts=8, top_k=2), device="cpu") == (
             "logits on cpu: the kernel runs on CUDA (or on the CPU with TRITON_INTERPRET=1)"
         )
+
+
+@NEEDS_TRITON
+def test_ulp_bound_is_what_the_gpu_tier_asserts():
+    from routereplay.errors import RouterSpecError
+    from routereplay.kernels import ulp_bound
+
+    sys.path.insert(0, str(HERE))
+    from test_routing import VARIANTS
+
+    for name, spec in VARIANTS.items():
+        if name == "p_norm":
+            continue
+        assert ulp_bound(spec, torch.float32) == 0 and ulp_bound(spec, torch.bfloat16) == 0, name
+    with pytest.raises(RouterSpecError) as err:
+        ulp_bound(VARIANTS["p_norm"], torch.float32)
+    assert str(err.value) == (
+        "the fused replay kernel does not cover this router spec: norm_kind='p_norm' (DBRX) is not fused: "
+        "torch.norm's reduction order is not reproduced; no bound applies, routing.route replays it"
+    )
+
+
+def test_cuda_sum_lane_order_is_read_from_this_torch():
+    from routereplay.kernels.coverage import cuda_sum_halves_lanes
+
+    # pytorch/pytorch#164790 (torch 2.10) made CUDA's block_x_reduce halve its shuffle offsets
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    assert cuda_sum_halves_lanes() == ((major, minor) >= (2, 10) and torch.version.hip is None)
+
+
+@NEEDS_TRITON
+def test_prepare_fused_refuses_the_cpu_outside_the_interpreter():
+    from routereplay.errors import RouterSpecError
+    from routereplay.kernels import prepare_fused
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set: the CPU is a supported device here")
+    with pytest.raises(RouterSpecError) as err:
+        prepare_fused(RouterSpec(num_experts=8, top_k=2), logits_dtype=torch.float32, device="cpu", where="layer 0: ")
+    assert str(err.value) == (
+        "layer 0: the fused replay kernel does not cover this router spec: logits on cpu: the kernel runs on "
+        "CUDA (or on the CPU with TRITON_INTERPRET=1); check routereplay.kernels.supports(spec, ...) first "
+        "and call routing.route for such specs"
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interp-report"]:

@@ -632,7 +632,11 @@ class PreparedReplay:
             logits_TE.requires_grad or (scale_E is not None and scale_E.requires_grad)
         )
         if needs_grad:
-            return _FusedReplay.apply(logits_TE, scale_E, forced_TK, live_TK, keep_T, self)
+            if torch._C._are_functorch_transforms_active():
+                return _FusedReplay.apply(logits_TE, scale_E, (forced_TK, live_TK, keep_T), self)
+            # Function.apply minus its Python preamble (binding defaults for setup_context, which
+            # this Function has none of, and unwrapping tensors leaked from dead torch.func levels)
+            return _apply_fused(logits_TE, scale_E, (forced_TK, live_TK, keep_T), self)
         weights_TK, ids_TK, _ = self._forward(logits_TE, scale_E, forced_TK, live_TK, keep_T, False)
         return weights_TK, ids_TK
 
@@ -815,7 +819,8 @@ def _on(device: torch.device):
 
 class _FusedReplay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE, scale_E, forced_TK, live_TK, keep_T, prepared: PreparedReplay):
+    def forward(ctx, logits_TE, scale_E, ids, prepared: PreparedReplay):
+        forced_TK, live_TK, keep_T = ids
         weights_TK, ids_TK, stats_2T = prepared._forward(logits_TE, scale_E, forced_TK, live_TK, keep_T, True)
         ctx.prepared = prepared
         ctx.save_for_backward(logits_TE, ids_TK, scale_E, stats_2T)
@@ -836,7 +841,10 @@ class _FusedReplay(torch.autograd.Function):
             grad_scale_E = torch.zeros(scale_E.shape, dtype=torch.float32, device=scale_E.device)
             grad_scale_E.index_put_((ids_TK.reshape(-1),), gc_TK.reshape(-1), accumulate=True)
             grad_scale_E = grad_scale_E.to(scale_E.dtype)
-        return grad_TE, grad_scale_E, None, None, None, None
+        return grad_TE, grad_scale_E, None, None
+
+
+_apply_fused = super(torch.autograd.Function, _FusedReplay).apply  # the C++ apply
 
 
 def _check_inputs(logits_TE, spec, forced_TK, forced_mask_T, bias_E, expert_scale_E, out_dtype, where) -> None:
