@@ -25,16 +25,25 @@ PyTorch's CUDA kernels use for these shapes, so the float32 operations are the s
   does exactly these additions. The output is ``exp(x - max) / sum`` (IEEE division).
 * the sum over K of ``[T, K]`` weights (``Reduce.cuh``, K < 128 on the contiguous dim): lane ``l``
   of ``B = min(last_pow2(K), 32)`` lanes accumulates columns ``l, l + B`` (in that order), then
-  the lanes combine by shuffle-down with offsets 1, 2, 4, ... (``_sum_torch_k``).
+  the lanes combine by shuffle-down with offsets B/2, ..., 2, 1 since torch 2.10 (1, 2, ..., B/2
+  before, and on ROCm); ``_sum_torch_k`` takes the order of the installed build
+  (``coverage.cuda_sum_halves_lanes``). Assuming the old order on torch 2.11 cost up to 4 ulp in
+  float32 wherever a renormalisation divides by this sum.
 * exp, log1p are libdevice's (the CUDA math library's ``expf``/``log1pf``, which PyTorch's kernels
   call), divisions and square roots are IEEE round-to-nearest (``div_rn``, ``sqrt_rn``);
   ``w / scaling_factor`` is ``w * (1 / scaling_factor)`` on CUDA (PyTorch divides by a CPU scalar
   so) and a true division on the CPU.
 
-Where this cannot hold, a bound is stated and tested (tests/test_kernels*.py): under Triton's CPU
-interpreter exp and log1p are NumPy's and PyTorch's CPU kernels reduce in another order; the
-backward (a few fused multiply-adds and sums whose order autograd does not fix) is compared with
-``route``'s autograd within a relative tolerance, not bit for bit.
+So the promise (``kernels.ulp_bound``) is 0 ulp on CUDA for every covered spec. Where it cannot
+hold, a bound is stated and tested (tests/test_kernels*.py): under Triton's CPU interpreter exp and
+log1p are NumPy's and PyTorch's CPU kernels reduce in another order (4 ulp of the logits dtype);
+the backward (a few fused multiply-adds and sums whose order autograd does not fix) is compared
+with ``route``'s autograd within a relative tolerance, not bit for bit.
+
+The host side: :class:`PreparedReplay` (``kernels.prepare_fused``) plans once per (spec, dtypes,
+device) and keeps, per kernel variant, the compiled kernel's launcher, so a call costs checks, two
+allocations, autograd's apply and one direct launcher call instead of Triton's binder, cache lookup
+and launch-metadata work.
 
 Legend: T tokens, E logits per token (``spec.num_logits``), K top-k slots, KP K padded to a power
 of two, EW lanes of the E-softmax (``min(next_pow2(E), 32)``), EI columns per lane.
