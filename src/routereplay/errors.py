@@ -128,6 +128,11 @@ class AlreadyAttachedError(ReplayError):
     """``attach`` was called on a model that already has an attached handle."""
 
 
+class CudaGraphError(ReplayError):
+    """A record or replay block's router call ran inside a CUDA graph capture (the hooks would run
+    once at capture and never when the graph replays)."""
+
+
 class BatchShapeMismatchError(TokenCountMismatchError):
     """A forward's batch shape ``[B, S]`` differs from the sequences of the trace replayed on it."""
 

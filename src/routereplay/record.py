@@ -52,10 +52,12 @@ class Recording:
 
     def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
         ids = ids_NK.detach()
-        kept = ids  # narrowed to the compact dtype when read (`calls`): no extra kernel per layer here
+        # On CUDA the recording keeps its own compact copy (one small kernel per layer): under
+        # torch.compile with CUDA graphs (generate's static cache) the router's ids live in the
+        # graph's memory pool, which the next step overwrites. Host ids are narrowed when read.
+        kept = ids.to(self._dtype) if ids.is_cuda else ids
         if self._offload and ids.is_cuda:
-            kept = torch.empty(ids.shape, dtype=self._dtype, pin_memory=True)
-            kept.copy_(ids.to(self._dtype), non_blocking=True)
+            kept = torch.empty(ids.shape, dtype=self._dtype, pin_memory=True).copy_(kept, non_blocking=True)
             self._pending_copy = True
         self._ids[index].append(kept)
         binding = Binding(ids, None, f"record block {self._block}, forward {len(self._ids[index])}")

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from routereplay import recompute
-from routereplay.errors import RecomputeMismatchError, ReplayError, UnsupportedModelError
+from routereplay.errors import CudaGraphError, RecomputeMismatchError, ReplayError, UnsupportedModelError
 from routereplay.record import Recording
 from routereplay.replay import LayerStats, PreparedTrace, Replay, prepare
 from routereplay.routing import route
@@ -272,6 +272,14 @@ class RouterHandle:
         else:
             chain = recompute.scopes()
         mode = self._mode
+        if mode is not None and logits_NE.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise CudaGraphError(
+                f"{self.where(index)}: a router call of a {type(mode).__name__.lower()} block inside a CUDA graph "
+                "capture; the hooks run once while the graph is captured and never when it replays, so later "
+                "replays would be neither recorded nor forced. Run record/replay/capture outside CUDA graph "
+                "capture (eager, or torch.compile without mode='reduce-overhead'); routereplay's own CUDA graph "
+                "support is torch.compile's (generate's static cache compiled with CUDA graphs captures correctly)"
+            )
         if mode is None:
             if chain:
                 self._bindings.bind(chain, index, recompute.Binding(None, None, "live forward"))
