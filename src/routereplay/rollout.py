@@ -281,7 +281,10 @@ class GenerationCapture:
 
     def __enter__(self) -> GenerationCapture:  # noqa: PYI034 (typing.Self needs Python 3.11)
         if self._want_logprobs:
-            self._hook = self._handle.model.register_forward_hook(self._on_forward, with_kwargs=True)
+            # Eager on every step under torch.compile (a graph break, as the router seam's calls):
+            # what it keeps must not live in a compiled step's CUDA-graph memory pool.
+            hook = torch.compiler.disable(self._on_forward)
+            self._hook = self._handle.model.register_forward_hook(hook, with_kwargs=True)
         try:
             self._recording.__enter__()
         except BaseException:
@@ -313,8 +316,8 @@ class GenerationCapture:
             return
         with torch.no_grad():
             if self._lp_prev_BV is not None:
-                tok_B = ids[:, -1]
-                self._lp_tokens.append(tok_B.detach())
+                tok_B = ids[:, -1].clone()
+                self._lp_tokens.append(tok_B)
                 self._lp_values.append(self._lp_prev_BV.gather(1, tok_B[:, None].to(self._lp_prev_BV.device))[:, 0])
             self._lp_prev_BV = torch.log_softmax(logits[:, -1].detach().float() / self._temperature, dim=-1)
 
