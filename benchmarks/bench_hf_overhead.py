@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--replay-kernel", choices=("torch", "triton"), default="torch", help="attach(replay_kernel=...)")
     p.add_argument(
         "--no-gc-collect",
         dest="gc_collect",
@@ -83,7 +84,7 @@ def main() -> None:
     batch = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    handle = routereplay.attach(model)
+    handle = routereplay.attach(model, replay_kernel=args.replay_kernel)
     with handle.record() as rec, torch.no_grad():
         model(**batch)
     # R3 traces from an inference engine (and R2 traces recorded with offload=True) live on the
@@ -120,7 +121,7 @@ def main() -> None:
         sync()
         dt = time.perf_counter() - t0
         if kind == "plain":
-            handle = routereplay.attach(model)
+            handle = routereplay.attach(model, replay_kernel=args.replay_kernel)
             prepared = handle.prepare(trace)
         return dt
 
@@ -137,14 +138,15 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"device={args.device} dtype={args.dtype} layers={args.layers} hidden={args.hidden} experts={args.experts} "
-        f"topk={args.topk} batch={args.batch}x{args.seq} reps={args.reps} threads={torch.get_num_threads()}"
+        f"topk={args.topk} batch={args.batch}x{args.seq} reps={args.reps} threads={torch.get_num_threads()} "
+        f"replay_kernel={args.replay_kernel} gc_collect={args.gc_collect}"
     )
     for k in kinds:
         print(
             f"{k:>7}: median {med[k] * 1e3:9.2f} ms  (min {min(times[k]) * 1e3:9.2f}, max {max(times[k]) * 1e3:9.2f})"
         )
     for k in kinds[1:]:
-        print(f"{k}/plain = {med[k] / med['plain']:.4f}")
+        print(f"{k}/plain = {med[k] / med['plain']:.4f}  (min/min {min(times[k]) / min(times['plain']):.4f})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Legend: B batch rows, S sequence length, T packed tokens, N router rows (B*S), L
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -143,3 +145,19 @@ def test_router_row_sources_is_to_router_rows_as_a_gather(lens, extra, left, see
     if b is not None:
         short[b, short[b].nonzero()[0, 0]] = False  # one real token fewer than the trace's sequence
         assert bool(layout.router_row_sources(trace.cu_seqlens, short, T)[2])
+
+
+def test_replay_kernel_is_checked_at_attach_and_the_cpu_replays_with_route(model):
+    with pytest.raises(ReplayError, match=r'replay_kernel must be "torch" or "triton", found \'cuda\''):
+        routereplay.attach(model, replay_kernel="cuda")
+    b = batch()
+    h = routereplay.attach(model)
+    trace = record(h, model, b)[0].trace()
+    with h.replay(trace):
+        want = model(**b).logits
+    h.detach()
+    h = routereplay.attach(model, replay_kernel="triton" if importlib.util.find_spec("triton") else "torch")
+    with h.replay(trace):
+        assert torch.equal(model(**b).logits, want)
+    assert not h._fused  # the fused kernel is CUDA's: CPU logits take routing.route
+    h.detach()

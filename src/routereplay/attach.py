@@ -40,7 +40,9 @@ def _chunks(model: Any) -> list[Any]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def attach(model: Any, *, adapter: Adapter | str | None = None, **options: Any) -> RouterHandle:
+def attach(
+    model: Any, *, adapter: Adapter | str | None = None, replay_kernel: str = "torch", **options: Any
+) -> RouterHandle:
     """Attach routereplay to an MoE model: find its routers and intercept them.
 
     Args:
@@ -48,6 +50,10 @@ def attach(model: Any, *, adapter: Adapter | str | None = None, **options: Any) 
             on its module instances only.
         adapter: an adapter module / object, or the name of a registered one; default: the first
             registered adapter that claims the model.
+        replay_kernel: how forced ids become gate weights: ``"torch"`` (``routing.route``, PyTorch
+            ops, every spec) or ``"triton"`` (the fused kernel of ``routereplay.kernels`` on CUDA
+            for the specs it covers, bit for bit equal to ``"torch"`` there (``kernels.ulp_bound``);
+            ``routing.route`` for the other specs and devices). Needs triton for ``"triton"``.
         **options: passed to the adapter's ``discover``.
 
     Returns:
@@ -69,7 +75,7 @@ def attach(model: Any, *, adapter: Adapter | str | None = None, **options: Any) 
             )
     ad = _resolve(model, adapter)
     discovery = ad.discover(model, **options)
-    handle = RouterHandle(model, discovery, adapter=ad.NAME)
+    handle = RouterHandle(model, discovery, adapter=ad.NAME, replay_kernel=replay_kernel)
     removers = ad.install(model, discovery, handle.calls)
     for chunk in _chunks(model):
         if hasattr(chunk, "__dict__"):
@@ -87,7 +93,9 @@ def _resolve(model: Any, adapter: Adapter | str | None) -> Adapter:
         for name, module in registered:
             if name == adapter:
                 return importlib.import_module(module)
-        raise UnsupportedModelError(f"no routereplay adapter named {adapter!r}; registered: {[n for n, _ in registered]}")
+        raise UnsupportedModelError(
+            f"no routereplay adapter named {adapter!r}; registered: {[n for n, _ in registered]}"
+        )
     for _name, module in registered:
         candidate = importlib.import_module(module)
         if candidate.claims(model):

@@ -28,6 +28,7 @@ Legend: N rows a router sees in one call, E experts (logits width), K top-k, L M
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 
 from routereplay import recompute
 from routereplay.errors import CudaGraphError, RecomputeMismatchError, ReplayError, UnsupportedModelError
+from routereplay.kernels.coverage import INSTALL_HINT
 from routereplay.record import Recording
 from routereplay.replay import LayerStats, PreparedTrace, Replay, prepare
 from routereplay.routing import route
@@ -66,7 +68,13 @@ class RouterHandle:
         adapter: the adapter's name (``"hf"``, ``"megatron"``).
     """
 
-    def __init__(self, model: Any, discovery: Discovery, *, adapter: str) -> None:
+    def __init__(self, model: Any, discovery: Discovery, *, adapter: str, replay_kernel: str = "torch") -> None:
+        if replay_kernel not in ("torch", "triton"):
+            raise ReplayError(f'replay_kernel must be "torch" or "triton", found {replay_kernel!r}')
+        if replay_kernel == "triton" and importlib.util.find_spec("triton") is None:
+            raise ReplayError(
+                f'replay_kernel="triton" needs triton, which is not installed: {INSTALL_HINT} (or replay_kernel="torch")'
+            )
         layers = discovery.layers
         ks = {(m.top_k, m.num_experts) for m in layers}
         if len(ks) != 1:
@@ -84,6 +92,10 @@ class RouterHandle:
         self.skipped: tuple[tuple[str, str], ...] = tuple(discovery.skipped)
         self.verifiable: tuple[bool, ...] = tuple(discovery.verifiable) or (False,) * len(layers)
         self.adapter = adapter
+        self.replay_kernel = replay_kernel
+        # (layer index, logits dtype, device, scale dtype, out dtype) -> the fused kernel prepared
+        # for them, or None where it does not cover them (routing.route then)
+        self._fused: dict[tuple, Any] = {}
         self.top_k = layers[0].top_k
         self.num_experts = layers[0].num_experts
         self.calls = _Calls(self)
@@ -236,9 +248,17 @@ class RouterHandle:
 
     def _forced(self, index: int, logits_NE, forced_NK, mask_N, route_kw) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's weights at the forced ids (``mask_N`` False rows route live)."""
-        return route(
-            logits_NE, self.layers[index].spec, forced_TK=forced_NK, forced_mask_T=mask_N, validate=False, **route_kw
-        )
+        spec = self.layers[index].spec
+        if self.replay_kernel == "triton" and logits_NE.is_cuda:
+            scale_E = route_kw.get("expert_scale_E")
+            scale_dtype = None if scale_E is None else scale_E.dtype
+            key = (index, logits_NE.dtype, logits_NE.device, scale_dtype, route_kw.get("out_dtype"))
+            fused = self._fused.get(key, False)
+            if fused is False:
+                fused = self._fused[key] = _prepare_fused(spec, *key[1:])
+            if fused is not None:
+                return fused(logits_NE, forced_NK, mask_N, route_kw.get("bias_E"), scale_E)
+        return route(logits_NE, spec, forced_TK=forced_NK, forced_mask_T=mask_N, validate=False, **route_kw)
 
     def _training(self) -> bool:
         training = getattr(self.model, "training", None)
@@ -328,6 +348,15 @@ class _Calls:
         mode = self._handle._mode
         if isinstance(mode, Replay) and not recompute.in_backward():
             mode._check_experts(index, ids_NK)
+
+
+def _prepare_fused(spec, logits_dtype, device, scale_dtype, out_dtype) -> Any:
+    kernels = importlib.import_module("routereplay.kernels")
+    if not kernels.supports(spec, logits_dtype=logits_dtype, device=device):
+        return None
+    return kernels.prepare_fused(
+        spec, logits_dtype=logits_dtype, device=device, scale_dtype=scale_dtype, out_dtype=out_dtype
+    )
 
 
 def _packed_sequences(shape, position_ids, cu_seqlens) -> tuple[str, torch.Tensor] | None:
