@@ -158,7 +158,8 @@ def _padded(ids):
 def test_record_and_replay_add_no_host_sync(where, padded, prepared):
     """Building the replay (checks and layout of the trace, the copy of a host trace), entering
     it, the forward and the backward add no host sync to what the model's own forward and
-    backward make (HF's mask handling syncs on a padded batch), nor does record's forward; the
+    backward make (HF's mask handling syncs on a padded batch; a replay can make fewer, it skips
+    the live top-k), nor does record's forward; the
     device-side checks are read once, at the block's exit (outside the count)."""
     model = _qwen3()
     ids = _ids(model)
@@ -183,7 +184,8 @@ def test_record_and_replay_add_no_host_sync(where, padded, prepared):
         with handle.record():
             forward()
 
-    assert _syncs(recorded) == plain_fwd
+    found = _syncs(recorded)
+    assert found <= plain_fwd, f"record made {found} host syncs, the plain forward {plain_fwd}"
     source = handle.prepare(trace, attention_mask=mask) if prepared else trace
     for _ in range(2 if prepared else 1):
         box = []
@@ -194,7 +196,8 @@ def test_record_and_replay_add_no_host_sync(where, padded, prepared):
             box.append(rep)
             step()
 
-        assert _syncs(replayed) == plain
+        found = _syncs(replayed)
+        assert found <= plain, f"replay made {found} host syncs, the plain step {plain}"
         box[0].__exit__(None, None, None)
         assert all(s.disagreement == 0 and s.live == (3 if padded else 0) for s in box[0].stats.values())
     handle.detach()
