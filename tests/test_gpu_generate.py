@@ -106,15 +106,18 @@ def fresh_compile():
 
 
 # --- b) generate's static cache compiled with CUDA graphs ------------------------------------
-@pytest.mark.parametrize("how", ["generate_compile_config", "generate_compile_config_logprobs", "compiled_forward"])
+# Not here: the user compiling ``model.forward`` itself (``torch.compile(model.forward,
+# mode="reduce-overhead")``) with generate's compile off. On the H200 (torch 2.11, transformers
+# 5.17) that generate crashed the process (segfault) with no routereplay attached at all, and with a
+# capture it stopped in Dynamo on torch's "accessing tensor output of CUDAGraphs that has been
+# overwritten" (the reused forward is not marked as a new step). transformers' own compile path
+# (``compile_config``) is the supported way to get CUDA graphs in generate, and captures exactly.
+@pytest.mark.parametrize("how", ["generate_compile_config", "generate_compile_config_logprobs"])
 def test_capture_with_static_cache_and_cuda_graphs_equals_eager_or_refuses(how, fresh_compile):
     """``generate_compile_config``: transformers compiles ``model.__call__`` itself (mode
     "reduce-overhead"); ``_logprobs``: the same with ``capture_generation(logprobs=True)``, whose
     forward hook on the model is then traced inside the compiled ``__call__`` too (its log-probs
-    are compared with a tolerance: the compiled log-softmax is not bit-equal to eager).
-    ``compiled_forward``: the user sets ``model.forward = torch.compile(model.forward,
-    mode="reduce-overhead")`` and generate's own compile is off; the routers' hooks are inside the
-    compiled forward, the model's own pre-hook outside it."""
+    are compared with a tolerance: the compiled log-softmax is not bit-equal to eager)."""
     from transformers import CompileConfig
 
     model = _model()
@@ -125,11 +128,7 @@ def test_capture_with_static_cache_and_cuda_graphs_equals_eager_or_refuses(how, 
         model, handle, ids_BP, mask_BP, logprobs=logprobs, cache_implementation="static", disable_compile=True
     )
     ref = ref_rollout.trace
-    if how.startswith("generate_compile_config"):
-        extra = {"cache_implementation": "static", "compile_config": CompileConfig(mode="reduce-overhead")}
-    else:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
-        extra = {"cache_implementation": "static", "disable_compile": True}
+    extra = {"cache_implementation": "static", "compile_config": CompileConfig(mode="reduce-overhead")}
     skips0 = _cudagraph_skips()
     try:
         with warnings.catch_warnings():
@@ -145,9 +144,6 @@ def test_capture_with_static_cache_and_cuda_graphs_equals_eager_or_refuses(how, 
             f"{how}: capture under CUDA graphs neither matched eager nor raised a routereplay error; torch raised "
             f"{type(e).__name__}: {str(e)[:600]}"
         )
-    finally:
-        if how == "compiled_forward":
-            del model.forward  # the instance attribute: back to the class's forward
     trace = rollout.trace
     recorded, skips = _cudagraphs_recorded(), _cudagraph_skips() - skips0
     logprob_err = float((rollout.logprobs - ref_rollout.logprobs).abs().max()) if logprobs else None
