@@ -186,14 +186,21 @@ def test_record_and_replay_add_no_host_sync(where, padded, prepared):
 
     found = _syncs(recorded)
     assert found <= plain_fwd, f"record made {found} host syncs, the plain forward {plain_fwd}"
-    source = handle.prepare(trace, attention_mask=mask) if prepared else trace
+    source = trace
+    if prepared:
+        made = []
+        assert _syncs(lambda: made.append(handle.prepare(trace, attention_mask=mask))) == 0, "prepare made a host sync"
+        source = made[0]
     for _ in range(2 if prepared else 1):
         box = []
 
+        def build(box=box):
+            box.append(handle.replay(source, attention_mask=None if prepared else mask))
+
+        assert _syncs(build) == 0, "building the replay (checks, layout, copy of the trace) made a host sync"
+
         def replayed(box=box):
-            rep = handle.replay(source, attention_mask=None if prepared else mask)
-            rep.__enter__()
-            box.append(rep)
+            box[0].__enter__()
             step()
 
         found = _syncs(replayed)

@@ -98,8 +98,9 @@ def prepare(
     """Check ``trace`` against the model and lay it out in router rows on the model's device.
 
     Checks run where the trace lives: a host trace is checked on the host (errors now), then
-    copied from pinned memory on a side stream; a trace already on the accelerator is checked by
-    device-side reductions read at the replay block's exit (no host sync before it).
+    copied from pinned memory on a side stream; a trace already on the accelerator (or one that
+    goes there first because the batch's attention mask is there) is checked by device-side
+    reductions read at the replay block's exit (no host sync before it).
     """
     if missing not in ("error", "live"):
         raise ReplayError(f'missing must be "error" or "live", found {missing!r}')
@@ -109,6 +110,12 @@ def prepare(
     device = _model_device(handle.model)
     if trace.device.type != "cpu" and trace.device != device:
         trace = trace.to(device, non_blocking=True)
+    elif (
+        trace.device.type == "cpu" and isinstance(attention_mask, torch.Tensor) and attention_mask.device.type != "cpu"
+    ):
+        # The batch's mask lives on the accelerator: lay the trace out there (an asynchronous copy
+        # from pinned memory) rather than read the mask back to the host (a sync).
+        trace = trace._replace(gates=None).pin_memory().to(attention_mask.device, non_blocking=True)
     checks: list[_Check] = []
     valid_T = trace.valid
     if valid_T is not None and missing == "error":
