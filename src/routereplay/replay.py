@@ -343,7 +343,7 @@ class Replay:
             if mb.ready is not None:
                 torch.cuda.current_stream(mb.forced_LNK.device).wait_event(mb.ready)
             checks.extend(mb.checks)
-        if not checks or not bool(torch.stack([flag for flag, _ in checks]).any()):
+        if not checks or not bool(torch.stack([flag.to(checks[0][0].device) for flag, _ in checks]).any()):
             return
         for flag, error in checks:
             if bool(flag):
