@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device: run on the lent GPU (benchmarks/run_gpu.sh)", allow_module_level=True)
 
 import hf_zoo
+from test_gpu_generate import _count_syncs
 from test_hf_contract import SUPPORTED, _logits
 
 import routereplay
@@ -135,15 +136,7 @@ def test_record_offload_copies_ids_to_pinned_host_memory():
 
 def _syncs(fn) -> int:
     """Host syncs ``fn()`` makes (``set_sync_debug_mode("warn")`` warnings)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in seen)
+    return sum(_count_syncs(fn)[1].values())
 
 
 def _padded(ids):
