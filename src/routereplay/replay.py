@@ -1,12 +1,21 @@
 """The replay mode: forced routing for the forwards run inside ``with handle.replay(...) as rep:``.
 
-At entry every trace is checked against the model (layers, top-k, expert count, missing rows) and
-laid out in the rows the routers will see (``layout.to_router_rows`` for padded batches), then
-moved to the model's device in its compact dtype (pinned, asynchronous) and widened there. The
-ids themselves (range, a repeated expert, a group limit) are checked where they live: a CPU trace
-replayed on the CPU at entry; ids on an accelerator by a device-side reduction at entry whose
-result is read at the block's exit (no host sync in the forward), out-of-range ids clamped
-meanwhile so that no kernel indexes outside the logits.
+Every trace is first *prepared* (:func:`prepare`, ``handle.prepare``; ``handle.replay`` does it
+for plain traces): checked against the model (layers, top-k, expert count, missing rows), laid out
+in the rows the routers will see (a gather for padded batches, ``layout.router_row_sources``) and
+put on the model's device in its compact dtype. Checks run where the trace lives:
+
+* a host trace is checked on the host (errors at once), then copied from pinned memory on the
+  handle's side stream; the compute stream waits for that copy (an event) just before the first
+  MoE layer of its forward, and widens the ids to int64 there;
+* a trace on the accelerator (or a host trace whose batch mask is there, copied first) is checked
+  by device-side reductions whose flags are read once, at the block's exit: ids out of range, a
+  repeated expert, a group limit, rows without a route, a mask that does not fit, a batch shape
+  that does not fit. Out-of-range ids are clamped meanwhile, so that no kernel indexes outside
+  the logits; the forwards of such a block are discarded by the error at exit.
+
+A :class:`PreparedTrace` can be replayed any number of times: R2's epochs and R3's passes over one
+micro-batch do this work once.
 
 Legend: N rows a router sees in one forward (B * S, padding included), T tokens of the trace,
 L MoE layers (``handle.layers`` order), K top-k, B sequences (batch rows), S padded length.
