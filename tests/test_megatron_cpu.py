@@ -19,7 +19,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 from routereplay import parallel
 from routereplay.adapters import megatron as mga
-from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
+from routereplay.errors import NoMoELayersError, UnsupportedModelError, UnsupportedRouterError
 from routereplay.routing import route
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -313,6 +313,34 @@ def test_refused_routers_name_the_reason(mcore, name):
     with pytest.raises(UnsupportedRouterError, match="router decoder.layers.0.mlp.router") as e:
         mga.discover(model)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("vpp", [1, 2])
+def test_a_pipeline_stage_without_moe_layers_says_so(mcore, vpp):
+    """PP 2 over 4 (8) layers with the first stage dense: that stage is refused with its own error
+    (the runner and users skip routereplay there), the other stage attaches its MoE layers."""
+    num_layers = 4 * vpp
+    freq = [0] * (num_layers // 2) + [1] * (num_layers // 2)
+    extra = {"virtual_pipeline_model_parallel_size": vpp} if vpp > 1 else {}
+    cfg = _config(
+        num_layers=num_layers,
+        moe_layer_freq=freq,
+        pipeline_model_parallel_size=2,
+        pipeline_dtype=torch.float32,
+        **extra,
+    )
+    stage = lambda rank: [_gpt(cfg, pp_rank=rank, vp_stage=v if vpp > 1 else None) for v in range(vpp)]
+    dense, moe = stage(0), stage(1)
+    if vpp == 1:  # without VPP the stages split the layers in halves: stage 0 is all dense
+        with pytest.raises(
+            NoMoELayersError, match=r"GPTModel: this pipeline stage holds no MoE layer .* 8 experts elsewhere"
+        ):
+            mga.discover(dense[0])
+        assert [m.layer_id for m in mga.discover(moe[0]).layers] == [2, 3]
+    else:  # VPP interleaves: chunk 0 of stage 0 holds layers 0-1, dense
+        with pytest.raises(NoMoELayersError, match=r"GPTModel: this pipeline stage holds no MoE layer"):
+            mga.discover(dense[0])
+        assert [m.layer_id for m in mga.discover(dense).layers] == [4, 5]
 
 
 def test_no_router_is_refused(mcore):

@@ -88,6 +88,10 @@ class UnsupportedModelError(RouteReplayError):
     """``attach`` found no adapter or no MoE router in the model."""
 
 
+class NoMoELayersError(UnsupportedModelError):
+    """A pipeline stage of an MoE model holds no MoE layer: nothing to record or replay on that rank."""
+
+
 class UnsupportedRouterError(UnsupportedModelError):
     """A router was found but its routing cannot be replayed exactly."""
 

@@ -26,12 +26,14 @@ Legend: S sequence length, B micro-batch size, V vocabulary, N = S * B router ro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
 import time
 import traceback
+import types
 
 import torch
 import torch.distributed as dist
@@ -204,15 +206,38 @@ def zero_grads(chunks: list) -> None:
             p.grad = None
 
 
+class DenseStage:
+    """What this harness uses on a pipeline stage without MoE layers, where ``attach`` raises
+    NoMoELayersError (as a user's code would branch): record and replay blocks that do nothing, so
+    the stage still runs every schedule the MoE stages run."""
+
+    layer_ids: tuple[int, ...] = ()
+
+    def record(self):
+        return contextlib.nullcontext(types.SimpleNamespace(calls=[]))
+
+    def replay(self, *args, **kwargs):
+        return contextlib.nullcontext()
+
+    def detach(self) -> None:
+        pass
+
+
 def attach(chunks: list):
     """``routereplay.attach`` on this rank's model (the chunk list under VPP). Without an installed
-    routereplay (PYTHONPATH=src on the lent machine) the entry points are absent: name the adapter."""
+    routereplay (PYTHONPATH=src on the lent machine) the entry points are absent: name the adapter.
+    A stage without MoE layers gets a :class:`DenseStage`."""
     import routereplay
     from routereplay.adapters import megatron as mga
+    from routereplay.errors import NoMoELayersError
 
     model = chunks if len(chunks) > 1 else chunks[0]
     registered = [n for n, _ in importlib.import_module("routereplay.attach").adapters()]
-    return routereplay.attach(model) if "megatron" in registered else routereplay.attach(model, adapter=mga)
+    try:
+        return routereplay.attach(model) if "megatron" in registered else routereplay.attach(model, adapter=mga)
+    except NoMoELayersError as e:
+        log(f"no MoE layer on this stage, routereplay skipped here: {e}")
+        return DenseStage()
 
 
 def traces_of(rec, handle) -> list:
@@ -268,7 +293,7 @@ def check_a_b(cfg, num_mb: int) -> dict:
     with handle.replay(traces):
         replayed = run_schedule(chunks, mbs, backward=False)
     res["a_record_replay_bitexact"] = same(live, recorded) and same(recorded, replayed)
-    res["rows_per_router"] = traces[0].num_tokens
+    res["rows_per_router"] = traces[0].num_tokens if traces else 0
     # (b) forced other routes, then the same ids through Megatron's own RouterReplay. It keeps one
     # REPLAY_FORWARD target per router, so the micro-batches go through its FIFO instead
     # (REPLAY_BACKWARD pops one per forward, in order; the same gather as REPLAY_FORWARD).
@@ -346,7 +371,7 @@ def check_d(cfg) -> dict:
     with ha.replay(ta), hr.replay(tr):  # both active at once, interleaved forwards
         la2 = run_schedule(actor, mbs, backward=False)
         lr2 = run_schedule(ref, mbs, backward=False)
-    differ = not all(torch.equal(a.experts, b.experts) for a, b in zip(ta, tr))
+    differ = not all(torch.equal(a.experts, b.experts) for a, b in zip(ta, tr)) if ta else None  # None: dense stage
     ha.detach()
     hr.detach()
     return {"d_two_models_independent": same(la, la2) and same(lr, lr2), "d_models_route_differently": differ}
@@ -370,13 +395,13 @@ def check_e(cfg, num_mb: int) -> dict:
     mine = traces_of(rec, h)  # router rows [S*B] s-major per micro-batch
     dense = set(cfg.get("dense", ()))
     moe_ids = [i for i in range(LAYERS) if i not in dense]
-    seqs_LK = []
-    for t in mine:
-        e = t.experts.reshape(S, B, len(h.layer_ids), TOPK).transpose(0, 1)  # [B, S, L_local, K]
-        seqs_LK += list(e)
-    local = torch.stack(seqs_LK)  # [num_mb*B, S, L_local, K]
-    full = torch.zeros(local.shape[0], S, LAYERS, TOPK, dtype=local.dtype, device="cuda")
-    full[:, :, list(h.layer_ids)] = local.cuda()
+    full = torch.zeros(num_mb * B, S, LAYERS, TOPK, dtype=torch.uint8, device="cuda")
+    if mine:  # a dense stage adds nothing to the gathered trace
+        seqs_LK = []
+        for t in mine:
+            e = t.experts.reshape(S, B, len(h.layer_ids), TOPK).transpose(0, 1)  # [B, S, L_local, K]
+            seqs_LK += list(e)
+        full[:, :, list(h.layer_ids)] = torch.stack(seqs_LK).cuda().to(full.dtype)  # [num_mb*B, S, L_local, K]
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(full, group=ps.get_pipeline_model_parallel_group())
     payloads = [full[b, :-1].cpu().numpy() for b in range(full.shape[0])]  # vLLM: tokens - 1 rows
@@ -393,12 +418,13 @@ def check_e(cfg, num_mb: int) -> dict:
         vpp=cfg.get("vpp", 1),
     )
     coords = parallel.RankCoords(tp=ps.get_tensor_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_rank())
-    rank_traces = parallel.slice_for_rank(trace, layout, coords, layer_ids=h.layer_ids)
+    rank_traces = parallel.slice_for_rank(trace, layout, coords, layer_ids=h.layer_ids) if h.layer_ids else []
     assert all(isinstance(t, RoutingTrace) for t in rank_traces)
     with h.replay(rank_traces, missing="live"):
         replayed = run_schedule(chunks, mbs, backward=False)
     h.detach()
-    return {"e_r3_vllm_trace": same(live, replayed), "e_rows_per_rank": rank_traces[0].num_tokens}
+    rows = rank_traces[0].num_tokens if rank_traces else 0
+    return {"e_r3_vllm_trace": same(live, replayed), "e_rows_per_rank": rows}
 
 
 COLUMNS = (

@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
+from routereplay.errors import NoMoELayersError, UnsupportedModelError, UnsupportedRouterError
 from routereplay.routing import RouterSpec
 from routereplay.seam import Discovery, MoELayer, RouterCalls
 
@@ -265,6 +265,7 @@ def discover(model: Any, **options: Any) -> Discovery:
     """Find every ``TopKRouter`` of a megatron-core model (or list of virtual-pipeline chunks).
 
     Raises:
+        NoMoELayersError: a pipeline stage (or chunk list) of an MoE model without any MoE layer.
         UnsupportedModelError: no router, a router without a layer number, two routers with one id.
         UnsupportedRouterError: a router whose routing cannot be replayed (the reason, see above).
         TypeError: an unknown option.
@@ -277,6 +278,14 @@ def discover(model: Any, **options: Any) -> Discovery:
     what = type(model).__name__ if not isinstance(model, (list, tuple)) else f"{len(model)} model chunks"
     routers = _find_routers(model)
     if not routers:
+        experts = [getattr(getattr(c, "config", None), "num_moe_experts", None) for c in _chunks(model)]
+        if any(experts):
+            raise NoMoELayersError(
+                f"{what}: this pipeline stage holds no MoE layer (its layers are dense; the model has "
+                f"{max(e for e in experts if e)} experts elsewhere): routereplay has nothing to record or replay on "
+                "this rank; skip attach here (catch routereplay.errors.NoMoELayersError) and run this stage's "
+                "forwards as they are, the MoE stages replay their own slice (routereplay.parallel.slice_for_rank)"
+            )
         raise UnsupportedModelError(
             f"{what}: no MoE router found (no megatron.core.transformer.moe.router.Router instance); "
             "build the model with num_moe_experts set"
