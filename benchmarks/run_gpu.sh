@@ -1,34 +1,59 @@
 #!/usr/bin/env bash
-# The lent-GPU runs recorded in BENCHMARKS.md, in one go:
-#   OUT=/some/dir SRC=src bash benchmarks/run_gpu.sh
-# Needs transformers (and matplotlib for check's plots) importable; torch with CUDA.
+# The lent-GPU runs recorded in BENCHMARKS.md and docs/DISTRIBUTED.md, by part (each part fits one
+# 10-minute device call; results and logs under $OUT, summary in $OUT/summary.txt):
+#   OUT=/some/dir PART=tiers   bash benchmarks/run_gpu.sh   # GPU test tiers (~6 min)
+#   OUT=/some/dir PART=bench   bash benchmarks/run_gpu.sh   # routing, HF step, capture (~6 min)
+#   OUT=/some/dir PART=check   bash benchmarks/run_gpu.sh   # routereplay check on a larger model
+# Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
+# into /tmp/site when present. Needs torch with CUDA and triton.
 set -uo pipefail
 OUT=${OUT:-/tmp/routereplay-gpu}
 SRC=${SRC:-src}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/$SRC:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps .whl/*.whl --target /tmp/site 2>&1 | tail -1
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD/$SRC:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 OUT
 here=$(dirname "$0")
 
 nvidia-smi -L | tee "$OUT/device.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
 
-# Bit-exact replay on CUDA, bf16, deterministic algorithms, every supported family.
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.txt, note rc and seconds
+    local name=$1 limit=$2 start
+    shift 2
+    start=$(date +%s)
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    echo "$name rc=$? $(($(date +%s) - start))s" | tee -a "$OUT/summary.txt"
+}
+hf() { python3 "$here/bench_hf_overhead.py" --device cuda --dtype bfloat16 --layers 8 --vocab 32000 --topk 8 "$@"; }
 
-# Issue 3: record / replay overhead of the HF adapter, bf16 forward + backward.
-python3 "$here/bench_hf_overhead.py" --device cuda --dtype bfloat16 --layers 8 --hidden 1024 \
-    --moe-intermediate 512 --experts 64 --topk 8 --batch 4 --seq 2048 --vocab 32000 --reps 20 --warmup 3 \
-    2>&1 | tee "$OUT/hf_overhead.txt"
-python3 "$here/bench_hf_overhead.py" --device cuda --dtype bfloat16 --layers 8 --hidden 2048 \
-    --moe-intermediate 768 --experts 128 --topk 8 --batch 4 --seq 4096 --vocab 32000 --reps 15 --warmup 3 \
-    2>&1 | tee -a "$OUT/hf_overhead.txt"
-
-# Issue 4: capture overhead inside generate, bf16.
-python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 --experts 64 --topk 8 \
-    --batch 16 --prompt-len 256 --new-tokens 128 --reps 9 2>&1 | tee "$OUT/capture.txt"
-
-# Issue 4: the main job on a larger random model (8 layers, 64 experts, top-8, bf16 rollout).
-python3 "$here/../scripts/make_random_moe.py" /tmp/routereplay-moe --layers 8 --hidden 1024 --experts 64 --topk 8 \
-    2>&1 | tee "$OUT/check.txt"
-python3 -m routereplay.cli check --model /tmp/routereplay-moe --device cuda --samples 32 --max-new-tokens 128 --lr 1e-5 \
-    --out "$OUT/check" 2>&1 | tee -a "$OUT/check.txt"
+case "${PART:-tiers}" in
+tiers)
+    # every family, both replay kernels, bit-exact replay and checkpointed gradients; syncs; exit checks
+    step gpu_tier 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    # the fused kernel against route(), ulp bound, prepared call, no host sync
+    step kernels_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py
+    # capture in generate under CUDA graphs, manual graph capture refused, capture's sync count
+    step gpu_generate 150 python3 -m pytest -q -s -rA -p no:cacheprovider tests/test_gpu_generate.py
+    ;;
+bench)
+    step routing 200 python3 "$here/bench_routing_gpu.py"
+    step hf1024 90 hf --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 --seq 2048 --reps 20 --warmup 2
+    step hf1024_triton 90 hf --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 --seq 2048 --reps 20 \
+        --warmup 2 --replay-kernel triton
+    step hf2048 100 hf --hidden 2048 --moe-intermediate 768 --experts 128 --batch 4 --seq 4096 --reps 8 --warmup 2
+    step capture 100 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
+        --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 9
+    ;;
+check)
+    # the main job on a larger random model (8 layers, 64 experts, top-8, bf16 rollout)
+    python3 "$here/../scripts/make_random_moe.py" /tmp/routereplay-moe --layers 8 --hidden 1024 --experts 64 \
+        --topk 8 2>&1 | tee "$OUT/check.txt"
+    step check 300 python3 -m routereplay.cli check --model /tmp/routereplay-moe --device cuda --samples 32 \
+        --max-new-tokens 128 --lr 1e-5 --out "$OUT/check"
+    ;;
+*) echo "PART must be tiers, bench or check" >&2; exit 2 ;;
+esac
+cat "$OUT/summary.txt"
