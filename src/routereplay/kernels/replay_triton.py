@@ -552,7 +552,9 @@ class PreparedReplay:
         if sum_halves is not None:
             self.plan = dataclasses.replace(self.plan, HALVES=sum_halves)
         self.block_rows = block_rows
-        self._fast = on_cuda and not interpreting()
+        # the direct launch calls Triton's compiled-kernel launcher, an internal interface: only on
+        # the Triton minor version it was written and tested against (the JIT launches elsewhere)
+        self._fast = on_cuda and not interpreting() and triton.__version__.startswith(_DIRECT_LAUNCH_TRITON)
         self._index = device.index if on_cuda else -1
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if self._fast else 0
         constexprs = self.plan.constexprs()
@@ -808,6 +810,9 @@ class PreparedReplay:
             return
         tails[tail_key] = tuple(const[name] for name in names[first:])
         kernels[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+
+
+_DIRECT_LAUNCH_TRITON = "3.6."
 
 
 def _hooked() -> bool:
