@@ -8,12 +8,15 @@ Legend: B batch rows, S sequence length, T packed tokens, N router rows (B*S), L
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections import Counter
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")
 
@@ -160,4 +163,54 @@ def test_replay_kernel_is_checked_at_attach_and_the_cpu_replays_with_route(model
     with h.replay(trace):
         assert torch.equal(model(**b).logits, want)
     assert not h._fused  # the fused kernel is CUDA's: CPU logits take routing.route
+    h.detach()
+
+
+class _Ops(TorchDispatchMode):
+    """The aten ops dispatched inside, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_hot_path_adds_few_ops_to_a_training_step(model):
+    """What record and a prepared replay add to a forward + backward, op by op (the GPU step at
+    hidden 1024 is launch-bound: every op is a kernel launch). Record: one detach per layer.
+    Replay: per layer the forced weights (softmax, gather, renormalisation) and the backward's
+    scatter_add in place of top-k's scatter; plus one widening of the ids per forward (a bf16
+    model adds the casts to and from the router's compute dtype)."""
+    b = batch()
+
+    def step(ctx):
+        model.zero_grad(set_to_none=True)
+        with _Ops() as seen, ctx:
+            model(**b).logits.sum().backward()
+        return seen.ops
+
+    plain = step(contextlib.nullcontext())
+    h = routereplay.attach(model)
+    trace = record(h, model, b)[0].trace()
+    prepared = h.prepare(trace)
+    L = len(h.layers)
+    assert step(h.record()) - plain == Counter({"aten.detach.default": L})
+    replayed = step(h.replay(prepared))
+    assert plain - replayed == Counter({"aten.scatter.src": L})  # top-k's backward, not run
+    added = replayed - plain
+    assert added == Counter(
+        {
+            "aten._to_copy.default": 1,  # the ids widened to int64, once per forward
+            "aten.detach.default": 2 * L,  # views: no kernel
+            "aten._softmax.default": L,
+            "aten.gather.default": L,
+            "aten.sum.dim_IntList": L,
+            "aten.div.Tensor": L,
+            "aten.scatter_add.default": L,
+            "aten.select.int": L,  # the layer's [N, K] rows of the widened ids
+        }
+    ), added
     h.detach()
