@@ -128,7 +128,8 @@ def prepare(
     checks: list[_Check] = []
     valid_T = trace.valid
     if valid_T is not None and missing == "error":
-        _check(~valid_T.all(), lambda: _holes_error(where, trace), checks)
+        cu_B1 = trace.cu_seqlens  # the error keeps what it names, not the whole trace
+        _check(~valid_T.all(), lambda: _holes_error(where, valid_T, cu_B1), checks)
     if attention_mask is None:
         experts_NLK, mask_N, shape, lens_B = trace.experts, valid_T, None, None
         if trace.device.type == "cpu":
@@ -140,9 +141,10 @@ def prepare(
         if mask_BS.ndim != 2:
             raise LayoutError(f"{where}attention_mask must be [B, S], found shape {tuple(mask_BS.shape)}")
         if mask_BS.shape[0] != trace.num_seqs:
-            raise _mask_error(where, mask_BS, trace)
+            raise _mask_error(where, mask_BS, trace.cu_seqlens)
         src_N, mask_N, counts_differ = layout.router_row_sources(trace.cu_seqlens, mask_BS, trace.num_tokens)
-        _check(counts_differ, lambda: _mask_error(where, mask_BS, trace), checks)
+        cu_B1 = trace.cu_seqlens
+        _check(counts_differ, lambda: _mask_error(where, mask_BS, cu_B1), checks)
         experts_NLK = trace.experts.index_select(0, src_N)
         if valid_T is not None:
             mask_N = mask_N & valid_T.index_select(0, src_N)
@@ -236,23 +238,23 @@ def _check(flag: torch.Tensor, error: Callable[[], Exception], checks: list[_Che
         checks.append((flag, error))
 
 
-def _holes_error(where: str, trace: RoutingTrace) -> MissingRoutesError:
-    holes_T = ~trace.valid
+def _holes_error(where: str, valid_T: torch.Tensor, cu_B1: torch.Tensor) -> MissingRoutesError:
+    holes_T = ~valid_T
     t = int(holes_T.nonzero()[0, 0])
-    b = int(torch.searchsorted(trace.cu_seqlens, torch.tensor(t, device=trace.device), right=True)) - 1
+    b = int(torch.searchsorted(cu_B1, torch.tensor(t, device=cu_B1.device), right=True)) - 1
     return MissingRoutesError(
         f"{where}{int(holes_T.sum())} row(s) have no recorded route, the first at row {t} "
-        f"(sequence {b}, position {t - int(trace.cu_seqlens[b])}); fill them (routereplay.layout) or "
+        f"(sequence {b}, position {t - int(cu_B1[b])}); fill them (routereplay.layout) or "
         'replay with missing="live" to route them live'
     )
 
 
-def _mask_error(where: str, mask_BS: torch.Tensor, trace: RoutingTrace) -> TokenCountMismatchError:
-    real_B = mask_BS.sum(1)
+def _mask_error(where: str, mask_BS: torch.Tensor, cu_B1: torch.Tensor) -> TokenCountMismatchError:
+    real_B, lens_B = mask_BS.sum(1), cu_B1.diff()
+    tokens, seqs = int(cu_B1[-1]), cu_B1.numel() - 1
     return TokenCountMismatchError(
         f"{where}attention_mask has {mask_BS.shape[0]} rows with {real_B.tolist()} real tokens but the "
-        f"trace has {trace.num_seqs} sequences of {trace.seq_lens.tolist()} tokens"
-        + _engine_hint(int(real_B.sum()), trace.num_tokens, trace.num_seqs)
+        f"trace has {seqs} sequences of {lens_B.tolist()} tokens" + _engine_hint(int(real_B.sum()), tokens, seqs)
     )
 
 
