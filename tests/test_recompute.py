@@ -157,7 +157,7 @@ def test_same_batch_two_traces_one_backward(state, flavour):
     """Two blocks over the same batch with different traces: identical logits, different ids."""
     b = batch(seed=3)
     ck, plain = World(state, flavour), World(state, None)
-    (_t, r1, r2), = _traces(plain, [b])
+    ((_t, r1, r2),) = _traces(plain, [b])
     for w in (ck, plain):
         with w.handle.replay(r1):
             l1 = w.loss(b)
@@ -182,7 +182,7 @@ def test_retain_graph_backward_twice(state):
     b = batch(seed=4)
     for flavour in ("hf_reentrant", "hf_non_reentrant"):
         ck, plain = World(state, flavour), World(state, None)
-        (_, r, _), = _traces(plain, [b])
+        ((_, r, _),) = _traces(plain, [b])
         for w in (ck, plain):
             with w.handle.replay(r):
                 loss = w.loss(b)
@@ -196,7 +196,7 @@ def test_two_models_do_not_share_recompute(state):
     b = batch(seed=5)
     actor, ref = World(state, "hf_reentrant"), World(state, "hf_non_reentrant")
     plain = World(state, None)
-    (_, r1, r2), = _traces(plain, [b])
+    ((_, r1, r2),) = _traces(plain, [b])
     with actor.handle.replay(r1):
         la = actor.loss(b)
     with ref.handle.replay(r2):
@@ -236,7 +236,7 @@ def test_recompute_that_calls_the_router_more_often_than_its_forward(state):
         return out
 
     emb = w.model.get_input_embeddings()(b["input_ids"])
-    (_, r, _), = _traces(w, [b])
+    ((_, r, _),) = _traces(w, [b])
     with w.handle.replay(r):
         loss = FunctionCheckpoint.apply(run, emb).sum()
     with pytest.raises(
@@ -253,7 +253,7 @@ def test_unrecognised_recompute_is_refused_while_a_replayed_forward_lives(state)
     backward hook) is refused while a replayed forward outside a checkpoint may still be recomputed."""
     w = World(state, None)
     b = batch()
-    (_, r, _), = _traces(w, [b])
+    ((_, r, _),) = _traces(w, [b])
     with w.handle.replay(r):
         loss = w.loss(b)
     emb = w.model.get_input_embeddings().weight
@@ -267,9 +267,10 @@ BATCHES = [batch(seed=11), batch(B=3, S=4, seed=12), batch(seed=13, pad="left")]
 
 
 class RecomputeMachine(RuleBasedStateMachine):
-    """Interleaves replayed, recorded and live forwards (with and without grad, on this model and
-    on a second one) with backwards in any order, per loss or summed, with ``retain_graph``; after
-    every backward the checkpointed model's gradients equal the plain model's bit for bit."""
+    """Interleaves replayed (from traces and from prepared traces), recorded and live forwards (with
+    and without grad, on this model and on a second one) with backwards in any order, per loss or
+    summed, with ``retain_graph``; after every backward the checkpointed model's gradients equal the
+    plain model's bit for bit."""
 
     state_dict = None
     traces = None
@@ -283,6 +284,7 @@ class RecomputeMachine(RuleBasedStateMachine):
         self.other = World(self.state_dict, "hf_reentrant")  # another model in the same process
         self.pending: list[list] = []  # per owed backward: the loss in each world
         self.other_pending: list = []
+        self.prepared: dict = {}  # (world, batch, mode) -> its PreparedTrace
 
     def _forward(self, world, mode, b, grad):
         if mode == "record":
@@ -290,11 +292,21 @@ class RecomputeMachine(RuleBasedStateMachine):
         elif mode == "live":
             ctx = _Null()
         else:
-            ctx = world.handle.replay(self.traces[b][int(mode[-1])])  # traces of every row, padding included
+            trace = self.traces[b][int(mode[6])]  # traces of every row, padding included
+            if mode.endswith("p"):  # a PreparedTrace made once, replayed in every such forward
+                key = (id(world), b, mode)
+                if key not in self.prepared:
+                    self.prepared[key] = world.handle.prepare(trace)
+                trace = self.prepared[key]
+            ctx = world.handle.replay(trace)
         with torch.set_grad_enabled(grad), ctx:
             return world.loss(BATCHES[b])
 
-    @rule(mode=st.sampled_from(["replay0", "replay1", "replay2", "record", "live"]), b=st.integers(0, 2), grad=st.booleans())
+    @rule(
+        mode=st.sampled_from(["replay0", "replay1", "replay2", "replay1p", "record", "live"]),
+        b=st.integers(0, 2),
+        grad=st.booleans(),
+    )
     def forward(self, mode, b, grad):
         losses = [self._forward(w, mode, b, grad) for w in self.worlds]
         if grad:
@@ -367,7 +379,8 @@ def test_recompute_state_machine(machine_inputs):
     RecomputeMachine.state_dict, RecomputeMachine.traces = machine_inputs
     runner = RecomputeMachine.TestCase
     runner.settings = settings(
-        max_examples=int(os.environ.get("RR_MACHINE_EXAMPLES", "200")), stateful_step_count=8,
+        max_examples=int(os.environ.get("RR_MACHINE_EXAMPLES", "200")),
+        stateful_step_count=8,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         phases=(Phase.explicit, Phase.reuse, Phase.generate),  # a failure prints its steps; shrinking costs minutes
