@@ -150,9 +150,18 @@ def test_router_row_sources_is_to_router_rows_as_a_gather(lens, extra, left, see
         assert bool(layout.router_row_sources(trace.cu_seqlens, short, T)[2])
 
 
-def test_replay_kernel_is_checked_at_attach_and_the_cpu_replays_with_route(model):
+def test_replay_kernel_is_checked_at_attach_and_the_cpu_replays_with_route(model, monkeypatch):
     with pytest.raises(ReplayError, match=r'replay_kernel must be "torch" or "triton", found \'cuda\''):
         routereplay.attach(model, replay_kernel="cuda")
+    with monkeypatch.context() as m:
+        find_spec = importlib.util.find_spec
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+        with pytest.raises(
+            ReplayError,
+            match=r'^replay_kernel="triton" needs triton, which is not installed: pip install \'routereplay\[triton\]\' '
+            r'\(or replay_kernel="torch"\)$',
+        ):
+            routereplay.attach(model, replay_kernel="triton")
     b = batch()
     h = routereplay.attach(model)
     trace = record(h, model, b)[0].trace()
