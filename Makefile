@@ -2,6 +2,8 @@
 #   make check   builds .venv and runs `routereplay check` on the built-in model
 #   make test    builds .venv and runs the whole test suite (what .ci/run calls), then the verl
 #                suite tests_verl/ in its own .venv-verl (verl pins transformers < 5.11)
+# Both venvs install from the pins in constraints/ (an upstream release never changes CI);
+# `make lock` regenerates them, `make test-latest` tries the newest transformers (not in CI).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,26 +11,28 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 VERL_VENV ?= .venv-verl
 VERL_PY   := $(VERL_VENV)/bin/python
+PINS      := constraints/test.txt
+VERL_PINS := constraints/verl.txt
 
-.PHONY: check test venv verl-venv test-verl lint bench clean
+.PHONY: check test venv verl-venv test-verl lint bench clean lock test-latest
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(PINS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(PINS) -e ".[dev]"
 	touch $@
 
 venv: $(VENV)/.installed
 
 # verl with --no-deps: its own dependency set pulls wandb, tensorboard, ray[default] and more that its
 # FSDP engine never imports; the verl-test extra lists what that import needs.
-$(VERL_VENV)/.installed: pyproject.toml Makefile
+$(VERL_VENV)/.installed: pyproject.toml Makefile $(VERL_PINS)
 	$(PYTHON) -m venv $(VERL_VENV)
 	$(VERL_PY) -m pip install -q --upgrade pip
 	$(VERL_PY) -m pip install -q "$(TORCH)"
-	$(VERL_PY) -m pip install -q -e ".[verl-test]"
-	$(VERL_PY) -m pip install -q --no-deps "verl==0.9.1"
+	$(VERL_PY) -m pip install -q -c $(VERL_PINS) -e ".[verl-test]"
+	$(VERL_PY) -m pip install -q -c $(VERL_PINS) --no-deps "verl==0.9.1"
 	touch $@
 
 verl-venv: $(VERL_VENV)/.installed
@@ -46,5 +50,31 @@ test: venv verl-venv
 lint: venv
 	$(VENV)/bin/ruff check src tests tests_verl benchmarks examples scripts
 
+# Regenerate the pins from the newest releases that pyproject.toml allows (a deliberate commit:
+# review the diff of constraints/, then run `make test`).
+lock:
+	rm -rf .venv-lock .venv-lock-verl
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q "$(TORCH)"
+	.venv-lock/bin/pip install -q -e ".[dev]"
+	scripts/write_pins.sh .venv-lock $(PINS) "The test environment of .venv (make test, .ci/run)"
+	$(PYTHON) -m venv .venv-lock-verl
+	.venv-lock-verl/bin/pip install -q "$(TORCH)"
+	.venv-lock-verl/bin/pip install -q -e ".[verl-test]"
+	.venv-lock-verl/bin/pip install -q --no-deps "verl==0.9.1"
+	scripts/write_pins.sh .venv-lock-verl $(VERL_PINS) "The environment of .venv-verl (tests_verl/, verl 0.9.1)"
+	rm -rf .venv-lock .venv-lock-verl
+
+# The pinned environment with the newest transformers: which MoE families are new, which work,
+# which are refused and why (scripts/family_report.py). Not part of CI.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q "$(TORCH)"
+	grep -v '^transformers==' $(PINS) > $(LATEST_VENV)/pins.txt
+	$(LATEST_VENV)/bin/pip install -q -c $(LATEST_VENV)/pins.txt -e ".[dev]"
+	$(LATEST_VENV)/bin/pip install -q --upgrade transformers
+	$(LATEST_VENV)/bin/python scripts/family_report.py
+
 clean:
-	rm -rf $(VENV) $(VERL_VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VERL_VENV) $(LATEST_VENV) build *.egg-info src/*.egg-info
