@@ -163,6 +163,7 @@ _FAMILY: dict[str, tuple[str, dict[str, Any]]] = {
             "swa_v_head_dim": 16,
         },
     ),
+    "ergo": ("ErgoForCausalLM", {"num_hidden_layers": 3, "num_dense_blocks": 1}),
     "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", {"num_hidden_layers": 3}),
     "ernie4_5_vl_moe": (
         "Ernie4_5_VLMoeTextModel",
@@ -251,6 +252,19 @@ _FAMILY: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "kolibri1": ("Kolibri1ForCausalLM", {}),
+    "kolibri1_1": (
+        "Kolibri1_1ForCausalLM",
+        {
+            "num_hidden_layers": 3,
+            "mlp_only_layers": [0],
+            "index_num_heads": 2,
+            "index_pool_size": 32,
+            "index_compression": 4,
+            "index_num_local_tokens": 4,
+            "index_num_sink_tokens": 1,
+            "sliding_window": 8,
+        },
+    ),
     "laguna": ("LagunaForCausalLM", {"num_hidden_layers": 3}),
     "lara_mini": ("LaraMiniForCausalLM", {}),
     "lfm2_moe": (
@@ -264,6 +278,7 @@ _FAMILY: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "mellum": ("MellumForCausalLM", {}),
     "mimo_v2_flash": ("MiMoV2FlashForCausalLM", {"num_hidden_layers": 3}),
+    "minicpm5_moe": ("MiniCPM5MoeForCausalLM", {"num_hidden_layers": 3, "first_k_dense_replace": 1}),
     "minimax": ("MiniMaxForCausalLM", {}),
     "minimax_m2": ("MiniMaxM2ForCausalLM", {}),
     "minimax_m3_vl": ("MiniMaxM3VLForCausalLM", {}),
@@ -292,6 +307,7 @@ _FAMILY: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "olmoe": ("OlmoeForCausalLM", {}),
     "openai_privacy_filter": ("OpenAIPrivacyFilterModel", {}),
+    "param2moe": ("Glm4MoeForCausalLM", {"num_hidden_layers": 3, "first_k_dense_replace": 1}),
     "phimoe": ("PhimoeForCausalLM", {}),
     "qwen2_moe": ("Qwen2MoeForCausalLM", {"num_hidden_layers": 3, "mlp_only_layers": [0]}),
     "qwen3_5_moe": ("Qwen3_5MoeForCausalLM", {"layer_types": ["linear_attention", "full_attention"]}),
@@ -352,6 +368,7 @@ _TEXT_CONFIG_CLASS: dict[str, str] = {"kimi_k25": "DeepseekV3Config"}
 _CONFIG_CLASS: dict[str, str] = {
     "kimi_k25": "Kimi_K25Config",
     "sarvam_mla": "SarvamMLAConfig",
+    "param2moe": "Param2MoeConfig",
     "sarvam_moe": "SarvamMoEConfig",
 }
 

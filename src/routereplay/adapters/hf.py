@@ -253,7 +253,7 @@ def discover(model: torch.nn.Module) -> Discovery:
         if _in_attention(model, path):
             layer_id += _num_hidden_layers(config, router, path, family)
         try:
-            spec = hf_specs.spec_for_router(router, _text_config(config, router))
+            spec = hf_specs.router_math(router, _text_config(config, router)).spec
         except UnsupportedRouterError as e:
             raise UnsupportedRouterError(f"{family}: router {path} ({cls_name}) is not supported: {e}") from e
         top_k, num_experts = _sizes(spec, router, path, family)
@@ -286,7 +286,8 @@ def install(model: torch.nn.Module, discovery: Discovery, calls: RouterCalls) ->
     try:
         for index, layer in enumerate(discovery.layers):
             router = model.get_submodule(layer.path)
-            _install(calls, removers, model, index, layer, router, hf_specs, family)
+            rmath = hf_specs.router_math(router, _text_config(getattr(model, "config", None), router))
+            _install(calls, removers, model, index, layer, router, rmath, family)
     except BaseException:
         for remove in reversed(removers):
             remove()
@@ -334,13 +335,13 @@ def _sizes(spec: Any, router: torch.nn.Module, path: str, family: str) -> tuple[
     return top_k, num_experts
 
 
-def _route_kw(spec, hf_specs, router, args, kwargs, input_dtype) -> dict[str, Any]:
+def _route_kw(spec, rmath, router, args, kwargs, input_dtype) -> dict[str, Any]:
     """Per-call inputs of ``routing.route``, read from the live call (buffers may have moved)."""
     kw: dict[str, Any] = {}
     if spec.uses_bias:
-        kw["bias_E"] = hf_specs.selection_bias(router, args, kwargs)
+        kw["bias_E"] = rmath.bias(router, args, kwargs)
     if spec.uses_expert_scale:
-        kw["expert_scale_E"] = hf_specs.expert_scale(router)
+        kw["expert_scale_E"] = rmath.expert_scale(router)
     if spec.weights_dtype == "input":
         kw["out_dtype"] = input_dtype
     return kw
@@ -351,7 +352,7 @@ def _input_dtype(args, kwargs, fallback: torch.Tensor) -> torch.dtype:
     return hidden.dtype if isinstance(hidden, torch.Tensor) else fallback.dtype
 
 
-def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELayer, router, hf_specs, family) -> None:
+def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELayer, router, rmath, family) -> None:
     path, spec = layer.path, layer.spec
     _parent_path, block, _ = _parent(model, path)
     cls_name = type(router).__name__
@@ -403,7 +404,7 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         removers.append(h.remove)
 
     if cls_name == "DbrxRouter":
-        _install_method_seam(calls, removers, block, "route_tokens_to_experts", index, spec, hf_specs, router)
+        _install_method_seam(calls, removers, block, "route_tokens_to_experts", index, spec, rmath, router)
         return
     if cls_name == "Llama4Router":
         top_k = layer.top_k
@@ -415,7 +416,7 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
             with torch.no_grad():
                 ids_NK = torch.topk(logits_NE, top_k, dim=1).indices
             live_NK = scores_NE.gather(1, ids_NK)
-            kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
+            kw = _route_kw(spec, rmath, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
             weights_NK, ids_NK = calls.on_router(index, logits_NE, live_NK, ids_NK, **kw)
             if weights_NK is live_NK:
                 return output
@@ -443,7 +444,7 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
             if calls.routes_live(index):
                 return None  # live and nothing to recompute: the router's own output stands
             logits_NE = output[0]
-            kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
+            kw = _route_kw(spec, rmath, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
             with torch.no_grad():
                 _live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
             weights_NK, ids_NK = calls.on_router(index, logits_NE, output[1], live_ids, **kw)
@@ -466,7 +467,7 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
             if calls.routes_live(index):
                 return None  # live and nothing to recompute: the gating's own output stands
             logits_NE = output[4]
-            kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
+            kw = _route_kw(spec, rmath, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
             with torch.no_grad():
                 live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
             weights_NK, ids_NK = calls.on_router(index, logits_NE, live_w, live_ids, **kw)
@@ -484,6 +485,8 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         removers.append(h.remove)
         return
 
+    upcast = rmath.upcast_weights
+
     def router_hook(module, args, kwargs, output):
         if module is not router:
             return None  # a deepcopy of the attached model carries this hook: it routes live
@@ -493,10 +496,12 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
                 "expected (router_logits, weights, ids)"
             )
         logits_NE, weights_NK, ids_NK = output[:3]
-        kw = _route_kw(spec, hf_specs, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
+        kw = _route_kw(spec, rmath, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
         new_w, new_ids = calls.on_router(index, logits_NE, weights_NK, ids_NK, **kw)
         if new_w is weights_NK and new_ids is ids_NK:
             return None
+        if upcast and new_w.dtype != weights_NK.dtype:
+            new_w = new_w.to(weights_NK.dtype)  # proven exact by inference (e.g. rounded to bf16, returned fp32)
         return (logits_NE, new_w, new_ids, *output[3:])
 
     h = router.register_forward_hook(router_hook, with_kwargs=True)
@@ -504,7 +509,7 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
 
 
 def _install_method_seam(
-    calls: RouterCalls, removers: list, block: torch.nn.Module, name: str, index: int, spec, hf_specs, router
+    calls: RouterCalls, removers: list, block: torch.nn.Module, name: str, index: int, spec, rmath, router
 ) -> None:
     """Wrap ``block.<name>(logits) -> (weights, ids)`` on the instance only."""
     original = getattr(block, name)
@@ -514,7 +519,7 @@ def _install_method_seam(
         if self is not block:  # a deepcopy rebinds this method to the copy: the copy routes live
             return getattr(type(self), name)(self, router_logits_NE, *args, **kwargs)
         weights_NK, ids_NK = original(router_logits_NE, *args, **kwargs)
-        kw = _route_kw(spec, hf_specs, router, (router_logits_NE,), {}, router_logits_NE.dtype)
+        kw = _route_kw(spec, rmath, router, (router_logits_NE,), {}, router_logits_NE.dtype)
         return calls.on_router(index, router_logits_NE, weights_NK, ids_NK, **kw)
 
     # a bound method, so that deepcopy rebinds it to the copy instead of calling into this block

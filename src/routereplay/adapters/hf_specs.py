@@ -39,15 +39,25 @@ supported), Inkling v1, NLLB-MoE, SwitchTransformers, PhiMoE.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from routereplay.adapters import hf_infer
 from routereplay.errors import RouterSpecError, UnsupportedRouterError
 from routereplay.routing import RouterSpec
 
-__all__ = ["expert_scale", "is_supported_router", "selection_bias", "spec_for_router", "unsupported_reason"]
+__all__ = [
+    "RouterMath",
+    "expert_scale",
+    "is_supported_router",
+    "router_math",
+    "selection_bias",
+    "spec_for_router",
+    "unsupported_reason",
+]
 
 _F32 = torch.float32
 
@@ -571,42 +581,82 @@ _UNSUPPORTED: dict[str, str] = {
 
 
 def unsupported_reason(router: nn.Module) -> str | None:
-    """Why ``router`` cannot be replayed, or None when :func:`spec_for_router` supports it."""
-    name = type(router).__name__
-    if name in _UNSUPPORTED:
-        return _UNSUPPORTED[name]
-    if name in _BUILDERS:
-        return None
-    return f"no RouterSpec is known for router class {name} (module {type(router).__module__})"
+    """Why the hand table refuses ``router``, or None (a hand-written spec, or inference decides)."""
+    return _UNSUPPORTED.get(type(router).__name__)
 
 
 def is_supported_router(router: nn.Module) -> bool:
-    """True when :func:`spec_for_router` gives a spec for this router class."""
+    """True when the hand table has a spec for this router class (others go to inference)."""
     return type(router).__name__ in _BUILDERS
 
 
-def spec_for_router(router: nn.Module, config: Any) -> RouterSpec:
+def spec_for_router(router: nn.Module, config: Any, *, infer: bool = True) -> RouterSpec:
     """The RouterSpec that reproduces ``router``'s weights and ids bit for bit.
+
+    A hand-written entry of this module wins (an override); a class no entry names is probed
+    (:func:`routereplay.adapters.hf_infer.infer`) and gets the spec proven on the probe battery.
 
     Args:
         router: a router module of a transformers MoE model (the ``router_logits`` recorder class,
             e.g. ``model.layers[i].mlp.gate``).
         config: the model's (text) config; read where the router does not hold a value itself
             (DBRX top-k, DeepSeek-V4 / Inkling-2 scoring function, LongCat expert counts).
+        infer: probe classes the table does not name (False: refuse them).
 
     Returns:
         A validated :class:`RouterSpec`.
 
     Raises:
-        UnsupportedRouterError: the router is known and cannot be replayed exactly, or unknown;
-            the message names the class, the family and the reason.
+        UnsupportedRouterError: the router is known and cannot be replayed exactly, or inference
+            found no spec; the message names the class, the family and the reason.
     """
+    return router_math(router, config, infer=infer).spec
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RouterMath:
+    """What :func:`routereplay.routing.route` needs from one router: its spec, and where each call's
+    selection bias and per-expert scale come from.
+
+    Attributes:
+        spec: the router's spec.
+        inferred: the inference record when the spec was probed, None for a hand-written one.
+    """
+
+    spec: RouterSpec
+    inferred: hf_infer.InferredRouter | None = None
+
+    def bias(self, router: nn.Module, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None):
+        if self.inferred is not None:
+            return self.inferred.bias(router, args, kwargs)
+        return selection_bias(router, args, kwargs)
+
+    def expert_scale(self, router: nn.Module) -> torch.Tensor | None:
+        return self.inferred.expert_scale(router) if self.inferred is not None else expert_scale(router)
+
+    @property
+    def upcast_weights(self) -> bool:
+        """The router returns the weights wider than the spec computes them (an exact upcast)."""
+        return self.inferred is not None and self.inferred.upcast_weights
+
+
+def router_math(router: nn.Module, config: Any, *, infer: bool = True) -> RouterMath:
+    """The spec and per-call inputs of ``router``: the hand table's, else inferred (see
+    :func:`spec_for_router`, which returns ``.spec`` of this)."""
     name = type(router).__name__
     builder = _BUILDERS.get(name)
-    if builder is None:
-        reason = unsupported_reason(router)
+    if builder is not None:
+        return RouterMath(spec=builder(router, config))
+    reason = unsupported_reason(router)
+    if reason is not None:
         raise UnsupportedRouterError(f"{name} ({_family(router)}): {reason}")
-    return builder(router, config)
+    if not infer:
+        raise UnsupportedRouterError(
+            f"{name} ({_family(router)}): no hand-written RouterSpec for router class {name} "
+            f"(module {type(router).__module__}) and inference is off"
+        )
+    inferred = hf_infer.infer(router, config)
+    return RouterMath(spec=inferred.spec, inferred=inferred)
 
 
 # forward arguments that carry the selection bias, by router class: (position, keyword)
@@ -639,7 +689,10 @@ def selection_bias(
     """
     name = type(router).__name__
     if name not in _BUILDERS:
-        raise UnsupportedRouterError(f"{name} ({_family(router)}): {unsupported_reason(router)}")
+        raise UnsupportedRouterError(
+            f"{name} ({_family(router)}): not in the hand table; use router_math(router, config).bias for an "
+            "inferred spec"
+        )
     if name in _BIAS_ARGUMENT:
         if name == "Lfm2MoeTopKRouter" and not router.use_expert_bias:
             return None
