@@ -25,8 +25,8 @@ import hf_zoo
 from test_routing import random_valid_ids, reference_weights
 
 from routereplay.adapters.hf_specs import (
-    expert_scale,
     is_supported_router,
+    router_math,
     selection_bias,
     spec_for_router,
     unsupported_reason,
@@ -172,21 +172,26 @@ def test_router_spec_matches_router(family, dtype, zoo_cache):
                 spec_for_router(router, config)
             assert _UNSUPPORTED_MATCH[cls] in unsupported_reason(router)
             continue
-        spec = spec_for_router(router, config)
+        # the hand table's spec, or the inferred one for a class it does not name (ergo, minicpm5_moe, ...)
+        rmath = router_math(router, config)
+        spec = rmath.spec
         hidden_TD = torch.randn(_NUM_TOKENS, _hidden_size(config), generator=gen).to(dtype)
         args, kwargs, logits_TE, weights_TK, ids_TK = _call_router(model, name, router, config, hidden_TD)
-        bias_E = selection_bias(router, args, kwargs)
-        scale_E = expert_scale(router)
+        bias_E = rmath.bias(router, args, kwargs)
+        scale_E = rmath.expert_scale(router)
         common = {"bias_E": bias_E, "expert_scale_E": scale_E, "out_dtype": hidden_TD.dtype, "where": f"{name}: "}
 
         live_w, live_ids = route(logits_TE, spec, **common)
         live_w, live_ids = mask_zero_experts(live_w, live_ids, spec)
+        if rmath.upcast_weights:  # the router returns them wider (ergo: rounded to bf16, returned fp32)
+            live_w = live_w.to(weights_TK.dtype)
         assert torch.equal(live_ids, ids_TK.long()), f"{family} {name}: live ids differ"
         assert live_w.dtype == weights_TK.dtype, f"{family} {name}: dtype {live_w.dtype} != {weights_TK.dtype}"
         assert torch.equal(live_w, weights_TK), f"{family} {name}: live weights differ"
 
         if spec.zero_expert_mode == "keep":
             forced_w, forced_ids = route(logits_TE, spec, forced_TK=ids_TK, **common)
+            forced_w = forced_w.to(weights_TK.dtype) if rmath.upcast_weights else forced_w
             assert torch.equal(forced_ids, ids_TK.long())
             assert torch.equal(forced_w, weights_TK), f"{family} {name}: forced weights differ"
         # zero_expert_mode == "mask" (zaya): the router's output lost the skip id; the live test
@@ -209,11 +214,15 @@ def test_bias_argument_is_required_where_the_block_passes_it(zoo_cache):
         selection_bias(router)
 
 
-def test_unknown_router_class_is_refused():
+def test_unknown_router_class_goes_to_inference_which_refuses_what_it_cannot_probe():
     class MyRouter(torch.nn.Module):
         pass
 
-    with pytest.raises(UnsupportedRouterError, match="no RouterSpec is known for router class MyRouter"):
+    with pytest.raises(
+        UnsupportedRouterError,
+        match=r"^MyRouter \(.*\): cannot tell its input width \(no hidden_dim attribute, no config.hidden_size, no 2-D "
+        r"weight\); a RouterSpec cannot be inferred, add an override in routereplay.adapters.hf_specs$",
+    ):
         spec_for_router(MyRouter(), None)
 
 

@@ -55,7 +55,7 @@ from torch import nn
 from routereplay.errors import RouterSpecError, UnsupportedRouterError
 from routereplay.routing import RouterSpec, route
 
-__all__ = ["InferredRouter", "cache_clear", "infer", "non_default_fields"]
+__all__ = ["InferredRouter", "cache_clear", "infer", "non_default_fields", "tensor_at", "verify"]
 
 _F32, _BF16 = torch.float32, torch.bfloat16
 _NUM_EXPERT_NAMES = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
@@ -174,7 +174,7 @@ def _hidden_size(router: nn.Module, config: Any) -> int:
         if p.ndim == 2:
             return int(p.shape[1])
     raise UnsupportedRouterError(
-        f"{type(router).__name__}: cannot tell its input width (no hidden_dim attribute, no config.hidden_size, "
+        f"{_where(router)}: cannot tell its input width (no hidden_dim attribute, no config.hidden_size, "
         "no 2-D weight); a RouterSpec cannot be inferred, add an override in routereplay.adapters.hf_specs"
     )
 
@@ -281,7 +281,7 @@ def _standard(out: Any) -> bool:
 
 
 def _probes(router: nn.Module, config: Any, bias_arg: tuple[int, str] | None) -> list[_Probe]:
-    where = type(router).__name__
+    where = _where(router)
     hidden = _hidden_size(router, config)
     probes: list[_Probe] = []
     gen = torch.Generator().manual_seed(0)
@@ -318,7 +318,7 @@ def _output_width(module: nn.Module, x: torch.Tensor, bias_arg: tuple[int, str])
         if p.ndim == 2 and p.shape[1] == x.shape[-1]:
             return int(p.shape[0])
     raise UnsupportedRouterError(
-        f"{type(module).__name__}: its forward takes a bias argument ({bias_arg[1]!r}) but its logits width cannot "
+        f"{_where(module)}: its forward takes a bias argument ({bias_arg[1]!r}) but its logits width cannot "
         "be read from a 2-D weight; add an override in routereplay.adapters.hf_specs"
     )
 
@@ -437,6 +437,10 @@ def _weight_variants(router, config, sel: _Selection, low: bool) -> Iterator[tup
             continue
 
 
+def _where(router: nn.Module) -> str:
+    return f"{type(router).__name__} ({_family(router)})"
+
+
 def _family(router: nn.Module) -> str:
     parts = type(router).__module__.split(".")
     return parts[parts.index("models") + 1] if "models" in parts else type(router).__name__
@@ -538,7 +542,7 @@ def infer(router: nn.Module, config: Any) -> InferredRouter:
 
 def _infer(router: nn.Module, config: Any) -> InferredRouter:
     start = time.perf_counter()
-    where = f"{type(router).__name__} ({_family(router)})"
+    where = _where(router)
     extra = _required_extra_args(router)
     if extra:
         raise UnsupportedRouterError(
@@ -611,3 +615,48 @@ def _cost(spec: RouterSpec) -> int:
 def _spec_text(spec: RouterSpec) -> str:
     parts = [f"{n}={getattr(spec, n)!r}" for n in ("num_experts", "top_k", *non_default_fields(spec))]
     return "RouterSpec(" + ", ".join(parts) + ")"
+
+
+def verify(
+    router: nn.Module,
+    config: Any,
+    spec: RouterSpec,
+    *,
+    bias: Callable[[nn.Module, tuple, dict], torch.Tensor | None] | None = None,
+    expert_scale: Callable[[nn.Module], torch.Tensor | None] | None = None,
+) -> str | None:
+    """Check a given spec (a hand-written override) on the battery :func:`infer` uses.
+
+    Args:
+        router, config: as for :func:`infer`.
+        spec: the spec to check.
+        bias: ``bias(module, args, kwargs)`` -> the selection bias of a call (the module is the
+            probed router or its randomised copy; a forward-argument bias is in ``kwargs``).
+        expert_scale: ``expert_scale(module)`` -> the per-expert scale.
+
+    Returns:
+        None when ``route`` with ``spec`` equals the router bit for bit (ids live, weights at the
+        router's ids, exact upcast allowed) on every probe; else the first difference.
+    """
+    bias_arg = _bias_argument(router)
+    for probe in _probes(router, config, bias_arg):
+        kwargs = {bias_arg[1]: probe.bias_E} if bias_arg is not None else {}
+        kw: dict[str, Any] = {"validate": False}
+        if spec.uses_bias:
+            kw["bias_E"] = bias(probe.module, (), kwargs) if bias is not None else None
+        if spec.uses_expert_scale:
+            kw["expert_scale_E"] = expert_scale(probe.module) if expert_scale is not None else None
+        if spec.weights_dtype == "input":
+            kw["out_dtype"] = probe.input_dtype
+        with torch.no_grad():
+            _w, ids = route(probe.logits_NE, spec, **kw)
+            w, _ids = route(probe.logits_NE, spec, forced_TK=probe.ids_NK, **kw)
+        if not torch.equal(ids, probe.ids_NK):
+            row = int((ids != probe.ids_NK).any(dim=1).nonzero()[0, 0])
+            return f"probe '{probe.name}', row {row}: router ids {probe.ids_NK[row].tolist()}, spec ids {ids[row].tolist()}"
+        live = probe.weights_NK
+        if w.dtype != live.dtype and w.is_floating_point() and torch.finfo(w.dtype).bits < torch.finfo(live.dtype).bits:
+            w = w.to(live.dtype)
+        if w.dtype != live.dtype or not torch.equal(w.view(_int_of(w)), live.view(_int_of(live))):
+            return f"probe '{probe.name}': weights differ ({live.dtype} router, {w.dtype} spec)"
+    return None

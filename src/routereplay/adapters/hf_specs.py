@@ -38,6 +38,7 @@ supported), Inkling v1, NLLB-MoE, SwitchTransformers, PhiMoE.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,9 @@ from routereplay.errors import RouterSpecError, UnsupportedRouterError
 from routereplay.routing import RouterSpec
 
 __all__ = [
+    "FAMILY_SEAMS",
     "RouterMath",
+    "check_override",
     "expert_scale",
     "is_supported_router",
     "router_math",
@@ -721,3 +724,47 @@ def expert_scale(router: nn.Module) -> torch.Tensor | None:
     if type(router).__name__ in ("Gemma4TextRouter", "DiffusionGemmaTextRouter"):
         return router.per_expert_scale
     return None
+
+
+# Routers whose adapter seam is family-specific (adapters/hf.py): their output is not the
+# (logits, weights, ids) triple, or the seam rewrites it after route(); inference does not apply.
+FAMILY_SEAMS = frozenset({"DbrxRouter", "Llama4Router", "JetMoeTopKGating", "ZayaRouter"})
+
+
+def check_override(router: nn.Module, config: Any) -> tuple[str, str]:
+    """Hold a hand-written spec against inference (with the hand table out of the way).
+
+    Returns:
+        ``(verdict, detail)``: ``"same"`` (inference finds the hand spec field for field),
+        ``"equivalent"`` (the specs differ only in fields the battery shows to be unobservable for
+        this router: the hand spec passes every probe too; ``detail`` names them), ``"seam"``
+        (a family-specific seam, inference does not apply), ``"refused"`` (inference finds no spec;
+        ``detail`` is why), or ``"differs"`` (the hand spec fails the battery: a bug to fix).
+
+    Raises:
+        UnsupportedRouterError: the router class has no hand-written spec.
+    """
+    name = type(router).__name__
+    if name not in _BUILDERS:
+        raise UnsupportedRouterError(f"{name} ({_family(router)}): no hand-written spec to check")
+    if name in FAMILY_SEAMS:
+        return "seam", "family-specific seam in adapters/hf.py: the router does not return (logits, weights, ids)"
+    hand = _BUILDERS[name](router, config)
+    try:
+        inferred = hf_infer.infer(router, config).spec
+    except UnsupportedRouterError as e:
+        return "refused", str(e).split(": ", 1)[-1]
+    strip = {"family": ""}
+    if dataclasses.replace(inferred, **strip) == dataclasses.replace(hand, **strip):
+        return "same", ""
+    diff = hf_infer.verify(
+        router, config, hand, bias=lambda m, a, k: selection_bias(m, a, k), expert_scale=expert_scale
+    )
+    fields = [
+        f"{f.name}={getattr(hand, f.name)!r} (inferred {getattr(inferred, f.name)!r})"
+        for f in dataclasses.fields(RouterSpec)
+        if f.name != "family" and getattr(hand, f.name) != getattr(inferred, f.name)
+    ]
+    if diff is None:
+        return "equivalent", ", ".join(fields)
+    return "differs", f"{', '.join(fields)}; hand spec fails: {diff}"
