@@ -43,6 +43,8 @@ def survey(family: str) -> dict:
         "layers": "",
         "status": "",
         "note": "",
+        "spec": "",
+        "inference": "",
     }
     reason = hf_zoo.reason_skipped(family)
     if reason:
@@ -65,6 +67,8 @@ def survey(family: str) -> dict:
         row.update(status="refused", note=msg.split(" is not supported: ", 1)[-1])
         return row
     row["layers"] = ", ".join(map(str, handle.layer_ids))
+    replayed = [type(m).__name__ for _, m in routers if type(m).__name__ not in hf._HASH_ROUTERS]
+    row["spec"] = "inferred" if any(name not in _hand_table() for name in replayed) else "hand-written"
     notes = (
         [f"hash-routed layers left out of traces: {', '.join(p for p, _ in handle.skipped)}"] if handle.skipped else []
     )
@@ -102,6 +106,28 @@ def survey(family: str) -> dict:
     return row
 
 
+def _hand_table() -> frozenset[str]:
+    from routereplay.adapters import hf_specs
+
+    return frozenset(hf_specs._BUILDERS)
+
+
+def inference_verdict(family: str) -> tuple[str, str]:
+    """Inference alone on the family's first router with a hand-written spec (16 experts, top-4,
+    where sorted and unsorted top-k differ on the CPU): ``hf_specs.check_override``'s verdict."""
+    import hf_zoo
+
+    from routereplay.adapters import hf, hf_specs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = hf_zoo.build(family, num_experts=16, top_k=4)
+    for _path, router in hf.find_routers(model):
+        if type(router).__name__ in hf_specs._BUILDERS:
+            return hf_specs.check_override(router, hf._text_config(model.config, router))
+    return "", ""
+
+
 def render(rows: list[dict]) -> str:
     import transformers
 
@@ -119,16 +145,61 @@ def render(rows: list[dict]) -> str:
         "layers keep their numbers and are not part of a trace). A router inside attention (JetMoE's mixture of",
         "attention heads) of decoder layer i has id num_hidden_layers + i.",
         "",
-        "| family | model class | router path | router class | MoE layers (tiny) | status | note |",
-        "|---|---|---|---|---|---|---|",
+        "The spec column says where the router's RouterSpec comes from: the hand table of",
+        "`routereplay/adapters/hf_specs.py`, or inference (see below).",
+        "",
+        "| family | model class | router path | router class | MoE layers (tiny) | status | spec | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         path = f"`{r['path']}`" if r["path"] else ""
         note = r["note"].replace("|", "\\|")
         lines.append(
-            f"| {r['family']} | {r['model_class']} | {path} | {r['router']} | {r['layers']} | {r['status']} | {note} |"
+            f"| {r['family']} | {r['model_class']} | {path} | {r['router']} | {r['layers']} | {r['status']} "
+            f"| {r['spec']} | {note} |"
         )
+    lines += _inference_section(rows)
     return "\n".join(lines) + "\n"
+
+
+def _inference_section(rows: list[dict]) -> list[str]:
+    checked = [r for r in rows if r["inference"]]
+    counts = {v: sum(r["inference"][0] == v for r in checked) for v in ("same", "equivalent", "seam", "refused", "differs")}
+    reproduced = counts["same"] + counts["equivalent"]
+    lines = [
+        "",
+        "## Router specs inferred by probing",
+        "",
+        "A router class with no entry in the hand table of `routereplay/adapters/hf_specs.py` is probed at",
+        "`attach` (`routereplay/adapters/hf_infer.py`): its own `forward` runs on a battery of inputs (random,",
+        "x100, x1e-3, all zeros, repeated rows, a negative ramp) with its own weights and with seeded random copies",
+        "in fp32, bf16, fp32 weights with bf16 inputs, and positive weights; a RouterSpec (score function and where it",
+        "runs, selection bias read from the module's buffers or its forward argument, groups read from the router or",
+        "config, renormalisation and its epsilon, scaling, dtype casts, zero-computation experts) is accepted only",
+        "when `routing.route` reproduces the router's ids and weights bit for bit on every probe. Otherwise `attach`",
+        "raises `UnsupportedRouterError` naming the closest spec and the first probe and row where it differs.",
+        "Results are cached per router class, its scalar attributes and tensor shapes.",
+        "",
+        "**Adding an override**: write a builder `(router, config) -> RouterSpec` in `hf_specs.py` and list the",
+        "router class in `_BUILDERS` (with its bias in `selection_bias` when it is a forward argument). The",
+        "hand table wins over inference, and `tests/test_hf_infer.py` holds every override against inference.",
+        "",
+        (
+            f"With the hand table out of the way, inference alone reproduces **{reproduced} of {len(checked)}** "
+            f"hand-written specs ({100 * reproduced / max(len(checked), 1):.0f} %): {counts['same']} field for field, "
+            f"{counts['equivalent']} differing only in fields the battery shows to be unobservable for that router "
+            "(the hand"
+        ),
+        f"spec passes every probe too). {counts['seam']} families keep a seam of their own in `adapters/hf.py` (their",
+        "router does not return `(logits, weights, ids)`); inference does not apply to them.",
+        "",
+        "| family | router class | inference alone | detail |",
+        "|---|---|---|---|",
+    ]
+    for r in checked:
+        verdict, detail = r["inference"]
+        lines.append(f"| {r['family']} | {r['router']} | {verdict} | {detail.replace('|', chr(92) + '|')} |")
+    return lines
 
 
 def main() -> int:
@@ -143,6 +214,8 @@ def main() -> int:
     rows = []
     for f in families:
         row = survey(f)
+        verdict = inference_verdict(f) if row["status"] == "supported" and row["spec"] == "hand-written" else ("", "")
+        row["inference"] = verdict if verdict[0] else ""
         print(f"{f:28s} {row['status']:10s} {row['note'][:90]}", file=sys.stderr)
         rows.append(row)
     text = render(rows)
