@@ -21,7 +21,18 @@ run live silently: every replay block checks that exactly its forwards consumed 
 * ``"R2"``: the old-policy pass records its routes, each loss forward replays them. It needs that
   pass: with one update per generation the update forward *is* the old policy, so R2 would do
   nothing and is refused.
+* ``"measure"``: nothing is replayed, training is plain TRL's; the routes are captured as for R3
+  and every policy forward (old-policy pass and loss forwards) runs live under ``handle.record()``,
+  so the mismatch metrics below are logged before replay is turned on.
 * ``None``: plain ``trl.GRPOTrainer`` (nothing is attached).
+
+``router_replay_export_dir``: each generation batch's routes (the rollout's for R3 and
+``"measure"``, the old-policy pass's for R2) are written there as a ``.rrt`` file
+(``routereplay.io``), ``routes_gen{generation:06d}_rank{process:03d}.rrt``: one sequence per sample
+of this process, in the order of TRL's generation batch, all prompt + completion tokens, training
+rows (row ``t`` = the route of token ``t``; an R3 sample's last row has no route, ``valid`` False);
+``meta`` holds ``source=trl``, the mode, the generation serial, TRL's ``global_step`` and the
+process index.
 
 The **reference model is never replayed**: a separate ``ref_model`` is not attached at all, and
 with PEFT (reference = the policy with adapters disabled, or TRL's ``"ref"`` adapter active) that
@@ -45,18 +56,33 @@ one array per completion in vLLM's convention (``[prompt_len + completion_len - 
 ``RequestOutput`` carries with ``SamplingParams(..., return_routed_experts=True)``). They are
 converted by :meth:`GRPOTrainer.routes_from_rollout` (override it for another engine's format).
 
-**Logged per step** (TRL's metrics, averaged over the step's replayed forwards):
+**Logged per step** (TRL's metrics, averaged over the step's policy forwards):
 
-* ``router_replay/disagreement``: share of (token, layer) routes whose experts, **observed at the
-  experts' input** (``routereplay.rl.DispatchTap``), differ from the recorded ones. Must be 0; a
-  forward where it is not raises ``ReplayVerificationError`` after logging.
-* ``router_replay/live_disagreement``: share of replayed routes that live routing would have
-  chosen differently (``rep.stats``): the mismatch replay removes.
-* ``router_replay/coverage``: replayed routes / (real tokens x MoE layers); below 1 only by each
-  sample's last token, which has no recorded route (its logits never enter the loss).
+* ``router_replay/disagreement`` (R3, R2): share of (token, layer) routes whose experts, **observed
+  at the experts' input** (``routereplay.rl.DispatchTap``), differ from the recorded ones. Must be
+  0; a forward where it is not raises ``ReplayVerificationError`` after logging.
+* ``router_replay/live_disagreement``: share of (token, layer) routes with a recorded route that
+  live routing chooses differently (R3, R2: ``rep.stats`` of the replayed routes; ``"measure"``:
+  the live forward's recorded routes against the rollout's): the mismatch replay removes.
+* ``router_replay/coverage`` (R3, R2): replayed routes / (real tokens x MoE layers); below 1 only by
+  each sample's last token, which has no recorded route (its logits never enter the loss).
 * ``router_replay/k3``: ``mean(exp(delta) - 1 - delta)``, ``delta = logp_train - logp_rollout`` over
-  completion tokens (``routereplay.metrics.logprob_mismatch``), when rollout log-probs exist (R3 with
-  local generation, or TRL's ``sampling_per_token_logps`` from vLLM / a ``rollout_func``).
+  completion tokens (``routereplay.metrics.logprob_mismatch``), when rollout log-probs exist (R3 and
+  ``"measure"`` with local generation, or TRL's ``sampling_per_token_logps`` from vLLM / a
+  ``rollout_func``).
+* ``router_replay/k3_old``: the same with ``delta = logp_train - logp_old``, against TRL's
+  old-policy pass (``old_per_token_logps``), whenever that pass runs (always for R2).
+
+**What they measure after the first iteration.** Each generation batch is trained on for several
+optimizer steps (``num_iterations``, ``steps_per_generation``); only the forwards before the first
+of those steps see the weights that generated (and, for R2, recorded) the routes. There,
+``live_disagreement`` and ``k3`` are the pure train/inference mismatch and ``k3_old`` is 0 (R2 and
+R3 replay the same routes on the same weights). In every later forward of that batch the policy
+has been updated, so ``live_disagreement`` counts routes the update moved as well (R2 exists for
+exactly this drift), ``k3`` is the train/inference mismatch plus the policy change, and ``k3_old``
+is the policy change alone (the quantity TRL's importance ratio corrects). Read the mismatch
+itself off the first forward of each generation batch (TRL's first logged step after a
+generation), or off ``"measure"`` with ``num_iterations=1``.
 
 Refused with ``IntegrationError`` (R3): TRL's vLLM modes without a ``rollout_func``, transformers
 continuous batching (its paged forwards do not map onto tokens), tool calling and environments
@@ -64,7 +90,7 @@ continuous batching (its paged forwards do not map onto tokens), tool calling an
 
 Extension points of ``trl.GRPOTrainer`` overridden here: ``_generate_single_turn`` (capture),
 ``_generate`` (routes of a ``rollout_func``; the generation batch's store),
-``_generate_and_score_completions`` (the scoring phase; adds the carried keys),
+``_generate_and_score_completions`` (the scoring phase; adds the carried keys; export),
 ``_get_per_token_logps_and_entropies`` (replay / record / live per forward), ``_compute_loss``
 (which samples the loss forward covers; k3).
 
@@ -224,7 +250,10 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     Args:
         *args, **kwargs: exactly ``trl.GRPOTrainer``'s.
-        router_replay: ``"R3"``, ``"R2"`` or None (plain TRL).
+        router_replay: ``"R3"``, ``"R2"``, ``"measure"`` (log the mismatch, replay nothing) or None
+            (plain TRL).
+        router_replay_export_dir: a directory (created if missing) where each generation batch's
+            routes are written as ``.rrt`` (see the module docstring); None: not exported.
 
     Attributes:
         router_replay: the mode.
@@ -233,7 +262,8 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     Raises:
         IntegrationError: an unknown mode, a TRL configuration the mode cannot support (the
-            message names what is missing), or a PEFT prompt-learning adapter.
+            message names what is missing), an export directory without a mode, or a PEFT
+            prompt-learning adapter.
         UnsupportedModelError: the policy has no replayable MoE router.
     """
 
