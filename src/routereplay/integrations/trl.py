@@ -84,7 +84,7 @@ is the policy change alone (the quantity TRL's importance ratio corrects). Read 
 itself off the first forward of each generation batch (TRL's first logged step after a
 generation), or off ``"measure"`` with ``num_iterations=1``.
 
-Refused with ``IntegrationError`` (R3): TRL's vLLM modes without a ``rollout_func``, transformers
+Refused with ``IntegrationError`` (R3 and ``"measure"``): TRL's vLLM modes without a ``rollout_func``, transformers
 continuous batching (its paged forwards do not map onto tokens), tool calling and environments
 (tool tokens are not generated), vision-language processors (untested).
 
