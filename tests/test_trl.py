@@ -81,8 +81,12 @@ def test_replay_is_exact_every_step_and_live_routing_is_not(tmp_path, mode):
     assert [h["router_replay/disagreement"] for h in logs] == [0.0, 0.0]
     # The second iteration updates a changed policy: live routing would differ from the replayed routes.
     assert logs[1]["router_replay/live_disagreement"] > 0.0
+    # k3 against the old-policy pass: 0 on the first iteration (same weights, its routes replayed),
+    # then it includes the policy update.
+    assert logs[0]["router_replay/k3_old"] == 0.0 and logs[1]["router_replay/k3_old"] > 0.0
     if mode == "R2":
         assert [h["router_replay/coverage"] for h in logs] == [1.0, 1.0]
+        assert "router_replay/k3" not in logs[0]  # local generation: no rollout log-probs
     else:  # each sample's last token has no rollout route
         assert all(0.5 < h["router_replay/coverage"] < 1.0 for h in logs)
         # Step 1: the trainer is the rollout policy (same weights, fp32, replayed routes): the log-probs
@@ -211,7 +215,7 @@ def test_routes_passed_in_by_a_rollout_func(tmp_path):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(IntegrationError, match=r'router_replay must be "R3", "R2" or None, found \'R1\''):
+    with pytest.raises(IntegrationError, match=r'router_replay must be "R3", "R2", "measure" or None, found \'R1\''):
         _trainer(tmp_path, "R1")
     with pytest.raises(IntegrationError, match=r'router_replay="R3" with use_vllm=True: TRL\'s vLLM generation returns '
                        r'no routes.*Pass a rollout_func that returns "routed_experts"'):
@@ -222,6 +226,61 @@ def test_refusals(tmp_path):
         _trainer(tmp_path, "R2", config=_config(tmp_path, num_iterations=1))
     with pytest.raises(IntegrationError, match=r'router_replay="R3" with tools or environment_factory'):
         _trainer(tmp_path, "R3", tools=[_reward])
+    with pytest.raises(IntegrationError, match=r'router_replay="measure" with use_vllm=True: TRL\'s vLLM generation'):
+        _trainer(tmp_path, "measure", config=_config(tmp_path, use_vllm=True))
+    with pytest.raises(
+        IntegrationError,
+        match=r"^router_replay_export_dir='.*routes' with router_replay=None: nothing captures routes to export; "
+        r'set router_replay="measure"',
+    ):
+        _trainer(tmp_path, None, router_replay_export_dir=tmp_path / "routes")
+
+
+def _router_logs(trainer):
+    return [h for h in trainer.state.log_history if "router_replay/live_disagreement" in h]
+
+
+def test_measure_logs_the_mismatch_r3_removes_and_trains_as_plain_trl(tmp_path):
+    """router_replay="measure": the same training as plain TRL (nothing replayed), and the live-vs-rollout
+    route mismatch R3 would remove, step by step, with k3 against the rollout and the old policy."""
+    config = _config(tmp_path, logging_steps=1)
+    measured = _trainer(tmp_path, "measure", config=config)
+    measured.train()
+    plain = _trainer(tmp_path, None, config=config)
+    plain.train()
+    replayed = _trainer(tmp_path, "R3", config=config)
+    replayed.train()
+    logs, plain_logs, r3_logs = _router_logs(measured), [h for h in plain.state.log_history if "loss" in h], _replay_logs(replayed)
+    assert len(logs) == len(plain_logs) == len(r3_logs) == 2
+    for h, p in zip(logs, plain_logs, strict=True):
+        assert (h["loss"], h["grad_norm"]) == (p["loss"], p["grad_norm"])  # live routing: plain TRL's numbers
+    assert "router_replay/disagreement" not in logs[0] and "router_replay/coverage" not in logs[0]
+    # R3's live disagreement is the share of its replayed routes live routing would change: the same number.
+    assert [h["router_replay/live_disagreement"] for h in logs] == [h["router_replay/live_disagreement"] for h in r3_logs]
+    assert logs[1]["router_replay/live_disagreement"] > 0.0
+    assert logs[0]["router_replay/k3_old"] == 0.0 and logs[1]["router_replay/k3"] > 0.0
+    measured.router_replay_handle.detach()
+    replayed.router_replay_handle.detach()
+
+
+@pytest.mark.parametrize("mode", ["R3", "R2"])
+def test_captured_routes_are_exported_as_rrt(tmp_path, mode):
+    from routereplay import io
+
+    trainer = _trainer(tmp_path, mode, router_replay_export_dir=tmp_path / "routes")
+    trainer.train()
+    files = sorted((tmp_path / "routes").iterdir())
+    assert [f.name for f in files] == ["routes_gen000000_rank000.rrt"]  # num_iterations=2: one generation
+    saved = io.load(files[0])
+    batch = trainer._rr_batches["train"]
+    held = batch.store.trace(torch.arange(len(batch.tokens)))
+    assert torch.equal(saved.experts, held.experts) and torch.equal(saved.cu_seqlens, held.cu_seqlens)
+    assert saved.layer_ids == trainer.router_replay_handle.layer_ids
+    assert saved.seq_lens.tolist() == [t.numel() for t in batch.tokens]  # one sequence per sample, all its tokens
+    assert {k: saved.meta[k] for k in ("source", "router_replay", "generation", "rows")} == {
+        "source": "trl", "router_replay": mode, "generation": "0", "rows": "training",
+    }
+    trainer.router_replay_handle.detach()
 
 
 def test_no_replay_is_plain_trl(tmp_path):

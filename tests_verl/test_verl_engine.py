@@ -53,9 +53,55 @@ def test_importing_registers_the_engine_for_nvidia_and_cpu_leaving_verls_entry(m
     monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
     monkeypatch.setenv("VERL_ENGINE_VENDOR", "nvidia")
     assert EngineRegistry.get_engine_cls("language_model", "fsdp") is RouteReplayFSDPEngine
-    monkeypatch.setenv("VERL_ENGINE_VENDOR", "huawei")  # verl's own entry is untouched
-    assert EngineRegistry.get_engine_cls("language_model", "fsdp") is FSDPEngineWithLMHead
+    assert EngineRegistry._engines["language_model"]["fsdp"]["cuda"] is FSDPEngineWithLMHead  # verl's entry untouched
     assert EngineRegistry.get_engine_cls("value_model", "fsdp") is not RouteReplayFSDPEngine
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """verl's engine table as this module left it, restored after the test."""
+    from verl.workers.engine import EngineRegistry
+
+    monkeypatch.setattr(EngineRegistry, "_engines", copy.deepcopy(EngineRegistry._engines))
+    return EngineRegistry
+
+
+@pytest.mark.parametrize(("device", "vendor"), [("cuda", "amd"), ("cuda", "metax"), ("npu", "huawei")])
+def test_every_vendor_verl_builds_its_fsdp_engine_for_gets_this_engine(registry, monkeypatch, device, vendor):
+    """A worker on another vendor registers its own key at import: router_replay.mode is never ignored."""
+    from verl.workers.engine import FSDPEngineWithLMHead
+
+    from routereplay.integrations import verl as rr_verl
+
+    monkeypatch.setenv("VERL_ENGINE_DEVICE", device)
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", vendor)
+    assert registry.get_engine_cls("language_model", "fsdp2") is FSDPEngineWithLMHead  # before: verl's, replay ignored
+    rr_verl._register()  # what importing the module does in that worker
+    assert registry.get_engine_cls("language_model", "fsdp2") is RouteReplayFSDPEngine
+    assert registry.get_engine_cls("language_model", "fsdp") is RouteReplayFSDPEngine
+    assert registry._engines["language_model"]["fsdp2"][device] is FSDPEngineWithLMHead
+    rr_verl._register()  # imported twice: nothing changes, nothing raises
+    assert registry.get_engine_cls("language_model", "fsdp2") is RouteReplayFSDPEngine
+
+
+def test_a_vendor_engine_that_would_ignore_the_mode_is_refused_at_import(registry, monkeypatch):
+    from verl.workers.engine import FSDPEngineWithLMHead
+
+    from routereplay.integrations import verl as rr_verl
+
+    class VendorEngine(FSDPEngineWithLMHead):
+        pass
+
+    registry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cuda", vendor="acme")(VendorEngine)
+    monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", "acme")
+    with pytest.raises(
+        IntegrationError,
+        match=r"^routereplay.integrations.verl: on device='cuda', vendor='acme' verl builds "
+        r"test_verl_engine.*VendorEngine for strategy 'fsdp', not RouteReplayFSDPEngine .*router_replay.mode would be "
+        r"ignored and the actor would route live",
+    ):
+        rr_verl._register()
 
 
 # --- R3 ------------------------------------------------------------------------------------------

@@ -21,7 +21,18 @@ run live silently: every replay block checks that exactly its forwards consumed 
 * ``"R2"``: the old-policy pass records its routes, each loss forward replays them. It needs that
   pass: with one update per generation the update forward *is* the old policy, so R2 would do
   nothing and is refused.
+* ``"measure"``: nothing is replayed, training is plain TRL's; the routes are captured as for R3
+  and every policy forward (old-policy pass and loss forwards) runs live under ``handle.record()``,
+  so the mismatch metrics below are logged before replay is turned on.
 * ``None``: plain ``trl.GRPOTrainer`` (nothing is attached).
+
+``router_replay_export_dir``: each generation batch's routes (the rollout's for R3 and
+``"measure"``, the old-policy pass's for R2) are written there as a ``.rrt`` file
+(``routereplay.io``), ``routes_gen{generation:06d}_rank{process:03d}.rrt``: one sequence per sample
+of this process, in the order of TRL's generation batch, all prompt + completion tokens, training
+rows (row ``t`` = the route of token ``t``; an R3 sample's last row has no route, ``valid`` False);
+``meta`` holds ``source=trl``, the mode, the generation serial, TRL's ``global_step`` and the
+process index.
 
 The **reference model is never replayed**: a separate ``ref_model`` is not attached at all, and
 with PEFT (reference = the policy with adapters disabled, or TRL's ``"ref"`` adapter active) that
@@ -45,26 +56,41 @@ one array per completion in vLLM's convention (``[prompt_len + completion_len - 
 ``RequestOutput`` carries with ``SamplingParams(..., return_routed_experts=True)``). They are
 converted by :meth:`GRPOTrainer.routes_from_rollout` (override it for another engine's format).
 
-**Logged per step** (TRL's metrics, averaged over the step's replayed forwards):
+**Logged per step** (TRL's metrics, averaged over the step's policy forwards):
 
-* ``router_replay/disagreement``: share of (token, layer) routes whose experts, **observed at the
-  experts' input** (``routereplay.rl.DispatchTap``), differ from the recorded ones. Must be 0; a
-  forward where it is not raises ``ReplayVerificationError`` after logging.
-* ``router_replay/live_disagreement``: share of replayed routes that live routing would have
-  chosen differently (``rep.stats``): the mismatch replay removes.
-* ``router_replay/coverage``: replayed routes / (real tokens x MoE layers); below 1 only by each
-  sample's last token, which has no recorded route (its logits never enter the loss).
+* ``router_replay/disagreement`` (R3, R2): share of (token, layer) routes whose experts, **observed
+  at the experts' input** (``routereplay.rl.DispatchTap``), differ from the recorded ones. Must be
+  0; a forward where it is not raises ``ReplayVerificationError`` after logging.
+* ``router_replay/live_disagreement``: share of (token, layer) routes with a recorded route that
+  live routing chooses differently (R3, R2: ``rep.stats`` of the replayed routes; ``"measure"``:
+  the live forward's recorded routes against the rollout's): the mismatch replay removes.
+* ``router_replay/coverage`` (R3, R2): replayed routes / (real tokens x MoE layers); below 1 only by
+  each sample's last token, which has no recorded route (its logits never enter the loss).
 * ``router_replay/k3``: ``mean(exp(delta) - 1 - delta)``, ``delta = logp_train - logp_rollout`` over
-  completion tokens (``routereplay.metrics.logprob_mismatch``), when rollout log-probs exist (R3 with
-  local generation, or TRL's ``sampling_per_token_logps`` from vLLM / a ``rollout_func``).
+  completion tokens (``routereplay.metrics.logprob_mismatch``), when rollout log-probs exist (R3 and
+  ``"measure"`` with local generation, or TRL's ``sampling_per_token_logps`` from vLLM / a
+  ``rollout_func``).
+* ``router_replay/k3_old``: the same with ``delta = logp_train - logp_old``, against TRL's
+  old-policy pass (``old_per_token_logps``), whenever that pass runs (always for R2).
 
-Refused with ``IntegrationError`` (R3): TRL's vLLM modes without a ``rollout_func``, transformers
+**What they measure after the first iteration.** Each generation batch is trained on for several
+optimizer steps (``num_iterations``, ``steps_per_generation``); only the forwards before the first
+of those steps see the weights that generated (and, for R2, recorded) the routes. There,
+``live_disagreement`` and ``k3`` are the pure train/inference mismatch and ``k3_old`` is 0 (R2 and
+R3 replay the same routes on the same weights). In every later forward of that batch the policy
+has been updated, so ``live_disagreement`` counts routes the update moved as well (R2 exists for
+exactly this drift), ``k3`` is the train/inference mismatch plus the policy change, and ``k3_old``
+is the policy change alone (the quantity TRL's importance ratio corrects). Read the mismatch
+itself off the first forward of each generation batch (TRL's first logged step after a
+generation), or off ``"measure"`` with ``num_iterations=1``.
+
+Refused with ``IntegrationError`` (R3 and ``"measure"``): TRL's vLLM modes without a ``rollout_func``, transformers
 continuous batching (its paged forwards do not map onto tokens), tool calling and environments
 (tool tokens are not generated), vision-language processors (untested).
 
 Extension points of ``trl.GRPOTrainer`` overridden here: ``_generate_single_turn`` (capture),
 ``_generate`` (routes of a ``rollout_func``; the generation batch's store),
-``_generate_and_score_completions`` (the scoring phase; adds the carried keys),
+``_generate_and_score_completions`` (the scoring phase; adds the carried keys; export),
 ``_get_per_token_logps_and_entropies`` (replay / record / live per forward), ``_compute_loss``
 (which samples the loss forward covers; k3).
 
@@ -78,6 +104,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +133,8 @@ from routereplay.trace import RoutingTrace, _ranges
 
 __all__ = ["GRPOTrainer"]
 
-MODES = ("R3", "R2", None)
+MODES = ("R3", "R2", "measure", None)
+_CAPTURE_MODES = ("R3", "measure")  # routes captured at generation (or from a rollout_func)
 IDS_KEY = "router_replay_ids"
 LOGPS_KEY = "router_replay_rollout_logps"
 
@@ -184,10 +212,10 @@ def _check_config(mode: str, args: Any, kwargs: dict, *, old_pass: bool | None =
     """Refuse what ``mode`` cannot support, naming what is missing."""
     if args is None:
         return
-    if mode == "R3":
+    if mode in _CAPTURE_MODES:
         if getattr(args, "use_vllm", False) and kwargs.get("rollout_func") is None:
             raise IntegrationError(
-                'router_replay="R3" with use_vllm=True: TRL\'s vLLM generation returns no routes, so the routes each '
+                f'router_replay="{mode}" with use_vllm=True: TRL\'s vLLM generation returns no routes, so the routes each '
                 "completion was generated with are missing. Pass a rollout_func that returns \"routed_experts\" (one "
                 "[prompt_len + completion_len - 1, L, K] array per completion, vLLM's routed_experts) next to "
                 'prompt_ids/completion_ids/logprobs, or use router_replay="R2", or generate with transformers '
@@ -195,12 +223,12 @@ def _check_config(mode: str, args: Any, kwargs: dict, *, old_pass: bool | None =
             )
         if getattr(args, "use_transformers_continuous_batching", False):
             raise IntegrationError(
-                'router_replay="R3" with use_transformers_continuous_batching=True: its paged forwards do not map onto '
+                f'router_replay="{mode}" with use_transformers_continuous_batching=True: its paged forwards do not map onto '
                 'the returned tokens, so routes cannot be captured; set it to False, or use router_replay="R2"'
             )
         if kwargs.get("tools") or kwargs.get("environment_factory") is not None:
             raise IntegrationError(
-                'router_replay="R3" with tools or environment_factory: tool-response tokens are not generated, so they '
+                f'router_replay="{mode}" with tools or environment_factory: tool-response tokens are not generated, so they '
                 'have no rollout routes; use router_replay="R2"'
             )
     if mode == "R2":
@@ -222,7 +250,10 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     Args:
         *args, **kwargs: exactly ``trl.GRPOTrainer``'s.
-        router_replay: ``"R3"``, ``"R2"`` or None (plain TRL).
+        router_replay: ``"R3"``, ``"R2"``, ``"measure"`` (log the mismatch, replay nothing) or None
+            (plain TRL).
+        router_replay_export_dir: a directory (created if missing) where each generation batch's
+            routes are written as ``.rrt`` (see the module docstring); None: not exported.
 
     Attributes:
         router_replay: the mode.
@@ -231,13 +262,25 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     Raises:
         IntegrationError: an unknown mode, a TRL configuration the mode cannot support (the
-            message names what is missing), or a PEFT prompt-learning adapter.
+            message names what is missing), an export directory without a mode, or a PEFT
+            prompt-learning adapter.
         UnsupportedModelError: the policy has no replayable MoE router.
     """
 
-    def __init__(self, *args: Any, router_replay: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        router_replay: str | None = None,
+        router_replay_export_dir: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if router_replay not in MODES:
-            raise IntegrationError(f'router_replay must be "R3", "R2" or None, found {router_replay!r}')
+            raise IntegrationError(f'router_replay must be "R3", "R2", "measure" or None, found {router_replay!r}')
+        if router_replay is None and router_replay_export_dir is not None:
+            raise IntegrationError(
+                f"router_replay_export_dir={os.fspath(router_replay_export_dir)!r} with router_replay=None: nothing "
+                'captures routes to export; set router_replay="measure" (or "R3" / "R2")'
+            )
         if router_replay is not None:
             # Before TRL's own set-up (which starts vLLM, loads a reference model, ...).
             config = kwargs.get("args", args[2] if len(args) > 2 else None)
@@ -245,6 +288,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.router_replay = router_replay
         self.router_replay_handle = None
+        self.router_replay_export_dir = None if router_replay_export_dir is None else os.fspath(router_replay_export_dir)
         self._rr_serial = itertools.count()
         self._rr_batches: dict[str, _Batch] = {}  # per mode ("train" / "eval"): the latest generation batch
         self._rr_current: _Batch | None = None  # the batch being scored
@@ -256,10 +300,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._rr_peft_layers: tuple[Any, ...] | None = None  # a PEFT policy's adapter layers
         if router_replay is None:
             return
-        if router_replay == "R3" and getattr(self, "_is_vlm", False):
+        if router_replay in _CAPTURE_MODES and getattr(self, "_is_vlm", False):
             raise IntegrationError(
-                'router_replay="R3" with a vision-language processor is not supported yet; use router_replay="R2"'
+                f'router_replay="{router_replay}" with a vision-language processor is not supported yet; use '
+                'router_replay="R2"'
             )
+        if self.router_replay_export_dir is not None:
+            os.makedirs(self.router_replay_export_dir, exist_ok=True)
         _check_config(router_replay, self.args, kwargs, old_pass=self._rr_old_pass_expected)
         from routereplay import attach
 
@@ -310,7 +357,7 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     # --- generation (R3 capture) ----------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
-        if self.router_replay != "R3" or self.use_vllm:
+        if self.router_replay not in _CAPTURE_MODES or self.use_vllm:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
         h = self.router_replay_handle
         with h.capture_generation(logprobs=True, temperature=self.temperature) as cap:
@@ -335,7 +382,7 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _generate(self, prompts):
         result = super()._generate(prompts)
-        if self.router_replay != "R3":
+        if self.router_replay not in _CAPTURE_MODES:
             return result
         prompt_ids, completion_ids, extra_fields = result[0], result[1], result[5]
         h = self.router_replay_handle
@@ -393,6 +440,8 @@ class GRPOTrainer(trl.GRPOTrainer):
                 "R2, no capture for R3); this trl version or configuration is not supported"
             )
         self._rr_batches[mode] = batch
+        if self.router_replay_export_dir is not None:
+            self._rr_export(batch)
         device = output["prompt_ids"].device
         B, C = output["completion_ids"].shape
         output[IDS_KEY] = torch.stack(
@@ -416,13 +465,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self._rr_scoring:
             if not self._rr_old_done and self._rr_old_pass_expected:
                 self._rr_old_done = True
-                return "record" if self.router_replay == "R2" else "replay"
+                return {"R2": "record", "measure": "measure"}.get(self.router_replay, "replay")
             raise IntegrationError(
                 "a policy log-prob forward during scoring that is neither TRL's old-policy pass nor a reference "
                 "forward; this trl version is not supported (its forwards cannot be matched with routes)"
             )
         if self._rr_loss is not None:
-            return "replay"
+            return "measure" if self.router_replay == "measure" else "replay"
         raise IntegrationError(
             "a policy log-prob forward outside generation scoring and the loss: routereplay cannot tell which samples "
             "it covers (call it inside compute_loss, or use trl.GRPOTrainer)"
@@ -461,6 +510,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         else:
             batch, sample_B = self._rr_loss
         traces = [self._rr_trace(batch, sample_B[s:e], input_ids[s:e], attention_mask[s:e]) for s, e in bounds]
+        if role == "measure":
+            out = self._rr_measure(call, traces, masks)
+            if not self._rr_scoring:
+                self._rr_last_logps = out[0].detach()
+            return out
         with h.replay(traces, attention_mask=masks, missing="live") as rep, DispatchTap(h) as tap:
             out = call()
         self._rr_log_forwards(traces, masks, rep, tap)
@@ -553,11 +607,59 @@ class GRPOTrainer(trl.GRPOTrainer):
             loss = super()._compute_loss(model, inputs)
         finally:
             self._rr_loss = None
-        rollout_BC = inputs.get(LOGPS_KEY, inputs.get("sampling_per_token_logps"))
-        if rollout_BC is not None and self._rr_last_logps is not None:
-            mask_BC = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-            keep_BC = mask_BC.bool() & torch.isfinite(rollout_BC)
-            m = logprob_mismatch(self._rr_last_logps.float(), rollout_BC.float(), keep_BC)
-            if m.num_tokens:
-                self._metrics["train" if self.model.training else "eval"]["router_replay/k3"].append(m.k3)
+        self._rr_log_k3(inputs)
         return loss
+
+    def _rr_log_k3(self, inputs: dict) -> None:
+        """k3 of the loss forward's log-probs against the rollout's (``k3``) and the old policy's (``k3_old``)."""
+        if self._rr_last_logps is None:
+            return
+        mask_BC = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        refs = {
+            "router_replay/k3": inputs.get(LOGPS_KEY, inputs.get("sampling_per_token_logps")),
+            "router_replay/k3_old": inputs.get("old_per_token_logps"),
+        }
+        for key, ref_BC in refs.items():
+            if ref_BC is None:
+                continue
+            keep_BC = mask_BC.bool() & torch.isfinite(ref_BC)
+            m = logprob_mismatch(self._rr_last_logps.float(), ref_BC.float(), keep_BC)
+            if m.num_tokens:
+                metrics[key].append(m.k3)
+
+    # --- measure-only mode ------------------------------------------------------------------
+    def _rr_measure(self, call: Any, traces: list[RoutingTrace], masks: list[torch.Tensor]) -> Any:
+        """Run the forward live and log how its routes differ from the generation batch's (no replay)."""
+        h = self.router_replay_handle
+        with h.record() as rec:
+            out = call()
+        live = rec.trace(attention_mask=masks)
+        agree = routing_agreement(RoutingTrace.concat(traces), live)
+        L = len(h.layers)
+        counts = torch.tensor(
+            [agree.disagreement * agree.num_tokens * L, agree.num_tokens * L], dtype=torch.float64,
+            device=self.accelerator.device,
+        )
+        differ, compared = self.accelerator.reduce(counts, reduction="sum").tolist()
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["router_replay/live_disagreement"].append(differ / max(compared, 1.0))
+        return out
+
+    # --- export -------------------------------------------------------------------------------
+    def _rr_export(self, batch: _Batch) -> None:
+        """Write a generation batch's routes to ``router_replay_export_dir`` as a ``.rrt`` file."""
+        from routereplay.io import save
+
+        trace = batch.store.trace(torch.arange(len(batch.tokens)))
+        meta = {
+            **dict(trace.meta),
+            "source": "trl",
+            "router_replay": str(self.router_replay),
+            "generation": str(batch.serial),
+            "global_step": str(self.state.global_step),
+            "process_index": str(self.accelerator.process_index),
+            "rows": "training",
+        }
+        name = f"routes_gen{batch.serial:06d}_rank{self.accelerator.process_index:03d}.rrt"
+        save(trace._replace(meta=meta), os.path.join(self.router_replay_export_dir, name))

@@ -5,8 +5,12 @@ verl >= 0.9 trains through *engines*: the FSDP actor is ``FSDPEngineWithLMHead``
 :class:`RouteReplayFSDPEngine` subclasses it and overrides only ``forward_step`` (one micro-batch
 forward), ``initialize`` (attach after the FSDP wrap) and ``disable_adapter`` (to recognise the
 reference pass). Importing this module registers it in verl's ``EngineRegistry`` for the
-``language_model`` model type and the ``fsdp`` / ``fsdp2`` strategies on NVIDIA GPUs (and on the
-CPU, where verl registers no engine); verl's own class is left as it is. Enable it in a run:
+``language_model`` model type and the ``fsdp`` / ``fsdp2`` strategies wherever verl would build its
+own FSDP engine: NVIDIA GPUs, the CPU (where verl registers no engine) and the device and vendor
+of the importing process (AMD, other CUDA vendors, Ascend NPUs: untested there), under vendor keys,
+so verl's own entry is left as it is. If verl would still build another class in that process (a
+vendor's own engine for that exact key), the import raises ``IntegrationError`` instead of letting
+``router_replay.mode`` be ignored. Enable it in a run:
 
     actor_rollout_ref.model.external_lib=routereplay.integrations.verl     # imported in every worker
     +actor_rollout_ref.actor.fsdp_config.router_replay.mode=R3            # or R2
@@ -56,6 +60,7 @@ N rows a router sees on this rank; Lp payload layers; L MoE layers; K top-k.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 if importlib.util.find_spec("verl") is None:  # the opt-in import: say how to get verl
     raise ImportError(
@@ -435,8 +440,10 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
 
 def _all_gather_rows(rows_NLK: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """Every SP rank's recorded rows, in rank order (the inverse of the contiguous Ulysses slice)."""
+    from verl.utils.device import get_device_id, get_device_name
+
     backend = dist.get_backend(layout.sp_group)
-    dev = torch.device("cpu") if backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
+    dev = torch.device("cpu") if backend == "gloo" else torch.device(get_device_name(), get_device_id())
     local = rows_NLK.to(dev, torch.int32).contiguous()
     parts = [torch.empty_like(local) for _ in range(layout.sp)]
     dist.all_gather(parts, local, group=layout.sp_group)
@@ -444,20 +451,67 @@ def _all_gather_rows(rows_NLK: torch.Tensor, layout: _Layout) -> torch.Tensor:
 
 
 # --- registration: importing this module is the opt-in --------------------------------------------
-def _register() -> None:
-    """Make verl build RouteReplayFSDPEngine for language models on the fsdp / fsdp2 strategies.
+_BACKENDS = ("fsdp", "fsdp2")
 
-    verl looks up ``(device, vendor)`` before ``device``; its own engine is registered per device,
-    so the vendor key wins on NVIDIA GPUs without touching verl's entry. On the CPU verl has no
-    engine; this adds one.
+
+def _engine_key() -> tuple[str, str]:
+    """The ``(device, vendor)`` verl's ``EngineRegistry.get_engine_cls`` looks up in this process
+    (its platform, or the ``VERL_ENGINE_DEVICE`` / ``VERL_ENGINE_VENDOR`` overrides it honours)."""
+    from verl.utils.device import get_device_name, get_vendor
+
+    return os.getenv("VERL_ENGINE_DEVICE") or get_device_name(), os.getenv("VERL_ENGINE_VENDOR") or get_vendor()
+
+
+def _chosen(backend: str) -> type | None:
+    try:
+        return EngineRegistry.get_engine_cls("language_model", backend)
+    except (AssertionError, ValueError):  # verl has no engine for this device: it refuses the run itself
+        return None
+
+
+def _register() -> None:
+    """Make verl build RouteReplayFSDPEngine wherever it would build its own FSDP language-model engine.
+
+    verl looks up ``(device, vendor)``, then ``device``, then (for other CUDA vendors)
+    ``("cuda", "nvidia")``; its own engine is registered per device (``cuda``, ``npu``). So a vendor
+    key wins without touching verl's entry: this registers ``("cuda", "nvidia")``, the CPU (where
+    verl has no engine) and, for this process's own ``(device, vendor)`` (AMD, MetaX, Ascend, any
+    platform plugin, or the ``VERL_ENGINE_*`` overrides), that key, whenever verl's lookup there
+    gives its ``FSDPEngineWithLMHead``, which this engine subclasses. verl imports the
+    ``external_lib`` in each worker before it builds the engine, so each worker registers its own
+    key. Only ``router_replay.mode`` reads differently from verl's engine: with ``disabled`` the
+    two are the same.
+
+    Raises:
+        IntegrationError: verl would still build another engine class in this process (one registered
+            for this exact device and vendor), which would ignore ``router_replay.mode`` and train live.
     """
-    for device, vendor in (("cuda", "nvidia"), ("cpu", None)):
-        try:
-            EngineRegistry.register(
-                model_type="language_model", backend=["fsdp", "fsdp2"], device=device, vendor=vendor
-            )(RouteReplayFSDPEngine)
-        except AssertionError:  # already registered (this module imported twice under two names)
-            pass
+    device, vendor = _engine_key()
+    keys = [("cuda", "nvidia"), ("cpu", None)]
+    if all(_chosen(b) in (FSDPEngineWithLMHead, RouteReplayFSDPEngine) for b in _BACKENDS):
+        keys.append((device, vendor))
+    for dev, ven in dict.fromkeys(keys):
+        for backend in _BACKENDS:
+            table = EngineRegistry._engines.get("language_model", {}).get(backend, {})
+            if table.get((dev, ven) if ven else dev) is RouteReplayFSDPEngine:
+                continue  # this module imported twice (under two names)
+            try:
+                EngineRegistry.register(model_type="language_model", backend=backend, device=dev, vendor=ven)(
+                    RouteReplayFSDPEngine
+                )
+            except AssertionError:  # the key holds another class: checked below where it matters
+                pass
+    for backend in _BACKENDS:
+        cls = _chosen(backend)
+        if cls is not None and cls is not RouteReplayFSDPEngine:
+            raise IntegrationError(
+                f"routereplay.integrations.verl: on device={device!r}, vendor={vendor!r} verl builds "
+                f"{cls.__module__}.{cls.__qualname__} for strategy {backend!r}, not RouteReplayFSDPEngine (a subclass of "
+                "verl's FSDPEngineWithLMHead), so router_replay.mode would be ignored and the actor would route live. "
+                "Routing replay runs where verl builds its own FSDP engine: run without this vendor's engine (set "
+                "VERL_ENGINE_VENDOR to a vendor whose lookup gives FSDPEngineWithLMHead), or drop "
+                "actor_rollout_ref.model.external_lib=routereplay.integrations.verl and the router_replay mode"
+            )
 
 
 _register()
