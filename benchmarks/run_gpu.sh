@@ -6,28 +6,54 @@
 #   OUT=/some/dir PART=check   bash benchmarks/run_gpu.sh   # routereplay check on a larger model
 # Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
 # into /tmp/site when present. Needs torch with CUDA and triton.
+# DRY_RUN=1 runs nothing: each step checks that what it names is a program (not a shell function,
+# which `timeout` cannot run) and that the script or test file it names exists; tests/test_run_gpu.py
+# runs every part so on the CPU in CI.
 set -uo pipefail
 OUT=${OUT:-/tmp/routereplay-gpu}
 SRC=${SRC:-src}
+DRY_RUN=${DRY_RUN:-}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "$DRY_RUN" ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-deps .whl/*.whl --target /tmp/site 2>&1 | tail -1
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD/$SRC:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 OUT
 here=$(dirname "$0")
 
-nvidia-smi -L | tee "$OUT/device.txt"
-python3 -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
+if [ -z "$DRY_RUN" ]; then
+    nvidia-smi -L | tee "$OUT/device.txt"
+    python3 -c "import torch, transformers, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
+fi
+
+dry_check() {  # what step would run: a program, and the file it names exists
+    if [ "$(type -t "$1")" != file ]; then
+        echo "'$1' is not a program (type: $(type -t "$1" || echo none)); timeout cannot run it"
+        return 127
+    fi
+    local arg
+    for arg in "${@:2}"; do
+        case "$arg" in
+        *.py | *.sh) [ -f "$arg" ] || [ -f "${arg%%::*}" ] || { echo "no such file: $arg"; return 2; } ;;
+        esac
+    done
+    echo "would run: $*"
+}
 
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.txt, note rc and seconds
-    local name=$1 limit=$2 start
+    local name=$1 limit=$2 start rc
     shift 2
     start=$(date +%s)
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-    echo "$name rc=$? $(($(date +%s) - start))s" | tee -a "$OUT/summary.txt"
+    if [ -n "$DRY_RUN" ]; then
+        dry_check "$@" >"$OUT/$name.txt" 2>&1
+    else
+        timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    fi
+    rc=$?
+    echo "$name rc=$rc $(($(date +%s) - start))s" | tee -a "$OUT/summary.txt"
 }
-hf() { python3 "$here/bench_hf_overhead.py" --device cuda --dtype bfloat16 --layers 8 --vocab 32000 --topk 8 "$@"; }
+# the HF step benchmark: an array, not a shell function (step runs it through timeout)
+HF=(python3 "$here/bench_hf_overhead.py" --device cuda --dtype bfloat16 --layers 8 --vocab 32000 --topk 8)
 
 case "${PART:-tiers}" in
 tiers)
@@ -40,17 +66,17 @@ tiers)
     ;;
 bench)
     step routing 200 python3 "$here/bench_routing_gpu.py"
-    step hf1024 90 hf --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 --seq 2048 --reps 20 --warmup 2
-    step hf1024_triton 90 hf --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 --seq 2048 --reps 20 \
+    step hf1024 90 "${HF[@]}" --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 --seq 2048 --reps 20 --warmup 2
+    step hf1024_triton 90 "${HF[@]}" --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 --seq 2048 --reps 20 \
         --warmup 2 --replay-kernel triton
-    step hf2048 100 hf --hidden 2048 --moe-intermediate 768 --experts 128 --batch 4 --seq 4096 --reps 8 --warmup 2
+    step hf2048 100 "${HF[@]}" --hidden 2048 --moe-intermediate 768 --experts 128 --batch 4 --seq 4096 --reps 8 --warmup 2
     step capture 100 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
         --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 9
     ;;
 check)
     # the main job on a larger random model (8 layers, 64 experts, top-8, bf16 rollout)
-    python3 "$here/../scripts/make_random_moe.py" /tmp/routereplay-moe --layers 8 --hidden 1024 --experts 64 \
-        --topk 8 2>&1 | tee "$OUT/check.txt"
+    step make_model 120 python3 "$here/../scripts/make_random_moe.py" /tmp/routereplay-moe --layers 8 --hidden 1024 \
+        --experts 64 --topk 8
     step check 300 python3 -m routereplay.cli check --model /tmp/routereplay-moe --device cuda --samples 32 \
         --max-new-tokens 128 --lr 1e-5 --out "$OUT/check"
     ;;
