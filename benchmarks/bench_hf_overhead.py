@@ -115,9 +115,15 @@ def main() -> None:
             with handle.record():
                 step()
         else:
-            source = {"replay": trace, "replay-dev": dev_trace, "replay-prep": prepared}[kind]
+            source = {"replay": trace, "replay-dev": dev_trace, "replay-prep": prepared}[kind.removesuffix("-jit")]
+            # "-jit": the fused kernel launched through Triton's JIT instead of the kept launcher
+            jit = [p for p in handle._fused.values() if p is not None and p._fast] if kind.endswith("-jit") else []
+            for p in jit:
+                p._fast = False
             with handle.replay(source):
                 step()
+            for p in jit:
+                p._fast = True
         cpu[kind].append(time.process_time() - c0)  # issuing the step, before waiting for the GPU
         sync()
         dt = time.perf_counter() - t0
@@ -127,6 +133,8 @@ def main() -> None:
         return dt
 
     kinds = ("plain", "record", "replay", "replay-dev", "replay-prep")
+    if args.replay_kernel == "triton":  # the direct launch against Triton's JIT launch, step level
+        kinds += ("replay-prep-jit",)
     cpu: dict[str, list[float]] = {k: [] for k in kinds}  # process CPU time (every thread) per step
     for _ in range(args.warmup):
         for k in kinds:
