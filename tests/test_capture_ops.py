@@ -1,0 +1,83 @@
+"""What capture in ``generate`` adds to a generation, op by op (issue 21: capture's cost is per
+decode step per layer, so it is pinned per step per layer). CPU: every op of the model's forward
+passes through the counter; CUDA-only work (the compact device copy of each layer's ids) is not
+seen here and is measured in benchmarks/bench_capture.py."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("transformers")
+
+import hf_zoo
+
+import routereplay
+
+NEW_TOKENS = 4
+
+
+class _Ops(TorchDispatchMode):
+    def __enter__(self):
+        self.ops = Counter()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def model():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hf_zoo.build("qwen3_moe")[0]
+
+
+def _generate(model, ctx) -> Counter:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 120, (2, 5), generator=g)
+    with torch.no_grad(), _Ops() as seen, ctx:
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return seen.ops
+
+
+def test_capture_adds_one_view_per_layer_per_forward(model):
+    plain = _generate(model, contextlib.nullcontext())
+    with routereplay.attach(model) as handle:
+        captured = _generate(model, handle.capture_generation())
+        forwards = NEW_TOKENS  # the prefill and NEW_TOKENS - 1 decode steps
+        assert captured - plain == Counter({"aten.detach.default": len(handle.layers) * forwards})
+        assert plain - captured == Counter()
+
+
+def test_capture_with_logprobs_adds_one_log_softmax_per_step(model):
+    plain = _generate(model, contextlib.nullcontext())
+    with routereplay.attach(model) as handle:
+        captured = _generate(model, handle.capture_generation(logprobs=True))
+        L = len(handle.layers)
+    added = captured - plain
+    steps = NEW_TOKENS
+    assert added["aten._log_softmax.default"] == steps  # one [B, V] log-softmax a step, never all logits
+    assert added["aten.detach.default"] == L * steps + steps
+    assert set(added) <= {
+        "aten.detach.default",
+        "aten._log_softmax.default",
+        "aten.div.Tensor",  # the temperature
+        "aten.select.int",
+        "aten.gather.default",  # the sampled token's log-prob
+        "aten.unsqueeze.default",
+        "aten.clone.default",  # the hook's own copy of the fed tokens
+    }, added
