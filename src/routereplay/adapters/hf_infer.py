@@ -71,13 +71,13 @@ class InferredRouter:
         spec: the spec whose ``route`` equals the router bit for bit on every probe.
         bias_attr: name of the router's parameter or buffer holding the selection bias.
         bias_arg: ``(position, name)`` of the forward argument carrying the selection bias
-            (position counts after ``hidden_states``... i.e. among the forward's parameters).
+            (position among the forward's parameters, the hidden states being 0).
         scale_attr: name of the router's per-expert weight scale.
         upcast_weights: the router returns the weights in a wider dtype than ``route`` computes
             them in (e.g. rounded to bf16, then returned as fp32): the adapter upcasts, exactly.
         probes: probes the spec was checked on.
-        seconds: wall time the inference took (0.0 for a cache hit is not reported: the cached
-            value keeps the time of the probe that made it).
+        seconds: wall time of the probing and search that found it (a cache hit returns the same
+            record, so this is the cost paid once per class and config).
     """
 
     spec: RouterSpec
@@ -91,7 +91,7 @@ class InferredRouter:
     def bias(self, router: nn.Module, args: Any = None, kwargs: Any = None) -> torch.Tensor | None:
         """The selection bias of one router call (``[E]``), or None when the spec has none."""
         if self.bias_attr is not None:
-            return tensor_at(router, self.bias_attr).reshape(-1)
+            return tensor_at(router, self.bias_attr)
         if self.bias_arg is not None:
             position, name = self.bias_arg
             if kwargs and name in kwargs:
@@ -105,7 +105,7 @@ class InferredRouter:
         return None
 
     def expert_scale(self, router: nn.Module) -> torch.Tensor | None:
-        return tensor_at(router, self.scale_attr).reshape(-1) if self.scale_attr is not None else None
+        return tensor_at(router, self.scale_attr) if self.scale_attr is not None else None
 
 
 _cache: OrderedDict[tuple, InferredRouter | UnsupportedRouterError] = OrderedDict()
@@ -149,8 +149,12 @@ def _vectors(router: nn.Module, width: int) -> list[str]:
 
 
 def tensor_at(router: nn.Module, name: str) -> torch.Tensor:
-    """The router's tensor at a dotted ``name``, as a 1-D ``[E]`` view."""
-    return router.get_parameter(name) if name in dict(router.named_parameters()) else router.get_buffer(name)
+    """The router's tensor at a dotted ``name`` (read on every call: the module may have moved),
+    as a 1-D ``[E]`` tensor (ERNIE keeps its bias as ``[1, E]``)."""
+    t = router
+    for part in name.split("."):
+        t = getattr(t, part)
+    return t if t.ndim == 1 else t.reshape(-1)
 
 
 def _cache_key(router: nn.Module, config: Any) -> tuple:
@@ -449,7 +453,7 @@ def _family(router: nn.Module) -> str:
 # --- checking ----------------------------------------------------------------------------------
 def _bias_of(probe: _Probe, bias_attr: str | None, bias_arg) -> torch.Tensor | None:
     if bias_attr is not None:
-        return tensor_at(probe.module, bias_attr).reshape(-1)
+        return tensor_at(probe.module, bias_attr)
     if bias_arg is not None:
         return probe.bias_E
     return None
@@ -460,7 +464,7 @@ def _run(probe: _Probe, spec: RouterSpec, bias_attr, bias_arg, scale_attr, force
     if spec.uses_bias:
         kw["bias_E"] = _bias_of(probe, bias_attr, bias_arg)
     if spec.uses_expert_scale:
-        kw["expert_scale_E"] = tensor_at(probe.module, scale_attr).reshape(-1)
+        kw["expert_scale_E"] = tensor_at(probe.module, scale_attr)
     if spec.weights_dtype == "input":
         kw["out_dtype"] = probe.input_dtype
     if forced:
