@@ -154,6 +154,7 @@ def git_commit() -> str:
 
 def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, bandwidth, args, mu, RouterReplay):
     from routereplay.kernels import replay_triton as kernels  # the entry point plus its tuning knobs
+    from routereplay.kernels.plan import block_rows as default_block_rows
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     spec = spec_for(num_experts, top_k, mc)
@@ -209,7 +210,7 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         sweep[rows] = timer(lambda i, r=rows: ours(i, ids8, True, r), copies)
     best = min(sweep, key=sweep.get)
     res["fused_block_rows_us"] = {str(k): v for k, v in sweep.items()}
-    res["fused_block_rows_default"] = kernels._block_rows(
+    res["fused_block_rows_default"] = default_block_rows(
         kernels.plan_for(spec, dtype, None, None, device.type == "cuda"), False, num_tokens, _num_sms(device)
     )
     fwd["fused_uint8_gpu_ids"] = timer(lambda i: ours(i, ids8, True), copies)
@@ -227,7 +228,7 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
     fwd["prepared_int64_gpu_ids"] = timer(lambda i: prep(i, ids64), copies)
     fwd["prepared_uint8_host_ids"] = timer(lambda i: prep(i, ids8_host), copies)
     fwd["prepared_int64_host_ids"] = timer(lambda i: prep(i, ids64_host), copies)
-    res["prepared_block_rows"] = kernels._block_rows(prepared.plan, False, num_tokens, prepared._num_sms)
+    res["prepared_block_rows"] = default_block_rows(prepared.plan, False, num_tokens, prepared._num_sms)
 
     # forward + backward: gradients of the router output w.r.t. the logits
     leaves = [x.clone().requires_grad_(True) for x in logits]
@@ -302,6 +303,7 @@ def host_cost(args) -> dict:
     at the issue's 16384 x 128 top-8 shapes (the tensors are small CPU ones: only the host path
     is timed, and CPU allocations stand in for the CUDA caching allocator's)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # lets a PreparedReplay live on the CPU
+    from routereplay.kernels import launch
     from routereplay.kernels import replay_triton as rt
 
     class _NoLaunch:  # what a compiled kernel gives the direct launch path, launching nothing
@@ -319,7 +321,7 @@ def host_cost(args) -> dict:
             return lambda *a, **k: _NoLaunch()
 
     rt._replay_fwd, rt._replay_bwd = _StubJIT(rt._replay_fwd), _StubJIT(rt._replay_bwd)
-    rt._raw_stream = lambda index: 0
+    launch.raw_stream = lambda index: 0
     timer = Timer(torch.device("cpu"), args.warmup, args.reps)
     out = {}
     for name, _, num_experts, top_k, mc in CASES[:2]:

@@ -3,7 +3,7 @@
 The claim under test is ``kernels.ulp_bound``'s: the forward is within that many ulp of
 ``route()``'s (0: bit for bit; the kernel reproduces PyTorch's CUDA reduction orders, the top-k
 sum's lane order of the installed torch included, libdevice's exp / log1p, IEEE division and
-square root; see ``replay_triton``'s docstring), for every covered variant of test_routing, dtypes
+square root; see ``routereplay.kernels.device``'s docstring), for every covered variant of test_routing, dtypes
 fp32 / bf16 and ids uint8 / int16 / int32 / int64, on the GPU or in pinned host memory, with live
 rows mixed in. The backward is compared with route()'s autograd within a relative tolerance. The
 prepared call (``prepare_fused``) is held to the same claim across token counts, id dtypes,

@@ -108,8 +108,8 @@ def ulp_bound(spec: RouterSpec, logits_dtype: torch.dtype) -> int:
     between its forward weights and :func:`routereplay.routing.route`'s on the same device.
 
     0 for every spec the kernel covers: it performs the float operations ``route`` performs on
-    CUDA, in the same order and with the same roundings (see ``replay_triton``'s docstring), so
-    the weights are bit for bit equal and the ids identical. The one order that depends on the
+    CUDA, in the same order and with the same roundings (``routereplay.kernels.device`` says how),
+    so the weights are bit for bit equal and the ids identical. The one order that depends on the
     torch build, the sum of the top-k weights, is read from the build
     (:func:`cuda_sum_halves_lanes`). Not promised: the backward (compared with ``route``'s
     autograd within a relative tolerance: 1e-6 float32, 2e-2 bfloat16), ``fp_fusion=True``, and
