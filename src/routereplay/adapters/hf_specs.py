@@ -43,19 +43,47 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from routereplay.errors import RouterSpecError, UnsupportedRouterError
 from routereplay.routing import RouterSpec
 
-__all__ = ["expert_scale", "is_supported_router", "selection_bias", "spec_for_router", "unsupported_reason"]
+__all__ = [
+    "expert_scale",
+    "is_supported_router",
+    "router_class",
+    "selection_bias",
+    "spec_for_router",
+    "unsupported_reason",
+]
 
 _F32 = torch.float32
 
 
+def router_class(router: nn.Module) -> type:
+    """The router's own class, seen through a ``torch.nn.utils.parametrize`` parametrization.
+
+    ``register_parametrization`` swaps the instance's class for a generated subclass
+    (``Parametrized<Name>``, whose only base is the original class); PEFT's LoRA on a router's
+    weight (``ParamWrapper``) does so for the length of every adapted forward. Specs, biases and
+    scales belong to the original class, so every dispatch here goes through this function.
+
+    Args:
+        router: a router module, parametrized or not.
+
+    Returns:
+        ``type(router)``, or the class it was generated from while it is parametrized.
+    """
+    cls = type(router)
+    if parametrize.is_parametrized(router):
+        cls = cls.__mro__[1]
+    return cls
+
+
 def _family(router: nn.Module) -> str:
     """The transformers model family a router class comes from (``models.<family>.modeling_*``)."""
-    parts = type(router).__module__.split(".")
-    return parts[parts.index("models") + 1] if "models" in parts else type(router).__module__
+    parts = router_class(router).__module__.split(".")
+    return parts[parts.index("models") + 1] if "models" in parts else router_class(router).__module__
 
 
 def _attr(router: nn.Module, *names: str) -> Any:
@@ -63,7 +91,7 @@ def _attr(router: nn.Module, *names: str) -> Any:
         if hasattr(router, name):
             return getattr(router, name)
     raise UnsupportedRouterError(
-        f"{type(router).__name__} ({_family(router)}): expected an attribute {' or '.join(names)} on the "
+        f"{router_class(router).__name__} ({_family(router)}): expected an attribute {' or '.join(names)} on the "
         "router and found none; this transformers version changed the router, update routereplay"
     )
 
@@ -143,7 +171,7 @@ def _deepseek_v2(router: nn.Module, config: Any) -> RouterSpec:
     method = router.topk_method
     if method not in ("greedy", "group_limited_greedy"):
         raise UnsupportedRouterError(
-            f"{type(router).__name__} ({_family(router)}): topk_method={method!r}; only 'greedy' and "
+            f"{router_class(router).__name__} ({_family(router)}): topk_method={method!r}; only 'greedy' and "
             "'group_limited_greedy' are known"
         )
     groups = method == "group_limited_greedy"
@@ -356,7 +384,7 @@ def _score_fn_name(router: nn.Module, config: Any) -> str:
     name = getattr(config, "scoring_func", None)
     if name not in ("sigmoid", "sqrtsoftplus"):
         raise UnsupportedRouterError(
-            f"{type(router).__name__} ({_family(router)}): scoring_func={name!r}; "
+            f"{router_class(router).__name__} ({_family(router)}): scoring_func={name!r}; "
             "only sigmoid and sqrtsoftplus are known"
         )
     return name
@@ -572,17 +600,17 @@ _UNSUPPORTED: dict[str, str] = {
 
 def unsupported_reason(router: nn.Module) -> str | None:
     """Why ``router`` cannot be replayed, or None when :func:`spec_for_router` supports it."""
-    name = type(router).__name__
+    name = router_class(router).__name__
     if name in _UNSUPPORTED:
         return _UNSUPPORTED[name]
     if name in _BUILDERS:
         return None
-    return f"no RouterSpec is known for router class {name} (module {type(router).__module__})"
+    return f"no RouterSpec is known for router class {name} (module {router_class(router).__module__})"
 
 
 def is_supported_router(router: nn.Module) -> bool:
     """True when :func:`spec_for_router` gives a spec for this router class."""
-    return type(router).__name__ in _BUILDERS
+    return router_class(router).__name__ in _BUILDERS
 
 
 def spec_for_router(router: nn.Module, config: Any) -> RouterSpec:
@@ -601,7 +629,7 @@ def spec_for_router(router: nn.Module, config: Any) -> RouterSpec:
         UnsupportedRouterError: the router is known and cannot be replayed exactly, or unknown;
             the message names the class, the family and the reason.
     """
-    name = type(router).__name__
+    name = router_class(router).__name__
     builder = _BUILDERS.get(name)
     if builder is None:
         reason = unsupported_reason(router)
@@ -637,7 +665,7 @@ def selection_bias(
         RouterSpecError: the bias is a forward argument and the call's arguments were not given.
         UnsupportedRouterError: unknown router class.
     """
-    name = type(router).__name__
+    name = router_class(router).__name__
     if name not in _BUILDERS:
         raise UnsupportedRouterError(f"{name} ({_family(router)}): {unsupported_reason(router)}")
     if name in _BIAS_ARGUMENT:
@@ -665,6 +693,6 @@ def selection_bias(
 
 def expert_scale(router: nn.Module) -> torch.Tensor | None:
     """The learned per-expert weight scale (Gemma 4 ``per_expert_scale``), or None."""
-    if type(router).__name__ in ("Gemma4TextRouter", "DiffusionGemmaTextRouter"):
+    if router_class(router).__name__ in ("Gemma4TextRouter", "DiffusionGemmaTextRouter"):
         return router.per_expert_scale
     return None
