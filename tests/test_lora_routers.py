@@ -190,8 +190,14 @@ def test_generate_capture_has_per_sequence_shapes(family):
     for i, p in enumerate(prompts):
         ids_BP[i, P - len(p) :], mask_BP[i, P - len(p) :] = torch.tensor(p), 1
     with torch.no_grad(), handle.capture_generation() as cap:
-        out = pm.generate(input_ids=ids_BP, attention_mask=mask_BP, do_sample=False, max_new_tokens=G,
-                          min_new_tokens=G, pad_token_id=0)
+        out = pm.generate(
+            input_ids=ids_BP,
+            attention_mask=mask_BP,
+            do_sample=False,
+            max_new_tokens=G,
+            min_new_tokens=G,
+            pad_token_id=0,
+        )
     assert cap.recording.batch_shapes == [(len(prompts), P)] + [(len(prompts), 1)] * (G - 1)
     rollout = cap.rollout(out, prompt_attention_mask=mask_BP, eos_token_id=None, pad_token_id=None)
     assert rollout.trace.seq_lens.tolist() == [len(p) + G - 1 for p in prompts]
