@@ -258,3 +258,26 @@ def test_peft_layer_that_changes_the_router_output_is_refused():
     ):
         routereplay.attach(base)
     assert hooks() == before
+    # The fix the message names: the router left out of target_modules, LoRA on its weight instead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = hf_zoo.build("llama4")
+        config = peft.LoraConfig(
+            r=4,
+            target_modules="all-linear",
+            exclude_modules=["router"],
+            target_parameters=["router.weight"],
+            init_lora_weights=False,
+        )
+        pm = peft.get_peft_model(model, config).eval()
+    b = _batch(1)
+    with torch.no_grad():
+        live = pm(**b).logits
+        handle = routereplay.attach(pm.get_base_model())
+        _wrappers(pm, handle)
+        with handle.record() as rec:
+            recorded = pm(**b).logits
+        with handle.replay(rec.trace()):
+            replayed = pm(**b).logits
+    assert torch.equal(recorded, live) and torch.equal(replayed, live)
+    handle.detach()
