@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 import routereplay
 from routereplay.adapters import hf, hf_specs
 from routereplay.errors import UnsupportedRouterError
+from routereplay.rl import DispatchTap
 
 FAMILIES = ["qwen3_moe", "olmoe", "deepseek_v3"]
 B, S = 2, 6
@@ -98,8 +99,11 @@ def test_record_replay_exact_against_the_live_peft_forward(family):
         with handle.record() as rec_o:
             pm(input_ids=b_other["input_ids"])
         other = rec_o.trace()
-        with handle.replay(other, verify=True):
+        tap = DispatchTap(handle)  # what the (PEFT-wrapped) experts modules receive
+        assert tap.observed_at == ["experts input"] * len(handle.layers)
+        with tap, handle.replay(other, verify=True):
             forced = pm(input_ids=b["input_ids"]).logits
+        assert torch.equal(tap.trace().experts, other.experts)
         handle.detach()
         with _forced_topk(pm.get_base_model(), handle, [other.experts[:, l].long() for l in range(len(handle.layers))]):
             reference = pm(input_ids=b["input_ids"]).logits  # the family's own routing code, LoRA applied

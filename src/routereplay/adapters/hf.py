@@ -249,8 +249,13 @@ def _arg_index(module: torch.nn.Module, names: tuple[str, ...]) -> tuple[int, st
 
 
 def experts_ids_argument(experts: torch.nn.Module) -> tuple[int, str] | None:
-    """Position and name of the ids argument of an experts module's forward (for verify=True)."""
-    return _arg_index(experts, _EXPERTS_ID_ARGS)
+    """Position and name of the ids argument of an experts module's forward (for verify=True).
+
+    A PEFT-wrapped experts module (LoRA on its weights: ``ParamWrapper``) answers for the module it
+    wraps: the wrapper passes its arguments through to it unchanged, so a pre-hook on either sees
+    the ids at the same position.
+    """
+    return _arg_index(base_module(experts), _EXPERTS_ID_ARGS)
 
 
 def _iter_outputs_hint(output: Any) -> str:
