@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 import routereplay
 from routereplay.adapters import hf, hf_specs
-from routereplay.errors import UnsupportedRouterError
+from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
 from routereplay.rl import DispatchTap
 
 FAMILIES = ["qwen3_moe", "olmoe", "deepseek_v3"]
@@ -45,7 +45,9 @@ def _peft_model(family, *, dtype=torch.float32):
         warnings.simplefilter("ignore")
         model, _ = hf_zoo.build(family)
         torch.manual_seed(1)
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"
+        )
         pm = peft.get_peft_model(model, config).to(dtype).eval()
     return pm
 
@@ -75,6 +77,13 @@ def test_attach_sees_through_the_wrapper(family):
     for layer, wrapper in zip(handle.layers, _wrappers(pm, handle), strict=True):
         assert type(hf.base_module(wrapper)).__name__ == layer.router_class
     assert all(handle.verifiable)  # the experts (PEFT-wrapped too) are seen through their wrappers
+    handle.detach()
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^peft\.peft_model\.PeftModelForCausalLM is a PEFT wrapper, not the transformers model; attach the "
+        r"model it wraps: routereplay\.attach\(peft_model\.get_base_model\(\)\)",
+    ):
+        routereplay.attach(pm)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -183,6 +183,14 @@ def _peft_classes() -> tuple[type, type] | None:
     return BaseTunerLayer, ParamWrapper
 
 
+def _is_peft_model(model: Any) -> bool:
+    if "peft" not in sys.modules:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def base_module(module: torch.nn.Module) -> torch.nn.Module:
     """The module a chain of PEFT tuner layers wraps (``base_layer`` of each), or ``module`` itself.
 
@@ -273,8 +281,11 @@ def _iter_outputs_hint(output: Any) -> str:
 
 
 def claims(model: Any) -> bool:
-    """A transformers ``PreTrainedModel`` (imports nothing when transformers is not loaded)."""
-    if (type(model).__module__ or "").startswith("transformers."):
+    """A transformers ``PreTrainedModel`` (imports nothing when transformers is not loaded).
+
+    A PEFT ``PeftModel`` is claimed too, so that :func:`discover` can say which module to attach.
+    """
+    if (type(model).__module__ or "").startswith("transformers.") or _is_peft_model(model):
         return True
     tf = sys.modules.get("transformers")
     pretrained = getattr(tf, "PreTrainedModel", None) if tf is not None else None
@@ -292,11 +303,18 @@ def discover(model: torch.nn.Module) -> Discovery:
         whether ``verify=True`` can see what its experts receive.
 
     Raises:
-        UnsupportedModelError: no router declared / found.
+        UnsupportedModelError: no router declared / found; a PEFT ``PeftModel`` (attach its
+            ``get_base_model()``).
         UnsupportedRouterError: a router of a family listed in ``REFUSED``, or one whose routing
             math ``hf_specs`` cannot reproduce; the message names the family and the reason.
     """
     hf_specs = importlib.import_module("routereplay.adapters.hf_specs")
+    if _is_peft_model(model):
+        raise UnsupportedModelError(
+            f"{type(model).__module__}.{type(model).__qualname__} is a PEFT wrapper, not the transformers model; "
+            "attach the model it wraps: routereplay.attach(peft_model.get_base_model()) (LoRA layers, routers' "
+            "included, are seen through there)"
+        )
     family = _family(model)
     classes, _ = _declared_router_classes(model)
     for cls in classes:  # refused whether or not this config instantiated MoE layers
