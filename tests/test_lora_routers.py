@@ -8,7 +8,8 @@ the PEFT model's own forward as the oracle: attach finds the same layers as on t
 record and replay of the same routes are bit-identical to the live PEFT forward, with ``[B, S]``
 batch shapes; replaying other routes equals the family's own code forced to them; the routers'
 LoRA A/B weights get non-zero gradients, checkpointed equal to plain; ``detach`` restores the PEFT
-model exactly; ``generate`` capture gives per-sequence routes equal to a training forward's. A PEFT
+model exactly; ``generate`` capture gives per-sequence routes equal to a training forward's. LoRA
+on a Linear inside the router (DBRX, JetMoE ``router.layer``) records, replays and trains too. A PEFT
 layer that changes a router's output (``lora.Linear`` around Llama-4's ``nn.Linear`` router) is
 refused at attach.
 
@@ -293,4 +294,33 @@ def test_peft_layer_that_changes_the_router_output_is_refused():
         with handle.replay(rec.trace()):
             replayed = pm(**b).logits
     assert torch.equal(recorded, live) and torch.equal(replayed, live)
+    handle.detach()
+
+
+@pytest.mark.parametrize(("family", "linear"), [("dbrx", "layer"), ("jetmoe", "layer")])
+def test_lora_on_a_linear_inside_the_router(family, linear):
+    """Routers that compute their logits with an nn.Linear child: "all-linear" wraps that child in a
+    lora.Linear and leaves the router module itself as it is."""
+    pm = _peft_model(family)
+    base = pm.get_base_model()
+    b, b_other = _batch(1), _batch(2)
+    with torch.no_grad():
+        live = pm(**b).logits
+        handle = routereplay.attach(base)
+        routers = [base.get_submodule(layer.path) for layer in handle.layers]
+        inner = [getattr(r, linear) for r in routers]
+        assert all(type(r).__name__ == m.router_class for r, m in zip(routers, handle.layers, strict=True))
+        assert all(isinstance(x, peft.tuners.lora.Linear) for x in inner)  # the case under test
+        with handle.record() as rec:
+            recorded = pm(**b).logits
+        with handle.replay(rec.trace()):
+            replayed = pm(**b).logits
+        with handle.record() as rec_o:
+            pm(**b_other)
+    assert torch.equal(recorded, live) and torch.equal(replayed, live)
+    pm.train()
+    with handle.replay(rec_o.trace()):
+        pm(**b).logits.square().mean().backward()
+    for x in inner:
+        assert x.lora_A["default"].weight.grad.abs().sum() > 0 and x.lora_B["default"].weight.grad.abs().sum() > 0
     handle.detach()
