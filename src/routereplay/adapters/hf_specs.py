@@ -4,8 +4,9 @@
 reproduces its ``(weights_TK, experts_TK)`` bit for bit; :func:`selection_bias` and
 :func:`expert_scale` return the tensors :func:`~routereplay.routing.route` needs beside the
 logits. Dispatch is on the router's exact class (each family defines its own class, and classes
-with the same name share one implementation), and every number is read from the router instance
-or the config, never guessed.
+with the same name share one implementation; a parametrized router, e.g. under PEFT's LoRA on its
+weight, counts as its original class: :func:`router_class`), and every number is read from the
+router instance or the config, never guessed.
 
 This module imports neither transformers nor any model code: it only inspects the modules it is
 given, so ``import routereplay.adapters.hf_specs`` is cheap and optional-dependency free.
