@@ -266,7 +266,8 @@ def test_peft_layer_that_changes_the_router_output_is_refused():
         UnsupportedRouterError,
         match=r"^llama4_text: router model\.layers\.0\.feed_forward\.router\.base_layer \(Llama4Router\) is wrapped by "
         r"the PEFT layer model\.layers\.0\.feed_forward\.router \(peft\.tuners\.lora\.layer\.Linear\), whose output is "
-        r"not the router's own .*could not be recorded or replayed; leave the router out of target_modules "
+        r"the router's output changed by its adapter, so the ids the experts get could not be recorded or replayed; "
+        r"leave the router out of target_modules "
         r"\(LoraConfig\(exclude_modules=\.\.\.\)\), or put LoRA on its weight instead "
         r"\(LoraConfig\(target_parameters=\['router\.weight'\]\)\)$",
     ):

@@ -225,8 +225,8 @@ def _block_facing_path(model: torch.nn.Module, path: str, router: torch.nn.Modul
             wrapper = type(parent)
             raise UnsupportedRouterError(
                 f"{family}: router {path} ({_class_name(router)}) is wrapped by the PEFT layer {parent_path} "
-                f"({wrapper.__module__}.{wrapper.__qualname__}), whose output is not the router's own (it adds "
-                "its adapter's output to it), so the ids the experts get could not be recorded or replayed; "
+                f"({wrapper.__module__}.{wrapper.__qualname__}), whose output is the router's output changed by "
+                "its adapter, so the ids the experts get could not be recorded or replayed; "
                 "leave the router out of target_modules (LoraConfig(exclude_modules=...)), or put LoRA on its "
                 f"weight instead (LoraConfig(target_parameters=['{parent_path.rpartition('.')[2]}.weight']))"
             )
