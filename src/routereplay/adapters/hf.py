@@ -154,7 +154,9 @@ def find_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """``(path, module)`` of every router instance, in module order (= forward order).
 
     A router is an instance of a class the model declares in ``_can_record_outputs["router_logits"]``,
-    or a known hash router (listed so that ``attach`` can report it in ``handle.skipped``).
+    or a known hash router (listed so that ``attach`` can report it in ``handle.skipped``). A router
+    inside PEFT layers is listed at its own path (``mlp.gate.base_layer``); ``discover`` names it by
+    the path its MoE block calls (``mlp.gate``).
     """
     classes, names = _declared_router_classes(model)
     found = []
