@@ -32,8 +32,8 @@ from routereplay.metrics import routing_agreement
 TEMPERATURE = 0.9
 
 
-def _tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"t{i}": i for i in range(3, TINY_SIZE.vocab)}}
+def _tokenizer(vocab_size=TINY_SIZE.vocab):
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -64,7 +64,7 @@ def _trainer(tmp_path, mode, *, cls=GRPOTrainer, model=None, config=None, **kw):
     return cls(
         model=model if model is not None else build_default_model(TINY_SIZE), reward_funcs=_reward,
         args=config if config is not None else _config(tmp_path), train_dataset=_dataset(),
-        processing_class=_tokenizer(), router_replay=mode, **kw,
+        processing_class=kw.pop("processing_class", None) or _tokenizer(), router_replay=mode, **kw,
     )
 
 
@@ -411,3 +411,37 @@ def test_peft_refusals(tmp_path):
     trainer.model.get_base_model().model.layers[0].self_attn.q_proj.enable_adapters(False)
     with pytest.raises(IntegrationError, match=r"router_replay with a PEFT model: 1 of 2 adapter layers are disabled"):
         trainer.train()
+
+
+# --- PEFT LoRA on the routers themselves ("all-linear": PEFT's ParamWrapper on each router's weight) -----
+
+
+@pytest.mark.parametrize("mode", ["R3", "R2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "deepseek_v3"])
+def test_lora_on_the_routers(tmp_path, family, mode):
+    """target_modules="all-linear" wraps every router in a ParamWrapper (LoRA on its weight): the routes
+    are still captured per sequence (generate's prefill is [B, P], not [1, B * P]) and replayed exactly,
+    and the routers' LoRA weights train."""
+    peft = pytest.importorskip("peft", reason="LoRA on the routers needs peft (pip install 'routereplay[dev]')")
+    import hf_zoo
+    from peft.tuners.lora.layer import ParamWrapper
+
+    model, _ = hf_zoo.build(family)
+    for cfg in (model.config, model.generation_config):  # the test tokenizer's special ids
+        cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    trainer = _trainer(tmp_path, mode, model=model, peft_config=lora, processing_class=_tokenizer(model.config.vocab_size))
+    policy = trainer.model
+    handle = trainer.router_replay_handle
+    wrappers = [policy.get_base_model().get_submodule(layer.path) for layer in handle.layers]
+    assert wrappers and all(isinstance(w, ParamWrapper) for w in wrappers)  # the case under test
+    before = [(w.lora_A["default"].weight.detach().clone(), w.lora_B["default"].weight.detach().clone()) for w in wrappers]
+    trainer.train()
+    logs = _replay_logs(trainer)
+    assert len(logs) == 2, trainer.state.log_history
+    assert [h["router_replay/disagreement"] for h in logs] == [0.0, 0.0]
+    assert all(h["router_replay/coverage"] > 0.5 for h in logs)
+    assert logs[1]["router_replay/live_disagreement"] > 0.0  # step 2's policy routes differently: replay matters
+    for w, (a, b) in zip(wrappers, before, strict=True):  # the routers' adapters were trained
+        assert not torch.equal(w.lora_A["default"].weight, a) and not torch.equal(w.lora_B["default"].weight, b)
+    handle.detach()

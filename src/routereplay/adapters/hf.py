@@ -29,6 +29,17 @@ Seams (all on module *instances*, removed by ``handle.detach()``):
       mixture of attention heads' (``self_attention.experts.router``, see layer ids below).
     * A pre-hook on each MoE block records its input shape ``[B, S]``; with ``verify=True`` a
       pre-hook on the experts module checks the ids it receives.
+PEFT (LoRA) on a router: LoRA on a Linear inside the router (``router.layer``) leaves the router
+module as it is. LoRA on the router's own weight (``target_parameters``, or ``target_modules=
+"all-linear"`` on transformers-5 routers) puts a ``ParamWrapper`` where the MoE block calls the router
+(``mlp.gate``, the router becomes ``mlp.gate.base_layer``) that parametrizes the weight for the length
+of each forward and returns the router's output unchanged. ``MoELayer.path`` is then the wrapper's
+path (the one the MoE block calls, as in the unwrapped model); hooks sit on the router instance (the
+innermost ``base_layer``), the shape pre-hook on the real MoE block, and the spec of a parametrized
+router is its original class's (``hf_specs.router_class``). Any other PEFT layer around a router
+(e.g. ``lora.Linear`` around Llama-4's router, an ``nn.Linear`` subclass, which adds its delta to the
+router's output) is refused at attach with UnsupportedRouterError. The experts module is unwrapped
+the same way for ``verify=True``.
 Layer ids of attention routers: a router inside attention (JetMoE's mixture of attention heads,
 ``model.layers.{i}.self_attention.experts.router``) gets id ``num_hidden_layers + i``, so the MLP
 router of decoder layer ``i`` keeps id ``i``, every id is unique, and an id ``>= num_hidden_layers``
@@ -57,7 +68,7 @@ import torch
 from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
 from routereplay.seam import Discovery, MoELayer, RouterCalls
 
-__all__ = ["NAME", "REFUSED", "claims", "discover", "find_routers", "install", "layer_id_of"]
+__all__ = ["NAME", "REFUSED", "base_module", "claims", "discover", "find_routers", "install", "layer_id_of"]
 
 NAME = "hf"
 
@@ -143,15 +154,86 @@ def find_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """``(path, module)`` of every router instance, in module order (= forward order).
 
     A router is an instance of a class the model declares in ``_can_record_outputs["router_logits"]``,
-    or a known hash router (listed so that ``attach`` can report it in ``handle.skipped``).
+    or a known hash router (listed so that ``attach`` can report it in ``handle.skipped``). A router
+    inside PEFT layers is listed at its own path (``mlp.gate.base_layer``); ``discover`` names it by
+    the path its MoE block calls (``mlp.gate``).
     """
     classes, names = _declared_router_classes(model)
     found = []
     for path, module in model.named_modules():
         declared = (classes and isinstance(module, tuple(classes))) or any(path.endswith(n) for n in names)
-        if declared or type(module).__name__ in _HASH_ROUTERS:
+        if declared or _class_name(module) in _HASH_ROUTERS:
             found.append((path, module))
     return found
+
+
+def _class_name(module: torch.nn.Module) -> str:
+    """The module's class name, through a parametrization's generated subclass (see ``hf_specs.router_class``)."""
+    return importlib.import_module("routereplay.adapters.hf_specs").router_class(module).__name__
+
+
+def _peft_classes() -> tuple[type, type] | None:
+    """PEFT's ``BaseTunerLayer`` and LoRA's ``ParamWrapper``, or None when peft is not loaded.
+
+    A model can only hold PEFT layers once peft is imported, so nothing is imported here otherwise.
+    """
+    if "peft" not in sys.modules:
+        return None
+    from peft.tuners.lora.layer import ParamWrapper
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer, ParamWrapper
+
+
+def _is_peft_model(model: Any) -> bool:
+    if "peft" not in sys.modules:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def base_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a chain of PEFT tuner layers wraps (``base_layer`` of each), or ``module`` itself.
+
+    Args:
+        module: a module of the model, e.g. ``model.get_submodule(layer.path)`` or an MoE block's
+            ``experts``.
+
+    Returns:
+        The innermost ``base_layer`` when ``module`` is a PEFT tuner layer, else ``module``.
+    """
+    peft = _peft_classes()
+    while peft is not None and isinstance(module, peft[0]):
+        module = module.base_layer
+    return module
+
+
+def _block_facing_path(model: torch.nn.Module, path: str, router: torch.nn.Module, family: str) -> str:
+    """Path of the module the MoE block calls for ``router``: the outermost PEFT layer around it, or ``path``.
+
+    Raises:
+        UnsupportedRouterError: a PEFT layer around the router other than LoRA's ``ParamWrapper``
+            (which returns the router's output unchanged): its output is not the router's, so
+            neither recorded nor replayed ids would be the ones the experts get.
+    """
+    peft = _peft_classes()
+    child = router
+    while peft is not None and "." in path:
+        parent_path, parent, _ = _parent(model, path)
+        if not (isinstance(parent, peft[0]) and getattr(parent, "base_layer", None) is child):
+            break
+        if not isinstance(parent, peft[1]):
+            wrapper = type(parent)
+            raise UnsupportedRouterError(
+                f"{family}: router {path} ({_class_name(router)}) is wrapped by the PEFT layer {parent_path} "
+                f"({wrapper.__module__}.{wrapper.__qualname__}), whose output is the router's output changed by "
+                "its adapter, so the ids the experts get could not be recorded or replayed; "
+                "leave the router out of target_modules (LoraConfig(exclude_modules=...)), or put LoRA on its "
+                f"weight instead (LoraConfig(target_parameters=['{parent_path.rpartition('.')[2]}.weight']))"
+            )
+        path, child = parent_path, parent
+    return path
 
 
 def _family(model: torch.nn.Module) -> str:
@@ -177,8 +259,13 @@ def _arg_index(module: torch.nn.Module, names: tuple[str, ...]) -> tuple[int, st
 
 
 def experts_ids_argument(experts: torch.nn.Module) -> tuple[int, str] | None:
-    """Position and name of the ids argument of an experts module's forward (for verify=True)."""
-    return _arg_index(experts, _EXPERTS_ID_ARGS)
+    """Position and name of the ids argument of an experts module's forward (for verify=True).
+
+    A PEFT-wrapped experts module (LoRA on its weights: ``ParamWrapper``) answers for the module it
+    wraps: the wrapper passes its arguments through to it unchanged, so a pre-hook on either sees
+    the ids at the same position.
+    """
+    return _arg_index(base_module(experts), _EXPERTS_ID_ARGS)
 
 
 def _iter_outputs_hint(output: Any) -> str:
@@ -196,8 +283,11 @@ def _iter_outputs_hint(output: Any) -> str:
 
 
 def claims(model: Any) -> bool:
-    """A transformers ``PreTrainedModel`` (imports nothing when transformers is not loaded)."""
-    if (type(model).__module__ or "").startswith("transformers."):
+    """A transformers ``PreTrainedModel`` (imports nothing when transformers is not loaded).
+
+    A PEFT ``PeftModel`` is claimed too, so that :func:`discover` can say which module to attach.
+    """
+    if (type(model).__module__ or "").startswith("transformers.") or _is_peft_model(model):
         return True
     tf = sys.modules.get("transformers")
     pretrained = getattr(tf, "PreTrainedModel", None) if tf is not None else None
@@ -215,11 +305,18 @@ def discover(model: torch.nn.Module) -> Discovery:
         whether ``verify=True`` can see what its experts receive.
 
     Raises:
-        UnsupportedModelError: no router declared / found.
+        UnsupportedModelError: no router declared / found; a PEFT ``PeftModel`` (attach its
+            ``get_base_model()``).
         UnsupportedRouterError: a router of a family listed in ``REFUSED``, or one whose routing
             math ``hf_specs`` cannot reproduce; the message names the family and the reason.
     """
     hf_specs = importlib.import_module("routereplay.adapters.hf_specs")
+    if _is_peft_model(model):
+        raise UnsupportedModelError(
+            f"{type(model).__module__}.{type(model).__qualname__} is a PEFT wrapper, not the transformers model; "
+            "attach the model it wraps: routereplay.attach(peft_model.get_base_model()) (LoRA layers, routers' "
+            "included, are seen through there)"
+        )
     family = _family(model)
     classes, _ = _declared_router_classes(model)
     for cls in classes:  # refused whether or not this config instantiated MoE layers
@@ -236,26 +333,25 @@ def discover(model: torch.nn.Module) -> Discovery:
             f"declared in _can_record_outputs['router_logits'] ({[c.__name__ for c in classes] + names or 'none declared'})"
         )
     for path, router in routers:
-        reason = REFUSED.get(type(router).__name__)
+        reason = REFUSED.get(_class_name(router))
         if reason is not None:
-            raise UnsupportedRouterError(
-                f"{family}: router {path} ({type(router).__name__}) is not supported: {reason}"
-            )
+            raise UnsupportedRouterError(f"{family}: router {path} ({_class_name(router)}) is not supported: {reason}")
 
     config = getattr(model, "config", None)
     layers, skipped = [], []
     for path, router in routers:
-        cls_name = type(router).__name__
+        cls_name = _class_name(router)
         if cls_name in _HASH_ROUTERS:
             skipped.append((path, "hash router: experts are a fixed function of the token id, nothing to replay"))
             continue
-        layer_id = layer_id_of(path)
-        if _in_attention(model, path):
-            layer_id += _num_hidden_layers(config, router, path, family)
         try:
             spec = hf_specs.router_math(router, _text_config(config, router)).spec
         except UnsupportedRouterError as e:
             raise UnsupportedRouterError(f"{family}: router {path} ({cls_name}) is not supported: {e}") from e
+        path = _block_facing_path(model, path, router, family)
+        layer_id = layer_id_of(path)
+        if _in_attention(model, path):
+            layer_id += _num_hidden_layers(config, router, path, family)
         top_k, num_experts = _sizes(spec, router, path, family)
         layers.append(
             MoELayer(
@@ -274,6 +370,7 @@ def discover(model: torch.nn.Module) -> Discovery:
     verifiable = []
     for m in layers:
         experts = getattr(_parent(model, m.path)[1], "experts", None)
+        experts = base_module(experts) if isinstance(experts, torch.nn.Module) else experts
         verifiable.append(isinstance(experts, torch.nn.Module) and experts_ids_argument(experts) is not None)
     return Discovery(layers=tuple(layers), skipped=tuple(skipped), verifiable=tuple(verifiable))
 
@@ -285,7 +382,7 @@ def install(model: torch.nn.Module, discovery: Discovery, calls: RouterCalls) ->
     removers: list = []
     try:
         for index, layer in enumerate(discovery.layers):
-            router = model.get_submodule(layer.path)
+            router = base_module(model.get_submodule(layer.path))
             rmath = hf_specs.router_math(router, _text_config(getattr(model, "config", None), router))
             _install(calls, removers, model, index, layer, router, rmath, family)
     except BaseException:
@@ -329,7 +426,7 @@ def _sizes(spec: Any, router: torch.nn.Module, path: str, family: str) -> tuple[
         num_experts = getattr(router, "num_experts", None)
     if not isinstance(top_k, int) or not isinstance(num_experts, int):
         raise UnsupportedRouterError(
-            f"{family}: router {path} ({type(router).__name__}): cannot read top_k / num_experts "
+            f"{family}: router {path} ({_class_name(router)}): cannot read top_k / num_experts "
             f"(found top_k={top_k!r}, num_experts={num_experts!r})"
         )
     return top_k, num_experts
@@ -355,7 +452,7 @@ def _input_dtype(args, kwargs, fallback: torch.Tensor) -> torch.dtype:
 def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELayer, router, rmath, family) -> None:
     path, spec = layer.path, layer.spec
     _parent_path, block, _ = _parent(model, path)
-    cls_name = type(router).__name__
+    cls_name = layer.router_class
 
     # Batch shape [B, S] of every forward, from the MoE block's input. Every MoE layer of a
     # forward sees the same shape, so only the first one (in forward order) carries the hook:
@@ -389,6 +486,7 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         removers.append(h.remove)
 
     experts = getattr(block, "experts", None)
+    experts = base_module(experts) if isinstance(experts, torch.nn.Module) else experts
     pos = experts_ids_argument(experts) if isinstance(experts, torch.nn.Module) else None
     if pos is not None:
         arg_index, arg_name = pos

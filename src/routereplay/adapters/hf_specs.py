@@ -4,8 +4,9 @@
 reproduces its ``(weights_TK, experts_TK)`` bit for bit; :func:`selection_bias` and
 :func:`expert_scale` return the tensors :func:`~routereplay.routing.route` needs beside the
 logits. Dispatch is on the router's exact class (each family defines its own class, and classes
-with the same name share one implementation), and every number is read from the router instance
-or the config, never guessed.
+with the same name share one implementation; a parametrized router, e.g. under PEFT's LoRA on its
+weight, counts as its original class: :func:`router_class`), and every number is read from the
+router instance or the config, never guessed.
 
 This module imports neither transformers nor any model code: it only inspects the modules it is
 given, so ``import routereplay.adapters.hf_specs`` is cheap and optional-dependency free.
@@ -45,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from routereplay.adapters import hf_infer
 from routereplay.errors import RouterSpecError, UnsupportedRouterError
@@ -56,6 +58,7 @@ __all__ = [
     "check_override",
     "expert_scale",
     "is_supported_router",
+    "router_class",
     "router_math",
     "selection_bias",
     "spec_for_router",
@@ -65,10 +68,30 @@ __all__ = [
 _F32 = torch.float32
 
 
+def router_class(router: nn.Module) -> type:
+    """The router's own class, seen through a ``torch.nn.utils.parametrize`` parametrization.
+
+    ``register_parametrization`` swaps the instance's class for a generated subclass
+    (``Parametrized<Name>``, whose only base is the original class); PEFT's LoRA on a router's
+    weight (``ParamWrapper``) does so for the length of every adapted forward. Specs, biases and
+    scales belong to the original class, so every dispatch here goes through this function.
+
+    Args:
+        router: a router module, parametrized or not.
+
+    Returns:
+        ``type(router)``, or the class it was generated from while it is parametrized.
+    """
+    cls = type(router)
+    if parametrize.is_parametrized(router):
+        cls = cls.__mro__[1]
+    return cls
+
+
 def _family(router: nn.Module) -> str:
     """The transformers model family a router class comes from (``models.<family>.modeling_*``)."""
-    parts = type(router).__module__.split(".")
-    return parts[parts.index("models") + 1] if "models" in parts else type(router).__module__
+    parts = router_class(router).__module__.split(".")
+    return parts[parts.index("models") + 1] if "models" in parts else router_class(router).__module__
 
 
 def _attr(router: nn.Module, *names: str) -> Any:
@@ -76,7 +99,7 @@ def _attr(router: nn.Module, *names: str) -> Any:
         if hasattr(router, name):
             return getattr(router, name)
     raise UnsupportedRouterError(
-        f"{type(router).__name__} ({_family(router)}): expected an attribute {' or '.join(names)} on the "
+        f"{router_class(router).__name__} ({_family(router)}): expected an attribute {' or '.join(names)} on the "
         "router and found none; this transformers version changed the router, update routereplay"
     )
 
@@ -156,7 +179,7 @@ def _deepseek_v2(router: nn.Module, config: Any) -> RouterSpec:
     method = router.topk_method
     if method not in ("greedy", "group_limited_greedy"):
         raise UnsupportedRouterError(
-            f"{type(router).__name__} ({_family(router)}): topk_method={method!r}; only 'greedy' and "
+            f"{router_class(router).__name__} ({_family(router)}): topk_method={method!r}; only 'greedy' and "
             "'group_limited_greedy' are known"
         )
     groups = method == "group_limited_greedy"
@@ -369,7 +392,7 @@ def _score_fn_name(router: nn.Module, config: Any) -> str:
     name = getattr(config, "scoring_func", None)
     if name not in ("sigmoid", "sqrtsoftplus"):
         raise UnsupportedRouterError(
-            f"{type(router).__name__} ({_family(router)}): scoring_func={name!r}; "
+            f"{router_class(router).__name__} ({_family(router)}): scoring_func={name!r}; "
             "only sigmoid and sqrtsoftplus are known"
         )
     return name
@@ -585,12 +608,12 @@ _UNSUPPORTED: dict[str, str] = {
 
 def unsupported_reason(router: nn.Module) -> str | None:
     """Why the hand table refuses ``router``, or None (a hand-written spec, or inference decides)."""
-    return _UNSUPPORTED.get(type(router).__name__)
+    return _UNSUPPORTED.get(router_class(router).__name__)
 
 
 def is_supported_router(router: nn.Module) -> bool:
     """True when the hand table has a spec for this router class (others go to inference)."""
-    return type(router).__name__ in _BUILDERS
+    return router_class(router).__name__ in _BUILDERS
 
 
 def spec_for_router(router: nn.Module, config: Any, *, infer: bool = True) -> RouterSpec:
@@ -646,7 +669,7 @@ class RouterMath:
 def router_math(router: nn.Module, config: Any, *, infer: bool = True) -> RouterMath:
     """The spec and per-call inputs of ``router``: the hand table's, else inferred (see
     :func:`spec_for_router`, which returns ``.spec`` of this)."""
-    name = type(router).__name__
+    name = router_class(router).__name__
     builder = _BUILDERS.get(name)
     if builder is not None:
         return RouterMath(spec=builder(router, config))
@@ -656,7 +679,7 @@ def router_math(router: nn.Module, config: Any, *, infer: bool = True) -> Router
     if not infer:
         raise UnsupportedRouterError(
             f"{name} ({_family(router)}): no hand-written RouterSpec for router class {name} "
-            f"(module {type(router).__module__}) and inference is off"
+            f"(module {router_class(router).__module__}) and inference is off"
         )
     inferred = hf_infer.infer(router, config)
     return RouterMath(spec=inferred.spec, inferred=inferred)
@@ -690,7 +713,7 @@ def selection_bias(
         RouterSpecError: the bias is a forward argument and the call's arguments were not given.
         UnsupportedRouterError: unknown router class.
     """
-    name = type(router).__name__
+    name = router_class(router).__name__
     if name not in _BUILDERS:
         raise UnsupportedRouterError(
             f"{name} ({_family(router)}): not in the hand table; use router_math(router, config).bias for an "
@@ -721,7 +744,7 @@ def selection_bias(
 
 def expert_scale(router: nn.Module) -> torch.Tensor | None:
     """The learned per-expert weight scale (Gemma 4 ``per_expert_scale``), or None."""
-    if type(router).__name__ in ("Gemma4TextRouter", "DiffusionGemmaTextRouter"):
+    if router_class(router).__name__ in ("Gemma4TextRouter", "DiffusionGemmaTextRouter"):
         return router.per_expert_scale
     return None
 
@@ -744,7 +767,7 @@ def check_override(router: nn.Module, config: Any) -> tuple[str, str]:
     Raises:
         UnsupportedRouterError: the router class has no hand-written spec.
     """
-    name = type(router).__name__
+    name = router_class(router).__name__
     if name not in _BUILDERS:
         raise UnsupportedRouterError(f"{name} ({_family(router)}): no hand-written spec to check")
     if name in FAMILY_SEAMS:
