@@ -359,12 +359,49 @@ def run(args: argparse.Namespace) -> int:
     except (RouteReplayError, OSError) as e:
         print(f"routereplay check: error: {_first_line(e)}", file=sys.stderr)
         return 2
-    except Exception:  # noqa: BLE001  (reported with its traceback; only the exit status changes)
+    except Exception as e:  # noqa: BLE001  (reported with its traceback; only the exit status changes)
+        where = _raised_in_transformers(e)
+        if where is not None:
+            # The model's own code failed (a checkpoint transformers loads but cannot run):
+            # an environment error about the model, not a routereplay bug.
+            print(
+                f"routereplay check: error: {_model_name(args)} failed inside transformers at {where} "
+                f"({type(e).__name__}: {_first_line(e)}); check that it runs generate() with transformers alone, "
+                "or pass another --model",
+                file=sys.stderr,
+            )
+            return 2
         # A bug, not a finding: Python's own exit status for it (1) would read as "replay did
         # not reproduce the routes".
         traceback.print_exc()
         print("routereplay check: internal error (the traceback above); please report it", file=sys.stderr)
         return 3
+
+
+def _package_of(filename: str) -> str | None:
+    """``"transformers"`` or ``"routereplay"`` when ``filename`` is a module of that package, else None."""
+    for name in ("transformers", "routereplay"):
+        spec = importlib.util.find_spec(name)
+        for root in (spec.submodule_search_locations or []) if spec is not None else []:
+            if os.path.abspath(filename).startswith(os.path.join(os.path.abspath(root), "")):
+                return name
+    return None
+
+
+def _raised_in_transformers(e: BaseException) -> str | None:
+    """``file:line`` of the innermost transformers frame when that is the innermost frame of
+    transformers or routereplay in ``e``'s traceback (the model's code raised, perhaps through
+    torch), else None (routereplay raised, or neither package is on the stack)."""
+    found = None
+    for frame, lineno in traceback.walk_tb(e.__traceback__):
+        package = _package_of(frame.f_code.co_filename)
+        if package is not None:
+            found = (package, f"{os.path.basename(frame.f_code.co_filename)}:{lineno} in {frame.f_code.co_name}")
+    return found[1] if found is not None and found[0] == "transformers" else None
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    return f"--model {args.model}" if args.model else "the built-in model"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -393,113 +430,112 @@ def _run(args: argparse.Namespace) -> int:
 
     # The bar starts once the models are built, so that a model that cannot be loaded or
     # attached is reported on a line of its own.
-    bar = tqdm(total=5, desc="routereplay check", unit="stage", file=sys.stderr, leave=False)
+    with tqdm(total=5, desc="routereplay check", unit="stage", file=sys.stderr, leave=False) as bar:
+        # closed on an exception too, so that the error line is not printed into the bar's line
+        # --- (a) rollout: sampled generation with route capture ---------------------------------
+        bar.set_postfix_str("rollout")
+        if chosen.task is not None:
+            prompts = chosen.task.prompts(args.samples, seed=args.seed + 1)
+        else:
+            prompts = builtin_prompts(args.samples, vocab, seed=args.seed)
+        ids_BP, mask_BP = _left_pad(prompts, pad)
+        torch.manual_seed(args.seed)
+        with torch.no_grad(), h_roll.capture_generation() as cap:
+            out = rollout_model.generate(
+                ids_BP.to(device), attention_mask=mask_BP.to(device), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                return_dict_in_generate=True, output_logits=True,
+            )
+        rollout = cap.rollout(out, prompt_attention_mask=mask_BP, eos_token_id=eos, pad_token_id=pad)
+        h_roll.detach()
+        del rollout_model
+        # The engine's log-prob of each sampled token, from the raw (unprocessed) decode logits.
+        P = ids_BP.shape[1]
+        logits_BGV = torch.stack(out.logits, 1).float()
+        comp_BG = out.sequences[:, P:]
+        logp_infer_BG = torch.log_softmax(logits_BGV, -1).gather(-1, comp_BG[..., None]).squeeze(-1).cpu()
+        keep_BG = torch.arange(comp_BG.shape[1]) < rollout.completion_lens[:, None]
+        resp_T = rollout.response_mask()
+        logp_infer_T = torch.zeros(rollout.input_ids.numel(), dtype=torch.float64)
+        logp_infer_T[resp_T] = logp_infer_BG[keep_BG].double()
+        bar.update()
 
-    # --- (a) rollout: sampled generation with route capture ---------------------------------
-    bar.set_postfix_str("rollout")
-    if chosen.task is not None:
-        prompts = chosen.task.prompts(args.samples, seed=args.seed + 1)
-    else:
-        prompts = builtin_prompts(args.samples, vocab, seed=args.seed)
-    ids_BP, mask_BP = _left_pad(prompts, pad)
-    torch.manual_seed(args.seed)
-    with torch.no_grad(), h_roll.capture_generation() as cap:
-        out = rollout_model.generate(
-            ids_BP.to(device), attention_mask=mask_BP.to(device), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-            max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-            return_dict_in_generate=True, output_logits=True,
-        )
-    rollout = cap.rollout(out, prompt_attention_mask=mask_BP, eos_token_id=eos, pad_token_id=pad)
-    h_roll.detach()
-    del rollout_model
-    # The engine's log-prob of each sampled token, from the raw (unprocessed) decode logits.
-    P = ids_BP.shape[1]
-    logits_BGV = torch.stack(out.logits, 1).float()
-    comp_BG = out.sequences[:, P:]
-    logp_infer_BG = torch.log_softmax(logits_BGV, -1).gather(-1, comp_BG[..., None]).squeeze(-1).cpu()
-    keep_BG = torch.arange(comp_BG.shape[1]) < rollout.completion_lens[:, None]
-    resp_T = rollout.response_mask()
-    logp_infer_T = torch.zeros(rollout.input_ids.numel(), dtype=torch.float64)
-    logp_infer_T[resp_T] = logp_infer_BG[keep_BG].double()
-    bar.update()
+        # --- (b) trainer forward without replay -----------------------------------------------------
+        bar.set_postfix_str("trainer forward")
+        batch = rollout.padded(padding_side="right", pad_token_id=pad)
+        mask_BS = batch["attention_mask"].bool()
+        with torch.no_grad(), h_train.record() as rec:
+            logp_BS = _train_forward(train_model, batch, device)
+        train_trace = rec.trace(attention_mask=batch["attention_mask"])
+        logp_train_T = logp_BS.cpu()[mask_BS].double()
+        rollout_rows = rollout.training_trace()
+        without = {
+            "routing": routing_agreement(rollout_rows, train_trace, mask=resp_T).to_dict(),
+            "routing_all_tokens": routing_agreement(rollout_rows, train_trace).to_dict(),
+            "mismatch": logprob_mismatch(logp_train_T, logp_infer_T, resp_T).to_dict(),
+        }
+        bar.update()
 
-    # --- (b) trainer forward without replay -----------------------------------------------------
-    bar.set_postfix_str("trainer forward")
-    batch = rollout.padded(padding_side="right", pad_token_id=pad)
-    mask_BS = batch["attention_mask"].bool()
-    with torch.no_grad(), h_train.record() as rec:
-        logp_BS = _train_forward(train_model, batch, device)
-    train_trace = rec.trace(attention_mask=batch["attention_mask"])
-    logp_train_T = logp_BS.cpu()[mask_BS].double()
-    rollout_rows = rollout.training_trace()
-    without = {
-        "routing": routing_agreement(rollout_rows, train_trace, mask=resp_T).to_dict(),
-        "routing_all_tokens": routing_agreement(rollout_rows, train_trace).to_dict(),
-        "mismatch": logprob_mismatch(logp_train_T, logp_infer_T, resp_T).to_dict(),
-    }
-    bar.update()
+        # --- (c) trainer forward with R3 replay, routes tapped independently -------------------------
+        bar.set_postfix_str("R3 replay")
+        store = RouteStore(h_train, _replay_trace(rollout))
+        tap = _RoutesTap(h_train)
+        try:
+            with torch.no_grad(), store.replay(range(rollout.num_seqs), attention_mask=batch["attention_mask"]) as rep:
+                tap.active = True
+                logp_r3_BS = _train_forward(train_model, batch, device)
+                tap.active = False
+            used_trace = tap.trace(batch["attention_mask"], like=train_trace)
+        finally:
+            tap.remove()
+        stats = rep.stats
+        logp_r3_T = logp_r3_BS.cpu()[mask_BS].double()
+        expected_rows = int(rollout_rows.valid_mask.sum())
+        with_replay = {
+            "routing": routing_agreement(rollout_rows, used_trace, mask=resp_T).to_dict(),
+            "routing_all_tokens": routing_agreement(rollout_rows, used_trace).to_dict(),
+            "mismatch": logprob_mismatch(logp_r3_T, logp_infer_T, resp_T).to_dict(),
+            "replayed_rows": {str(k): s.replayed for k, s in stats.items()},
+            "expected_replayed_rows": expected_rows,
+            "routes_observed_at": sorted(set(tap.observed_at)),
+        }
+        bar.update()
 
-    # --- (c) trainer forward with R3 replay, routes tapped independently -------------------------
-    bar.set_postfix_str("R3 replay")
-    store = RouteStore(h_train, _replay_trace(rollout))
-    tap = _RoutesTap(h_train)
-    try:
-        with torch.no_grad(), store.replay(range(rollout.num_seqs), attention_mask=batch["attention_mask"]) as rep:
-            tap.active = True
-            logp_r3_BS = _train_forward(train_model, batch, device)
-            tap.active = False
-        used_trace = tap.trace(batch["attention_mask"], like=train_trace)
-    finally:
-        tap.remove()
-    stats = rep.stats
-    logp_r3_T = logp_r3_BS.cpu()[mask_BS].double()
-    expected_rows = int(rollout_rows.valid_mask.sum())
-    with_replay = {
-        "routing": routing_agreement(rollout_rows, used_trace, mask=resp_T).to_dict(),
-        "routing_all_tokens": routing_agreement(rollout_rows, used_trace).to_dict(),
-        "mismatch": logprob_mismatch(logp_r3_T, logp_infer_T, resp_T).to_dict(),
-        "replayed_rows": {str(k): s.replayed for k, s in stats.items()},
-        "expected_replayed_rows": expected_rows,
-        "routes_observed_at": sorted(set(tap.observed_at)),
-    }
-    bar.update()
+        # --- (e) noise floor: each sample alone vs batched, no replay ------------------------------
+        bar.set_postfix_str("noise floor")
+        alone = []
+        with torch.no_grad(), h_train.record() as rec_alone:
+            for b in range(rollout.num_seqs):  # one forward per sample: the point is batch size 1
+                one = rollout.padded([b])
+                alone.append(_train_forward(train_model, one, device).cpu()[0])
+        alone_trace = rec_alone.trace()
+        logp_alone_T = torch.cat(alone).double()
+        noise = {
+            "routing": routing_agreement(train_trace, alone_trace, mask=resp_T).to_dict(),
+            "mismatch": logprob_mismatch(logp_train_T, logp_alone_T, resp_T).to_dict(),
+            "compared": "trainer forward, batched (right-padded) vs each sample alone",
+        }
+        bar.update()
 
-    # --- (e) noise floor: each sample alone vs batched, no replay ------------------------------
-    bar.set_postfix_str("noise floor")
-    alone = []
-    with torch.no_grad(), h_train.record() as rec_alone:
-        for b in range(rollout.num_seqs):  # one forward per sample: the point is batch size 1
-            one = rollout.padded([b])
-            alone.append(_train_forward(train_model, one, device).cpu()[0])
-    alone_trace = rec_alone.trace()
-    logp_alone_T = torch.cat(alone).double()
-    noise = {
-        "routing": routing_agreement(train_trace, alone_trace, mask=resp_T).to_dict(),
-        "mismatch": logprob_mismatch(logp_train_T, logp_alone_T, resp_T).to_dict(),
-        "compared": "trainer forward, batched (right-padded) vs each sample alone",
-    }
-    bar.update()
-
-    # --- (d) R2 drift: one optimizer step, then old vs new policy routing -----------------------
-    bar.set_postfix_str("R2 drift")
-    opt = torch.optim.AdamW(train_model.parameters(), lr=args.lr)
-    resp_BS = batch["response_mask"].to(device)
-    loss = -(_train_forward(train_model, batch, device)[resp_BS]).mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    with torch.no_grad(), h_train.record() as rec_new:
-        logp_new_BS = _train_forward(train_model, batch, device)
-    new_trace = rec_new.trace(attention_mask=batch["attention_mask"])
-    drift = {
-        "routing": routing_agreement(train_trace, new_trace, mask=resp_T).to_dict(),
-        "mismatch": logprob_mismatch(logp_new_BS.cpu()[mask_BS].double(), logp_train_T, resp_T).to_dict(),
-        "optimizer": f"AdamW lr={args.lr}, one step on -mean logp(response)",
-        "delta": "logp_new - logp_old",
-    }
-    h_train.detach()
-    bar.update()
-    bar.close()
+        # --- (d) R2 drift: one optimizer step, then old vs new policy routing -----------------------
+        bar.set_postfix_str("R2 drift")
+        opt = torch.optim.AdamW(train_model.parameters(), lr=args.lr)
+        resp_BS = batch["response_mask"].to(device)
+        loss = -(_train_forward(train_model, batch, device)[resp_BS]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad(), h_train.record() as rec_new:
+            logp_new_BS = _train_forward(train_model, batch, device)
+        new_trace = rec_new.trace(attention_mask=batch["attention_mask"])
+        drift = {
+            "routing": routing_agreement(train_trace, new_trace, mask=resp_T).to_dict(),
+            "mismatch": logprob_mismatch(logp_new_BS.cpu()[mask_BS].double(), logp_train_T, resp_T).to_dict(),
+            "optimizer": f"AdamW lr={args.lr}, one step on -mean logp(response)",
+            "delta": "logp_new - logp_old",
+        }
+        h_train.detach()
+        bar.update()
 
     # --- verdict, report, plots ---------------------------------------------------------------
     replay_exact = (
