@@ -64,13 +64,14 @@ def test_check_prints_table():
                         "routes_observed_at": ["experts input"]},
         "replay_exact": False,
     }
-    part = {"routing": {"disagreement": 0.25, "token_disagreement": 0.5, "mean_disagreeing_layers": 0.5},
-            "mismatch": {"k3": 1.5e-3, "extreme": {"F(2)": 0.125}, "max_abs_delta": 0.7}}
+    part = {"routing": {"disagreement": 0.25, "token_disagreement": 0.5, "mean_disagreeing_layers": 0.5, "num_tokens": 6},
+            "mismatch": {"k3": 1.5e-3, "extreme": {"F(2)": 0.125}, "max_abs_delta": 0.7, "num_tokens": 8}}
     for name in ("without_replay", "noise_floor", "r2_drift"):
         report[name] = part
     report["with_replay"].update(part)
     text = check.format_report(report, "out")
     assert "without replay                    0.2500      0.5000       0.50   1.50e-03    0.125      0.700" in text
+    assert "8 response tokens, 6 of them with a rollout route to compare (a sample's last token has none)" in text
     assert "replayed rows per layer: [19] of 19 routed rows (routes observed at the experts input)" in text
     assert "FAIL: with R3 replay the trainer's routes still differ from the rollout's" in text
 
@@ -276,3 +277,17 @@ def test_compare_errors(tmp_path, capsys):
     assert "a has sequence lengths [3], b has [1, 2]; the rows would be compared on the wrong tokens" in err
     assert main(["compare", str(a), str(tmp_path / "missing.rrt")]) == 2
     assert "missing.rrt" in capsys.readouterr().err
+
+
+def test_header_counts_are_the_metrics_counts(tiny_report):
+    # The log-prob columns cover every response token, the route columns those with a rollout route.
+    _, out = tiny_report
+    report = json.loads((out / "report.json").read_text())
+    n_logp = report["without_replay"]["mismatch"]["num_tokens"]
+    n_routes = report["without_replay"]["routing"]["num_tokens"]
+    assert n_logp == report["settings"]["response_tokens"] and n_routes == n_logp - report["settings"]["samples"]
+    assert report["with_replay"]["routing"]["num_tokens"] == n_routes
+    header = check.format_report(report, str(out)).splitlines()[2]
+    assert header == (
+        f"{n_logp} response tokens, {n_routes} of them with a rollout route to compare (a sample's last token has none)"
+    )

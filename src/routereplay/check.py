@@ -1,9 +1,16 @@
 """``routereplay check``: measure rollout-vs-trainer routing mismatch and show that replay closes it.
 
-On the built-in small Qwen3-MoE-style model trained on multi-digit addition
-(``routereplay/data/small_moe``, written by ``scripts/train_small_moe.py``; when its weights are
-not installed, or with ``--random``, the built-in randomly initialised model), or ``--model DIR``, a
-local HF MoE checkpoint. The report's ``model`` line says which one ran.
+On the built-in randomly initialised Qwen3-MoE-style model (the default), the built-in small
+Qwen3-MoE trained on multi-digit addition (``--trained``: ``routereplay/data/small_moe``, written by
+``scripts/train_small_moe.py``), or ``--model DIR``, a local HF MoE checkpoint. The report's
+``model`` line says which one ran.
+
+Decision: the default is the random model because it is the one whose run shows both halves of
+what replay fixes. bf16-vs-fp32 arithmetic flips 6-10 % of its routes and replay cuts k3 10-25x
+(seeds 0-2). The trained model answers its own prompts near-certainly, so a flipped route leaves
+the sampled token's log-prob where it was (k3 ~1e-12 with and without replay); on prompts longer
+than it was trained on it is unsure, but then the dense layers' bf16 error dominates k3 and replay
+moves it 0.4x-2.4x, either way, from seed to seed (docs/CHECK.md).
 
 1. **rollout**: sample completions with ``generate`` in ``--rollout-dtype`` (bf16), capturing
    routes the way inference engines return them, and the sampled tokens' log-probs;
@@ -75,13 +82,13 @@ EOS_ID, PAD_ID = 1, 0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", metavar="DIR",
-        help="local HF MoE checkpoint directory (default: the built-in trained model, else the built-in random one)",
+        "--model", metavar="DIR", help="local HF MoE checkpoint directory (default: the built-in random model)"
     )
     parser.add_argument(
-        "--random", action="store_true",
-        help="use the built-in randomly initialised model even when the trained one is installed",
+        "--trained", action="store_true",
+        help="use the built-in model trained on multi-digit addition (near-certain answers: k3 stays ~1e-12)",
     )
+    parser.add_argument("--random", action="store_true", help="use the built-in random model (the default)")
     parser.add_argument(
         "--rollout-dtype", choices=DTYPES, default="bf16", help="dtype of the generating model (default bf16)"
     )
@@ -175,11 +182,20 @@ def _shape(config: Any) -> str:
 
 
 def _choose_model(args: argparse.Namespace) -> _Chosen:
-    """``--model DIR``; else the packaged trained model unless ``--random`` (or the test-size ``--tiny``)
-    or its weights are absent; else the random model. Never a silent swap: the description says which."""
+    """``--model DIR``; else the packaged trained model with ``--trained``; else the random model (the
+    test-size one with ``--tiny``). Never a silent swap: the description says which.
+
+    Raises:
+        _UsageError: ``--trained`` and the package holds no trained weights.
+    """
     from routereplay.data import addition
 
-    trained = None if (args.model or args.random or args.tiny) else addition.trained_model_dir()
+    trained = addition.trained_model_dir() if args.trained else None
+    if args.trained and trained is None:
+        raise _UsageError(
+            "--trained: the trained model is not installed (no weights in routereplay/data/small_moe); "
+            "reinstall routereplay, or run without --trained on the built-in random model"
+        )
     path = args.model or trained
     if path is None:
         size = TINY_SIZE if args.tiny else DEFAULT_SIZE
@@ -187,8 +203,6 @@ def _choose_model(args: argparse.Namespace) -> _Chosen:
             f"built-in random Qwen3-MoE ({size.layers} layers, hidden {size.hidden}, {size.experts} experts, "
             f"top-{size.top_k}, vocab {size.vocab}, seed {args.seed})"
         )
-        if not (args.random or args.tiny):
-            desc += "; the trained model is not installed (no weights in routereplay/data/small_moe)"
         return _Chosen(model=build_default_model(size, seed=args.seed), kind="random", description=desc,
                        eos=EOS_ID, pad=PAD_ID, task=None)
     model = _load_model(path, what=None if args.model else f"the built-in trained model ({path})")
@@ -229,8 +243,10 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
             f"--device {args.device}: this torch cannot use it ({_first_line(e)}); "
             "use --device cpu or an available device"
         )
-    if args.model is not None and args.random:
-        return "--model and --random exclude each other; pass a checkpoint directory or --random, not both"
+    chosen = [flag for flag, on in (("--model", args.model is not None), ("--random", args.random),
+                                    ("--trained", args.trained)) if on]
+    if len(chosen) > 1:
+        return f"{' and '.join(chosen)} exclude each other; pass one of --model DIR, --random, --trained"
     if args.model is not None:
         if not os.path.exists(args.model):
             return f"--model {args.model}: no such directory; pass a local Hugging Face MoE checkpoint directory"
@@ -603,7 +619,12 @@ def format_report(report: dict, out_dir: str) -> str:
         f"model: {s['model']}",
         (
             f"rollout {s['rollout_dtype']} -> trainer {s['train_dtype']}, {s['samples']} samples, "
-            f"{s['response_tokens']} response tokens, layers {s['layer_ids']}, top-{s['top_k']} of {s['num_experts']}"
+            f"layers {s['layer_ids']}, top-{s['top_k']} of {s['num_experts']}"
+        ),
+        (
+            f"{report['without_replay']['mismatch']['num_tokens']} response tokens, "
+            f"{report['without_replay']['routing']['num_tokens']} of them with a rollout route to compare "
+            "(a sample's last token has none)"
         ),
         "",
         f"{'':<26}{'route disagr.':>14}{'tokens any':>12}{'layers/tok':>11}{'k3':>11}{'F(2)':>9}{'max|delta|':>11}",
