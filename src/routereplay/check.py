@@ -9,8 +9,8 @@ Decision: the default is the random model because it is the one whose run shows 
 what replay fixes. bf16-vs-fp32 arithmetic flips 6-10 % of its routes and replay cuts k3 10-25x
 (seeds 0-2). The trained model answers its own prompts near-certainly, so a flipped route leaves
 the sampled token's log-prob where it was (k3 ~1e-12 with and without replay); on prompts longer
-than it was trained on it is unsure, but then the dense layers' bf16 error dominates k3 and replay
-moves it 0.4x-2.4x, either way, from seed to seed (docs/CHECK.md).
+than it was trained on it is unsure, but then the dense layers' bf16 error on a few tokens
+dominates k3, and replay divided it by anything from 0.84 (up) to 350 from seed to seed (docs/CHECK.md).
 
 1. **rollout**: sample completions with ``generate`` in ``--rollout-dtype`` (bf16), capturing
    routes the way inference engines return them, and the sampled tokens' log-probs;
