@@ -104,6 +104,16 @@ response_mask = rollout.response_mask()
 logp_train = _tlp(_logits, _b["input_ids"])[_b["attention_mask"].bool()]
 logp_infer = logp_train + 0.01 * torch.randn_like(logp_train)
 """,
+    # docs/INTEGRATIONS.md's aux-loss block: a replayed micro-batch of the rollout and a task loss
+    "aux-loss": """
+model = policy
+ids, mask = (rollout.padded([0, 1])[key] for key in ("input_ids", "attention_mask"))
+with torch.no_grad(), handle.record() as _rec:
+    model(input_ids=ids, attention_mask=mask)
+trace = _rec.trace(attention_mask=mask)
+k = policy.config.num_experts_per_tok
+task_loss, coef = torch.tensor(0.0), 0.01
+""",
     # a trace file in the working directory
     "trace-file": """
 import torch, routereplay
