@@ -23,7 +23,9 @@ import pytest
 
 for _name in ("transformers", "trl", "matplotlib", "tqdm"):
     pytest.importorskip(_name, reason="the extras installed here must already be in the environment")
-pytest.importorskip("setuptools", reason="the editable build uses the environment's setuptools (>= 77)")
+pytest.importorskip(
+    "setuptools", minversion="77", reason="the editable build uses the environment's setuptools (pyproject: >= 77)"
+)
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
