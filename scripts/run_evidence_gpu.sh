@@ -9,7 +9,7 @@
 #
 #   OUT=/some/dir bash scripts/run_evidence_gpu.sh grpo    # ~8 min: GRPO arms in parallel (GRPO_SECONDS=330)
 #       $OUT/evidence/grpo.json grpo_m1.png grpo_m4.png   every run's per-step log, summary, curves
-#       $OUT/evidence/checks.txt, checks.json             `routereplay check` (default model, --random), cuda
+#       $OUT/evidence/checks.txt, checks.json             `routereplay check` (--trained, --random), cuda
 #       $OUT/evidence/runs_log.txt                        device and each run's output
 #     Model: MODEL=dir, else the packaged src/routereplay/data/small_moe (check's default then proves the
 #     packaging path too). Runs: R0/R2/R3 x 1 and 4 mini-steps, fp32 trainer, seed 0; R0/R3 with a bf16
@@ -54,10 +54,10 @@ grpo)
         launch "${arm}_bf16" --arms "$arm" --mini-steps 1 --train-dtypes bf16
         for s in 1 2; do launch "${arm}_s$s" --arms "$arm" --mini-steps 1 --seeds "$s"; done
     done
-    # routereplay check on the GPU while the runs go: the default model (the trained one when packaged)
-    # and the random one, 64 samples each.
+    # routereplay check on the GPU while the runs go: the trained model (--trained) and the random one (the default),
+    # 64 samples each.
     {
-        python3 -m routereplay.cli check --device cuda --samples 64 --out /tmp/check_default
+        python3 -m routereplay.cli check --trained --device cuda --samples 64 --out /tmp/check_default
         echo "exit status $?"
         python3 -m routereplay.cli check --random --device cuda --samples 64 --out /tmp/check_random
         echo "exit status $?"

@@ -64,13 +64,14 @@ def test_check_prints_table():
                         "routes_observed_at": ["experts input"]},
         "replay_exact": False,
     }
-    part = {"routing": {"disagreement": 0.25, "token_disagreement": 0.5, "mean_disagreeing_layers": 0.5},
-            "mismatch": {"k3": 1.5e-3, "extreme": {"F(2)": 0.125}, "max_abs_delta": 0.7}}
+    part = {"routing": {"disagreement": 0.25, "token_disagreement": 0.5, "mean_disagreeing_layers": 0.5, "num_tokens": 6},
+            "mismatch": {"k3": 1.5e-3, "extreme": {"F(2)": 0.125}, "max_abs_delta": 0.7, "num_tokens": 8}}
     for name in ("without_replay", "noise_floor", "r2_drift"):
         report[name] = part
     report["with_replay"].update(part)
     text = check.format_report(report, "out")
     assert "without replay                    0.2500      0.5000       0.50   1.50e-03    0.125      0.700" in text
+    assert "8 response tokens, 6 of them with a rollout route to compare (a sample's last token has none)" in text
     assert "replayed rows per layer: [19] of 19 routed rows (routes observed at the experts input)" in text
     assert "FAIL: with R3 replay the trainer's routes still differ from the rollout's" in text
 
@@ -207,7 +208,41 @@ def test_check_internal_error_is_not_exit_1(monkeypatch, capsys, tmp_path):
     assert main(["check", *TINY, "--out", str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert "ZeroDivisionError: a bug" in err
-    assert err.endswith("routereplay check: internal error (the traceback above); please report it\n")
+    assert "\nroutereplay check: internal error (the traceback above); please report it\n" in err
+
+
+def test_check_model_failing_inside_transformers_is_a_model_error(monkeypatch, capsys, tmp_path):
+    # A checkpoint that loads but whose transformers code raises while it runs: exit 2 with the
+    # place, not "internal error ... please report it".
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    def rotary_of_a_broken_checkpoint(*args, **kwargs):
+        raise RuntimeError("shape '[2, 4, 16]' is invalid for input of size 99")
+
+    monkeypatch.setattr(modeling_qwen3_moe, "apply_rotary_pos_emb", rotary_of_a_broken_checkpoint)
+    assert main(["check", *TINY, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # the progress bar closed first, on a line of its own
+    assert err.startswith("routereplay check: error: the built-in model failed inside transformers at modeling_qwen3_moe.py:")
+    assert err.endswith(
+        "(RuntimeError: shape '[2, 4, 16]' is invalid for input of size 99); check that it runs generate() with "
+        "transformers alone, or pass another --model"
+    )
+
+
+def test_check_error_raised_by_routereplay_under_transformers_is_internal(monkeypatch, capsys, tmp_path):
+    # The innermost frame of the two packages decides: routereplay's code (here a function whose
+    # code object belongs to routereplay/replay.py) raising inside a transformers forward is ours.
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    from routereplay import replay
+
+    scope: dict = {}
+    exec(compile("def hook(*args, **kwargs):\n    raise ZeroDivisionError('a bug')\n", replay.__file__, "exec"), scope)  # noqa: S102
+    monkeypatch.setattr(modeling_qwen3_moe, "apply_rotary_pos_emb", scope["hook"])
+    assert main(["check", *TINY, "--out", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError: a bug" in err
+    assert "\nroutereplay check: internal error (the traceback above); please report it\n" in err
 
 
 # --- compare --------------------------------------------------------------------------------
@@ -223,12 +258,12 @@ def test_compare_table_and_json(tmp_path, capsys):
     a, b = tmp_path / "a.rrt", tmp_path / "b.rrt"
     io.save(_trace(A), a)
     io.save(_trace(B), b)
-    assert main(["compare", str(a), str(b)]) == 0
+    assert main(["compare", str(a), str(b)]) == 1  # the traces differ
     text = capsys.readouterr().out
     assert "tokens compared: 3   top-k: 2" in text
     assert "      1        0.6667     0.5000" in text and "      3        0.0000     1.0000" in text
     assert "router-level disagreement  mean_{t,l} 1[A != B as sets]  0.3333" in text
-    assert main(["compare", str(a), str(b), "--json"]) == 0
+    assert main(["compare", str(a), str(b), "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["layer_ids"] == [1, 3] and result["token_disagreement"] == pytest.approx(2 / 3)
 
@@ -242,3 +277,17 @@ def test_compare_errors(tmp_path, capsys):
     assert "a has sequence lengths [3], b has [1, 2]; the rows would be compared on the wrong tokens" in err
     assert main(["compare", str(a), str(tmp_path / "missing.rrt")]) == 2
     assert "missing.rrt" in capsys.readouterr().err
+
+
+def test_header_counts_are_the_metrics_counts(tiny_report):
+    # The log-prob columns cover every response token, the route columns those with a rollout route.
+    _, out = tiny_report
+    report = json.loads((out / "report.json").read_text())
+    n_logp = report["without_replay"]["mismatch"]["num_tokens"]
+    n_routes = report["without_replay"]["routing"]["num_tokens"]
+    assert n_logp == report["settings"]["response_tokens"] and n_routes == n_logp - report["settings"]["samples"]
+    assert report["with_replay"]["routing"]["num_tokens"] == n_routes
+    header = check.format_report(report, str(out)).splitlines()[2]
+    assert header == (
+        f"{n_logp} response tokens, {n_routes} of them with a rollout route to compare (a sample's last token has none)"
+    )

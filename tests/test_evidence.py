@@ -96,14 +96,14 @@ def test_train_smoke_writes_a_loadable_bf16_checkpoint(smoke_checkpoint):
 
 # --- check's model selection -----------------------------------------------------------------------
 def _args(**kw) -> argparse.Namespace:
-    base = {"model": None, "random": False, "tiny": False, "seed": 0}
+    base = {"model": None, "random": False, "trained": False, "tiny": False, "seed": 0}
     return argparse.Namespace(**{**base, **kw})
 
 
 def test_check_runs_the_trained_model_when_installed(smoke_checkpoint, monkeypatch, tmp_path):
     out, _ = smoke_checkpoint
     monkeypatch.setattr(addition, "trained_model_dir", lambda: str(out))
-    code = cli_main(["check", "--samples", "2", "--max-new-tokens", "4", "--out", str(tmp_path)])
+    code = cli_main(["check", "--trained", "--samples", "2", "--max-new-tokens", "4", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["model_kind"] == "trained"
@@ -113,27 +113,33 @@ def test_check_runs_the_trained_model_when_installed(smoke_checkpoint, monkeypat
     assert report["with_replay"]["routing"]["disagreement"] == 0.0
 
 
-def test_check_random_flag_and_missing_weights(smoke_checkpoint, monkeypatch):
+def test_check_default_is_the_random_model_and_trained_needs_weights(smoke_checkpoint, monkeypatch):
     out, _ = smoke_checkpoint
     monkeypatch.setattr(addition, "trained_model_dir", lambda: str(out))
-    chosen = check._choose_model(_args(random=True))
-    assert chosen.kind == "random" and chosen.description.startswith("built-in random Qwen3-MoE (6 layers")
-    assert "not installed" not in chosen.description
+    for args in (_args(), _args(random=True)):  # installed trained weights or not, the default is random
+        chosen = check._choose_model(args)
+        assert chosen.kind == "random" and chosen.description.startswith("built-in random Qwen3-MoE (6 layers")
+    assert check._choose_model(_args(trained=True)).kind == "trained"
     monkeypatch.setattr(addition, "trained_model_dir", lambda: None)
-    chosen = check._choose_model(_args())
-    assert chosen.kind == "random" and chosen.description.endswith(
-        "; the trained model is not installed (no weights in routereplay/data/small_moe)"
+    with pytest.raises(check._UsageError) as e:
+        check._choose_model(_args(trained=True))
+    assert str(e.value) == (
+        "--trained: the trained model is not installed (no weights in routereplay/data/small_moe); "
+        "reinstall routereplay, or run without --trained on the built-in random model"
     )
     local = check._choose_model(_args(model=str(out)))
     assert local.kind == "local" and local.description == f"{out} (addition prompts, up to 3 digits)"
 
 
-def test_check_model_and_random_exclude_each_other(capsys, tmp_path):
-    assert cli_main(["check", "--random", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--random", "--model", "."], "--model and --random"), (["--trained", "--random"], "--random and --trained")],
+)
+def test_check_model_choices_exclude_each_other(capsys, tmp_path, flags, named):
+    assert cli_main(["check", *flags, "--out", str(tmp_path / "o")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == (
-        "routereplay check: error: --model and --random exclude each other; pass a checkpoint directory or "
-        "--random, not both\n"
+        f"routereplay check: error: {named} exclude each other; pass one of --model DIR, --random, --trained\n"
     )
 
 

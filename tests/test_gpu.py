@@ -245,7 +245,7 @@ def test_device_trace_checks_are_read_at_exit():
     holes = t._replace(valid=torch.arange(t.num_tokens, device="cuda") != 5)
     errors = routereplay.errors
     with (
-        pytest.raises(errors.MissingRoutesError, match=r"1 row\(s\) have no recorded route, the first at row 5"),
+        pytest.raises(errors.MissingRoutesError, match=r"1 row\(s\) inside their sequence have no recorded route, the first at row 5"),
         torch.no_grad(),
         handle.replay(holes, attention_mask=mask),
     ):

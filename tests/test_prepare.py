@@ -80,7 +80,7 @@ def test_prepare_checks_at_once_and_replay_refuses_what_does_not_belong(handle, 
     with pytest.raises(RouterSpecError, match=r"layer 2 \(model.layers.2.mlp.gate\): "):
         handle.prepare(bad, attention_mask=b["attention_mask"])
     holes = trace._replace(valid=torch.arange(trace.num_tokens) != 4)
-    with pytest.raises(MissingRoutesError, match=r"1 row\(s\) have no recorded route, the first at row 4"):
+    with pytest.raises(MissingRoutesError, match=r"1 row\(s\) inside their sequence have no recorded route, the first at row 4"):
         handle.prepare(holes, attention_mask=b["attention_mask"])
     live = handle.prepare(holes, attention_mask=b["attention_mask"], missing="live")
     with pytest.raises(

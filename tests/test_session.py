@@ -526,7 +526,7 @@ def test_missing_routes(handle, model):
     )
     with pytest.raises(
         MissingRoutesError,
-        match=r"2 row\(s\) have no recorded route, the first at row 5 \(sequence 0, position 5\).*missing=\"live\"",
+        match=r"2 sequence\(s\) have no route for their last token, the first at row 5 \(sequence 0\).*RouteStore",
     ):
         handle.replay(holed)
     with handle.replay(holed, missing="live") as rep:

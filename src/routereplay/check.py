@@ -1,9 +1,16 @@
 """``routereplay check``: measure rollout-vs-trainer routing mismatch and show that replay closes it.
 
-On the built-in small Qwen3-MoE-style model trained on multi-digit addition
-(``routereplay/data/small_moe``, written by ``scripts/train_small_moe.py``; when its weights are
-not installed, or with ``--random``, the built-in randomly initialised model), or ``--model DIR``, a
-local HF MoE checkpoint. The report's ``model`` line says which one ran.
+On the built-in randomly initialised Qwen3-MoE-style model (the default), the built-in small
+Qwen3-MoE trained on multi-digit addition (``--trained``: ``routereplay/data/small_moe``, written by
+``scripts/train_small_moe.py``), or ``--model DIR``, a local HF MoE checkpoint. The report's
+``model`` line says which one ran.
+
+Decision: the default is the random model because it is the one whose run shows both halves of
+what replay fixes. bf16-vs-fp32 arithmetic flips 6-10 % of its routes and replay cuts k3 10-25x
+(seeds 0-2). The trained model answers its own prompts near-certainly, so a flipped route leaves
+the sampled token's log-prob where it was (k3 ~1e-12 with and without replay); on prompts longer
+than it was trained on it is unsure, but then the dense layers' bf16 error on a few tokens
+dominates k3, and replay divided it by anything from 0.84 (up) to 350 from seed to seed (docs/CHECK.md).
 
 1. **rollout**: sample completions with ``generate`` in ``--rollout-dtype`` (bf16), capturing
    routes the way inference engines return them, and the sampled tokens' log-probs;
@@ -75,13 +82,13 @@ EOS_ID, PAD_ID = 1, 0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", metavar="DIR",
-        help="local HF MoE checkpoint directory (default: the built-in trained model, else the built-in random one)",
+        "--model", metavar="DIR", help="local HF MoE checkpoint directory (default: the built-in random model)"
     )
     parser.add_argument(
-        "--random", action="store_true",
-        help="use the built-in randomly initialised model even when the trained one is installed",
+        "--trained", action="store_true",
+        help="use the built-in model trained on multi-digit addition (near-certain answers: k3 stays ~1e-12)",
     )
+    parser.add_argument("--random", action="store_true", help="use the built-in random model (the default)")
     parser.add_argument(
         "--rollout-dtype", choices=DTYPES, default="bf16", help="dtype of the generating model (default bf16)"
     )
@@ -175,11 +182,20 @@ def _shape(config: Any) -> str:
 
 
 def _choose_model(args: argparse.Namespace) -> _Chosen:
-    """``--model DIR``; else the packaged trained model unless ``--random`` (or the test-size ``--tiny``)
-    or its weights are absent; else the random model. Never a silent swap: the description says which."""
+    """``--model DIR``; else the packaged trained model with ``--trained``; else the random model (the
+    test-size one with ``--tiny``). Never a silent swap: the description says which.
+
+    Raises:
+        _UsageError: ``--trained`` and the package holds no trained weights.
+    """
     from routereplay.data import addition
 
-    trained = None if (args.model or args.random or args.tiny) else addition.trained_model_dir()
+    trained = addition.trained_model_dir() if args.trained else None
+    if args.trained and trained is None:
+        raise _UsageError(
+            "--trained: the trained model is not installed (no weights in routereplay/data/small_moe); "
+            "reinstall routereplay, or run without --trained on the built-in random model"
+        )
     path = args.model or trained
     if path is None:
         size = TINY_SIZE if args.tiny else DEFAULT_SIZE
@@ -187,8 +203,6 @@ def _choose_model(args: argparse.Namespace) -> _Chosen:
             f"built-in random Qwen3-MoE ({size.layers} layers, hidden {size.hidden}, {size.experts} experts, "
             f"top-{size.top_k}, vocab {size.vocab}, seed {args.seed})"
         )
-        if not (args.random or args.tiny):
-            desc += "; the trained model is not installed (no weights in routereplay/data/small_moe)"
         return _Chosen(model=build_default_model(size, seed=args.seed), kind="random", description=desc,
                        eos=EOS_ID, pad=PAD_ID, task=None)
     model = _load_model(path, what=None if args.model else f"the built-in trained model ({path})")
@@ -229,8 +243,10 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
             f"--device {args.device}: this torch cannot use it ({_first_line(e)}); "
             "use --device cpu or an available device"
         )
-    if args.model is not None and args.random:
-        return "--model and --random exclude each other; pass a checkpoint directory or --random, not both"
+    chosen = [flag for flag, on in (("--model", args.model is not None), ("--random", args.random),
+                                    ("--trained", args.trained)) if on]
+    if len(chosen) > 1:
+        return f"{' and '.join(chosen)} exclude each other; pass one of --model DIR, --random, --trained"
     if args.model is not None:
         if not os.path.exists(args.model):
             return f"--model {args.model}: no such directory; pass a local Hugging Face MoE checkpoint directory"
@@ -359,12 +375,49 @@ def run(args: argparse.Namespace) -> int:
     except (RouteReplayError, OSError) as e:
         print(f"routereplay check: error: {_first_line(e)}", file=sys.stderr)
         return 2
-    except Exception:  # noqa: BLE001  (reported with its traceback; only the exit status changes)
+    except Exception as e:  # noqa: BLE001  (reported with its traceback; only the exit status changes)
+        where = _raised_in_transformers(e)
+        if where is not None:
+            # The model's own code failed (a checkpoint transformers loads but cannot run):
+            # an environment error about the model, not a routereplay bug.
+            print(
+                f"routereplay check: error: {_model_name(args)} failed inside transformers at {where} "
+                f"({type(e).__name__}: {_first_line(e)}); check that it runs generate() with transformers alone, "
+                "or pass another --model",
+                file=sys.stderr,
+            )
+            return 2
         # A bug, not a finding: Python's own exit status for it (1) would read as "replay did
         # not reproduce the routes".
         traceback.print_exc()
         print("routereplay check: internal error (the traceback above); please report it", file=sys.stderr)
         return 3
+
+
+def _package_of(filename: str) -> str | None:
+    """``"transformers"`` or ``"routereplay"`` when ``filename`` is a module of that package, else None."""
+    for name in ("transformers", "routereplay"):
+        spec = importlib.util.find_spec(name)
+        for root in (spec.submodule_search_locations or []) if spec is not None else []:
+            if os.path.abspath(filename).startswith(os.path.join(os.path.abspath(root), "")):
+                return name
+    return None
+
+
+def _raised_in_transformers(e: BaseException) -> str | None:
+    """``file:line`` of the innermost transformers frame when that is the innermost frame of
+    transformers or routereplay in ``e``'s traceback (the model's code raised, perhaps through
+    torch), else None (routereplay raised, or neither package is on the stack)."""
+    found = None
+    for frame, lineno in traceback.walk_tb(e.__traceback__):
+        package = _package_of(frame.f_code.co_filename)
+        if package is not None:
+            found = (package, f"{os.path.basename(frame.f_code.co_filename)}:{lineno} in {frame.f_code.co_name}")
+    return found[1] if found is not None and found[0] == "transformers" else None
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    return f"--model {args.model}" if args.model else "the built-in model"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -393,113 +446,112 @@ def _run(args: argparse.Namespace) -> int:
 
     # The bar starts once the models are built, so that a model that cannot be loaded or
     # attached is reported on a line of its own.
-    bar = tqdm(total=5, desc="routereplay check", unit="stage", file=sys.stderr, leave=False)
+    with tqdm(total=5, desc="routereplay check", unit="stage", file=sys.stderr, leave=False) as bar:
+        # closed on an exception too, so that the error line is not printed into the bar's line
+        # --- (a) rollout: sampled generation with route capture ---------------------------------
+        bar.set_postfix_str("rollout")
+        if chosen.task is not None:
+            prompts = chosen.task.prompts(args.samples, seed=args.seed + 1)
+        else:
+            prompts = builtin_prompts(args.samples, vocab, seed=args.seed)
+        ids_BP, mask_BP = _left_pad(prompts, pad)
+        torch.manual_seed(args.seed)
+        with torch.no_grad(), h_roll.capture_generation() as cap:
+            out = rollout_model.generate(
+                ids_BP.to(device), attention_mask=mask_BP.to(device), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                return_dict_in_generate=True, output_logits=True,
+            )
+        rollout = cap.rollout(out, prompt_attention_mask=mask_BP, eos_token_id=eos, pad_token_id=pad)
+        h_roll.detach()
+        del rollout_model
+        # The engine's log-prob of each sampled token, from the raw (unprocessed) decode logits.
+        P = ids_BP.shape[1]
+        logits_BGV = torch.stack(out.logits, 1).float()
+        comp_BG = out.sequences[:, P:]
+        logp_infer_BG = torch.log_softmax(logits_BGV, -1).gather(-1, comp_BG[..., None]).squeeze(-1).cpu()
+        keep_BG = torch.arange(comp_BG.shape[1]) < rollout.completion_lens[:, None]
+        resp_T = rollout.response_mask()
+        logp_infer_T = torch.zeros(rollout.input_ids.numel(), dtype=torch.float64)
+        logp_infer_T[resp_T] = logp_infer_BG[keep_BG].double()
+        bar.update()
 
-    # --- (a) rollout: sampled generation with route capture ---------------------------------
-    bar.set_postfix_str("rollout")
-    if chosen.task is not None:
-        prompts = chosen.task.prompts(args.samples, seed=args.seed + 1)
-    else:
-        prompts = builtin_prompts(args.samples, vocab, seed=args.seed)
-    ids_BP, mask_BP = _left_pad(prompts, pad)
-    torch.manual_seed(args.seed)
-    with torch.no_grad(), h_roll.capture_generation() as cap:
-        out = rollout_model.generate(
-            ids_BP.to(device), attention_mask=mask_BP.to(device), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-            max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-            return_dict_in_generate=True, output_logits=True,
-        )
-    rollout = cap.rollout(out, prompt_attention_mask=mask_BP, eos_token_id=eos, pad_token_id=pad)
-    h_roll.detach()
-    del rollout_model
-    # The engine's log-prob of each sampled token, from the raw (unprocessed) decode logits.
-    P = ids_BP.shape[1]
-    logits_BGV = torch.stack(out.logits, 1).float()
-    comp_BG = out.sequences[:, P:]
-    logp_infer_BG = torch.log_softmax(logits_BGV, -1).gather(-1, comp_BG[..., None]).squeeze(-1).cpu()
-    keep_BG = torch.arange(comp_BG.shape[1]) < rollout.completion_lens[:, None]
-    resp_T = rollout.response_mask()
-    logp_infer_T = torch.zeros(rollout.input_ids.numel(), dtype=torch.float64)
-    logp_infer_T[resp_T] = logp_infer_BG[keep_BG].double()
-    bar.update()
+        # --- (b) trainer forward without replay -----------------------------------------------------
+        bar.set_postfix_str("trainer forward")
+        batch = rollout.padded(padding_side="right", pad_token_id=pad)
+        mask_BS = batch["attention_mask"].bool()
+        with torch.no_grad(), h_train.record() as rec:
+            logp_BS = _train_forward(train_model, batch, device)
+        train_trace = rec.trace(attention_mask=batch["attention_mask"])
+        logp_train_T = logp_BS.cpu()[mask_BS].double()
+        rollout_rows = rollout.training_trace()
+        without = {
+            "routing": routing_agreement(rollout_rows, train_trace, mask=resp_T).to_dict(),
+            "routing_all_tokens": routing_agreement(rollout_rows, train_trace).to_dict(),
+            "mismatch": logprob_mismatch(logp_train_T, logp_infer_T, resp_T).to_dict(),
+        }
+        bar.update()
 
-    # --- (b) trainer forward without replay -----------------------------------------------------
-    bar.set_postfix_str("trainer forward")
-    batch = rollout.padded(padding_side="right", pad_token_id=pad)
-    mask_BS = batch["attention_mask"].bool()
-    with torch.no_grad(), h_train.record() as rec:
-        logp_BS = _train_forward(train_model, batch, device)
-    train_trace = rec.trace(attention_mask=batch["attention_mask"])
-    logp_train_T = logp_BS.cpu()[mask_BS].double()
-    rollout_rows = rollout.training_trace()
-    without = {
-        "routing": routing_agreement(rollout_rows, train_trace, mask=resp_T).to_dict(),
-        "routing_all_tokens": routing_agreement(rollout_rows, train_trace).to_dict(),
-        "mismatch": logprob_mismatch(logp_train_T, logp_infer_T, resp_T).to_dict(),
-    }
-    bar.update()
+        # --- (c) trainer forward with R3 replay, routes tapped independently -------------------------
+        bar.set_postfix_str("R3 replay")
+        store = RouteStore(h_train, _replay_trace(rollout))
+        tap = _RoutesTap(h_train)
+        try:
+            with torch.no_grad(), store.replay(range(rollout.num_seqs), attention_mask=batch["attention_mask"]) as rep:
+                tap.active = True
+                logp_r3_BS = _train_forward(train_model, batch, device)
+                tap.active = False
+            used_trace = tap.trace(batch["attention_mask"], like=train_trace)
+        finally:
+            tap.remove()
+        stats = rep.stats
+        logp_r3_T = logp_r3_BS.cpu()[mask_BS].double()
+        expected_rows = int(rollout_rows.valid_mask.sum())
+        with_replay = {
+            "routing": routing_agreement(rollout_rows, used_trace, mask=resp_T).to_dict(),
+            "routing_all_tokens": routing_agreement(rollout_rows, used_trace).to_dict(),
+            "mismatch": logprob_mismatch(logp_r3_T, logp_infer_T, resp_T).to_dict(),
+            "replayed_rows": {str(k): s.replayed for k, s in stats.items()},
+            "expected_replayed_rows": expected_rows,
+            "routes_observed_at": sorted(set(tap.observed_at)),
+        }
+        bar.update()
 
-    # --- (c) trainer forward with R3 replay, routes tapped independently -------------------------
-    bar.set_postfix_str("R3 replay")
-    store = RouteStore(h_train, _replay_trace(rollout))
-    tap = _RoutesTap(h_train)
-    try:
-        with torch.no_grad(), store.replay(range(rollout.num_seqs), attention_mask=batch["attention_mask"]) as rep:
-            tap.active = True
-            logp_r3_BS = _train_forward(train_model, batch, device)
-            tap.active = False
-        used_trace = tap.trace(batch["attention_mask"], like=train_trace)
-    finally:
-        tap.remove()
-    stats = rep.stats
-    logp_r3_T = logp_r3_BS.cpu()[mask_BS].double()
-    expected_rows = int(rollout_rows.valid_mask.sum())
-    with_replay = {
-        "routing": routing_agreement(rollout_rows, used_trace, mask=resp_T).to_dict(),
-        "routing_all_tokens": routing_agreement(rollout_rows, used_trace).to_dict(),
-        "mismatch": logprob_mismatch(logp_r3_T, logp_infer_T, resp_T).to_dict(),
-        "replayed_rows": {str(k): s.replayed for k, s in stats.items()},
-        "expected_replayed_rows": expected_rows,
-        "routes_observed_at": sorted(set(tap.observed_at)),
-    }
-    bar.update()
+        # --- (e) noise floor: each sample alone vs batched, no replay ------------------------------
+        bar.set_postfix_str("noise floor")
+        alone = []
+        with torch.no_grad(), h_train.record() as rec_alone:
+            for b in range(rollout.num_seqs):  # one forward per sample: the point is batch size 1
+                one = rollout.padded([b])
+                alone.append(_train_forward(train_model, one, device).cpu()[0])
+        alone_trace = rec_alone.trace()
+        logp_alone_T = torch.cat(alone).double()
+        noise = {
+            "routing": routing_agreement(train_trace, alone_trace, mask=resp_T).to_dict(),
+            "mismatch": logprob_mismatch(logp_train_T, logp_alone_T, resp_T).to_dict(),
+            "compared": "trainer forward, batched (right-padded) vs each sample alone",
+        }
+        bar.update()
 
-    # --- (e) noise floor: each sample alone vs batched, no replay ------------------------------
-    bar.set_postfix_str("noise floor")
-    alone = []
-    with torch.no_grad(), h_train.record() as rec_alone:
-        for b in range(rollout.num_seqs):  # one forward per sample: the point is batch size 1
-            one = rollout.padded([b])
-            alone.append(_train_forward(train_model, one, device).cpu()[0])
-    alone_trace = rec_alone.trace()
-    logp_alone_T = torch.cat(alone).double()
-    noise = {
-        "routing": routing_agreement(train_trace, alone_trace, mask=resp_T).to_dict(),
-        "mismatch": logprob_mismatch(logp_train_T, logp_alone_T, resp_T).to_dict(),
-        "compared": "trainer forward, batched (right-padded) vs each sample alone",
-    }
-    bar.update()
-
-    # --- (d) R2 drift: one optimizer step, then old vs new policy routing -----------------------
-    bar.set_postfix_str("R2 drift")
-    opt = torch.optim.AdamW(train_model.parameters(), lr=args.lr)
-    resp_BS = batch["response_mask"].to(device)
-    loss = -(_train_forward(train_model, batch, device)[resp_BS]).mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    with torch.no_grad(), h_train.record() as rec_new:
-        logp_new_BS = _train_forward(train_model, batch, device)
-    new_trace = rec_new.trace(attention_mask=batch["attention_mask"])
-    drift = {
-        "routing": routing_agreement(train_trace, new_trace, mask=resp_T).to_dict(),
-        "mismatch": logprob_mismatch(logp_new_BS.cpu()[mask_BS].double(), logp_train_T, resp_T).to_dict(),
-        "optimizer": f"AdamW lr={args.lr}, one step on -mean logp(response)",
-        "delta": "logp_new - logp_old",
-    }
-    h_train.detach()
-    bar.update()
-    bar.close()
+        # --- (d) R2 drift: one optimizer step, then old vs new policy routing -----------------------
+        bar.set_postfix_str("R2 drift")
+        opt = torch.optim.AdamW(train_model.parameters(), lr=args.lr)
+        resp_BS = batch["response_mask"].to(device)
+        loss = -(_train_forward(train_model, batch, device)[resp_BS]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad(), h_train.record() as rec_new:
+            logp_new_BS = _train_forward(train_model, batch, device)
+        new_trace = rec_new.trace(attention_mask=batch["attention_mask"])
+        drift = {
+            "routing": routing_agreement(train_trace, new_trace, mask=resp_T).to_dict(),
+            "mismatch": logprob_mismatch(logp_new_BS.cpu()[mask_BS].double(), logp_train_T, resp_T).to_dict(),
+            "optimizer": f"AdamW lr={args.lr}, one step on -mean logp(response)",
+            "delta": "logp_new - logp_old",
+        }
+        h_train.detach()
+        bar.update()
 
     # --- verdict, report, plots ---------------------------------------------------------------
     replay_exact = (
@@ -567,7 +619,12 @@ def format_report(report: dict, out_dir: str) -> str:
         f"model: {s['model']}",
         (
             f"rollout {s['rollout_dtype']} -> trainer {s['train_dtype']}, {s['samples']} samples, "
-            f"{s['response_tokens']} response tokens, layers {s['layer_ids']}, top-{s['top_k']} of {s['num_experts']}"
+            f"layers {s['layer_ids']}, top-{s['top_k']} of {s['num_experts']}"
+        ),
+        (
+            f"{report['without_replay']['mismatch']['num_tokens']} response tokens, "
+            f"{report['without_replay']['routing']['num_tokens']} of them with a rollout route to compare "
+            "(a sample's last token has none)"
         ),
         "",
         f"{'':<26}{'route disagr.':>14}{'tokens any':>12}{'layers/tok':>11}{'k3':>11}{'F(2)':>9}{'max|delta|':>11}",

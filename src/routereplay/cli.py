@@ -4,14 +4,27 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and `
 it is imported only when chosen, so ``routereplay inspect`` never imports transformers.
 
 Exit status 2 means a usage error, reported in one line on stderr; each subcommand documents
-what 0 and 1 mean (for ``check``, 1 is "replay did not reproduce the routes" and nothing else).
+what 0 and 1 mean (for ``check``, 1 is "replay did not reproduce the routes" and nothing else;
+for ``compare``, 1 is "the traces route some token differently"). Output piped into a reader that
+stops early (``routereplay compare --json A B | head``) ends quietly with status 141, as a shell
+reports a process stopped by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from routereplay import __version__
+from routereplay.errors import TraceFormatError
+
+DESCRIPTION = "The routereplay command: check, inspect and compare."
+# 128 + SIGPIPE: what a shell shows for a process that wrote into a closed pipe.
+EXIT_BROKEN_PIPE = 141
+# The first bytes of a .rrt file: an 8-byte little-endian header length, then the JSON header.
+_HEADER_LEN_BYTES = 8
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -28,8 +41,49 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def check_trace_file(path: str) -> None:
+    """Raise unless ``path`` starts like a ``.rrt`` file (a safetensors container), before it is parsed.
+
+    ``routereplay.io`` reports a damaged trace file (truncated, bad checksum); this catches a file
+    that was never one (a text file, a checkpoint in another format), whose first bytes read as an
+    absurd header length.
+
+    Raises:
+        TraceFormatError: the file is empty, or its first bytes are not a header length followed by
+            a JSON header.
+        OSError: the file cannot be opened.
+    """
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_LEN_BYTES + 1)
+        size = os.fstat(f.fileno()).st_size
+    n = int.from_bytes(head[:_HEADER_LEN_BYTES], "little") if len(head) >= _HEADER_LEN_BYTES else None
+    # A truncated .rrt still starts with '{' after its length: io reports it as truncated.
+    if len(head) > _HEADER_LEN_BYTES and head[_HEADER_LEN_BYTES:] == b"{" and n is not None and n > 1:
+        return
+    found = "is empty" if size == 0 else f"starts with {head!r}"
+    raise TraceFormatError(
+        f"{path}: not a .rrt file: a trace file starts with an 8-byte header length and a JSON header, this file "
+        f"{found}; pass a file written by routereplay.save"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="routereplay", description=__doc__.splitlines()[0])
+    """Run ``routereplay ARGV``; returns the exit status (see the module docstring)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader closed the pipe: nothing more can be shown. Point stdout at devnull so that
+        # the interpreter's own flush at exit does not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = _Parser(prog="routereplay", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"routereplay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, description=help_)

@@ -46,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary of ``args.file``; return 0, or 2 (message on stderr) if it cannot be read."""
+    from routereplay.cli import check_trace_file
+
     try:
+        check_trace_file(args.file)
         header = io.read_header(args.file)
         trace = io.load(args.file, validate=not args.no_validate)
         summary = summarize(trace, header)

@@ -320,7 +320,7 @@ def logprob_mismatch(
         taus: thresholds for ``F(tau) = mean 1[|delta| > ln tau]``; each must be > 1.
 
     Returns:
-        LogprobMismatch (computed in float64).
+        LogprobMismatch (computed in float64 on detached copies: inputs that require grad are fine).
 
     Raises:
         MetricInputError: shapes differ, the mask is not boolean / of the same shape, a tau is
@@ -340,7 +340,10 @@ def logprob_mismatch(
     if any(not t > 1.0 for t in taus):
         raise MetricInputError(f"{what}: every tau must be > 1 (F(tau) counts |delta| > ln tau), found {taus}")
     shape = tuple(logp_train.shape)
-    flat_train, flat_infer = logp_train.reshape(-1), logp_infer.reshape(-1).to(logp_train.device)
+    # A measurement, not a loss term: the trainer's log-probs usually require grad, and reading
+    # them into Python floats must neither warn nor keep the graph alive.
+    flat_train = logp_train.detach().reshape(-1)
+    flat_infer = logp_infer.detach().reshape(-1).to(logp_train.device)
     if attention_mask is not None and len(shape) != 1:
         raise MetricInputError(
             f"{what}: attention_mask goes with packed [T] log-probs, found log-probs of shape {shape}; padded "

@@ -240,12 +240,29 @@ def _check(flag: torch.Tensor, error: Callable[[], Exception], checks: list[_Che
 
 def _holes_error(where: str, valid_T: torch.Tensor, cu_B1: torch.Tensor) -> MissingRoutesError:
     holes_T = ~valid_T
-    t = int(holes_T.nonzero()[0, 0])
+    last_T = torch.zeros_like(holes_T)
+    lens_B = cu_B1.diff()
+    last_T[cu_B1[1:][lens_B > 0] - 1] = True
+    inner_T = holes_T & ~last_T
+    if not bool(inner_T.any()):
+        # Exactly the engine convention: each sample's last token was never forwarded.
+        t = int(holes_T.nonzero()[0, 0])
+        b = int(torch.searchsorted(cu_B1, torch.tensor(t, device=cu_B1.device), right=True)) - 1
+        return MissingRoutesError(
+            f"{where}{int(holes_T.sum())} sequence(s) have no route for their last token, the first at row {t} "
+            f"(sequence {b}): an inference engine never forwards a sample's last token, and "
+            "routereplay.layout.engine_to_training leaves its row invalid; replay it with "
+            "routereplay.rl.RouteStore(handle, trace).replay(sample_ids, attention_mask=...), which routes only "
+            "those last tokens live and raises on any other gap"
+        )
+    t = int(inner_T.nonzero()[0, 0])
     b = int(torch.searchsorted(cu_B1, torch.tensor(t, device=cu_B1.device), right=True)) - 1
     return MissingRoutesError(
-        f"{where}{int(holes_T.sum())} row(s) have no recorded route, the first at row {t} "
-        f"(sequence {b}, position {t - int(cu_B1[b])}); fill them (routereplay.layout) or "
-        'replay with missing="live" to route them live'
+        f"{where}{int(inner_T.sum())} row(s) inside their sequence have no recorded route, the first at row {t} "
+        f"(sequence {b}, position {t - int(cu_B1[b])} of {int(lens_B[b])}); capture the routes of every forward "
+        "of the sequence (a conversation's turns or a resumed generation's attempts: "
+        'routereplay.formats.RouteAccumulator joins them), or replay with missing="live" to route every row '
+        "without a route live"
     )
 
 
