@@ -81,7 +81,9 @@ def attach(
         if hasattr(chunk, "__dict__"):
             chunk.__dict__[_MARK] = weakref.ref(handle)
             removers.append(lambda chunk=chunk: chunk.__dict__.pop(_MARK, None))
-    handle._installed(removers)
+    # after detach, a backward owed by a forward made while attached re-installs the interception
+    # for its recomputes (session.RouterHandle.detach)
+    handle._installed(removers, reinstall=lambda: ad.install(model, discovery, handle.calls))
     return handle
 
 

@@ -20,7 +20,9 @@ never see each other's routes. The adapter's interception calls the handle's :cl
 3. a forward inside checkpointed regions binds its answer to them, for their recompute.
 
 Activation checkpointing therefore needs no user action, and ``backward()`` may run after the
-block, after several blocks, after live passes in between, in any micro-batch order.
+block, after several blocks, after live passes in between, in any micro-batch order, and after
+``detach()`` (the owed recomputes re-install the interception for their own length only,
+``recompute.hold``).
 
 Legend: N rows a router sees in one call, E experts (logits width), K top-k, L MoE layers.
 """
@@ -108,6 +110,10 @@ class RouterHandle:
         self._blocks = 0
         self._detached = False
         self._streams: dict[torch.device, Any] = {}  # per device: the side stream host traces are copied on
+        # After detach: what installs the interception again for a recompute owed by a forward
+        # made while attached, and the regions already holding it (``recompute.hold``).
+        self._reinstall: Callable[[], list[Callable[[], None]]] | None = None
+        self._held: recompute.Held = recompute.Held()
 
     # --- public API ----------------------------------------------------------------------
     def record(self, *, offload: bool = False) -> Recording:
@@ -187,14 +193,21 @@ class RouterHandle:
         return not self._detached
 
     def detach(self) -> None:
-        """Remove every interception; the model is exactly as if never attached. Idempotent."""
+        """Remove every interception; the model is exactly as if never attached. Idempotent.
+
+        A backward still owed by a forward made while attached (``loss`` kept past the ``with
+        attach(...)`` block) still recomputes its checkpointed regions with the routes of that
+        forward: each such region re-installs the interception for the length of its own
+        recompute only (``recompute.hold``), and drops it when its autograd graph dies.
+        """
         if self._mode is not None:
             raise ReplayError("detach() inside a record/replay block; leave the block first")
         for remove in reversed(self._removers):
             remove()
         self._removers.clear()
-        self._bindings = recompute.Bindings(len(self.layers))
         self._detached = True
+        for region in self._bindings.regions():
+            self._hold(region)
 
     def where(self, index: int) -> str:
         """How errors name the ``index``-th MoE layer: ``layer 7 (model.layers.7.mlp.gate)``."""
@@ -218,8 +231,17 @@ class RouterHandle:
         )
 
     # --- used by attach and by the modes ---------------------------------------------------
-    def _installed(self, removers: list[Callable[[], None]]) -> None:
+    def _installed(
+        self, removers: list[Callable[[], None]], reinstall: Callable[[], list[Callable[[], None]]] | None = None
+    ) -> None:
         self._removers.extend(removers)
+        self._reinstall = reinstall
+
+    def _hold(self, region: object) -> None:
+        """After detach: make ``region``'s recompute run under this handle's interception again."""
+        if self._reinstall is None:
+            return
+        recompute.hold(region, self._reinstall, self._held)
 
     def _check_attached(self) -> None:
         if self._detached:
@@ -272,10 +294,15 @@ class RouterHandle:
             chain = recompute.scopes()
             redo = next((s for s in chain if s.recompute), None)
             if redo is not None:
+                if not self._bindings.knows(redo.region) and recompute.held_elsewhere(redo.region):
+                    return weights_NK, ids_NK  # owed by a detached handle, whose interception answers
                 binding = self._bindings.lookup(redo, index, self.where(index))
                 opened = chain[: chain.index(redo)]  # nested checkpoints the recompute itself opens
                 if opened:
                     self._bindings.bind(opened, index, binding)
+                    if self._detached:  # a recompute owed past detach: its nested regions' too
+                        for scope in opened:
+                            self._hold(scope.region)
                 if binding.ids_NK is None:
                     return weights_NK, ids_NK
                 return self._forced(index, logits_NE, binding.ids_NK, binding.mask_N, route_kw)
