@@ -114,6 +114,7 @@ class RouterHandle:
         # made while attached, and the regions already holding it (``recompute.hold``).
         self._reinstall: Callable[[], list[Callable[[], None]]] | None = None
         self._held: recompute.Held = recompute.Held()
+        self._routers: tuple[Any, ...] = ()  # the router modules ``attach`` marked as hooked by this handle
 
     # --- public API ----------------------------------------------------------------------
     def record(self, *, offload: bool = False) -> Recording:
