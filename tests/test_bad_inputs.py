@@ -6,10 +6,12 @@ another thread's forwards during a block."""
 from __future__ import annotations
 
 import pytest
-from test_session import batch, record, tiny_qwen3_moe
+import torch
+from test_session import batch, random_trace, record, tiny_qwen3_moe
 
 import routereplay
 from routereplay.errors import AlreadyAttachedError
+from routereplay.trace import RoutingTrace
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +56,29 @@ def test_attach_of_a_parent_of_an_attached_submodule_is_refused(model):
         pass
     for m in model.modules():
         assert "_routereplay_handle" not in m.__dict__
+
+
+# --- item 6: a prepared trace owns its routes --------------------------------------------------------
+@pytest.mark.parametrize("pad", [None, "right"])
+def test_prepared_trace_does_not_follow_later_edits_of_the_callers_tensors(model, pad):
+    """Edits after ``prepare`` (ids, valid rows, boundaries) and a route buffer reused for the next
+    batch leave the prepared replay as it was prepared: bit for bit the replay of an untouched copy."""
+    b = batch(pad=pad)
+    mask = b["attention_mask"] if pad else None
+    with routereplay.attach(model) as h:
+        rec, _ = record(h, model, b)
+        want_t = random_trace(rec.trace(attention_mask=mask))
+        with h.replay(want_t, attention_mask=mask):
+            want = model(**b).logits
+        buffer_TLK = want_t.experts.clone()
+        valid_T = torch.ones(want_t.num_tokens, dtype=torch.bool)
+        cu_B1 = want_t.cu_seqlens.clone()
+        t = RoutingTrace(experts=buffer_TLK, cu_seqlens=cu_B1, layer_ids=want_t.layer_ids, num_experts=8, valid=valid_T)
+        prepared = h.prepare(t, attention_mask=mask)
+        buffer_TLK.copy_(random_trace(want_t, seed=9).experts)  # the buffer reused for other routes
+        buffer_TLK[0, 0] = 0  # and an id repeated in a row: prepare's checks would refuse it
+        valid_T[1] = False  # a hole prepare never saw
+        cu_B1[1] -= 1  # other boundaries
+        with h.replay(prepared):
+            got = model(**b).logits
+        assert torch.equal(got, want)

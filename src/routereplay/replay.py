@@ -126,9 +126,13 @@ def prepare(
         # from pinned memory) rather than read the mask back to the host (a sync).
         trace = trace._replace(gates=None).pin_memory().to(attention_mask.device, non_blocking=True)
     checks: list[_Check] = []
-    valid_T = trace.valid
+    # The prepared trace owns what it keeps (ids, valid rows, boundaries): an edit of the caller's
+    # tensors after prepare, or a route buffer reused for the next batch, must not reach a replay
+    # the checks below have passed.
+    valid_T = None if trace.valid is None else trace.valid.clone()
+    cu_B1 = trace.cu_seqlens.clone()
     if valid_T is not None and missing == "error":
-        cu_B1 = trace.cu_seqlens  # the error keeps what it names, not the whole trace
+        # the error keeps what it names, not the whole trace
         _check(~valid_T.all(), lambda: _holes_error(where, valid_T, cu_B1), checks)
     if attention_mask is None:
         experts_NLK, mask_N, shape, lens_B = trace.experts, valid_T, None, None
@@ -142,8 +146,7 @@ def prepare(
             raise LayoutError(f"{where}attention_mask must be [B, S], found shape {tuple(mask_BS.shape)}")
         if mask_BS.shape[0] != trace.num_seqs:
             raise _mask_error(where, mask_BS, trace.cu_seqlens)
-        src_N, mask_N, counts_differ = layout.router_row_sources(trace.cu_seqlens, mask_BS, trace.num_tokens)
-        cu_B1 = trace.cu_seqlens
+        src_N, mask_N, counts_differ = layout.router_row_sources(cu_B1, mask_BS, trace.num_tokens)
         _check(counts_differ, lambda: _mask_error(where, mask_BS, cu_B1), checks)
         experts_NLK = trace.experts.index_select(0, src_N)
         if valid_T is not None:
@@ -164,7 +167,7 @@ def prepare(
             ready = torch.cuda.Event()
             ready.record(stream)
     else:
-        if device.type != "cpu":  # the prepared trace's own copy: its ids get clamped in place
+        if experts_NLK is trace.experts:  # the prepared trace's own copy (an accelerator clamps it in place)
             forced_LNK = forced_LNK.clone(memory_format=torch.contiguous_format)
         _check_ids(handle, where, forced_LNK, mask_N, checks)
     return PreparedTrace(
@@ -178,7 +181,7 @@ def prepare(
         shape=shape,
         lens_B=lens_B,
         padded=attention_mask is not None,
-        cu_B1=trace.cu_seqlens,
+        cu_B1=cu_B1,
         checks=tuple(checks),
         ready=ready,
     )
