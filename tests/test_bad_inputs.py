@@ -10,7 +10,7 @@ import torch
 from test_session import batch, random_trace, record, tiny_qwen3_moe
 
 import routereplay
-from routereplay.errors import AlreadyAttachedError
+from routereplay.errors import AlreadyAttachedError, AttentionMaskMismatchError, BatchShapeMismatchError
 from routereplay.trace import RoutingTrace
 
 
@@ -82,3 +82,92 @@ def test_prepared_trace_does_not_follow_later_edits_of_the_callers_tensors(model
         with h.replay(prepared):
             got = model(**b).logits
         assert torch.equal(got, want)
+
+
+# --- item 4: the mask given to routereplay must be the forward's own --------------------------------
+def _flipped(mask_BS):
+    """The same real-token counts, padding on the other side: same shape, other positions."""
+    return mask_BS.flip(1)
+
+
+def test_replay_mask_that_contradicts_the_forwards_mask(model):
+    b = batch(pad="right")
+    with routereplay.attach(model) as h:
+        rec, _ = record(h, model, b)
+        t = random_trace(rec.trace(attention_mask=b["attention_mask"]))
+        left = _flipped(b["attention_mask"])
+        message = (
+            r"^layer 1 \(model.layers.1.mlp.gate\): the attention_mask forward 1 runs with differs from the one the "
+            r"trace was laid out with, first at \[0, 0\] \(forward: 1, replay: 0\); pass replay/prepare the "
+            r"attention_mask of the batch this forward runs on$"
+        )
+        with pytest.raises(AttentionMaskMismatchError, match=message), h.replay(t, attention_mask=left):
+            model(**b)
+        prepared = h.prepare(t, attention_mask=left)
+        with pytest.raises(AttentionMaskMismatchError, match=message), h.replay(prepared):
+            model(**b)
+        with h.replay(t, attention_mask=b["attention_mask"]):  # the forward's own mask: replays
+            model(**b)
+        with h.replay(t, attention_mask=b["attention_mask"]):  # passed positionally: seen as well
+            model(b["input_ids"], b["attention_mask"])
+        with pytest.raises(AttentionMaskMismatchError), h.replay(t, attention_mask=left):
+            model(b["input_ids"], b["attention_mask"])
+
+
+def test_trace_mask_that_contradicts_the_forwards_mask(model):
+    b = batch(pad="right")
+    with routereplay.attach(model) as h:
+        rec, _ = record(h, model, b)
+        with pytest.raises(
+            AttentionMaskMismatchError,
+            match=r"^forward 0: attention_mask differs from the one the forward ran with, first at \[0, 0\] "
+            r"\(given: 0, forward: 1\); pass the attention_mask of that forward's batch$",
+        ):
+            rec.trace(attention_mask=_flipped(b["attention_mask"]))
+        with pytest.raises(
+            AttentionMaskMismatchError,
+            match=r"^forward 0: attention_mask has shape \(1, 12\) but the forward ran with one of shape \(2, 6\); "
+            r"pass the attention_mask of that forward's batch$",
+        ):
+            rec.trace(attention_mask=torch.ones(1, 12, dtype=torch.long))
+        assert rec.trace(attention_mask=b["attention_mask"]).seq_lens.tolist() == [4, 6]
+
+
+# --- item 5: a batch without padding holds the trace's sequences, one per row -------------------------
+def test_trace_of_unequal_sequences_onto_a_batch_without_padding(model):
+    """Sequences of 4 and 8 tokens (12 rows) cannot be the rows of a [2, 6] batch without padding."""
+    b = batch(B=2, S=6)
+    with routereplay.attach(model) as h:
+        rec, _ = record(h, model, b)
+        t = rec.trace()
+        t48 = RoutingTrace(experts=t.experts, cu_seqlens=torch.tensor([0, 4, 12]), layer_ids=t.layer_ids, num_experts=8)
+        message = (
+            r"^layer 1 \(model.layers.1.mlp.gate\): the forward's batch is \[2, 6\] but the trace holds 2 sequences "
+            r"of \[4, 8\] tokens, which no batch without padding holds; replay each trace on the batch it was "
+            r"recorded on \(or pass its attention_mask\)$"
+        )
+        for kwargs in ({"input_ids": b["input_ids"]}, b):  # without the forward's mask, and with it
+            with pytest.raises(BatchShapeMismatchError, match=message), h.replay(t48):
+                model(**kwargs)
+
+
+def test_trace_of_two_sequences_onto_one_masked_row(model):
+    """A [1, 12] forward with its own attention mask is one sequence of 12 tokens, not two of 6;
+    without a mask a [1, T] forward is a packed batch and holds any sequences."""
+    b = batch(B=2, S=6)
+    one = {"input_ids": b["input_ids"].reshape(1, 12), "attention_mask": torch.ones(1, 12, dtype=torch.long)}
+    with routereplay.attach(model) as h:
+        rec, _ = record(h, model, b)
+        t = rec.trace()
+        with (
+            pytest.raises(
+                BatchShapeMismatchError,
+                match=r"^layer 1 \(model.layers.1.mlp.gate\): the forward's batch is \[1, 12\] \(one sequence, by its "
+                r"attention mask\) but the trace holds 2 sequences of 6 tokens, a batch of \[2, 6\]; replay each trace "
+                r"on the batch it was recorded on \(or pass its attention_mask\)$",
+            ),
+            h.replay(t),
+        ):
+            model(**one)
+        with h.replay(t):
+            model(input_ids=one["input_ids"])

@@ -366,11 +366,15 @@ class _Calls:
         h = self._handle
         return h._mode is None and not torch.is_grad_enabled() and not h._training() and not recompute.in_backward()
 
-    def on_block_input(self, index: int, shape: Sequence[int], *, position_ids=None, cu_seqlens=None) -> None:
+    def on_block_input(
+        self, index: int, shape: Sequence[int], *, position_ids=None, cu_seqlens=None, attention_mask=None
+    ) -> None:
         mode = self._handle._mode
         if mode is not None and not recompute.in_backward():
-            packed = _packed_sequences(tuple(shape), position_ids, cu_seqlens)
-            mode._note_shape(index, tuple(shape), packed)
+            shape = tuple(shape)
+            packed = _packed_sequences(shape, position_ids, cu_seqlens)
+            mask_BS = attention_mask if _is_mask_of(attention_mask, shape) else None
+            mode._note_shape(index, shape, packed, mask_BS)
 
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:
         mode = self._handle._mode
@@ -385,6 +389,11 @@ def _prepare_fused(spec, logits_dtype, device, scale_dtype, out_dtype) -> Any:
     return kernels.prepare_fused(
         spec, logits_dtype=logits_dtype, device=device, scale_dtype=scale_dtype, out_dtype=out_dtype
     )
+
+
+def _is_mask_of(mask: Any, shape: tuple[int, ...]) -> bool:
+    """A ``[B, S]`` attention mask of this block input (a decode step's mask also covers the cache)."""
+    return isinstance(mask, torch.Tensor) and mask.ndim == 2 and tuple(mask.shape) == shape
 
 
 def _packed_sequences(shape, position_ids, cu_seqlens) -> tuple[str, torch.Tensor] | None:
