@@ -5,12 +5,15 @@ another thread's forwards during a block."""
 
 from __future__ import annotations
 
+import re
+import threading
+
 import pytest
 import torch
 from test_session import batch, random_trace, record, tiny_qwen3_moe
 
 import routereplay
-from routereplay.errors import AlreadyAttachedError, AttentionMaskMismatchError, BatchShapeMismatchError
+from routereplay.errors import AlreadyAttachedError, AttentionMaskMismatchError, BatchShapeMismatchError, ReplayError
 from routereplay.trace import RoutingTrace
 
 
@@ -171,3 +174,53 @@ def test_trace_of_two_sequences_onto_one_masked_row(model):
             model(**one)
         with h.replay(t):
             model(input_ids=one["input_ids"])
+
+
+# --- item 9: a block belongs to the thread that entered it --------------------------------------------
+def _on_thread(fn, name):
+    """Run ``fn`` on a new thread named ``name``; its result or its exception."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = fn()
+        except ReplayError as e:  # handed back to the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, name=name)
+    t.start()
+    t.join()
+    return out
+
+
+def test_another_threads_forward_during_a_block_is_refused(model):
+    b = batch()
+    with routereplay.attach(model) as h:
+        rec, live = record(h, model, b)
+        t = random_trace(rec.trace())
+        with h.replay(t):
+            want = model(**b).logits
+        with h.replay(t) as rep:
+            with torch.no_grad():
+                out = _on_thread(lambda: model(**b).logits, "reference")
+            got = model(**b).logits  # the block's own forward, on its own thread, still replays
+        assert torch.equal(got, want) and rep.forwards == 1
+        assert isinstance(out.get("error"), ReplayError)
+        assert re.fullmatch(
+            r"layer 1 \(model.layers.1.mlp.gate\): a forward on thread 'reference' while a replay block of this "
+            r"handle is active on thread 'MainThread'; a block's routes belong to the thread that entered it: run "
+            r"this forward after the block, or on that thread, or attach a separate copy of the model for this thread",
+            str(out["error"]),
+        ), out["error"]
+        with torch.no_grad():  # after the block: the other thread's forward routes live
+            assert torch.equal(_on_thread(lambda: model(**b).logits, "reference")["result"], live)
+
+
+def test_a_block_on_another_thread_while_one_is_active_is_refused(model):
+    with routereplay.attach(model) as h, h.record():
+        out = _on_thread(lambda: h.record().__enter__(), "worker")
+        assert isinstance(out.get("error"), ReplayError)
+        assert str(out["error"]) == (
+            "a recording block of this handle is active on thread 'MainThread'; a block on thread 'worker' would "
+            "share its routes: wait for that block to end, or attach a separate copy of the model for this thread"
+        )

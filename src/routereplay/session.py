@@ -19,6 +19,13 @@ never see each other's routes. The adapter's interception calls the handle's :cl
    stands when no mode is active;
 3. a forward inside checkpointed regions binds its answer to them, for their recompute.
 
+Threads: a record/replay block belongs to the thread that entered it, and is refused across
+threads. While it is active, a forward of the model on another thread raises ReplayError at its
+first router (it would otherwise take the block's routes, or silently not); so does entering a
+second block from another thread. Recomputes are the exception: autograd may run a backward on
+its own device threads, and a recompute replays the routes of its own forward (rule 1), whichever
+thread runs it. Two threads that must record or replay at once need two models, each attached.
+
 Activation checkpointing therefore needs no user action, and ``backward()`` may run after the
 block, after several blocks, after live passes in between, in any micro-batch order, and after
 ``detach()`` (the owed recomputes re-install the interception for their own length only,
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -103,6 +111,7 @@ class RouterHandle:
         self.calls = _Calls(self)
         self._removers: list[Callable[[], None]] = []
         self._mode: Recording | Replay | None = None
+        self._owner: threading.Thread | None = None  # the thread that entered the active block
         self._bindings = recompute.Bindings(len(layers))
         # Tokens of forwards routed under a mode outside any recognised checkpoint region, alive
         # while their graph is: a recompute nobody recognises must not guess while one lives.
@@ -251,10 +260,17 @@ class RouterHandle:
     def _enter(self, mode: Recording | Replay) -> int:
         self._check_attached()
         if self._mode is not None:
+            if self._owner is not threading.current_thread():
+                raise ReplayError(
+                    f"a {type(self._mode).__name__.lower()} block of this handle is active on thread "
+                    f"{self._owner.name!r}; a block on thread {threading.current_thread().name!r} would share its "
+                    "routes: wait for that block to end, or attach a separate copy of the model for this thread"
+                )
             raise ReplayError(
                 f"a {type(self._mode).__name__.lower()} block of this handle is already active; "
                 "record/replay blocks of one model cannot be nested"
             )
+        self._owner = threading.current_thread()  # before the mode: a reader that sees the mode sees its owner
         self._mode = mode
         self._blocks += 1
         return self._blocks
@@ -262,6 +278,25 @@ class RouterHandle:
     def _exit(self, mode: Recording | Replay) -> None:
         assert self._mode is mode
         self._mode = None
+        self._owner = None
+
+    def _mode_here(self, index: int) -> Recording | Replay | None:
+        """The active block, when this thread entered it.
+
+        Raises:
+            ReplayError: a block entered on another thread is active.
+        """
+        mode, owner = self._mode, self._owner
+        if mode is None or owner is threading.current_thread():
+            return mode
+        if owner is None:
+            return None  # the block ended in between (``_exit`` clears the mode, then the owner)
+        raise ReplayError(
+            f"{self.where(index)}: a forward on thread {threading.current_thread().name!r} while a "
+            f"{type(mode).__name__.lower()} block of this handle is active on thread {owner.name!r}; "
+            "a block's routes belong to the thread that entered it: run this forward after the block, or "
+            "on that thread, or attach a separate copy of the model for this thread"
+        )
 
     def _side_stream(self, device: torch.device) -> Any:
         stream = self._streams.get(device)
@@ -319,7 +354,7 @@ class RouterHandle:
             return weights_NK, ids_NK  # nothing can recompute this forward
         else:
             chain = recompute.scopes()
-        mode = self._mode
+        mode = self._mode_here(index)
         if mode is not None and logits_NE.is_cuda and torch.cuda.is_current_stream_capturing():
             raise CudaGraphError(
                 f"{self.where(index)}: a router call of a {type(mode).__name__.lower()} block inside a CUDA graph "
@@ -363,22 +398,26 @@ class _Calls:
         return self._handle._on_router(index, logits_NE, weights_NK, ids_NK, route_kw)
 
     def routes_live(self, index: int) -> bool:
-        h = self._handle
+        h = self._handle  # a block on another thread is not live either: on_router refuses the call
         return h._mode is None and not torch.is_grad_enabled() and not h._training() and not recompute.in_backward()
 
     def on_block_input(
         self, index: int, shape: Sequence[int], *, position_ids=None, cu_seqlens=None, attention_mask=None
     ) -> None:
-        mode = self._handle._mode
-        if mode is not None and not recompute.in_backward():
+        if self._handle._mode is None or recompute.in_backward():
+            return
+        mode = self._handle._mode_here(index)
+        if mode is not None:
             shape = tuple(shape)
             packed = _packed_sequences(shape, position_ids, cu_seqlens)
             mask_BS = attention_mask if _is_mask_of(attention_mask, shape) else None
             mode._note_shape(index, shape, packed, mask_BS)
 
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:
-        mode = self._handle._mode
-        if isinstance(mode, Replay) and not recompute.in_backward():
+        if self._handle._mode is None or recompute.in_backward():
+            return
+        mode = self._handle._mode_here(index)
+        if isinstance(mode, Replay):
             mode._check_experts(index, ids_NK)
 
 
