@@ -208,7 +208,9 @@ class RouterHandle:
         A backward still owed by a forward made while attached (``loss`` kept past the ``with
         attach(...)`` block) still recomputes its checkpointed regions with the routes of that
         forward: each such region re-installs the interception for the length of its own
-        recompute only (``recompute.hold``), and drops it when its autograd graph dies.
+        recompute only (``recompute.hold``), and drops it when its autograd graph dies. (A
+        checkpoint implementation routereplay does not recognise, refused while attached, cannot
+        be seen once detached: run its backward before detach.)
         """
         if self._mode is not None:
             raise ReplayError("detach() inside a record/replay block; leave the block first")
