@@ -209,6 +209,57 @@ def test_two_models_do_not_share_recompute(state):
     _same_grads(actor, plain)
 
 
+# --- backward owed past detach ---------------------------------------------------------------------
+def _hooks(model) -> list[tuple[str, int, int]]:
+    return [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("mode", ["replay", "record"])
+@pytest.mark.parametrize(("flavour", "nested"), [*[(f, False) for f in FLAVOURS], ("hf_reentrant", True)])
+def test_detach_before_backward_keeps_the_forward_routes(state, flavour, nested, mode):
+    """``detach()`` between a forward and its backward: the model is restored at once, and the
+    owed backward still recomputes with the forward's routes (gradients equal the plain program's)."""
+    b = batch(seed=6)
+    ck, plain = World(state, flavour, nested), World(state, None)
+    ((_, r, _),) = _traces(plain, [b])
+    pristine = _hooks(tiny_qwen3_moe())
+    for w in (ck, plain):
+        with w.handle.replay(r) if mode == "replay" else w.handle.record():
+            loss = w.loss(b)
+        w.handle.detach()
+        assert _hooks(w.model) == pristine
+        loss.backward()
+        assert _hooks(w.model) == pristine
+    _same_grads(ck, plain)
+
+
+@pytest.mark.parametrize("flavour", ["hf_reentrant", "hf_non_reentrant", "function"])
+def test_helper_that_attaches_replays_and_returns_the_loss(state, flavour):
+    """Two steps of such a helper, summed into one backward, then one step whose backward runs
+    while the model is attached again (another handle, replaying another trace)."""
+    b1, b2 = batch(seed=7), batch(seed=8)
+    ck, plain = World(state, flavour), World(state, None)
+    (_, r1, _), (_, r2, r3) = _traces(plain, [b1, b2])
+
+    def step(w, r, b):
+        with routereplay.attach(w.model) as h, h.replay(r):
+            return w.loss(b)
+
+    for w in (ck, plain):
+        w.handle.detach()
+        (step(w, r1, b1) + 2 * step(w, r2, b2)).backward()
+    _same_grads(ck, plain)
+    for w in (ck, plain):
+        for p in w.model.parameters():
+            p.grad = None
+        owed = step(w, r2, b2)
+        with routereplay.attach(w.model) as h:
+            with h.replay(r3):
+                now = w.loss(b2)
+            (owed + now).backward()
+    _same_grads(ck, plain)
+
+
 # --- refusals ------------------------------------------------------------------------------------
 def test_recompute_of_a_forward_made_before_attach(state):
     w = World(state, "hf_reentrant")
@@ -269,8 +320,8 @@ BATCHES = [batch(seed=11), batch(B=3, S=4, seed=12), batch(seed=13, pad="left")]
 class RecomputeMachine(RuleBasedStateMachine):
     """Interleaves replayed (from traces and from prepared traces), recorded and live forwards (with
     and without grad, on this model and on a second one) with backwards in any order, per loss or
-    summed, with ``retain_graph``; after every backward the checkpointed model's gradients equal the
-    plain model's bit for bit."""
+    summed, with ``retain_graph``, and with detach / attach again in between; after every backward
+    the checkpointed model's gradients equal the plain model's bit for bit."""
 
     state_dict = None
     traces = None
@@ -349,6 +400,15 @@ class RecomputeMachine(RuleBasedStateMachine):
         for w in self.worlds:
             for p in w.model.parameters():
                 p.grad = None
+
+    @rule()
+    def detach_and_attach_again(self):
+        """Backwards owed by forwards of the detached handle still replay their forwards' routes,
+        under the new handle's interception."""
+        for w in self.worlds:
+            w.handle.detach()
+            w.handle = routereplay.attach(w.model)
+        self.prepared.clear()
 
     @precondition(lambda self: self.other_pending)
     @rule()

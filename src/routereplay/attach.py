@@ -20,8 +20,9 @@ from routereplay.session import RouterHandle
 __all__ = ["adapters", "attach"]
 
 _GROUP = "routereplay.adapters"
-# The marker an attached model carries in its instance ``__dict__`` (no nn.Module registration,
-# not in ``state_dict``); removed by ``detach``.
+# The marker an attached model and each of its hooked routers carry in their instance
+# ``__dict__`` (no nn.Module registration, not in ``state_dict``); removed by ``detach``. The
+# routers' marks find a handle attached through a submodule or a parent of the model.
 _MARK = "_routereplay_handle"
 
 
@@ -65,24 +66,82 @@ def attach(
         UnsupportedModelError: no adapter claims the model, or it has no replayable router.
     """
     for chunk in _chunks(model):
-        mark = getattr(chunk, "__dict__", {}).get(_MARK)
-        existing = mark() if mark is not None else None
-        # identity, not the mark alone: a deepcopy of an attached model copies the mark but not the hooks
-        if existing is not None and existing.attached and any(c is chunk for c in _chunks(existing.model)):
+        existing = _handle_of(chunk)
+        if existing is not None and any(c is chunk for c in _chunks(existing.model)):
             raise AlreadyAttachedError(
                 f"{type(chunk).__name__} is already attached to {existing!r}; call detach() on that handle "
                 "first, or keep using it (two handles on one model would both intercept its routers)"
             )
+        _refuse_nested(chunk)
     ad = _resolve(model, adapter)
     discovery = ad.discover(model, **options)
     handle = RouterHandle(model, discovery, adapter=ad.NAME, replay_kernel=replay_kernel)
     removers = ad.install(model, discovery, handle.calls)
-    for chunk in _chunks(model):
-        if hasattr(chunk, "__dict__"):
-            chunk.__dict__[_MARK] = weakref.ref(handle)
-            removers.append(lambda chunk=chunk: chunk.__dict__.pop(_MARK, None))
-    handle._installed(removers)
+    routers = [_module_at(model, layer.path) for layer in discovery.layers]
+    handle._routers = tuple(r for r in routers if r is not None)
+    for marked in [*_chunks(model), *handle._routers]:
+        if hasattr(marked, "__dict__"):
+            marked.__dict__[_MARK] = weakref.ref(handle)
+            removers.append(lambda marked=marked: marked.__dict__.pop(_MARK, None))
+    # after detach, a backward owed by a forward made while attached re-installs the interception
+    # for its recomputes (session.RouterHandle.detach)
+    handle._installed(removers, reinstall=lambda: ad.install(model, discovery, handle.calls))
     return handle
+
+
+def _handle_of(module: Any) -> RouterHandle | None:
+    """The attached handle whose mark ``module`` carries and that hooks ``module`` itself
+    (identity, not the mark alone: a deepcopy of an attached model copies the marks, not the hooks)."""
+    mark = getattr(module, "__dict__", {}).get(_MARK)
+    existing = mark() if mark is not None else None
+    if existing is None or not existing.attached:
+        return None
+    if any(module is c for c in _chunks(existing.model)) or any(module is r for r in existing._routers):
+        return existing
+    return None
+
+
+def _refuse_nested(chunk: Any) -> None:
+    """Refuse ``chunk`` when a router inside it is hooked by an attached handle: attached through a
+    submodule of ``chunk`` (``attach(model.model)`` first), or through a parent (``attach(model)``
+    first, now ``attach(model.model)``). Two handles would both intercept those routers.
+
+    Raises:
+        AlreadyAttachedError: naming the attached module's path and the handle.
+    """
+    named = getattr(chunk, "named_modules", None)
+    if named is None:
+        return
+    modules = list(named())
+    path_of = {id(m): p for p, m in modules}
+    for _path, module in modules:
+        existing = _handle_of(module)
+        if existing is None:
+            continue
+        fix = "call detach() on that handle first, or keep using it (two handles would both intercept its routers)"
+        inside = [(path_of[id(c)], c) for c in _chunks(existing.model) if id(c) in path_of]
+        if inside:
+            p, c = inside[0]
+            raise AlreadyAttachedError(
+                f"{type(chunk).__name__}: its submodule {p!r} ({type(c).__name__}) is already attached to "
+                f"{existing!r}; {fix}"
+            )
+        outer = [c for c in _chunks(existing.model) if hasattr(c, "named_modules")]
+        found = next(((p, c) for c in outer for p, m in c.named_modules() if m is chunk), None)
+        part = f"the submodule {found[0]!r} of {type(found[1]).__name__}" if found else "part of a model"
+        raise AlreadyAttachedError(f"{type(chunk).__name__} is {part}, which is already attached to {existing!r}; {fix}")
+
+
+def _module_at(model: Any, path: str) -> Any:
+    """The module at ``path`` (a chunk list's paths start with the chunk index), or None."""
+    try:
+        if isinstance(model, (list, tuple)):
+            first, _, rest = path.partition(".")
+            chunk = model[int(first)]
+            return chunk.get_submodule(rest) if rest else chunk
+        return model.get_submodule(path)
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None
 
 
 def _resolve(model: Any, adapter: Adapter | str | None) -> Adapter:

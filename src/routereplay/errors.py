@@ -55,6 +55,10 @@ class LayoutError(RouteReplayError):
     """A layout conversion got inputs that do not fit together (mask, shard count, sizes)."""
 
 
+class AttentionMaskMismatchError(LayoutError):
+    """The attention mask given to ``replay``/``prepare``/``trace`` differs from the one the forward ran with."""
+
+
 class TraceFormatError(RouteReplayError):
     """A ``.rrt`` file is truncated, corrupt, of an unknown version or fails its checksum."""
 

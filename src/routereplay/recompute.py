@@ -28,6 +28,15 @@ pass, so ``retain_graph`` backwards each start at 0), and binds it to the region
 itself opens (nested checkpoints). Bindings live exactly as long as their region object, that is
 as long as the autograd graph that can recompute it (weak keys).
 
+A backward owed past ``handle.detach()`` (a helper that attaches, replays and returns the loss)
+still recomputes with the ids of its forward: detach removes every interception from the model,
+and each region bound so far *holds* the handle (:func:`hold`): it re-installs the interception
+for the length of its own recompute, by wrapping the recompute entry the region keeps
+(``_CheckpointFrame.recompute_fn``; the Function ctx's ``run_function`` of torch, Megatron and
+DeepSpeed checkpoints) or, for another Function, by the backward node's pre- and post-hooks. The
+hold lives on the region, so it ends with the autograd graph; the model itself stays as before
+attach.
+
 A recompute whose region has no binding for the call (its forward ran before ``attach``, or ran
 the layer fewer times) raises :class:`~routereplay.errors.RecomputeMismatchError`: never live
 routing by guess. A router call in backward that sits in no recognised recompute is either a
@@ -41,6 +50,7 @@ from __future__ import annotations
 import sys
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +58,7 @@ import torch.utils.checkpoint as _ckpt
 
 from routereplay.errors import RecomputeMismatchError
 
-__all__ = ["Binding", "Bindings", "Scope", "in_backward", "scopes"]
+__all__ = ["Binding", "Bindings", "Held", "Scope", "held_elsewhere", "hold", "in_backward", "scopes"]
 
 _FunctionCtx = torch.autograd.function.BackwardCFunction
 _CheckpointFrame = getattr(_ckpt, "_CheckpointFrame", None)
@@ -195,5 +205,80 @@ class Bindings:
             )
         return calls[n]
 
+    def knows(self, region: object) -> bool:
+        """Whether a forward of ``region`` made router calls under this handle."""
+        return region in self._calls
+
+    def regions(self) -> list[object]:
+        """The regions bound so far whose autograd graph is still alive."""
+        return list(self._calls.keys())
+
     def __len__(self) -> int:
         return len(self._calls)
+
+
+# Set on a region held by a detached handle: another handle's interception, seeing that region's
+# recompute, leaves the call to the holder (whose interception the recompute re-installed).
+_HELD = "_routereplay_held"
+
+
+class Held:
+    """Per handle, after detach: the regions that hold it, and the interception re-installed for
+    the recomputes running now (nested recomputes share one installation)."""
+
+    def __init__(self) -> None:
+        self.regions: weakref.WeakSet[object] = weakref.WeakSet()
+        self.depth = 0
+        self.removers: list[Callable[[], None]] = []
+
+    def enter(self, reinstall: Callable[[], list[Callable[[], None]]]) -> None:
+        if self.depth == 0:
+            self.removers = reinstall()
+        self.depth += 1
+
+    def leave(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            removers, self.removers = self.removers, []
+            for remove in reversed(removers):
+                remove()
+
+
+def hold(region: object, reinstall: Callable[[], list[Callable[[], None]]], held: Held) -> None:
+    """Make ``region``'s recompute run under the interception ``reinstall`` installs (and whose
+    removers it returns), removed again when the recompute ends. Idempotent per ``held``.
+
+    A wrapped recompute entry removes it in a ``finally``; the backward-node hooks of another
+    Function cannot see an exception raised inside its backward, after which the interception of
+    the detached handle stays installed (answering live outside recomputes) until a later
+    recompute of such a region completes.
+    """
+    if region in held.regions:
+        return
+    held.regions.add(region)
+    if _CheckpointFrame is not None and isinstance(region, _CheckpointFrame):
+        entry = "recompute_fn"
+    elif callable(getattr(region, "run_function", None)):
+        entry = "run_function"
+    else:
+        entry = None
+    if entry is not None:
+        original = getattr(region, entry)
+
+        def run(*args, **kwargs):
+            held.enter(reinstall)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                held.leave()
+
+        setattr(region, entry, run)
+    elif isinstance(region, _FunctionCtx):
+        region.register_prehook(lambda grad_outputs: held.enter(reinstall))
+        region.register_hook(lambda grad_inputs, grad_outputs: held.leave())
+    setattr(region, _HELD, True)
+
+
+def held_elsewhere(region: object) -> bool:
+    """Whether a detached handle holds ``region`` (its own interception answers the recompute)."""
+    return getattr(region, _HELD, False)

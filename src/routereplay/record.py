@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import LayoutError, ReplayError
+from routereplay.errors import AttentionMaskMismatchError, LayoutError, ReplayError
 from routereplay.recompute import Binding
 from routereplay.trace import RoutingTrace, expert_dtype
 
@@ -31,6 +31,7 @@ class Recording:
         self._ids: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer, per forward: [N, K]
         self._shapes: list[tuple[int, ...]] = []  # per forward, from the first MoE block's input
         self._packed: list[tuple[str, torch.Tensor] | None] = []  # per forward: a packed batch's sequences
+        self._masks: list[torch.Tensor | None] = []  # per forward: its own [B, S] attention mask, when seen
         self._dtype = expert_dtype(handle.num_experts)
         self._entered = False
         self._block = 0
@@ -46,9 +47,11 @@ class Recording:
     def __exit__(self, *exc: object) -> None:
         self._handle._exit(self)
 
-    def _note_shape(self, index: int, shape: tuple[int, ...], packed=None) -> None:
+    def _note_shape(self, index: int, shape: tuple[int, ...], packed=None, forward_mask_BS=None) -> None:
         self._shapes.append(shape)
         self._packed.append(packed)
+        # the forward's own tensor, not a copy: no op on the recording's hot path
+        self._masks.append(forward_mask_BS)
 
     def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
         ids = ids_NK.detach()
@@ -152,6 +155,7 @@ class Recording:
                     f"forward {n}: attention_mask has shape {tuple(mask_BS.shape)} ({mask_BS.numel()} positions) "
                     f"but the routers saw {N} rows; pass the [B, S] mask of that forward's input_ids"
                 )
+            _check_forward_mask(n, mask_BS, self._masks[n] if n < len(self._masks) else None)
             keep_N = mask_BS.reshape(-1).to(ids_NLK.device)
             parts_NLK.append(ids_NLK[keep_N])
             lens.append(mask_BS.sum(1))
@@ -166,6 +170,30 @@ class Recording:
             layer_ids=h.layer_ids,
             num_experts=h.num_experts,
             meta={"source": "routereplay.record", "model": _model_name(h.model)},
+        )
+
+
+def _check_forward_mask(n: int, mask_BS: torch.Tensor, forward_BS: torch.Tensor | None) -> None:
+    """The mask given to ``trace()`` must be the one forward ``n`` ran with, when the adapter saw it.
+
+    Raises:
+        AttentionMaskMismatchError: another shape, or other positions (left vs right padding).
+    """
+    if forward_BS is None:
+        return
+    forward_BS = forward_BS.to("cpu", torch.bool)
+    fix = "pass the attention_mask of that forward's batch"
+    if forward_BS.shape != mask_BS.shape:
+        raise AttentionMaskMismatchError(
+            f"forward {n}: attention_mask has shape {tuple(mask_BS.shape)} but the forward ran with one of shape "
+            f"{tuple(forward_BS.shape)}; {fix}"
+        )
+    differs_BS = forward_BS != mask_BS
+    if bool(differs_BS.any()):
+        b, s = (int(i) for i in differs_BS.nonzero()[0])
+        raise AttentionMaskMismatchError(
+            f"forward {n}: attention_mask differs from the one the forward ran with, first at [{b}, {s}] "
+            f"(given: {int(mask_BS[b, s])}, forward: {int(forward_BS[b, s])}); {fix}"
         )
 
 

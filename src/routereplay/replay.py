@@ -31,6 +31,7 @@ import torch
 
 from routereplay import layout
 from routereplay.errors import (
+    AttentionMaskMismatchError,
     BatchShapeMismatchError,
     LayerMismatchError,
     LayoutError,
@@ -94,6 +95,7 @@ class PreparedTrace:
     trace_tokens: int
     num_seqs: int
     shape: tuple[int, int] | None  # (B, S) the forward's batch must have, when known on the host
+    mask_BS: torch.Tensor | None  # the attention mask it was laid out with (bool, its own copy)
     lens_B: torch.Tensor | None  # a device trace without a mask: sequence lengths, checked in the forward
     padded: bool
     cu_B1: torch.Tensor  # the trace's sequence boundaries (packed batches are checked against them)
@@ -126,10 +128,15 @@ def prepare(
         # from pinned memory) rather than read the mask back to the host (a sync).
         trace = trace._replace(gates=None).pin_memory().to(attention_mask.device, non_blocking=True)
     checks: list[_Check] = []
-    valid_T = trace.valid
+    # The prepared trace owns what it keeps (ids, valid rows, boundaries): an edit of the caller's
+    # tensors after prepare, or a route buffer reused for the next batch, must not reach a replay
+    # the checks below have passed.
+    valid_T = None if trace.valid is None else trace.valid.clone()
+    cu_B1 = trace.cu_seqlens.clone()
     if valid_T is not None and missing == "error":
-        cu_B1 = trace.cu_seqlens  # the error keeps what it names, not the whole trace
+        # the error keeps what it names, not the whole trace
         _check(~valid_T.all(), lambda: _holes_error(where, valid_T, cu_B1), checks)
+    mask_BS = None
     if attention_mask is None:
         experts_NLK, mask_N, shape, lens_B = trace.experts, valid_T, None, None
         if trace.device.type == "cpu":
@@ -138,12 +145,13 @@ def prepare(
             lens_B = trace.seq_lens
     else:
         mask_BS = torch.as_tensor(attention_mask).to(trace.device, torch.bool, non_blocking=True)
+        if mask_BS is attention_mask:
+            mask_BS = mask_BS.clone()  # its own copy: compared with each forward's mask
         if mask_BS.ndim != 2:
             raise LayoutError(f"{where}attention_mask must be [B, S], found shape {tuple(mask_BS.shape)}")
         if mask_BS.shape[0] != trace.num_seqs:
             raise _mask_error(where, mask_BS, trace.cu_seqlens)
-        src_N, mask_N, counts_differ = layout.router_row_sources(trace.cu_seqlens, mask_BS, trace.num_tokens)
-        cu_B1 = trace.cu_seqlens
+        src_N, mask_N, counts_differ = layout.router_row_sources(cu_B1, mask_BS, trace.num_tokens)
         _check(counts_differ, lambda: _mask_error(where, mask_BS, cu_B1), checks)
         experts_NLK = trace.experts.index_select(0, src_N)
         if valid_T is not None:
@@ -164,7 +172,7 @@ def prepare(
             ready = torch.cuda.Event()
             ready.record(stream)
     else:
-        if device.type != "cpu":  # the prepared trace's own copy: its ids get clamped in place
+        if experts_NLK is trace.experts:  # the prepared trace's own copy (an accelerator clamps it in place)
             forced_LNK = forced_LNK.clone(memory_format=torch.contiguous_format)
         _check_ids(handle, where, forced_LNK, mask_N, checks)
     return PreparedTrace(
@@ -176,9 +184,10 @@ def prepare(
         trace_tokens=trace.num_tokens,
         num_seqs=trace.num_seqs,
         shape=shape,
+        mask_BS=mask_BS,
         lens_B=lens_B,
         padded=attention_mask is not None,
-        cu_B1=trace.cu_seqlens,
+        cu_B1=cu_B1,
         checks=tuple(checks),
         ready=ready,
     )
@@ -378,7 +387,9 @@ class Replay:
                 raise error()
 
     # --- forwards ------------------------------------------------------------------------------
-    def _note_shape(self, index: int, shape: tuple[int, ...], packed=None) -> None:
+    def _note_shape(self, index: int, shape: tuple[int, ...], packed=None, forward_mask_BS=None) -> None:
+        """The first MoE block's input ``[B, S]`` of a forward (with the forward's own attention
+        mask when the adapter sees it): it must be the batch the trace was laid out for."""
         n = self._count[index]
         if n >= len(self._mbs) or len(shape) != 2 or n == self._shape_checked:
             return
@@ -387,31 +398,60 @@ class Replay:
         B, S = shape
         if packed is not None and not mb.padded and S == mb.rows:
             self._check_packing(index, n, mb, packed)
-        if B == 1 and not mb.padded or B * S != mb.rows:
-            return  # a packed [1, T] batch holds any number of sequences; a row count off says more in _route
-        if mb.lens_B is not None and B > 1:
-            # a device trace: its sequence lengths are not on the host; a uniform trace must match
-            lens_B = mb.lens_B
-            uniform = (lens_B == lens_B[0]).all()
-            differs = uniform & (lens_B[0] != S) if B == mb.num_seqs else uniform
-            self._deferred.append((differs, lambda: self._shape_error(index, n, (B, S), (mb.num_seqs, int(lens_B[0])))))
-        elif mb.shape is not None and (B, S) != mb.shape:
-            raise self._shape_error(index, n, (B, S), mb.shape)
+        if B * S != mb.rows:
+            return  # a row count off says more in _route
+        if mb.padded:
+            if (B, S) != mb.shape:
+                raise self._shape_error(index, n, (B, S))
+            if forward_mask_BS is not None:
+                self._check_mask(index, n, mb, forward_mask_BS)
+            return
+        if B == 1 and forward_mask_BS is None:
+            return  # a packed [1, T] batch holds any number of sequences (boundaries checked above)
+        # B rows of S tokens, one sequence each (a [1, T] forward with its own mask is one sequence)
+        if B != mb.num_seqs:
+            raise self._shape_error(index, n, (B, S))
+        if mb.lens_B is not None:  # a device trace: its sequence lengths are not on the host
+            differs = (mb.lens_B != S).any()
+            self._deferred.append((differs, lambda: self._shape_error(index, n, (B, S))))
+        elif mb.shape != (B, S):
+            raise self._shape_error(index, n, (B, S))
 
-    def _shape_error(
-        self, index: int, n: int, found: tuple[int, int], want: tuple[int, int]
-    ) -> BatchShapeMismatchError:
+    def _shape_error(self, index: int, n: int, found: tuple[int, int]) -> BatchShapeMismatchError:
         mb = self._mbs[n]
         mb_txt = f"trace {n} of {len(self._mbs)}" if len(self._mbs) > 1 else "the trace"
-        what = (
-            "its attention mask is"
-            if mb.padded
-            else f"{mb_txt} holds {want[0]} sequences of {want[1]} tokens, a batch of"
-        )
+        one = " (one sequence, by its attention mask)" if found[0] == 1 else ""
+        if mb.padded:
+            what = f"its attention mask is {list(mb.shape)}"
+        else:
+            lens = mb.cu_B1.diff().tolist()
+            if len(set(lens)) == 1:
+                what = f"{mb_txt} holds {mb.num_seqs} sequences of {lens[0]} tokens, a batch of {[mb.num_seqs, lens[0]]}"
+            else:
+                what = f"{mb_txt} holds {mb.num_seqs} sequences of {lens} tokens, which no batch without padding holds"
         return BatchShapeMismatchError(
-            f"{self._handle.where(index)}: the forward's batch is {list(found)} but {what} {list(want)}; "
+            f"{self._handle.where(index)}: the forward's batch is {list(found)}{one} but {what}; "
             "replay each trace on the batch it was recorded on (or pass its attention_mask)"
         )
+
+    def _check_mask(self, index: int, n: int, mb: PreparedTrace, forward_mask_BS: torch.Tensor) -> None:
+        """A padded trace's mask must be the forward's own: padding on the other side (left vs
+        right) has the same shape and puts every route on another token."""
+        fwd_BS = forward_mask_BS.to(torch.bool)
+        want_BS = mb.mask_BS.to(fwd_BS.device, non_blocking=True)
+        differs_BS = fwd_BS != want_BS
+        where = self._handle.where(index)
+        mb_txt = f"trace {n} of {len(self._mbs)}" if len(self._mbs) > 1 else "the trace"
+
+        def error() -> AttentionMaskMismatchError:
+            b, s = (int(i) for i in differs_BS.nonzero()[0])
+            return AttentionMaskMismatchError(
+                f"{where}: the attention_mask forward {n + 1} runs with differs from the one {mb_txt} was laid out "
+                f"with, first at [{b}, {s}] (forward: {int(fwd_BS[b, s])}, replay: {int(want_BS[b, s])}); pass "
+                "replay/prepare the attention_mask of the batch this forward runs on"
+            )
+
+        _check(differs_BS.any(), error, self._deferred)
 
     def _check_packing(self, index: int, n: int, mb: PreparedTrace, packed: tuple[str, torch.Tensor]) -> None:
         """A packed ``[1, T]`` forward must hold the trace's sequences: same boundaries."""

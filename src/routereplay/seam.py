@@ -116,9 +116,14 @@ class RouterCalls(Protocol):
         *,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
         """The MoE block's input shape without the hidden dim (``[B, S]``), before its router runs.
         Adapters report it for the first MoE layer only; it names the batch a trace row belongs to.
+
+        An adapter that sees the forward's own ``[B, S]`` attention mask passes it: the mask given
+        to ``replay``/``prepare``/``trace`` is checked against it (padding on the other side puts
+        the routes on the wrong tokens).
 
         For a padding-free packed batch (``[1, T]`` holding several sequences, no attention mask)
         the adapter also passes what names its sequences: ``position_ids`` ``[1, T]`` restarting

@@ -19,8 +19,17 @@ never see each other's routes. The adapter's interception calls the handle's :cl
    stands when no mode is active;
 3. a forward inside checkpointed regions binds its answer to them, for their recompute.
 
+Threads: a record/replay block belongs to the thread that entered it, and is refused across
+threads. While it is active, a forward of the model on another thread raises ReplayError at its
+first router (it would otherwise take the block's routes, or silently not); so does entering a
+second block from another thread. Recomputes are the exception: autograd may run a backward on
+its own device threads, and a recompute replays the routes of its own forward (rule 1), whichever
+thread runs it. Two threads that must record or replay at once need two models, each attached.
+
 Activation checkpointing therefore needs no user action, and ``backward()`` may run after the
-block, after several blocks, after live passes in between, in any micro-batch order.
+block, after several blocks, after live passes in between, in any micro-batch order, and after
+``detach()`` (the owed recomputes re-install the interception for their own length only,
+``recompute.hold``).
 
 Legend: N rows a router sees in one call, E experts (logits width), K top-k, L MoE layers.
 """
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -101,6 +111,7 @@ class RouterHandle:
         self.calls = _Calls(self)
         self._removers: list[Callable[[], None]] = []
         self._mode: Recording | Replay | None = None
+        self._owner: threading.Thread | None = None  # the thread that entered the active block
         self._bindings = recompute.Bindings(len(layers))
         # Tokens of forwards routed under a mode outside any recognised checkpoint region, alive
         # while their graph is: a recompute nobody recognises must not guess while one lives.
@@ -108,6 +119,11 @@ class RouterHandle:
         self._blocks = 0
         self._detached = False
         self._streams: dict[torch.device, Any] = {}  # per device: the side stream host traces are copied on
+        # After detach: what installs the interception again for a recompute owed by a forward
+        # made while attached, and the regions already holding it (``recompute.hold``).
+        self._reinstall: Callable[[], list[Callable[[], None]]] | None = None
+        self._held: recompute.Held = recompute.Held()
+        self._routers: tuple[Any, ...] = ()  # the router modules ``attach`` marked as hooked by this handle
 
     # --- public API ----------------------------------------------------------------------
     def record(self, *, offload: bool = False) -> Recording:
@@ -187,14 +203,23 @@ class RouterHandle:
         return not self._detached
 
     def detach(self) -> None:
-        """Remove every interception; the model is exactly as if never attached. Idempotent."""
+        """Remove every interception; the model is exactly as if never attached. Idempotent.
+
+        A backward still owed by a forward made while attached (``loss`` kept past the ``with
+        attach(...)`` block) still recomputes its checkpointed regions with the routes of that
+        forward: each such region re-installs the interception for the length of its own
+        recompute only (``recompute.hold``), and drops it when its autograd graph dies. (A
+        checkpoint implementation routereplay does not recognise, refused while attached, cannot
+        be seen once detached: run its backward before detach.)
+        """
         if self._mode is not None:
             raise ReplayError("detach() inside a record/replay block; leave the block first")
         for remove in reversed(self._removers):
             remove()
         self._removers.clear()
-        self._bindings = recompute.Bindings(len(self.layers))
         self._detached = True
+        for region in self._bindings.regions():
+            self._hold(region)
 
     def where(self, index: int) -> str:
         """How errors name the ``index``-th MoE layer: ``layer 7 (model.layers.7.mlp.gate)``."""
@@ -218,8 +243,17 @@ class RouterHandle:
         )
 
     # --- used by attach and by the modes ---------------------------------------------------
-    def _installed(self, removers: list[Callable[[], None]]) -> None:
+    def _installed(
+        self, removers: list[Callable[[], None]], reinstall: Callable[[], list[Callable[[], None]]] | None = None
+    ) -> None:
         self._removers.extend(removers)
+        self._reinstall = reinstall
+
+    def _hold(self, region: object) -> None:
+        """After detach: make ``region``'s recompute run under this handle's interception again."""
+        if self._reinstall is None:
+            return
+        recompute.hold(region, self._reinstall, self._held)
 
     def _check_attached(self) -> None:
         if self._detached:
@@ -228,10 +262,17 @@ class RouterHandle:
     def _enter(self, mode: Recording | Replay) -> int:
         self._check_attached()
         if self._mode is not None:
+            if self._owner is not threading.current_thread():
+                raise ReplayError(
+                    f"a {type(self._mode).__name__.lower()} block of this handle is active on thread "
+                    f"{self._owner.name!r}; a block on thread {threading.current_thread().name!r} would share its "
+                    "routes: wait for that block to end, or attach a separate copy of the model for this thread"
+                )
             raise ReplayError(
                 f"a {type(self._mode).__name__.lower()} block of this handle is already active; "
                 "record/replay blocks of one model cannot be nested"
             )
+        self._owner = threading.current_thread()  # before the mode: a reader that sees the mode sees its owner
         self._mode = mode
         self._blocks += 1
         return self._blocks
@@ -239,6 +280,25 @@ class RouterHandle:
     def _exit(self, mode: Recording | Replay) -> None:
         assert self._mode is mode
         self._mode = None
+        self._owner = None
+
+    def _mode_here(self, index: int) -> Recording | Replay | None:
+        """The active block, when this thread entered it.
+
+        Raises:
+            ReplayError: a block entered on another thread is active.
+        """
+        mode, owner = self._mode, self._owner
+        if mode is None or owner is threading.current_thread():
+            return mode
+        if owner is None:
+            return None  # the block ended in between (``_exit`` clears the mode, then the owner)
+        raise ReplayError(
+            f"{self.where(index)}: a forward on thread {threading.current_thread().name!r} while a "
+            f"{type(mode).__name__.lower()} block of this handle is active on thread {owner.name!r}; "
+            "a block's routes belong to the thread that entered it: run this forward after the block, or "
+            "on that thread, or attach a separate copy of the model for this thread"
+        )
 
     def _side_stream(self, device: torch.device) -> Any:
         stream = self._streams.get(device)
@@ -272,10 +332,15 @@ class RouterHandle:
             chain = recompute.scopes()
             redo = next((s for s in chain if s.recompute), None)
             if redo is not None:
+                if not self._bindings.knows(redo.region) and recompute.held_elsewhere(redo.region):
+                    return weights_NK, ids_NK  # owed by a detached handle, whose interception answers
                 binding = self._bindings.lookup(redo, index, self.where(index))
                 opened = chain[: chain.index(redo)]  # nested checkpoints the recompute itself opens
                 if opened:
                     self._bindings.bind(opened, index, binding)
+                    if self._detached:  # a recompute owed past detach: its nested regions' too
+                        for scope in opened:
+                            self._hold(scope.region)
                 if binding.ids_NK is None:
                     return weights_NK, ids_NK
                 return self._forced(index, logits_NE, binding.ids_NK, binding.mask_N, route_kw)
@@ -291,7 +356,7 @@ class RouterHandle:
             return weights_NK, ids_NK  # nothing can recompute this forward
         else:
             chain = recompute.scopes()
-        mode = self._mode
+        mode = self._mode_here(index)
         if mode is not None and logits_NE.is_cuda and torch.cuda.is_current_stream_capturing():
             raise CudaGraphError(
                 f"{self.where(index)}: a router call of a {type(mode).__name__.lower()} block inside a CUDA graph "
@@ -335,18 +400,26 @@ class _Calls:
         return self._handle._on_router(index, logits_NE, weights_NK, ids_NK, route_kw)
 
     def routes_live(self, index: int) -> bool:
-        h = self._handle
+        h = self._handle  # a block on another thread is not live either: on_router refuses the call
         return h._mode is None and not torch.is_grad_enabled() and not h._training() and not recompute.in_backward()
 
-    def on_block_input(self, index: int, shape: Sequence[int], *, position_ids=None, cu_seqlens=None) -> None:
-        mode = self._handle._mode
-        if mode is not None and not recompute.in_backward():
-            packed = _packed_sequences(tuple(shape), position_ids, cu_seqlens)
-            mode._note_shape(index, tuple(shape), packed)
+    def on_block_input(
+        self, index: int, shape: Sequence[int], *, position_ids=None, cu_seqlens=None, attention_mask=None
+    ) -> None:
+        if self._handle._mode is None or recompute.in_backward():
+            return
+        mode = self._handle._mode_here(index)
+        if mode is not None:
+            shape = tuple(shape)
+            packed = _packed_sequences(shape, position_ids, cu_seqlens)
+            mask_BS = attention_mask if _is_mask_of(attention_mask, shape) else None
+            mode._note_shape(index, shape, packed, mask_BS)
 
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:
-        mode = self._handle._mode
-        if isinstance(mode, Replay) and not recompute.in_backward():
+        if self._handle._mode is None or recompute.in_backward():
+            return
+        mode = self._handle._mode_here(index)
+        if isinstance(mode, Replay):
             mode._check_experts(index, ids_NK)
 
 
@@ -357,6 +430,11 @@ def _prepare_fused(spec, logits_dtype, device, scale_dtype, out_dtype) -> Any:
     return kernels.prepare_fused(
         spec, logits_dtype=logits_dtype, device=device, scale_dtype=scale_dtype, out_dtype=out_dtype
     )
+
+
+def _is_mask_of(mask: Any, shape: tuple[int, ...]) -> bool:
+    """A ``[B, S]`` attention mask of this block input (a decode step's mask also covers the cache)."""
+    return isinstance(mask, torch.Tensor) and mask.ndim == 2 and tuple(mask.shape) == shape
 
 
 def _packed_sequences(shape, position_ids, cu_seqlens) -> tuple[str, torch.Tensor] | None:

@@ -460,13 +460,21 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
     # A padding-free packed batch ([1, T], several sequences, no attention mask) names its
     # sequences in the model's inputs: position_ids restarting at 0, or flash-attention's varlen
     # cu_seq_lens_q. The model's pre-hook keeps them for the first MoE block's report.
+    # The forward's own attention mask goes to the report too: the mask given to replay / trace
+    # is checked against it. Kept for one report only (a forward of a submodule does not pass
+    # through the model's pre-hook).
     packing: dict[str, Any] = {}
+    mask_arg = _arg_index(model, ("attention_mask",))
 
     def model_pre_hook(module, args, kwargs):
         if module is not model:
             return
         packing.clear()
-        if kwargs.get("attention_mask") is None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and mask_arg is not None and len(args) > mask_arg[0]:
+            mask = args[mask_arg[0]]
+        packing["attention_mask"] = mask
+        if mask is None:
             packing["position_ids"] = kwargs.get("position_ids")
             packing["cu_seqlens"] = kwargs.get("cu_seq_lens_q")
 
@@ -476,6 +484,7 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         hidden = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2:
             calls.on_block_input(index, hidden.shape[:-1], **packing)
+        packing.clear()
 
     # An attention MoE block is never called through forward: its input shape is the attention's.
     shape_module = _parent(model, _parent_path)[1] if type(block).__name__ in _ATTENTION_MOE_BLOCKS else block
