@@ -13,7 +13,6 @@ reports a process stopped by SIGPIPE.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -26,11 +25,29 @@ EXIT_BROKEN_PIPE = 141
 # The first bytes of a .rrt file: an 8-byte little-endian header length, then the JSON header.
 _HEADER_LEN_BYTES = 8
 
-# subcommand -> (module, one-line help)
+def _check():
+    from routereplay import check
+
+    return check
+
+
+def _inspect():
+    from routereplay import cli_inspect
+
+    return cli_inspect
+
+
+def _compare():
+    from routereplay import cli_compare
+
+    return cli_compare
+
+
+# subcommand -> (its module, imported when chosen; one-line help)
 COMMANDS = {
-    "check": ("routereplay.check", "measure rollout-vs-trainer routing mismatch and show that replay closes it"),
-    "inspect": ("routereplay.cli_inspect", "summarise a .rrt trace file"),
-    "compare": ("routereplay.cli_compare", "routing agreement between two .rrt trace files"),
+    "check": (_check, "measure rollout-vs-trainer routing mismatch and show that replay closes it"),
+    "inspect": (_inspect, "summarise a .rrt trace file"),
+    "compare": (_compare, "routing agreement between two .rrt trace files"),
 }
 
 
@@ -90,7 +107,7 @@ def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Parse the command name first, then let the chosen module define its own arguments.
     known, _ = parser.parse_known_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
-    module = importlib.import_module(COMMANDS[known.command][0])
+    module = COMMANDS[known.command][0]()
     cmd_parser = _Parser(prog=f"routereplay {known.command}", description=COMMANDS[known.command][1])
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])

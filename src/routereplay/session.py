@@ -36,7 +36,6 @@ Legend: N rows a router sees in one call, E experts (logits width), K top-k, L M
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import threading
 import weakref
@@ -45,7 +44,7 @@ from typing import Any
 
 import torch
 
-from routereplay import recompute
+from routereplay import kernels, recompute, rollout
 from routereplay.errors import CudaGraphError, RecomputeMismatchError, ReplayError, UnsupportedModelError
 from routereplay.kernels.coverage import INSTALL_HINT
 from routereplay.record import Recording
@@ -190,7 +189,6 @@ class RouterHandle:
 
     def capture_generation(self, **kwargs: Any) -> Any:
         """Generate and record routes in one go: ``routereplay.rollout.capture_generation(self, **kwargs)``."""
-        rollout = importlib.import_module("routereplay.rollout")
         return rollout.capture_generation(self, **kwargs)
 
     @property
@@ -424,7 +422,6 @@ class _Calls:
 
 
 def _prepare_fused(spec, logits_dtype, device, scale_dtype, out_dtype) -> Any:
-    kernels = importlib.import_module("routereplay.kernels")
     if not kernels.supports(spec, logits_dtype=logits_dtype, device=device):
         return None
     return kernels.prepare_fused(

@@ -65,6 +65,8 @@ from typing import Any
 
 import torch
 
+from routereplay import routing
+from routereplay.adapters import hf_specs
 from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
 from routereplay.seam import Discovery, MoELayer, RouterCalls
 
@@ -169,7 +171,7 @@ def find_routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 def _class_name(module: torch.nn.Module) -> str:
     """The module's class name, through a parametrization's generated subclass (see ``hf_specs.router_class``)."""
-    return importlib.import_module("routereplay.adapters.hf_specs").router_class(module).__name__
+    return hf_specs.router_class(module).__name__
 
 
 def _peft_classes() -> tuple[type, type] | None:
@@ -310,7 +312,6 @@ def discover(model: torch.nn.Module) -> Discovery:
         UnsupportedRouterError: a router of a family listed in ``REFUSED``, or one whose routing
             math ``hf_specs`` cannot reproduce; the message names the family and the reason.
     """
-    hf_specs = importlib.import_module("routereplay.adapters.hf_specs")
     if _is_peft_model(model):
         raise UnsupportedModelError(
             f"{type(model).__module__}.{type(model).__qualname__} is a PEFT wrapper, not the transformers model; "
@@ -377,7 +378,6 @@ def discover(model: torch.nn.Module) -> Discovery:
 
 def install(model: torch.nn.Module, discovery: Discovery, calls: RouterCalls) -> list:
     """Hook the routers of ``discovery.layers`` on their instances; return the undo callables."""
-    hf_specs = importlib.import_module("routereplay.adapters.hf_specs")
     family = _family(model)
     removers: list = []
     try:
@@ -543,7 +543,6 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         # ZAYA's top-k may pick a skip class (id == num_experts); the router returns it as id 0
         # with weight 0, which a trace could not tell from expert 0. The hook therefore records
         # and replays the unmasked ids from routing.route and applies the mask itself after.
-        routing = importlib.import_module("routereplay.routing")
 
         def zaya_hook(module, args, kwargs, output):
             if module is not router:
@@ -565,7 +564,6 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         return
 
     if cls_name == "JetMoeTopKGating":
-        routing = importlib.import_module("routereplay.routing")
         top_k, num_experts = layer.top_k, layer.num_experts
 
         def jetmoe_hook(module, args, kwargs, output):
