@@ -17,13 +17,10 @@ import os
 import sys
 
 from routereplay import __version__
-from routereplay.errors import TraceFormatError
 
 DESCRIPTION = "The routereplay command: check, inspect and compare."
 # 128 + SIGPIPE: what a shell shows for a process that wrote into a closed pipe.
 EXIT_BROKEN_PIPE = 141
-# The first bytes of a .rrt file: an 8-byte little-endian header length, then the JSON header.
-_HEADER_LEN_BYTES = 8
 
 def _check():
     from routereplay import check
@@ -56,32 +53,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def check_trace_file(path: str) -> None:
-    """Raise unless ``path`` starts like a ``.rrt`` file (a safetensors container), before it is parsed.
-
-    ``routereplay.io`` reports a damaged trace file (truncated, bad checksum); this catches a file
-    that was never one (a text file, a checkpoint in another format), whose first bytes read as an
-    absurd header length.
-
-    Raises:
-        TraceFormatError: the file is empty, or its first bytes are not a header length followed by
-            a JSON header.
-        OSError: the file cannot be opened.
-    """
-    with open(path, "rb") as f:
-        head = f.read(_HEADER_LEN_BYTES + 1)
-        size = os.fstat(f.fileno()).st_size
-    n = int.from_bytes(head[:_HEADER_LEN_BYTES], "little") if len(head) >= _HEADER_LEN_BYTES else None
-    # A truncated .rrt still starts with '{' after its length: io reports it as truncated.
-    if len(head) > _HEADER_LEN_BYTES and head[_HEADER_LEN_BYTES:] == b"{" and n is not None and n > 1:
-        return
-    found = "is empty" if size == 0 else f"starts with {head!r}"
-    raise TraceFormatError(
-        f"{path}: not a .rrt file: a trace file starts with an 8-byte header length and a JSON header, this file "
-        f"{found}; pass a file written by routereplay.save"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ def _fmt(x: float | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from routereplay import io
-    from routereplay.cli import check_trace_file
+    from routereplay.cli_inspect import check_trace_file
     from routereplay.metrics import routing_agreement
 
     try:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
 
 from routereplay import io
-from routereplay.errors import ExpertIdError, RouteReplayError
+from routereplay.errors import ExpertIdError, RouteReplayError, TraceFormatError
 from routereplay.trace import RoutingTrace
 
 __all__ = ["add_arguments", "expert_counts", "format_text", "run", "summarize"]
@@ -46,7 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary of ``args.file``; return 0, or 2 (message on stderr) if it cannot be read."""
-    from routereplay.cli import check_trace_file
 
     try:
         check_trace_file(args.file)
@@ -252,3 +252,33 @@ def format_text(s: dict) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table]
     return "\n".join(lines)
+
+
+# The first bytes of a .rrt file: an 8-byte little-endian header length, then the JSON header.
+_HEADER_LEN_BYTES = 8
+
+
+def check_trace_file(path: str) -> None:
+    """Raise unless ``path`` starts like a ``.rrt`` file (a safetensors container), before it is parsed.
+
+    ``routereplay.io`` reports a damaged trace file (truncated, bad checksum); this catches a file
+    that was never one (a text file, a checkpoint in another format), whose first bytes read as an
+    absurd header length.
+
+    Raises:
+        TraceFormatError: the file is empty, or its first bytes are not a header length followed by
+            a JSON header.
+        OSError: the file cannot be opened.
+    """
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_LEN_BYTES + 1)
+        size = os.fstat(f.fileno()).st_size
+    n = int.from_bytes(head[:_HEADER_LEN_BYTES], "little") if len(head) >= _HEADER_LEN_BYTES else None
+    # A truncated .rrt still starts with '{' after its length: io reports it as truncated.
+    if len(head) > _HEADER_LEN_BYTES and head[_HEADER_LEN_BYTES:] == b"{" and n is not None and n > 1:
+        return
+    found = "is empty" if size == 0 else f"starts with {head!r}"
+    raise TraceFormatError(
+        f"{path}: not a .rrt file: a trace file starts with an 8-byte header length and a JSON header, this file "
+        f"{found}; pass a file written by routereplay.save"
+    )
