@@ -79,3 +79,39 @@ def _closure(graph, start):
                 seen.add(dep)
                 todo.append(dep)
     return seen
+
+
+def test_only_adapters_integrations_and_the_cli_import_an_adapter():
+    """The core never imports an adapter (seam.py): engines are leaves over the core."""
+    allowed = ("routereplay.adapters", "routereplay.integrations", "routereplay.cli", "routereplay.check")
+    graph = _import_graph()
+    offenders = {
+        module: sorted(d for d in deps if d.startswith("routereplay.adapters"))
+        for module, deps in graph.items()
+        if not module.startswith(allowed)
+    }
+    assert not {m: d for m, d in offenders.items() if d}, offenders
+
+
+def test_no_package_module_is_loaded_through_importlib():
+    """Every import of a routereplay module is an import statement the graph above sees. The one
+    dynamic load is attach's: adapters registered as entry points (routereplay.adapters group)."""
+    import ast
+    import pathlib
+
+    import routereplay
+
+    root = pathlib.Path(routereplay.__file__).parent
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+            if name not in ("import_module", "__import__"):
+                continue
+            target = node.args[0] if node.args else None
+            literal = target.value if isinstance(target, ast.Constant) else None
+            if literal is None or str(literal).startswith("routereplay"):
+                found.append(f"{f.relative_to(root)}:{node.lineno} {literal or ast.unparse(target)}")
+    assert [s.split(":")[0] for s in found] == ["attach.py", "attach.py"], found

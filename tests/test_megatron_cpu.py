@@ -480,3 +480,35 @@ def test_public_attach_records_and_replays_through_megatron_routing(mcore):
         assert torch.equal(po, pw) and torch.equal(mo, mw)
     for inst in theirs:
         RouterReplay.global_router_replay_instances.remove(inst)
+
+
+def test_dispatch_tap_and_disagreement_work_on_a_megatron_model(mcore):
+    """The one dispatch witness (handle.observe_dispatch) on Megatron: DispatchTap reports what each
+    router handed its experts, so TRL's / verl's disagreement metric reads 0 under replay and sees
+    live routing's drift, on Megatron as on HF."""
+    import routereplay
+    from routereplay.metrics import routing_agreement
+    from routereplay.rl import DispatchTap
+
+    model = _gpt(_config())
+    routers = [r for _, r in _routers(model)]
+    h = routereplay.attach(model, adapter=mga)
+    assert DispatchTap(h).observed_at == ["router output"] * 4
+    logits = [_logits(6, 2, 8, 60 + i) for i in range(len(routers))]
+    with h.record() as rec:
+        for r, x in zip(routers, logits):
+            r.routing(x)
+    live = rec.trace()
+    forced = live._replace(experts=_valid_ids(12 * 4, 8, 2, 61).reshape(12, 4, 2).to(live.experts.dtype))
+    with h.replay(forced), DispatchTap(h) as tap:
+        maps = [r.routing(x)[1] for r, x in zip(routers, logits)]
+    dispatched = tap.trace()
+    assert routing_agreement(forced, dispatched).disagreement == 0.0
+    assert routing_agreement(live, dispatched).disagreement > 0.0
+    for i, routing_map_NE in enumerate(maps):  # and it is what Megatron's routing map sends to the experts
+        assert torch.equal(routing_map_NE, torch.zeros_like(routing_map_NE).scatter(1, dispatched.experts[:, i].long(), True))
+    with torch.no_grad(), DispatchTap(h) as tap:  # no block: live forwards are witnessed too
+        for r, x in zip(routers, logits):
+            r.routing(x)
+    assert routing_agreement(live, tap.trace()).disagreement == 0.0
+    h.detach()

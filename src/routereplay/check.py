@@ -277,69 +277,6 @@ def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
     return ids_BP, mask_BP
 
 
-class _RoutesTap:
-    """Observes the expert ids each MoE layer actually used, independently of the replay's bookkeeping.
-
-    Hooks the experts module's ids argument where the block has one (what the experts received),
-    else the router's returned ids (hook registered after the adapter's, so it sees the forced
-    ids). Only for forwards run while ``active``.
-    """
-
-    def __init__(self, handle: Any) -> None:
-        from routereplay.adapters.hf import experts_ids_argument
-
-        self.handle = handle
-        self.active = False
-        self.seen: list[list[torch.Tensor]] = [[] for _ in handle.layers]
-        self.observed_at: list[str] = []
-        self._hooks = []
-        model = handle.model
-        for i, layer in enumerate(handle.layers):
-            block = model.get_submodule(layer.path.rpartition(".")[0])
-            experts = getattr(block, "experts", None)
-            pos = experts_ids_argument(experts) if isinstance(experts, torch.nn.Module) else None
-            if pos is not None:
-                self._hooks.append(experts.register_forward_pre_hook(self._experts_hook(i, *pos), with_kwargs=True))
-                self.observed_at.append("experts input")
-            else:
-                router = model.get_submodule(layer.path)
-                self._hooks.append(router.register_forward_hook(self._router_hook(i)))
-                self.observed_at.append("router output")
-
-    def _experts_hook(self, i: int, arg_index: int, arg_name: str):
-        def hook(module, args, kwargs):
-            ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
-            if self.active:
-                self.seen[i].append(ids.detach())
-
-        return hook
-
-    def _router_hook(self, i: int):
-        def hook(module, args, output):
-            if self.active:
-                if not isinstance(output, tuple) or len(output) < 3:
-                    raise RouteReplayError(
-                        f"routereplay check: cannot observe the routes of {self.handle.where(i)}: its router returns "
-                        "no ids and its MoE block has no experts module taking ids"
-                    )
-                self.seen[i].append(output[2].detach())
-
-        return hook
-
-    def trace(self, attention_mask_BS: torch.Tensor, like: Any) -> Any:
-        """The tapped routes of the single forward run while active, padding dropped."""
-        if any(len(s) != 1 for s in self.seen):
-            counts = [len(s) for s in self.seen]
-            raise RouteReplayError(f"routereplay check: expected one tapped forward per layer, got {counts}")
-        ids_NLK = torch.stack([s[0] for s in self.seen], 1).cpu()
-        keep_N = attention_mask_BS.reshape(-1).bool().cpu()
-        return like._replace(experts=ids_NLK[keep_N].to(like.experts.dtype), valid=None, meta={"source": "check tap"})
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
 def _replay_trace(rollout: Any) -> Any:
     """The routes R3 replays in the trainer: the rollout's, as training rows (a seam for tests)."""
     return rollout.training_trace()
@@ -425,7 +362,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from routereplay import attach, plots
     from routereplay.metrics import logprob_mismatch, routing_agreement
-    from routereplay.rl import RouteStore
+    from routereplay.rl import DispatchTap, RouteStore
 
     t0 = time.perf_counter()
     device = args.device
@@ -495,15 +432,13 @@ def _run(args: argparse.Namespace) -> int:
         # --- (c) trainer forward with R3 replay, routes tapped independently -------------------------
         bar.set_postfix_str("R3 replay")
         store = RouteStore(h_train, _replay_trace(rollout))
-        tap = _RoutesTap(h_train)
-        try:
-            with torch.no_grad(), store.replay(range(rollout.num_seqs), attention_mask=batch["attention_mask"]) as rep:
-                tap.active = True
-                logp_r3_BS = _train_forward(train_model, batch, device)
-                tap.active = False
-            used_trace = tap.trace(batch["attention_mask"], like=train_trace)
-        finally:
-            tap.remove()
+        # the tap sees what the experts received, independent of the replay's bookkeeping
+        mask_BS_train = batch["attention_mask"]
+        with torch.no_grad(), store.replay(range(rollout.num_seqs), attention_mask=mask_BS_train) as rep, DispatchTap(
+            h_train
+        ) as tap:
+            logp_r3_BS = _train_forward(train_model, batch, device)
+        used_trace = tap.trace(batch["attention_mask"])
         stats = rep.stats
         logp_r3_T = logp_r3_BS.cpu()[mask_BS].double()
         expected_rows = int(rollout_rows.valid_mask.sum())

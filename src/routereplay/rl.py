@@ -253,12 +253,13 @@ def _check_only_last_rows_missing(trace: RoutingTrace, what: str) -> None:
 
 
 class DispatchTap:
-    """The expert ids each MoE layer actually dispatched, observed at the experts' input.
+    """The expert ids each MoE layer actually dispatched, as the handle's witness reports them.
 
     An independent witness of replay for your own trainer: it does not read the replay's
-    bookkeeping (``rep.stats`` reports how far *live* routing would drift, not what ran). It hooks
-    each MoE block's experts module where the adapter knows its ids argument, else the router's
-    returned ids (after the replay's substitution). Forwards run while autograd executes a
+    bookkeeping (``rep.stats`` reports how far *live* routing would drift, not what ran). It
+    registers with :meth:`RouterHandle.observe_dispatch`, which sees each layer at its experts'
+    input where the adapter can (``handle.verifiable``), else at what the router call handed the
+    experts; so it works on every engine (HF, Megatron). Forwards run while autograd executes a
     backward (activation-checkpoint recomputes) are not observed.
 
         with store.replay(ids, attention_mask=mask), DispatchTap(handle) as tap:
@@ -271,68 +272,26 @@ class DispatchTap:
 
     Attributes:
         observed_at: per MoE layer, ``"experts input"`` or ``"router output"``.
-
-    Raises:
-        ReplayError: a layer where neither point can be observed.
     """
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
         self._seen: list[list[torch.Tensor]] = [[] for _ in handle.layers]
-        self._hooks: list[Any] = []
-        self._points: list[tuple[torch.nn.Module, tuple[int, str] | None]] = []
-        self.observed_at: list[str] = []
-        model = handle.model
-        arg_of = None
-        if getattr(handle, "adapter", None) == "hf":
-            from routereplay.adapters.hf import experts_ids_argument
-
-            arg_of = experts_ids_argument
-        for layer in handle.layers:
-            block = model.get_submodule(layer.path.rpartition(".")[0])
-            experts = getattr(block, "experts", None)
-            pos = arg_of(experts) if arg_of is not None and isinstance(experts, torch.nn.Module) else None
-            if pos is not None:
-                self._points.append((experts, pos))
-                self.observed_at.append("experts input")
-            else:
-                self._points.append((model.get_submodule(layer.path), None))
-                self.observed_at.append("router output")
+        self._remove: Any = None
+        self.observed_at: list[str] = [handle.observed_at(i) for i in range(len(handle.layers))]
 
     def __enter__(self) -> DispatchTap:  # noqa: PYI034 (typing.Self needs Python 3.11)
         self._seen = [[] for _ in self._handle.layers]
-        for i, (module, pos) in enumerate(self._points):
-            if pos is not None:
-                self._hooks.append(module.register_forward_pre_hook(self._pre_hook(i, *pos), with_kwargs=True))
-            else:
-                self._hooks.append(module.register_forward_hook(self._post_hook(i)))
+        self._remove = self._handle.observe_dispatch(self._note)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
 
-    def _pre_hook(self, i: int, arg_index: int, arg_name: str):
-        def hook(module, args, kwargs):
-            if torch._C._current_graph_task_id() == -1:
-                ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
-                self._seen[i].append(ids.detach().reshape(-1, ids.shape[-1]))
-
-        return hook
-
-    def _post_hook(self, i: int):
-        def hook(module, args, output):
-            if torch._C._current_graph_task_id() != -1:
-                return
-            if not isinstance(output, tuple) or len(output) < 3 or not isinstance(output[2], torch.Tensor):
-                raise ReplayError(
-                    f"DispatchTap: cannot observe the routes of {self._handle.where(i)}: its router returns no ids "
-                    "and its MoE block has no experts module taking ids"
-                )
-            self._seen[i].append(output[2].detach().reshape(-1, output[2].shape[-1]))
-
-        return hook
+    def _note(self, index: int, ids_NK: torch.Tensor) -> None:
+        self._seen[index].append(ids_NK.detach().reshape(-1, ids_NK.shape[-1]))
 
     @property
     def forwards(self) -> int:

@@ -118,6 +118,8 @@ class RouterHandle:
         self._blocks = 0
         self._detached = False
         self._streams: dict[torch.device, Any] = {}  # per device: the side stream host traces are copied on
+        # observers of what each layer's experts receive (observe_dispatch), in registration order
+        self._observers: list[Callable[[int, torch.Tensor], None]] = []
         # After detach: what installs the interception again for a recompute owed by a forward
         # made while attached, and the regions already holding it (``recompute.hold``).
         self._reinstall: Callable[[], list[Callable[[], None]]] | None = None
@@ -191,6 +193,39 @@ class RouterHandle:
         """Generate and record routes in one go: ``routereplay.rollout.capture_generation(self, **kwargs)``."""
         return rollout.capture_generation(self, **kwargs)
 
+    def observe_dispatch(self, observer: Callable[[int, torch.Tensor], None]) -> Callable[[], None]:
+        """Call ``observer(index, ids_NK)`` with the expert ids each MoE layer dispatches.
+
+        The one witness of what ran, whatever the engine: the adapter reports the ids the experts
+        module received where it can see them (``handle.verifiable[index]``: "experts input"), and
+        the core reports the ids the router call returned to the experts elsewhere ("router
+        output"; Megatron's routers). Forwards recomputed during a backward are not reported.
+        While an observer is registered every forward goes through the seam, live ones too.
+
+        Args:
+            observer: called once per MoE layer per forward with the layer's position in
+                ``handle.layers`` and its ``[N, K]`` ids (as the experts see them; do not modify).
+
+        Returns:
+            A function that unregisters the observer.
+        """
+        self._check_attached()
+        self._observers.append(observer)
+
+        def remove() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return remove
+
+    def observed_at(self, index: int) -> str:
+        """Where :meth:`observe_dispatch` sees layer ``index``: ``"experts input"`` or ``"router output"``."""
+        return "experts input" if self.verifiable[index] else "router output"
+
+    def _witness(self, index: int, ids_NK: torch.Tensor) -> None:
+        for observer in tuple(self._observers):
+            observer(index, ids_NK)
+
     @property
     def active(self) -> Recording | Replay | None:
         """The record or replay block active now, or None."""
@@ -215,6 +250,7 @@ class RouterHandle:
         for remove in reversed(self._removers):
             remove()
         self._removers.clear()
+        self._observers.clear()
         self._detached = True
         for region in self._bindings.regions():
             self._hold(region)
@@ -395,11 +431,21 @@ class _Calls:
             setattr(self, name, torch.compiler.disable(getattr(self, name)))
 
     def on_router(self, index, logits_NE, weights_NK, ids_NK, **route_kw):
-        return self._handle._on_router(index, logits_NE, weights_NK, ids_NK, route_kw)
+        h = self._handle
+        weights, ids = h._on_router(index, logits_NE, weights_NK, ids_NK, route_kw)
+        if h._observers and not h.verifiable[index] and not recompute.in_backward():
+            h._witness(index, ids)  # what this router hands its experts: the witness where they are unseen
+        return weights, ids
 
     def routes_live(self, index: int) -> bool:
         h = self._handle  # a block on another thread is not live either: on_router refuses the call
-        return h._mode is None and not torch.is_grad_enabled() and not h._training() and not recompute.in_backward()
+        return (
+            h._mode is None
+            and not h._observers
+            and not torch.is_grad_enabled()
+            and not h._training()
+            and not recompute.in_backward()
+        )
 
     def on_block_input(
         self, index: int, shape: Sequence[int], *, position_ids=None, cu_seqlens=None, attention_mask=None
@@ -414,7 +460,11 @@ class _Calls:
             mode._note_shape(index, shape, packed, mask_BS)
 
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:
-        if self._handle._mode is None or recompute.in_backward():
+        if recompute.in_backward():
+            return
+        if self._handle._observers:
+            self._handle._witness(index, ids_NK)
+        if self._handle._mode is None:
             return
         mode = self._handle._mode_here(index)
         if isinstance(mode, Replay):
