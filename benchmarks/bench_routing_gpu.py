@@ -353,7 +353,7 @@ def _host_cost_case(rt, timer: Timer, spec: RouterSpec) -> dict:
         "checked_wrapper_forward_us": timer(lambda i: checked(leaf), 1),
         "checked_wrapper_forward_backward_us": timer(lambda i: fb(checked), 1),
     }
-    out["kept_launchers"] = [len(prepared._fwd_kernels), len(prepared._bwd_kernels)]
+    out["kept_launchers"] = [len(prepared._fwd_kept), len(prepared._bwd_kept)]
     return out
 
 

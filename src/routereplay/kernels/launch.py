@@ -58,6 +58,10 @@ class KeptLaunchers:
         self._kernels: dict[tuple, tuple] = {}
         self._tails: dict[tuple, tuple] = {}
 
+    def __len__(self) -> int:
+        """Variants kept (0 until a direct launch has been prepared by a first JIT launch)."""
+        return len(self._kernels)
+
     def get(self, key: tuple) -> tuple | None:
         return self._kernels.get(key)
 
