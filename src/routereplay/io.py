@@ -62,6 +62,9 @@ _MAX_HEADER_BYTES = 16 * 2**20
 _MAX_HEADER_DEPTH = 3
 _MAX_FIELD_DEPTH = 1
 _PLACEHOLDER = "00000000"
+# Bytes read or written and checksummed at a time: the CRC runs on bytes still in cache, so
+# checksumming costs no extra pass over memory.
+_IO_BLOCK = 1 << 20
 
 # safetensors dtype names <-> torch dtypes this format stores.
 _DTYPES: dict[str, torch.dtype] = {
@@ -176,11 +179,39 @@ def dumps(trace: RoutingTrace) -> bytes:
     if not isinstance(trace, RoutingTrace):
         raise TypeError(f"dumps expects a RoutingTrace, found {type(trace).__name__}")
     _check_host_byte_order()
-    return b"".join(_encode(trace))
+    encoded = _encode(trace)
+    out = bytearray(encoded.size)
+    dst = memoryview(out)
+    pos = len(encoded.prefix)
+    dst[:pos] = encoded.prefix
+    crc = zlib.crc32(encoded.prefix)
+    for payload in encoded.payloads:
+        for begin in range(0, payload.nbytes, _IO_BLOCK):
+            block = payload[begin : begin + _IO_BLOCK]
+            dst[pos : pos + block.nbytes] = block
+            crc = zlib.crc32(dst[pos : pos + block.nbytes], crc)
+            pos += block.nbytes
+    dst[encoded.digits_at : encoded.digits_at + 8] = f"{crc:08x}".encode("ascii")
+    return bytes(out)
 
 
-def _encode(trace: RoutingTrace) -> list:
-    """The file as chunks: the prefix (length + header), then each tensor's bytes, in file order."""
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A trace as the file's pieces: the prefix (length + header) with the checksum digits set to
+    "0", each tensor's bytes in file order, and where the digits sit in the prefix. The writer
+    computes the CRC while it writes the payloads, then writes the digits over the placeholder."""
+
+    prefix: bytes
+    payloads: list
+    digits_at: int
+
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + sum(p.nbytes for p in self.payloads)
+
+
+def _encode(trace: RoutingTrace) -> _Encoded:
+    """The file as pieces: the placeholder prefix, then each tensor's bytes, in file order."""
     tensors = _tensors_of(trace)
     # File order: larger elements first, then by name. Every tensor then starts at a multiple
     # of its element size, so readers can view the bytes in place (safetensors does the same).
@@ -204,20 +235,19 @@ def _encode(trace: RoutingTrace) -> list:
         "checksum_algorithm": CHECKSUM_ALGORITHM,
         "checksum": _PLACEHOLDER,
     }
-    payloads = [_bytes_view(tensors[name]) for name in order]
-    # The checksum covers the file as written with the checksum digits set to "0": hash the
-    # placeholder prefix and the payloads, then write the prefix again with the digits filled in.
-    crc = zlib.crc32(_encode_prefix(metadata, entries))
-    for payload in payloads:
-        crc = zlib.crc32(payload, crc)
-    prefix = _encode_prefix({**metadata, "checksum": f"{crc:08x}"}, entries)
+    # The checksum covers the file as written with the checksum digits set to "0". The digits
+    # have a fixed width, so filling them in later moves no byte.
+    prefix = _encode_prefix(metadata, entries)
     if len(prefix) - 8 > _MAX_HEADER_BYTES:
         raise TraceFormatError(
             f"the .rrt header of this trace would be {len(prefix) - 8} bytes, above the "
             f"{_MAX_HEADER_BYTES}-byte limit readers accept (its meta holds {len(metadata['meta'])} bytes "
             f"of JSON and layer_ids {len(trace.layer_ids)} entries); keep meta to short provenance strings"
         )
-    return [prefix, *payloads]
+    # JSON strings escape their quotes, so the unquoted field occurs once, as the reader requires.
+    field = b'"checksum":"' + _PLACEHOLDER.encode("ascii") + b'"'
+    digits_at = prefix.index(field) + len(field) - 9
+    return _Encoded(prefix, [_bytes_view(tensors[name]) for name in order], digits_at)
 
 
 def _tensors_of(trace: RoutingTrace) -> dict[str, torch.Tensor]:
@@ -270,15 +300,24 @@ def _encode_prefix(metadata: Mapping[str, str], entries: Mapping[str, TensorEntr
     return struct.pack("<Q", len(header)) + header
 
 
-def _atomic_write(path: str, chunks: list, *, fsync: bool) -> None:
+def _atomic_write(path: str, encoded: _Encoded, *, fsync: bool) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     # O_EXCL: never clobber someone else's temp file; mode 0o666 lets the umask decide, as open() would.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            f.write(encoded.prefix)
+            crc = zlib.crc32(encoded.prefix)
+            # One pass over the payload: each block is checksummed right before it is written,
+            # while it is in cache; then the digits go over the placeholder.
+            for payload in encoded.payloads:
+                for begin in range(0, payload.nbytes, _IO_BLOCK):
+                    block = payload[begin : begin + _IO_BLOCK]
+                    crc = zlib.crc32(block, crc)
+                    f.write(block)
+            f.seek(encoded.digits_at)
+            f.write(f"{crc:08x}".encode("ascii"))
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -317,7 +356,7 @@ def read_header(path: str | os.PathLike[str]) -> TraceFileHeader:
 def load(
     path: str | os.PathLike[str],
     *,
-    mmap: bool = True,
+    mmap: bool = False,
     validate: bool = True,
     device: torch.device | str = "cpu",
 ) -> RoutingTrace:
@@ -326,38 +365,78 @@ def load(
     The header is checked (format, version, fields), then the CRC-32 over the whole file is
     verified against the bytes that become the trace's tensors, then the trace is built.
 
+    By default the data section is read once into memory the trace owns, and the checksum is
+    computed block by block as the bytes arrive (one pass over the file, no second copy): the
+    trace is then independent of the file, whatever happens to it afterwards.
+
     Args:
         path: the file.
-        mmap: map the file instead of reading it: the tensors view the page cache and no copy is
-            made (they are copy-on-write; writing to them never changes the file). The mapping
-            lives as long as the tensors. With ``mmap=False`` the tensors own their memory.
-            (``validate=True`` on a trace with invalid rows builds a new ``experts`` tensor, as
-            RoutingTrace re-zeros those rows.)
+        mmap: opt-in: map the file instead of reading it. The tensors view the page cache (no
+            copy; copy-on-write, so writing to them never changes the file) and the mapping lives
+            as long as they do. Only for files nobody modifies in place while the trace is alive:
+            bytes another writer changes in place show through a trace whose checksum was
+            verified, and truncating the file kills the reading process with SIGBUS when it
+            touches a page past the new end. :func:`save` never does either (it writes a new
+            file and renames it over the old one), so mapping files only ever written by
+            :func:`save` is safe.
         validate: re-run every RoutingTrace check (id range, duplicate ids, monotone
-            ``cu_seqlens``, finite gates); O(T). With ``False`` only the O(1) structural checks
-            run and the checksum vouches for the content.
+            ``cu_seqlens``, finite gates); O(T), over cache-sized blocks without copies of the
+            ids. With ``False`` only the O(1) structural checks run and the checksum vouches for
+            the content.
         device: where the returned tensors live. The checksum is verified on the host first.
 
     Returns:
         The RoutingTrace, with ``experts [T, L, K]`` in the compact dtype for ``num_experts``.
 
     Raises:
-        TraceFormatError: truncated or corrupt file, not a routereplay trace, unknown format
-            version, checksum mismatch, missing or malformed field or tensor. The message names
-            the path and the problem.
+        TraceFormatError: truncated or corrupt file (including one that shrinks while it is
+            read), not a routereplay trace, unknown format version, checksum mismatch, missing or
+            malformed field or tensor. The message names the path and the problem.
         TraceError subclasses (ExpertIdError, ...): ``validate=True`` and the stored routes are
             not a valid trace.
         FileNotFoundError, PermissionError: the file cannot be opened.
     """
     _check_host_byte_order()
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    # Unbuffered: the data section is read straight into the trace's memory, block by block.
+    with open(path, "rb", buffering=0) as f:
         header, prefix = _read_prefix(f, path)
-    tensors = _read_tensors(path, header)
-    _verify_checksum(path, header, prefix, tensors)
-    if not mmap and torch.device(device).type == "cpu":
-        tensors = {name: t.clone() for name, t in tensors.items()}
+        if not mmap:
+            _require_tensors(path, header)
+            buffer = _read_data(f, path, header, prefix)
+    if mmap:
+        tensors = _read_tensors(path, header)
+        _verify_checksum(path, header, prefix, tensors)
+    else:
+        tensors = _views(buffer, header)
     return _build(path, header, tensors, validate=validate, device=device)
+
+
+def _read_data(f, path: str, header: TraceFileHeader, prefix: bytes) -> torch.Tensor:
+    """The data section read from ``f`` (positioned after the header) into one new uint8 buffer,
+    checksummed block by block as it is read."""
+    n = header.data_size
+    buffer = torch.empty(n, dtype=torch.uint8)
+    view = memoryview(buffer.numpy()) if n else memoryview(b"")
+    crc = _prefix_crc(path, header, prefix)
+    pos = 0
+    while pos < n:
+        got = f.readinto(view[pos : pos + _IO_BLOCK])
+        if not got:
+            raise _fail(
+                path,
+                f"file shrank while being read: the header describes {n} bytes of tensor data but only {pos} "
+                "could be read; load it again once the writer is done",
+            )
+        crc = zlib.crc32(view[pos : pos + got], crc)
+        pos += got
+    _check_crc(path, header, crc)
+    return buffer
+
+
+def _views(buffer: torch.Tensor, header: TraceFileHeader) -> dict[str, torch.Tensor]:
+    """Each tensor of the header as a view of the data section ``buffer``."""
+    return {name: buffer[e.start : e.end].view(_DTYPES[e.dtype]).view(e.shape) for name, e in header.tensors.items()}
 
 
 def loads(
@@ -383,14 +462,17 @@ def loads(
     header, prefix = _read_prefix(_BytesReader(view), label, file_size=view.nbytes)
     _require_tensors(label, header)
     data_start = 8 + header.header_size
-    # One copy of the data section into memory torch owns, then a view per tensor.
+    # One copy of the data section into memory torch owns, checksummed block by block as it is
+    # copied, then a view per tensor.
     buffer = torch.empty(header.data_size, dtype=torch.uint8)
-    buffer.numpy()[:] = np.frombuffer(view, dtype=np.uint8, count=header.data_size, offset=data_start)
-    tensors = {
-        name: buffer[e.start : e.end].view(_DTYPES[e.dtype]).view(e.shape) for name, e in header.tensors.items()
-    }
-    _verify_checksum(label, header, prefix, tensors)
-    return _build(label, header, tensors, validate=validate, device=device)
+    dst = buffer.numpy()
+    src = np.frombuffer(view, dtype=np.uint8, count=header.data_size, offset=data_start)
+    crc = _prefix_crc(label, header, prefix)
+    for pos in range(0, header.data_size, _IO_BLOCK):
+        dst[pos : pos + _IO_BLOCK] = src[pos : pos + _IO_BLOCK]
+        crc = zlib.crc32(dst[pos : pos + _IO_BLOCK], crc)
+    _check_crc(label, header, crc)
+    return _build(label, header, _views(buffer, header), validate=validate, device=device)
 
 
 class _BytesReader:
@@ -422,7 +504,13 @@ def _build(
         "meta": fields["meta"],
     }
     if validate:
-        return RoutingTrace(**parts)
+        trace = RoutingTrace(**parts)
+        if trace.experts is not parts["experts"] and torch.device(device).type == "cpu":
+            # Validation built new ids (invalid rows held non-zero bytes): copy the small tensors so
+            # they do not keep the whole data section alive next to the new ids.
+            own = lambda t: None if t is None else t.clone()
+            trace = trace._replace(cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates))
+        return trace
     # Without validation, still refuse what would break indexing downstream (O(1) checks).
     cu_seqlens_B1, T = parts["cu_seqlens"], parts["experts"].shape[0]
     if int(cu_seqlens_B1[0]) != 0 or int(cu_seqlens_B1[-1]) != T:
@@ -655,14 +743,23 @@ def _read_tensors(path: str, header: TraceFileHeader) -> dict[str, torch.Tensor]
 
 def _verify_checksum(path: str, header: TraceFileHeader, prefix: bytes, tensors: Mapping[str, torch.Tensor]) -> None:
     """CRC-32 of the whole file with the checksum digits read as '0', in file order."""
+    crc = _prefix_crc(path, header, prefix)
+    for name in header.tensors:  # already in file order
+        crc = zlib.crc32(_bytes_view(tensors[name]), crc)
+    _check_crc(path, header, crc)
+
+
+def _prefix_crc(path: str, header: TraceFileHeader, prefix: bytes) -> int:
+    """CRC-32 of the length and header with the checksum digits read as '0' (the file's start)."""
     field = b'"checksum":"' + header.checksum.encode("ascii") + b'"'
     at = prefix.find(field)
     if at < 0 or prefix.find(field, at + 1) >= 0:
         raise _fail(path, "the checksum field is not written in the canonical form this reader verifies; " + _CORRUPT)
     digits = at + len(field) - 9
-    crc = zlib.crc32(prefix[:digits] + _PLACEHOLDER.encode("ascii") + prefix[digits + 8 :])
-    for name in header.tensors:  # already in file order
-        crc = zlib.crc32(_bytes_view(tensors[name]), crc)
+    return zlib.crc32(prefix[:digits] + _PLACEHOLDER.encode("ascii") + prefix[digits + 8 :])
+
+
+def _check_crc(path: str, header: TraceFileHeader, crc: int) -> None:
     found = f"{crc:08x}"
     if found != header.checksum:
         raise _fail(

@@ -39,6 +39,8 @@ MAX_NUM_EXPERTS = 2**31
 # torch 2.x): the ids are widened to the signed dtype that holds all their values before the
 # checks. uint64 ids of 2**63 and above become negative there, and are reported as unsigned.
 _WIDE_UNSIGNED = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
+# Validation walks the ids in blocks of about this many elements (a few MB: cache-sized temporaries).
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def expert_dtype(num_experts: int) -> torch.dtype:
@@ -165,10 +167,8 @@ class RoutingTrace:
                 raise GatesError(
                     f"gates must be shaped like experts {tuple(experts_TLK.shape)}, found {tuple(gates_TLK.shape)}"
                 )
-            finite = torch.isfinite(gates_TLK) if valid_T is None else torch.isfinite(gates_TLK[valid_T])
-            if not bool(finite.all()):
-                rows = torch.isfinite(gates_TLK).reshape(T, -1).all(-1).logical_not().nonzero()
-                t = int(rows[0, 0])
+            t = _first_nonfinite_row(gates_TLK, valid_T)
+            if t >= 0:
                 raise GatesError(
                     f"gates must be finite: row {t} ({self._where(cu_seqlens_B1, t)}) has {gates_TLK[t].tolist()}"
                 )
@@ -195,44 +195,66 @@ class RoutingTrace:
     def _checked_ids(cls, experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts) -> torch.Tensor:
         """Range- and duplicate-check the ids on valid rows; return them in the compact dtype.
 
-        Wide unsigned ids (uint16/uint32/uint64, as vLLM returns above 256 experts) are widened
-        to a signed dtype for the checks (a temporary copy of the ids) and stored compactly.
+        Runs over cache-sized blocks of rows, so its temporaries stay a few MB whatever T is
+        (no mask-gathered copy of the ids). Wide unsigned ids (uint16/uint32/uint64, as vLLM
+        returns above 256 experts) are widened block by block to a signed dtype for the checks.
+        The ids are returned as given when they are in the compact dtype and every invalid row
+        is already zero (a loaded file, an engine's capture); otherwise one new tensor is built.
         """
-        _, L, K = experts_TLK.shape
+        T, L, K = experts_TLK.shape
         unsigned64 = experts_TLK.dtype == torch.uint64
-        if experts_TLK.dtype in _WIDE_UNSIGNED:
-            # uint64 is reinterpreted, not converted: ids >= 2**63 turn negative and fail the range check.
-            wide = _WIDE_UNSIGNED[experts_TLK.dtype]
-            experts_TLK = experts_TLK.view(wide) if unsigned64 else experts_TLK.to(wide)
-        ids = experts_TLK if valid_T is None else experts_TLK[valid_T]
-        if ids.numel():
-            lo, hi = torch.aminmax(ids)
-            if int(lo) < 0 or int(hi) >= num_experts:
-                bad_NLK = (ids < 0) | (ids >= num_experts)
-                n, l, k = (int(i) for i in bad_NLK.nonzero()[0])
-                t = n if valid_T is None else int(valid_T.nonzero()[n, 0])
-                found = int(ids[n, l, k])
-                if unsigned64 and found < 0:
-                    found += 2**64
-                raise ExpertIdError(
-                    f"expert id {found} at row {t} ({cls._where(cu_seqlens_B1, t)}), "
-                    f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
-                )
+        dtype = expert_dtype(num_experts)
+        all_valid = valid_T is None or bool(valid_T.all())
+        # uint8 ids can only leave [0, num_experts) when there are fewer than 256 experts.
+        check_range = not (experts_TLK.dtype == torch.uint8 and num_experts >= 256)
+        needs_zeroing = False
+        rows = max(1, _BLOCK_ELEMENTS // max(L * K, 1))
+        for start in range(0, T, rows):
+            ids_NLK = experts_TLK[start : start + rows]
+            if ids_NLK.dtype in _WIDE_UNSIGNED:
+                # uint64 is reinterpreted, not converted: ids >= 2**63 turn negative and fail the range check.
+                wide = _WIDE_UNSIGNED[ids_NLK.dtype]
+                ids_NLK = ids_NLK.view(wide) if unsigned64 else ids_NLK.to(wide)
+            valid_N = None if all_valid else valid_T[start : start + rows]
+            if valid_N is not None and not needs_zeroing:
+                needs_zeroing = bool(ids_NLK[~valid_N].any())
+            ids = ids_NLK if valid_N is None else ids_NLK[valid_N]
+            if not ids.numel():
+                continue
+            if check_range:
+                lo, hi = torch.aminmax(ids)
+                if int(lo) < 0 or int(hi) >= num_experts:
+                    bad_NLK = (ids < 0) | (ids >= num_experts)
+                    n, l, k = (int(i) for i in bad_NLK.nonzero()[0])
+                    t = start + (n if valid_N is None else int(valid_N.nonzero()[n, 0]))
+                    found = int(ids[n, l, k])
+                    if unsigned64 and found < 0:
+                        found += 2**64
+                    raise ExpertIdError(
+                        f"expert id {found} at row {t} ({cls._where(cu_seqlens_B1, t)}), "
+                        f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
+                    )
             if K > 1:
                 dup_row = _first_duplicate_row(ids.reshape(-1, K))
                 if dup_row >= 0:
                     n, l = divmod(dup_row, L)
-                    t = n if valid_T is None else int(valid_T.nonzero()[n, 0])
+                    t = start + (n if valid_N is None else int(valid_N.nonzero()[n, 0]))
                     raise DuplicateExpertError(
                         f"row {t} ({cls._where(cu_seqlens_B1, t)}), layer {layer_ids[l]} selects an expert "
                         f"twice: {ids[n, l].tolist()}; each of the top-{K} slots must name a different expert"
                     )
-        dtype = expert_dtype(num_experts)
-        if valid_T is not None and not bool(valid_T.all()):
+        if needs_zeroing:
             out = torch.zeros(experts_TLK.shape, dtype=dtype, device=experts_TLK.device)
-            out[valid_T] = ids.to(dtype)
+            source = experts_TLK
+            if source.dtype in _WIDE_UNSIGNED:
+                source = source.view(torch.int64) if unsigned64 else source.to(_WIDE_UNSIGNED[source.dtype])
+            out[valid_T] = source[valid_T].to(dtype)
             return out
-        return experts_TLK if experts_TLK.dtype == dtype else experts_TLK.to(dtype)
+        if experts_TLK.dtype == dtype:
+            return experts_TLK
+        if unsigned64:
+            return experts_TLK.view(torch.int64).to(dtype)
+        return experts_TLK.to(dtype)
 
     @classmethod
     def _trusted(
@@ -507,6 +529,19 @@ def _first_duplicate_row(ids_NK: torch.Tensor, chunk: int = 1 << 15) -> int:
                 bad_N |= cols_KN[i] == cols_KN[j]
         if bad_N.any():
             return start + int(bad_N.argmax())
+    return -1
+
+
+def _first_nonfinite_row(gates_TLK: torch.Tensor, valid_T: torch.Tensor | None) -> int:
+    """First row (valid, when ``valid_T`` is given) holding a non-finite gate, or -1; by blocks."""
+    T = gates_TLK.shape[0]
+    rows = max(1, _BLOCK_ELEMENTS // max(gates_TLK[:1].numel(), 1))
+    for start in range(0, T, rows):
+        bad_N = ~torch.isfinite(gates_TLK[start : start + rows]).flatten(1).all(-1)
+        if valid_T is not None:
+            bad_N &= valid_T[start : start + rows]
+        if bool(bad_N.any()):
+            return start + int(bad_N.nonzero()[0, 0])
     return -1
 
 
