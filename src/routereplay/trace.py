@@ -216,9 +216,13 @@ class RoutingTrace:
                 wide = _WIDE_UNSIGNED[ids_NLK.dtype]
                 ids_NLK = ids_NLK.view(wide) if unsigned64 else ids_NLK.to(wide)
             valid_N = None if all_valid else valid_T[start : start + rows]
-            if valid_N is not None and not needs_zeroing:
-                needs_zeroing = bool(ids_NLK[~valid_N].any())
-            ids = ids_NLK if valid_N is None else ids_NLK[valid_N]
+            gathered = False
+            if valid_N is not None and bool(ids_NLK[~valid_N].any()):
+                # Invalid rows holding ids (not zeros): check the valid rows alone, then re-zero.
+                needs_zeroing = gathered = True
+            # Zeroed invalid rows pass the range check (0 is always an id), so the block is checked
+            # in place; only the duplicate check must skip them (their slots repeat 0).
+            ids = ids_NLK[valid_N] if gathered else ids_NLK
             if not ids.numel():
                 continue
             if check_range:
@@ -226,7 +230,7 @@ class RoutingTrace:
                 if int(lo) < 0 or int(hi) >= num_experts:
                     bad_NLK = (ids < 0) | (ids >= num_experts)
                     n, l, k = (int(i) for i in bad_NLK.nonzero()[0])
-                    t = start + (n if valid_N is None else int(valid_N.nonzero()[n, 0]))
+                    t = start + (int(valid_N.nonzero()[n, 0]) if gathered else n)
                     found = int(ids[n, l, k])
                     if unsigned64 and found < 0:
                         found += 2**64
@@ -235,10 +239,11 @@ class RoutingTrace:
                         f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
                     )
             if K > 1:
-                dup_row = _first_duplicate_row(ids.reshape(-1, K))
+                keep = None if gathered or valid_N is None else valid_N.repeat_interleave(L)
+                dup_row = _first_duplicate_row(ids.reshape(-1, K), keep)
                 if dup_row >= 0:
                     n, l = divmod(dup_row, L)
-                    t = start + (n if valid_N is None else int(valid_N.nonzero()[n, 0]))
+                    t = start + (int(valid_N.nonzero()[n, 0]) if gathered else n)
                     raise DuplicateExpertError(
                         f"row {t} ({cls._where(cu_seqlens_B1, t)}), layer {layer_ids[l]} selects an expert "
                         f"twice: {ids[n, l].tolist()}; each of the top-{K} slots must name a different expert"
@@ -507,8 +512,9 @@ def _own_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _first_duplicate_row(ids_NK: torch.Tensor, chunk: int = 1 << 15) -> int:
-    """Index of the first row of ``ids_NK`` naming an expert twice, or -1.
+def _first_duplicate_row(ids_NK: torch.Tensor, keep_N: torch.Tensor | None = None, chunk: int = 1 << 15) -> int:
+    """Index of the first row of ``ids_NK`` naming an expert twice, or -1; rows where ``keep_N``
+    is False are skipped.
 
     Compares the K(K-1)/2 slot pairs column against column on cache-sized chunks. On the CPU
     this runs through numpy, whose narrow-int compares are ~10x faster than torch's here and
@@ -519,14 +525,19 @@ def _first_duplicate_row(ids_NK: torch.Tensor, chunk: int = 1 << 15) -> int:
         bad_N = torch.zeros(N, dtype=torch.bool, device=ids_NK.device)
         for i in range(K - 1):
             bad_N |= (ids_NK[:, i : i + 1] == ids_NK[:, i + 1 :]).any(-1)
+        if keep_N is not None:
+            bad_N &= keep_N
         return int(bad_N.nonzero()[0, 0]) if bool(bad_N.any()) else -1
     ids = ids_NK.numpy()
+    keep = None if keep_N is None else keep_N.numpy()
     for start in range(0, N, chunk):
         cols_KN = np.ascontiguousarray(ids[start : start + chunk].T)
         bad_N = np.zeros(cols_KN.shape[1], dtype=bool)
         for i in range(K - 1):
             for j in range(i + 1, K):
                 bad_N |= cols_KN[i] == cols_KN[j]
+        if keep is not None:
+            bad_N &= keep[start : start + chunk]
         if bad_N.any():
             return start + int(bad_N.argmax())
     return -1
