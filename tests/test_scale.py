@@ -247,3 +247,66 @@ def test_validated_load_writes_the_trace_once(tmp_path, valid):
     # the ids: the old load gathered the valid rows and scattered them into new zeros (2x).
     ids_bytes = trace.experts.numel()
     assert w.nbytes <= trace.nbytes + ids_bytes / K + 4096, (w.nbytes, trace.nbytes)
+
+
+# --- converters and selection --------------------------------------------------------------
+def test_from_vllm_copies_the_payload_once_in_the_trace_dtype():
+    """Issue 23.2: payloads used to be widened to int32 (4 bytes per id) and converted again; ids in
+    range are now copied once, narrowing, into the trace's uint8."""
+    from routereplay.formats import from_vllm
+
+    trace = _trace([300] * 8)
+    payloads = [trace.experts[int(a) : int(b) - 1].numpy().astype(np.int32) for a, b in zip(trace.cu_seqlens[:-1], trace.cu_seqlens[1:])]
+    with BytesWritten() as w:
+        got = from_vllm(payloads, num_experts=E)
+    assert got.experts.dtype == torch.uint8
+    assert torch.equal(got.experts, torch.from_numpy(np.concatenate(payloads)).to(torch.uint8))
+    # the stacking copy is numpy's (not counted); what torch writes is per-row bookkeeping only
+    assert w.nbytes <= 0.3 * got.experts.numel(), w.nbytes / got.experts.numel()
+
+
+def test_from_verl_gathers_and_narrows_in_one_pass():
+    from routereplay.formats import from_verl
+
+    trace = _trace([300] * 8)
+    B, S = 8, 300
+    lens = torch.tensor([300, 150, 299, 1, 200, 300, 77, 250])
+    mask = torch.arange(S)[None] < lens[:, None]
+    padded = trace.experts.view(B, S, L, K).to(torch.int16)
+    padded[~mask] = 0
+    with BytesWritten() as w:
+        got = from_verl(padded, mask, num_experts=E, last_token_routed=True)
+    assert got.experts.dtype == torch.uint8
+    assert torch.equal(got.experts, padded[mask].to(torch.uint8))
+    T = int(lens.sum())
+    # The packed rows once (uint8), plus a flag per row and per 8 bytes of the padded rows.
+    assert w.nbytes <= T * L * K + padded.numel() * 2 // 8 + 16 * B * S, (w.nbytes, T * L * K)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 40), min_size=1, max_size=8),
+    pick=st.lists(st.integers(0, 7), max_size=10),
+    valid=st.booleans(),
+    gates=st.booleans(),
+)
+def test_select_sequences_paths_agree(lens, pick, valid, gates):
+    """select_sequences copies slices for long sequences and gathers rows for short ones: same result."""
+    import routereplay.trace as rt
+
+    trace = _trace(lens, valid=valid)
+    if gates:
+        trace = trace._replace(gates=torch.rand(trace.experts.shape))
+    idx = [i % len(lens) for i in pick]
+    old = rt._MIN_RUN_ROWS
+    try:
+        rt._MIN_RUN_ROWS = 0  # always slices
+        by_slices = trace.select_sequences(idx)
+        rt._MIN_RUN_ROWS = 10**9  # always one gather
+        by_rows = trace.select_sequences(idx)
+    finally:
+        rt._MIN_RUN_ROWS = old
+    assert by_slices == by_rows
+    cu = trace.cu_seqlens.tolist()
+    rows = [t for i in idx for t in range(cu[i], cu[i + 1])]
+    assert torch.equal(by_rows.experts, trace.experts[rows])

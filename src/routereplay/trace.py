@@ -9,6 +9,7 @@ Legend (shape suffixes used in this file):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -356,14 +357,19 @@ class RoutingTrace:
             raise IndexError(f"sequence indices {idx_N.tolist()} out of range for a trace of {B} sequences")
         idx_N = idx_N % max(B, 1)
         starts_N, lens_N = self.cu_seqlens[idx_N], self.seq_lens[idx_N]
-        rows = _ranges(starts_N, lens_N)
         cu = torch.zeros(idx_N.numel() + 1, dtype=torch.int64, device=self.device)
         torch.cumsum(lens_N, 0, out=cu[1:])
+        total = int(cu[-1])
+        if self.device.type == "cpu" and idx_N.numel() * _MIN_RUN_ROWS <= total:
+            # Long sequences on the host: one slice copy per sequence into the output, no row
+            # index at all (an int64 index per row costs more than the ids of a short row).
+            spans = list(zip(starts_N.tolist(), lens_N.tolist()))
+            take = lambda x: None if x is None else _copy_spans(x, spans, total)
+        else:
+            rows = _ranges(starts_N, lens_N)
+            take = lambda x: None if x is None else _take(x, rows)
         return self._replace(
-            experts=self.experts[rows],
-            cu_seqlens=cu,
-            valid=None if self.valid is None else self.valid[rows],
-            gates=None if self.gates is None else self.gates[rows],
+            experts=take(self.experts), cu_seqlens=cu, valid=take(self.valid), gates=take(self.gates)
         )
 
     def select_layers(self, layer_ids: Iterable[int]) -> RoutingTrace:
@@ -554,6 +560,28 @@ def _first_nonfinite_row(gates_TLK: torch.Tensor, valid_T: torch.Tensor | None) 
         if bool(bad_N.any()):
             return start + int(bad_N.nonzero()[0, 0])
     return -1
+
+
+# select_sequences copies slices (a Python loop over sequences) when sequences average at least
+# this many rows; shorter ones go through one index_select.
+_MIN_RUN_ROWS = 16
+
+
+def _copy_spans(x: torch.Tensor, spans: list[tuple[int, int]], total: int) -> torch.Tensor:
+    """Rows ``x[s : s + n]`` for each (s, n) of ``spans``, one after another, in a new tensor."""
+    out = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    row = 0
+    for start, n in spans:
+        if n:
+            out[row : row + n] = x[start : start + n]
+            row += n
+    return out
+
+
+def _take(x: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
+    """``x[rows_N]`` along dim 0, moving each row as one block (``index_select`` on ``[T, rest]``)."""
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:])) if x.ndim > 1 else x
+    return flat.index_select(0, rows_N).view(rows_N.numel(), *x.shape[1:])
 
 
 def _ranges(starts_N: torch.Tensor, lens_N: torch.Tensor) -> torch.Tensor:

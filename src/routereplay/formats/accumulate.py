@@ -287,7 +287,7 @@ class RouteAccumulator:
                 f"last token, first forwarded by this one). Ask for rows from {held} "
                 f"(vLLM routed_experts_prompt_start={held}, SGLang routed_experts_start_len={held})"
             )
-        experts_NLK, cu = _assemble([arr_NLpK], [label])
+        experts_NLK, cu = _assemble([arr_NLpK], [label], num_experts=self.num_experts)
         piece = _finish(
             experts_NLK,
             cu,

@@ -1,0 +1,366 @@
+"""Routes at the scale of a real RL step (issue 23): every row beside its baseline, in one run.
+
+    .venv/bin/python benchmarks/bench_scale.py               # DeepSeek-V3 size: 256 x 8192 tokens, ~1 GB
+    .venv/bin/python benchmarks/bench_scale.py --scale 16    # 1/16 of the tokens (CI smoke)
+    .venv/bin/python benchmarks/bench_scale.py --rows load,save --runs 3
+
+DeepSeek-V3-sized routes: 58 MoE layers, 256 experts, top-8, B=256 sequences of 8192 tokens
+(2,097,152 tokens, 0.973 GB as uint8); ``--scale s`` divides the sequence length by s. Each row
+times an operation of routereplay and a baseline doing the least work that gives the same result
+(a concatenation, a read, ``dd``), both in this process, alternating, ``--runs`` times; it prints
+median (min-max) seconds of each, the ratio of the medians, and the peak resident memory each
+adds above what it started from, as a multiple of the route bytes it produces (``VmHWM`` after a
+reset through ``/proc/self/clear_refs``, Linux only).
+
+Legend: T tokens, L MoE layers, K top-k, E experts, B sequences, S tokens per sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import routereplay.io as rio
+from routereplay import RoutingTrace, layout
+from routereplay.formats import RouteAccumulator, from_sglang, from_verl, from_vllm
+from routereplay.rl import RouteStore
+
+ROWS = ("store", "accumulate", "load", "save", "convert", "select")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scale", type=int, default=1, help="divide the sequence length by this (16: CI smoke)")
+    p.add_argument("--seqs", type=int, default=256, help="sequences B")
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence before --scale")
+    p.add_argument("--layers", type=int, default=58)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--runs", type=int, default=3, help="timed runs of each op and baseline (median, min-max)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core VM, OpenMP threads waiting for a busy "
+        "core make every op's time swing by 10x; numpy and the baselines are single-threaded too)",
+    )
+    p.add_argument("--tmp", default=os.environ.get("TMPDIR"), help="directory for the .rrt files")
+    return p.parse_args(argv)
+
+
+# --- measurement -----------------------------------------------------------------------------
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def peak_above_start(out: list[int]):
+    """Appends the peak resident bytes reached inside, above the resident bytes at entry."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        start = _rss_kb("VmRSS")
+    except OSError:
+        start = None
+    yield
+    out.append(0 if start is None else max(0, _rss_kb("VmHWM") - start) * 1024)
+
+
+def measure(fn: Callable[[], object], runs: int) -> tuple[list[float], list[int]]:
+    """Seconds and peak bytes of ``runs`` calls; each call's result is dropped before the next."""
+    times, peaks = [], []
+    for _ in range(runs):
+        with peak_above_start(peaks):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+            del out
+    return times, peaks
+
+
+def fmt(ts: list[float]) -> str:
+    return f"{statistics.median(ts):.3f} ({min(ts):.3f}-{max(ts):.3f})"
+
+
+class Table:
+    def __init__(self, runs: int) -> None:
+        self.runs = runs
+        self.rows: list[str] = []
+
+    def row(self, name: str, op: Callable, baseline_name: str, baseline: Callable, nbytes: int, target: str) -> None:
+        """Alternate op and baseline ``runs`` times (so load drifts hit both alike)."""
+        t_op, p_op, t_base, p_base = [], [], [], []
+        for _ in range(self.runs):
+            t, p = measure(baseline, 1)
+            t_base += t
+            p_base += p
+            t, p = measure(op, 1)
+            t_op += t
+            p_op += p
+        ratio = statistics.median(t_op) / statistics.median(t_base)
+        line = (
+            f"| {name} | {fmt(t_op)} | {baseline_name} | {fmt(t_base)} | {ratio:.2f}x | "
+            f"{max(p_op) / nbytes:.2f}x | {max(p_base) / nbytes:.2f}x | {target} |"
+        )
+        print(line, flush=True)
+        self.rows.append(line)
+
+
+# --- data --------------------------------------------------------------------------------
+def routes(B: int, S: int, L: int, K: int, E: int, seed: int = 0) -> torch.Tensor:
+    """uint8/int16 ``[B*S, L, K]`` distinct ids per row, without a sort: a fixed permutation of
+    each layer shifted by a per-row offset mod E."""
+    g = torch.Generator().manual_seed(seed)
+    perm_LK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(L)]).to(torch.int32)
+    dtype = torch.uint8 if E <= 256 else torch.int16
+    out = torch.empty(B * S, L, K, dtype=dtype)
+    step = 1 << 16
+    for lo in range(0, B * S, step):
+        off = torch.randint(0, E, (min(step, B * S - lo), 1, 1), generator=g, dtype=torch.int32)
+        out[lo : lo + step] = (perm_LK[None] + off) % E
+    return out
+
+
+class _Recording:
+    num_forwards = 1
+
+    def __init__(self, trace: RoutingTrace) -> None:
+        self._trace = trace
+
+    def trace(self, attention_mask=None) -> RoutingTrace:
+        return self._trace
+
+    def sequence_boundaries(self):
+        return None
+
+
+class _Handle:
+    """What RouteStore.record uses of a handle, giving prepared traces: the store's own work only."""
+
+    next: RoutingTrace | None = None
+
+    @contextmanager
+    def record(self):
+        yield _Recording(self.next)
+
+
+# --- rows ----------------------------------------------------------------------------------
+def _fill(pieces: list[RoutingTrace], per: int) -> RouteStore:
+    handle = _Handle()
+    store = RouteStore(handle)
+    for i, piece in enumerate(pieces):
+        handle.next = piece
+        with store.record(range(i * per, (i + 1) * per), cu_seqlens=piece.cu_seqlens):
+            pass
+    return store
+
+
+def _fill_and_read(pieces: list[RoutingTrace], per: int) -> list[RoutingTrace]:
+    store = _fill(pieces, per)
+    return [store.trace(range(i * per, (i + 1) * per)) for i in range(len(pieces))]
+
+
+def row_store(table: Table, trace: RoutingTrace) -> None:
+    """23.1: R2 recording by micro-batches (RouteStore.record), then every micro-batch read once."""
+    B = trace.num_seqs
+    for n_mb in (64, 256):
+        if B % n_mb:
+            continue
+        per = B // n_mb
+        pieces = [trace.select_sequences(range(i * per, (i + 1) * per)) for i in range(n_mb)]
+        concat = partial(RoutingTrace.concat, pieces)
+        table.row(
+            f"RouteStore: record {n_mb} micro-batches", partial(_fill, pieces, per), "one concat", concat,
+            trace.nbytes, "<= 1.3x",
+        )
+        table.row(
+            f"RouteStore: record {n_mb} micro-batches + read each", partial(_fill_and_read, pieces, per),
+            "one concat", concat, trace.nbytes, "<= 1.3x, 1x peak",
+        )
+
+
+def _accumulate(payloads: list[np.ndarray], per: int, num_experts: int) -> RoutingTrace:
+    acc = RouteAccumulator(num_experts=num_experts)
+    for t, p in enumerate(payloads):
+        acc.add(p, start=t * per, num_tokens=(t + 1) * per + 1)
+    return acc.trace()
+
+
+def row_accumulate(table: Table, trace: RoutingTrace) -> None:
+    """23.1: one conversation grown turn by turn (RouteAccumulator.add), at 8 and 512 turns, against
+    the same rows added as one payload (the converter's work done once)."""
+    rows = trace.experts[: min(trace.num_tokens, 1 << 16)].numpy()
+    R = rows.shape[0]
+    once = partial(_accumulate, [rows], R, trace.num_experts)
+    for turns in (8, 512):
+        per = R // turns
+        payloads = [rows[t * per : (t + 1) * per] for t in range(turns)]
+        table.row(
+            f"RouteAccumulator: {turns} turns of {per} rows", partial(_accumulate, payloads, per, trace.num_experts),
+            "the rows as 1 payload", once, R * rows[0].nbytes, "linear: same ratio at 8 and 512 turns",
+        )
+
+
+def row_load(table: Table, trace: RoutingTrace, tmp: str) -> None:
+    """23.3: validated load against validate=False and a plain read of the file."""
+    path = Path(tmp) / "bench.rrt"
+    rio.save(trace, path, fsync=False)
+    size = path.stat().st_size
+
+    def read() -> np.ndarray:
+        buf = np.empty(size, dtype=np.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.readinto(memoryview(buf))
+        return buf
+
+    table.row("io.load(validate=False)", lambda: rio.load(path, validate=False), "read the file", read, size, "")
+    table.row("io.load (validate=True)", lambda: rio.load(path), "read the file", read, size, "")
+    table.row(
+        "io.load (validate=True)", lambda: rio.load(path), "io.load(validate=False)",
+        lambda: rio.load(path, validate=False), size, "<= 1.5x, peak <= 1.1x",
+    )
+    path.unlink()
+
+
+def row_save(table: Table, trace: RoutingTrace, tmp: str) -> None:
+    """23.5: save (CRC computed while writing, fsync) against dd conv=fsync of a file of the same size."""
+    src, dst = Path(tmp) / "src.rrt", Path(tmp) / "out.rrt"
+    rio.save(trace, src, fsync=False)
+    size = src.stat().st_size
+
+    def dd() -> None:
+        subprocess.run(
+            ["dd", f"if={src}", f"of={dst}.dd", "bs=4M", "conv=fsync", "status=none"], check=True
+        )
+
+    table.row("io.save (fsync)", lambda: rio.save(trace, dst), "dd bs=4M conv=fsync", dd, size, "<= 1.1x")
+    for p in (src, dst, Path(f"{dst}.dd")):
+        p.unlink(missing_ok=True)
+
+
+def row_convert(table: Table, trace: RoutingTrace) -> None:
+    """23.2: the engine converters against the copy that any converter must make."""
+    import base64
+
+    B, E = trace.num_seqs, trace.num_experts
+    cu = trace.cu_seqlens.tolist()
+    payloads = [trace.experts[cu[b] : cu[b + 1] - 1].numpy() for b in range(B)]  # engine rows: T-1 per request
+    nbytes = sum(p.nbytes for p in payloads)
+    table.row(
+        "from_vllm (uint8 arrays)", lambda: from_vllm(payloads, num_experts=E), "np.concatenate",
+        lambda: np.concatenate(payloads), nbytes, "<= 2x, peak <= 2x",
+    )
+    # verl: int16 [B, S, L, K] right-padded after a random length in [S/2, S], attention mask [B, S].
+    S = cu[1] - cu[0]
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(S // 2, S + 1, (B,), generator=g)
+    mask_BS = torch.arange(S)[None, :] < lens[:, None]
+    padded = trace.experts.view(B, S, *trace.experts.shape[1:]).to(torch.int16)
+    padded[~mask_BS] = 0
+    padded_np, mask_np = padded.numpy(), mask_BS.numpy()
+    table.row(
+        "from_verl (int16 padded + mask)", lambda: from_verl(padded, mask_BS, num_experts=E, last_token_routed=True),
+        "numpy mask gather", lambda: padded_np[mask_np], int(lens.sum()) * trace.experts[0].numel(),
+        "<= 2x, peak <= 2x",
+    )
+    # SGLang: base64 of little-endian int32 per request; the baseline decodes every payload.
+    n = max(1, B // 4)  # the issue measures 512k tokens at full size: a quarter of the batch
+    wire = [base64.b64encode(p.astype(np.int32).tobytes()).decode("ascii") for p in payloads[:n]]
+    L, K = trace.num_layers, trace.top_k
+    decode = lambda: [np.frombuffer(base64.b64decode(w), dtype=np.int32) for w in wire]
+    table.row(
+        f"from_sglang ({n} base64 int32 payloads)", lambda: from_sglang(wire, num_layers=L, top_k=K, num_experts=E),
+        "base64 decode", decode, sum(p.nbytes for p in payloads[:n]), "<= 2x, peak <= 2x",
+    )
+
+
+def row_select(table: Table, trace: RoutingTrace) -> None:
+    """23.4: replay preparation's layout steps against one index_select of the same rows."""
+    B = trace.num_seqs
+    idx = torch.randperm(B, generator=torch.Generator().manual_seed(2))[: B // 4]
+    cu = trace.cu_seqlens
+    rows = torch.cat([torch.arange(int(cu[i]), int(cu[i + 1])) for i in idx.tolist()])
+    flat = trace.experts.view(trace.num_tokens, -1)
+    nbytes = rows.numel() * flat.shape[1]
+    table.row(
+        "select_sequences (B/4 sequences)", lambda: trace.select_sequences(idx), "index_select of its rows",
+        lambda: flat.index_select(0, rows), nbytes, "<= 1.5x",
+    )
+    S = int(trace.seq_lens.max())
+    lens = trace.seq_lens
+    mask_BS = torch.arange(S)[None, :] < lens[:, None]
+    padded = torch.zeros(B, S, *trace.experts.shape[1:], dtype=trace.experts.dtype)
+    padded[mask_BS] = trace.experts
+    padded_flat = padded.view(B * S, -1)
+    keep = mask_BS.reshape(-1).nonzero().squeeze(1)
+    table.row(
+        "layout.pack_padded (validate=True)",
+        lambda: layout.pack_padded(padded, mask_BS, layer_ids=trace.layer_ids, num_experts=trace.num_experts),
+        "index_select of the real rows", lambda: padded_flat.index_select(0, keep), trace.nbytes, "<= 1.5x",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = args.rows.split(",")
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        sys.exit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+    torch.set_num_threads(args.threads)
+    B, S = args.seqs, args.seq_len // args.scale
+    L, K, E = args.layers, args.top_k, args.experts
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    print(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, python {platform.python_version()}")
+    print(f"nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
+    print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, "
+          f"commit {commit.stdout.strip() or '?'}")
+    experts = routes(B, S, L, K, E)
+    cu = torch.arange(B + 1, dtype=torch.int64) * S
+    trace = RoutingTrace(experts=experts, cu_seqlens=cu, layer_ids=range(L), num_experts=E, meta={"source": "bench"})
+    print(f"routes: B={B} x S={S} = {B * S:,} tokens, L={L}, K={K}, E={E}, {experts.dtype}: "
+          f"{trace.nbytes / 1e9:.3f} GB; runs={args.runs}")
+    print()
+    print("| op | s, median (min-max) | baseline | s, median (min-max) | ratio | peak | baseline peak | target |")
+    print("|---|---:|---|---:|---:|---:|---:|---|")
+    table = Table(args.runs)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for name in rows:
+            if name == "store":
+                row_store(table, trace)
+            elif name == "accumulate":
+                row_accumulate(table, trace)
+            elif name == "load":
+                row_load(table, trace, tmp)
+            elif name == "save":
+                row_save(table, trace, tmp)
+            elif name == "convert":
+                row_convert(table, trace)
+            elif name == "select":
+                row_select(table, trace)
+    return 0
+
+
+if __name__ == "__main__":
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc then maps every allocation above 64 KiB and returns it on free, so each measured
+        # call's peak shows in VmHWM instead of hiding in memory an earlier call freed to the heap.
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    raise SystemExit(main())
