@@ -310,3 +310,41 @@ def test_select_sequences_paths_agree(lens, pick, valid, gates):
     cu = trace.cu_seqlens.tolist()
     rows = [t for i in idx for t in range(cu[i], cu[i + 1])]
     assert torch.equal(by_rows.experts, trace.experts[rows])
+
+
+def test_host_prepare_checks_ids_without_wide_copies():
+    """Issue 23.4: a CPU prepare widened the ids to int64 and compared every slot pair in a
+    ``[L, N, K, K]`` tensor (~34 bytes per id); now the checks read the ids in place."""
+    pytest.importorskip("transformers", reason="needs transformers for the tiny model")
+    from test_session import random_trace, tiny_qwen3_moe
+
+    import routereplay
+
+    model = tiny_qwen3_moe()
+    handle = routereplay.attach(model)
+    try:
+        S = 512
+        layers = handle.layer_ids
+        like = RoutingTrace(
+            experts=torch.zeros(4 * S, len(layers), handle.top_k, dtype=torch.long) + torch.arange(handle.top_k),
+            cu_seqlens=torch.arange(5) * S, layer_ids=layers, num_experts=handle.num_experts,
+        )
+        trace = random_trace(like)
+        with BytesWritten() as w:
+            prepared = handle.prepare(trace)
+        ids = trace.experts.numel()
+        assert w.nbytes <= 0.5 * ids, w.nbytes / ids  # per-row flags only
+        # a repeated id is still found, and named, by the full check
+        bad = trace.experts.clone()
+        bad[700, 1, 1] = bad[700, 1, 0]
+        from routereplay.errors import RouterSpecError
+
+        msg = (
+            r"layer 2 \(model.layers.2.mlp.gate\): forced_TK row 700 holds expert ids \[(\d+), \1\]: an expert "
+            r"repeats; each row needs top_k=2 distinct experts"
+        )
+        with pytest.raises(RouterSpecError, match=msg):
+            handle.prepare(trace._replace(experts=bad))
+        del prepared
+    finally:
+        handle.detach()
