@@ -40,7 +40,7 @@ from routereplay import RoutingTrace, layout
 from routereplay.formats import RouteAccumulator, from_sglang, from_verl, from_vllm
 from routereplay.rl import RouteStore
 
-ROWS = ("store", "accumulate", "load", "save", "convert", "select")
+ROWS = ("store", "accumulate", "load", "save", "convert", "select", "prepare")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -317,6 +317,34 @@ def row_select(table: Table, trace: RoutingTrace) -> None:
     )
 
 
+def row_prepare(table: Table, trace: RoutingTrace) -> None:
+    """23.4: replay preparation on a CPU model (a Qwen3-MoE shell with the trace's layers, experts and
+    top-k) for a padded micro-batch, against the layout step alone (one index_select of the rows)."""
+    try:
+        import transformers
+    except ImportError:
+        print("| handle.prepare | skipped: needs transformers |")
+        return
+    import routereplay
+
+    L, K, E = trace.num_layers, trace.top_k, trace.num_experts
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=16, moe_intermediate_size=4, num_hidden_layers=L,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=E, num_experts_per_tok=K,
+    )
+    handle = routereplay.attach(transformers.Qwen3MoeForCausalLM(cfg))
+    B = max(1, trace.num_seqs // 8)
+    sub = trace.select_sequences(range(B))
+    S = int(sub.seq_lens.max())
+    mask_BS = torch.arange(S)[None, :] < sub.seq_lens[:, None]
+    src_N, _, _ = layout.router_row_sources(sub.cu_seqlens, mask_BS, sub.num_tokens)
+    table.row(
+        f"handle.prepare ({B} padded sequences, CPU model)", lambda: handle.prepare(sub, attention_mask=mask_BS),
+        "index_select of the router rows", lambda: sub.experts.index_select(0, src_N), sub.nbytes, "<= 1.5x",
+    )
+    handle.detach()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = args.rows.split(",")
@@ -354,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                 row_convert(table, trace)
             elif name == "select":
                 row_select(table, trace)
+            elif name == "prepare":
+                row_prepare(table, trace)
     return 0
 
 

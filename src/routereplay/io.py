@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from routereplay.errors import ExpertIdError, GatesError, TraceFormatError
-from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype
+from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -416,7 +416,7 @@ def _read_data(f, path: str, header: TraceFileHeader, prefix: bytes) -> torch.Te
     """The data section read from ``f`` (positioned after the header) into one new uint8 buffer,
     checksummed block by block as it is read."""
     n = header.data_size
-    buffer = torch.empty(n, dtype=torch.uint8)
+    buffer = host_empty((n,), torch.uint8)
     view = memoryview(buffer.numpy()) if n else memoryview(b"")
     crc = _prefix_crc(path, header, prefix)
     pos = 0
@@ -464,7 +464,7 @@ def loads(
     data_start = 8 + header.header_size
     # One copy of the data section into memory torch owns, checksummed block by block as it is
     # copied, then a view per tensor.
-    buffer = torch.empty(header.data_size, dtype=torch.uint8)
+    buffer = host_empty((header.data_size,), torch.uint8)
     dst = buffer.numpy()
     src = np.frombuffer(view, dtype=np.uint8, count=header.data_size, offset=data_start)
     crc = _prefix_crc(label, header, prefix)

@@ -42,7 +42,7 @@ import torch
 
 from routereplay.errors import LayoutError, MissingRoutesError, ReplayError, TraceMismatchError
 from routereplay.replay import PreparedTrace
-from routereplay.trace import RoutingTrace
+from routereplay.trace import RoutingTrace, host_empty
 
 __all__ = ["DispatchTap", "RouteStore", "token_logprobs"]
 
@@ -262,10 +262,10 @@ class RouteStore:
         torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
         T = int(cu[-1])
         used = {p for p, _, _ in spans}
-        experts = torch.empty((T, first.num_layers, first.top_k), dtype=first.experts.dtype)
+        experts = host_empty((T, first.num_layers, first.top_k), first.experts.dtype)
         has_valid = any(self._pieces[p].valid is not None for p in used)
         valid = torch.empty(T, dtype=torch.bool) if has_valid else None
-        gates = None if first.gates is None else torch.empty((T, *first.gates.shape[1:]), dtype=first.gates.dtype)
+        gates = None if first.gates is None else host_empty((T, *first.gates.shape[1:]), first.gates.dtype)
         row = 0
         for p, start, end in spans:
             piece, n = self._pieces[p], end - start

@@ -14,7 +14,7 @@ import torch
 
 from routereplay.errors import EngineFormatError, ZeroRoutesError
 from routereplay.layout import engine_to_training, training_to_engine
-from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype
+from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
 
 Rows = Literal["engine", "training"]
 
@@ -392,7 +392,7 @@ def _gather_rows(x_NLK: torch.Tensor, keep_N: torch.Tensor, dtype: torch.dtype) 
     total = int((ends - starts).sum()) if starts.numel() else 0
     if x_NLK.device.type != "cpu" or starts.numel() * 16 > max(total, 1):
         return x_NLK[keep_N].to(dtype)  # many short runs (or a device): one gather
-    out = torch.empty((total, *x_NLK.shape[1:]), dtype=dtype, device=x_NLK.device)
+    out = host_empty((total, *x_NLK.shape[1:]), dtype)
     row = 0
     for s, e in zip(starts.tolist(), ends.tolist()):
         out[row : row + e - s] = x_NLK[s:e]
