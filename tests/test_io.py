@@ -738,13 +738,6 @@ def test_dumps_rejects_non_traces():
         rio.dumps({})
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--regen"]:
-        regen()
-    else:
-        sys.exit(f"usage: {os.path.basename(sys.argv[0])} --regen   (rewrite the golden files in tests/data)")
-
-
 # --- loads own their bytes; checksums computed block by block ------------------------------
 def test_default_load_does_not_alias_the_file(tmp_path, golden_bytes):
     """Issue 20.7: a checksum-verified trace must not change when another writer edits its file."""
@@ -814,3 +807,10 @@ def test_block_wise_checksums_give_the_golden_bytes(tmp_path, monkeypatch, name,
     flipped[-1] ^= 1
     with pytest.raises(TraceFormatError, match="checksum mismatch"):
         rio.loads(bytes(flipped))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--regen"]:
+        regen()
+    else:
+        sys.exit(f"usage: {os.path.basename(sys.argv[0])} --regen   (rewrite the golden files in tests/data)")
