@@ -40,7 +40,7 @@ from routereplay import RoutingTrace, layout
 from routereplay.formats import RouteAccumulator, from_sglang, from_verl, from_vllm
 from routereplay.rl import RouteStore
 
-ROWS = ("store", "accumulate", "load", "save", "convert", "select", "prepare")
+ROWS = ("store", "accumulate", "load", "save", "convert", "select", "prepare", "rank")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -345,6 +345,55 @@ def row_prepare(table: Table, trace: RoutingTrace) -> None:
     handle.detach()
 
 
+@contextmanager
+def bytes_read(out: list[int]):
+    """Appends the bytes read through os.read / pread / preadv / readinto inside (file reads)."""
+    counted = [0]
+    originals = {name: getattr(os, name) for name in ("pread", "preadv")}
+
+    def pread(fd, n, offset):
+        data = originals["pread"](fd, n, offset)
+        counted[0] += len(data)
+        return data
+
+    def preadv(fd, buffers, offset):
+        got = originals["preadv"](fd, buffers, offset)
+        counted[0] += got
+        return got
+
+    os.pread, os.preadv = pread, preadv
+    try:
+        yield
+    finally:
+        os.pread, os.preadv = originals["pread"], originals["preadv"]
+        out.append(counted[0])
+
+
+def row_rank(table: Table, trace: RoutingTrace, tmp: str) -> None:
+    """23.6: one DP rank's share of a chunked file (parallel.load_for_rank) against loading the file."""
+    from routereplay.parallel import ParallelLayout, RankCoords, load_for_rank
+
+    path = Path(tmp) / "rank.rrt"
+    rio.save(trace, path, fsync=False)
+    size = path.stat().st_size
+    print(f"<!-- {path.name}: {size:,} bytes, version {rio.read_header(path).version}, "
+          f"{rio.read_header(path).metadata.get('chunk_rows', '-')} rows per chunk -->")
+    for dp in (8, 64):
+        if trace.num_seqs % dp:
+            continue
+        layout = ParallelLayout(micro_batch_size=trace.num_seqs // dp, dp=dp)
+        got: list[int] = []
+        with bytes_read(got):
+            load_for_rank(path, layout, RankCoords(dp=dp - 1), layer_ids=trace.layer_ids)
+        print(f"<!-- DP {dp}, rank {dp - 1}: read {got[0]:,} bytes of {size:,} ({got[0] / size:.4f}) -->")
+        table.row(
+            f"load_for_rank, DP {dp} (rank {dp - 1}; reads {got[0] / size:.3f} of the file)",
+            partial(load_for_rank, path, layout, RankCoords(dp=dp - 1), layer_ids=trace.layer_ids),
+            "io.load of the file", partial(rio.load, path), size // dp, f"~1/{dp} of a whole load",
+        )
+    path.unlink()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = args.rows.split(",")
@@ -384,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                 row_select(table, trace)
             elif name == "prepare":
                 row_prepare(table, trace)
+            elif name == "rank":
+                row_rank(table, trace, tmp)
     return 0
 
 

@@ -432,9 +432,9 @@ def test_future_version(tmp_path, golden_bytes, recompute):
 
 
 def test_newer_minor_version_ignores_unknown_names(tmp_path, golden_bytes):
-    # 1.1 may add fields and tensors; a 1.0 reader loads what it knows.
+    # 1.2 may add fields and tensors; a 1.1 reader loads what it knows.
     table, payload = split(golden_bytes)
-    table["__metadata__"].update(version="1.1", future_field="x")
+    table["__metadata__"].update(version="1.2", future_field="x")
     table["future_tensor"] = {"dtype": "U8", "shape": [3], "data_offsets": [49, 52]}
     path = write(tmp_path, build(table, payload + b"abc"))
     assert rio.load(path) == golden_traces()["golden_v1.rrt"]
