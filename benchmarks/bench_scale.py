@@ -40,7 +40,7 @@ from routereplay import RoutingTrace, layout
 from routereplay.formats import RouteAccumulator, from_sglang, from_verl, from_vllm
 from routereplay.rl import RouteStore
 
-ROWS = ("store", "accumulate", "load", "save", "convert", "select", "prepare", "rank")
+ROWS = ("store", "accumulate", "load", "save", "convert", "select", "prepare", "rank", "bitpack")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (default 1: on a shared 2-core VM, OpenMP threads waiting for a busy "
         "core make every op's time swing by 10x; numpy and the baselines are single-threaded too)",
     )
+    p.add_argument("--sweep", action="store_true", help="23.7: cost per id as tokens, layers, experts grow")
     p.add_argument("--tmp", default=os.environ.get("TMPDIR"), help="directory for the .rrt files")
     return p.parse_args(argv)
 
@@ -394,6 +395,92 @@ def row_rank(table: Table, trace: RoutingTrace, tmp: str) -> None:
     path.unlink()
 
 
+def _pack_bits(ids: np.ndarray, bits: int = 9) -> np.ndarray:
+    """9-bit ids packed 8 to 9 bytes (a bit-packing prototype: shifts on uint64 words, no per-bit
+    planes). ``ids.size`` must be a multiple of 8."""
+    assert bits == 9
+    u = ids.reshape(-1, 8).astype(np.uint64)
+    out = np.empty((u.shape[0], 9), dtype=np.uint8)
+    low = u[:, 0].copy()
+    for i in range(1, 7):
+        low |= u[:, i] << np.uint64(9 * i)
+    low |= (u[:, 7] & np.uint64(1)) << np.uint64(63)
+    out[:, :8] = low.view(np.uint8).reshape(-1, 8)
+    out[:, 8] = (u[:, 7] >> np.uint64(1)).astype(np.uint8)
+    return out.reshape(-1)
+
+
+def _unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    assert bits == 9
+    p = packed.reshape(-1, 9)
+    low = np.ascontiguousarray(p[:, :8]).view(np.uint64).reshape(-1)
+    out = np.empty((p.shape[0], 8), dtype=np.int16)
+    mask = np.uint64(0x1FF)
+    for i in range(7):
+        out[:, i] = (low >> np.uint64(9 * i)) & mask
+    out[:, 7] = (low >> np.uint64(63)).astype(np.int16) | (p[:, 8].astype(np.int16) << 1)
+    return out.reshape(-1)[:n]
+
+
+def row_bitpack(table: Table, trace: RoutingTrace, tmp: str) -> None:
+    """23.7: would bit-packing pay above 256 experts? 384 experts: 9-bit ids instead of int16 (44 %
+    fewer bytes). Times a numpy pack / unpack of the ids against save / load of the int16 file."""
+    E = 384
+    ids = (trace.experts.to(torch.int16) + torch.randint(0, 2, trace.experts.shape, dtype=torch.int16) * 128)
+    wide = RoutingTrace._trusted(experts=ids, cu_seqlens=trace.cu_seqlens, layer_ids=trace.layer_ids, num_experts=E)
+    path = Path(tmp) / "wide.rrt"
+    flat = ids.numpy().reshape(-1)
+    packed = _pack_bits(flat, 9)
+    assert np.array_equal(_unpack_bits(packed, 9, flat.size), flat)
+    print(f"<!-- 384 experts: int16 ids {flat.nbytes:,} bytes, 9-bit packed {packed.nbytes:,} bytes "
+          f"({1 - packed.nbytes / flat.nbytes:.0%} fewer) -->")
+    table.row(
+        "9-bit pack of 384-expert ids (numpy)", partial(_pack_bits, flat, 9), "io.save (int16, fsync)",
+        partial(rio.save, wide, path), flat.nbytes, "worth it if << save",
+    )
+    table.row(
+        "9-bit unpack (numpy)", partial(_unpack_bits, packed, 9, flat.size), "io.load (int16, validate=False)",
+        partial(rio.load, path, validate=False), flat.nbytes, "worth it if << load",
+    )
+    path.unlink()
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """23.7: ns per id of save, validated load, from_vllm and RouteStore record+read as tokens,
+    layers and experts grow (one configuration changed at a time from a 1/16-size base)."""
+    base = {"seq_len": 512, "L": 58, "E": 256}
+    configs = [("tokens", {"seq_len": n}) for n in (512, 2048, 8192)]
+    configs += [("layers", {"L": n}) for n in (12, 48, 96)]
+    configs += [("experts", {"E": n}) for n in (64, 256, 384, 1024)]
+    print("| varied | tokens | L | E | id bytes | save ns/id | load ns/id | from_vllm ns/id | store ns/id |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for what, change in configs:
+            cfg = {**base, **change}
+            B, K = 64, args.top_k
+            experts = routes(B, cfg["seq_len"], cfg["L"], K, cfg["E"])
+            tr = RoutingTrace(experts=experts, cu_seqlens=torch.arange(B + 1) * cfg["seq_len"],
+                              layer_ids=range(cfg["L"]), num_experts=cfg["E"])
+            n = experts.numel()
+            path = Path(tmp) / "s.rrt"
+            cu = tr.cu_seqlens.tolist()
+            payloads = [experts[cu[b] : cu[b + 1] - 1].numpy() for b in range(B)]
+            pieces = [tr.select_sequences(range(i, i + 4)) for i in range(0, B, 4)]
+
+            def med(fn, n: int = n) -> float:
+                ts, _ = measure(fn, args.runs)
+                return statistics.median(ts) / n * 1e9
+
+            row = [
+                med(partial(rio.save, tr, path)),
+                med(partial(rio.load, path)),
+                med(partial(from_vllm, payloads, num_experts=cfg["E"])),
+                med(partial(_fill_and_read, pieces, 4)),
+            ]
+            print(f"| {what} | {B * cfg['seq_len']:,} | {cfg['L']} | {cfg['E']} | {experts.element_size()} | "
+                  + " | ".join(f"{x:.2f}" for x in row) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = args.rows.split(",")
@@ -408,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, "
           f"commit {commit.stdout.strip() or '?'}")
+    if args.sweep:
+        sweep(args)
+        return 0
     experts = routes(B, S, L, K, E)
     cu = torch.arange(B + 1, dtype=torch.int64) * S
     trace = RoutingTrace(experts=experts, cu_seqlens=cu, layer_ids=range(L), num_experts=E, meta={"source": "bench"})
@@ -435,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                 row_prepare(table, trace)
             elif name == "rank":
                 row_rank(table, trace, tmp)
+            elif name == "bitpack":
+                row_bitpack(table, trace, tmp)
     return 0
 
 
