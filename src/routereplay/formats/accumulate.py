@@ -404,14 +404,17 @@ class RouteAccumulator:
             experts_RLK, valid_R = self._rows(0, R) if R else (self._empty(), torch.ones(0, dtype=torch.bool))
             self._chunks = [(experts_RLK, None if bool(valid_R.all()) else valid_R)]
         experts_RLK, valid_R = self._chunks[0]
-        trace = RoutingTrace(
-            experts=experts_RLK,
-            cu_seqlens=torch.tensor([0, R], dtype=torch.int64),
+        # Every row comes from a payload's validated trace (ids checked, invalid rows zero): the
+        # joined rows need no second O(R) validation. The constructor on zero rows checks the rest
+        # (meta, layer ids) without reading the routes.
+        head = RoutingTrace(
+            experts=experts_RLK[:0],
+            cu_seqlens=torch.zeros(1, dtype=torch.int64),
             layer_ids=self._layer_ids,
             num_experts=self.num_experts,
-            valid=valid_R,
             meta={"source": self.source, **dict(meta or {})},
         )
+        trace = head._replace(experts=experts_RLK, cu_seqlens=torch.tensor([0, R], dtype=torch.int64), valid=valid_R)
         return _to_rows(trace, rows, "engine")
 
     def _empty(self) -> torch.Tensor:
