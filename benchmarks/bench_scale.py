@@ -395,30 +395,38 @@ def row_rank(table: Table, trace: RoutingTrace, tmp: str) -> None:
     path.unlink()
 
 
+_PACK_BLOCK = 1 << 20  # ids per block: bounds the uint64 temporaries to ~8 MB
+
+
 def _pack_bits(ids: np.ndarray, bits: int = 9) -> np.ndarray:
-    """9-bit ids packed 8 to 9 bytes (a bit-packing prototype: shifts on uint64 words, no per-bit
-    planes). ``ids.size`` must be a multiple of 8."""
-    assert bits == 9
-    u = ids.reshape(-1, 8).astype(np.uint64)
-    out = np.empty((u.shape[0], 9), dtype=np.uint8)
-    low = u[:, 0].copy()
-    for i in range(1, 7):
-        low |= u[:, i] << np.uint64(9 * i)
-    low |= (u[:, 7] & np.uint64(1)) << np.uint64(63)
-    out[:, :8] = low.view(np.uint8).reshape(-1, 8)
-    out[:, 8] = (u[:, 7] >> np.uint64(1)).astype(np.uint8)
+    """9-bit ids packed 8 to 9 bytes (a bit-packing prototype: shifts on uint64 words, block by
+    block). ``ids.size`` must be a multiple of 8."""
+    assert bits == 9 and ids.size % 8 == 0
+    out = np.empty((ids.size // 8, 9), dtype=np.uint8)
+    for lo in range(0, ids.size, _PACK_BLOCK):
+        u = ids[lo : lo + _PACK_BLOCK].reshape(-1, 8).astype(np.uint64)
+        dst = out[lo // 8 : lo // 8 + u.shape[0]]
+        low = u[:, 0].copy()
+        for i in range(1, 7):
+            low |= u[:, i] << np.uint64(9 * i)
+        low |= (u[:, 7] & np.uint64(1)) << np.uint64(63)
+        dst[:, :8] = low.view(np.uint8).reshape(-1, 8)
+        dst[:, 8] = (u[:, 7] >> np.uint64(1)).astype(np.uint8)
     return out.reshape(-1)
 
 
 def _unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     assert bits == 9
     p = packed.reshape(-1, 9)
-    low = np.ascontiguousarray(p[:, :8]).view(np.uint64).reshape(-1)
     out = np.empty((p.shape[0], 8), dtype=np.int16)
     mask = np.uint64(0x1FF)
-    for i in range(7):
-        out[:, i] = (low >> np.uint64(9 * i)) & mask
-    out[:, 7] = (low >> np.uint64(63)).astype(np.int16) | (p[:, 8].astype(np.int16) << 1)
+    for lo in range(0, p.shape[0], _PACK_BLOCK // 8):
+        blk = p[lo : lo + _PACK_BLOCK // 8]
+        low = np.ascontiguousarray(blk[:, :8]).view(np.uint64).reshape(-1)
+        dst = out[lo : lo + blk.shape[0]]
+        for i in range(7):
+            dst[:, i] = (low >> np.uint64(9 * i)) & mask
+        dst[:, 7] = (low >> np.uint64(63)).astype(np.int16) | (blk[:, 8].astype(np.int16) << 1)
     return out.reshape(-1)[:n]
 
 
