@@ -4,7 +4,9 @@ A ``.rrt`` file is a safetensors container: 8-byte little-endian header length, 
 (tensor table plus ``__metadata__``), then the tensor bytes. Any safetensors reader can open
 it; this module adds what a trace needs on top: fixed header fields, a format version that
 readers check, and a CRC-32 over every byte of the file, so that truncation and bit flips in
-the header or the payload are caught before a replay uses the routes.
+the header or the payload are caught before a replay uses the routes. Files of more than one
+chunk of rows (format 1.1) also carry a CRC-32 per chunk and one over the header and
+``cu_seqlens``, so that a reader of some sequences reads and verifies only their chunks.
 
 Legend (shape suffixes used in this file):
     T  tokens, all sequences packed back to back
@@ -125,7 +127,7 @@ class TraceFileHeader:
         path: the file as given to :func:`read_header`.
         file_size: bytes on disk.
         header_size: bytes of the JSON header, padding included (the container's first 8 bytes).
-        version: the format version string (``"1"``).
+        version: the format version string (``"1"``, or ``"1.1"`` for a file with per-chunk checksums).
         checksum_algorithm, checksum: as stored; the checksum is not verified by ``read_header``.
         metadata: the whole ``__metadata__`` mapping (every value a string).
         tensors: name -> :class:`TensorEntry`, in file order.
