@@ -251,7 +251,7 @@ def _stream(encoded: _Encoded, write) -> bytes:
     R, T = encoded.chunk_rows, encoded.num_rows
     num_chunks = -(-T // R)
     chunk_crc = [0] * num_chunks
-    data_crc, data_len, small_crc = 0, 0, None
+    data_crc, data_len, cu_crc, cu_len = 0, 0, 0, 0
     for name, payload in zip(encoded.names, encoded.payloads):
         if name in _ROW_TENSORS:
             row_bytes = payload.nbytes // T
@@ -266,16 +266,14 @@ def _stream(encoded: _Encoded, write) -> bytes:
                 write(block)
             if name in _ROW_TENSORS:
                 chunk_crc[c] = _crc32_combine(chunk_crc[c], part, hi - lo)
-            else:
-                small_crc = (small_crc or 0, part, hi - lo)
+            elif name == "cu_seqlens":
+                cu_crc, cu_len = part, hi - lo
             data_crc, data_len = _crc32_combine(data_crc, part, hi - lo), data_len + hi - lo
     digits = "".join(f"{c:08x}" for c in chunk_crc).encode("ascii")
     at = prefix.index(b'"chunk_checksums":"') + len(b'"chunk_checksums":"')
     prefix = prefix[:at] + digits + prefix[at + len(digits) :]
-    # header_checksum: the prefix with both checksums' digits read as "0", then the non-row tensors.
-    head_crc = zlib.crc32(prefix)
-    if small_crc is not None:
-        head_crc = _crc32_combine(head_crc, small_crc[1], small_crc[2])
+    # header_checksum: the prefix with both checksums' digits read as "0", then cu_seqlens' bytes.
+    head_crc = _crc32_combine(zlib.crc32(prefix), cu_crc, cu_len)
     at = prefix.index(b'"header_checksum":"') + len(b'"header_checksum":"')
     prefix = prefix[:at] + f"{head_crc:08x}".encode("ascii") + prefix[at + 8 :]
     crc = _crc32_combine(zlib.crc32(prefix), data_crc, data_len)
