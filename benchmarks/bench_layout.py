@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / "bench.rrt"
             run("save (routereplay.io.save, fsync)", lambda: rio.save(trace, path), 2 * trace_bytes)
             run(
-                "load (routereplay.io.load, mmap, validate=False)",
+                "load (routereplay.io.load, validate=False)",
                 lambda: rio.load(path, validate=False),
                 2 * trace_bytes,
             )

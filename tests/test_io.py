@@ -432,9 +432,9 @@ def test_future_version(tmp_path, golden_bytes, recompute):
 
 
 def test_newer_minor_version_ignores_unknown_names(tmp_path, golden_bytes):
-    # 1.1 may add fields and tensors; a 1.0 reader loads what it knows.
+    # 1.2 may add fields and tensors; a 1.1 reader loads what it knows.
     table, payload = split(golden_bytes)
-    table["__metadata__"].update(version="1.1", future_field="x")
+    table["__metadata__"].update(version="1.2", future_field="x")
     table["future_tensor"] = {"dtype": "U8", "shape": [3], "data_offsets": [49, 52]}
     path = write(tmp_path, build(table, payload + b"abc"))
     assert rio.load(path) == golden_traces()["golden_v1.rrt"]
@@ -736,6 +736,77 @@ def test_loads_checks_what_load_checks(tmp_path, golden_bytes, keep):
 def test_dumps_rejects_non_traces():
     with pytest.raises(TypeError, match=r"dumps expects a RoutingTrace, found dict"):
         rio.dumps({})
+
+
+# --- loads own their bytes; checksums computed block by block ------------------------------
+def test_default_load_does_not_alias_the_file(tmp_path, golden_bytes):
+    """Issue 20.7: a checksum-verified trace must not change when another writer edits its file."""
+    path = write(tmp_path, golden_bytes)
+    got = rio.load(path)
+    with open(path, "r+b") as f:  # an in-place writer, not routereplay.io.save
+        f.seek(len(golden_bytes) - 49)
+        f.write(b"\xff" * 49)
+    assert got == golden_traces()["golden_v1.rrt"]
+    for name in ("experts", "cu_seqlens", "valid"):
+        assert not _mapped(path.resolve(), getattr(got, name).data_ptr()), name
+
+
+def test_default_load_survives_truncation_of_its_file(tmp_path, golden_bytes):
+    """Issue 20.7: a mapped trace dies with SIGBUS when its file is truncated; the default load
+    does not map. Run in a child process so a regression fails this test, not the test run."""
+    import subprocess
+
+    path = write(tmp_path, golden_bytes)
+    code = (
+        "import os, sys, routereplay.io as rio\n"
+        "t = rio.load(sys.argv[1])\n"
+        "os.truncate(sys.argv[1], 0)\n"
+        "print(int(t.experts.long().sum()), t.cu_seqlens.tolist(), t.valid.tolist())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(rio.__file__).parents[1]), *sys.path])}
+    argv = [sys.executable, "-c", code, str(path)]
+    out = subprocess.run(argv, check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    expected = golden_traces()["golden_v1.rrt"]
+    want = f"{int(expected.experts.long().sum())} {expected.cu_seqlens.tolist()} {expected.valid.tolist()}"
+    assert out.stdout.strip() == want
+
+
+def test_file_that_shrinks_while_read(tmp_path, golden_bytes, monkeypatch):
+    path = write(tmp_path, golden_bytes)
+    read_prefix = rio._read_prefix
+
+    def then_truncate(f, label, file_size=None):
+        out = read_prefix(f, label, file_size)
+        os.truncate(path, 8 + N_HEADER + 10)  # another writer cuts the file after its header was read
+        return out
+
+    monkeypatch.setattr(rio, "_read_prefix", then_truncate)
+    msg = (
+        r"t.rrt: file shrank while being read: the header describes 49 bytes of tensor data but only 10 could "
+        r"be read; load it again once the writer is done"
+    )
+    with pytest.raises(TraceFormatError, match=msg):
+        rio.load(path)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+@pytest.mark.parametrize("name", sorted(golden_traces()))
+def test_block_wise_checksums_give_the_golden_bytes(tmp_path, monkeypatch, name, block):
+    """save / dumps / load / loads checksum block by block: any block size gives the same file."""
+    monkeypatch.setattr(rio, "_IO_BLOCK", block)
+    expected = golden_traces()[name]
+    golden = (DATA / name).read_bytes()
+    rio.save(expected, tmp_path / name)
+    assert (tmp_path / name).read_bytes() == golden
+    assert rio.dumps(expected) == golden
+    assert rio.load(tmp_path / name) == expected
+    assert rio.loads(golden) == expected
+    # a flipped payload bit is still caught, whichever block it falls in
+    flipped = bytearray(golden)
+    flipped[-1] ^= 1
+    with pytest.raises(TraceFormatError, match="checksum mismatch"):
+        rio.loads(bytes(flipped))
 
 
 if __name__ == "__main__":

@@ -431,6 +431,51 @@ def test_route_store_errors():
         RouteStore(handle, t._replace(valid=holes))
 
 
+@pytest.mark.parametrize(
+    "cu, message",
+    [
+        ([0, 8, 3, 10], r"cu_seqlens \[0, 8, 3, 10\] decreases at entry 2 \(8 -> 3\); boundaries must not decrease"),
+        ([2, 3, 8, 10], r"cu_seqlens \[2, 3, 8, 10\] starts at 2; the boundaries of a packed batch start at row 0"),
+        ([0.0, 3.5, 8.0, 10.0], r"cu_seqlens must be a 1-D sequence of ints \[B\+1\], found shape \(4,\) of torch.float32"),
+        ([[0, 3, 8, 10]], r"cu_seqlens must be a 1-D sequence of ints \[B\+1\], found shape \(1, 4\) of torch.int64"),
+        (
+            [0, 4, 8, 10],
+            (
+                r"cu_seqlens \[0, 4, 8, 10\] contradicts the forward, whose inputs \(position_ids restarting at 0, "
+                r"or cu_seq_lens_q\) start sequences at rows \[0, 3, 8\], not \[0, 4, 8\]"
+            ),
+        ),
+    ],
+)
+def test_route_store_refuses_invalid_packed_boundaries(cu, message):
+    """Issue 20.8: boundaries that cannot describe the packed forward are refused at record time."""
+    model = _model(vocab=64, dtype=torch.float32)
+    handle = attach(model)
+    ids, mask = _prompt_batch()
+    packed = torch.cat([ids[b][mask[b].bool()] for b in range(3)])
+    positions = torch.cat([torch.arange(int(n)) for n in mask.sum(1)])
+    store = RouteStore(handle)
+    with pytest.raises(LayoutError, match=message), torch.no_grad(), store.record([0, 1, 2], cu_seqlens=cu):
+        model(input_ids=packed[None], position_ids=positions[None])
+    assert store.sample_ids == []  # nothing stored
+
+
+def test_route_store_accepts_boundaries_that_agree_with_positions():
+    model = _model(vocab=64, dtype=torch.float32)
+    handle = attach(model)
+    ids, mask = _prompt_batch()
+    packed = torch.cat([ids[b][mask[b].bool()] for b in range(3)])
+    positions = torch.cat([torch.arange(int(n)) for n in mask.sum(1)])
+    store = RouteStore(handle)
+    # An empty sample (no rows) is invisible in the positions and agrees with them.
+    cu = torch.tensor([0, 3, 8, 8, 10], dtype=torch.int32)
+    with torch.no_grad(), store.record([0, 1, 9, 2], cu_seqlens=cu) as rec:
+        model(input_ids=packed[None], position_ids=positions[None])
+    assert rec.sequence_boundaries().tolist() == [0, 3, 8, 10]
+    assert store.trace([2, 9, 0]).cu_seqlens.tolist() == [0, 2, 2, 5]
+    assert torch.equal(store.trace([0, 1, 9, 2]).experts, rec.trace().experts)
+
+
 def test_dispatch_tap_sees_what_the_experts_received(bf16_rollout):
     """The witness is independent of the replay: live, the fp32 trainer dispatches other experts than
     the bf16 rollout chose; under replay exactly the rollout's."""

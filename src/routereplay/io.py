@@ -4,7 +4,9 @@ A ``.rrt`` file is a safetensors container: 8-byte little-endian header length, 
 (tensor table plus ``__metadata__``), then the tensor bytes. Any safetensors reader can open
 it; this module adds what a trace needs on top: fixed header fields, a format version that
 readers check, and a CRC-32 over every byte of the file, so that truncation and bit flips in
-the header or the payload are caught before a replay uses the routes.
+the header or the payload are caught before a replay uses the routes. Files of more than one
+chunk of rows (format 1.1) also carry a CRC-32 per chunk and one over the header and
+``cu_seqlens``, so that a reader of some sequences reads and verifies only their chunks.
 
 Legend (shape suffixes used in this file):
     T  tokens, all sequences packed back to back
@@ -15,6 +17,8 @@ Legend (shape suffixes used in this file):
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
 import math
 import os
@@ -23,7 +27,7 @@ import secrets
 import struct
 import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -32,10 +36,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from routereplay.errors import ExpertIdError, GatesError, TraceFormatError
-from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype
+from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
+    "CHUNKED_FORMAT_VERSION",
+    "CHUNK_BYTES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "TensorEntry",
@@ -49,9 +55,13 @@ __all__ = [
 
 FORMAT_NAME = "routereplay.trace"
 FORMAT_VERSION = "1"
+# Files whose rows span more than one chunk carry per-chunk checksums (minor version 1).
+CHUNKED_FORMAT_VERSION = "1.1"
 CHECKSUM_ALGORITHM = "crc32"
 # The major version this module reads, and the newest minor it knows every field of.
-_MAJOR, _MINOR = 1, 0
+_MAJOR, _MINOR = 1, 1
+# Rows per chunk are chosen so that a chunk holds about this many bytes of expert ids.
+CHUNK_BYTES = 4 * 2**20
 # A trace's header is a few hundred bytes plus its layer ids and meta (a few KB in practice).
 # Parsing JSON can take ~20x its size in Python objects, so the reader refuses headers above
 # 16 MiB (safetensors' own limit is 100 MB) and save refuses to write one.
@@ -62,6 +72,9 @@ _MAX_HEADER_BYTES = 16 * 2**20
 _MAX_HEADER_DEPTH = 3
 _MAX_FIELD_DEPTH = 1
 _PLACEHOLDER = "00000000"
+# Bytes read or written and checksummed at a time: the CRC runs on bytes still in cache, so
+# checksumming costs no extra pass over memory.
+_IO_BLOCK = 1 << 20
 
 # safetensors dtype names <-> torch dtypes this format stores.
 _DTYPES: dict[str, torch.dtype] = {
@@ -79,11 +92,15 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _GATE_DTYPES = ("F16", "BF16", "F32", "F64")
 _EXPERT_DTYPES = ("U8", "I16", "I32")
 _REQUIRED_FIELDS = ("format", "version", "layer_ids", "num_experts", "top_k", "meta", "checksum_algorithm", "checksum")
+# Version 1.1: per-chunk checksums, all three present or none.
+_CHUNK_FIELDS = ("chunk_rows", "chunk_checksums", "header_checksum")
+_ROW_TENSORS = ("experts", "gates", "valid")  # tensors with one entry per row, split into chunks
 _REQUIRED_TENSORS = ("experts", "cu_seqlens")
 _OPTIONAL_TENSORS = ("valid", "gates")
 _VERSION_RE = re.compile(r"(0|[1-9][0-9]*)(?:\.(0|[1-9][0-9]*))?")
 _COUNT_RE = re.compile(r"[1-9][0-9]*")
 _CHECKSUM_RE = re.compile(r"[0-9a-f]{8}")
+_HEX_RE = re.compile(r"[0-9a-f]*")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -110,7 +127,7 @@ class TraceFileHeader:
         path: the file as given to :func:`read_header`.
         file_size: bytes on disk.
         header_size: bytes of the JSON header, padding included (the container's first 8 bytes).
-        version: the format version string (``"1"``).
+        version: the format version string (``"1"``, or ``"1.1"`` for a file with per-chunk checksums).
         checksum_algorithm, checksum: as stored; the checksum is not verified by ``read_header``.
         metadata: the whole ``__metadata__`` mapping (every value a string).
         tensors: name -> :class:`TensorEntry`, in file order.
@@ -132,7 +149,9 @@ class TraceFileHeader:
 
 
 # --- writing -------------------------------------------------------------------------------
-def save(trace: RoutingTrace, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+def save(
+    trace: RoutingTrace, path: str | os.PathLike[str], *, fsync: bool = True, chunk_bytes: int = CHUNK_BYTES
+) -> None:
     """Write ``trace`` to ``path`` as a ``.rrt`` file, atomically.
 
     The bytes go to a temporary file in the same directory, which is flushed (and fsynced when
@@ -145,6 +164,10 @@ def save(trace: RoutingTrace, path: str | os.PathLike[str], *, fsync: bool = Tru
         path: destination file; its directory must exist. ``.rrt`` is the usual suffix.
         fsync: force the bytes to disk before the rename (crash safety). Turn off only for
             scratch files.
+        chunk_bytes: about how many bytes of expert ids each checksummed chunk of rows holds.
+            A trace of more than one chunk is written as format version 1.1, with a checksum
+            per chunk, so that :func:`load` with ``sequences=`` reads and verifies only the
+            chunks it needs; a trace of one chunk as version 1, as before.
 
     Raises:
         TypeError: ``trace`` is not a RoutingTrace.
@@ -161,7 +184,7 @@ def save(trace: RoutingTrace, path: str | os.PathLike[str], *, fsync: bool = Tru
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{path}: directory {directory} does not exist; create it before saving the trace")
 
-    _atomic_write(path, _encode(trace), fsync=fsync)
+    _atomic_write(path, _encode(trace, chunk_bytes), fsync=fsync)
 
 
 def dumps(trace: RoutingTrace) -> bytes:
@@ -176,11 +199,127 @@ def dumps(trace: RoutingTrace) -> bytes:
     if not isinstance(trace, RoutingTrace):
         raise TypeError(f"dumps expects a RoutingTrace, found {type(trace).__name__}")
     _check_host_byte_order()
-    return b"".join(_encode(trace))
+    encoded = _encode(trace, CHUNK_BYTES)
+    out = bytearray(encoded.size)
+    dst = memoryview(out)
+    pos = 0
+
+    def write(block: memoryview | bytes) -> None:
+        nonlocal pos
+        n = len(block) if isinstance(block, bytes) else block.nbytes
+        dst[pos : pos + n] = block
+        pos += n
+
+    prefix = _stream(encoded, write)
+    dst[: len(prefix)] = prefix
+    return bytes(out)
 
 
-def _encode(trace: RoutingTrace) -> list:
-    """The file as chunks: the prefix (length + header), then each tensor's bytes, in file order."""
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A trace as the file's pieces: the prefix (length + header) with the checksum digits set to
+    "0", each tensor's bytes in file order, and where the digits sit in the prefix. The writer
+    computes the CRC while it writes the payloads, then writes the digits over the placeholder."""
+
+    prefix: bytes
+    payloads: list
+    digits_at: int
+    names: tuple[str, ...] = ()  # tensor names, file order (chunked files only)
+    chunk_rows: int = 0  # rows per chunk; 0: a version-1.0 file without chunks
+    num_rows: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + sum(p.nbytes for p in self.payloads)
+
+
+def _stream(encoded: _Encoded, write) -> bytes:
+    """Write the file's bytes through ``write`` in file order, checksumming each block as it is
+    written; return the final prefix, to be written over the placeholder prefix at offset 0."""
+    prefix = encoded.prefix
+    write(prefix)
+    if not encoded.chunk_rows:
+        crc = zlib.crc32(prefix)
+        for payload in encoded.payloads:
+            for begin in range(0, payload.nbytes, _IO_BLOCK):
+                block = payload[begin : begin + _IO_BLOCK]
+                crc = zlib.crc32(block, crc)
+                write(block)
+        return _with_digits(prefix, encoded.digits_at, crc)
+    # Chunked (1.1): each tensor's bytes are checksummed once, part by part; a part's CRC is
+    # folded into its chunk's checksum and into the data's (zlib's crc32_combine).
+    R, T = encoded.chunk_rows, encoded.num_rows
+    num_chunks = -(-T // R)
+    chunk_crc = [0] * num_chunks
+    data_crc, data_len, cu_crc, cu_len = 0, 0, 0, 0
+    for name, payload in zip(encoded.names, encoded.payloads):
+        if name in _ROW_TENSORS:
+            row_bytes = payload.nbytes // T
+            bounds = [(c * R * row_bytes, min((c + 1) * R, T) * row_bytes) for c in range(num_chunks)]
+        else:
+            bounds = [(0, payload.nbytes)]
+        for c, (lo, hi) in enumerate(bounds):
+            part = 0
+            for begin in range(lo, hi, _IO_BLOCK):
+                block = payload[begin : min(begin + _IO_BLOCK, hi)]
+                part = zlib.crc32(block, part)
+                write(block)
+            if name in _ROW_TENSORS:
+                chunk_crc[c] = _crc32_combine(chunk_crc[c], part, hi - lo)
+            elif name == "cu_seqlens":
+                cu_crc, cu_len = part, hi - lo
+            data_crc, data_len = _crc32_combine(data_crc, part, hi - lo), data_len + hi - lo
+    digits = "".join(f"{c:08x}" for c in chunk_crc).encode("ascii")
+    at = prefix.index(b'"chunk_checksums":"') + len(b'"chunk_checksums":"')
+    prefix = prefix[:at] + digits + prefix[at + len(digits) :]
+    # header_checksum: the prefix with both checksums' digits read as "0", then cu_seqlens' bytes.
+    head_crc = _crc32_combine(zlib.crc32(prefix), cu_crc, cu_len)
+    at = prefix.index(b'"header_checksum":"') + len(b'"header_checksum":"')
+    prefix = prefix[:at] + f"{head_crc:08x}".encode("ascii") + prefix[at + 8 :]
+    crc = _crc32_combine(zlib.crc32(prefix), data_crc, data_len)
+    return _with_digits(prefix, encoded.digits_at, crc)
+
+
+def _with_digits(prefix: bytes, at: int, crc: int) -> bytes:
+    return prefix[:at] + f"{crc:08x}".encode("ascii") + prefix[at + 8 :]
+
+
+def _gf2_times(mat: tuple[int, ...], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_operator(nbytes: int) -> tuple[int, ...]:
+    """The GF(2) matrix (32 columns) that advances a CRC-32 over ``nbytes`` zero bytes."""
+    op = (0xEDB88320, *(1 << i for i in range(31)))  # one zero bit
+    for _ in range(3):  # one zero byte
+        op = tuple(_gf2_times(op, col) for col in op)
+    result = None
+    while nbytes:
+        if nbytes & 1:
+            result = op if result is None else tuple(_gf2_times(op, col) for col in result)
+        nbytes >>= 1
+        if nbytes:
+            op = tuple(_gf2_times(op, col) for col in op)
+    return result if result is not None else tuple(1 << i for i in range(32))
+
+
+def _crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and ``len(B)`` (zlib's
+    crc32_combine, which Python's zlib module does not expose)."""
+    if not len2:
+        return crc1
+    return _gf2_times(_zeros_operator(len2), crc1) ^ crc2
+
+
+def _encode(trace: RoutingTrace, chunk_bytes: int = CHUNK_BYTES) -> _Encoded:
+    """The file as pieces: the placeholder prefix, then each tensor's bytes, in file order."""
     tensors = _tensors_of(trace)
     # File order: larger elements first, then by name. Every tensor then starts at a multiple
     # of its element size, so readers can view the bytes in place (safetensors does the same).
@@ -194,9 +333,15 @@ def _encode(trace: RoutingTrace) -> list:
             dtype=_DTYPE_NAMES[t.dtype], shape=tuple(t.shape), start=offset, end=offset + nbytes
         )
         offset += nbytes
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive int, found {chunk_bytes!r}")
+    T = trace.num_tokens
+    row_bytes = max(1, tensors["experts"][:1].numel() * tensors["experts"].element_size())
+    chunk_rows = max(1, chunk_bytes // row_bytes)
+    chunked = T > chunk_rows
     metadata = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": CHUNKED_FORMAT_VERSION if chunked else FORMAT_VERSION,
         "layer_ids": json.dumps(list(trace.layer_ids), separators=(",", ":")),
         "num_experts": str(trace.num_experts),
         "top_k": str(trace.top_k),
@@ -204,20 +349,26 @@ def _encode(trace: RoutingTrace) -> list:
         "checksum_algorithm": CHECKSUM_ALGORITHM,
         "checksum": _PLACEHOLDER,
     }
-    payloads = [_bytes_view(tensors[name]) for name in order]
-    # The checksum covers the file as written with the checksum digits set to "0": hash the
-    # placeholder prefix and the payloads, then write the prefix again with the digits filled in.
-    crc = zlib.crc32(_encode_prefix(metadata, entries))
-    for payload in payloads:
-        crc = zlib.crc32(payload, crc)
-    prefix = _encode_prefix({**metadata, "checksum": f"{crc:08x}"}, entries)
+    if chunked:
+        metadata["chunk_rows"] = str(chunk_rows)
+        metadata["chunk_checksums"] = _PLACEHOLDER * -(-T // chunk_rows)
+        metadata["header_checksum"] = _PLACEHOLDER
+    # The checksum covers the file as written with the checksum digits set to "0". The digits
+    # have a fixed width, so filling them in later moves no byte.
+    prefix = _encode_prefix(metadata, entries)
     if len(prefix) - 8 > _MAX_HEADER_BYTES:
         raise TraceFormatError(
             f"the .rrt header of this trace would be {len(prefix) - 8} bytes, above the "
             f"{_MAX_HEADER_BYTES}-byte limit readers accept (its meta holds {len(metadata['meta'])} bytes "
             f"of JSON and layer_ids {len(trace.layer_ids)} entries); keep meta to short provenance strings"
         )
-    return [prefix, *payloads]
+    # JSON strings escape their quotes, so the unquoted field occurs once, as the reader requires.
+    field = b'"checksum":"' + _PLACEHOLDER.encode("ascii") + b'"'
+    digits_at = prefix.index(field) + len(field) - 9
+    payloads = [_bytes_view(tensors[name]) for name in order]
+    if not chunked:
+        return _Encoded(prefix, payloads, digits_at)
+    return _Encoded(prefix, payloads, digits_at, names=tuple(order), chunk_rows=chunk_rows, num_rows=T)
 
 
 def _tensors_of(trace: RoutingTrace) -> dict[str, torch.Tensor]:
@@ -270,15 +421,18 @@ def _encode_prefix(metadata: Mapping[str, str], entries: Mapping[str, TensorEntr
     return struct.pack("<Q", len(header)) + header
 
 
-def _atomic_write(path: str, chunks: list, *, fsync: bool) -> None:
+def _atomic_write(path: str, encoded: _Encoded, *, fsync: bool) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     # O_EXCL: never clobber someone else's temp file; mode 0o666 lets the umask decide, as open() would.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            # One pass over the payload: each block is checksummed right before it is written,
+            # while it is in cache; then the final header goes over the placeholder (same length).
+            prefix = _stream(encoded, f.write)
+            f.seek(0)
+            f.write(prefix)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -317,47 +471,234 @@ def read_header(path: str | os.PathLike[str]) -> TraceFileHeader:
 def load(
     path: str | os.PathLike[str],
     *,
-    mmap: bool = True,
+    mmap: bool = False,
     validate: bool = True,
     device: torch.device | str = "cpu",
+    sequences: Sequence[int] | torch.Tensor | None = None,
+    layers: Sequence[int] | None = None,
 ) -> RoutingTrace:
     """Read a ``.rrt`` file written by :func:`save`.
 
     The header is checked (format, version, fields), then the CRC-32 over the whole file is
     verified against the bytes that become the trace's tensors, then the trace is built.
 
+    By default the data section is read once into memory the trace owns, and the checksum is
+    computed block by block as the bytes arrive (one pass over the file, no second copy): the
+    trace is then independent of the file, whatever happens to it afterwards.
+
     Args:
         path: the file.
-        mmap: map the file instead of reading it: the tensors view the page cache and no copy is
-            made (they are copy-on-write; writing to them never changes the file). The mapping
-            lives as long as the tensors. With ``mmap=False`` the tensors own their memory.
-            (``validate=True`` on a trace with invalid rows builds a new ``experts`` tensor, as
-            RoutingTrace re-zeros those rows.)
+        mmap: opt-in: map the file instead of reading it. The tensors view the page cache (no
+            copy; copy-on-write, so writing to them never changes the file) and the mapping lives
+            as long as they do. Only for files nobody modifies in place while the trace is alive:
+            bytes another writer changes in place show through a trace whose checksum was
+            verified, and truncating the file kills the reading process with SIGBUS when it
+            touches a page past the new end. :func:`save` never does either (it writes a new
+            file and renames it over the old one), so mapping files only ever written by
+            :func:`save` is safe.
         validate: re-run every RoutingTrace check (id range, duplicate ids, monotone
-            ``cu_seqlens``, finite gates); O(T). With ``False`` only the O(1) structural checks
-            run and the checksum vouches for the content.
+            ``cu_seqlens``, finite gates); O(T), over cache-sized blocks without copies of the
+            ids. With ``False`` only the O(1) structural checks run and the checksum vouches for
+            the content.
         device: where the returned tensors live. The checksum is verified on the host first.
+        sequences: only these sequences, in this order (as ``trace.select_sequences``). From a
+            chunked file (format 1.1, see docs/FORMAT.md) only the chunks of rows that hold them
+            are read, each verified against its own checksum, after the header and
+            ``cu_seqlens`` are verified against theirs; the whole-file checksum is not computed.
+            From a file without chunks (version 1.0, or one chunk) the whole file is read and
+            verified, then the sequences selected.
+        layers: only these global layer ids, in this order (as ``trace.select_layers``). The
+            rows' bytes of every layer are still read: a row holds its layers side by side.
 
     Returns:
         The RoutingTrace, with ``experts [T, L, K]`` in the compact dtype for ``num_experts``.
 
     Raises:
-        TraceFormatError: truncated or corrupt file, not a routereplay trace, unknown format
-            version, checksum mismatch, missing or malformed field or tensor. The message names
-            the path and the problem.
+        TraceFormatError: truncated or corrupt file (including one that shrinks while it is
+            read), not a routereplay trace, unknown format version, checksum mismatch, missing or
+            malformed field or tensor. The message names the path and the problem.
         TraceError subclasses (ExpertIdError, ...): ``validate=True`` and the stored routes are
-            not a valid trace.
+            not a valid trace; TraceMismatchError for a layer the trace lacks.
+        IndexError: a sequence index out of range.
         FileNotFoundError, PermissionError: the file cannot be opened.
     """
     _check_host_byte_order()
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    if sequences is not None or layers is not None:
+        trace = _load_part(path, sequences, validate=validate, mmap=mmap)
+        if layers is not None:
+            trace = trace.select_layers(layers)
+        return trace if torch.device(device).type == "cpu" else trace.to(device)
+    # Unbuffered: the data section is read straight into the trace's memory, block by block.
+    with open(path, "rb", buffering=0) as f:
         header, prefix = _read_prefix(f, path)
-    tensors = _read_tensors(path, header)
-    _verify_checksum(path, header, prefix, tensors)
-    if not mmap and torch.device(device).type == "cpu":
-        tensors = {name: t.clone() for name, t in tensors.items()}
+        if not mmap:
+            _require_tensors(path, header)
+            buffer = _read_data(f, path, header, prefix)
+    if mmap:
+        tensors = _read_tensors(path, header)
+        _verify_checksum(path, header, prefix, tensors)
+    else:
+        tensors = _views(buffer, header)
     return _build(path, header, tensors, validate=validate, device=device)
+
+
+def _read_data(f, path: str, header: TraceFileHeader, prefix: bytes) -> torch.Tensor:
+    """The data section read from ``f`` (positioned after the header) into one new uint8 buffer,
+    checksummed block by block as it is read."""
+    n = header.data_size
+    buffer = host_empty((n,), torch.uint8)
+    view = memoryview(buffer.numpy()) if n else memoryview(b"")
+    crc = _prefix_crc(path, header, prefix)
+    pos = 0
+    while pos < n:
+        got = f.readinto(view[pos : pos + _IO_BLOCK])
+        if not got:
+            raise _fail(
+                path,
+                f"file shrank while being read: the header describes {n} bytes of tensor data but only {pos} "
+                "could be read; load it again once the writer is done",
+            )
+        crc = zlib.crc32(view[pos : pos + got], crc)
+        pos += got
+    _check_crc(path, header, crc)
+    return buffer
+
+
+def _views(buffer: torch.Tensor, header: TraceFileHeader) -> dict[str, torch.Tensor]:
+    """Each tensor of the header as a view of the data section ``buffer``."""
+    return {name: buffer[e.start : e.end].view(_DTYPES[e.dtype]).view(e.shape) for name, e in header.tensors.items()}
+
+
+def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTrace:
+    """:func:`load` with ``sequences``: the chunks holding them, read and verified one by one."""
+    with open(path, "rb", buffering=0) as f:
+        header, prefix = _read_prefix(f, path)
+        _require_tensors(path, header)
+        if "chunk_rows" not in header.metadata:
+            f.close()
+            full = load(path, mmap=mmap, validate=validate)
+            return full if sequences is None else full.select_sequences(_as_index(sequences, full.num_seqs))
+        fields = _parse_fields(path, header)
+        data_start = 8 + header.header_size
+        cu_entry = header.tensors["cu_seqlens"]
+        cu_raw = _pread(f, path, data_start + cu_entry.start, cu_entry.end - cu_entry.start)
+        _check_header_crc(path, header, prefix, cu_raw)
+        cu = np.frombuffer(cu_raw, dtype=np.int64)
+        T = header.tensors["experts"].shape[0]
+        if cu[0] != 0 or cu[-1] != T or (np.diff(cu) < 0).any():
+            raise _fail(path, f"cu_seqlens runs from {int(cu[0])} to {int(cu[-1])} or decreases, expected 0 .. T={T}; {_CORRUPT}")
+        B = cu.size - 1
+        idx = list(range(B)) if sequences is None else _as_index(sequences, B)
+        spans = [(int(cu[b]), int(cu[b + 1]) - int(cu[b])) for b in idx]
+        R = int(header.metadata["chunk_rows"])
+        needed = sorted({c for start, n in spans if n for c in range(start // R, (start + n - 1) // R + 1)})
+        runs: list[list[int]] = []  # [first chunk, last chunk + 1], consecutive chunks merged
+        for c in needed:
+            if runs and runs[-1][1] == c:
+                runs[-1][1] = c + 1
+            else:
+                runs.append([c, c + 1])
+        # Read each row tensor's bytes of each run (file order, so that each chunk's checksum
+        # chains over its parts in file order, as the writer computed it).
+        row_names = [name for name in header.tensors if name in _ROW_TENSORS]
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in row_names}
+        chunk_crc: dict[int, int] = {}
+        for name in row_names:
+            e = header.tensors[name]
+            row_bytes = (e.end - e.start) // T if T else 0
+            for c0, c1 in runs:
+                r0, r1 = c0 * R, min(c1 * R, T)
+                buf = host_empty(((r1 - r0) * row_bytes,), torch.uint8)
+                _pread_into(f, path, data_start + e.start + r0 * row_bytes, buf.numpy())
+                view = memoryview(buf.numpy())
+                for c in range(c0, c1):
+                    lo, hi = (c * R - r0) * row_bytes, (min((c + 1) * R, T) - r0) * row_bytes
+                    chunk_crc[c] = zlib.crc32(view[lo:hi], chunk_crc.get(c, 0))
+                parts[name].append(buf.view(_DTYPES[e.dtype]).view(r1 - r0, *e.shape[1:]))
+    digits = header.metadata["chunk_checksums"]
+    for c in needed:
+        want, found = digits[8 * c : 8 * c + 8], f"{chunk_crc[c]:08x}"
+        if found != want:
+            raise _fail(
+                path,
+                f"chunk {c} (rows {c * R} to {min((c + 1) * R, T) - 1}) fails its checksum: the header records "
+                f"crc32 {want} but its bytes give {found}; the file is corrupt there (bit flip, partial "
+                "overwrite), write it again with routereplay.io.save",
+            )
+    # The selected sequences, in order, from the runs read.
+    run_rows = [(c0 * R, min(c1 * R, T)) for c0, c1 in runs]
+    run_at = [r0 for r0, _ in run_rows]
+    total = sum(n for _, n in spans)
+    out: dict[str, torch.Tensor] = {}
+    for name in row_names:
+        e = header.tensors[name]
+        dst = host_empty((total, *e.shape[1:]), _DTYPES[e.dtype])
+        row = 0
+        for start, n in spans:
+            if n:
+                k = bisect.bisect_right(run_at, start) - 1
+                dst[row : row + n] = parts[name][k][start - run_rows[k][0] : start - run_rows[k][0] + n]
+                row += n
+        out[name] = dst
+    del parts
+    cu_B1 = torch.zeros(len(spans) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor([n for _, n in spans], dtype=torch.int64), 0, out=cu_B1[1:])
+    built = {
+        "experts": out["experts"],
+        "cu_seqlens": cu_B1,
+        "layer_ids": fields["layer_ids"],
+        "num_experts": fields["num_experts"],
+        "valid": out.get("valid"),
+        "gates": out.get("gates"),
+        "meta": fields["meta"],
+    }
+    return RoutingTrace(**built) if validate else RoutingTrace._trusted(**built)
+
+
+def _as_index(sequences, B: int) -> list[int]:
+    idx = torch.as_tensor(sequences, dtype=torch.int64).reshape(-1).tolist()
+    bad = [i for i in idx if not -B <= i < B]
+    if bad:
+        raise IndexError(f"sequence indices {bad} out of range for a trace of {B} sequences")
+    return [i % B for i in idx]
+
+
+def _pread(f, path: str, offset: int, n: int) -> bytes:
+    raw = os.pread(f.fileno(), n, offset)
+    if len(raw) != n:
+        raise _fail(path, f"file shrank while being read: expected {n} bytes at offset {offset}, got {len(raw)}")
+    return raw
+
+
+def _pread_into(f, path: str, offset: int, dst: np.ndarray) -> None:
+    view, pos = memoryview(dst), 0
+    while pos < dst.nbytes:
+        got = os.preadv(f.fileno(), [view[pos : pos + _IO_BLOCK * 16]], offset + pos)
+        if not got:
+            raise _fail(path, f"file shrank while being read: expected {dst.nbytes} bytes at offset {offset}, got {pos}")
+        pos += got
+
+
+def _check_header_crc(path: str, header: TraceFileHeader, prefix: bytes, cu_raw: bytes) -> None:
+    """``header_checksum``: the prefix with the digits of ``checksum`` and ``header_checksum`` read
+    as "0", then the bytes of ``cu_seqlens``."""
+    zeroed = prefix
+    for field in ("checksum", "header_checksum"):
+        key = b'"' + field.encode("ascii") + b'":"'
+        at = zeroed.find(key + header.metadata[field].encode("ascii") + b'"')
+        if at < 0:
+            raise _fail(path, f"the {field} field is not written in the canonical form this reader verifies; {_CORRUPT}")
+        at += len(key)
+        zeroed = zeroed[:at] + _PLACEHOLDER.encode("ascii") + zeroed[at + 8 :]
+    found = f"{zlib.crc32(cu_raw, zlib.crc32(zeroed)):08x}"
+    want = header.metadata["header_checksum"]
+    if found != want:
+        raise _fail(
+            path,
+            f"header checksum mismatch: the header records crc32 {want} but the header and cu_seqlens give "
+            f"{found}; the file is corrupt, write it again with routereplay.io.save",
+        )
 
 
 def loads(
@@ -383,14 +724,17 @@ def loads(
     header, prefix = _read_prefix(_BytesReader(view), label, file_size=view.nbytes)
     _require_tensors(label, header)
     data_start = 8 + header.header_size
-    # One copy of the data section into memory torch owns, then a view per tensor.
-    buffer = torch.empty(header.data_size, dtype=torch.uint8)
-    buffer.numpy()[:] = np.frombuffer(view, dtype=np.uint8, count=header.data_size, offset=data_start)
-    tensors = {
-        name: buffer[e.start : e.end].view(_DTYPES[e.dtype]).view(e.shape) for name, e in header.tensors.items()
-    }
-    _verify_checksum(label, header, prefix, tensors)
-    return _build(label, header, tensors, validate=validate, device=device)
+    # One copy of the data section into memory torch owns, checksummed block by block as it is
+    # copied, then a view per tensor.
+    buffer = host_empty((header.data_size,), torch.uint8)
+    dst = buffer.numpy()
+    src = np.frombuffer(view, dtype=np.uint8, count=header.data_size, offset=data_start)
+    crc = _prefix_crc(label, header, prefix)
+    for pos in range(0, header.data_size, _IO_BLOCK):
+        dst[pos : pos + _IO_BLOCK] = src[pos : pos + _IO_BLOCK]
+        crc = zlib.crc32(dst[pos : pos + _IO_BLOCK], crc)
+    _check_crc(label, header, crc)
+    return _build(label, header, _views(buffer, header), validate=validate, device=device)
 
 
 class _BytesReader:
@@ -422,7 +766,13 @@ def _build(
         "meta": fields["meta"],
     }
     if validate:
-        return RoutingTrace(**parts)
+        trace = RoutingTrace(**parts)
+        if trace.experts is not parts["experts"] and torch.device(device).type == "cpu":
+            # Validation built new ids (invalid rows held non-zero bytes): copy the small tensors so
+            # they do not keep the whole data section alive next to the new ids.
+            own = lambda t: None if t is None else t.clone()
+            trace = trace._replace(cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates))
+        return trace
     # Without validation, still refuse what would break indexing downstream (O(1) checks).
     cu_seqlens_B1, T = parts["cu_seqlens"], parts["experts"].shape[0]
     if int(cu_seqlens_B1[0]) != 0 or int(cu_seqlens_B1[-1]) != T:
@@ -541,7 +891,8 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
     if minor <= _MINOR:
         # A newer minor version may add fields and tensors that this reader ignores; in a
         # version this reader knows fully, an unknown name means a damaged header.
-        unknown = sorted(set(metadata) - set(_REQUIRED_FIELDS))
+        known = _REQUIRED_FIELDS + (_CHUNK_FIELDS if minor >= 1 else ())
+        unknown = sorted(set(metadata) - set(known))
         if unknown:
             raise _fail(path, f"unknown metadata field(s) {unknown} in a version-{version} trace; {_CORRUPT}")
         unknown = sorted(set(tensors) - set(_REQUIRED_TENSORS) - set(_OPTIONAL_TENSORS))
@@ -560,6 +911,24 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
     checksum = metadata["checksum"]
     if not _CHECKSUM_RE.fullmatch(checksum):
         raise _fail(path, f"checksum field is {checksum!r}, expected 8 lowercase hex digits; {_CORRUPT}")
+    if minor >= 1 and any(name in metadata for name in _CHUNK_FIELDS):
+        absent = [name for name in _CHUNK_FIELDS if name not in metadata]
+        if absent:
+            raise _fail(path, f"has some chunk fields but not {absent}; a chunked trace has all of {list(_CHUNK_FIELDS)}; {_CORRUPT}")
+        if not _COUNT_RE.fullmatch(metadata["chunk_rows"]) or len(metadata["chunk_rows"]) > 19:
+            raise _fail(path, f"field 'chunk_rows' is {_short(metadata['chunk_rows'])}, expected a positive decimal integer; {_CORRUPT}")
+        if not _CHECKSUM_RE.fullmatch(metadata["header_checksum"]):
+            raise _fail(path, f"field 'header_checksum' is {_short(metadata['header_checksum'])}, expected 8 lowercase hex digits; {_CORRUPT}")
+        experts = tensors.get("experts")
+        rows = experts.shape[0] if experts is not None and experts.shape else 0
+        want = 8 * -(-rows // int(metadata["chunk_rows"]))
+        digits = metadata["chunk_checksums"]
+        if len(digits) != want or not _HEX_RE.fullmatch(digits):
+            raise _fail(
+                path,
+                f"field 'chunk_checksums' holds {len(digits)} characters, expected {want} lowercase hex digits "
+                f"(8 per chunk of {metadata['chunk_rows']} rows over {rows} rows); {_CORRUPT}",
+            )
 
     header = TraceFileHeader(
         path=path,
@@ -655,14 +1024,23 @@ def _read_tensors(path: str, header: TraceFileHeader) -> dict[str, torch.Tensor]
 
 def _verify_checksum(path: str, header: TraceFileHeader, prefix: bytes, tensors: Mapping[str, torch.Tensor]) -> None:
     """CRC-32 of the whole file with the checksum digits read as '0', in file order."""
+    crc = _prefix_crc(path, header, prefix)
+    for name in header.tensors:  # already in file order
+        crc = zlib.crc32(_bytes_view(tensors[name]), crc)
+    _check_crc(path, header, crc)
+
+
+def _prefix_crc(path: str, header: TraceFileHeader, prefix: bytes) -> int:
+    """CRC-32 of the length and header with the checksum digits read as '0' (the file's start)."""
     field = b'"checksum":"' + header.checksum.encode("ascii") + b'"'
     at = prefix.find(field)
     if at < 0 or prefix.find(field, at + 1) >= 0:
         raise _fail(path, "the checksum field is not written in the canonical form this reader verifies; " + _CORRUPT)
     digits = at + len(field) - 9
-    crc = zlib.crc32(prefix[:digits] + _PLACEHOLDER.encode("ascii") + prefix[digits + 8 :])
-    for name in header.tensors:  # already in file order
-        crc = zlib.crc32(_bytes_view(tensors[name]), crc)
+    return zlib.crc32(prefix[:digits] + _PLACEHOLDER.encode("ascii") + prefix[digits + 8 :])
+
+
+def _check_crc(path: str, header: TraceFileHeader, crc: int) -> None:
     found = f"{crc:08x}"
     if found != header.checksum:
         raise _fail(

@@ -38,18 +38,21 @@ Legend (shape suffixes):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from routereplay import io
 from routereplay.errors import LayerMismatchError, LayoutError
 from routereplay.trace import RoutingTrace
 
 __all__ = [
     "ParallelLayout",
     "RankCoords",
+    "load_for_rank",
     "micro_batch_sequences",
     "pipeline_layer_ids",
     "router_rows",
@@ -313,8 +316,61 @@ def slice_for_rank(
         raise LayerMismatchError(
             f"rank {coords}: layer(s) {missing} are not in the trace, which has layers {list(trace.layer_ids)}"
         )
+    return _micro_batches(trace, layout, coords, ids, micro_batch_sequences(layout, trace.num_seqs, coords.dp))
+
+
+def load_for_rank(
+    path: str | os.PathLike[str],
+    layout: ParallelLayout,
+    coords: RankCoords,
+    *,
+    layer_ids: Sequence[int],
+    validate: bool = True,
+) -> list[RoutingTrace] | None:
+    """:func:`slice_for_rank` of the trace in a ``.rrt`` file, reading only this rank's sequences.
+
+    From a chunked file (format 1.1, what ``routereplay.io.save`` writes for traces above one
+    chunk, 4 MiB of ids) the rank reads the header, ``cu_seqlens`` and the chunks of rows that hold
+    its sequences, each verified against its own checksum: about ``1/dp`` of the file. From an
+    older file it reads and verifies the whole file.
+
+    Args:
+        path: the global batch's trace in training rows, sequences in global sample order.
+        layout, coords, layer_ids: as for :func:`slice_for_rank`.
+        validate: run the RoutingTrace checks on the rows read (``routereplay.io.load``).
+
+    Returns:
+        What :func:`slice_for_rank` returns for the whole trace.
+
+    Raises:
+        TraceFormatError: a damaged header, ``cu_seqlens`` or chunk (the message names it), and
+            the errors of :func:`slice_for_rank`.
+    """
+    layout.check(coords)
+    ids = list(layer_ids)
+    if not ids:
+        return None
+    num_seqs = io.read_header(path).tensors["cu_seqlens"].shape[0] - 1
+    mbs = micro_batch_sequences(layout, num_seqs, coords.dp)
+    share = io.load(path, sequences=[s for mb in mbs for s in mb], validate=validate)
+    missing = [i for i in ids if i not in share.layer_ids]
+    if missing:
+        raise LayerMismatchError(
+            f"rank {coords}: layer(s) {missing} are not in the trace, which has layers {list(share.layer_ids)}"
+        )
+    local, at = [], 0
+    for mb in mbs:
+        local.append(list(range(at, at + len(mb))))
+        at += len(mb)
+    return _micro_batches(share, layout, coords, ids, local)
+
+
+def _micro_batches(
+    trace: RoutingTrace, layout: ParallelLayout, coords: RankCoords, ids: list[int], seq_lists: list[list[int]]
+) -> list[RoutingTrace]:
+    """Per micro-batch (sequences ``seq_lists[m]`` of ``trace``) the router rows of rank ``coords``."""
     out = []
-    for seqs in micro_batch_sequences(layout, trace.num_seqs, coords.dp):
+    for seqs in seq_lists:
         mb = trace.select_sequences(seqs).select_layers(ids)  # only this rank's share is copied
         src_N = router_rows(layout, mb.seq_lens, coords).to(mb.device)
         N = src_N.numel()

@@ -111,6 +111,30 @@ class Recording:
             )
         return [(s[0], s[1]) if len(s) == 2 else (1, s[0]) if len(s) == 1 else (s[0], s[-1]) for s in shapes]
 
+    def sequence_boundaries(self, forward: int = -1) -> torch.Tensor | None:
+        """The sequence boundaries a packed ``[1, T]`` forward named in its inputs, or None.
+
+        A padding-free packed batch names its sequences through ``position_ids`` restarting at 0
+        or flash-attention's ``cu_seq_lens_q`` (as :meth:`trace` reads them). Returns int64
+        ``[B+1]`` from 0 to the forward's rows, or None when the forward named none (no such
+        input, a padded batch, or positions of a sequence-parallel slice, not starting at 0).
+
+        Raises:
+            LayoutError: the named boundaries do not fit the forward's rows (as :meth:`trace`).
+        """
+        n = range(self.num_forwards)[forward]
+        packed = self._packed[n] if n < len(self._packed) else None
+        if packed is None:
+            return None
+        N = self._ids[0][n].shape[0] if self._ids else 0
+        kind, value = packed
+        if kind == "pos" and (N == 0 or int(value.reshape(-1)[0]) != 0):
+            return None
+        lens_B = _packed_lens(n, packed, N)
+        cu = torch.zeros(lens_B.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lens_B, 0, out=cu[1:])
+        return cu
+
     def trace(self, attention_mask: torch.Tensor | Sequence[torch.Tensor] | None = None) -> RoutingTrace:
         """The recorded routes as a RoutingTrace.
 

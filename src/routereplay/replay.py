@@ -43,8 +43,8 @@ from routereplay.errors import (
     UnconsumedTraceError,
 )
 from routereplay.recompute import Binding
-from routereplay.routing import _validate_forced, forced_violations
-from routereplay.trace import RoutingTrace
+from routereplay.routing import _validate_forced, forced_violations, groups_spanned
+from routereplay.trace import RoutingTrace, _first_duplicate_row
 
 __all__ = ["LayerStats", "PreparedTrace", "Replay", "prepare"]
 
@@ -216,6 +216,8 @@ def _check_ids(handle: Any, where: str, forced_LNK: torch.Tensor, mask_N, checks
     RouterSpecError now; on an accelerator a device flag read at exit, the ids clamped into range
     meanwhile (in place: ``forced_LNK`` is the prepared trace's own copy) so that no kernel reads
     outside the logits."""
+    if forced_LNK.device.type == "cpu" and _host_ids_ok(forced_LNK, mask_N, handle.layers):
+        return
     bad_LN = _violations(forced_LNK.long(), handle.layers)
     if mask_N is not None:
         bad_LN &= mask_N
@@ -563,6 +565,28 @@ class Replay:
                 disagreement=d,
             )
         return out
+
+
+def _host_ids_ok(forced_LNK: torch.Tensor, mask_N, layers) -> bool:
+    """Host fast path of :func:`_check_ids`: True when every forced row is in range and names K
+    distinct experts, checked in the ids' own dtype over cache-sized blocks (no int64 copy, no
+    ``[L, N, K, K]`` pair tensor). False (then the full check finds and reports the row) when a
+    check fails, or when a layer's router enforces a group limit, which only the full check reads."""
+    if any(groups_spanned(forced_LNK[:0, :0], m.spec) is not None for m in layers):
+        return False
+    experts_NLK = forced_LNK.permute(1, 0, 2)
+    if not experts_NLK.is_contiguous() or not experts_NLK.numel():
+        return False
+    N, L, K = experts_NLK.shape
+    num_logits = min(m.spec.num_logits for m in layers)
+    if not (experts_NLK.dtype == torch.uint8 and num_logits >= 256):
+        lo, hi = torch.aminmax(experts_NLK)  # rows without a route hold zeros: always in range
+        if int(lo) < 0 or int(hi) >= num_logits:
+            return False
+    if K == 1:
+        return True
+    keep = None if mask_N is None else mask_N.repeat_interleave(L)
+    return _first_duplicate_row(experts_NLK.reshape(N * L, K), keep) < 0
 
 
 def _violations(forced_LNK: torch.Tensor, layers) -> torch.Tensor:

@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import LayoutError, MissingRoutesError, ReplayError
+from routereplay.errors import LayoutError, MissingRoutesError, ReplayError, TraceMismatchError
 from routereplay.replay import PreparedTrace
-from routereplay.trace import RoutingTrace
+from routereplay.trace import RoutingTrace, host_empty
 
 __all__ = ["DispatchTap", "RouteStore", "token_logprobs"]
 
@@ -98,8 +98,13 @@ class RouteStore:
         sample_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> None:
         self._handle = handle
-        self._trace: RoutingTrace | None = None
-        self._pos_N = torch.zeros(0, dtype=torch.int64)  # sample id -> sequence in _trace (-1: none)
+        # The traces added, each kept as given (never concatenated: adding costs no copy, and the
+        # store holds each route once), and sample id -> (piece, sequence in it). A dict, so memory
+        # follows the number of samples held, not the largest id.
+        self._pieces: list[RoutingTrace] = []
+        self._cu: list[list[int]] = []  # each piece's cu_seqlens as ints
+        self._where: dict[int, tuple[int, int]] = {}
+        self._meta: dict[str, str] = {}  # the meta entries every piece agrees on
         if trace is None and sample_ids is not None:
             raise LayoutError("RouteStore got sample_ids without a trace; pass the trace whose sequences they name")
         if trace is not None:
@@ -110,7 +115,7 @@ class RouteStore:
     @property
     def sample_ids(self) -> list[int]:
         """Ids of the samples that have routes."""
-        return (self._pos_N >= 0).nonzero().squeeze(1).tolist()
+        return sorted(self._where)
 
     def trace(self, sample_ids: Sequence[int] | torch.Tensor) -> RoutingTrace:
         """The routes of ``sample_ids``, one sequence each, in that order.
@@ -118,17 +123,23 @@ class RouteStore:
         Raises:
             MissingRoutesError: a sample has no routes in the store.
         """
-        ids_B = _ids_tensor(sample_ids)
-        known = ids_B < self._pos_N.numel()
-        pos_B = torch.full_like(ids_B, -1)
-        pos_B[known] = self._pos_N[ids_B[known]]
-        if bool((pos_B < 0).any()):
-            missing = ids_B[pos_B < 0].tolist()
+        ids = _ids_tensor(sample_ids).tolist()
+        missing = [i for i in ids if i not in self._where]
+        if missing:
             raise MissingRoutesError(
-                f"sample(s) {missing} have no routes in this store (it holds {len(self.sample_ids)} samples); "
+                f"sample(s) {missing} have no routes in this store (it holds {len(self._where)} samples); "
                 "record them in the old-policy pass (store.record) or build the store from their rollout trace"
             )
-        return self._trace.select_sequences(pos_B)
+        if not self._pieces:
+            raise MissingRoutesError(
+                "this store holds no routes yet; record them (store.record) or build it from a rollout trace"
+            )
+        at = [self._where[i] for i in ids]
+        if len({p for p, _ in at}) <= 1:
+            # All from one piece: its vectorized gather (one copy of the selected rows).
+            piece = self._pieces[at[0][0] if at else 0]
+            return piece.select_sequences([b for _, b in at])._replace(meta=self._meta)
+        return self._gather(at)
 
     @contextmanager
     def record(
@@ -170,13 +181,8 @@ class RouteStore:
                 )
             trace = rec.trace(attention_mask=attention_mask)
         else:
-            cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
             flat = rec.trace()
-            if cu.numel() != ids_B.numel() + 1 or int(cu[-1]) != flat.num_tokens:
-                raise LayoutError(
-                    f"cu_seqlens {cu.tolist()} must have {ids_B.numel() + 1} entries ending at the {flat.num_tokens} "
-                    "rows the routers saw"
-                )
+            cu = _checked_cu_seqlens(cu_seqlens, ids_B.numel(), flat, rec.sequence_boundaries())
             trace = flat._replace(cu_seqlens=cu.to(flat.device))
         self._add(ids_B, trace.to("cpu"))
 
@@ -218,21 +224,108 @@ class RouteStore:
 
     # --- internals -----------------------------------------------------------------------
     def _add(self, ids_B: torch.Tensor, trace: RoutingTrace) -> None:
+        """Keep ``trace`` (one sequence per id of ``ids_B``) as it is: no copy, O(B) bookkeeping."""
         if trace.num_seqs != ids_B.numel():
             raise LayoutError(f"{ids_B.numel()} sample ids for a trace of {trace.num_seqs} sequences")
-        have = ids_B < self._pos_N.numel()
-        again = ids_B[have][self._pos_N[ids_B[have]] >= 0]
-        if again.numel():
+        ids = ids_B.tolist()
+        again = [i for i in ids if i in self._where]
+        if again:
+            raise LayoutError(f"sample(s) {again} already have routes in this store; use a new store per batch")
+        if self._pieces:
+            first = self._pieces[0]
+            for what in ("layer_ids", "top_k", "num_experts"):
+                if getattr(trace, what) != getattr(first, what):
+                    raise TraceMismatchError(
+                        f"samples {ids} have routes with {what}={getattr(trace, what)} but the store holds "
+                        f"{what}={getattr(first, what)}; one store holds the routes of one model"
+                    )
+            if (trace.gates is None) != (first.gates is None):
+                has, holds = ("have", "lacks") if trace.gates is not None else ("lack", "has")
+                raise TraceMismatchError(
+                    f"samples {ids} {has} gates but the store {holds} them; give gates to all samples or none"
+                )
+            self._meta = {k: v for k, v in self._meta.items() if trace.meta.get(k) == v}
+        else:
+            self._meta = dict(trace.meta)
+        p = len(self._pieces)
+        self._pieces.append(trace)
+        self._cu.append(trace.cu_seqlens.tolist())
+        for b, i in enumerate(ids):
+            self._where[i] = (p, b)
+
+    def _gather(self, at: list[tuple[int, int]]) -> RoutingTrace:
+        """The sequences ``at`` ((piece, sequence) pairs) from several pieces: one copy of their rows."""
+        first = self._pieces[0]
+        spans = [(p, self._cu[p][b], self._cu[p][b + 1]) for p, b in at]
+        lens = [end - start for _, start, end in spans]
+        cu = torch.zeros(len(spans) + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
+        T = int(cu[-1])
+        used = {p for p, _, _ in spans}
+        experts = host_empty((T, first.num_layers, first.top_k), first.experts.dtype)
+        has_valid = any(self._pieces[p].valid is not None for p in used)
+        valid = torch.empty(T, dtype=torch.bool) if has_valid else None
+        gates = None if first.gates is None else host_empty((T, *first.gates.shape[1:]), first.gates.dtype)
+        row = 0
+        for p, start, end in spans:
+            piece, n = self._pieces[p], end - start
+            experts[row : row + n] = piece.experts[start:end]
+            if valid is not None:
+                valid[row : row + n] = True if piece.valid is None else piece.valid[start:end]
+            if gates is not None:
+                gates[row : row + n] = piece.gates[start:end]
+            row += n
+        return first._replace(experts=experts, cu_seqlens=cu, valid=valid, gates=gates, meta=self._meta)
+
+
+def _checked_cu_seqlens(
+    cu_seqlens: torch.Tensor | Sequence[int], num_samples: int, flat: RoutingTrace, named: torch.Tensor | None
+) -> torch.Tensor:
+    """The packed forward's boundaries as int64 ``[B+1]``, checked against what the forward saw.
+
+    Args:
+        cu_seqlens: what the caller passed to ``record``.
+        num_samples: B, the number of sample ids.
+        flat: the forward's routes, every row in order.
+        named: the boundaries the forward itself named (its ``position_ids`` restarting at 0, or
+            flash-attention's ``cu_seq_lens_q``), or None when it named none.
+
+    Raises:
+        LayoutError: not 1-D ints, a count other than B+1, a start other than 0, an end other than
+            the rows the routers saw, a decrease, or sequence starts other than the forward's.
+    """
+    cu = torch.as_tensor(cu_seqlens)
+    if cu.ndim != 1 or cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool:
+        raise LayoutError(
+            f"cu_seqlens must be a 1-D sequence of ints [B+1], found shape {tuple(cu.shape)} of {cu.dtype}; "
+            "pass the packed batch's sequence boundaries"
+        )
+    cu = cu.to("cpu", torch.int64)
+    N = flat.num_tokens
+    if cu.numel() != num_samples + 1 or int(cu[-1]) != N:
+        raise LayoutError(
+            f"cu_seqlens {cu.tolist()} must have {num_samples + 1} entries ending at the {N} rows the routers saw"
+        )
+    if int(cu[0]) != 0:
+        raise LayoutError(
+            f"cu_seqlens {cu.tolist()} starts at {int(cu[0])}; the boundaries of a packed batch start at row 0"
+        )
+    lens = cu.diff()
+    if bool((lens < 0).any()):
+        b = int((lens < 0).nonzero()[0, 0])
+        raise LayoutError(
+            f"cu_seqlens {cu.tolist()} decreases at entry {b + 1} ({int(cu[b])} -> {int(cu[b + 1])}); boundaries "
+            "must not decrease (sample ids and sequences are matched in order)"
+        )
+    if named is not None:
+        given, seen = torch.unique(cu), torch.unique(named.to("cpu", torch.int64))
+        if not torch.equal(given, seen):
             raise LayoutError(
-                f"sample(s) {again.tolist()} already have routes in this store; use a new store per batch"
+                f"cu_seqlens {cu.tolist()} contradicts the forward, whose inputs (position_ids restarting at 0, or "
+                f"cu_seq_lens_q) start sequences at rows {seen[:-1].tolist()}, not {given[:-1].tolist()}; pass the "
+                "boundaries of the packed batch that ran"
             )
-        start = 0 if self._trace is None else self._trace.num_seqs
-        self._trace = trace if self._trace is None else RoutingTrace.concat([self._trace, trace])
-        size = max(self._pos_N.numel(), int(ids_B.max()) + 1 if ids_B.numel() else 0)
-        pos_N = torch.full((size,), -1, dtype=torch.int64)
-        pos_N[: self._pos_N.numel()] = self._pos_N
-        pos_N[ids_B] = torch.arange(start, start + ids_B.numel())
-        self._pos_N = pos_N
+    return cu
 
 
 def _check_only_last_rows_missing(trace: RoutingTrace, what: str) -> None:

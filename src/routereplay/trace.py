@@ -9,6 +9,7 @@ Legend (shape suffixes used in this file):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -39,6 +40,8 @@ MAX_NUM_EXPERTS = 2**31
 # torch 2.x): the ids are widened to the signed dtype that holds all their values before the
 # checks. uint64 ids of 2**63 and above become negative there, and are reported as unsigned.
 _WIDE_UNSIGNED = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
+# Validation walks the ids in blocks of about this many elements (a few MB: cache-sized temporaries).
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def expert_dtype(num_experts: int) -> torch.dtype:
@@ -165,10 +168,8 @@ class RoutingTrace:
                 raise GatesError(
                     f"gates must be shaped like experts {tuple(experts_TLK.shape)}, found {tuple(gates_TLK.shape)}"
                 )
-            finite = torch.isfinite(gates_TLK) if valid_T is None else torch.isfinite(gates_TLK[valid_T])
-            if not bool(finite.all()):
-                rows = torch.isfinite(gates_TLK).reshape(T, -1).all(-1).logical_not().nonzero()
-                t = int(rows[0, 0])
+            t = _first_nonfinite_row(gates_TLK, valid_T)
+            if t >= 0:
                 raise GatesError(
                     f"gates must be finite: row {t} ({self._where(cu_seqlens_B1, t)}) has {gates_TLK[t].tolist()}"
                 )
@@ -195,44 +196,71 @@ class RoutingTrace:
     def _checked_ids(cls, experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts) -> torch.Tensor:
         """Range- and duplicate-check the ids on valid rows; return them in the compact dtype.
 
-        Wide unsigned ids (uint16/uint32/uint64, as vLLM returns above 256 experts) are widened
-        to a signed dtype for the checks (a temporary copy of the ids) and stored compactly.
+        Runs over cache-sized blocks of rows, so its temporaries stay a few MB whatever T is
+        (no mask-gathered copy of the ids). Wide unsigned ids (uint16/uint32/uint64, as vLLM
+        returns above 256 experts) are widened block by block to a signed dtype for the checks.
+        The ids are returned as given when they are in the compact dtype and every invalid row
+        is already zero (a loaded file, an engine's capture); otherwise one new tensor is built.
         """
-        _, L, K = experts_TLK.shape
+        T, L, K = experts_TLK.shape
         unsigned64 = experts_TLK.dtype == torch.uint64
-        if experts_TLK.dtype in _WIDE_UNSIGNED:
-            # uint64 is reinterpreted, not converted: ids >= 2**63 turn negative and fail the range check.
-            wide = _WIDE_UNSIGNED[experts_TLK.dtype]
-            experts_TLK = experts_TLK.view(wide) if unsigned64 else experts_TLK.to(wide)
-        ids = experts_TLK if valid_T is None else experts_TLK[valid_T]
-        if ids.numel():
-            lo, hi = torch.aminmax(ids)
-            if int(lo) < 0 or int(hi) >= num_experts:
-                bad_NLK = (ids < 0) | (ids >= num_experts)
-                n, l, k = (int(i) for i in bad_NLK.nonzero()[0])
-                t = n if valid_T is None else int(valid_T.nonzero()[n, 0])
-                found = int(ids[n, l, k])
-                if unsigned64 and found < 0:
-                    found += 2**64
-                raise ExpertIdError(
-                    f"expert id {found} at row {t} ({cls._where(cu_seqlens_B1, t)}), "
-                    f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
-                )
+        dtype = expert_dtype(num_experts)
+        all_valid = valid_T is None or bool(valid_T.all())
+        # uint8 ids can only leave [0, num_experts) when there are fewer than 256 experts.
+        check_range = not (experts_TLK.dtype == torch.uint8 and num_experts >= 256)
+        needs_zeroing = False
+        rows = max(1, _BLOCK_ELEMENTS // max(L * K, 1))
+        for start in range(0, T, rows):
+            ids_NLK = experts_TLK[start : start + rows]
+            if ids_NLK.dtype in _WIDE_UNSIGNED:
+                # uint64 is reinterpreted, not converted: ids >= 2**63 turn negative and fail the range check.
+                wide = _WIDE_UNSIGNED[ids_NLK.dtype]
+                ids_NLK = ids_NLK.view(wide) if unsigned64 else ids_NLK.to(wide)
+            valid_N = None if all_valid else valid_T[start : start + rows]
+            gathered = False
+            if valid_N is not None and bool(ids_NLK[~valid_N].any()):
+                # Invalid rows holding ids (not zeros): check the valid rows alone, then re-zero.
+                needs_zeroing = gathered = True
+            # Zeroed invalid rows pass the range check (0 is always an id), so the block is checked
+            # in place; only the duplicate check must skip them (their slots repeat 0).
+            ids = ids_NLK[valid_N] if gathered else ids_NLK
+            if not ids.numel():
+                continue
+            if check_range:
+                lo, hi = torch.aminmax(ids)
+                if int(lo) < 0 or int(hi) >= num_experts:
+                    bad_NLK = (ids < 0) | (ids >= num_experts)
+                    n, l, k = (int(i) for i in bad_NLK.nonzero()[0])
+                    t = start + (int(valid_N.nonzero()[n, 0]) if gathered else n)
+                    found = int(ids[n, l, k])
+                    if unsigned64 and found < 0:
+                        found += 2**64
+                    raise ExpertIdError(
+                        f"expert id {found} at row {t} ({cls._where(cu_seqlens_B1, t)}), "
+                        f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
+                    )
             if K > 1:
-                dup_row = _first_duplicate_row(ids.reshape(-1, K))
+                keep = None if gathered or valid_N is None else valid_N.repeat_interleave(L)
+                dup_row = _first_duplicate_row(ids.reshape(-1, K), keep)
                 if dup_row >= 0:
                     n, l = divmod(dup_row, L)
-                    t = n if valid_T is None else int(valid_T.nonzero()[n, 0])
+                    t = start + (int(valid_N.nonzero()[n, 0]) if gathered else n)
                     raise DuplicateExpertError(
                         f"row {t} ({cls._where(cu_seqlens_B1, t)}), layer {layer_ids[l]} selects an expert "
                         f"twice: {ids[n, l].tolist()}; each of the top-{K} slots must name a different expert"
                     )
-        dtype = expert_dtype(num_experts)
-        if valid_T is not None and not bool(valid_T.all()):
+        if needs_zeroing:
             out = torch.zeros(experts_TLK.shape, dtype=dtype, device=experts_TLK.device)
-            out[valid_T] = ids.to(dtype)
+            source = experts_TLK
+            if source.dtype in _WIDE_UNSIGNED:
+                source = source.view(torch.int64) if unsigned64 else source.to(_WIDE_UNSIGNED[source.dtype])
+            out[valid_T] = source[valid_T].to(dtype)
             return out
-        return experts_TLK if experts_TLK.dtype == dtype else experts_TLK.to(dtype)
+        if experts_TLK.dtype == dtype:
+            return experts_TLK
+        if unsigned64:
+            return experts_TLK.view(torch.int64).to(dtype)
+        return experts_TLK.to(dtype)
 
     @classmethod
     def _trusted(
@@ -329,14 +357,19 @@ class RoutingTrace:
             raise IndexError(f"sequence indices {idx_N.tolist()} out of range for a trace of {B} sequences")
         idx_N = idx_N % max(B, 1)
         starts_N, lens_N = self.cu_seqlens[idx_N], self.seq_lens[idx_N]
-        rows = _ranges(starts_N, lens_N)
         cu = torch.zeros(idx_N.numel() + 1, dtype=torch.int64, device=self.device)
         torch.cumsum(lens_N, 0, out=cu[1:])
+        total = int(cu[-1])
+        if self.device.type == "cpu" and idx_N.numel() * _MIN_RUN_ROWS <= total:
+            # Long sequences on the host: one slice copy per sequence into the output, no row
+            # index at all (an int64 index per row costs more than the ids of a short row).
+            spans = list(zip(starts_N.tolist(), lens_N.tolist()))
+            take = lambda x: None if x is None else _copy_spans(x, spans, total)
+        else:
+            rows = _ranges(starts_N, lens_N)
+            take = lambda x: None if x is None else _take(x, rows)
         return self._replace(
-            experts=self.experts[rows],
-            cu_seqlens=cu,
-            valid=None if self.valid is None else self.valid[rows],
-            gates=None if self.gates is None else self.gates[rows],
+            experts=take(self.experts), cu_seqlens=cu, valid=take(self.valid), gates=take(self.gates)
         )
 
     def select_layers(self, layer_ids: Iterable[int]) -> RoutingTrace:
@@ -485,8 +518,9 @@ def _own_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _first_duplicate_row(ids_NK: torch.Tensor, chunk: int = 1 << 15) -> int:
-    """Index of the first row of ``ids_NK`` naming an expert twice, or -1.
+def _first_duplicate_row(ids_NK: torch.Tensor, keep_N: torch.Tensor | None = None, chunk: int = 1 << 15) -> int:
+    """Index of the first row of ``ids_NK`` naming an expert twice, or -1; rows where ``keep_N``
+    is False are skipped.
 
     Compares the K(K-1)/2 slot pairs column against column on cache-sized chunks. On the CPU
     this runs through numpy, whose narrow-int compares are ~10x faster than torch's here and
@@ -497,17 +531,70 @@ def _first_duplicate_row(ids_NK: torch.Tensor, chunk: int = 1 << 15) -> int:
         bad_N = torch.zeros(N, dtype=torch.bool, device=ids_NK.device)
         for i in range(K - 1):
             bad_N |= (ids_NK[:, i : i + 1] == ids_NK[:, i + 1 :]).any(-1)
+        if keep_N is not None:
+            bad_N &= keep_N
         return int(bad_N.nonzero()[0, 0]) if bool(bad_N.any()) else -1
     ids = ids_NK.numpy()
+    keep = None if keep_N is None else keep_N.numpy()
     for start in range(0, N, chunk):
         cols_KN = np.ascontiguousarray(ids[start : start + chunk].T)
         bad_N = np.zeros(cols_KN.shape[1], dtype=bool)
         for i in range(K - 1):
             for j in range(i + 1, K):
                 bad_N |= cols_KN[i] == cols_KN[j]
+        if keep is not None:
+            bad_N &= keep[start : start + chunk]
         if bad_N.any():
             return start + int(bad_N.argmax())
     return -1
+
+
+def _first_nonfinite_row(gates_TLK: torch.Tensor, valid_T: torch.Tensor | None) -> int:
+    """First row (valid, when ``valid_T`` is given) holding a non-finite gate, or -1; by blocks."""
+    T = gates_TLK.shape[0]
+    rows = max(1, _BLOCK_ELEMENTS // max(gates_TLK[:1].numel(), 1))
+    for start in range(0, T, rows):
+        bad_N = ~torch.isfinite(gates_TLK[start : start + rows]).flatten(1).all(-1)
+        if valid_T is not None:
+            bad_N &= valid_T[start : start + rows]
+        if bool(bad_N.any()):
+            return start + int(bad_N.nonzero()[0, 0])
+    return -1
+
+
+# select_sequences copies slices (a Python loop over sequences) when sequences average at least
+# this many rows; shorter ones go through one index_select.
+_MIN_RUN_ROWS = 16
+
+
+def host_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose memory numpy allocates.
+
+    numpy advises transparent huge pages for large arrays (``madvise(MADV_HUGEPAGE)``) and torch's
+    CPU allocator does not (unless ``THP_MEM_ALLOC_ENABLE=1``): filling a fresh 1 GB buffer then
+    takes ~2.5x fewer page faults' time on Linux. The tensor keeps the array alive.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not nbytes:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(tuple(shape))
+
+
+def _copy_spans(x: torch.Tensor, spans: list[tuple[int, int]], total: int) -> torch.Tensor:
+    """Rows ``x[s : s + n]`` for each (s, n) of ``spans``, one after another, in a new tensor."""
+    out = host_empty((total, *x.shape[1:]), x.dtype)
+    row = 0
+    for start, n in spans:
+        if n:
+            out[row : row + n] = x[start : start + n]
+            row += n
+    return out
+
+
+def _take(x: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
+    """``x[rows_N]`` along dim 0, moving each row as one block (``index_select`` on ``[T, rest]``)."""
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:])) if x.ndim > 1 else x
+    return flat.index_select(0, rows_N).view(rows_N.numel(), *x.shape[1:])
 
 
 def _ranges(starts_N: torch.Tensor, lens_N: torch.Tensor) -> torch.Tensor:

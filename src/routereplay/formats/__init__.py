@@ -36,9 +36,11 @@ Shared rules (every ``from_*``):
     * Payloads come as writable numpy arrays of any integer dtype (vLLM: uint8, uint16 above 256
       experts, int16 or int32 by release), read-only arrays (SGLang decoded with ``np.frombuffer``,
       ``.npy`` payloads), torch tensors (SGLang with ``skip_tokenizer_init``, on any device) or
-      nested lists. Ids are never narrowed: each payload is read in its own dtype and copied once
-      into int32 (int64 for uint32 / int64 sources) when requests are stacked; a read-only array is
-      copied rather than shared with torch.
+      nested lists. Ids are never narrowed before they are checked: when every id of every request
+      is in ``[0, num_experts)`` (a read-only min / max per payload) the requests are copied once,
+      straight into the trace's compact dtype (uint8 up to 256 experts); otherwise (missing-route
+      markers, corrupt ids) into int32 (int64 for uint32 / int64 sources), so that the checks name
+      the offending row. A read-only array is copied rather than shared with torch.
 
 Legend (shape suffixes):
     N  rows of a payload (one per routed token), all requests back to back

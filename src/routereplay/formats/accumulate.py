@@ -39,7 +39,7 @@ from routereplay.errors import EngineFormatError, RouteContinuityError
 from routereplay.formats.common import Rows, _assemble, _check_rows, _finish, _to_rows
 from routereplay.formats.sglang import _meta_info, _new_rows
 from routereplay.formats.vllm import decode_vllm_payload
-from routereplay.trace import RoutingTrace
+from routereplay.trace import RoutingTrace, expert_dtype
 
 __all__ = ["RouteAccumulator"]
 
@@ -83,11 +83,12 @@ class RouteAccumulator:
     """
 
     __slots__ = (
-        "_experts_RLK",
+        "_chunks",
         "_layer_ids",
+        "_num_rows",
         "_num_tokens",
         "_token_ids",
-        "_valid_R",
+        "_top_k",
         "allow_zero_routes",
         "missing",
         "moe_layer_ids",
@@ -118,8 +119,13 @@ class RouteAccumulator:
         self.source = source
         self.num_overlap_mismatches = 0
         self.num_payloads = 0
-        self._experts_RLK: torch.Tensor | None = None
-        self._valid_R: torch.Tensor | None = None
+        # The rows held, as the chunks each payload appended ([n, L, K] ids and their valid mask,
+        # None when every row has a route). Appending never copies the rows held before: a
+        # conversation of many turns costs one copy of its rows in all (when trace() joins the
+        # chunks), not one per turn.
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._num_rows = 0
+        self._top_k = 0
         self._layer_ids: tuple[int, ...] | None = None
         self._num_tokens = 0
         self._token_ids: list[int] | None = []
@@ -128,7 +134,7 @@ class RouteAccumulator:
     @property
     def num_rows(self) -> int:
         """Rows held: ``num_tokens - 1`` once anything was added (the start to ask the next request for)."""
-        return 0 if self._experts_RLK is None else int(self._experts_RLK.shape[0])
+        return self._num_rows
 
     @property
     def num_tokens(self) -> int:
@@ -281,7 +287,7 @@ class RouteAccumulator:
                 f"last token, first forwarded by this one). Ask for rows from {held} "
                 f"(vLLM routed_experts_prompt_start={held}, SGLang routed_experts_start_len={held})"
             )
-        experts_NLK, cu = _assemble([arr_NLpK], [label])
+        experts_NLK, cu = _assemble([arr_NLpK], [label], num_experts=self.num_experts)
         piece = _finish(
             experts_NLK,
             cu,
@@ -300,60 +306,72 @@ class RouteAccumulator:
                 f"layers {list(self._layer_ids)} x top-{self.top_k}; one sequence comes from one model"
             )
         ov = held - start  # n - 1 >= held: the request has at least the tokens held
-        if self._experts_RLK is None:
-            head_RLK, head_valid = None, None
-        elif ov:
-            head_RLK, head_valid = self._merge_overlap(piece, start, ov, label)
-        else:
-            head_RLK, head_valid = self._experts_RLK, self._valid_R
+        if ov:
+            self._merge_overlap(piece, start, ov, label)
         tail_NLK = piece.experts[ov:]
-        tail_valid = None if piece.valid is None else piece.valid[ov:]
-        if head_RLK is None:
-            experts, valid = tail_NLK, tail_valid
-        else:
-            experts = torch.cat([head_RLK, tail_NLK.to(head_RLK.dtype)])
-            valid = None
-            if head_valid is not None or tail_valid is not None:
-                ones = lambda k: torch.ones(k, dtype=torch.bool)
-                valid = torch.cat(
-                    [
-                        ones(head_RLK.shape[0]) if head_valid is None else head_valid,
-                        ones(tail_NLK.shape[0]) if tail_valid is None else tail_valid,
-                    ]
-                )
-        self._experts_RLK = experts
-        self._valid_R = None if valid is None or bool(valid.all()) else valid
+        if tail_NLK.shape[0]:
+            tail_valid = None if piece.valid is None else piece.valid[ov:]
+            if tail_valid is not None and bool(tail_valid.all()):
+                tail_valid = None
+            self._chunks.append((tail_NLK, tail_valid))
+            self._num_rows += int(tail_NLK.shape[0])
         self._layer_ids = piece.layer_ids
+        self._top_k = piece.top_k
         self._commit_tokens(n, ids)
         return int(tail_NLK.shape[0])
 
-    def _merge_overlap(self, piece: RoutingTrace, start: int, ov: int, label: str):
-        """Held rows with the overlap applied: held routes kept, held rows without one filled."""
-        held_RLK = self._experts_RLK
-        held_valid = torch.ones(held_RLK.shape[0], dtype=torch.bool) if self._valid_R is None else self._valid_R
-        old = held_RLK[start : start + ov].to(torch.int64)
-        new = piece.experts[:ov].to(torch.int64)
-        both = held_valid[start : start + ov] & piece.valid_mask[:ov]
-        differ = both & (old != new).flatten(1).any(-1)
+    def _rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held rows ``[start, stop)``: ids ``[n, L, K]`` and valid ``[n]`` (a copy when they span chunks)."""
+        experts, valid, pos = [], [], 0
+        for chunk, chunk_valid in self._chunks:
+            lo, hi = max(start - pos, 0), min(stop - pos, chunk.shape[0])
+            if lo < hi:
+                experts.append(chunk[lo:hi])
+                valid.append(torch.ones(hi - lo, dtype=torch.bool) if chunk_valid is None else chunk_valid[lo:hi])
+            pos += chunk.shape[0]
+        if len(experts) == 1:
+            return experts[0], valid[0]
+        return torch.cat(experts), torch.cat(valid)
+
+    def _merge_overlap(self, piece: RoutingTrace, start: int, ov: int, label: str) -> None:
+        """Apply the overlap to the held rows ``[start, start + ov)``, the last ``ov`` held: held routes
+        kept, held rows without one filled from the payload (the chunks are replaced, never written)."""
+        held_RLK, held_valid = self._rows(start, start + ov)
+        new_RLK = piece.experts[:ov]
+        both = held_valid & piece.valid_mask[:ov]
+        differ = both & (held_RLK != new_RLK.to(held_RLK.dtype)).flatten(1).any(-1)
         if bool(differ.any()):
             if self.overlap == "check":
                 r = int(differ.nonzero()[0, 0])
-                layer = int((old[r] != new[r]).any(-1).nonzero()[0, 0])
+                old, new = held_RLK[r].to(torch.int64), new_RLK[r].to(torch.int64)
+                layer = int((old != new).any(-1).nonzero()[0, 0])
                 raise RouteContinuityError(
-                    f"{label}: row {start + r} (layer {self._layer_ids[layer]}) was {old[r, layer].tolist()} and the "
-                    f"payload gives {new[r, layer].tolist()}; the engine recomputed a row it had returned before "
+                    f"{label}: row {start + r} (layer {self._layer_ids[layer]}) was {old[layer].tolist()} and the "
+                    f"payload gives {new[layer].tolist()}; the engine recomputed a row it had returned before "
                     "(weights updated, or an SGLang retraction). Pass overlap=\"keep\" to keep the routes the "
                     "tokens were generated with"
                 )
             self.num_overlap_mismatches += int(differ.sum())
-        fill = ~held_valid[start : start + ov] & piece.valid_mask[:ov]
+        fill = ~held_valid & piece.valid_mask[:ov]
         if not bool(fill.any()):
-            return held_RLK, self._valid_R
+            return
         experts = held_RLK.clone()
-        experts[start : start + ov][fill] = piece.experts[:ov][fill].to(experts.dtype)
-        valid = held_valid.clone()
-        valid[start : start + ov] |= fill
-        return experts, None if bool(valid.all()) else valid
+        experts[fill] = new_RLK[fill].to(experts.dtype)
+        valid = held_valid | fill
+        self._truncate(start)
+        self._chunks.append((experts, None if bool(valid.all()) else valid))
+        self._num_rows += ov
+
+    def _truncate(self, rows: int) -> None:
+        """Keep only the first ``rows`` held rows (views of the chunks; nothing is copied)."""
+        kept, pos = [], 0
+        for chunk, chunk_valid in self._chunks:
+            n = min(chunk.shape[0], rows - pos)
+            if n <= 0:
+                break
+            kept.append((chunk[:n], None if chunk_valid is None else chunk_valid[:n]))
+            pos += n
+        self._chunks, self._num_rows = kept, pos
 
     def _commit_tokens(self, n: int, ids: list[int] | None) -> None:
         self._num_tokens = max(self._num_tokens, n)
@@ -363,7 +381,7 @@ class RouteAccumulator:
     @property
     def top_k(self) -> int:
         """Experts per token (0 before the first payload)."""
-        return 0 if self._experts_RLK is None else int(self._experts_RLK.shape[2])
+        return self._top_k
 
     # --- result --------------------------------------------------------------------------
     def trace(self, *, rows: Rows = "engine", meta: Mapping[str, str] | None = None) -> RoutingTrace:
@@ -378,18 +396,29 @@ class RouteAccumulator:
             EngineFormatError: nothing was added yet.
         """
         _check_rows(rows)
-        if self._experts_RLK is None:
+        if self._layer_ids is None:
             raise EngineFormatError("the accumulator holds no routes yet; add a payload first")
         R = self.num_rows
-        trace = RoutingTrace(
-            experts=self._experts_RLK,
-            cu_seqlens=torch.tensor([0, R], dtype=torch.int64),
+        if len(self._chunks) != 1:
+            # Join the chunks once (one copy of the rows); later calls and payloads start from it.
+            experts_RLK, valid_R = self._rows(0, R) if R else (self._empty(), torch.ones(0, dtype=torch.bool))
+            self._chunks = [(experts_RLK, None if bool(valid_R.all()) else valid_R)]
+        experts_RLK, valid_R = self._chunks[0]
+        # Every row comes from a payload's validated trace (ids checked, invalid rows zero): the
+        # joined rows need no second O(R) validation. The constructor on zero rows checks the rest
+        # (meta, layer ids) without reading the routes.
+        head = RoutingTrace(
+            experts=experts_RLK[:0],
+            cu_seqlens=torch.zeros(1, dtype=torch.int64),
             layer_ids=self._layer_ids,
             num_experts=self.num_experts,
-            valid=self._valid_R,
             meta={"source": self.source, **dict(meta or {})},
         )
+        trace = head._replace(experts=experts_RLK, cu_seqlens=torch.tensor([0, R], dtype=torch.int64), valid=valid_R)
         return _to_rows(trace, rows, "engine")
+
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros((0, len(self._layer_ids), self._top_k), dtype=expert_dtype(self.num_experts))
 
     def __repr__(self) -> str:
         return (

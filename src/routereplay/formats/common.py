@@ -14,7 +14,7 @@ import torch
 
 from routereplay.errors import EngineFormatError, ZeroRoutesError
 from routereplay.layout import engine_to_training, training_to_engine
-from routereplay.trace import RoutingTrace
+from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
 
 Rows = Literal["engine", "training"]
 
@@ -106,11 +106,20 @@ def _common_int_dtype(arrays: Sequence[np.ndarray]) -> np.dtype:
 
 
 def _assemble(
-    parts: Sequence[np.ndarray], labels: Sequence[str], what: str = "routed_experts"
+    parts: Sequence[np.ndarray],
+    labels: Sequence[str],
+    what: str = "routed_experts",
+    *,
+    num_experts: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack per-request ``[n_i, Lp, K]`` arrays into one ``[N, Lp, K]`` tensor plus ``cu_seqlens [B+1]``.
 
     An empty request may come as ``[]`` (shape ``(0,)``); it takes the layer and top-k of the others.
+    With ``num_experts``, when every id of every part is in ``[0, num_experts)`` (a read-only
+    min / max per part) the rows are copied straight into the trace's compact dtype (uint8 up to
+    256 experts): one narrowing copy, and no wide intermediate for the checks and the trace to
+    convert again. Otherwise (missing-route markers, corrupt ids) they are copied into int32 /
+    int64, never narrowed, and the checks report the offending row.
     """
     shapes = [a.shape[1:] for a in parts if a.ndim == 3]
     for a, label in zip(parts, labels):
@@ -128,6 +137,8 @@ def _assemble(
                 "every request of one model must have the same layer axis and top-k"
             )
     dtype = _common_int_dtype(parts)
+    if _is_count(num_experts) and _all_in_range(parts, num_experts):
+        dtype = np.dtype(torch.empty(0, dtype=expert_dtype(num_experts)).numpy().dtype)
     lens = [a.shape[0] for a in parts]
     out_NLK = np.empty((sum(lens), Lp, K), dtype=dtype)
     off = 0
@@ -138,6 +149,21 @@ def _assemble(
     cu = torch.zeros(len(parts) + 1, dtype=torch.int64)
     torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
     return torch.from_numpy(out_NLK), cu
+
+
+def _is_count(num_experts: object) -> bool:
+    """A valid expert count (anything else is left for RoutingTrace to refuse with its message)."""
+    return isinstance(num_experts, int) and not isinstance(num_experts, bool) and 1 <= num_experts <= MAX_NUM_EXPERTS
+
+
+def _all_in_range(parts: Sequence[np.ndarray], num_experts: int) -> bool:
+    """Whether every id of every part lies in ``[0, num_experts)`` (reads each part, writes nothing)."""
+    for a in parts:
+        if a.size == 0 or (a.dtype == np.uint8 and num_experts >= 256):
+            continue
+        if int(a.min()) < 0 or int(a.max()) >= num_experts:
+            return False
+    return True
 
 
 def _seq_ids(cu_seqlens_B1: torch.Tensor) -> torch.Tensor:
@@ -277,9 +303,8 @@ def _finish(
 
     valid_N = _zero_route_check(experts_NLK, cu_seqlens_B1, labels, layer_ids, valid_N, allow_zero_routes, what)
 
-    if valid_N is not None:
-        # invalid rows are stored as zeros; clear them here so -1 fills never reach the id checks
-        experts_NLK = experts_NLK.masked_fill(~valid_N[:, None, None], 0)
+    # Invalid rows are stored as zeros: RoutingTrace checks only the valid rows (so -1 fills never
+    # reach the id checks) and re-zeros the invalid ones, copying the ids only if one is not zero.
     trace = RoutingTrace(
         experts=experts_NLK,
         cu_seqlens=cu_seqlens_B1,
@@ -299,17 +324,35 @@ def _zero_route_check(
     B = cu_seqlens_B1.numel() - 1
     if N == 0 or B == 0:
         return valid_N
-    routed_NL = (experts_NLK != 0).any(-1)  # a row that is not all-zero on that layer
-    if valid_N is not None:
-        routed_NL &= valid_N[:, None]
-    seq_N = _seq_ids(cu_seqlens_B1)
     dev = experts_NLK.device
-    routed_BL = torch.zeros(B, L, dtype=torch.int64, device=dev).index_add_(0, seq_N, routed_NL.to(torch.int64))
-    rows_B = (
-        cu_seqlens_B1.diff()
-        if valid_N is None
-        else torch.zeros(B, dtype=torch.int64, device=dev).index_add_(0, seq_N, valid_N.to(torch.int64))
-    )
+    seq_N = None
+    if dev.type == "cpu" and K > 1 and B * _LOOP_MIN_ROWS <= N:
+        # With top-k > 1 a valid route is never all zero (its slots are distinct), so one valid row
+        # per sequence settles most (sequence, layer) pairs: look at each sequence's first row, and
+        # read the whole sequence only where that row does not settle it (a zero or invalid row).
+        cu = cu_seqlens_B1.tolist()
+        first_B = cu_seqlens_B1[:-1].clamp(max=max(N - 1, 0))
+        settled_BL = _nonzero_slots(experts_NLK[first_B])
+        if valid_N is not None:
+            settled_BL &= valid_N[first_B][:, None]
+        routed_BL = settled_BL.to(torch.int64)
+        for b in (~settled_BL).any(1).nonzero().reshape(-1).tolist():
+            rows_NL = _nonzero_slots(experts_NLK[cu[b] : cu[b + 1]])
+            if valid_N is not None:
+                rows_NL &= valid_N[cu[b] : cu[b + 1], None]
+            routed_BL[b] = rows_NL.any(0)
+    else:
+        routed_NL = _nonzero_slots(experts_NLK)  # a row that is not all-zero on that layer
+        if valid_N is not None:
+            routed_NL &= valid_N[:, None]
+        seq_N = _seq_ids(cu_seqlens_B1)
+        routed_BL = torch.zeros(B, L, dtype=torch.int64, device=dev).index_add_(0, seq_N, routed_NL.to(torch.int64))
+    if valid_N is None:
+        rows_B = cu_seqlens_B1.diff()
+    else:
+        seen_N1 = torch.zeros(N + 1, dtype=torch.int64, device=dev)  # valid rows before each row
+        torch.cumsum(valid_N, 0, out=seen_N1[1:])
+        rows_B = seen_N1[cu_seqlens_B1[1:]] - seen_N1[cu_seqlens_B1[:-1]]
     min_rows = 1 if K > 1 else _K1_MIN_ROWS
     zero_BL = (routed_BL == 0) & (rows_B >= min_rows)[:, None]
     if not bool(zero_BL.any()):
@@ -323,8 +366,52 @@ def _zero_route_check(
             "engines (or a dense layer: pass moe_layer_ids to drop dense layers). Fix the capture, or pass "
             "allow_zero_routes=True to load it with this sequence's rows marked invalid"
         )
-    bad_N = zero_BL.any(1)[seq_N]
+    bad_N = zero_BL.any(1)[_seq_ids(cu_seqlens_B1) if seq_N is None else seq_N]
     return ~bad_N if valid_N is None else valid_N & ~bad_N
+
+
+# _zero_route_check reduces sequence by sequence (a Python loop) when they average this many rows.
+_LOOP_MIN_ROWS = 64
+
+
+def _nonzero_rows(x_NX: torch.Tensor) -> torch.Tensor:
+    """bool ``[N]``: row n of ``x`` (any trailing shape) holds a non-zero value; read 8 bytes at a time
+    when a row's bytes allow it."""
+    N = x_NX.shape[0]
+    row_bytes = x_NX[:1].numel() * x_NX.element_size()
+    if x_NX.is_contiguous() and N and row_bytes and row_bytes % 8 == 0:
+        return (x_NX.reshape(N, -1).view(torch.int64) != 0).any(-1)
+    return (x_NX != 0).reshape(N, -1).any(-1)
+
+
+def _gather_rows(x_NLK: torch.Tensor, keep_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x[keep_N].to(dtype)`` in one pass: each run of kept rows is copied (and converted) straight
+    into the output, with no row index and no intermediate in the source dtype."""
+    d = torch.diff(keep_N.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8), append=torch.zeros(1, dtype=torch.int8))
+    starts, ends = (d == 1).nonzero().reshape(-1), (d == -1).nonzero().reshape(-1)
+    total = int((ends - starts).sum()) if starts.numel() else 0
+    if x_NLK.device.type != "cpu" or starts.numel() * 16 > max(total, 1):
+        return x_NLK[keep_N].to(dtype)  # many short runs (or a device): one gather
+    out = host_empty((total, *x_NLK.shape[1:]), dtype)
+    row = 0
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        out[row : row + e - s] = x_NLK[s:e]
+        row += e - s
+    return out
+
+
+def _nonzero_slots(experts_NLK: torch.Tensor) -> torch.Tensor:
+    """bool ``[N, L]``: some slot of the row's layer holds a non-zero id.
+
+    When a layer's K ids fill 2, 4 or 8 bytes (top-8 uint8: one int64) they are read as one word:
+    one compare per (row, layer) and no ``[N, L, K]`` temporary.
+    """
+    N, L, K = experts_NLK.shape
+    width = K * experts_NLK.element_size()
+    word = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(width)
+    if word is not None and experts_NLK.is_contiguous() and N * L:
+        return experts_NLK.view(word).reshape(N, L) != 0
+    return (experts_NLK != 0).any(-1)
 
 
 # --- row conventions (engine: T-1 rows per sequence; training: T rows, last invalid) -----------

@@ -256,7 +256,7 @@ def from_sglang(
         )[0]
         for i, p in enumerate(payloads)
     ]
-    experts_NLK, cu = _assemble(parts, labels)
+    experts_NLK, cu = _assemble(parts, labels, num_experts=num_experts)
     return _finish(
         experts_NLK,
         cu,

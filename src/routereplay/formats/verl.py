@@ -40,11 +40,14 @@ from routereplay.formats.common import (
     _check_lengths,
     _expand_layers,
     _finish,
+    _gather_rows,
     _int_array,
+    _is_count,
+    _nonzero_rows,
     _seq_ids,
     _to_rows,
 )
-from routereplay.trace import RoutingTrace
+from routereplay.trace import RoutingTrace, expert_dtype
 
 __all__ = ["from_verl", "from_verl_unpadded", "to_verl", "to_verl_unpadded"]
 
@@ -133,14 +136,22 @@ def from_verl(
     labels = [f"sample {i}" for i in range(B)]
     flat_NLK = re_BSLK.reshape(B * S, Lp, K)
     mask_N = mask.reshape(-1)
-    pad_busy = (flat_NLK[~mask_N] != 0).flatten(1).any(-1)
-    if bool(pad_busy.any()):
-        n = int((~mask_N).nonzero()[int(pad_busy.nonzero()[0, 0]), 0])
+    pad_busy_N = _nonzero_rows(flat_NLK) & ~mask_N
+    if bool(pad_busy_N.any()):
+        n = int(pad_busy_N.nonzero()[0, 0])
         raise EngineFormatError(
             f"{labels[n // S]}: routed_experts holds a route at position {n % S}, where attention_mask is 0 "
             "(padding); the routes are longer than the tokens (a truncated response?) or not aligned with the mask"
         )
-    experts_NLK = flat_NLK[mask_N]
+    # One pass from the padded batch to packed rows, narrowed to the trace's dtype on the way when
+    # every id is in range (padding holds zeros); else in the payload's dtype, for the checks to
+    # report the row holding a missing-route marker or a corrupt id.
+    dtype = flat_NLK.dtype
+    if flat_NLK.numel() and _is_count(num_experts):
+        lo, hi = torch.aminmax(flat_NLK)
+        if int(lo) >= 0 and int(hi) < num_experts:
+            dtype = expert_dtype(num_experts)
+    experts_NLK = _gather_rows(flat_NLK, mask_N, dtype)
     cu = torch.zeros(B + 1, dtype=torch.int64)
     torch.cumsum(mask.sum(1).to(torch.int64), 0, out=cu[1:])
     valid = _engine_last_rows(experts_NLK, cu, labels, last_token_routed)

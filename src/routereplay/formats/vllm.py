@@ -238,7 +238,7 @@ def _from_vllm(
                     )
                 continue
             parts[i] = _combined_rows(a, label, P[i], C[i], S[i])
-        experts_NLK, cu = _assemble(parts, labels)
+        experts_NLK, cu = _assemble(parts, labels, num_experts=num_experts)
     elif any(S):
         i = next(i for i, s in enumerate(S) if s)
         raise EngineFormatError(
@@ -280,7 +280,7 @@ def _from_vllm(
                 )
             pieces += [prompt, gen]
             piece_labels += [label, label]
-        experts_NLK, cu2 = _assemble(pieces, piece_labels)
+        experts_NLK, cu2 = _assemble(pieces, piece_labels, num_experts=num_experts)
         cu = cu2[0::2].contiguous()  # prompt and generated part of a request are adjacent: one sequence
     return _finish(
         experts_NLK,
