@@ -16,6 +16,13 @@ Checks, each on every rank (results: ``$OUT/megatron_<config>.json``, one line p
     (e) r3_vllm_trace            a global trace as vLLM returns it (engine rows, dense layers as zero
                                  rows) -> routereplay.formats -> routereplay.parallel slice per rank ->
                                  replay on every rank: the logits equal the recorded ones
+    (f) slice_equals_megatron    forced ids for a whole batch, cut per rank by routereplay.parallel
+                                 (SP slices included) and replayed by routereplay, equal Megatron's own
+                                 RouterReplay given the same ids placed from Megatron's data path
+Transport (``RR_TRANSPORT``, recorded in every result row with the rank and GPU counts): ``nccl``,
+one GPU per rank (default); ``gloo1gpu``, every rank on one GPU over gloo, the pipeline send/recv
+staged through host memory (gloo1gpu.py). TP configurations run with sequence parallelism (Megatron's
+MoE refuses TP without it in training) and the harness's SequenceParallelNorm.
 Pipeline configurations run Megatron's schedules (1F1B, or interleaved with VPP 2) with several
 micro-batches, forward and backward; every micro-batch replays its own ids. fp32,
 ``deterministic_mode`` and ``torch.use_deterministic_algorithms`` (outputs compared bit for bit).
@@ -38,21 +45,26 @@ import types
 import torch
 import torch.distributed as dist
 
-# name -> parallel sizes (tp, ep, etp, pp, vpp), recompute checks, num_layers, dense layers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gloo1gpu  # the harness's transport pieces, next to this file
+
+# name -> parallel sizes (tp, ep, etp, pp, vpp), sequence parallelism, dense layers. Megatron's
+# MoELayer refuses TP without SP in training, so every TP configuration runs with SP; its norms are
+# the harness's SequenceParallelNorm (gloo1gpu.py), the local spec's torch norm asserting SP off.
 CONFIGS = {
-    "single": {"gpus": 1},
-    "dp2": {"gpus": 2},
-    "tp2": {"gpus": 2, "tp": 2},
-    "ep2": {"gpus": 2, "ep": 2},
-    "tp2_ep2_etp1": {"gpus": 2, "tp": 2, "ep": 2, "etp": 1},
-    "pp2": {"gpus": 2, "pp": 2},
-    "pp2_vpp2": {"gpus": 2, "pp": 2, "vpp": 2},
+    "single": {"ranks": 1},
+    "dp2": {"ranks": 2},
+    "tp2": {"ranks": 2, "tp": 2, "sp": True},
+    "ep2": {"ranks": 2, "ep": 2},
+    "tp2_ep2_etp1": {"ranks": 2, "tp": 2, "ep": 2, "etp": 1, "sp": True},
+    "pp2": {"ranks": 2, "pp": 2},
+    "pp2_vpp2": {"ranks": 2, "pp": 2, "vpp": 2},
     # issue 14 (4 GPUs)
-    "tp2_pp2": {"gpus": 4, "tp": 2, "pp": 2},
-    "ep2_pp2": {"gpus": 4, "ep": 2, "pp": 2},
-    "tp2_ep2_dp2_etp1": {"gpus": 4, "tp": 2, "ep": 2, "etp": 1},
-    "pp2_vpp2_ep2": {"gpus": 4, "pp": 2, "vpp": 2, "ep": 2},
-    "pp2_dense_stage": {"gpus": 2, "pp": 2, "dense": (0, 1)},  # stage 0 has no MoE layer
+    "tp2_pp2": {"ranks": 4, "tp": 2, "pp": 2, "sp": True},
+    "ep2_pp2": {"ranks": 4, "ep": 2, "pp": 2},
+    "tp2_ep2_dp2_etp1": {"ranks": 4, "tp": 2, "ep": 2, "etp": 1, "sp": True},
+    "pp2_vpp2_ep2": {"ranks": 4, "pp": 2, "vpp": 2, "ep": 2},
+    "pp2_dense_stage": {"ranks": 2, "pp": 2, "dense": (0, 1)},  # stage 0 has no MoE layer
 }
 S, B, V, HIDDEN, EXPERTS, TOPK, LAYERS = 32, 2, 128, 64, 8, 2, 4
 
@@ -61,13 +73,17 @@ def log(msg: str) -> None:
     print(f"[rank {dist.get_rank()}] {msg}", flush=True)
 
 
-def setup(cfg: dict) -> None:
+def setup(cfg: dict, mode: str) -> None:
+    """Process group and Megatron's parallel state. ``mode`` (``RR_TRANSPORT``): ``nccl``, one GPU
+    per rank; ``gloo1gpu``, every rank on one GPU over gloo (gloo1gpu.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.moe import moe_utils
 
-    dist.init_process_group("nccl")
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = gloo1gpu.device_for_rank(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count(), world, mode)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if mode == "nccl" else "gloo")
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.get("tp", 1),
         pipeline_model_parallel_size=cfg.get("pp", 1),
@@ -104,6 +120,7 @@ def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None
         "virtual_pipeline_model_parallel_size": cfg.get("vpp") if cfg.get("vpp", 1) > 1 else None,
         "expert_model_parallel_size": cfg.get("ep", 1),
         "expert_tensor_parallel_size": cfg.get("etp", cfg.get("tp", 1)),
+        "sequence_parallel": cfg.get("sp", False),
         "pipeline_dtype": torch.float32,
         "deterministic_mode": True,
         "moe_enable_routing_replay": replay,
@@ -130,6 +147,8 @@ def build(cfg: dict, seed: int = 7, **tkw) -> list:
     for v in range(vpp):
         vp = v if vpp > 1 else None
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp)
+        if config.sequence_parallel:
+            spec = gloo1gpu.with_sequence_parallel_norm(spec)
         m = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -277,7 +296,6 @@ def check_a_b(cfg, num_mb: int) -> dict:
     """(a) and (b) on one model built with Megatron's replay enabled (its list holds only this model)."""
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-
     RouterReplay.clear_global_router_replay_instances()
     chunks = build(cfg, replay=True)
     routers = [m for c in chunks for m in c.modules() if type(m).__name__ == "TopKRouter"]
@@ -392,18 +410,27 @@ def check_e(cfg, num_mb: int) -> dict:
         live = run_schedule(chunks, mbs, backward=False)
     # The "engine": this DP rank's sequences, gathered over PP so every MoE layer is there, as
     # vLLM returns them (tokens - 1 rows, every decoder layer on the layer axis, dense = zeros).
-    mine = traces_of(rec, h)  # router rows [S*B] s-major per micro-batch
+    # Under SP, TP rank t's routers saw positions [t*S/tp, (t+1)*S/tp) of every sequence (Megatron
+    # scatters [S, B, H] along S); the gather puts each rank's rows at its own positions.
+    mine = traces_of(rec, h)  # router rows [S_local*B] s-major per micro-batch
     dense = set(cfg.get("dense", ()))
     moe_ids = [i for i in range(LAYERS) if i not in dense]
-    full = torch.zeros(num_mb * B, S, LAYERS, TOPK, dtype=torch.uint8, device="cuda")
+    sp_tp = cfg.get("tp", 1) if cfg.get("sp") else 1
+    S_local = S // sp_tp
+    s0 = ps.get_tensor_model_parallel_rank() * S_local if sp_tp > 1 else 0
+    full = torch.zeros(num_mb * B, S, LAYERS, TOPK, dtype=torch.int64, device="cuda")  # gloo sums no uint8
     if mine:  # a dense stage adds nothing to the gathered trace
         seqs_LK = []
         for t in mine:
-            e = t.experts.reshape(S, B, len(h.layer_ids), TOPK).transpose(0, 1)  # [B, S, L_local, K]
+            e = t.experts.reshape(S_local, B, len(h.layer_ids), TOPK).transpose(0, 1)  # [B, S_local, L_local, K]
             seqs_LK += list(e)
-        full[:, :, list(h.layer_ids)] = torch.stack(seqs_LK).cuda().to(full.dtype)  # [num_mb*B, S, L_local, K]
+        mine_BSLK = torch.stack(seqs_LK).cuda().to(full.dtype)  # [num_mb*B, S_local, L_local, K]
+        full[:, s0 : s0 + S_local, list(h.layer_ids)] = mine_BSLK
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(full, group=ps.get_pipeline_model_parallel_group())
+    if sp_tp > 1:
+        dist.all_reduce(full, group=ps.get_tensor_model_parallel_group())
+    full = full.to(torch.uint8)
     payloads = [full[b, :-1].cpu().numpy() for b in range(full.shape[0])]  # vLLM: tokens - 1 rows
     # training rows: each sequence's last token (never forwarded by an engine) has no route
     trace = vllm.from_vllm(payloads, num_experts=EXPERTS, moe_layer_ids=moe_ids, rows="training")
@@ -414,6 +441,7 @@ def check_e(cfg, num_mb: int) -> dict:
         format="sbhd",
         seq_length=S,
         tp=cfg.get("tp", 1),
+        sequence_parallel=bool(cfg.get("sp")),
         pp=cfg.get("pp", 1),
         vpp=cfg.get("vpp", 1),
     )
@@ -427,6 +455,80 @@ def check_e(cfg, num_mb: int) -> dict:
     return {"e_r3_vllm_trace": same(live, replayed), "e_rows_per_rank": rows}
 
 
+def megatron_rows(global_BSLK: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """The rows one rank's routers see, built from Megatron's own data path rather than from
+    routereplay.parallel: the hidden states are ``[S, B, H]`` flattened s-major, and under SP
+    ``scatter_to_sequence_parallel_region`` gives TP rank t the t-th contiguous slice of S."""
+    from megatron.core import parallel_state as ps
+
+    e_SBLK = global_BSLK.transpose(0, 1)
+    tp = cfg.get("tp", 1)
+    if cfg.get("sp") and tp > 1:
+        n = S // tp
+        t = ps.get_tensor_model_parallel_rank()
+        e_SBLK = e_SBLK[t * n : (t + 1) * n]
+    return e_SBLK.reshape(-1, *e_SBLK.shape[2:])  # [N, L, K]
+
+
+def check_f(cfg, num_mb: int) -> dict:
+    """(f) routereplay.parallel places a global trace on every rank where Megatron's routers see it:
+    forced ids for every (sequence, position, MoE layer) of this DP rank's batch, cut per rank by
+    ``slice_for_rank`` (SP slices included) and replayed by routereplay, give the logits Megatron's
+    own RouterReplay gives with the same ids placed by :func:`megatron_rows`."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    from routereplay import parallel
+    from routereplay.trace import RoutingTrace
+
+    RouterReplay.clear_global_router_replay_instances()
+    chunks = build(cfg, replay=True)
+    routers = [m for c in chunks for m in c.modules() if type(m).__name__ == "TopKRouter"]
+    assert [r.router_replay for r in routers] == RouterReplay.global_router_replay_instances
+    mbs = batches(num_mb, seed=5)
+    dense = set(cfg.get("dense", ()))
+    moe_ids = [i for i in range(LAYERS) if i not in dense]
+    g = torch.Generator().manual_seed(500 + ps.get_data_parallel_rank())  # same on every TP/PP rank
+    n_seq, L = num_mb * B, len(moe_ids)
+    ids_TLK = torch.rand(n_seq * S * L, EXPERTS, generator=g).argsort(-1)[:, :TOPK].reshape(n_seq * S, L, TOPK)
+    trace = RoutingTrace(
+        experts=ids_TLK, cu_seqlens=torch.arange(0, (n_seq + 1) * S, S), layer_ids=moe_ids, num_experts=EXPERTS
+    )
+    h = attach(chunks)
+    live = run_schedule(chunks, mbs, backward=False)
+    layout = parallel.ParallelLayout(
+        micro_batch_size=B,
+        format="sbhd",
+        seq_length=S,
+        tp=cfg.get("tp", 1),
+        sequence_parallel=bool(cfg.get("sp")),
+        pp=cfg.get("pp", 1),
+        vpp=cfg.get("vpp", 1),
+    )
+    coords = parallel.RankCoords(tp=ps.get_tensor_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_rank())
+    rank_traces = parallel.slice_for_rank(trace, layout, coords, layer_ids=h.layer_ids) if h.layer_ids else []
+    with h.replay(rank_traces):
+        ours = run_schedule(chunks, mbs, backward=False)
+    h.detach()
+    by_router = {id(r): i for i, r in enumerate(routers)}
+    cols = [moe_ids.index(lid) for lid in _router_layer_ids(chunks, by_router)]
+    ids_BSLK = ids_TLK.reshape(n_seq, S, L, TOPK)
+    for m in range(num_mb):
+        rows_NLK = megatron_rows(ids_BSLK[m * B : (m + 1) * B], cfg).to(torch.int64).cuda()
+        RouterReplay.set_replay_data([rows_NLK[:, c].contiguous() for c in cols])
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+    theirs = run_schedule(chunks, mbs, backward=False)
+    RouterReplay.clear_global_indices()
+    RouterReplay.clear_global_router_replay_action()
+    RouterReplay.clear_global_router_replay_instances()
+    rows = rank_traces[0].num_tokens if rank_traces else 0
+    return {
+        "f_slice_equals_megatron": same(ours, theirs),
+        "f_forced_changes_output": (not same(ours, live)) if ours else None,
+        "f_rows_per_rank": rows,
+    }
+
+
 COLUMNS = (
     ("a_record_replay_bitexact", "(a) record→replay"),
     ("b_forced_equals_megatron", "(b) forced = Megatron"),
@@ -435,6 +537,7 @@ COLUMNS = (
     ("c_recompute_selective_grads_equal", "(c) selective recompute"),
     ("d_two_models_independent", "(d) two models"),
     ("e_r3_vllm_trace", "(e) R3 vLLM trace"),
+    ("f_slice_equals_megatron", "(f) sliced = Megatron"),
 )
 
 
@@ -454,8 +557,12 @@ def summarize(folder: str) -> str:
             ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
         ).stdout.strip()
     )
-    head = "| config | GPUs | megatron-core | " + " | ".join(c for _, c in COLUMNS) + " | date | GPU | commit |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 6)]
+    head = (
+        "| config | transport | ranks | GPUs | SP | megatron-core | "
+        + " | ".join(c for _, c in COLUMNS)
+        + " | date | GPU | commit |"
+    )
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 9)]
     for name, ranks in rows.items():
         cells = []
         for key, _ in COLUMNS:
@@ -469,7 +576,8 @@ def summarize(folder: str) -> str:
                 cells.append("pass" if all(v in (True, None) for v in vals) else "FAIL")
         r0 = ranks[0]
         lines.append(
-            f"| {name} | {r0['world']} | {r0['megatron_core']} | "
+            f"| {name} | {r0.get('transport', 'nccl')} | {r0['world']} | {r0.get('gpus', r0['world'])} | "
+            f"{'yes' if r0.get('sequence_parallel') else 'no'} | {r0['megatron_core']} | "
             + " | ".join(cells)
             + f" | {r0['date']} | {r0['gpu']} | {commit} |"
         )
@@ -491,17 +599,22 @@ def main() -> int:
     ap.add_argument("--microbatches", type=int, default=4)
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
-    setup(cfg)
+    mode = gloo1gpu.transport()
+    setup(cfg, mode)
     import megatron.core
 
     world = dist.get_world_size()
-    if world != cfg["gpus"]:
-        raise SystemExit(f"config {args.config} needs {cfg['gpus']} processes, torchrun started {world}")
+    if world != cfg["ranks"]:
+        raise SystemExit(f"config {args.config} needs {cfg['ranks']} processes, torchrun started {world}")
     num_mb = args.microbatches if cfg.get("pp", 1) > 1 else 2
     result = {
         "config": args.config,
         "rank": dist.get_rank(),
         "world": world,
+        "transport": mode,
+        "ranks": world,
+        "gpus": world if mode == "nccl" else min(world, torch.cuda.device_count()),
+        "sequence_parallel": bool(cfg.get("sp")),
         "gpu": torch.cuda.get_device_name(),
         "megatron_core": megatron.core.__version__,
         "torch": torch.__version__,
@@ -509,19 +622,22 @@ def main() -> int:
         "microbatches": num_mb,
     }
     ok = True
-    for name, fn in (
-        ("ab", lambda: check_a_b(cfg, num_mb)),
-        ("c", lambda: check_c(cfg, num_mb)),
-        ("d", lambda: check_d(cfg)),
-        ("e", lambda: check_e(cfg, num_mb)),
-    ):
-        try:
-            result.update(fn())
-        except Exception as e:  # noqa: BLE001 (a failed check is a result: record it, run the others)
-            ok = False
-            result[f"{name}_error"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-    checks = {k: v for k, v in result.items() if k[:2] in ("a_", "b_", "c_", "d_", "e_") and isinstance(v, bool)}
+    staging = gloo1gpu.host_staged_p2p() if mode == "gloo1gpu" else contextlib.nullcontext()
+    with staging:
+        for name, fn in (
+            ("ab", lambda: check_a_b(cfg, num_mb)),
+            ("c", lambda: check_c(cfg, num_mb)),
+            ("d", lambda: check_d(cfg)),
+            ("e", lambda: check_e(cfg, num_mb)),
+            ("f", lambda: check_f(cfg, num_mb)),
+        ):
+            try:
+                result.update(fn())
+            except Exception as e:  # noqa: BLE001 (a failed check is a result: record it, run the others)
+                ok = False
+                result[f"{name}_error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+    checks = {k: v for k, v in result.items() if k[:2] in ("a_", "b_", "c_", "d_", "e_", "f_") and isinstance(v, bool)}
     ok = ok and all(checks.values())
     result["passed"] = ok
     os.makedirs(args.out, exist_ok=True)
