@@ -65,6 +65,8 @@ CONFIGS = {
     "tp2_ep2_dp2_etp1": {"ranks": 4, "tp": 2, "ep": 2, "etp": 1, "sp": True},
     "pp2_vpp2_ep2": {"ranks": 4, "pp": 2, "vpp": 2, "ep": 2},
     "pp2_dense_stage": {"ranks": 2, "pp": 2, "dense": (0, 1)},  # stage 0 has no MoE layer
+    # issue 19: one MTP depth (an MoE layer, ids num_layers + d) on the last pipeline stage
+    "pp2_mtp1": {"ranks": 2, "pp": 2, "mtp": 1},
 }
 S, B, V, HIDDEN, EXPERTS, TOPK, LAYERS = 32, 2, 128, 64, 8, 2, 4
 
@@ -125,6 +127,8 @@ def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None
         "deterministic_mode": True,
         "moe_enable_routing_replay": replay,
     }
+    if cfg.get("mtp"):
+        kw["mtp_num_layers"] = cfg["mtp"]
     if recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
@@ -135,7 +139,7 @@ def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None
 def build(cfg: dict, seed: int = 7, **tkw) -> list:
     """The model chunks of this rank (one without VPP), same weights for the same seed."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -149,6 +153,9 @@ def build(cfg: dict, seed: int = 7, **tkw) -> list:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp)
         if config.sequence_parallel:
             spec = gloo1gpu.with_sequence_parallel_norm(spec)
+        extra = {}
+        if cfg.get("mtp"):  # None on every stage but the last
+            extra["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp)
         m = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -157,6 +164,7 @@ def build(cfg: dict, seed: int = 7, **tkw) -> list:
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             vp_stage=vp,
+            **extra,
         ).cuda()
         m.train()  # dropout is 0; Megatron recomputes only in training mode
         chunks.append(m)
@@ -181,6 +189,7 @@ def batches(num_mb: int, seed: int) -> list[dict]:
                 "input_ids": ids.cuda(),
                 "position_ids": torch.arange(S).expand(B, S).contiguous().cuda(),
                 "attention_mask": torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool), 1).cuda(),
+                "labels": ids.roll(-1, dims=1).cuda(),  # MTP needs labels (its loss is in the forward)
             }
         )
     return out
@@ -192,6 +201,7 @@ def run_schedule(chunks: list, mbs: list[dict], *, backward: bool) -> list[torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     outputs: list[torch.Tensor] = []
+    mtp = chunks[0].config.mtp_num_layers is not None
 
     def loss_func(output_tensor):
         outputs.append(output_tensor.detach().clone())
@@ -200,7 +210,10 @@ def run_schedule(chunks: list, mbs: list[dict], *, backward: bool) -> list[torch
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        return model(batch["input_ids"], batch["position_ids"], batch["attention_mask"]), loss_func
+        # With MTP, GPTModel needs labels and returns the per-token main loss [B, S]; the MTP loss
+        # only reaches the gradients (MTPLossAutoScaler), so MTP checks compare gradients.
+        labels = {"labels": batch["labels"]} if mtp else {}
+        return model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], **labels), loss_func
 
     iters = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
     get_forward_backward_func()(
@@ -529,6 +542,60 @@ def check_f(cfg, num_mb: int) -> dict:
     }
 
 
+def check_g_mtp(cfg, num_mb: int) -> dict:
+    """(g) MTP routes, in their own id space (``num_layers + d``), under PP, forward and backward:
+    record -> replay gives the same losses and gradients; forcing other ids on the MTP layer only
+    changes the gradients (the MTP loss reaches only them) and gives what Megatron's own
+    RouterReplay gives forced with the same ids (its global list holds the MTP router too)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    RouterReplay.clear_global_router_replay_instances()
+    chunks = build(cfg, replay=True)
+    routers = [m for c in chunks for m in c.modules() if type(m).__name__ == "TopKRouter"]
+    assert [r.router_replay for r in routers] == RouterReplay.global_router_replay_instances
+    mbs = batches(num_mb, seed=6)
+    h = attach(chunks)
+    mtp_ids = [i for i in h.layer_ids if i >= LAYERS]
+    zero_grads(chunks)
+    with h.record() as rec:
+        out_live = run_schedule(chunks, mbs, backward=True)
+    g_live = grads(chunks)
+    traces = traces_of(rec, h)
+    zero_grads(chunks)
+    with h.replay(traces):
+        out_rep = run_schedule(chunks, mbs, backward=True)
+    g_rep = grads(chunks)
+    cols = [h.layer_ids.index(i) for i in mtp_ids]
+    forced = []
+    for i, t in enumerate(traces):  # the decoder layers keep their recorded ids
+        e = t.experts.clone()
+        e[:, cols] = other_routes(t, 300 + i).experts[:, cols]
+        forced.append(t._replace(experts=e))
+    zero_grads(chunks)
+    with h.replay(forced):
+        out_f = run_schedule(chunks, mbs, backward=True)
+    g_f = grads(chunks)
+    h.detach()
+    by_router = {id(r): i for i, r in enumerate(routers)}
+    col = [h.layer_ids.index(lid) for lid in _router_layer_ids(chunks, by_router)]
+    for tr in forced:
+        ids = tr.experts.to(torch.int64).cuda()
+        RouterReplay.set_replay_data([ids[:, c].contiguous() for c in col])
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+    zero_grads(chunks)
+    out_m = run_schedule(chunks, mbs, backward=True)
+    g_m = grads(chunks)
+    RouterReplay.clear_global_indices()
+    RouterReplay.clear_global_router_replay_action()
+    RouterReplay.clear_global_router_replay_instances()
+    return {
+        "g_mtp_layer_ids": mtp_ids,
+        "g_mtp_record_replay_equal": same(out_live, out_rep) and same(g_live, g_rep),
+        "g_mtp_forced_changes_grads": (not same(g_f, g_live)) if mtp_ids else None,
+        "g_mtp_forced_equals_megatron": same(out_f, out_m) and same(g_f, g_m),
+    }
+
+
 COLUMNS = (
     ("a_record_replay_bitexact", "(a) record→replay"),
     ("b_forced_equals_megatron", "(b) forced = Megatron"),
@@ -538,6 +605,7 @@ COLUMNS = (
     ("d_two_models_independent", "(d) two models"),
     ("e_r3_vllm_trace", "(e) R3 vLLM trace"),
     ("f_slice_equals_megatron", "(f) sliced = Megatron"),
+    ("g_mtp_forced_equals_megatron", "(g) MTP forced = Megatron"),
 )
 
 
@@ -560,9 +628,9 @@ def summarize(folder: str) -> str:
     head = (
         "| config | transport | ranks | GPUs | SP | megatron-core | "
         + " | ".join(c for _, c in COLUMNS)
-        + " | date | GPU | commit |"
+        + " | every check | date | GPU | commit |"
     )
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 9)]
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 10)]
     for name, ranks in rows.items():
         cells = []
         for key, _ in COLUMNS:
@@ -579,6 +647,7 @@ def summarize(folder: str) -> str:
             f"| {name} | {r0.get('transport', 'nccl')} | {r0['world']} | {r0.get('gpus', r0['world'])} | "
             f"{'yes' if r0.get('sequence_parallel') else 'no'} | {r0['megatron_core']} | "
             + " | ".join(cells)
+            + f" | {'pass' if all(r.get('passed') for r in ranks) else 'FAIL'}"
             + f" | {r0['date']} | {r0['gpu']} | {commit} |"
         )
     return "\n".join(lines) + "\n"
@@ -624,20 +693,25 @@ def main() -> int:
     ok = True
     staging = gloo1gpu.host_staged_p2p() if mode == "gloo1gpu" else contextlib.nullcontext()
     with staging:
-        for name, fn in (
+        to_run = [
             ("ab", lambda: check_a_b(cfg, num_mb)),
             ("c", lambda: check_c(cfg, num_mb)),
             ("d", lambda: check_d(cfg)),
-            ("e", lambda: check_e(cfg, num_mb)),
-            ("f", lambda: check_f(cfg, num_mb)),
-        ):
+        ]
+        if cfg.get("mtp"):  # (e) and (f) build traces of the decoder layers only
+            to_run.append(("g", lambda: check_g_mtp(cfg, num_mb)))
+        else:
+            to_run += [("e", lambda: check_e(cfg, num_mb)), ("f", lambda: check_f(cfg, num_mb))]
+        for name, fn in to_run:
             try:
                 result.update(fn())
             except Exception as e:  # noqa: BLE001 (a failed check is a result: record it, run the others)
                 ok = False
                 result[f"{name}_error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-    checks = {k: v for k, v in result.items() if k[:2] in ("a_", "b_", "c_", "d_", "e_", "f_") and isinstance(v, bool)}
+    checks = {
+        k: v for k, v in result.items() if k[:2] in ("a_", "b_", "c_", "d_", "e_", "f_", "g_") and isinstance(v, bool)
+    }
     ok = ok and all(checks.values())
     result["passed"] = ok
     os.makedirs(args.out, exist_ok=True)
