@@ -11,7 +11,10 @@ between, on gloo with CPU tensors and two real processes, with Megatron's own co
   (``finalize_model_grads``) equal the unsharded norm;
 - the rows check (f) hands Megatron's RouterReplay under SP (``megatron_rows``) equal what
   Megatron's ``scatter_to_sequence_parallel_region`` gives the rank, and what
-  ``routereplay.parallel`` slices for it.
+  ``routereplay.parallel`` slices for it;
+- the harness's own ``build`` and ``attach`` for ``tp2``, ``tp2_ep2_etp1`` (SP norms marked, no
+  ``WrappedTorchNorm`` assertion) and ``pp2_mtp1`` (the MTP router's id ``num_layers`` on the last
+  stage), construction only.
 Megatron's MoE layer needs CUDA, so no model forward runs here (see tests/test_megatron_cpu.py).
 """
 
@@ -187,6 +190,45 @@ def _sp_rows(rank: int) -> None:
     assert torch.equal(src_N, seen_N)
 
 
+def _harness_models(rank: int) -> None:
+    """The harness's own ``build`` and ``attach`` for the TP+SP and MTP configurations, construction
+    only (on the CPU): every norm is marked for SP, and the MTP router's id follows the decoder's."""
+    import run_megatron_gpu as harness
+    from megatron.core import parallel_state as ps
+
+    # Construction only: Megatron's all-to-all dispatcher makes a CUDA stream in __init__, and the
+    # last stage moves the tied embedding to CUDA before its all-reduce.
+    no_cuda = (
+        mock.patch.object(torch.cuda, "Stream", lambda *a, **k: None),
+        mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self),
+    )
+    want = {"tp2": [[0, 1, 2, 3]] * 2, "tp2_ep2_etp1": [[0, 1, 2, 3]] * 2, "pp2_mtp1": [[0, 1], [2, 3, 4]]}
+    for name, layer_ids in want.items():
+        cfg = harness.CONFIGS[name]
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.get("tp", 1),
+            pipeline_model_parallel_size=cfg.get("pp", 1),
+            expert_model_parallel_size=cfg.get("ep", 1),
+            expert_tensor_parallel_size=cfg.get("etp", cfg.get("tp", 1)),
+        )
+        try:
+            with no_cuda[0], no_cuda[1]:
+                chunks = harness.build(cfg, device="cpu")
+            handle = harness.attach(chunks)
+            assert list(handle.layer_ids) == layer_ids[rank], (name, handle.layer_ids)
+            handle.detach()
+            norms = [m for c in chunks for m in c.modules() if isinstance(m, torch.nn.LayerNorm)]
+            assert norms, name
+            marked = {p.sequence_parallel for m in norms for p in m.parameters() if hasattr(p, "sequence_parallel")}
+            params = sum(1 for m in norms for _ in m.parameters())
+            assert marked == ({True} if cfg.get("sp") else set()), (name, marked)
+            assert sum(1 for m in norms for p in m.parameters() if getattr(p, "sequence_parallel", False)) == (
+                params if cfg.get("sp") else 0
+            )
+        finally:
+            ps.destroy_model_parallel()
+
+
 def _worker(rank: int, path: str) -> None:
     from megatron.core import parallel_state as ps
 
@@ -197,6 +239,7 @@ def _worker(rank: int, path: str) -> None:
         _sp_norm(rank)
         _sp_rows(rank)
         ps.destroy_model_parallel()
+        _harness_models(rank)
     finally:
         dist.destroy_process_group()
 

@@ -99,7 +99,7 @@ def setup(cfg: dict, mode: str) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None = None):
+def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None = None, cpu: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dense = set(cfg.get("dense", ()))
@@ -126,6 +126,7 @@ def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None
         "pipeline_dtype": torch.float32,
         "deterministic_mode": True,
         "moe_enable_routing_replay": replay,
+        "use_cpu_initialization": cpu,  # the CI smoke builds the models on the CPU (no forward)
     }
     if cfg.get("mtp"):
         kw["mtp_num_layers"] = cfg["mtp"]
@@ -136,18 +137,20 @@ def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None
     return TransformerConfig(**kw)
 
 
-def build(cfg: dict, seed: int = 7, **tkw) -> list:
-    """The model chunks of this rank (one without VPP), same weights for the same seed."""
+def build(cfg: dict, seed: int = 7, device: str = "cuda", **tkw) -> list:
+    """The model chunks of this rank (one without VPP), same weights for the same seed. ``device="cpu"``:
+    built on the CPU (tests/test_megatron_harness_gloo.py; Megatron's MoE forward needs CUDA)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    config = transformer_config(cfg, **tkw)
+    config = transformer_config(cfg, cpu=device == "cpu", **tkw)
     vpp = cfg.get("vpp", 1)
     chunks = []
     torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    if device == "cuda":
+        model_parallel_cuda_manual_seed(seed)
     for v in range(vpp):
         vp = v if vpp > 1 else None
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp)
@@ -165,7 +168,7 @@ def build(cfg: dict, seed: int = 7, **tkw) -> list:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             vp_stage=vp,
             **extra,
-        ).cuda()
+        ).to(device)
         m.train()  # dropout is 0; Megatron recomputes only in training mode
         chunks.append(m)
     return chunks
