@@ -17,6 +17,8 @@ harness process and undone on exit:
                         Megatron's device buffer. Messages are tagged by the direction they travel
                         (next-ward, prev-ward), so with two stages (where prev == next) an activation
                         can never land in a gradient buffer whatever order the ops are posted in.
+                        Not staged: the shape exchange of ``variable_seq_lengths`` / a standalone
+                        MTP stage (``_communicate_shapes``); no configuration here uses either.
 ``SequenceParallelNorm`` a torch ``LayerNorm``/``RMSNorm`` whose parameters carry
                         ``sequence_parallel`` the way Megatron's ``FusedLayerNorm`` and the Transformer
                         Engine norms mark them (``finalize_model_grads`` all-reduces such grads over
@@ -105,7 +107,8 @@ class _StagedRecv:
 
 
 def _isend(tensor: torch.Tensor, peer: int, group, tag: int) -> _StagedSend:
-    host = tensor.detach().to("cpu", copy=True)  # synchronous: the device buffer may be freed next
+    # synchronous: Megatron may free the device buffer next; gloo sends contiguous tensors only
+    host = tensor.detach().to("cpu", copy=True).contiguous()
     return _StagedSend(dist.isend(host, dst=peer, group=group, tag=tag), host)
 
 

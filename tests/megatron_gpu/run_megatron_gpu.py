@@ -351,8 +351,11 @@ def check_a_b(cfg, num_mb: int) -> dict:
 
 
 def _router_layer_ids(chunks, by_router) -> list[int]:
+    """The layer id of every TopKRouter of this rank, in module order (none on a dense stage)."""
     from routereplay.adapters import megatron as mga
 
+    if not any(type(m).__name__ == "TopKRouter" for c in chunks for m in c.modules()):
+        return []  # discover raises NoMoELayersError on a stage without MoE layers
     d = mga.discover(chunks if len(chunks) > 1 else chunks[0])
     by_path = {m.path: m.layer_id for m in d.layers}
     out = []
