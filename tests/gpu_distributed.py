@@ -2,6 +2,13 @@
 
     torchrun --standalone --nproc-per-node 2 tests/gpu_distributed.py   # every case
     torchrun --standalone --nproc-per-node 1 tests/gpu_distributed.py   # one GPU: the FSDP2 cases
+    RR_TRANSPORT=gloo1gpu torchrun --standalone --nproc-per-node 2 tests/gpu_distributed.py  # 2 ranks, 1 GPU
+
+``RR_TRANSPORT=gloo1gpu`` (issue 19) puts every rank on ``cuda:LOCAL_RANK % device_count`` with one
+gloo group (NCCL refuses two ranks on one GPU), so the 2-rank cases run on one lent GPU; the
+transport, rank and GPU counts go into the report. ``RR_CASES=a,b`` runs only those cases (one
+launch per case isolates a crash), ``RR_REPORT`` names the report file, ``RR_CKPT`` the checkpoint
+folder (default under ``$OUT``). ``faulthandler`` is on: a segfault prints every thread's Python stack.
 
 Runs the cases of tests/test_distributed_hf.py (the same code as the gloo CI suite) with one GPU
 per rank, the checkpoints and reference in bf16, under ``torch.use_deterministic_algorithms``.
@@ -22,6 +29,7 @@ largest one. A wrong route moves gradients by O(1).
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import subprocess
@@ -82,18 +90,38 @@ def _verdicts(name: str, res: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+def _cases(env: str | None) -> list[str]:
+    """The cases to run: every one, or the comma-separated ``RR_CASES``."""
+    if not env:
+        return list(contract.CASES)
+    names = [n.strip() for n in env.split(",") if n.strip()]
+    unknown = [n for n in names if n not in contract.CASES]
+    if unknown:
+        raise SystemExit(f"RR_CASES: unknown case(s) {unknown}; the cases are {list(contract.CASES)}")
+    return names
+
+
 def main() -> int:
+    faulthandler.enable(all_threads=True)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    mode = os.environ.get("RR_TRANSPORT", "nccl")
+    if mode not in ("nccl", "gloo1gpu"):
+        raise SystemExit(f"RR_TRANSPORT={mode!r}: expected 'nccl' or 'gloo1gpu'")
+    wanted = _cases(os.environ.get("RR_CASES"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local % torch.cuda.device_count() if mode == "gloo1gpu" else local)
         device = torch.device("cuda", torch.cuda.current_device())
-        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=10))
+        if mode == "gloo1gpu":  # no device_id: that binds the group to one device per rank (NCCL's model)
+            dist.init_process_group("gloo", timeout=timedelta(minutes=10))
+        else:
+            dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=10))
     else:  # a dry run of this runner on the CPU (gloo, still bf16)
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(minutes=10))
     torch.use_deterministic_algorithms(True)
     out_dir = os.environ.get("OUT", "/tmp/routereplay-gpu")
-    ckpt = os.path.join(out_dir, "gpu_distributed_ckpt")
+    ckpt = os.environ.get("RR_CKPT") or os.path.join(out_dir, "gpu_distributed_ckpt")
     try:
         contract.transformers.logging.set_verbosity_error()
         if rank == 0:
@@ -101,7 +129,8 @@ def main() -> int:
         dist.barrier()
         has_accelerate = __import__("importlib").util.find_spec("accelerate") is not None
         names, skipped = [], {}
-        for name, (kind, _) in contract.CASES.items():
+        for name in wanted:
+            kind = contract.CASES[name][0]
             if kind == "dc" and world != 2:
                 skipped[name] = f"DistributedConfig cases are 2-way meshes; world size is {world}"
             elif kind == "dc" and not has_accelerate:
@@ -121,6 +150,11 @@ def main() -> int:
         report = {
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
             "world_size": world,
+            "transport": mode if device.type == "cuda" else "gloo (cpu dry run)",
+            "ranks": world,
+            "gpus": (world if mode == "nccl" else min(world, torch.cuda.device_count()))
+            if device.type == "cuda"
+            else 0,
             "torch": torch.__version__,
             "transformers": contract.transformers.__version__,
             "commit": _commit(),
@@ -132,12 +166,11 @@ def main() -> int:
             "results": gathered,
         }
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "gpu_distributed.json"), "w") as f:
+        report_path = os.path.join(out_dir, os.environ.get("RR_REPORT", "gpu_distributed.json"))
+        with open(report_path, "w") as f:
             json.dump(report, f, indent=1)
         failed = sum(not ok for _, _, ok, _ in verdicts)
-        print(
-            f"{len(verdicts) - failed} passed, {failed} failed, {len(skipped)} skipped -> {out_dir}/gpu_distributed.json"
-        )
+        print(f"{len(verdicts) - failed} passed, {failed} failed, {len(skipped)} skipped -> {report_path}")
         return 1 if failed else 0
     finally:
         dist.destroy_process_group()

@@ -16,6 +16,13 @@ Checks, each on every rank (results: ``$OUT/megatron_<config>.json``, one line p
     (e) r3_vllm_trace            a global trace as vLLM returns it (engine rows, dense layers as zero
                                  rows) -> routereplay.formats -> routereplay.parallel slice per rank ->
                                  replay on every rank: the logits equal the recorded ones
+    (f) slice_equals_megatron    forced ids for a whole batch, cut per rank by routereplay.parallel
+                                 (SP slices included) and replayed by routereplay, equal Megatron's own
+                                 RouterReplay given the same ids placed from Megatron's data path
+Transport (``RR_TRANSPORT``, recorded in every result row with the rank and GPU counts): ``nccl``,
+one GPU per rank (default); ``gloo1gpu``, every rank on one GPU over gloo, the pipeline send/recv
+staged through host memory (gloo1gpu.py). TP configurations run with sequence parallelism (Megatron's
+MoE refuses TP without it in training) and the harness's SequenceParallelNorm.
 Pipeline configurations run Megatron's schedules (1F1B, or interleaved with VPP 2) with several
 micro-batches, forward and backward; every micro-batch replays its own ids. fp32,
 ``deterministic_mode`` and ``torch.use_deterministic_algorithms`` (outputs compared bit for bit).
@@ -38,21 +45,28 @@ import types
 import torch
 import torch.distributed as dist
 
-# name -> parallel sizes (tp, ep, etp, pp, vpp), recompute checks, num_layers, dense layers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gloo1gpu  # the harness's transport pieces, next to this file
+
+# name -> parallel sizes (tp, ep, etp, pp, vpp), sequence parallelism, dense layers. Megatron's
+# MoELayer refuses TP without SP in training, so every TP configuration runs with SP; its norms are
+# the harness's SequenceParallelNorm (gloo1gpu.py), the local spec's torch norm asserting SP off.
 CONFIGS = {
-    "single": {"gpus": 1},
-    "dp2": {"gpus": 2},
-    "tp2": {"gpus": 2, "tp": 2},
-    "ep2": {"gpus": 2, "ep": 2},
-    "tp2_ep2_etp1": {"gpus": 2, "tp": 2, "ep": 2, "etp": 1},
-    "pp2": {"gpus": 2, "pp": 2},
-    "pp2_vpp2": {"gpus": 2, "pp": 2, "vpp": 2},
+    "single": {"ranks": 1},
+    "dp2": {"ranks": 2},
+    "tp2": {"ranks": 2, "tp": 2, "sp": True},
+    "ep2": {"ranks": 2, "ep": 2},
+    "tp2_ep2_etp1": {"ranks": 2, "tp": 2, "ep": 2, "etp": 1, "sp": True},
+    "pp2": {"ranks": 2, "pp": 2},
+    "pp2_vpp2": {"ranks": 2, "pp": 2, "vpp": 2},
     # issue 14 (4 GPUs)
-    "tp2_pp2": {"gpus": 4, "tp": 2, "pp": 2},
-    "ep2_pp2": {"gpus": 4, "ep": 2, "pp": 2},
-    "tp2_ep2_dp2_etp1": {"gpus": 4, "tp": 2, "ep": 2, "etp": 1},
-    "pp2_vpp2_ep2": {"gpus": 4, "pp": 2, "vpp": 2, "ep": 2},
-    "pp2_dense_stage": {"gpus": 2, "pp": 2, "dense": (0, 1)},  # stage 0 has no MoE layer
+    "tp2_pp2": {"ranks": 4, "tp": 2, "pp": 2, "sp": True},
+    "ep2_pp2": {"ranks": 4, "ep": 2, "pp": 2},
+    "tp2_ep2_dp2_etp1": {"ranks": 4, "tp": 2, "ep": 2, "etp": 1, "sp": True},
+    "pp2_vpp2_ep2": {"ranks": 4, "pp": 2, "vpp": 2, "ep": 2},
+    "pp2_dense_stage": {"ranks": 2, "pp": 2, "dense": (0, 1)},  # stage 0 has no MoE layer
+    # issue 19: one MTP depth (an MoE layer, ids num_layers + d) on the last pipeline stage
+    "pp2_mtp1": {"ranks": 2, "pp": 2, "mtp": 1},
 }
 S, B, V, HIDDEN, EXPERTS, TOPK, LAYERS = 32, 2, 128, 64, 8, 2, 4
 
@@ -61,13 +75,17 @@ def log(msg: str) -> None:
     print(f"[rank {dist.get_rank()}] {msg}", flush=True)
 
 
-def setup(cfg: dict) -> None:
+def setup(cfg: dict, mode: str) -> None:
+    """Process group and Megatron's parallel state. ``mode`` (``RR_TRANSPORT``): ``nccl``, one GPU
+    per rank; ``gloo1gpu``, every rank on one GPU over gloo (gloo1gpu.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.moe import moe_utils
 
-    dist.init_process_group("nccl")
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = gloo1gpu.device_for_rank(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count(), world, mode)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if mode == "nccl" else "gloo")
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.get("tp", 1),
         pipeline_model_parallel_size=cfg.get("pp", 1),
@@ -81,7 +99,7 @@ def setup(cfg: dict) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None = None):
+def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None = None, cpu: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dense = set(cfg.get("dense", ()))
@@ -104,10 +122,14 @@ def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None
         "virtual_pipeline_model_parallel_size": cfg.get("vpp") if cfg.get("vpp", 1) > 1 else None,
         "expert_model_parallel_size": cfg.get("ep", 1),
         "expert_tensor_parallel_size": cfg.get("etp", cfg.get("tp", 1)),
+        "sequence_parallel": cfg.get("sp", False),
         "pipeline_dtype": torch.float32,
         "deterministic_mode": True,
         "moe_enable_routing_replay": replay,
+        "use_cpu_initialization": cpu,  # the CI smoke builds the models on the CPU (no forward)
     }
+    if cfg.get("mtp"):
+        kw["mtp_num_layers"] = cfg["mtp"]
     if recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
@@ -115,21 +137,28 @@ def transformer_config(cfg: dict, *, replay: bool = False, recompute: str | None
     return TransformerConfig(**kw)
 
 
-def build(cfg: dict, seed: int = 7, **tkw) -> list:
-    """The model chunks of this rank (one without VPP), same weights for the same seed."""
+def build(cfg: dict, seed: int = 7, device: str = "cuda", **tkw) -> list:
+    """The model chunks of this rank (one without VPP), same weights for the same seed. ``device="cpu"``:
+    built on the CPU (tests/test_megatron_harness_gloo.py; Megatron's MoE forward needs CUDA)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    config = transformer_config(cfg, **tkw)
+    config = transformer_config(cfg, cpu=device == "cpu", **tkw)
     vpp = cfg.get("vpp", 1)
     chunks = []
     torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    if device == "cuda":
+        model_parallel_cuda_manual_seed(seed)
     for v in range(vpp):
         vp = v if vpp > 1 else None
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp)
+        if config.sequence_parallel:
+            spec = gloo1gpu.with_sequence_parallel_norm(spec)
+        extra = {}
+        if cfg.get("mtp"):  # None on every stage but the last
+            extra["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp)
         m = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -138,7 +167,8 @@ def build(cfg: dict, seed: int = 7, **tkw) -> list:
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             vp_stage=vp,
-        ).cuda()
+            **extra,
+        ).to(device)
         m.train()  # dropout is 0; Megatron recomputes only in training mode
         chunks.append(m)
     return chunks
@@ -162,6 +192,7 @@ def batches(num_mb: int, seed: int) -> list[dict]:
                 "input_ids": ids.cuda(),
                 "position_ids": torch.arange(S).expand(B, S).contiguous().cuda(),
                 "attention_mask": torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool), 1).cuda(),
+                "labels": ids.roll(-1, dims=1).cuda(),  # MTP needs labels (its loss is in the forward)
             }
         )
     return out
@@ -173,6 +204,7 @@ def run_schedule(chunks: list, mbs: list[dict], *, backward: bool) -> list[torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     outputs: list[torch.Tensor] = []
+    mtp = chunks[0].config.mtp_num_layers is not None
 
     def loss_func(output_tensor):
         outputs.append(output_tensor.detach().clone())
@@ -181,7 +213,10 @@ def run_schedule(chunks: list, mbs: list[dict], *, backward: bool) -> list[torch
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        return model(batch["input_ids"], batch["position_ids"], batch["attention_mask"]), loss_func
+        # With MTP, GPTModel needs labels and returns the per-token main loss [B, S]; the MTP loss
+        # only reaches the gradients (MTPLossAutoScaler), so MTP checks compare gradients.
+        labels = {"labels": batch["labels"]} if mtp else {}
+        return model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], **labels), loss_func
 
     iters = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
     get_forward_backward_func()(
@@ -277,7 +312,6 @@ def check_a_b(cfg, num_mb: int) -> dict:
     """(a) and (b) on one model built with Megatron's replay enabled (its list holds only this model)."""
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-
     RouterReplay.clear_global_router_replay_instances()
     chunks = build(cfg, replay=True)
     routers = [m for c in chunks for m in c.modules() if type(m).__name__ == "TopKRouter"]
@@ -317,8 +351,11 @@ def check_a_b(cfg, num_mb: int) -> dict:
 
 
 def _router_layer_ids(chunks, by_router) -> list[int]:
+    """The layer id of every TopKRouter of this rank, in module order (none on a dense stage)."""
     from routereplay.adapters import megatron as mga
 
+    if not any(type(m).__name__ == "TopKRouter" for c in chunks for m in c.modules()):
+        return []  # discover raises NoMoELayersError on a stage without MoE layers
     d = mga.discover(chunks if len(chunks) > 1 else chunks[0])
     by_path = {m.path: m.layer_id for m in d.layers}
     out = []
@@ -392,18 +429,27 @@ def check_e(cfg, num_mb: int) -> dict:
         live = run_schedule(chunks, mbs, backward=False)
     # The "engine": this DP rank's sequences, gathered over PP so every MoE layer is there, as
     # vLLM returns them (tokens - 1 rows, every decoder layer on the layer axis, dense = zeros).
-    mine = traces_of(rec, h)  # router rows [S*B] s-major per micro-batch
+    # Under SP, TP rank t's routers saw positions [t*S/tp, (t+1)*S/tp) of every sequence (Megatron
+    # scatters [S, B, H] along S); the gather puts each rank's rows at its own positions.
+    mine = traces_of(rec, h)  # router rows [S_local*B] s-major per micro-batch
     dense = set(cfg.get("dense", ()))
     moe_ids = [i for i in range(LAYERS) if i not in dense]
-    full = torch.zeros(num_mb * B, S, LAYERS, TOPK, dtype=torch.uint8, device="cuda")
+    sp_tp = cfg.get("tp", 1) if cfg.get("sp") else 1
+    S_local = S // sp_tp
+    s0 = ps.get_tensor_model_parallel_rank() * S_local if sp_tp > 1 else 0
+    full = torch.zeros(num_mb * B, S, LAYERS, TOPK, dtype=torch.int64, device="cuda")  # gloo sums no uint8
     if mine:  # a dense stage adds nothing to the gathered trace
         seqs_LK = []
         for t in mine:
-            e = t.experts.reshape(S, B, len(h.layer_ids), TOPK).transpose(0, 1)  # [B, S, L_local, K]
+            e = t.experts.reshape(S_local, B, len(h.layer_ids), TOPK).transpose(0, 1)  # [B, S_local, L_local, K]
             seqs_LK += list(e)
-        full[:, :, list(h.layer_ids)] = torch.stack(seqs_LK).cuda().to(full.dtype)  # [num_mb*B, S, L_local, K]
+        mine_BSLK = torch.stack(seqs_LK).cuda().to(full.dtype)  # [num_mb*B, S_local, L_local, K]
+        full[:, s0 : s0 + S_local, list(h.layer_ids)] = mine_BSLK
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(full, group=ps.get_pipeline_model_parallel_group())
+    if sp_tp > 1:
+        dist.all_reduce(full, group=ps.get_tensor_model_parallel_group())
+    full = full.to(torch.uint8)
     payloads = [full[b, :-1].cpu().numpy() for b in range(full.shape[0])]  # vLLM: tokens - 1 rows
     # training rows: each sequence's last token (never forwarded by an engine) has no route
     trace = vllm.from_vllm(payloads, num_experts=EXPERTS, moe_layer_ids=moe_ids, rows="training")
@@ -414,6 +460,7 @@ def check_e(cfg, num_mb: int) -> dict:
         format="sbhd",
         seq_length=S,
         tp=cfg.get("tp", 1),
+        sequence_parallel=bool(cfg.get("sp")),
         pp=cfg.get("pp", 1),
         vpp=cfg.get("vpp", 1),
     )
@@ -427,6 +474,134 @@ def check_e(cfg, num_mb: int) -> dict:
     return {"e_r3_vllm_trace": same(live, replayed), "e_rows_per_rank": rows}
 
 
+def megatron_rows(global_BSLK: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """The rows one rank's routers see, built from Megatron's own data path rather than from
+    routereplay.parallel: the hidden states are ``[S, B, H]`` flattened s-major, and under SP
+    ``scatter_to_sequence_parallel_region`` gives TP rank t the t-th contiguous slice of S."""
+    from megatron.core import parallel_state as ps
+
+    e_SBLK = global_BSLK.transpose(0, 1)
+    tp = cfg.get("tp", 1)
+    if cfg.get("sp") and tp > 1:
+        n = S // tp
+        t = ps.get_tensor_model_parallel_rank()
+        e_SBLK = e_SBLK[t * n : (t + 1) * n]
+    return e_SBLK.reshape(-1, *e_SBLK.shape[2:])  # [N, L, K]
+
+
+def check_f(cfg, num_mb: int) -> dict:
+    """(f) routereplay.parallel places a global trace on every rank where Megatron's routers see it:
+    forced ids for every (sequence, position, MoE layer) of this DP rank's batch, cut per rank by
+    ``slice_for_rank`` (SP slices included) and replayed by routereplay, give the logits Megatron's
+    own RouterReplay gives with the same ids placed by :func:`megatron_rows`."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    from routereplay import parallel
+    from routereplay.trace import RoutingTrace
+
+    RouterReplay.clear_global_router_replay_instances()
+    chunks = build(cfg, replay=True)
+    routers = [m for c in chunks for m in c.modules() if type(m).__name__ == "TopKRouter"]
+    assert [r.router_replay for r in routers] == RouterReplay.global_router_replay_instances
+    mbs = batches(num_mb, seed=5)
+    dense = set(cfg.get("dense", ()))
+    moe_ids = [i for i in range(LAYERS) if i not in dense]
+    g = torch.Generator().manual_seed(500 + ps.get_data_parallel_rank())  # same on every TP/PP rank
+    n_seq, L = num_mb * B, len(moe_ids)
+    ids_TLK = torch.rand(n_seq * S * L, EXPERTS, generator=g).argsort(-1)[:, :TOPK].reshape(n_seq * S, L, TOPK)
+    trace = RoutingTrace(
+        experts=ids_TLK, cu_seqlens=torch.arange(0, (n_seq + 1) * S, S), layer_ids=moe_ids, num_experts=EXPERTS
+    )
+    h = attach(chunks)
+    live = run_schedule(chunks, mbs, backward=False)
+    layout = parallel.ParallelLayout(
+        micro_batch_size=B,
+        format="sbhd",
+        seq_length=S,
+        tp=cfg.get("tp", 1),
+        sequence_parallel=bool(cfg.get("sp")),
+        pp=cfg.get("pp", 1),
+        vpp=cfg.get("vpp", 1),
+    )
+    coords = parallel.RankCoords(tp=ps.get_tensor_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_rank())
+    rank_traces = parallel.slice_for_rank(trace, layout, coords, layer_ids=h.layer_ids) if h.layer_ids else []
+    with h.replay(rank_traces):
+        ours = run_schedule(chunks, mbs, backward=False)
+    h.detach()
+    by_router = {id(r): i for i, r in enumerate(routers)}
+    cols = [moe_ids.index(lid) for lid in _router_layer_ids(chunks, by_router)]
+    ids_BSLK = ids_TLK.reshape(n_seq, S, L, TOPK)
+    for m in range(num_mb):
+        rows_NLK = megatron_rows(ids_BSLK[m * B : (m + 1) * B], cfg).to(torch.int64).cuda()
+        RouterReplay.set_replay_data([rows_NLK[:, c].contiguous() for c in cols])
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+    theirs = run_schedule(chunks, mbs, backward=False)
+    RouterReplay.clear_global_indices()
+    RouterReplay.clear_global_router_replay_action()
+    RouterReplay.clear_global_router_replay_instances()
+    rows = rank_traces[0].num_tokens if rank_traces else 0
+    return {
+        "f_slice_equals_megatron": same(ours, theirs),
+        "f_forced_changes_output": (not same(ours, live)) if ours else None,
+        "f_rows_per_rank": rows,
+    }
+
+
+def check_g_mtp(cfg, num_mb: int) -> dict:
+    """(g) MTP routes, in their own id space (``num_layers + d``), under PP, forward and backward:
+    record -> replay gives the same losses and gradients; forcing other ids on the MTP layer only
+    changes the gradients (the MTP loss reaches only them) and gives what Megatron's own
+    RouterReplay gives forced with the same ids (its global list holds the MTP router too)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    RouterReplay.clear_global_router_replay_instances()
+    chunks = build(cfg, replay=True)
+    routers = [m for c in chunks for m in c.modules() if type(m).__name__ == "TopKRouter"]
+    assert [r.router_replay for r in routers] == RouterReplay.global_router_replay_instances
+    mbs = batches(num_mb, seed=6)
+    h = attach(chunks)
+    mtp_ids = [i for i in h.layer_ids if i >= LAYERS]
+    zero_grads(chunks)
+    with h.record() as rec:
+        out_live = run_schedule(chunks, mbs, backward=True)
+    g_live = grads(chunks)
+    traces = traces_of(rec, h)
+    zero_grads(chunks)
+    with h.replay(traces):
+        out_rep = run_schedule(chunks, mbs, backward=True)
+    g_rep = grads(chunks)
+    cols = [h.layer_ids.index(i) for i in mtp_ids]
+    forced = []
+    for i, t in enumerate(traces):  # the decoder layers keep their recorded ids
+        e = t.experts.clone()
+        e[:, cols] = other_routes(t, 300 + i).experts[:, cols]
+        forced.append(t._replace(experts=e))
+    zero_grads(chunks)
+    with h.replay(forced):
+        out_f = run_schedule(chunks, mbs, backward=True)
+    g_f = grads(chunks)
+    h.detach()
+    by_router = {id(r): i for i, r in enumerate(routers)}
+    col = [h.layer_ids.index(lid) for lid in _router_layer_ids(chunks, by_router)]
+    for tr in forced:
+        ids = tr.experts.to(torch.int64).cuda()
+        RouterReplay.set_replay_data([ids[:, c].contiguous() for c in col])
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+    zero_grads(chunks)
+    out_m = run_schedule(chunks, mbs, backward=True)
+    g_m = grads(chunks)
+    RouterReplay.clear_global_indices()
+    RouterReplay.clear_global_router_replay_action()
+    RouterReplay.clear_global_router_replay_instances()
+    return {
+        "g_mtp_layer_ids": mtp_ids,
+        "g_mtp_record_replay_equal": same(out_live, out_rep) and same(g_live, g_rep),
+        "g_mtp_forced_changes_grads": (not same(g_f, g_live)) if mtp_ids else None,
+        "g_mtp_forced_equals_megatron": same(out_f, out_m) and same(g_f, g_m),
+    }
+
+
 COLUMNS = (
     ("a_record_replay_bitexact", "(a) record→replay"),
     ("b_forced_equals_megatron", "(b) forced = Megatron"),
@@ -435,6 +610,8 @@ COLUMNS = (
     ("c_recompute_selective_grads_equal", "(c) selective recompute"),
     ("d_two_models_independent", "(d) two models"),
     ("e_r3_vllm_trace", "(e) R3 vLLM trace"),
+    ("f_slice_equals_megatron", "(f) sliced = Megatron"),
+    ("g_mtp_forced_equals_megatron", "(g) MTP forced = Megatron"),
 )
 
 
@@ -454,8 +631,12 @@ def summarize(folder: str) -> str:
             ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
         ).stdout.strip()
     )
-    head = "| config | GPUs | megatron-core | " + " | ".join(c for _, c in COLUMNS) + " | date | GPU | commit |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 6)]
+    head = (
+        "| config | transport | ranks | GPUs | SP | megatron-core | "
+        + " | ".join(c for _, c in COLUMNS)
+        + " | every check | date | GPU | commit |"
+    )
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 10)]
     for name, ranks in rows.items():
         cells = []
         for key, _ in COLUMNS:
@@ -469,8 +650,10 @@ def summarize(folder: str) -> str:
                 cells.append("pass" if all(v in (True, None) for v in vals) else "FAIL")
         r0 = ranks[0]
         lines.append(
-            f"| {name} | {r0['world']} | {r0['megatron_core']} | "
+            f"| {name} | {r0.get('transport', 'nccl')} | {r0['world']} | {r0.get('gpus', r0['world'])} | "
+            f"{'yes' if r0.get('sequence_parallel') else 'no'} | {r0['megatron_core']} | "
             + " | ".join(cells)
+            + f" | {'pass' if all(r.get('passed') for r in ranks) else 'FAIL'}"
             + f" | {r0['date']} | {r0['gpu']} | {commit} |"
         )
     return "\n".join(lines) + "\n"
@@ -491,17 +674,22 @@ def main() -> int:
     ap.add_argument("--microbatches", type=int, default=4)
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
-    setup(cfg)
+    mode = gloo1gpu.transport()
+    setup(cfg, mode)
     import megatron.core
 
     world = dist.get_world_size()
-    if world != cfg["gpus"]:
-        raise SystemExit(f"config {args.config} needs {cfg['gpus']} processes, torchrun started {world}")
+    if world != cfg["ranks"]:
+        raise SystemExit(f"config {args.config} needs {cfg['ranks']} processes, torchrun started {world}")
     num_mb = args.microbatches if cfg.get("pp", 1) > 1 else 2
     result = {
         "config": args.config,
         "rank": dist.get_rank(),
         "world": world,
+        "transport": mode,
+        "ranks": world,
+        "gpus": world if mode == "nccl" else min(world, torch.cuda.device_count()),
+        "sequence_parallel": bool(cfg.get("sp")),
         "gpu": torch.cuda.get_device_name(),
         "megatron_core": megatron.core.__version__,
         "torch": torch.__version__,
@@ -509,19 +697,27 @@ def main() -> int:
         "microbatches": num_mb,
     }
     ok = True
-    for name, fn in (
-        ("ab", lambda: check_a_b(cfg, num_mb)),
-        ("c", lambda: check_c(cfg, num_mb)),
-        ("d", lambda: check_d(cfg)),
-        ("e", lambda: check_e(cfg, num_mb)),
-    ):
-        try:
-            result.update(fn())
-        except Exception as e:  # noqa: BLE001 (a failed check is a result: record it, run the others)
-            ok = False
-            result[f"{name}_error"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-    checks = {k: v for k, v in result.items() if k[:2] in ("a_", "b_", "c_", "d_", "e_") and isinstance(v, bool)}
+    staging = gloo1gpu.host_staged_p2p() if mode == "gloo1gpu" else contextlib.nullcontext()
+    with staging:
+        to_run = [
+            ("ab", lambda: check_a_b(cfg, num_mb)),
+            ("c", lambda: check_c(cfg, num_mb)),
+            ("d", lambda: check_d(cfg)),
+        ]
+        if cfg.get("mtp"):  # (e) and (f) build traces of the decoder layers only
+            to_run.append(("g", lambda: check_g_mtp(cfg, num_mb)))
+        else:
+            to_run += [("e", lambda: check_e(cfg, num_mb)), ("f", lambda: check_f(cfg, num_mb))]
+        for name, fn in to_run:
+            try:
+                result.update(fn())
+            except Exception as e:  # noqa: BLE001 (a failed check is a result: record it, run the others)
+                ok = False
+                result[f"{name}_error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+    checks = {
+        k: v for k, v in result.items() if k[:2] in ("a_", "b_", "c_", "d_", "e_", "f_", "g_") and isinstance(v, bool)
+    }
     ok = ok and all(checks.values())
     result["passed"] = ok
     os.makedirs(args.out, exist_ok=True)
