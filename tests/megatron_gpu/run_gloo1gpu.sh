@@ -4,7 +4,7 @@
 # RR_JOBS configurations of each at once, 4-rank ones first). Done within RR_BUDGET seconds (480).
 #   OUT=out bash tests/megatron_gpu/run_gloo1gpu.sh
 # .whl/ holds megatron_core-*.whl (each installed with --no-deps into /tmp/mcV) and, for the HF suite,
-# transformers-*.whl / accelerate-*.whl if the machine's are not the ones wanted (into /tmp/hf).
+# any other wheels (transformers, accelerate and what they need beyond the machine's; into /tmp/hf).
 # Writes four files or so: $OUT/summary.md (the tables, the HF verdicts), $OUT/megatron_mcV.tar.gz per
 # version (every rank's JSON row, logs, console), $OUT/hf_gloo1gpu.tar.gz (per-case reports and logs).
 set -u
@@ -32,7 +32,8 @@ for whl in "${wheels[@]}"; do
     tar -czf "$dir.tar.gz" -C "$OUT" "megatron_mc$v" && rm -rf "$dir"
   ) &
 done
-hf=(.whl/transformers-*.whl .whl/accelerate-*.whl)
+hf=()  # every carried wheel but megatron-core's: transformers with what it needs beyond the image's
+for w in .whl/*.whl; do case "$w" in *megatron_core-*) ;; *) hf+=("$w") ;; esac; done
 [ ${#hf[@]} -gt 0 ] && python3 -m pip install -q --no-deps "${hf[@]}" --target /tmp/hf
 (
   mkdir -p "$OUT/hf_gloo1gpu"
