@@ -14,11 +14,15 @@ export RR_TRANSPORT=gloo1gpu RR_JOBS=${RR_JOBS:-3} RR_TIMEOUT=${RR_TIMEOUT:-300}
 export RR_DEADLINE=$(( $(date +%s) + ${RR_BUDGET:-480} ))
 export RR_COMMIT=${RR_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export CUDA_DEVICE_MAX_CONNECTIONS=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 PYTHONUNBUFFERED=1
+# transformers >= 5.2x loads hub kernels (e.g. kernels-community/rotary) when the kernels package is
+# present; the lent machine reaches no hub: use the models' own torch code
+export USE_HUB_KERNELS=NO
 shopt -s nullglob
 mapfile -t ORDER < <(python3 -c "
 import sys; sys.path.insert(0, 'tests/megatron_gpu')
 from run_megatron_gpu import CONFIGS
 print('\n'.join(sorted(CONFIGS, key=lambda n: -CONFIGS[n]['ranks'])))")
+if [ -n "${RR_CONFIGS:-}" ]; then read -r -a ORDER <<< "$RR_CONFIGS"; fi  # a subset, e.g. to re-run failures
 wheels=(.whl/megatron_core-*.whl)
 [ ${#wheels[@]} -gt 0 ] || echo "no .whl/megatron_core-*.whl: the Megatron tier is not run" | tee -a "$OUT/summary.md"
 for whl in "${wheels[@]}"; do

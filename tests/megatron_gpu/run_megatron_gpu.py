@@ -397,7 +397,8 @@ def check_d(cfg) -> dict:
     """(d) actor and reference in one process: independent record and replay."""
 
     actor, ref = build(cfg, seed=7), build(cfg, seed=8)
-    mbs = batches(1, seed=3)
+    # the interleaved (virtual pipeline) schedule needs at least as many micro-batches as stages
+    mbs = batches(cfg.get("pp", 1) if cfg.get("vpp", 1) > 1 else 1, seed=3)
     ha = attach(actor)
     hr = attach(ref)
     with ha.record() as ra:
