@@ -172,8 +172,9 @@ def prepare(
             ready = torch.cuda.Event()
             ready.record(stream)
     else:
-        if experts_NLK is trace.experts:  # the prepared trace's own copy (an accelerator clamps it in place)
-            forced_LNK = forced_LNK.clone(memory_format=torch.contiguous_format)
+        if experts_NLK is trace.experts:  # the prepared trace's own copy (an accelerator clamps it in place),
+            # in the trace's [N, L, K] layout, which the host checks read in place
+            forced_LNK = experts_NLK.clone(memory_format=torch.contiguous_format).permute(1, 0, 2)
         _check_ids(handle, where, forced_LNK, mask_N, checks)
     return PreparedTrace(
         handle=handle,
