@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         # What a CP group holds after all_gather_into_tensor: every shard in one buffer.
         buf = torch.cat([s.experts for s in shards])
-        views = [s._replace(experts=x) for s, x in zip(shards, buf.split(shards[0].num_tokens))]
+        views = [s.replace(check=False, experts=x) for s, x in zip(shards, buf.split(shards[0].num_tokens))]
         run(
             "shards -> packed (unshard_cp, one gathered buffer)",
             lambda: lo.unshard_cp(views, cu_seqlens=trace.cu_seqlens),

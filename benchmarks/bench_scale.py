@@ -435,7 +435,7 @@ def row_bitpack(table: Table, trace: RoutingTrace, tmp: str) -> None:
     fewer bytes). Times a numpy pack / unpack of the ids against save / load of the int16 file."""
     E = 384
     ids = (trace.experts.to(torch.int16) + torch.randint(0, 2, trace.experts.shape, dtype=torch.int16) * 128)
-    wide = RoutingTrace._trusted(experts=ids, cu_seqlens=trace.cu_seqlens, layer_ids=trace.layer_ids, num_experts=E)
+    wide = RoutingTrace.unchecked(experts=ids, cu_seqlens=trace.cu_seqlens, layer_ids=trace.layer_ids, num_experts=E)
     path = Path(tmp) / "wide.rrt"
     flat = ids.numpy().reshape(-1)
     packed = _pack_bits(flat, 9)

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     def own_copy():
         # A trace whose tensors are not shared yet: share_memory_() moves a storage once, after
         # which pickling it is only a handle, so each round starts from unshared tensors.
-        return trace._replace(
+        return trace.replace(
+            check=False,
             experts=trace.experts.clone(), cu_seqlens=trace.cu_seqlens.clone(), valid=trace.valid.clone()
         )
 

@@ -80,7 +80,7 @@ def test_check_exits_1_when_replay_does_not_reproduce_routes(tmp_path, monkeypat
     # Replay a wrong routing (every id shifted by one): the tapped routes then differ from the rollout's.
     def shifted(rollout):
         rows = rollout.training_trace()
-        return rows._replace(experts=(rows.experts + 1) % rows.num_experts)
+        return rows.replace(check=False, experts=(rows.experts + 1) % rows.num_experts)
 
     monkeypatch.setattr(check, "_replay_trace", shifted)
     code = main(["check", "--samples", "1", "--max-new-tokens", "2", "--tiny", "--out", str(tmp_path)])

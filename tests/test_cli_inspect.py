@@ -260,7 +260,7 @@ def test_missing_file_exits_2(tmp_path, capsys):
 
 def test_bad_ids_without_validation(tmp_path, capsys):
     # save() trusts its RoutingTrace; a trace assembled without validation can hold id 9 of 8.
-    bad = RoutingTrace._trusted(
+    bad = RoutingTrace.unchecked(
         experts=torch.tensor([[[0, 9]], [[1, 2]]], dtype=torch.uint8),
         cu_seqlens=torch.tensor([0, 2]),
         layer_ids=(0,),

@@ -189,7 +189,7 @@ def _global_batch() -> tuple[RoutingTrace, torch.Tensor, torch.Tensor, torch.Ten
     # b: a with ~30 % of the rows re-routed (same valid rows)
     other = make_trace(lens, L=3, K=2, E=300, valid="last", gates=True, seed=2)
     flip_T = torch.rand(a.num_tokens, generator=g) < 0.3
-    b = a._replace(experts=torch.where(flip_T[:, None, None], other.experts, a.experts))
+    b = a.replace(check=False, experts=torch.where(flip_T[:, None, None], other.experts, a.experts))
     logp_infer_T = -torch.rand(a.num_tokens, generator=g, dtype=torch.float64) * 3
     logp_train_T = logp_infer_T + 0.2 * torch.randn(a.num_tokens, generator=g, dtype=torch.float64)
     return a, b, logp_train_T, logp_infer_T

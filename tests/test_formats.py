@@ -82,7 +82,7 @@ def engine_trace(truths, layer_ids=MOE, num_experts=E, source="vllm") -> Routing
 
 def same_routes(a: RoutingTrace, b: RoutingTrace) -> bool:
     """Equal routes, boundaries, validity and layers (meta ignored)."""
-    return a == b._replace(meta=dict(a.meta))
+    return a == b.replace(check=False, meta=dict(a.meta))
 
 
 @pytest.fixture
@@ -672,7 +672,7 @@ def test_to_verl_errors(requests_):
         EngineFormatError, match=re.escape("prompt_length=4 / response_length=7 cannot hold the longest prompt (5)")
     ):
         to_verl(trace, prompt_lens=[p for p, _ in lens], prompt_length=4, response_length=7)
-    holed = trace._replace(valid=trace.valid.clone().index_fill_(0, torch.tensor([2]), False))
+    holed = trace.replace(check=False, valid=trace.valid.clone().index_fill_(0, torch.tensor([2]), False))
     with pytest.raises(
         EngineFormatError,
         match=re.escape(
@@ -681,7 +681,7 @@ def test_to_verl_errors(requests_):
     ):
         to_verl(holed, prompt_lens=[p for p, _ in lens])
     with pytest.raises(EngineFormatError, match="dtype torch.uint8 cannot hold expert ids up to 299"):
-        to_verl(trace._replace(num_experts=300), prompt_lens=[p for p, _ in lens], dtype=torch.uint8)
+        to_verl(trace.replace(check=False, num_experts=300), prompt_lens=[p for p, _ in lens], dtype=torch.uint8)
 
 
 @FAST
@@ -694,7 +694,8 @@ def test_verl_round_trip(trace, last_routed, data):
     kw = {"num_experts": trace.num_experts, "moe_layer_ids": trace.layer_ids, "last_token_routed": last_routed}
     assert same_routes(from_verl(re_BSLK, mask, **kw), trace)
     assert same_routes(
-        from_verl_unpadded(to_verl_unpadded(trace), **{**kw, "moe_layer_ids": None})._replace(
+        from_verl_unpadded(to_verl_unpadded(trace), **{**kw, "moe_layer_ids": None}).replace(
+            check=False,
             layer_ids=trace.layer_ids
         ),
         trace,
@@ -771,7 +772,7 @@ def test_megatron_sbhd_fill_and_errors():
     engine = training_trace([truth[:3], truth[3:]])
     filled = to_megatron(engine, router_layer_ids=MOE)
     assert filled[0][2].tolist() == [0, 1] and filled[0][5].tolist() == [0, 1]
-    holed = engine._replace(valid=engine.valid.clone().index_fill_(0, torch.tensor([1]), False))
+    holed = engine.replace(check=False, valid=engine.valid.clone().index_fill_(0, torch.tensor([1]), False))
     with pytest.raises(
         EngineFormatError, match=re.escape("sequence 0, position 1 has no route, and Megatron replays every row")
     ):

@@ -232,14 +232,14 @@ def test_round_trip(tmp_path, trace, mmap, validate):
 def test_wide_dtype_trace_is_stored_compactly(tmp_path):
     # a trace assembled without validation may hold int64 ids; the file still uses uint8
     trace = golden_traces()["golden_v1.rrt"]
-    wide = trace._replace(experts=trace.experts.to(torch.int64))
+    wide = trace.replace(check=False, experts=trace.experts.to(torch.int64))
     rio.save(wide, tmp_path / "w.rrt")
     assert (tmp_path / "w.rrt").read_bytes() == (DATA / "golden_v1.rrt").read_bytes()
 
 
 def test_wide_ids_out_of_range_are_not_wrapped(tmp_path):
     trace = golden_traces()["golden_v1.rrt"]
-    wide = trace._replace(experts=trace.experts.to(torch.int64) + 256)  # would wrap to the same uint8
+    wide = trace.replace(check=False, experts=trace.experts.to(torch.int64) + 256)  # would wrap to the same uint8
     with pytest.raises(ExpertIdError, match=r"experts hold ids in \[256, 263\], outside \[0, 8\); build the trace"):
         rio.save(wide, tmp_path / "w.rrt")
     assert list(tmp_path.iterdir()) == []
@@ -247,7 +247,7 @@ def test_wide_ids_out_of_range_are_not_wrapped(tmp_path):
 
 def test_gates_dtype_that_cannot_be_stored(tmp_path):
     trace = golden_traces()["golden_v1_gates.rrt"]
-    odd = trace._replace(gates=trace.gates.to(torch.float8_e4m3fn))
+    odd = trace.replace(check=False, gates=trace.gates.to(torch.float8_e4m3fn))
     with pytest.raises(GatesError, match=r"gates have dtype torch.float8_e4m3fn, which a .rrt file cannot store; cast"):
         rio.save(odd, tmp_path / "g.rrt")
     assert list(tmp_path.iterdir()) == []
@@ -656,7 +656,7 @@ def test_header_above_the_size_limit_is_refused():
 
 
 def test_save_refuses_a_header_readers_would_refuse(tmp_path):
-    trace = golden_traces()["golden_v1.rrt"]._replace(meta={"notes": "x" * (16 * 2**20)})
+    trace = golden_traces()["golden_v1.rrt"].replace(check=False, meta={"notes": "x" * (16 * 2**20)})
     message = (
         r"^the .rrt header of this trace would be \d+ bytes, above the 16777216-byte limit readers accept "
         r"\(its meta holds \d+ bytes of JSON and layer_ids 2 entries\); keep meta to short provenance strings$"

@@ -76,12 +76,14 @@ def owns_memory(x: torch.Tensor | None) -> bool:
 
 @SETTINGS
 @given(runs=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 6)), max_size=8))
-def test_runs_matches_ranges(runs):
-    from routereplay.trace import _ranges
+def test_index_ranges_and_boundaries(runs):
+    from routereplay.index import cu_seqlens_of, ranges
 
     starts_G = torch.tensor([s for s, _ in runs], dtype=torch.int64)
     lens_G = torch.tensor([n for _, n in runs], dtype=torch.int64)
-    assert torch.equal(lo._runs(starts_G, lens_G), _ranges(starts_G, lens_G))
+    want = [i for s, n in runs for i in range(s, s + n)]
+    assert ranges(starts_G, lens_G).tolist() == want
+    assert cu_seqlens_of(lens_G).tolist() == [sum(n for _, n in runs[:i]) for i in range(len(runs) + 1)]
 
 
 # --- padded <-> packed -------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def test_cp_round_trip_and_reference(trace, cp, mode, mult):
         assert_same(lo.shard_cp(trace, cp, mode=mode, align=align, rank=r), shards[r])
     # Shards gathered into one buffer (all_gather_into_tensor + split) are read in place.
     buf = torch.cat([s.experts for s in shards])
-    views = [s._replace(experts=x) for s, x in zip(shards, buf.split(shards[0].num_tokens))] if buf.numel() else shards
+    views = [s.replace(check=False, experts=x) for s, x in zip(shards, buf.split(shards[0].num_tokens))] if buf.numel() else shards
     assert_same(lo.unshard_cp(views, cu_seqlens=trace.cu_seqlens, mode=mode), trace)
 
 
@@ -316,7 +318,7 @@ def test_training_to_engine_drop_valid_last(trace):
     gates = None if trace.gates is None else trace.gates.clone()
     if gates is not None:
         gates[last] = 0
-    assert_same(lo.engine_to_training(engine), trace._replace(experts=experts, valid=valid, gates=gates))
+    assert_same(lo.engine_to_training(engine), trace.replace(check=False, experts=experts, valid=valid, gates=gates))
 
 
 # --- bad inputs --------------------------------------------------------------------------------

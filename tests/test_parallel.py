@@ -211,7 +211,7 @@ def test_unslice_refuses_disagreeing_tp_ranks_and_gaps():
     bad = recs[layout.coords(1)][0]
     e = bad.experts.clone()
     e[2, 1] = e[2, 1].roll(1)
-    recs[layout.coords(1)] = [bad._replace(experts=e)]
+    recs[layout.coords(1)] = [bad.replace(check=False, experts=e)]
     with pytest.raises(LayoutError, match=r"layer 1, global row 2: rank RankCoords\(dp=0, tp=0, cp=0, pp=0\) recorded"):
         par.unslice(recs, layout, seq_lens=[4])
     only_layer0 = {layout.coords(0): [recs[layout.coords(0)][0].select_layers([0])]}

@@ -75,11 +75,11 @@ def test_prepare_checks_at_once_and_replay_refuses_what_does_not_belong(handle, 
     b = batch(pad="right")
     rec, _ = record(handle, model, b)
     trace = rec.trace(attention_mask=b["attention_mask"])
-    bad = trace._replace(experts=trace.experts.clone())
+    bad = trace.replace(check=False, experts=trace.experts.clone())
     bad.experts[3, 1] = bad.experts[3, 1, 0]  # an expert twice in a row
     with pytest.raises(RouterSpecError, match=r"layer 2 \(model.layers.2.mlp.gate\): "):
         handle.prepare(bad, attention_mask=b["attention_mask"])
-    holes = trace._replace(valid=torch.arange(trace.num_tokens) != 4)
+    holes = trace.replace(check=False, valid=torch.arange(trace.num_tokens) != 4)
     with pytest.raises(MissingRoutesError, match=r"1 row\(s\) inside their sequence have no recorded route, the first at row 4"):
         handle.prepare(holes, attention_mask=b["attention_mask"])
     live = handle.prepare(holes, attention_mask=b["attention_mask"], missing="live")

@@ -128,7 +128,7 @@ def test_route_store_recording_copies_nothing(num_micro_batches):
     assert w.nbytes <= 1.05 * held + 64 * len(order)  # one copy of the selected rows, from several pieces
     full = RoutingTrace.concat(pieces)
     want = full.select_sequences(order)
-    assert got == want._replace(meta={"source": "test"})
+    assert got == want.replace(check=False, meta={"source": "test"})
 
 
 @settings(max_examples=40, deadline=None)
@@ -142,7 +142,7 @@ def test_route_store_selection_equals_a_slice_of_the_concatenation(lens, seed, g
     handle = _Handle()
     pieces = [_trace(ls, seed=seed + i, valid=bool(i % 2)) for i, ls in enumerate(lens)]
     if gates:
-        pieces = [p._replace(gates=torch.rand(p.experts.shape)) for p in pieces]
+        pieces = [p.replace(check=False, gates=torch.rand(p.experts.shape)) for p in pieces]
     n = sum(p.num_seqs for p in pieces)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     ids, at = [], 0
@@ -181,7 +181,7 @@ def test_route_store_refuses_pieces_of_another_model():
     msg = r"samples \[1\] have routes with top_k=3 but the store holds top_k=2; one store holds the routes of one model"
     with pytest.raises(TraceMismatchError, match=msg):
         _fill(store, handle, [other], [[1]])
-    gated = _trace([2], seed=3)._replace(gates=torch.rand(2, L, K))
+    gated = _trace([2], seed=3).replace(check=False, gates=torch.rand(2, L, K))
     msg = r"samples \[2\] have gates but the store lacks them; give gates to all samples or none"
     with pytest.raises(TraceMismatchError, match=msg):
         _fill(store, handle, [gated], [[2]])
@@ -296,7 +296,7 @@ def test_select_sequences_paths_agree(lens, pick, valid, gates):
 
     trace = _trace(lens, valid=valid)
     if gates:
-        trace = trace._replace(gates=torch.rand(trace.experts.shape))
+        trace = trace.replace(check=False, gates=torch.rand(trace.experts.shape))
     idx = [i % len(lens) for i in pick]
     old = rt._MIN_RUN_ROWS
     try:
@@ -346,7 +346,7 @@ def test_host_prepare_checks_ids_without_wide_copies():
             r"repeats; each row needs top_k=2 distinct experts"
         )
         with pytest.raises(RouterSpecError, match=msg):
-            handle.prepare(trace._replace(experts=bad))
+            handle.prepare(trace.replace(check=False, experts=bad))
         del prepared
     finally:
         handle.detach()

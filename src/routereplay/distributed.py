@@ -329,7 +329,7 @@ def _unpack(buf_U: torch.Tensor, header: dict) -> tuple[torch.Tensor, RoutingTra
     valid_T = take(T, torch.uint8, (T,)).bool() if header["valid"] else None
     gates_TLK = take(T * L * K, _dtype(header["gates"]), (T, L, K)) if header["gates"] is not None else None
     # The bytes are a validated trace's own, moved verbatim: skip the O(T) re-validation.
-    trace = RoutingTrace._trusted(
+    trace = RoutingTrace.unchecked(
         experts=experts_TLK.clone(),
         cu_seqlens=cu_B1.clone(),
         layer_ids=header["layer_ids"],

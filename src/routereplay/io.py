@@ -378,7 +378,7 @@ def _tensors_of(trace: RoutingTrace) -> dict[str, torch.Tensor]:
     experts_TLK = host(trace.experts)
     dtype = expert_dtype(trace.num_experts)
     if experts_TLK.dtype != dtype:
-        # Traces built by _trusted may carry a wider dtype; the file always uses the compact one.
+        # Traces built by RoutingTrace.unchecked may carry a wider dtype; the file always uses the compact one.
         # Narrowing would wrap out-of-range ids silently, so check the range first.
         if experts_TLK.numel():
             lo, hi = (int(x) for x in torch.aminmax(experts_TLK))
@@ -653,7 +653,7 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
         "gates": out.get("gates"),
         "meta": fields["meta"],
     }
-    return RoutingTrace(**built) if validate else RoutingTrace._trusted(**built)
+    return RoutingTrace(**built) if validate else RoutingTrace.unchecked(**built)
 
 
 def _as_index(sequences, B: int) -> list[int]:
@@ -771,7 +771,7 @@ def _build(
             # Validation built new ids (invalid rows held non-zero bytes): copy the small tensors so
             # they do not keep the whole data section alive next to the new ids.
             own = lambda t: None if t is None else t.clone()
-            trace = trace._replace(cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates))
+            trace = trace.replace(check=False, cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates))
         return trace
     # Without validation, still refuse what would break indexing downstream (O(1) checks).
     cu_seqlens_B1, T = parts["cu_seqlens"], parts["experts"].shape[0]
@@ -781,7 +781,7 @@ def _build(
             f"cu_seqlens runs from {int(cu_seqlens_B1[0])} to {int(cu_seqlens_B1[-1])}, "
             f"expected 0 to T={T}; {_CORRUPT}",
         )
-    return RoutingTrace._trusted(**parts)
+    return RoutingTrace.unchecked(**parts)
 
 
 def _fail(path: str, problem: str) -> TraceFormatError:

@@ -23,7 +23,7 @@ memory (on CPU, faulting in a fresh output costs extra; see benchmarks/bench_lay
 Boolean-mask indexing goes element by element and is about 10x slower on CPU, so it never touches
 the route tensors. The one scatter, :func:`unshard_cp` of shards in separate buffers, uses
 ``index_copy_`` on rows viewed as int64 words, once per shard. Outputs are built with
-``RoutingTrace._trusted``: their parts come from a validated trace, so the O(T) validation is not
+``RoutingTrace.unchecked``: their parts come from a validated trace, so the O(T) validation is not
 repeated.
 
 ``valid`` and ``gates`` follow the rows through every conversion. Rows a conversion adds
@@ -43,6 +43,7 @@ from typing import Literal, NamedTuple, overload
 import torch
 
 from routereplay.errors import LayoutError
+from routereplay.index import cu_seqlens_of, ranges
 from routereplay.trace import RoutingTrace, expert_dtype
 
 __all__ = [
@@ -90,31 +91,6 @@ def _take_rows(
         if fill_N is not None and fill_N.numel():
             out_NX.index_fill_(0, fill_N, fill_value)
     return out_NX.view(N, *x.shape[1:])
-
-
-def _runs(starts_G: torch.Tensor, lens_G: torch.Tensor) -> torch.Tensor:
-    """Concatenation of ``arange(s, s + n)`` for each segment (s, n), without a Python loop.
-
-    Built as the running sum of steps: 1 inside a run, a jump at each run's first row. One
-    ``cumsum`` is several times cheaper than the ``repeat_interleave`` + ``arange`` of
-    ``trace._ranges`` on CPU.
-    """
-    keep_G = lens_G > 0
-    starts_G, lens_G = starts_G[keep_G], lens_G[keep_G]
-    total = int(lens_G.sum()) if lens_G.numel() else 0
-    if total == 0:
-        return torch.zeros(0, dtype=torch.int64, device=starts_G.device)
-    step_N = torch.ones(total, dtype=torch.int64, device=starts_G.device)
-    first_G = lens_G.cumsum(0) - lens_G  # output row where each run starts
-    step_N[:1] = starts_G[:1]
-    step_N[first_G[1:]] = starts_G[1:] - (starts_G[:-1] + lens_G[:-1] - 1)
-    return step_N.cumsum(0)
-
-
-def _cu(lens_B: torch.Tensor) -> torch.Tensor:
-    cu_B1 = torch.zeros(lens_B.numel() + 1, dtype=torch.int64, device=lens_B.device)
-    torch.cumsum(lens_B, 0, out=cu_B1[1:])
-    return cu_B1
 
 
 def _gather_valid(
@@ -343,7 +319,7 @@ def pack_padded(
         valid_N = valid_N.reshape(-1)
 
     pos_T = mask_BS.reshape(-1).nonzero().squeeze(1)
-    cu_B1 = _cu(mask_BS.sum(1))
+    cu_B1 = cu_seqlens_of(mask_BS.sum(1))
     experts_TLK = _take_rows(experts_NLK, pos_T)
     gates_TLK = _take_rows(gates_NLK, pos_T)
     valid_T = _take_rows(valid_N, pos_T)
@@ -373,7 +349,7 @@ def pack_padded(
     if valid_T is not None and not bool(valid_T.all()):
         # Invalid rows are stored as zeros (RoutingTrace's convention).
         experts_TLK.index_fill_(0, (~valid_T).nonzero().squeeze(1), 0)
-    return RoutingTrace._trusted(
+    return RoutingTrace.unchecked(
         experts=experts_TLK,
         cu_seqlens=cu_B1,
         layer_ids=head.layer_ids,
@@ -490,7 +466,8 @@ def to_router_rows(trace: RoutingTrace, attention_mask_BS: torch.Tensor) -> Rout
         valid_N = padded.valid_BS.reshape(-1)
     else:
         valid_N = None if bool(padded.attention_mask_BS.all()) else padded.attention_mask_BS.reshape(-1)
-    return trace._replace(
+    return trace.replace(
+        check=False,
         experts=padded.experts_BSLK.view(B * S, trace.num_layers, trace.top_k),
         cu_seqlens=torch.arange(B + 1, dtype=torch.int64, device=trace.device) * S,
         valid=valid_N,
@@ -552,9 +529,10 @@ def from_router_rows(rows: RoutingTrace, attention_mask_BS: torch.Tensor) -> Rou
             "router rows are the model's flattened [B*S] batch, padding included"
         )
     pos_T = mask_BS.reshape(-1).nonzero().squeeze(1)
-    return rows._replace(
+    return rows.replace(
+        check=False,
         experts=_take_rows(rows.experts, pos_T),
-        cu_seqlens=_cu(mask_BS.sum(1)),
+        cu_seqlens=cu_seqlens_of(mask_BS.sum(1)),
         valid=_tidy_valid(_take_rows(rows.valid, pos_T)),
         gates=_take_rows(rows.gates, pos_T),
     )
@@ -564,7 +542,8 @@ def from_router_rows(rows: RoutingTrace, attention_mask_BS: torch.Tensor) -> Rou
 def _slice_seqs(trace: RoutingTrace, cu: list[int], s: int, e: int) -> RoutingTrace:
     lo, hi = cu[s], cu[e]
     cut = lambda x: None if x is None else x[lo:hi]
-    return trace._replace(
+    return trace.replace(
+        check=False,
         experts=cut(trace.experts),
         cu_seqlens=trace.cu_seqlens[s : e + 1] - lo,
         valid=cut(trace.valid),
@@ -735,7 +714,8 @@ def split_sp(trace: RoutingTrace, world: int, *, rank: int | None = None) -> lis
         lo = r * n
         real = max(0, min(lo + n, T) - lo)
         shards.append(
-            trace._replace(
+            trace.replace(
+                check=False,
                 experts=_rank_rows(trace.experts, lo, real, n),
                 cu_seqlens=cu_pad_B1.clamp(lo, lo + n) - lo,
                 valid=_rank_rows(valid_T, lo, real, n, False),
@@ -782,7 +762,7 @@ def gather_sp(shards: Sequence[RoutingTrace], *, num_tokens: int) -> RoutingTrac
         )
     pad = n * world - T
     lens_B = torch.stack([s.seq_lens for s in shards]).sum(0)
-    cu_pad_B1 = _cu(lens_B)
+    cu_pad_B1 = cu_seqlens_of(lens_B)
     for r, s in enumerate(shards):
         expected_B1 = cu_pad_B1.clamp(r * n, (r + 1) * n) - r * n
         if not torch.equal(s.cu_seqlens, expected_B1):
@@ -810,9 +790,10 @@ def gather_sp(shards: Sequence[RoutingTrace], *, num_tokens: int) -> RoutingTrac
     cat = lambda xs: torch.cat([x[:k] for x, k in zip(xs, keep)])
     lens_B[-1:] -= pad
     first = shards[0]
-    return first._replace(
+    return first.replace(
+        check=False,
         experts=cat([s.experts for s in shards]),
-        cu_seqlens=_cu(lens_B),
+        cu_seqlens=cu_seqlens_of(lens_B),
         valid=_tidy_valid(cat([s.valid_mask for s in shards])) if has_valid else None,
         gates=None if first.gates is None else cat([s.gates for s in shards]),
     )
@@ -901,7 +882,7 @@ def shard_cp(
     ranks = range(cp) if rank is None else [_check_rank(rank, cp, "cp")]
     chunk_RP = _cp_chunks(cp, mode, trace.device)
     c_B = P_B // (2 * cp if mode == "zigzag" else cp)  # rows per chunk
-    cu_B1 = _cu(P_B // cp)
+    cu_B1 = cu_seqlens_of(P_B // cp)
     n = int(cu_B1[-1])
     has_pad = bool((P_B != lens_B).any())  # padding on any rank: every rank gets a valid mask
     shards = []
@@ -911,11 +892,12 @@ def shard_cp(
         # A segment's real rows come first, then its padding (padding sits at each sequence's end).
         real_BP = (lens_B[:, None] - off_BP).clamp(min=0).minimum(len_BP)
         len_G, real_G = len_BP.reshape(-1), real_BP.reshape(-1)
-        idx_N = _runs((trace.cu_seqlens[:-1, None] + off_BP).reshape(-1), len_G)
-        fill_N = _runs(len_G.cumsum(0) - len_G + real_G, len_G - real_G)
+        idx_N = ranges((trace.cu_seqlens[:-1, None] + off_BP).reshape(-1), len_G)
+        fill_N = ranges(len_G.cumsum(0) - len_G + real_G, len_G - real_G)
         idx_N.index_fill_(0, fill_N, 0)  # padding must index a real row; it is overwritten afterwards
         shards.append(
-            trace._replace(
+            trace.replace(
+                check=False,
                 experts=_take_rows(trace.experts, idx_N, fill_N, 0),
                 cu_seqlens=cu_B1.clone(),
                 valid=_gather_valid(trace, idx_N, fill_N, always=has_pad),
@@ -998,9 +980,9 @@ def unshard_cp(shards: Sequence[RoutingTrace], *, cu_seqlens: torch.Tensor, mode
     start_BC = rank_C[None, :] * n + first.cu_seqlens[:-1, None] + part_C[None, :] * c_B[:, None]
     off_BC = torch.arange(C, device=device)[None, :] * c_B[:, None]
     real_BC = (lens_B[:, None] - off_BC).clamp(min=0).minimum(c_B[:, None].expand_as(off_BC))
-    src_T = _runs(start_BC.reshape(-1), real_BC.reshape(-1))
+    src_T = ranges(start_BC.reshape(-1), real_BC.reshape(-1))
     has_valid = any(s.valid is not None for s in shards)
-    pad_Q = _runs((start_BC + real_BC).reshape(-1), (c_B[:, None] - real_BC).reshape(-1))
+    pad_Q = ranges((start_BC + real_BC).reshape(-1), (c_B[:, None] - real_BC).reshape(-1))
     if pad_Q.numel():
         valid_pad = (
             torch.cat([s.valid_mask for s in shards])[pad_Q] if has_valid else torch.ones_like(pad_Q, dtype=torch.bool)
@@ -1013,7 +995,8 @@ def unshard_cp(shards: Sequence[RoutingTrace], *, cu_seqlens: torch.Tensor, mode
                 f"shard {r}, row {i} (sequence {b}) is padding for the given cu_seqlens but is marked valid; "
                 "pass the cu_seqlens of the trace that was sharded"
             )
-    return first._replace(
+    return first.replace(
+        check=False,
         experts=_merge_rows([s.experts for s in shards], src_T, pad_Q),
         cu_seqlens=cu_B1,
         valid=_tidy_valid(_take_rows(torch.cat([s.valid_mask for s in shards]), src_T)) if has_valid else None,
@@ -1038,14 +1021,15 @@ def engine_to_training(trace: RoutingTrace) -> RoutingTrace:
     trace = _check_trace(trace)
     lens_B, B = trace.seq_lens, trace.num_seqs
     if B == 0:
-        return trace._replace()
-    cu_B1 = _cu(lens_B + 1)
+        return trace.replace(check=False)
+    cu_B1 = cu_seqlens_of(lens_B + 1)
     # Sequence b's rows come from its own rows; the new last row has no source (it would read
     # the next sequence's first row, or row T) and is filled.
-    src_N = _runs(trace.cu_seqlens[:-1], lens_B + 1)
+    src_N = ranges(trace.cu_seqlens[:-1], lens_B + 1)
     fill_B = cu_B1[1:] - 1
     src_N.index_fill_(0, fill_B, 0)
-    return trace._replace(
+    return trace.replace(
+        check=False,
         experts=_take_rows(trace.experts, src_N, fill_B, 0),
         cu_seqlens=cu_B1,
         valid=_gather_valid(trace, src_N, fill_B),
@@ -1089,10 +1073,11 @@ def training_to_engine(trace: RoutingTrace, *, drop_valid_last: bool = False) ->
                 "has no row for a sequence's last token, so dropping it would lose data; pass drop_valid_last=True "
                 "to drop it anyway"
             )
-    keep_N = _runs(cu_B1[:-1], lens_B - 1)
-    return trace._replace(
+    keep_N = ranges(cu_B1[:-1], lens_B - 1)
+    return trace.replace(
+        check=False,
         experts=_take_rows(trace.experts, keep_N),
-        cu_seqlens=_cu(lens_B - 1),
+        cu_seqlens=cu_seqlens_of(lens_B - 1),
         valid=_tidy_valid(_take_rows(trace.valid, keep_N)),
         gates=_take_rows(trace.gates, keep_N),
     )

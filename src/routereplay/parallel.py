@@ -376,7 +376,7 @@ def _micro_batches(
         N = src_N.numel()
         valid_N = _take(mb.valid_mask, src_N, False)
         out.append(
-            RoutingTrace._trusted(
+            RoutingTrace.unchecked(
                 experts=_take(mb.experts, src_N, 0),
                 cu_seqlens=torch.tensor([0, N], dtype=torch.int64, device=mb.device),
                 layer_ids=mb.layer_ids,

@@ -188,7 +188,7 @@ class Recording:
         cu = torch.zeros(lens_B.numel() + 1, dtype=torch.int64)
         torch.cumsum(lens_B, 0, out=cu[1:])
         # Ids come straight from the routers (in range, distinct): no O(T) validation needed.
-        return RoutingTrace._trusted(
+        return RoutingTrace.unchecked(
             experts=experts_TLK,
             cu_seqlens=cu.to(experts_TLK.device),
             layer_ids=h.layer_ids,

@@ -126,7 +126,7 @@ def prepare(
     ):
         # The batch's mask lives on the accelerator: lay the trace out there (an asynchronous copy
         # from pinned memory) rather than read the mask back to the host (a sync).
-        trace = trace._replace(gates=None).pin_memory().to(attention_mask.device, non_blocking=True)
+        trace = trace.replace(check=False, gates=None).pin_memory().to(attention_mask.device, non_blocking=True)
     checks: list[_Check] = []
     # The prepared trace owns what it keeps (ids, valid rows, boundaries): an edit of the caller's
     # tensors after prepare, or a route buffer reused for the next batch, must not reach a replay

@@ -138,7 +138,7 @@ class RouteStore:
         if len({p for p, _ in at}) <= 1:
             # All from one piece: its vectorized gather (one copy of the selected rows).
             piece = self._pieces[at[0][0] if at else 0]
-            return piece.select_sequences([b for _, b in at])._replace(meta=self._meta)
+            return piece.select_sequences([b for _, b in at]).replace(check=False, meta=self._meta)
         return self._gather(at)
 
     @contextmanager
@@ -183,7 +183,7 @@ class RouteStore:
         else:
             flat = rec.trace()
             cu = _checked_cu_seqlens(cu_seqlens, ids_B.numel(), flat, rec.sequence_boundaries())
-            trace = flat._replace(cu_seqlens=cu.to(flat.device))
+            trace = flat.replace(check=False, cu_seqlens=cu.to(flat.device))
         self._add(ids_B, trace.to("cpu"))
 
     def prepare(self, sample_ids: Sequence[int] | torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> Any:
@@ -275,7 +275,7 @@ class RouteStore:
             if gates is not None:
                 gates[row : row + n] = piece.gates[start:end]
             row += n
-        return first._replace(experts=experts, cu_seqlens=cu, valid=valid, gates=gates, meta=self._meta)
+        return first.replace(check=False, experts=experts, cu_seqlens=cu, valid=valid, gates=gates, meta=self._meta)
 
 
 def _checked_cu_seqlens(

@@ -50,8 +50,9 @@ from typing import Any
 import torch
 
 from routereplay.errors import EosMismatchError, GenerationCaptureError, LayoutError
+from routereplay.index import ranges
 from routereplay.layout import engine_to_training
-from routereplay.trace import RoutingTrace, _ranges
+from routereplay.trace import RoutingTrace
 
 __all__ = ["FROM_MODEL", "GenerationCapture", "Rollout", "capture_generation", "model_eos_ids", "model_pad_id"]
 
@@ -185,7 +186,7 @@ class Rollout:
         lens_N = self.seq_lens[idx_N]
         cu = torch.zeros(idx_N.numel() + 1, dtype=torch.int64)
         torch.cumsum(lens_N, 0, out=cu[1:])
-        rows_T = _ranges(self.cu_seqlens[idx_N], lens_N)
+        rows_T = ranges(self.cu_seqlens[idx_N], lens_N)
         return Rollout(
             input_ids=self.input_ids[rows_T],
             cu_seqlens=cu,
@@ -478,7 +479,7 @@ class GenerationCapture:
         torch.cumsum(seq_lens_B - 1, 0, out=row_cu[1:])
         experts_TLK = rows_BSLK[keep_rows_BS.to(rows_BSLK.device)]
         h = self._handle
-        trace = RoutingTrace._trusted(
+        trace = RoutingTrace.unchecked(
             experts=experts_TLK,
             cu_seqlens=row_cu.to(experts_TLK.device),
             layer_ids=h.layer_ids,

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from routereplay.errors import (
     TraceMismatchError,
     TraceShapeError,
 )
+from routereplay.index import ranges
 
 __all__ = ["MAX_NUM_EXPERTS", "RoutingTrace", "expert_dtype"]
 
@@ -263,12 +265,22 @@ class RoutingTrace:
         return experts_TLK.to(dtype)
 
     @classmethod
-    def _trusted(
+    def unchecked(
         cls, *, experts, cu_seqlens, layer_ids, num_experts, valid=None, gates=None, meta=None
     ) -> RoutingTrace:
-        """Build a trace from parts derived from validated traces, skipping the O(T) checks.
+        """Build a trace without the constructor's O(T) checks.
 
-        Used by layouts and slicing so that large conversions run at memory bandwidth.
+        For parts derived from validated traces (layouts, slicing, converters that check what they
+        convert): large conversions then run at memory bandwidth. The caller vouches for every
+        invariant the constructor checks (shapes, dtypes, the id range and distinct ids per row,
+        boundaries, the valid mask); a trace that breaks one replays wrong routes or fails later
+        with raw errors. When in doubt, use ``RoutingTrace(...)``, or ``replace(check=True)``.
+
+        Args:
+            As the constructor's; ``meta`` may be any mapping (it is copied).
+
+        Returns:
+            The trace, sharing the given tensors.
         """
         self = object.__new__(cls)
         for name, value in (
@@ -297,10 +309,22 @@ class RoutingTrace:
         parts["meta"] = dict(self.meta)
         return _unpickle, (parts,)
 
-    def _replace(self, **changes) -> RoutingTrace:
+    def replace(self, *, check: bool = True, **changes: Any) -> RoutingTrace:
+        """A trace with some fields changed; the others are shared, not copied.
+
+        Args:
+            check: validate the result as the constructor does. ``check=False`` builds it with
+                :meth:`unchecked`, for changes known to keep every invariant (a subset of rows of
+                a validated trace, new metadata, a device move).
+            **changes: fields by name (``experts``, ``cu_seqlens``, ``layer_ids``, ``num_experts``,
+                ``valid``, ``gates``, ``meta``).
+
+        Raises:
+            TraceShapeError, ExpertIdError, ...: with ``check=True``, what the constructor raises.
+        """
         parts = {name: getattr(self, name) for name in self.__slots__}
         parts.update(changes)
-        return RoutingTrace._trusted(**parts)
+        return RoutingTrace(**parts) if check else RoutingTrace.unchecked(**parts)
 
     # --- sizes ---------------------------------------------------------------------------
     @property
@@ -366,9 +390,10 @@ class RoutingTrace:
             spans = list(zip(starts_N.tolist(), lens_N.tolist()))
             take = lambda x: None if x is None else _copy_spans(x, spans, total)
         else:
-            rows = _ranges(starts_N, lens_N)
+            rows = ranges(starts_N, lens_N)
             take = lambda x: None if x is None else _take(x, rows)
-        return self._replace(
+        return self.replace(
+            check=False,
             experts=take(self.experts), cu_seqlens=cu, valid=take(self.valid), gates=take(self.gates)
         )
 
@@ -381,7 +406,8 @@ class RoutingTrace:
         if len(set(layer_ids)) != len(layer_ids):
             raise LayerIdsError(f"layer_ids must be unique, found {layer_ids}")
         pos = torch.tensor([self.layer_ids.index(i) for i in layer_ids], dtype=torch.int64, device=self.device)
-        return self._replace(
+        return self.replace(
+            check=False,
             experts=self.experts.index_select(1, pos),
             layer_ids=layer_ids,
             gates=None if self.gates is None else self.gates.index_select(1, pos),
@@ -415,7 +441,8 @@ class RoutingTrace:
         cu = torch.cat([first.cu_seqlens[:1]] + [t.cu_seqlens[1:] + off for t, off in zip(traces, offsets)])
         any_valid = any(t.valid is not None for t in traces)
         meta = {k: v for k, v in first.meta.items() if all(t.meta.get(k) == v for t in traces)}
-        return first._replace(
+        return first.replace(
+            check=False,
             experts=torch.cat([t.experts for t in traces]),
             cu_seqlens=cu,
             valid=torch.cat([t.valid_mask for t in traces]) if any_valid else None,
@@ -454,7 +481,8 @@ class RoutingTrace:
         cu = self.cu_seqlens.clone()
         cu[i + 1 :] += n
         has_valid = self.valid is not None or new.valid is not None
-        return self._replace(
+        return self.replace(
+            check=False,
             experts=cat(self.experts, new.experts),
             cu_seqlens=cu,
             valid=cat(self.valid_mask, new.valid_mask) if has_valid else None,
@@ -464,13 +492,15 @@ class RoutingTrace:
     # --- placement -----------------------------------------------------------------------
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> RoutingTrace:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
-        return self._replace(
+        return self.replace(
+            check=False,
             experts=move(self.experts), cu_seqlens=move(self.cu_seqlens), valid=move(self.valid), gates=move(self.gates)
         )
 
     def pin_memory(self) -> RoutingTrace:
         pin = lambda t: None if t is None else t.pin_memory()
-        return self._replace(
+        return self.replace(
+            check=False,
             experts=pin(self.experts), cu_seqlens=pin(self.cu_seqlens), valid=pin(self.valid), gates=pin(self.gates)
         )
 
@@ -506,7 +536,7 @@ class RoutingTrace:
 
 def _unpickle(parts: dict) -> RoutingTrace:
     # Pickled traces were validated when built; like a pickled tensor, the bytes are trusted.
-    return RoutingTrace._trusted(**parts)
+    return RoutingTrace.unchecked(**parts)
 
 
 def _own_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -595,13 +625,3 @@ def _take(x: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
     """``x[rows_N]`` along dim 0, moving each row as one block (``index_select`` on ``[T, rest]``)."""
     flat = x.reshape(x.shape[0], math.prod(x.shape[1:])) if x.ndim > 1 else x
     return flat.index_select(0, rows_N).view(rows_N.numel(), *x.shape[1:])
-
-
-def _ranges(starts_N: torch.Tensor, lens_N: torch.Tensor) -> torch.Tensor:
-    """Concatenation of ``arange(s, s + n)`` for each (s, n), without a Python loop."""
-    total = int(lens_N.sum()) if lens_N.numel() else 0
-    if total == 0:
-        return torch.zeros(0, dtype=torch.int64, device=starts_N.device)
-    cu = lens_N.cumsum(0)
-    seg_start = torch.repeat_interleave(starts_N - (cu - lens_N), lens_N)
-    return torch.arange(total, device=starts_N.device) + seg_start

@@ -362,7 +362,7 @@ def extend_sglang(
             experts[s0 : s0 + overlap][fill] = piece.experts[:overlap][fill]
             valid = trace.valid.clone()
             valid[s0 : s0 + overlap] |= fill
-            trace = trace._replace(experts=experts, valid=None if bool(valid.all()) else valid)
+            trace = trace.replace(check=False, experts=experts, valid=None if bool(valid.all()) else valid)
     rest = piece.experts[overlap:]
     if rest.shape[0] == 0:
         return trace

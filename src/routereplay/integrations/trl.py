@@ -126,10 +126,11 @@ if not MIN_TRL <= Version(trl.__version__) < MAX_TRL:
         "pip install 'routereplay[trl]'"
     )
 
+from routereplay.index import ranges
 from routereplay.layout import engine_to_training
 from routereplay.metrics import logprob_mismatch, routing_agreement
 from routereplay.rl import DispatchTap, RouteStore
-from routereplay.trace import RoutingTrace, _ranges
+from routereplay.trace import RoutingTrace
 
 __all__ = ["GRPOTrainer"]
 
@@ -542,7 +543,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if torch.equal(real_B, lens_B):
             return trace
         # A masked tail (mask_truncated_completions): keep each sample's first real_B rows.
-        rows_T = _ranges(trace.cu_seqlens.cpu()[:-1], real_B)
+        rows_T = ranges(trace.cu_seqlens.cpu()[:-1], real_B)
         cu = torch.zeros(real_B.numel() + 1, dtype=torch.int64)
         torch.cumsum(real_B, 0, out=cu[1:])
         cpu = trace.to("cpu")
@@ -662,4 +663,4 @@ class GRPOTrainer(trl.GRPOTrainer):
             "rows": "training",
         }
         name = f"routes_gen{batch.serial:06d}_rank{self.accelerator.process_index:03d}.rrt"
-        save(trace._replace(meta=meta), os.path.join(self.router_replay_export_dir, name))
+        save(trace.replace(check=False, meta=meta), os.path.join(self.router_replay_export_dir, name))
