@@ -29,17 +29,23 @@ transformers = pytest.importorskip("transformers")
 import hf_zoo
 
 import routereplay
-from routereplay.adapters import hf
+from routereplay.adapters import hf, hf_specs
 from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
 
-# family -> regex its refusal at attach must match (reason documented in hf.REFUSED / hf_specs).
+# family -> the router (or MoE-block) class it is refused for; the reason is the one table's,
+# hf_specs.REFUSED, which attach and docs/MODELS.md read too.
+REFUSED_CLASS: dict[str, str] = {
+    "doge": "DogeCDMoE",
+    "ernie4_5_vl_moe": "Ernie4_5_VLMoeMoeBlock",
+    "nllb_moe": "NllbMoeTop2Router",
+    "switch_transformers": "SwitchTransformersTop1Router",
+    "phimoe": "PhimoeTopKRouter",
+    "inkling": "InklingTopkRouter",
+}
+# family -> regex its refusal at attach must match
 REFUSED_FAMILIES: dict[str, str] = {
-    "doge": r"^[\w-]+: router( \S+| class) \(DogeCDMoE\) is not supported: Doge's cross-domain MoE picks experts by product-key retrieval",
-    "ernie4_5_vl_moe": r"^[\w-]+: router \S+ \(Ernie4_5_VLMoeMoeBlock\) is not supported: ERNIE-4.5-VL splits tokens between text and vision routers",
-    "nllb_moe": r"^[\w-]+: router \S+ \(NllbMoeTop2Router\) is not supported: NLLB-MoE is an encoder-decoder",
-    "switch_transformers": r"^[\w-]+: router \S+ \(SwitchTransformersTop1Router\) is not supported: Switch Transformers is an encoder-decoder",
-    "phimoe": r"^[\w-]+: router \S+ \(PhimoeTopKRouter\) is not supported: PhimoeTopKRouter \(phimoe\): sparsemixer routing",
-    "inkling": r"^[\w-]+: router \S+ \(InklingTopkRouter\) is not supported: Inkling's router returns shared-expert gammas",
+    family: rf"^[\w-]+: router( \S+| class) \({cls}\) is not supported: {re.escape(hf_specs.REFUSED[cls])}$"
+    for family, cls in REFUSED_CLASS.items()
 }
 
 B, S = 2, 6

@@ -24,6 +24,7 @@ if importlib.util.find_spec("transformers") is None:  # pragma: no cover - CI in
 import hf_zoo
 from test_routing import random_valid_ids, reference_weights
 
+from routereplay.adapters import hf_specs
 from routereplay.adapters.hf_specs import (
     is_supported_router,
     router_math,
@@ -37,15 +38,8 @@ from routereplay.routing import mask_zero_experts, route
 _NUM_TOKENS = 24
 
 # Router classes that the zoo's families contain, and the routers refused (class -> reason match).
-_UNSUPPORTED_MATCH = {
-    "DeepseekV4HashRouter": "hash-routed layer",
-    "DogeCDMoE": "routing is fused into DogeCDMoE.forward",
-    "Ernie4_5_VLMoeMoeBlock": "modality-split MoE block, not a router",
-    "InklingTopkRouter": "normalised together with the shared-expert logits",
-    "NllbMoeTop2Router": "expert-capacity dropping",
-    "SwitchTransformersTop1Router": "expert-capacity dropping",
-    "PhimoeTopKRouter": "sparsemixer routing",
-}
+# the classes the one table refuses or leaves out of traces, with the reason it gives
+_UNSUPPORTED_MATCH = {**hf_specs.REFUSED, **hf_specs.SKIPPED}
 
 
 def _router_classes(model: torch.nn.Module) -> set[str]:
@@ -168,7 +162,7 @@ def test_router_spec_matches_router(family, dtype, zoo_cache):
             router = _as_loaded_in(model, name, router, dtype)
         cls = type(router).__name__
         if cls in _UNSUPPORTED_MATCH:
-            with pytest.raises(UnsupportedRouterError, match=_UNSUPPORTED_MATCH[cls]):
+            with pytest.raises(UnsupportedRouterError, match=re.escape(_UNSUPPORTED_MATCH[cls])):
                 spec_for_router(router, config)
             assert _UNSUPPORTED_MATCH[cls] in unsupported_reason(router)
             continue
@@ -232,3 +226,11 @@ def test_every_discovered_moe_type_is_a_family_or_explained():
     assert not unexplained, f"MoE model types not covered by the zoo: {sorted(unexplained)}"
     missing = set(hf_zoo.FAMILIES) - set(found) - set(hf_zoo.UNDISCOVERABLE)
     assert not missing, f"zoo families the registry scan does not find: {sorted(missing)}"
+
+
+def test_family_seams_are_the_adapters_installer_table():
+    """hf_specs.FAMILY_SEAMS (inference does not apply) names exactly the classes whose seam the HF
+    adapter installs with a family-specific installer."""
+    from routereplay.adapters import hf
+
+    assert set(hf._SEAMS) == set(hf_specs.FAMILY_SEAMS)

@@ -54,6 +54,7 @@ Legend: N rows a router sees, E experts (logits width), K top-k, B batch rows, S
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -74,32 +75,11 @@ __all__ = ["NAME", "REFUSED", "base_module", "claims", "discover", "find_routers
 
 NAME = "hf"
 
-# Router (or declared MoE-block) class name -> why its routing cannot be replayed through a seam.
-REFUSED: dict[str, str] = {
-    "DogeCDMoE": (
-        "Doge's cross-domain MoE picks experts by product-key retrieval inside the MoE block; "
-        "no router module returns top-k ids"
-    ),
-    "Ernie4_5_VLMoeMoeBlock": (
-        "ERNIE-4.5-VL splits tokens between text and vision routers inside the MoE block by modality, "
-        "so one trace row does not map to one router call"
-    ),
-    "NllbMoeTop2Router": (
-        "NLLB-MoE is an encoder-decoder whose router returns dense dispatch masks with expert capacity "
-        "and second-expert sampling; a top-k trace cannot describe its dispatch"
-    ),
-    "SwitchTransformersTop1Router": (
-        "Switch Transformers is an encoder-decoder whose router returns dense dispatch masks with expert "
-        "capacity dropping; a top-k trace cannot describe its dispatch"
-    ),
-    "InklingTopkRouter": (
-        "Inkling's router returns shared-expert gammas normalised together with the selected experts' "
-        "logits (a 4th output that depends on the selection); recomputing it is not implemented"
-    ),
-}
+# Refused router classes and their reasons: the one table, hf_specs.REFUSED (re-exported here).
+REFUSED = hf_specs.REFUSED
 
 # Routers whose experts are a fixed function of the token id: nothing to record or replay.
-_HASH_ROUTERS = {"DeepseekV4HashRouter"}
+_HASH_ROUTERS = frozenset(hf_specs.SKIPPED)
 
 # Parameter names under which experts modules receive the top-k ids (for verify=True).
 _EXPERTS_ID_ARGS = ("top_k_index", "topk_indices", "top_k_indices", "selected_experts", "router_indices", "topk_ids")
@@ -343,7 +323,7 @@ def discover(model: torch.nn.Module) -> Discovery:
     for path, router in routers:
         cls_name = _class_name(router)
         if cls_name in _HASH_ROUTERS:
-            skipped.append((path, "hash router: experts are a fixed function of the token id, nothing to replay"))
+            skipped.append((path, hf_specs.SKIPPED[cls_name]))
             continue
         try:
             spec = hf_specs.router_math(router, _text_config(config, router)).spec
@@ -450,7 +430,7 @@ def _input_dtype(args, kwargs, fallback: torch.Tensor) -> torch.dtype:
 
 
 def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELayer, router, rmath, family) -> None:
-    path, spec = layer.path, layer.spec
+    path = layer.path
     _parent_path, block, _ = _parent(model, path)
     cls_name = layer.router_class
 
@@ -510,107 +490,154 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         h = experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)
         removers.append(h.remove)
 
-    if cls_name == "DbrxRouter":
-        _install_method_seam(calls, removers, block, "route_tokens_to_experts", index, spec, rmath, router)
-        return
-    if cls_name == "Llama4Router":
-        top_k = layer.top_k
+    seam = _Seam(calls=calls, removers=removers, index=index, layer=layer, router=router, rmath=rmath,
+                 family=family, block=block)  # fmt: skip
+    _SEAMS.get(cls_name, _seam_generic)(seam)
 
-        def llama4_hook(module, args, kwargs, output):
-            if module is not router:
-                return None  # a deepcopy of the attached model carries this hook: it routes live
-            scores_NE, logits_NE = output
-            with torch.no_grad():
-                ids_NK = torch.topk(logits_NE, top_k, dim=1).indices
-            live_NK = scores_NE.gather(1, ids_NK)
-            kw = _route_kw(spec, rmath, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
-            weights_NK, ids_NK = calls.on_router(index, logits_NE, live_NK, ids_NK, **kw)
-            if weights_NK is live_NK:
-                return output
-            # Rebuild the dense scores with Llama4Router's own ops (sigmoid over the full [N, E]
-            # row with -inf off the selection): sigmoid over the gathered [N, K] alone can differ
-            # in the last bit on CPU (vectorised vs scalar tail). Same weights formula, same ids.
-            top_NK = logits_NE.gather(1, ids_NK)
-            masked_NE = torch.full_like(logits_NE, float("-inf")).scatter(1, ids_NK, top_NK)
-            dense_NE = torch.nn.functional.sigmoid(masked_NE.float()).to(masked_NE.dtype)
-            return dense_NE, logits_NE
 
-        h = router.register_forward_hook(llama4_hook, with_kwargs=True)
-        removers.append(h.remove)
-        return
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Seam:
+    """What an installer needs to intercept one router: the handle's calls, where to put the undo
+    callables, the layer (index in the discovery, spec), the router instance and its MoE block."""
 
-    if cls_name == "ZayaRouter":
-        # ZAYA's top-k may pick a skip class (id == num_experts); the router returns it as id 0
-        # with weight 0, which a trace could not tell from expert 0. The hook therefore records
-        # and replays the unmasked ids from routing.route and applies the mask itself after.
+    calls: RouterCalls
+    removers: list
+    index: int
+    layer: MoELayer
+    router: torch.nn.Module
+    rmath: Any
+    family: str
+    block: torch.nn.Module
 
-        def zaya_hook(module, args, kwargs, output):
-            if module is not router:
-                return None  # a deepcopy of the attached model carries this hook: it routes live
-            if calls.routes_live(index):
-                return None  # live and nothing to recompute: the router's own output stands
-            logits_NE = output[0]
-            kw = _route_kw(spec, rmath, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
-            with torch.no_grad():
-                _live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
-            weights_NK, ids_NK = calls.on_router(index, logits_NE, output[1], live_ids, **kw)
-            if ids_NK is live_ids:
-                return None
-            weights_NK, ids_NK = routing.mask_zero_experts(weights_NK, ids_NK, spec)
-            return (logits_NE, weights_NK.to(output[1].dtype), ids_NK, *output[3:])
+    def route_kw(self, args, kwargs, logits_NE: torch.Tensor) -> dict[str, Any]:
+        return _route_kw(self.layer.spec, self.rmath, self.router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
 
-        h = router.register_forward_hook(zaya_hook, with_kwargs=True)
-        removers.append(h.remove)
-        return
+    def hook(self, fn) -> None:
+        """Register ``fn`` as the router's forward hook (with kwargs); detach removes it."""
+        self.removers.append(self.router.register_forward_hook(fn, with_kwargs=True).remove)
 
-    if cls_name == "JetMoeTopKGating":
-        top_k, num_experts = layer.top_k, layer.num_experts
 
-        def jetmoe_hook(module, args, kwargs, output):
-            if module is not router:
-                return None  # a deepcopy of the attached model carries this hook: it routes live
-            if calls.routes_live(index):
-                return None  # live and nothing to recompute: the gating's own output stands
-            logits_NE = output[4]
-            kw = _route_kw(spec, rmath, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
-            with torch.no_grad():
-                live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
-            weights_NK, ids_NK = calls.on_router(index, logits_NE, live_w, live_ids, **kw)
-            if ids_NK is live_ids:
-                return None
-            # JetMoeTopKGating.forward's own ops after its top-k, on the answered (weights, ids).
-            hits_NE = torch.zeros([ids_NK.shape[0], num_experts], dtype=weights_NK.dtype, device=weights_NK.device)
-            expert_size = hits_NE.scatter(1, ids_NK, 1).long().sum(0).tolist()
-            _, index_sorted_experts = ids_NK.flatten().sort(0)
-            batch_index = index_sorted_experts.div(top_k, rounding_mode="trunc")
-            batch_gates = weights_NK.flatten()[index_sorted_experts]
-            return index_sorted_experts, batch_index, batch_gates, expert_size, logits_NE
+def _seam_dbrx(seam: _Seam) -> None:
+    """The router returns logits only; the top-k is the MoE block's ``route_tokens_to_experts``."""
+    _install_method_seam(
+        seam.calls, seam.removers, seam.block, "route_tokens_to_experts", seam.index, seam.layer.spec, seam.rmath,
+        seam.router,
+    )  # fmt: skip
 
-        h = router.register_forward_hook(jetmoe_hook, with_kwargs=True)
-        removers.append(h.remove)
-        return
 
-    upcast = rmath.upcast_weights
+def _seam_llama4(seam: _Seam) -> None:
+    """The router returns ``(scores_NE, logits_NE)``: dense scores rebuilt at the answered ids."""
+    calls, index, router, top_k = seam.calls, seam.index, seam.router, seam.layer.top_k
+
+    def llama4_hook(module, args, kwargs, output):
+        if module is not router:
+            return None  # a deepcopy of the attached model carries this hook: it routes live
+        scores_NE, logits_NE = output
+        with torch.no_grad():
+            ids_NK = torch.topk(logits_NE, top_k, dim=1).indices
+        live_NK = scores_NE.gather(1, ids_NK)
+        weights_NK, ids_NK = calls.on_router(index, logits_NE, live_NK, ids_NK, **seam.route_kw(args, kwargs, logits_NE))
+        if weights_NK is live_NK:
+            return output
+        # Rebuild the dense scores with Llama4Router's own ops (sigmoid over the full [N, E]
+        # row with -inf off the selection): sigmoid over the gathered [N, K] alone can differ
+        # in the last bit on CPU (vectorised vs scalar tail). Same weights formula, same ids.
+        top_NK = logits_NE.gather(1, ids_NK)
+        masked_NE = torch.full_like(logits_NE, float("-inf")).scatter(1, ids_NK, top_NK)
+        dense_NE = torch.nn.functional.sigmoid(masked_NE.float()).to(masked_NE.dtype)
+        return dense_NE, logits_NE
+
+    seam.hook(llama4_hook)
+
+
+def _seam_zaya(seam: _Seam) -> None:
+    """ZAYA's top-k may pick a skip class (id == num_experts); the router returns it as id 0 with
+    weight 0, which a trace could not tell from expert 0. The hook therefore records and replays
+    the unmasked ids from routing.route and applies the mask itself after."""
+    calls, index, router, spec = seam.calls, seam.index, seam.router, seam.layer.spec
+
+    def zaya_hook(module, args, kwargs, output):
+        if module is not router:
+            return None  # a deepcopy of the attached model carries this hook: it routes live
+        if calls.routes_live(index):
+            return None  # live and nothing to recompute: the router's own output stands
+        logits_NE = output[0]
+        kw = seam.route_kw(args, kwargs, logits_NE)
+        with torch.no_grad():
+            _live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
+        weights_NK, ids_NK = calls.on_router(index, logits_NE, output[1], live_ids, **kw)
+        if ids_NK is live_ids:
+            return None
+        weights_NK, ids_NK = routing.mask_zero_experts(weights_NK, ids_NK, spec)
+        return (logits_NE, weights_NK.to(output[1].dtype), ids_NK, *output[3:])
+
+    seam.hook(zaya_hook)
+
+
+def _seam_jetmoe(seam: _Seam) -> None:
+    """The gating returns flattened, expert-sorted routing plus the logits (last): the top-k ids come
+    from the logits, and under record / replay all four routing outputs are rebuilt from the
+    answered ``(weights, ids)`` with the gating's own ops."""
+    calls, index, router, spec = seam.calls, seam.index, seam.router, seam.layer.spec
+    top_k, num_experts = seam.layer.top_k, seam.layer.num_experts
+
+    def jetmoe_hook(module, args, kwargs, output):
+        if module is not router:
+            return None  # a deepcopy of the attached model carries this hook: it routes live
+        if calls.routes_live(index):
+            return None  # live and nothing to recompute: the gating's own output stands
+        logits_NE = output[4]
+        kw = seam.route_kw(args, kwargs, logits_NE)
+        with torch.no_grad():
+            live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
+        weights_NK, ids_NK = calls.on_router(index, logits_NE, live_w, live_ids, **kw)
+        if ids_NK is live_ids:
+            return None
+        # JetMoeTopKGating.forward's own ops after its top-k, on the answered (weights, ids).
+        hits_NE = torch.zeros([ids_NK.shape[0], num_experts], dtype=weights_NK.dtype, device=weights_NK.device)
+        expert_size = hits_NE.scatter(1, ids_NK, 1).long().sum(0).tolist()
+        _, index_sorted_experts = ids_NK.flatten().sort(0)
+        batch_index = index_sorted_experts.div(top_k, rounding_mode="trunc")
+        batch_gates = weights_NK.flatten()[index_sorted_experts]
+        return index_sorted_experts, batch_index, batch_gates, expert_size, logits_NE
+
+    seam.hook(jetmoe_hook)
+
+
+def _seam_generic(seam: _Seam) -> None:
+    """The common pattern: the router returns ``(logits_NE, weights_NK, ids_NK, ...)``; the hook
+    replaces ``weights`` and ``ids`` with the handle's answer."""
+    calls, index, router, layer = seam.calls, seam.index, seam.router, seam.layer
+    upcast = seam.rmath.upcast_weights
 
     def router_hook(module, args, kwargs, output):
         if module is not router:
             return None  # a deepcopy of the attached model carries this hook: it routes live
         if not isinstance(output, tuple) or len(output) < 3:
             raise UnsupportedRouterError(
-                f"{family}: router {path} ({cls_name}) returned {_iter_outputs_hint(output)}; "
+                f"{seam.family}: router {layer.path} ({layer.router_class}) returned {_iter_outputs_hint(output)}; "
                 "expected (router_logits, weights, ids)"
             )
         logits_NE, weights_NK, ids_NK = output[:3]
-        kw = _route_kw(spec, rmath, router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
-        new_w, new_ids = calls.on_router(index, logits_NE, weights_NK, ids_NK, **kw)
+        new_w, new_ids = calls.on_router(index, logits_NE, weights_NK, ids_NK, **seam.route_kw(args, kwargs, logits_NE))
         if new_w is weights_NK and new_ids is ids_NK:
             return None
         if upcast and new_w.dtype != weights_NK.dtype:
             new_w = new_w.to(weights_NK.dtype)  # proven exact by inference (e.g. rounded to bf16, returned fp32)
         return (logits_NE, new_w, new_ids, *output[3:])
 
-    h = router.register_forward_hook(router_hook, with_kwargs=True)
-    removers.append(h.remove)
+    seam.hook(router_hook)
+
+
+# Router class -> its installer, where the router does not return (logits, weights, ids) or the
+# answer must be rebuilt into the router's own outputs; every other class takes _seam_generic.
+# hf_specs.FAMILY_SEAMS names the same classes (a test holds them equal).
+_SEAMS: dict[str, Any] = {
+    "DbrxRouter": _seam_dbrx,
+    "Llama4Router": _seam_llama4,
+    "ZayaRouter": _seam_zaya,
+    "JetMoeTopKGating": _seam_jetmoe,
+}
 
 
 def _install_method_seam(

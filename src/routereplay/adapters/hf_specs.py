@@ -54,6 +54,8 @@ from routereplay.routing import RouterSpec
 
 __all__ = [
     "FAMILY_SEAMS",
+    "REFUSED",
+    "SKIPPED",
     "RouterMath",
     "check_override",
     "expert_scale",
@@ -573,42 +575,49 @@ _BUILDERS: dict[str, Callable[[nn.Module, Any], RouterSpec]] = {
     **dict.fromkeys(("Gemma4TextRouter", "DiffusionGemmaTextRouter"), _gemma4),
 }
 
-_UNSUPPORTED: dict[str, str] = {
-    "DeepseekV4HashRouter": (
-        "hash-routed layer: experts come from a frozen token-id table (tid2eid), not a learned top-k; "
-        "replay leaves these layers out"
-    ),
+# The one refusal table: router (or declared MoE-block) class -> why its routing cannot be replayed.
+# adapters/hf.py refuses these at attach with the reason, docs/MODELS.md shows that message, and
+# tests/test_hf_contract.py and tests/test_hf_specs.py expect it.
+REFUSED: dict[str, str] = {
     "DogeCDMoE": (
-        "routing is fused into DogeCDMoE.forward (product-key top-k over two halves of router_gate, "
-        "experts are embedding rows), so there is no router module whose selection can be replaced"
+        "Doge's cross-domain MoE picks experts by product-key retrieval inside the MoE block "
+        "(DogeCDMoE.forward, experts are embedding rows); no router module returns top-k ids"
     ),
     "Ernie4_5_VLMoeMoeBlock": (
-        "this is the modality-split MoE block, not a router; its gates text_moe.gate and vision_moe.gate "
-        "(Ernie4_5_VLMoeMoeTopKRouter) are the routers to replay"
+        "ERNIE-4.5-VL splits tokens between text and vision routers inside the MoE block by modality, "
+        "so one trace row does not map to one router call"
     ),
     "InklingTopkRouter": (
-        "the weights are normalised together with the shared-expert logits (logsigmoid softmax) and scaled "
-        "by a learned global_scale, but the router returns only the routed logits, so weights cannot be "
-        "recomputed from its output"
+        "Inkling's router returns shared-expert gammas normalised together with the selected experts' "
+        "logits (a 4th output that depends on the selection); recomputing it is not implemented"
     ),
     "NllbMoeTop2Router": (
-        "encoder-decoder top-2 router returning dense one-hot masks with expert-capacity dropping and "
-        "optional random second-expert policies; dropped tokens depend on the batch order, not only the ids"
+        "NLLB-MoE is an encoder-decoder whose router returns dense dispatch masks with expert capacity "
+        "and second-expert sampling; a top-k trace cannot describe its dispatch"
     ),
     "SwitchTransformersTop1Router": (
-        "encoder-decoder top-1 router returning dense one-hot masks with expert-capacity dropping "
-        "(tokens past expert_capacity lose their expert); not a plain top-k router"
+        "Switch Transformers is an encoder-decoder whose router returns dense dispatch masks with expert "
+        "capacity dropping; a top-k trace cannot describe its dispatch"
     ),
     "PhimoeTopKRouter": (
-        "sparsemixer routing: per-slot softmax over logits masked by a jitter threshold relative to the "
-        "picked expert, Gumbel sampling and a custom Heun backward in training; not a top-k score router"
+        "PhiMoE's sparsemixer routing: per-slot softmax over logits masked by a jitter threshold relative "
+        "to the picked expert, Gumbel sampling and a custom Heun backward in training; not a top-k score router"
+    ),
+}
+
+# Routers found but left out of traces (not refused): class -> why.
+SKIPPED: dict[str, str] = {
+    "DeepseekV4HashRouter": (
+        "hash router: experts are a fixed function of the token id (a frozen token-id table), nothing to replay"
     ),
 }
 
 
 def unsupported_reason(router: nn.Module) -> str | None:
-    """Why the hand table refuses ``router``, or None (a hand-written spec, or inference decides)."""
-    return _UNSUPPORTED.get(router_class(router).__name__)
+    """Why ``router`` gets no spec (:data:`REFUSED`, or left out of traces: :data:`SKIPPED`), or
+    None (a hand-written spec, or inference decides)."""
+    name = router_class(router).__name__
+    return REFUSED.get(name) or SKIPPED.get(name)
 
 
 def is_supported_router(router: nn.Module) -> bool:
