@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from routereplay import attach
-from routereplay.check import DTYPES, ModelSize, build_default_model
+from routereplay.cli.check import DTYPES, ModelSize, build_default_model
 
 SYNC_WARNING = "synchronizing CUDA operation"  # torch's set_sync_debug_mode("warn") message
 

@@ -1,4 +1,4 @@
-"""Throughput of routereplay.layout conversions against a plain memcpy, measured in one run.
+"""Throughput of routereplay.core.layout conversions against a plain memcpy, measured in one run.
 
     .venv/bin/python benchmarks/bench_layout.py                  # 1 M tokens x 48 layers x top-8 uint8
     .venv/bin/python benchmarks/bench_layout.py --tokens 100000  # a quick run
@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from routereplay import RoutingTrace
-    from routereplay import layout as lo
+    from routereplay.core import layout as lo
 
     try:
-        import routereplay.io as rio
+        import routereplay.core.io as rio
     except ImportError as e:  # written by another part of the project; skip that row without it
         rio = None
-        io_note = f"routereplay.io not importable ({e}); save/load skipped"
+        io_note = f"routereplay.core.io not importable ({e}); save/load skipped"
     else:
         io_note = ""
 
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     def save_load(trace: RoutingTrace) -> None:
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
             path = Path(tmp) / "bench.rrt"
-            run("save (routereplay.io.save, fsync)", lambda: rio.save(trace, path), 2 * trace_bytes)
+            run("save (routereplay.core.io.save, fsync)", lambda: rio.save(trace, path), 2 * trace_bytes)
             run(
-                "load (routereplay.io.load, validate=False)",
+                "load (routereplay.core.io.load, validate=False)",
                 lambda: rio.load(path, validate=False),
                 2 * trace_bytes,
             )

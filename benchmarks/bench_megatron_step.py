@@ -55,7 +55,7 @@ def main() -> None:
 
     import routereplay
     from routereplay.adapters import megatron as mga
-    from routereplay.trace import RoutingTrace
+    from routereplay.core.trace import RoutingTrace
 
     dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -50,9 +50,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch
 
-from routereplay import routing
+from routereplay.core import routing
+from routereplay.core.routing import RouterSpec
 from routereplay.kernels import ulp_bound
-from routereplay.routing import RouterSpec
 
 # name, tokens, experts, top-k, Megatron arguments, our spec
 CASES = [

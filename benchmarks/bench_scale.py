@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import routereplay.io as rio
-from routereplay import RoutingTrace, layout
+import routereplay.core.io as rio
+from routereplay import RoutingTrace
+from routereplay.core import layout
 from routereplay.formats import RouteAccumulator, from_sglang, from_verl, from_vllm
-from routereplay.rl import RouteStore
+from routereplay.rl.store import RouteStore
 
 ROWS = ("store", "accumulate", "load", "save", "convert", "select", "prepare", "rank", "bitpack")
 
@@ -372,7 +373,7 @@ def bytes_read(out: list[int]):
 
 def row_rank(table: Table, trace: RoutingTrace, tmp: str) -> None:
     """23.6: one DP rank's share of a chunked file (parallel.load_for_rank) against loading the file."""
-    from routereplay.parallel import ParallelLayout, RankCoords, load_for_rank
+    from routereplay.parallel.slicing import ParallelLayout, RankCoords, load_for_rank
 
     path = Path(tmp) / "rank.rrt"
     rio.save(trace, path, fsync=False)

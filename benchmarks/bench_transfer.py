@@ -12,7 +12,7 @@ on the same trace; MB/s is the trace's bytes (``trace.nbytes``) over the time. A
 * ``torch.multiprocessing``: ``ForkingPickler`` with torch's reductions, as a
   ``torch.multiprocessing`` queue does: the tensors move to shared memory and only a handle is
   pickled (same host only). The receiver's half maps the shared memory.
-* ``.rrt bytes``: ``routereplay.io.dumps`` / ``io.loads``: the file format in memory, with its
+* ``.rrt bytes``: ``routereplay.core.io.dumps`` / ``io.loads``: the file format in memory, with its
   CRC-32 over every byte, version check and (``validate=True``) the trace's O(T) checks.
 
 Legend: T tokens, L MoE layers, K top-k slots.
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.multiprocessing  # registers torch's shared-memory reductions with ForkingPickler
 
-    from routereplay import io as rio
+    from routereplay.core import io as rio
 
     torch.set_num_threads(1)
     trace = make_trace(args)

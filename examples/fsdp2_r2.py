@@ -22,7 +22,7 @@ import transformers
 from torch.distributed.fsdp import fully_shard
 
 import routereplay
-from routereplay import distributed as rd
+from routereplay.parallel import collectives as rd
 from routereplay.rl import RouteStore, token_logprobs
 
 

@@ -5,7 +5,7 @@
     python examples/grpo_r3.py --smoke --out DIR                            # CPU, random tiny model, seconds
     python examples/grpo_r3.py --combine RUNS_DIR --out DIR                 # merge per-run JSONs, plot
 
-A plain loop on one device, no TRL (``Rollout``, ``RouteStore``, ``DispatchTap``, ``routereplay.metrics``):
+A plain loop on one device, no TRL (``Rollout``, ``RouteStore``, ``DispatchTap``, ``routereplay.rl.metrics``):
 
 1. **rollout**: a bf16 copy of the policy (weights copied from the trainer each step) samples
    ``--group`` completions per prompt at temperature 1 with ``handle.capture_generation(logprobs=True)``;
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_policy(args: argparse.Namespace):
     """(fp32 trainer model, task, description): the packaged trained model, ``--model``, or (smoke) random."""
     if args.smoke:
-        from routereplay.check import ModelSize, build_default_model
+        from routereplay.cli.check import ModelSize, build_default_model
 
         tok = CharTokenizer()
         size = ModelSize(layers=2, hidden=32, experts=8, top_k=2, vocab=tok.vocab_size, heads=2, kv_heads=1,
@@ -143,8 +143,8 @@ def run_one(args: argparse.Namespace, base_model, task: AdditionTask, *, arm: st
             train_dtype: str, seed: int) -> dict:
     """GRPO for ``args.steps`` steps or ``args.max_seconds``; returns the run's log."""
     from routereplay import attach
-    from routereplay.metrics import logprob_mismatch, routing_agreement
     from routereplay.rl import DispatchTap, RouteStore, token_logprobs
+    from routereplay.rl.metrics import logprob_mismatch, routing_agreement
 
     device = args.device
     tok = task.tokenizer

@@ -2,7 +2,7 @@
 
     python examples/trl_grpo_r3.py                 # R3, 4 steps; --mode R2 / none, --steps N
 
-Everything is local: the built-in random MoE (``routereplay.check.build_default_model``) and a
+Everything is local: the built-in random MoE (``routereplay.cli.check.build_default_model``) and a
 word-level tokenizer over its vocabulary (``t3 .. t1023``). The reward asks for many distinct
 tokens. Each logged step prints the replay metrics the trainer adds to TRL's logs:
 ``router_replay/disagreement`` (routes the experts received vs the recorded ones: 0 under replay),
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from routereplay.check import DEFAULT_SIZE, TINY_SIZE, build_default_model
+    from routereplay.cli.check import DEFAULT_SIZE, TINY_SIZE, build_default_model
     from routereplay.integrations.trl import GRPOTrainer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

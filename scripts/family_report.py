@@ -49,7 +49,7 @@ def _build_new(model_type: str):
 
 def check(model) -> tuple[str, str]:
     from routereplay import attach
-    from routereplay.errors import RouteReplayError
+    from routereplay.core.errors import RouteReplayError
 
     try:
         handle = attach(model)

@@ -28,7 +28,7 @@ _BLOCK = re.compile(re.escape(BEGIN) + r"\n```text\n.*?```\n" + re.escape(END), 
 
 def run_check() -> str:
     """What ``routereplay check`` prints to stdout with its defaults (exit status 0 required)."""
-    from routereplay.cli import main
+    from routereplay.cli.main import main
 
     out = io.StringIO()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(out):

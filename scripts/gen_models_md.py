@@ -33,7 +33,7 @@ def survey(family: str) -> dict:
 
     from routereplay import attach
     from routereplay.adapters import hf
-    from routereplay.errors import RouteReplayError
+    from routereplay.core.errors import RouteReplayError
 
     row = {
         "family": family,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from routereplay.check import ModelSize, build_default_model
+from routereplay.cli.check import ModelSize, build_default_model
 
 
 def main() -> None:

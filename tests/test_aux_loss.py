@@ -1,5 +1,5 @@
 """The load-balancing (aux) loss under replay: HF and Megatron count the same routes (live top-k),
-and ``routereplay.aux_loss.load_balancing_loss`` counts live or replayed routes on request.
+and ``routereplay.rl.aux_loss.load_balancing_loss`` counts live or replayed routes on request.
 
 Oracles: transformers' own ``load_balancing_loss_func`` (Qwen3-MoE's) and the aux-loss gradient
 Megatron-Core's own ``TopKRouter.routing`` puts on the logits while routereplay replays other ids.
@@ -18,9 +18,9 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 import routereplay
-from routereplay.aux_loss import load_balancing_loss
-from routereplay.errors import MetricInputError, TraceMismatchError
-from routereplay.trace import RoutingTrace
+from routereplay.core.errors import MetricInputError, TraceMismatchError
+from routereplay.core.trace import RoutingTrace
+from routereplay.rl.aux_loss import load_balancing_loss
 
 E, K = 8, 2
 

@@ -13,8 +13,13 @@ import torch
 from test_session import batch, random_trace, record, tiny_qwen3_moe
 
 import routereplay
-from routereplay.errors import AlreadyAttachedError, AttentionMaskMismatchError, BatchShapeMismatchError, ReplayError
-from routereplay.trace import RoutingTrace
+from routereplay.core.errors import (
+    AlreadyAttachedError,
+    AttentionMaskMismatchError,
+    BatchShapeMismatchError,
+    ReplayError,
+)
+from routereplay.core.trace import RoutingTrace
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("transformers")
 
 import routereplay
-from routereplay.check import ModelSize, build_default_model
+from routereplay.cli.check import ModelSize, build_default_model
 
 SIZE = ModelSize(
     layers=2, hidden=64, experts=8, top_k=2, vocab=128, heads=2, kv_heads=1, head_dim=32, moe_intermediate=32

@@ -17,9 +17,10 @@ pytest.importorskip(
 )
 pytest.importorskip("tqdm", reason="routereplay check shows progress with tqdm (pip install 'routereplay[cli]')")
 
-from routereplay import check, io
-from routereplay.cli import main
-from routereplay.trace import RoutingTrace
+from routereplay.cli import check
+from routereplay.cli.main import main
+from routereplay.core import io
+from routereplay.core.trace import RoutingTrace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--samples", "2", "--max-new-tokens", "4", "--tiny"]
@@ -234,7 +235,7 @@ def test_check_error_raised_by_routereplay_under_transformers_is_internal(monkey
     # code object belongs to routereplay/replay.py) raising inside a transformers forward is ours.
     from transformers.models.qwen3_moe import modeling_qwen3_moe
 
-    from routereplay import replay
+    from routereplay.runtime import replay
 
     scope: dict = {}
     exec(compile("def hook(*args, **kwargs):\n    raise ZeroDivisionError('a bug')\n", replay.__file__, "exec"), scope)  # noqa: S102

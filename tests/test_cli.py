@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from routereplay import io
-from routereplay.cli import EXIT_BROKEN_PIPE, main
-from routereplay.trace import RoutingTrace
+from routereplay.cli.main import EXIT_BROKEN_PIPE, main
+from routereplay.core import io
+from routereplay.core.trace import RoutingTrace
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -128,7 +128,7 @@ def test_output_into_a_closed_pipe_ends_quietly(traces):
 
 def test_logprob_mismatch_of_trainer_logprobs_that_require_grad():
     # What the README's DispatchTap snippet does: metrics of log-probs still in the graph.
-    from routereplay.metrics import logprob_mismatch
+    from routereplay.rl.metrics import logprob_mismatch
 
     logp_train = torch.log_softmax(torch.randn(2, 5, requires_grad=True), -1)
     with warnings.catch_warnings():

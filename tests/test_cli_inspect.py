@@ -17,9 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import routereplay.io as rio
-from routereplay import RoutingTrace, cli_inspect
-from routereplay.cli import main
+import routereplay.core.io as rio
+from routereplay import RoutingTrace
+from routereplay.cli import inspect as cli_inspect
+from routereplay.cli.main import main
 
 GOLDEN = Path(__file__).parent / "data" / "golden_v1.rrt"
 

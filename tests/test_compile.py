@@ -36,6 +36,6 @@ def test_record_and_replay_on_a_compiled_model():
     assert rep.forwards == 1 and all(s.coverage == 1.0 for s in rep.stats.values())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the forced routes, compiled
     assert not torch.allclose(got, live, rtol=1e-3, atol=1e-3)
-    with pytest.raises(routereplay.errors.TokenCountMismatchError), handle.replay(forced):
+    with pytest.raises(routereplay.core.errors.TokenCountMismatchError), handle.replay(forced):
         compiled(**batch(B=1, S=5))  # the checks run in the compiled model too
     handle.detach()

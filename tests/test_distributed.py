@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from routereplay import io, layout
-from routereplay.trace import RoutingTrace
+from routereplay.core import io, layout
+from routereplay.core.trace import RoutingTrace
 
 
 def _trace(seed: int = 0) -> RoutingTrace:

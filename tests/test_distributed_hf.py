@@ -183,8 +183,8 @@ def _checkpointing(model, flavour: str):
 
 def _train_step(model, handle, data, my_batches, mode, rollout, scale, device, flavour):
     """One optimizer step's gradients: R3 replays the rollout routes, R2 records then replays."""
-    from routereplay import distributed as rd
-    from routereplay.rl import RouteStore
+    from routereplay.parallel import collectives as rd
+    from routereplay.rl.store import RouteStore
 
     my_ids = [i for mb in my_batches for i in mb]
     model.zero_grad(set_to_none=True)
@@ -211,7 +211,7 @@ def rollout_trace(ckpt_dir: str, device, dtype):
     """Another policy's routes of the global batch in the engine convention (no route for each
     sample's last token), as a rollout gives them; the same trace on every rank."""
     import routereplay
-    from routereplay import layout
+    from routereplay.core import layout
 
     model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ckpt_dir, "rollout"), dtype=dtype).to(device)
     handle = routereplay.attach(model)
@@ -239,7 +239,7 @@ def run_case(name: str, rank: int, world: int, ckpt_dir: str, device, dtype) -> 
     norm, LM head) unreduced in the next backward (measured here with torch 2.13).
     """
     import routereplay
-    from routereplay import distributed as rd
+    from routereplay.parallel import collectives as rd
 
     kind, opts = CASES[name]
     load = {"dtype": dtype}
@@ -344,7 +344,7 @@ def run_case(name: str, rank: int, world: int, ckpt_dir: str, device, dtype) -> 
 
 def _disagreement(a, b) -> float:
     """Share of (token, layer) routes whose expert sets differ."""
-    from routereplay import metrics
+    from routereplay.rl import metrics
 
     return metrics.routing_agreement(a.experts, b.experts, a.valid_mask & b.valid_mask).disagreement
 

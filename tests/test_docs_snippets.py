@@ -41,7 +41,7 @@ NO_RUN = {
 # Names a fragment takes as given. Small sizes: the built-in test-size model, a few short prompts.
 _MODEL = """
 import torch
-from routereplay.check import TINY_SIZE, build_default_model
+from routereplay.cli.check import TINY_SIZE, build_default_model
 torch.manual_seed(0)
 policy = build_default_model(TINY_SIZE)                     # the user's HF MoE model
 # ... one that ends its answers after a few tokens (EOS logit +3, in every forward alike), so that
@@ -94,7 +94,7 @@ if "handle" not in globals():
 """,
     # R3 metrics inputs: the rollout's and the trainer's routes and log-probs of one forward
     "metrics": """
-from routereplay.rl import token_logprobs as _tlp
+from routereplay.rl.store import token_logprobs as _tlp
 _b = rollout.padded()
 with torch.no_grad(), handle.record() as _rec:
     _logits = policy(**{k: _b[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
@@ -126,7 +126,7 @@ import importlib.util, tempfile
 _spec = importlib.util.spec_from_file_location("trl_grpo_r3", ROOT / "examples" / "trl_grpo_r3.py")
 _ex = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(_ex)
 from datasets import Dataset
-from routereplay.check import TINY_SIZE, build_default_model
+from routereplay.cli.check import TINY_SIZE, build_default_model
 model = build_default_model(TINY_SIZE)
 tokenizer = _ex.build_tokenizer(TINY_SIZE.vocab)
 reward = _ex.distinct_tokens

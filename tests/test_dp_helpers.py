@@ -1,4 +1,4 @@
-"""Tests of routereplay.distributed: split by sample id, gather back, metrics reduced over ranks.
+"""Tests of routereplay.parallel.collectives: split by sample id, gather back, metrics reduced over ranks.
 
 Pure parts (the DistributedSampler split, merge) run in-process with hypothesis; the collectives
 run on real gloo ranks (2 processes: a sample repeated on both, a rank holding no sample) and are
@@ -21,9 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
 
-from routereplay import RoutingTrace, io, metrics
-from routereplay import distributed as rd
-from routereplay.errors import LayoutError, MissingRoutesError, TraceMismatchError
+from routereplay import RoutingTrace
+from routereplay.core import io
+from routereplay.core.errors import LayoutError, MissingRoutesError, TraceMismatchError
+from routereplay.parallel import collectives as rd
+from routereplay.rl import metrics
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

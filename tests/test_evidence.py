@@ -19,10 +19,10 @@ pytest.importorskip("transformers", reason="the small MoE is a transformers mode
 pytest.importorskip("matplotlib", reason="grpo_r3.py and check plot with matplotlib (pip install 'routereplay[plot]')")
 pytest.importorskip("tqdm", reason="routereplay check shows progress with tqdm (pip install 'routereplay[cli]')")
 
-from routereplay import check
-from routereplay.cli import main as cli_main
+from routereplay.cli import check
+from routereplay.cli.main import main as cli_main
+from routereplay.core.errors import RouteReplayError
 from routereplay.data import addition
-from routereplay.errors import RouteReplayError
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routereplay import RoutingTrace
-from routereplay.errors import EngineFormatError, LayerMismatchError, TraceMismatchError, ZeroRoutesError
+from routereplay.core.errors import EngineFormatError, LayerMismatchError, TraceMismatchError, ZeroRoutesError
+from routereplay.core.layout import engine_to_training, training_to_engine
 from routereplay.formats import (
     decode_sglang_payload,
     decode_vllm_payload,
@@ -35,7 +36,6 @@ from routereplay.formats import (
     to_verl_unpadded,
     to_vllm,
 )
-from routereplay.layout import engine_to_training, training_to_engine
 
 try:
     from tests.fixtures_formats import (

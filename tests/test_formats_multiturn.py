@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from routereplay import RoutingTrace
-from routereplay.errors import EngineFormatError, ExpertIdError, RetractedRoutesError, RouteContinuityError
+from routereplay.core.errors import EngineFormatError, ExpertIdError, RetractedRoutesError, RouteContinuityError
 from routereplay.formats import (
     RouteAccumulator,
     decode_sglang_payload,

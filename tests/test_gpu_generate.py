@@ -38,8 +38,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device: run on the lent GPU (tests/test_gpu_generate.py docstring)", allow_module_level=True)
 
 import routereplay
-from routereplay.check import ModelSize, build_default_model
-from routereplay.errors import RouteReplayError
+from routereplay.cli.check import ModelSize, build_default_model
+from routereplay.core.errors import RouteReplayError
 
 SIZE = ModelSize(
     layers=2, hidden=64, experts=8, top_k=2, vocab=128, heads=2, kv_heads=1, head_dim=32, moe_intermediate=32

@@ -4,7 +4,7 @@ Per family: (a) record then replay the same batch is bit-identical (to the recor
 forward); (b) replaying another valid routing changes the output, and the output equals an
 independent reference: the family's own modeling code run with ``torch.topk`` answering the forced
 ids inside each MoE block (so the gate weights come from the family's formula, not from
-routereplay.routing); (c) every router gets a non-zero gradient under replay; (d) checkpointed
+routereplay.core.routing); (c) every router gets a non-zero gradient under replay; (d) checkpointed
 replay gradients equal plain replay gradients exactly; (e) left- and right-padded batches replay
 bit-identically; (f) only MoE layers are in the trace, under their global decoder-layer ids
 (attention routers, JetMoE's, under num_hidden_layers + i).
@@ -30,7 +30,7 @@ import hf_zoo
 
 import routereplay
 from routereplay.adapters import hf, hf_specs
-from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
+from routereplay.core.errors import UnsupportedModelError, UnsupportedRouterError
 
 # family -> the router (or MoE-block) class it is refused for; the reason is the one table's,
 # hf_specs.REFUSED, which attach and docs/MODELS.md read too.
@@ -331,8 +331,8 @@ def test_group_limit_checked_at_replay_entry():
     a trace that breaks the limit is refused at replay entry, naming the layer, row and groups."""
     import dataclasses
 
-    from routereplay.errors import RouterSpecError
-    from routereplay.trace import RoutingTrace
+    from routereplay.core.errors import RouterSpecError
+    from routereplay.core.trace import RoutingTrace
 
     model, _, state = _built("deepseek_v3")
     model.load_state_dict(state)

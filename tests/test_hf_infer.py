@@ -26,7 +26,7 @@ import hf_zoo
 
 import routereplay
 from routereplay.adapters import hf, hf_infer, hf_specs
-from routereplay.errors import UnsupportedRouterError
+from routereplay.core.errors import UnsupportedRouterError
 
 
 @functools.cache

@@ -32,8 +32,8 @@ from routereplay.adapters.hf_specs import (
     spec_for_router,
     unsupported_reason,
 )
-from routereplay.errors import RouterSpecError, UnsupportedRouterError
-from routereplay.routing import mask_zero_experts, route
+from routereplay.core.errors import RouterSpecError, UnsupportedRouterError
+from routereplay.core.routing import mask_zero_experts, route
 
 _NUM_TOKENS = 24
 

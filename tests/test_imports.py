@@ -9,8 +9,8 @@ FRAMEWORKS = ["transformers", "megatron", "trl", "vllm", "sglang", "verl", "matp
 
 def test_import_routereplay_imports_no_framework():
     code = (
-        "import sys, routereplay, routereplay.layout, routereplay.io, routereplay.formats, "
-        "routereplay.routing, routereplay.session, routereplay.metrics, routereplay.cli\n"
+        "import sys, routereplay, routereplay.core.layout, routereplay.core.io, routereplay.formats, "
+        "routereplay.core.routing, routereplay.runtime.session, routereplay.rl.metrics, routereplay.cli\n"
         f"loaded = [m for m in {FRAMEWORKS!r} if m in sys.modules]\n"
         "print(','.join(loaded))"
     )
@@ -43,7 +43,9 @@ def _import_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(f.read_text())):
             targets = []
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("routereplay"):
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                # `from pkg import module` depends on that module; `from module import name` on the module
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in names]
+                targets = subs if len(subs) == len(node.names) else [node.module, *subs]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             deps |= {t for t in targets if t in names and t != name and t != "routereplay"}
@@ -67,8 +69,8 @@ def test_the_import_graph_has_no_cycle():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
-    assert "routereplay.adapters.hf" not in _closure(graph, "routereplay.session")
-    assert not any(m.startswith("routereplay.adapters.") for m in _closure(graph, "routereplay.session"))
+    assert "routereplay.adapters.hf" not in _closure(graph, "routereplay.runtime.session")
+    assert not any(m.startswith("routereplay.adapters.") for m in _closure(graph, "routereplay.runtime.session"))
 
 
 def _closure(graph, start):
@@ -83,7 +85,7 @@ def _closure(graph, start):
 
 def test_only_adapters_integrations_and_the_cli_import_an_adapter():
     """The core never imports an adapter (seam.py): engines are leaves over the core."""
-    allowed = ("routereplay.adapters", "routereplay.integrations", "routereplay.cli", "routereplay.check")
+    allowed = ("routereplay.adapters", "routereplay.integrations", "routereplay.cli", "routereplay.cli.check")
     graph = _import_graph()
     offenders = {
         module: sorted(d for d in deps if d.startswith("routereplay.adapters"))
@@ -94,8 +96,9 @@ def test_only_adapters_integrations_and_the_cli_import_an_adapter():
 
 
 def test_no_package_module_is_loaded_through_importlib():
-    """Every import of a routereplay module is an import statement the graph above sees. The one
-    dynamic load is attach's: adapters registered as entry points (routereplay.adapters group)."""
+    """Every import of a routereplay module is an import statement the graph above sees. The
+    dynamic loads are attach's (adapters registered as entry points, routereplay.adapters group)
+    and _compat's (a deprecated module path loads the module that now holds it)."""
     import ast
     import pathlib
 
@@ -114,4 +117,38 @@ def test_no_package_module_is_loaded_through_importlib():
             literal = target.value if isinstance(target, ast.Constant) else None
             if literal is None or str(literal).startswith("routereplay"):
                 found.append(f"{f.relative_to(root)}:{node.lineno} {literal or ast.unparse(target)}")
-    assert [s.split(":")[0] for s in found] == ["attach.py", "attach.py"], found
+    assert [s.split(":")[0] for s in found] == ["_compat.py", "runtime/attach.py", "runtime/attach.py"], found
+
+
+def test_the_folders_name_the_layers():
+    """The package root holds the public face only; every module lives in the folder of its layer."""
+    import pathlib
+
+    import routereplay
+
+    root = pathlib.Path(routereplay.__file__).parent
+    assert sorted(p.name for p in root.glob("*.py")) == ["__init__.py", "_compat.py"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "__pycache__") == [
+        "adapters", "cli", "core", "data", "formats", "integrations", "kernels", "parallel", "rl", "runtime",
+    ]
+
+
+def test_deprecated_module_paths_are_the_moved_modules():
+    """Code written against 0.1's flat paths keeps working, warned, on the very same module objects."""
+    code = (
+        "import warnings, importlib\n"
+        "warnings.simplefilter('error', DeprecationWarning)\n"
+        "import routereplay, routereplay.core.layout as new\n"
+        "from routereplay._compat import MOVED\n"
+        "import routereplay.errors\n"  # stable: no warning
+        "try:\n"
+        "    import routereplay.layout\n"
+        "except DeprecationWarning as e:\n"
+        "    print(e)\n"
+        "warnings.simplefilter('ignore', DeprecationWarning)\n"
+        "assert all(importlib.import_module(o) is importlib.import_module(n) for o, n in MOVED.items())\n"
+        "assert callable(routereplay.attach)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "routereplay.layout moved to routereplay.core.layout; import it from there"

@@ -1,4 +1,4 @@
-"""Tests of the .rrt file format (routereplay.io) against docs/FORMAT.md.
+"""Tests of the .rrt file format (routereplay.core.io) against docs/FORMAT.md.
 
 Golden files live in tests/data/. They are the format: a test fails if ``save`` writes other bytes.
 After a deliberate format change (with a version bump and a FORMAT.md update), regenerate them:
@@ -23,9 +23,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import routereplay.io as rio
+import routereplay.core.io as rio
 from routereplay import RoutingTrace
-from routereplay.errors import ExpertIdError, GatesError, SeqlensError, TraceFormatError
+from routereplay.core.errors import ExpertIdError, GatesError, SeqlensError, TraceFormatError
 
 DATA = Path(__file__).parent / "data"
 FORMAT_MD = Path(__file__).parents[1] / "docs" / "FORMAT.md"
@@ -601,7 +601,7 @@ def _with_header(raw: bytes) -> bytes:
 
 DEPTH_MSG = (
     r"header nests JSON at least {depth} levels deep, expected at most 3 \(object > tensor entry > shape list\); "
-    r"the file is corrupt; write it again with routereplay.io.save, or it is not a safetensors file"
+    r"the file is corrupt; write it again with routereplay.save, or it is not a safetensors file"
 )  # str.format fills in the depth found
 
 
@@ -640,7 +640,7 @@ def test_deeply_nested_structured_field_is_refused(tmp_path, golden_bytes, field
         rio.load(path)
     assert str(e.value) == (
         f"{path}: field {field!r} is '{'[' * 79}... (200000 characters), expected {expected}; "
-        "the file is corrupt; write it again with routereplay.io.save"
+        "the file is corrupt; write it again with routereplay.save"
     )
 
 
@@ -651,7 +651,7 @@ def test_header_above_the_size_limit_is_refused():
         rio.loads(data)
     assert str(e.value) == (
         f"<bytes>: declares a {n}-byte header, above the 16777216-byte limit for a trace header (a real one is a "
-        "few KB); the file is corrupt; write it again with routereplay.io.save"
+        "few KB); the file is corrupt; write it again with routereplay.save"
     )
 
 
@@ -743,7 +743,7 @@ def test_default_load_does_not_alias_the_file(tmp_path, golden_bytes):
     """Issue 20.7: a checksum-verified trace must not change when another writer edits its file."""
     path = write(tmp_path, golden_bytes)
     got = rio.load(path)
-    with open(path, "r+b") as f:  # an in-place writer, not routereplay.io.save
+    with open(path, "r+b") as f:  # an in-place writer, not routereplay.save
         f.seek(len(golden_bytes) - 49)
         f.write(b"\xff" * 49)
     assert got == golden_traces()["golden_v1.rrt"]
@@ -758,7 +758,7 @@ def test_default_load_survives_truncation_of_its_file(tmp_path, golden_bytes):
 
     path = write(tmp_path, golden_bytes)
     code = (
-        "import os, sys, routereplay.io as rio\n"
+        "import os, sys, routereplay.core.io as rio\n"
         "t = rio.load(sys.argv[1])\n"
         "os.truncate(sys.argv[1], 0)\n"
         "print(int(t.experts.long().sum()), t.cu_seqlens.tolist(), t.valid.tolist())\n"

@@ -1,4 +1,4 @@
-"""Format 1.1: per-chunk checksums and partial reads (routereplay.io.load(sequences=...),
+"""Format 1.1: per-chunk checksums and partial reads (routereplay.core.io.load(sequences=...),
 routereplay.parallel.load_for_rank), against docs/FORMAT.md.
 
 The golden file tests/data/golden_v1_1_chunked.rrt is the chunked layout: a test fails if
@@ -23,10 +23,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import routereplay.io as rio
+import routereplay.core.io as rio
 from routereplay import RoutingTrace
-from routereplay.errors import TraceFormatError, TraceMismatchError
-from routereplay.parallel import ParallelLayout, RankCoords, load_for_rank, slice_for_rank
+from routereplay.core.errors import TraceFormatError, TraceMismatchError
+from routereplay.parallel.slicing import ParallelLayout, RankCoords, load_for_rank, slice_for_rank
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden_v1_1_chunked.rrt"
@@ -222,7 +222,7 @@ def test_damaged_boundaries_are_refused(tmp_path):
     path = _corrupt(tmp_path, data_start + lo + 8)  # cu_seqlens[1]
     msg = (
         r"bad.rrt: header checksum mismatch: the header records crc32 [0-9a-f]{8} but the header and "
-        r"cu_seqlens give [0-9a-f]{8}; the file is corrupt, write it again with routereplay.io.save"
+        r"cu_seqlens give [0-9a-f]{8}; the file is corrupt, write it again with routereplay.save"
     )
     with pytest.raises(TraceFormatError, match=msg):
         rio.load(path, sequences=[0])

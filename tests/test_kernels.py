@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from routereplay.routing import RouterSpec
+from routereplay.core.routing import RouterSpec
 
 HERE = Path(__file__).resolve().parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -64,8 +64,8 @@ def _report() -> dict:
     sys.path.insert(0, str(HERE))
     from test_routing import VARIANTS, _inputs, random_valid_ids
 
-    from routereplay import routing
-    from routereplay.errors import RouterSpecError
+    from routereplay.core import routing
+    from routereplay.core.errors import RouterSpecError
     from routereplay.kernels import prepare_fused, route_forced_fused, unsupported_reason
     from routereplay.kernels.replay_triton import PreparedReplay
 
@@ -345,7 +345,7 @@ def test_import_routereplay_does_not_import_triton():
     code = (
         "import sys, routereplay, routereplay.kernels; "
         "assert 'triton' not in sys.modules, 'triton imported'; "
-        "from routereplay.routing import RouterSpec; "
+        "from routereplay.core.routing import RouterSpec; "
         "print(routereplay.kernels.supports(RouterSpec(num_experts=8, top_k=2)))"
     )
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
@@ -375,7 +375,7 @@ def test_unsupported_reasons():
 
 @NEEDS_TRITON
 def test_ulp_bound_is_what_the_gpu_tier_asserts():
-    from routereplay.errors import RouterSpecError
+    from routereplay.core.errors import RouterSpecError
     from routereplay.kernels import ulp_bound
 
     sys.path.insert(0, str(HERE))
@@ -403,7 +403,7 @@ def test_cuda_sum_lane_order_is_read_from_this_torch():
 
 @NEEDS_TRITON
 def test_prepare_fused_refuses_the_cpu_outside_the_interpreter():
-    from routereplay.errors import RouterSpecError
+    from routereplay.core.errors import RouterSpecError
     from routereplay.kernels import prepare_fused
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

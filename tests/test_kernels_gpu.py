@@ -29,9 +29,9 @@ if not torch.cuda.is_available():
 from test_kernels import ulp_distance
 from test_routing import VARIANTS, _inputs, random_valid_ids
 
-from routereplay import routing
+from routereplay.core import routing
+from routereplay.core.routing import RouterSpec
 from routereplay.kernels import prepare_fused, route_forced_fused, ulp_bound, unsupported_reason
-from routereplay.routing import RouterSpec
 
 # realistic widths beside test_routing's E=16 variants: one per family shape the kernel covers
 WIDE = {

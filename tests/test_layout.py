@@ -1,4 +1,4 @@
-"""Tests of routereplay.layout: every conversion against its inverse, plus hand-checked layouts.
+"""Tests of routereplay.core.layout: every conversion against its inverse, plus hand-checked layouts.
 
 Legend: T tokens (rows), L MoE layers, K top-k slots, B sequences, S padded length, E experts.
 """
@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routereplay import RoutingTrace
-from routereplay import layout as lo
-from routereplay.errors import ExpertIdError, LayoutError
+from routereplay.core import layout as lo
+from routereplay.core.errors import ExpertIdError, LayoutError
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # 8 and 64 experts store as uint8, 300 as int16, 40000 as int32.
@@ -77,7 +77,7 @@ def owns_memory(x: torch.Tensor | None) -> bool:
 @SETTINGS
 @given(runs=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 6)), max_size=8))
 def test_index_ranges_and_boundaries(runs):
-    from routereplay.index import cu_seqlens_of, ranges
+    from routereplay.core.index import cu_seqlens_of, ranges
 
     starts_G = torch.tensor([s for s, _ in runs], dtype=torch.int64)
     lens_G = torch.tensor([n for _, n in runs], dtype=torch.int64)

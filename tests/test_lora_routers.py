@@ -33,8 +33,8 @@ from torch.nn.utils import parametrize
 
 import routereplay
 from routereplay.adapters import hf, hf_specs
-from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
-from routereplay.rl import DispatchTap
+from routereplay.core.errors import UnsupportedModelError, UnsupportedRouterError
+from routereplay.rl.store import DispatchTap
 
 FAMILIES = ["qwen3_moe", "olmoe", "deepseek_v3"]
 B, S = 2, 6

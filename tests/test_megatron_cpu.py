@@ -19,8 +19,8 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 from routereplay import parallel
 from routereplay.adapters import megatron as mga
-from routereplay.errors import NoMoELayersError, UnsupportedModelError, UnsupportedRouterError
-from routereplay.routing import route
+from routereplay.core.errors import NoMoELayersError, UnsupportedModelError, UnsupportedRouterError
+from routereplay.core.routing import route
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -487,8 +487,8 @@ def test_dispatch_tap_and_disagreement_work_on_a_megatron_model(mcore):
     router handed its experts, so TRL's / verl's disagreement metric reads 0 under replay and sees
     live routing's drift, on Megatron as on HF."""
     import routereplay
-    from routereplay.metrics import routing_agreement
-    from routereplay.rl import DispatchTap
+    from routereplay.rl.metrics import routing_agreement
+    from routereplay.rl.store import DispatchTap
 
     model = _gpt(_config())
     routers = [r for _, r in _routers(model)]

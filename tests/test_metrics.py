@@ -1,4 +1,4 @@
-"""routereplay.metrics: hand-computed examples, a brute-force reference, and pinned errors.
+"""routereplay.rl.metrics: hand-computed examples, a brute-force reference, and pinned errors.
 
 Legend: T tokens, L layers, K top-k slots.
 """
@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routereplay.errors import MetricInputError, TraceMismatchError
-from routereplay.metrics import logprob_mismatch, routing_agreement
-from routereplay.trace import RoutingTrace
+from routereplay.core.errors import MetricInputError, TraceMismatchError
+from routereplay.core.trace import RoutingTrace
+from routereplay.rl.metrics import logprob_mismatch, routing_agreement
 
 # --- routing agreement ----------------------------------------------------------------------
 # Three tokens, two layers, k=2. Per (t, l) comment: exact-set m, |A∩B|, top-1, ordered.
@@ -132,7 +132,7 @@ def test_routing_agreement_matches_brute_force(pair):
 
 
 def test_routing_agreement_chunks_large_inputs(monkeypatch):
-    from routereplay import metrics
+    from routereplay.rl import metrics
 
     a, b = A_TLK.repeat(5, 1, 1), B_TLK.repeat(5, 1, 1)
     whole = routing_agreement(a, b).to_dict()

@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("transformers", reason="the replay runs on the built-in HF model (pip install 'routereplay[hf]')")
 
 import routereplay
-from routereplay.check import TINY_SIZE, build_default_model
-from routereplay.errors import MissingRoutesError
-from routereplay.layout import engine_to_training
-from routereplay.rl import RouteStore
-from routereplay.trace import RoutingTrace
+from routereplay.cli.check import TINY_SIZE, build_default_model
+from routereplay.core.errors import MissingRoutesError
+from routereplay.core.layout import engine_to_training
+from routereplay.core.trace import RoutingTrace
+from routereplay.rl.store import RouteStore
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_engine_trace_names_route_store(setup):
         _replay(model, handle, trace, ids, mask)
     assert str(e.value) == (
         "2 sequence(s) have no route for their last token, the first at row 4 (sequence 0): an inference engine "
-        "never forwards a sample's last token, and routereplay.layout.engine_to_training leaves its row invalid; "
+        "never forwards a sample's last token, and routereplay.core.layout.engine_to_training leaves its row invalid; "
         "replay it with routereplay.rl.RouteStore(handle, trace).replay(sample_ids, attention_mask=...), which "
         "routes only those last tokens live and raises on any other gap"
     )

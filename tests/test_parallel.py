@@ -7,10 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routereplay import layout as lay
 from routereplay import parallel as par
-from routereplay.errors import LayerMismatchError, LayoutError
-from routereplay.trace import RoutingTrace
+from routereplay.core import layout as lay
+from routereplay.core.errors import LayerMismatchError, LayoutError
+from routereplay.core.trace import RoutingTrace
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

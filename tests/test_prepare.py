@@ -23,11 +23,11 @@ pytest.importorskip("transformers")
 from test_session import batch, random_trace, record, tiny_qwen3_moe
 
 import routereplay
-from routereplay import layout
-from routereplay.errors import LayoutError, MissingRoutesError, ReplayError, RouterSpecError
-from routereplay.replay import PreparedTrace
-from routereplay.rl import RouteStore
-from routereplay.trace import RoutingTrace
+from routereplay.core import layout
+from routereplay.core.errors import LayoutError, MissingRoutesError, ReplayError, RouterSpecError
+from routereplay.core.trace import RoutingTrace
+from routereplay.rl.store import RouteStore
+from routereplay.runtime.replay import PreparedTrace
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from test_session import E, batch, random_trace, tiny_qwen3_moe
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import routereplay
-from routereplay.errors import RecomputeMismatchError
+from routereplay.core.errors import RecomputeMismatchError
 
 
 class FunctionCheckpoint(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""Generation capture (routereplay.rollout) and the R3 / R2 trainer helpers (routereplay.rl).
+"""Generation capture (routereplay.rl.rollout) and the R3 / R2 trainer helpers (routereplay.rl).
 
 The alignment tests run the models in float64 so that a KV-cached decode step and a full
 training forward compute the same router scores up to ~1e-16: the captured routes must then be
@@ -20,9 +20,15 @@ pytest.importorskip("transformers", reason="generation capture tests need transf
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from routereplay import attach
-from routereplay.errors import EosMismatchError, GenerationCaptureError, LayoutError, MissingRoutesError, ReplayError
-from routereplay.metrics import routing_agreement
-from routereplay.rl import DispatchTap, RouteStore, token_logprobs
+from routereplay.core.errors import (
+    EosMismatchError,
+    GenerationCaptureError,
+    LayoutError,
+    MissingRoutesError,
+    ReplayError,
+)
+from routereplay.rl.metrics import routing_agreement
+from routereplay.rl.store import DispatchTap, RouteStore, token_logprobs
 
 EOS, PAD = 1, 0
 # Several end-of-sequence ids make EOS frequent enough on a random model (generate accepts a list).

@@ -1,4 +1,4 @@
-"""routereplay.routing: live routing, replay with forced ids, validation, Megatron parity.
+"""routereplay.core.routing: live routing, replay with forced ids, validation, Megatron parity.
 
 Legend: T tokens, E logits per token, K top-k, G expert groups.
 """
@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routereplay.errors import RouterSpecError
-from routereplay.routing import RouterSpec, mask_zero_experts, route
+from routereplay.core.errors import RouterSpecError
+from routereplay.core.routing import RouterSpec, mask_zero_experts, route
 
 
 # --- independent helpers (also used by test_hf_specs) ----------------------------------------

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import routereplay.io as rio
-from routereplay.errors import LayoutError, MissingRoutesError, TraceMismatchError
+import routereplay.core.io as rio
+from routereplay.core.errors import LayoutError, MissingRoutesError, TraceMismatchError
+from routereplay.core.trace import RoutingTrace
 from routereplay.formats import RouteAccumulator
-from routereplay.rl import RouteStore
-from routereplay.trace import RoutingTrace
+from routereplay.rl.store import RouteStore
 
 L, K, E = 4, 2, 16
 
@@ -292,7 +292,7 @@ def test_from_verl_gathers_and_narrows_in_one_pass():
 )
 def test_select_sequences_paths_agree(lens, pick, valid, gates):
     """select_sequences copies slices for long sequences and gathers rows for short ones: same result."""
-    import routereplay.trace as rt
+    import routereplay.core.trace as rt
 
     trace = _trace(lens, valid=valid)
     if gates:
@@ -339,7 +339,7 @@ def test_host_prepare_checks_ids_without_wide_copies():
         # a repeated id is still found, and named, by the full check
         bad = trace.experts.clone()
         bad[700, 1, 1] = bad[700, 1, 0]
-        from routereplay.errors import RouterSpecError
+        from routereplay.core.errors import RouterSpecError
 
         msg = (
             r"layer 2 \(model.layers.2.mlp.gate\): forced_TK row 700 holds expert ids \[(\d+), \1\]: an expert "

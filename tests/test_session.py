@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 transformers = pytest.importorskip("transformers")
 
 import routereplay
-from routereplay.errors import (
+from routereplay.core.errors import (
     AlreadyAttachedError,
     BatchShapeMismatchError,
     LayerMismatchError,
@@ -30,7 +30,7 @@ from routereplay.errors import (
     UnconsumedTraceError,
     UnsupportedModelError,
 )
-from routereplay.trace import RoutingTrace
+from routereplay.core.trace import RoutingTrace
 
 E, K, VOCAB = 8, 2, 64
 MOE_LAYERS = (1, 2, 3)  # layer 0 is dense (mlp_only_layers)
@@ -504,7 +504,7 @@ def test_engine_capture_row_count_hint(handle, model):
     with (
         pytest.raises(
             TokenCountMismatchError,
-            match=r"router saw 12 rows but the trace has 10 tokens; if the batch is padded, pass attention_mask.*; or the trace has exactly one row fewer per sequence \(2 sequences\).*routereplay.layout",
+            match=r"router saw 12 rows but the trace has 10 tokens; if the batch is padded, pass attention_mask.*; or the trace has exactly one row fewer per sequence \(2 sequences\).*routereplay.core.layout",
         ),
         handle.replay(engine),
     ):

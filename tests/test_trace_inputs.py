@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from routereplay import RoutingTrace
-from routereplay.errors import DuplicateExpertError, ExpertIdError, NumExpertsError, TraceShapeError
-from routereplay.trace import MAX_NUM_EXPERTS, expert_dtype
+from routereplay.core.errors import DuplicateExpertError, ExpertIdError, NumExpertsError, TraceShapeError
+from routereplay.core.trace import MAX_NUM_EXPERTS, expert_dtype
 
 
 def _trace(*, T=12, L=3, K=2, E=40, valid=True, gates=True, seed=0) -> RoutingTrace:

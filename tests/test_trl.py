@@ -24,10 +24,10 @@ from transformers import PreTrainedTokenizerFast
 from trl import GRPOConfig
 
 from routereplay import attach
-from routereplay.check import TINY_SIZE, build_default_model
-from routereplay.errors import IntegrationError
+from routereplay.cli.check import TINY_SIZE, build_default_model
+from routereplay.core.errors import IntegrationError
 from routereplay.integrations.trl import GRPOTrainer
-from routereplay.metrics import routing_agreement
+from routereplay.rl.metrics import routing_agreement
 
 TEMPERATURE = 0.9
 
@@ -265,7 +265,7 @@ def test_measure_logs_the_mismatch_r3_removes_and_trains_as_plain_trl(tmp_path):
 
 @pytest.mark.parametrize("mode", ["R3", "R2"])
 def test_captured_routes_are_exported_as_rrt(tmp_path, mode):
-    from routereplay import io
+    from routereplay.core import io
 
     trainer = _trainer(tmp_path, mode, router_replay_export_dir=tmp_path / "routes")
     trainer.train()

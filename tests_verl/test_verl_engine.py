@@ -24,14 +24,14 @@ from verl_cpu import (
 )
 
 import routereplay
-from routereplay.errors import (
+from routereplay.core.errors import (
     EngineFormatError,
     IntegrationError,
     MissingRoutesError,
     TokenCountMismatchError,
 )
 from routereplay.integrations.verl import RouteReplayFSDPEngine, routes_to_trace
-from routereplay.rl import DispatchTap
+from routereplay.rl.store import DispatchTap
 
 PROMPTS, RESPONSES = [3, 5, 6, 2], [4, 7, 2, 5]
 

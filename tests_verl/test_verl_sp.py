@@ -42,9 +42,9 @@ def _check_rank(rank: int, model_dir: str, V) -> None:
 
     from verl.utils.ulysses import ulysses_pad_and_slice_inputs
 
-    from routereplay.layout import split_sp
-    from routereplay.rl import DispatchTap
-    from routereplay.trace import RoutingTrace
+    from routereplay.core.layout import split_sp
+    from routereplay.core.trace import RoutingTrace
+    from routereplay.rl.store import DispatchTap
 
     # R3: the rank's routers receive verl's slice of the rollout routes
     eng = V.make_engine(model_dir, mode="R3", sp=2, grad_ckpt=True)

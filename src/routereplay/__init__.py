@@ -4,17 +4,25 @@
     with handle.record() as rec: model(**batch)
     with handle.replay(rec.trace()): model(**batch).loss.backward()
 
+The layers, bottom up: ``core`` (trace, file, layouts, routing math, errors), ``kernels``,
+``formats`` (engine payloads), ``runtime`` (attach, the handle, record / replay, recompute),
+``adapters`` (HF transformers, Megatron-Core), ``rl`` (RouteStore, capture in generate,
+metrics), ``parallel`` (rank slicing, collectives), ``cli``, and ``integrations`` (TRL, verl).
 Integrations (transformers, megatron-core, ...) are imported only when a model of theirs is attached.
 """
 
-from routereplay import errors
-from routereplay.attach import attach
-from routereplay.io import load, save
-from routereplay.replay import PreparedTrace
-from routereplay.routing import RouterSpec, route
-from routereplay.seam import MoELayer
-from routereplay.session import RouterHandle
-from routereplay.trace import RoutingTrace
+from routereplay import _compat
+from routereplay.core import errors
+from routereplay.core.io import load, save
+from routereplay.core.routing import RouterSpec, route
+from routereplay.core.trace import RoutingTrace
+from routereplay.core.version import __version__
+from routereplay.runtime.attach import attach
+from routereplay.runtime.replay import PreparedTrace
+from routereplay.runtime.seam import MoELayer
+from routereplay.runtime.session import RouterHandle
+
+_compat.install()
 
 __all__ = [
     "MoELayer",
@@ -22,10 +30,10 @@ __all__ = [
     "RouterHandle",
     "RouterSpec",
     "RoutingTrace",
+    "__version__",
     "attach",
     "errors",
     "load",
     "route",
     "save",
 ]
-__version__ = "0.1.0"

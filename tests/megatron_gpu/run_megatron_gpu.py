@@ -259,15 +259,15 @@ class DenseStage:
 
 
 def attach(chunks: list):
-    """``routereplay.attach`` on this rank's model (the chunk list under VPP). Without an installed
+    """``routereplay.runtime.attach`` on this rank's model (the chunk list under VPP). Without an installed
     routereplay (PYTHONPATH=src on the lent machine) the entry points are absent: name the adapter.
     A stage without MoE layers gets a :class:`DenseStage`."""
     import routereplay
     from routereplay.adapters import megatron as mga
-    from routereplay.errors import NoMoELayersError
+    from routereplay.core.errors import NoMoELayersError
 
     model = chunks if len(chunks) > 1 else chunks[0]
-    registered = [n for n, _ in importlib.import_module("routereplay.attach").adapters()]
+    registered = [n for n, _ in importlib.import_module("routereplay.runtime.attach").adapters()]
     try:
         return routereplay.attach(model) if "megatron" in registered else routereplay.attach(model, adapter=mga)
     except NoMoELayersError as e:
@@ -277,7 +277,7 @@ def attach(chunks: list):
 
 def traces_of(rec, handle) -> list:
     """One RoutingTrace (router rows) per recorded forward."""
-    from routereplay.trace import RoutingTrace
+    from routereplay.core.trace import RoutingTrace
 
     out = []
     for ids_NLK in rec.calls:
@@ -420,8 +420,8 @@ def check_e(cfg, num_mb: int) -> dict:
     from megatron.core import parallel_state as ps
 
     from routereplay import parallel
+    from routereplay.core.trace import RoutingTrace
     from routereplay.formats import vllm
-    from routereplay.trace import RoutingTrace
 
     chunks = build(cfg)
     mbs = batches(num_mb, seed=4)
@@ -499,7 +499,7 @@ def check_f(cfg, num_mb: int) -> dict:
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
     from routereplay import parallel
-    from routereplay.trace import RoutingTrace
+    from routereplay.core.trace import RoutingTrace
 
     RouterReplay.clear_global_router_replay_instances()
     chunks = build(cfg, replay=True)

@@ -6,7 +6,7 @@ How routers are found: every transformers model class declares the class whose o
 ``router_logits`` in ``_can_record_outputs`` (an ``OutputRecorder`` target). Every instance of a
 declared class is a router; its global decoder-layer id is the ``layers.{i}`` / ``blocks.{i}``
 index in its module path, so dense layers keep their numbers (DeepSeek's first MoE layer after
-three dense ones is layer 3). The weights are recomputed by ``routereplay.routing.route`` with the
+three dense ones is layer 3). The weights are recomputed by ``routereplay.core.routing.route`` with the
 ``RouterSpec`` that ``adapters.hf_specs`` builds for the router.
 
 Seams (all on module *instances*, removed by ``handle.detach()``):
@@ -66,10 +66,10 @@ from typing import Any
 
 import torch
 
-from routereplay import routing
 from routereplay.adapters import hf_specs
-from routereplay.errors import UnsupportedModelError, UnsupportedRouterError
-from routereplay.seam import Discovery, MoELayer, RouterCalls
+from routereplay.core import routing
+from routereplay.core.errors import UnsupportedModelError, UnsupportedRouterError
+from routereplay.runtime.seam import Discovery, MoELayer, RouterCalls
 
 __all__ = ["NAME", "REFUSED", "base_module", "claims", "discover", "find_routers", "install", "layer_id_of"]
 

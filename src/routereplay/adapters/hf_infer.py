@@ -2,7 +2,7 @@
 
 A transformers MoE router returns ``(router_logits_NE, weights_NK, ids_NK)``. When its class has
 no hand-written entry in :mod:`routereplay.adapters.hf_specs`, :func:`infer` searches the
-:class:`~routereplay.routing.RouterSpec` space for a spec whose :func:`~routereplay.routing.route`
+:class:`~routereplay.core.routing.RouterSpec` space for a spec whose :func:`~routereplay.core.routing.route`
 gives the router's own ids and weights **bit for bit**, and accepts it only then:
 
 1. **Probes.** The router's own ``forward`` runs on a battery of inputs, each in every dtype
@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from routereplay.errors import RouterSpecError, UnsupportedRouterError
-from routereplay.routing import RouterSpec, route
+from routereplay.core.errors import RouterSpecError, UnsupportedRouterError
+from routereplay.core.routing import RouterSpec, route
 
 __all__ = ["InferredRouter", "cache_clear", "infer", "non_default_fields", "tensor_at", "verify"]
 

@@ -1,8 +1,8 @@
 """RouterSpec of every HuggingFace transformers (5.x) MoE router, read off the router module.
 
-:func:`spec_for_router` maps a router module to the :class:`~routereplay.routing.RouterSpec` that
+:func:`spec_for_router` maps a router module to the :class:`~routereplay.core.routing.RouterSpec` that
 reproduces its ``(weights_TK, experts_TK)`` bit for bit; :func:`selection_bias` and
-:func:`expert_scale` return the tensors :func:`~routereplay.routing.route` needs beside the
+:func:`expert_scale` return the tensors :func:`~routereplay.core.routing.route` needs beside the
 logits. Dispatch is on the router's exact class (each family defines its own class, and classes
 with the same name share one implementation; a parametrized router, e.g. under PEFT's LoRA on its
 weight, counts as its original class: :func:`router_class`), and every number is read from the
@@ -25,14 +25,14 @@ and what the caller must know:
   experts are zero-computation experts and keep their weight.
 * ``zaya``: one extra logit, the skip class, and a fourth output (router state for the next
   layer). The router turns a pick of the skip class into id 0 with weight 0
-  (``zero_expert_mode="mask"``, see :func:`routereplay.routing.mask_zero_experts`).
+  (``zero_expert_mode="mask"``, see :func:`routereplay.core.routing.mask_zero_experts`).
 * ``afmoe``, ``hy_v3``, ``minimax_m2``, ``lfm2_moe``: the selection bias is a forward argument
   given by the MoE block, so :func:`selection_bias` needs the call's arguments.
 * ``granitemoe*``, ``jetmoe``, ``jamba``, ``cohere2_moe``, ``laguna``, ``lara_mini``, ERNIE: the
   weights are cast to the router input's dtype (``weights_dtype="input"``): pass
   ``out_dtype=hidden_states.dtype`` to ``route``.
 
-Refused with :class:`~routereplay.errors.UnsupportedRouterError` (the message says why):
+Refused with :class:`~routereplay.core.errors.UnsupportedRouterError` (the message says why):
 DeepSeek-V4 hash-routed layers, DOGE, the ERNIE-VL modality-split MoE block (its two gates are
 supported), Inkling v1, NLLB-MoE, SwitchTransformers, PhiMoE.
 """
@@ -49,8 +49,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from routereplay.adapters import hf_infer
-from routereplay.errors import RouterSpecError, UnsupportedRouterError
-from routereplay.routing import RouterSpec
+from routereplay.core.errors import RouterSpecError, UnsupportedRouterError
+from routereplay.core.routing import RouterSpec
 
 __all__ = [
     "FAMILY_SEAMS",
@@ -650,7 +650,7 @@ def spec_for_router(router: nn.Module, config: Any, *, infer: bool = True) -> Ro
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RouterMath:
-    """What :func:`routereplay.routing.route` needs from one router: its spec, and where each call's
+    """What :func:`routereplay.core.routing.route` needs from one router: its spec, and where each call's
     selection bias and per-expert scale come from.
 
     Attributes:

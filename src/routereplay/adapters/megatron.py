@@ -1,7 +1,7 @@
 """Megatron-Core adapter: replay at the top-k of every ``TopKRouter`` instance.
 
 Importing this module is the opt-in to megatron-core (``pip install 'routereplay[megatron]'``);
-it is written for megatron-core 0.16.1 to 0.19.x and implements :class:`routereplay.seam.Adapter`.
+it is written for megatron-core 0.16.1 to 0.19.x and implements :class:`routereplay.runtime.seam.Adapter`.
 
 The seam. ``TopKRouter.routing`` hands its ``router_replay`` attribute to
 ``topk_routing_with_score_function``, which asks ``router_replay.get_replay_topk(scores, ...)`` for
@@ -62,9 +62,9 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import NoMoELayersError, UnsupportedModelError, UnsupportedRouterError
-from routereplay.routing import RouterSpec
-from routereplay.seam import Discovery, MoELayer, RouterCalls
+from routereplay.core.errors import NoMoELayersError, UnsupportedModelError, UnsupportedRouterError
+from routereplay.core.routing import RouterSpec
+from routereplay.runtime.seam import Discovery, MoELayer, RouterCalls
 
 __all__ = ["NAME", "claims", "discover", "install", "megatron_version", "router_layer_id", "router_spec"]
 
@@ -283,7 +283,7 @@ def discover(model: Any, **options: Any) -> Discovery:
             raise NoMoELayersError(
                 f"{what}: this pipeline stage holds no MoE layer (its layers are dense; the model has "
                 f"{max(e for e in experts if e)} experts elsewhere): routereplay has nothing to record or replay on "
-                "this rank; skip attach here (catch routereplay.errors.NoMoELayersError) and run this stage's "
+                "this rank; skip attach here (catch routereplay.core.errors.NoMoELayersError) and run this stage's "
                 "forwards as they are, the MoE stages replay their own slice (routereplay.parallel.slice_for_rank)"
             )
         raise UnsupportedModelError(

@@ -22,7 +22,7 @@ from importlib import resources
 
 import torch
 
-from routereplay.errors import RouteReplayError
+from routereplay.core.errors import RouteReplayError
 
 __all__ = [
     "TRAINED_FILES",

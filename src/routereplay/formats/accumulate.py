@@ -35,11 +35,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from routereplay.errors import EngineFormatError, RouteContinuityError
+from routereplay.core.errors import EngineFormatError, RouteContinuityError
+from routereplay.core.trace import RoutingTrace, expert_dtype
 from routereplay.formats.common import Rows, _assemble, _check_rows, _finish, _to_rows
 from routereplay.formats.sglang import _meta_info, _new_rows
 from routereplay.formats.vllm import decode_vllm_payload
-from routereplay.trace import RoutingTrace, expert_dtype
 
 __all__ = ["RouteAccumulator"]
 

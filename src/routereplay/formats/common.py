@@ -12,9 +12,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from routereplay.errors import EngineFormatError, ZeroRoutesError
-from routereplay.layout import engine_to_training, training_to_engine
-from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
+from routereplay.core.errors import EngineFormatError, ZeroRoutesError
+from routereplay.core.layout import engine_to_training, training_to_engine
+from routereplay.core.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
 
 Rows = Literal["engine", "training"]
 
@@ -416,7 +416,7 @@ def _nonzero_slots(experts_NLK: torch.Tensor) -> torch.Tensor:
 
 # --- row conventions (engine: T-1 rows per sequence; training: T rows, last invalid) -----------
 def _to_rows(trace: RoutingTrace, rows: Rows, have: Rows) -> RoutingTrace:
-    """Convert a trace holding ``have`` rows to ``rows`` (routereplay.layout does the work).
+    """Convert a trace holding ``have`` rows to ``rows`` (routereplay.core.layout does the work).
 
     Training -> engine drops each sequence's last row even when it holds a route: the caller asked
     for the engine convention, which has no row for a sequence's last token.

@@ -15,7 +15,7 @@ core 0.16.1):
   of sequence ``b`` (``order="sbhd"``); with packed THD input (batch 1) the rows are the packed
   tokens in order (``order="thd"``). Every token is routed, the last one of a sequence included
   (training rows). Sequence / context parallelism shard these rows per rank: build the rank's trace
-  with :mod:`routereplay.layout` first.
+  with :mod:`routereplay.core.layout` first.
 * Router ``layer_number`` is the 1-based global decoder-layer number; this module's layer ids are
   0-based (``layer_number - 1``), matching the rest of routereplay.
 
@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 import torch
 
-from routereplay.errors import EngineFormatError, LayerMismatchError
+from routereplay.core.errors import EngineFormatError, LayerMismatchError
+from routereplay.core.trace import RoutingTrace
 from routereplay.formats.common import Rows, _finish, _seq_ids, _to_rows
-from routereplay.trace import RoutingTrace
 
 __all__ = ["from_megatron", "megatron_router_layer_ids", "to_megatron"]
 

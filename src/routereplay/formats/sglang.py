@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from routereplay.errors import EngineFormatError, RetractedRoutesError, TraceMismatchError
+from routereplay.core.errors import EngineFormatError, RetractedRoutesError, TraceMismatchError
+from routereplay.core.trace import RoutingTrace
 from routereplay.formats.common import (
     Rows,
     _assemble,
@@ -53,7 +54,6 @@ from routereplay.formats.common import (
     _to_rows,
 )
 from routereplay.formats.vllm import _payload_array
-from routereplay.trace import RoutingTrace
 
 __all__ = ["decode_sglang_payload", "extend_sglang", "from_sglang", "to_sglang"]
 

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from routereplay.errors import EngineFormatError
+from routereplay.core.errors import EngineFormatError
+from routereplay.core.trace import RoutingTrace, expert_dtype
 from routereplay.formats.common import (
     Rows,
     _as_tensor,
@@ -47,7 +48,6 @@ from routereplay.formats.common import (
     _seq_ids,
     _to_rows,
 )
-from routereplay.trace import RoutingTrace, expert_dtype
 
 __all__ = ["from_verl", "from_verl_unpadded", "to_verl", "to_verl_unpadded"]
 

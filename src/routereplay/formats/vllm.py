@@ -57,7 +57,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from routereplay.errors import EngineFormatError
+from routereplay.core.errors import EngineFormatError
+from routereplay.core.trace import RoutingTrace
 from routereplay.formats.common import (
     Rows,
     _assemble,
@@ -69,7 +70,6 @@ from routereplay.formats.common import (
     _int_array,
     _to_rows,
 )
-from routereplay.trace import RoutingTrace
 
 __all__ = ["decode_vllm_payload", "from_vllm", "from_vllm_outputs", "to_vllm"]
 

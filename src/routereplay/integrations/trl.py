@@ -28,7 +28,7 @@ run live silently: every replay block checks that exactly its forwards consumed 
 
 ``router_replay_export_dir``: each generation batch's routes (the rollout's for R3 and
 ``"measure"``, the old-policy pass's for R2) are written there as a ``.rrt`` file
-(``routereplay.io``), ``routes_gen{generation:06d}_rank{process:03d}.rrt``: one sequence per sample
+(``routereplay.core.io``), ``routes_gen{generation:06d}_rank{process:03d}.rrt``: one sequence per sample
 of this process, in the order of TRL's generation batch, all prompt + completion tokens, training
 rows (row ``t`` = the route of token ``t``; an R3 sample's last row has no route, ``valid`` False);
 ``meta`` holds ``source=trl``, the mode, the generation serial, TRL's ``global_step`` and the
@@ -67,7 +67,7 @@ converted by :meth:`GRPOTrainer.routes_from_rollout` (override it for another en
 * ``router_replay/coverage`` (R3, R2): replayed routes / (real tokens x MoE layers); below 1 only by
   each sample's last token, which has no recorded route (its logits never enter the loss).
 * ``router_replay/k3``: ``mean(exp(delta) - 1 - delta)``, ``delta = logp_train - logp_rollout`` over
-  completion tokens (``routereplay.metrics.logprob_mismatch``), when rollout log-probs exist (R3 and
+  completion tokens (``routereplay.rl.metrics.logprob_mismatch``), when rollout log-probs exist (R3 and
   ``"measure"`` with local generation, or TRL's ``sampling_per_token_logps`` from vLLM / a
   ``rollout_func``).
 * ``router_replay/k3_old``: the same with ``delta = logp_train - logp_old``, against TRL's
@@ -111,7 +111,7 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import BatchMismatchError, IntegrationError, ReplayVerificationError
+from routereplay.core.errors import BatchMismatchError, IntegrationError, ReplayVerificationError
 
 if importlib.util.find_spec("trl") is None:
     raise ImportError("routereplay.integrations.trl needs trl: pip install 'routereplay[trl]'")
@@ -126,11 +126,11 @@ if not MIN_TRL <= Version(trl.__version__) < MAX_TRL:
         "pip install 'routereplay[trl]'"
     )
 
-from routereplay.index import ranges
-from routereplay.layout import engine_to_training
-from routereplay.metrics import logprob_mismatch, routing_agreement
-from routereplay.rl import DispatchTap, RouteStore
-from routereplay.trace import RoutingTrace
+from routereplay.core.index import ranges
+from routereplay.core.layout import engine_to_training
+from routereplay.core.trace import RoutingTrace
+from routereplay.rl.metrics import logprob_mismatch, routing_agreement
+from routereplay.rl.store import DispatchTap, RouteStore
 
 __all__ = ["GRPOTrainer"]
 
@@ -650,7 +650,7 @@ class GRPOTrainer(trl.GRPOTrainer):
     # --- export -------------------------------------------------------------------------------
     def _rr_export(self, batch: _Batch) -> None:
         """Write a generation batch's routes to ``router_replay_export_dir`` as a ``.rrt`` file."""
-        from routereplay.io import save
+        from routereplay.core.io import save
 
         trace = batch.store.trace(torch.arange(len(batch.tokens)))
         meta = {

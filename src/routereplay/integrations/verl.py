@@ -30,7 +30,7 @@ Layouts handled per micro-batch, in verl's own order: dynamic batch sizes (the r
 the micro-batch's TensorDict, so verl's reordering moves them with their samples), the
 remove-padding path (packed ``[1, T]`` rows, plus verl's ``pad_to_length`` bucket padding), the
 padded path (``[B, S]``, right padding), Ulysses sequence parallel (each rank replays
-:func:`routereplay.layout.split_sp` of the packed trace: verl's ``ulysses_pad_and_slice_inputs``
+:func:`routereplay.core.layout.split_sp` of the packed trace: verl's ``ulysses_pad_and_slice_inputs``
 pads the same way and gives rank ``r`` the same contiguous slice), gradient checkpointing (the
 recompute in backward replays the ids its forward used).
 
@@ -79,16 +79,16 @@ from verl.workers.engine.base import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 import routereplay
-from routereplay.errors import (
+from routereplay.core.errors import (
     EngineFormatError,
     IntegrationError,
     MissingRoutesError,
     ReplayVerificationError,
     TokenCountMismatchError,
 )
-from routereplay.layout import split_sp
-from routereplay.rl import DispatchTap
-from routereplay.trace import RoutingTrace
+from routereplay.core.layout import split_sp
+from routereplay.core.trace import RoutingTrace
+from routereplay.rl.store import DispatchTap
 
 __all__ = ["ROUTES_KEY", "RouteReplayFSDPEngine", "routes_to_trace"]
 

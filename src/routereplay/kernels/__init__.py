@@ -18,8 +18,8 @@ and the ids identical, for every spec it covers (0 ulp); the backward matches ``
 autograd within a relative 1e-6 (float32) / 2e-2 (bfloat16). Under Triton's CPU interpreter (CI)
 the forward is within 4 ulp of the logits dtype (NumPy's exp, torch's CPU reduction orders).
 
-Only some :class:`~routereplay.routing.RouterSpec` variants are covered. Callers ask first and use
-:func:`routereplay.routing.route` (the reference path) for the rest; the kernel never falls back on
+Only some :class:`~routereplay.core.routing.RouterSpec` variants are covered. Callers ask first and use
+:func:`routereplay.core.routing.route` (the reference path) for the rest; the kernel never falls back on
 its own::
 
     if kernels.unsupported_reason(spec, logits_dtype=logits_TE.dtype, device=logits_TE.device) is None:
@@ -36,8 +36,8 @@ import importlib.util
 
 import torch
 
+from routereplay.core.routing import RouterSpec
 from routereplay.kernels.coverage import INSTALL_HINT, interpreting, supports, ulp_bound, unsupported_reason
-from routereplay.routing import RouterSpec
 
 __all__ = [
     "INSTALL_HINT",
@@ -124,7 +124,7 @@ def route_forced_fused(
         where: prefix for error messages.
 
     Returns:
-        ``(weights_TK, experts_TK)`` as :func:`routereplay.routing.route` returns them: weights
+        ``(weights_TK, experts_TK)`` as :func:`routereplay.core.routing.route` returns them: weights
         differentiable w.r.t. ``logits_TE`` (and ``expert_scale_E``), int64 ids.
 
     Raises:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from routereplay.errors import RouterSpecError
-from routereplay.routing import RouterSpec
+from routereplay.core.errors import RouterSpecError
+from routereplay.core.routing import RouterSpec
 
 __all__ = [
     "INSTALL_HINT",
@@ -105,7 +105,7 @@ def cuda_sum_halves_lanes() -> bool:
 
 def ulp_bound(spec: RouterSpec, logits_dtype: torch.dtype) -> int:
     """What the fused kernel promises on CUDA: the largest distance, in ulp of the weights' dtype,
-    between its forward weights and :func:`routereplay.routing.route`'s on the same device.
+    between its forward weights and :func:`routereplay.core.routing.route`'s on the same device.
 
     0 for every spec the kernel covers: it performs the float operations ``route`` performs on
     CUDA, in the same order and with the same roundings (``routereplay.kernels.device`` says how),

@@ -3,7 +3,7 @@
 The constants they specialise on come from :mod:`routereplay.kernels.plan`; the host side that
 checks, allocates and launches is :mod:`routereplay.kernels.replay_triton`.
 
-The forward kernel follows :func:`routereplay.routing.route`'s pipeline after the selection, in
+The forward kernel follows :func:`routereplay.core.routing.route`'s pipeline after the selection, in
 the same order and with the same roundings (every dtype cast of the reference is a rounding here,
 ``_round``)::
 

@@ -1,6 +1,6 @@
 """What the fused replay kernels specialise on, for one (spec, dtypes, device kind): the plan.
 
-:func:`plan_for` turns a :class:`~routereplay.routing.RouterSpec` and the dtypes of a call into the
+:func:`plan_for` turns a :class:`~routereplay.core.routing.RouterSpec` and the dtypes of a call into the
 kernels' constexprs (:class:`ReplayPlan`): the dtype each step rounds to, the score function, the
 renormalisation, the scaling, and the lane layout of the reductions (see
 :mod:`routereplay.kernels.device` for why they are what they are). :func:`block_rows` picks the rows
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from routereplay.core.routing import RouterSpec
 from routereplay.kernels.coverage import cuda_sum_halves_lanes, interpreting
-from routereplay.routing import RouterSpec
 
 __all__ = ["CODE", "SOFTMAX_E", "ReplayPlan", "block_rows", "compile_options", "plan_for"]
 

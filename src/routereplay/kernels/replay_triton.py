@@ -22,13 +22,13 @@ import functools
 
 import torch
 
-from routereplay import routing
-from routereplay.errors import RouterSpecError
+from routereplay.core import routing
+from routereplay.core.errors import RouterSpecError
+from routereplay.core.routing import RouterSpec, check_route_args
 from routereplay.kernels.coverage import unsupported_reason
 from routereplay.kernels.device import _replay_bwd, _replay_fwd
 from routereplay.kernels.launch import KeptLaunchers, direct_launch_ok, hooked, on_device
 from routereplay.kernels.plan import CODE, SOFTMAX_E, ReplayPlan, block_rows, compile_options, plan_for
-from routereplay.routing import RouterSpec, check_route_args
 
 __all__ = ["PreparedReplay", "ReplayPlan", "plan_for", "route_forced_fused"]
 

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 
 import torch
 
-from routereplay.errors import MetricInputError, TraceMismatchError
-from routereplay.trace import RoutingTrace
+from routereplay.core.errors import MetricInputError, TraceMismatchError
+from routereplay.core.trace import RoutingTrace
 
 __all__ = ["load_balancing_loss"]
 

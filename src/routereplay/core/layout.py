@@ -42,9 +42,9 @@ from typing import Literal, NamedTuple, overload
 
 import torch
 
-from routereplay.errors import LayoutError
-from routereplay.index import cu_seqlens_of, ranges
-from routereplay.trace import RoutingTrace, expert_dtype
+from routereplay.core.errors import LayoutError
+from routereplay.core.index import cu_seqlens_of, ranges
+from routereplay.core.trace import RoutingTrace, expert_dtype
 
 __all__ = [
     "PaddedRoutes",

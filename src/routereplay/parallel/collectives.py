@@ -24,7 +24,7 @@ follows the samples, by **sample id** (the index of the sample in the global bat
   gloo cannot all-gather bool or int16 tensors, and bytes are what the trace holds anyway.
   :func:`merge_routes` is the transport-free inverse of a split (gather = all-gather + merge).
 * **metrics**, reduced: :func:`global_routing_agreement` and :func:`global_logprob_mismatch` are
-  ``routereplay.metrics.routing_agreement`` / ``logprob_mismatch`` over the tokens of every rank
+  ``routereplay.rl.metrics.routing_agreement`` / ``logprob_mismatch`` over the tokens of every rank
   together (each rank passes its own tokens; every rank gets the global values).
 
 Samples that ``DistributedSampler`` repeats to even out the ranks (``drop_last=False``) are
@@ -48,10 +48,10 @@ from typing import Any
 
 import torch
 
-from routereplay import metrics
-from routereplay.errors import LayoutError, TraceMismatchError
-from routereplay.rl import RouteStore
-from routereplay.trace import RoutingTrace
+from routereplay.core.errors import LayoutError, TraceMismatchError
+from routereplay.core.trace import RoutingTrace
+from routereplay.rl import metrics
+from routereplay.rl.store import RouteStore
 
 __all__ = [
     "distributed_sample_ids",
@@ -370,7 +370,7 @@ def global_routing_agreement(
     *,
     group: Any = None,
 ) -> metrics.RoutingAgreement:
-    """``routereplay.metrics.routing_agreement`` over the tokens of every rank of ``group``.
+    """``routereplay.rl.metrics.routing_agreement`` over the tokens of every rank of ``group``.
 
     Collective. Each rank passes the two routings of its own tokens (and mask); every rank gets
     the values over all of them. Every field is a mean over the selected tokens, so the global
@@ -420,7 +420,7 @@ def global_logprob_mismatch(
     taus: Sequence[float] = metrics.DEFAULT_TAUS,
     group: Any = None,
 ) -> metrics.LogprobMismatch:
-    """``routereplay.metrics.logprob_mismatch`` over the sampled tokens of every rank of ``group``.
+    """``routereplay.rl.metrics.logprob_mismatch`` over the sampled tokens of every rank of ``group``.
 
     Collective. ``delta = logp_train - logp_infer`` as there. Means (k1, k2, k3, mean ``|delta|``,
     probability difference, ``F(tau)``) are token-weighted means of the ranks' values, the maximum

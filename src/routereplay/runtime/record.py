@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import AttentionMaskMismatchError, LayoutError, ReplayError
-from routereplay.recompute import Binding
-from routereplay.trace import RoutingTrace, expert_dtype
+from routereplay.core.errors import AttentionMaskMismatchError, LayoutError, ReplayError
+from routereplay.core.trace import RoutingTrace, expert_dtype
+from routereplay.runtime.recompute import Binding
 
 __all__ = ["Recording"]
 
@@ -193,7 +193,7 @@ class Recording:
             cu_seqlens=cu.to(experts_TLK.device),
             layer_ids=h.layer_ids,
             num_experts=h.num_experts,
-            meta={"source": "routereplay.record", "model": _model_name(h.model)},
+            meta={"source": "routereplay.runtime.record", "model": _model_name(h.model)},
         )
 
 
@@ -241,7 +241,7 @@ def _packed_lens(n: int, packed: tuple[str, torch.Tensor], N: int) -> torch.Tens
         return value.diff()
     if N == 0 or int(value[0]) != 0:
         # a slice of a longer packed row (sequence parallel): one sequence of N rows, as without
-        # positions; routereplay.layout.split_sp / gather_sp map it to the global layout
+        # positions; routereplay.core.layout.split_sp / gather_sp map it to the global layout
         return torch.tensor([N])
     starts_B = (value == 0).nonzero().reshape(-1)
     lens_B = torch.diff(starts_B, append=torch.tensor([N]))

@@ -16,9 +16,9 @@ What decides the rows a rank's router sees, in the order this module applies it:
          to a multiple of ``pad_to``; ``"sbhd"``: each sequence padded to ``seq_length`` and the
          router rows s-major (row ``s*B + b``), as Megatron flattens ``[S, B, H]``
     CP   each sequence cut in ``2*cp`` chunks (zigzag: rank r holds chunks r and 2cp-1-r) or ``cp``
-         chunks (contiguous), as :func:`routereplay.layout.shard_cp`
+         chunks (contiguous), as :func:`routereplay.core.layout.shard_cp`
     SP   with ``sequence_parallel``, TP rank t holds the t-th of tp equal slices of those rows
-         (:func:`routereplay.layout.split_sp`); without it every TP rank sees the same rows
+         (:func:`routereplay.core.layout.split_sp`); without it every TP rank sees the same rows
     EP, ETP  change nothing: a router runs before the token dispatch, on its rank's own rows, and
          ids stay global (logical) expert ids
     PP, VPP  change the layers, not the rows: a stage (or virtual chunk) keeps the layer ids it
@@ -45,9 +45,9 @@ from typing import Literal
 
 import torch
 
-from routereplay import io
-from routereplay.errors import LayerMismatchError, LayoutError
-from routereplay.trace import RoutingTrace
+from routereplay.core import io
+from routereplay.core.errors import LayerMismatchError, LayoutError
+from routereplay.core.trace import RoutingTrace
 
 __all__ = [
     "ParallelLayout",
@@ -329,7 +329,7 @@ def load_for_rank(
 ) -> list[RoutingTrace] | None:
     """:func:`slice_for_rank` of the trace in a ``.rrt`` file, reading only this rank's sequences.
 
-    From a chunked file (format 1.1, what ``routereplay.io.save`` writes for traces above one
+    From a chunked file (format 1.1, what ``routereplay.save`` writes for traces above one
     chunk, 4 MiB of ids) the rank reads the header, ``cu_seqlens`` and the chunks of rows that hold
     its sequences, each verified against its own checksum: about ``1/dp`` of the file. From an
     older file it reads and verifies the whole file.
@@ -337,7 +337,7 @@ def load_for_rank(
     Args:
         path: the global batch's trace in training rows, sequences in global sample order.
         layout, coords, layer_ids: as for :func:`slice_for_rank`.
-        validate: run the RoutingTrace checks on the rows read (``routereplay.io.load``).
+        validate: run the RoutingTrace checks on the rows read (``routereplay.core.io.load``).
 
     Returns:
         What :func:`slice_for_rank` returns for the whole trace.

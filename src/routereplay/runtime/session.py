@@ -11,10 +11,10 @@
 
 All state lives on the handle (no globals, no registries): two models attached in one process
 never see each other's routes. The adapter's interception calls the handle's :class:`RouterCalls`
-(``routereplay.seam``) on every router call; this module decides what the experts get:
+(``routereplay.runtime.seam``) on every router call; this module decides what the experts get:
 
 1. a call during backward inside a recognised checkpoint recompute uses what its own forward
-   used (``routereplay.recompute``), live or forced, or raises RecomputeMismatchError;
+   used (``routereplay.runtime.recompute``), live or forced, or raises RecomputeMismatchError;
 2. otherwise the active mode (``Recording``, ``Replay``) answers, or the router's own output
    stands when no mode is active;
 3. a forward inside checkpointed regions binds its answer to them, for their recompute.
@@ -44,14 +44,16 @@ from typing import Any
 
 import torch
 
-from routereplay import kernels, recompute, rollout
-from routereplay.errors import CudaGraphError, RecomputeMismatchError, ReplayError, UnsupportedModelError
+from routereplay import kernels
+from routereplay.core.errors import CudaGraphError, RecomputeMismatchError, ReplayError, UnsupportedModelError
+from routereplay.core.routing import route
+from routereplay.core.trace import RoutingTrace
 from routereplay.kernels.coverage import INSTALL_HINT
-from routereplay.record import Recording
-from routereplay.replay import LayerStats, PreparedTrace, Replay, prepare
-from routereplay.routing import route
-from routereplay.seam import Discovery, MoELayer
-from routereplay.trace import RoutingTrace
+from routereplay.rl import rollout
+from routereplay.runtime import recompute
+from routereplay.runtime.record import Recording
+from routereplay.runtime.replay import LayerStats, PreparedTrace, Replay, prepare
+from routereplay.runtime.seam import Discovery, MoELayer
 
 __all__ = ["LayerStats", "MoELayer", "PreparedTrace", "Recording", "Replay", "RouterHandle"]
 
@@ -65,7 +67,7 @@ class _GraphToken:
 class RouterHandle:
     """Record / replay control over the MoE routers of one attached model.
 
-    Built by ``routereplay.attach``; not constructed by users. Use it as a context manager to
+    Built by ``routereplay.runtime.attach``; not constructed by users. Use it as a context manager to
     detach on exit: ``with routereplay.attach(model) as handle: ...``.
 
     Attributes:
@@ -190,7 +192,7 @@ class RouterHandle:
         return Replay(self, traces, attention_mask=attention_mask, missing=missing, verify=verify)
 
     def capture_generation(self, **kwargs: Any) -> Any:
-        """Generate and record routes in one go: ``routereplay.rollout.capture_generation(self, **kwargs)``."""
+        """Generate and record routes in one go: ``routereplay.rl.rollout.capture_generation(self, **kwargs)``."""
         return rollout.capture_generation(self, **kwargs)
 
     def observe_dispatch(self, observer: Callable[[int, torch.Tensor], None]) -> Callable[[], None]:
@@ -416,7 +418,7 @@ class RouterHandle:
 
 
 class _Calls:
-    """The handle's side of the seam (``routereplay.seam.RouterCalls``), handed to the adapter.
+    """The handle's side of the seam (``routereplay.runtime.seam.RouterCalls``), handed to the adapter.
 
     Under ``torch.compile`` each call is a graph break (``torch.compiler.disable``): the dispatch
     reads Python state (the active mode, the checkpoint scopes on the stack) that a graph cannot

@@ -13,7 +13,7 @@ generated token, its log-probability under the distribution it was sampled from,
 the temperature, before top-k / top-p filtering: what vLLM reports by default). ``Rollout.logprobs``
 holds them packed like ``input_ids``; ``padded()`` returns them aligned with the training batch, in
 the convention of ``routereplay.rl.token_logprobs``, so ``logp_train - batch["rollout_logprobs"]``
-under ``batch["response_mask"]`` is the train-inference ``delta`` of ``routereplay.metrics``.
+under ``batch["response_mask"]`` is the train-inference ``delta`` of ``routereplay.rl.metrics``.
 
 ``generate`` with a KV cache runs one prefill forward over the (left-padded) prompts, ``B * P``
 router rows, then one decode forward per new token, ``B`` rows each (one per sequence, finished
@@ -49,10 +49,10 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import EosMismatchError, GenerationCaptureError, LayoutError
-from routereplay.index import ranges
-from routereplay.layout import engine_to_training
-from routereplay.trace import RoutingTrace
+from routereplay.core.errors import EosMismatchError, GenerationCaptureError, LayoutError
+from routereplay.core.index import ranges
+from routereplay.core.layout import engine_to_training
+from routereplay.core.trace import RoutingTrace
 
 __all__ = ["FROM_MODEL", "GenerationCapture", "Rollout", "capture_generation", "model_eos_ids", "model_pad_id"]
 

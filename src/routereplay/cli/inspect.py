@@ -23,9 +23,9 @@ import sys
 
 import torch
 
-from routereplay import io
-from routereplay.errors import ExpertIdError, RouteReplayError, TraceFormatError
-from routereplay.trace import RoutingTrace
+from routereplay.core import io
+from routereplay.core.errors import ExpertIdError, RouteReplayError, TraceFormatError
+from routereplay.core.trace import RoutingTrace
 
 __all__ = ["add_arguments", "expert_counts", "format_text", "run", "summarize"]
 
@@ -36,7 +36,7 @@ _DENSE_COUNTS = 1 << 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a .rrt trace file written by routereplay.io.save")
+    parser.add_argument("file", help="a .rrt trace file written by routereplay.save")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument(
         "--no-validate",
@@ -261,7 +261,7 @@ _HEADER_LEN_BYTES = 8
 def check_trace_file(path: str) -> None:
     """Raise unless ``path`` starts like a ``.rrt`` file (a safetensors container), before it is parsed.
 
-    ``routereplay.io`` reports a damaged trace file (truncated, bad checksum); this catches a file
+    ``routereplay.core.io`` reports a damaged trace file (truncated, bad checksum); this catches a file
     that was never one (a text file, a checkpoint in another format), whose first bytes read as an
     absurd header length.
 

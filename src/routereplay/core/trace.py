@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from routereplay.errors import (
+from routereplay.core.errors import (
     DuplicateExpertError,
     ExpertIdError,
     GatesError,
@@ -28,7 +28,7 @@ from routereplay.errors import (
     TraceMismatchError,
     TraceShapeError,
 )
-from routereplay.index import ranges
+from routereplay.core.index import ranges
 
 __all__ = ["MAX_NUM_EXPERTS", "RoutingTrace", "expert_dtype"]
 

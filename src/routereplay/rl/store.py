@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import LayoutError, MissingRoutesError, ReplayError, TraceMismatchError
-from routereplay.replay import PreparedTrace
-from routereplay.trace import RoutingTrace, host_empty
+from routereplay.core.errors import LayoutError, MissingRoutesError, ReplayError, TraceMismatchError
+from routereplay.core.trace import RoutingTrace, host_empty
+from routereplay.runtime.replay import PreparedTrace
 
 __all__ = ["DispatchTap", "RouteStore", "token_logprobs"]
 
@@ -80,10 +80,10 @@ class RouteStore:
         handle: the ``RouterHandle`` of the training model.
         trace: optional initial routes (R3): one sequence per sample, sample ``i`` = sequence
             ``i``, in training rows (``Rollout.training_trace()`` or
-            ``routereplay.layout.engine_to_training``).
+            ``routereplay.core.layout.engine_to_training``).
         sample_ids: the sample id of each sequence of ``trace`` (default ``0 .. B-1``); a
             data-parallel rank holds only its samples under their global ids
-            (``routereplay.distributed.rank_store``).
+            (``routereplay.parallel.collectives.rank_store``).
 
     Raises:
         MissingRoutesError: the initial trace lacks routes other than each sample's last row.

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from routereplay.errors import ExpertIdError, GatesError, TraceFormatError
-from routereplay.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
+from routereplay.core.errors import ExpertIdError, GatesError, TraceFormatError
+from routereplay.core.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -624,7 +624,7 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
                 path,
                 f"chunk {c} (rows {c * R} to {min((c + 1) * R, T) - 1}) fails its checksum: the header records "
                 f"crc32 {want} but its bytes give {found}; the file is corrupt there (bit flip, partial "
-                "overwrite), write it again with routereplay.io.save",
+                "overwrite), write it again with routereplay.save",
             )
     # The selected sequences, in order, from the runs read.
     run_rows = [(c0 * R, min(c1 * R, T)) for c0, c1 in runs]
@@ -697,7 +697,7 @@ def _check_header_crc(path: str, header: TraceFileHeader, prefix: bytes, cu_raw:
         raise _fail(
             path,
             f"header checksum mismatch: the header records crc32 {want} but the header and cu_seqlens give "
-            f"{found}; the file is corrupt, write it again with routereplay.io.save",
+            f"{found}; the file is corrupt, write it again with routereplay.save",
         )
 
 
@@ -788,7 +788,7 @@ def _fail(path: str, problem: str) -> TraceFormatError:
     return TraceFormatError(f"{path}: {problem}")
 
 
-_CORRUPT = "the file is corrupt; write it again with routereplay.io.save"
+_CORRUPT = "the file is corrupt; write it again with routereplay.save"
 
 
 def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileHeader, bytes]:
@@ -841,7 +841,7 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
         raise _fail(
             path,
             "is a safetensors file without string __metadata__, so not a routereplay trace "
-            "(write traces with routereplay.io.save)",
+            "(write traces with routereplay.save)",
         )
     fmt = metadata.get("format")
     if fmt != FORMAT_NAME:
@@ -849,7 +849,7 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
         raise _fail(
             path,
             f"not a routereplay trace: its safetensors metadata has {found}, expected format "
-            f"{FORMAT_NAME!r} (write traces with routereplay.io.save)",
+            f"{FORMAT_NAME!r} (write traces with routereplay.save)",
         )
     version = metadata.get("version")
     match = _VERSION_RE.fullmatch(version) if version is not None else None
@@ -859,7 +859,7 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
         )
     major = int(match.group(1))
     if major != _MAJOR:
-        from routereplay import __version__
+        from routereplay.core.version import __version__
 
         if major > _MAJOR:
             raise _fail(
@@ -1046,7 +1046,7 @@ def _check_crc(path: str, header: TraceFileHeader, crc: int) -> None:
         raise _fail(
             path,
             f"checksum mismatch: the header records crc32 {header.checksum} but the file's bytes give "
-            f"{found}; the file is corrupt (bit flip, partial overwrite), write it again with routereplay.io.save",
+            f"{found}; the file is corrupt (bit flip, partial overwrite), write it again with routereplay.save",
         )
 
 

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from routereplay.errors import RouteReplayError, SeqlensError
+from routereplay.core.errors import RouteReplayError, SeqlensError
 
 _ROWS = (
     ("disagreement", "router-level disagreement  mean_{t,l} 1[A != B as sets]"),
@@ -93,9 +93,9 @@ def _fmt(x: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from routereplay import io
-    from routereplay.cli_inspect import check_trace_file
-    from routereplay.metrics import routing_agreement
+    from routereplay.cli.inspect import check_trace_file
+    from routereplay.core import io
+    from routereplay.rl.metrics import routing_agreement
 
     try:
         check_trace_file(args.a)

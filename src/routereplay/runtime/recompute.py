@@ -38,7 +38,7 @@ hold lives on the region, so it ends with the autograd graph; the model itself s
 attach.
 
 A recompute whose region has no binding for the call (its forward ran before ``attach``, or ran
-the layer fewer times) raises :class:`~routereplay.errors.RecomputeMismatchError`: never live
+the layer fewer times) raises :class:`~routereplay.core.errors.RecomputeMismatchError`: never live
 routing by guess. A router call in backward that sits in no recognised recompute is either a
 forward run from a backward hook (routed as any forward) or an unrecognised checkpoint
 implementation: the session refuses it while any forward it replayed or recorded outside a
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint as _ckpt
 
-from routereplay.errors import RecomputeMismatchError
+from routereplay.core.errors import RecomputeMismatchError
 
 __all__ = ["Binding", "Bindings", "Held", "Scope", "held_elsewhere", "hold", "in_backward", "scopes"]
 

@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from routereplay.errors import MetricInputError, TraceMismatchError
-from routereplay.trace import RoutingTrace
+from routereplay.core.errors import MetricInputError, TraceMismatchError
+from routereplay.core.trace import RoutingTrace
 
 __all__ = ["DEFAULT_TAUS", "LogprobMismatch", "RoutingAgreement", "logprob_mismatch", "routing_agreement"]
 
@@ -230,7 +230,7 @@ def routing_agreement(
         raise TraceMismatchError(
             f"routing_agreement: a has [T, L, K] = {list(experts_a_TLK.shape)} but b has {list(experts_b_TLK.shape)}; "
             "compare routings of the same tokens and layers (convert engine rows to training rows with "
-            "routereplay.layout, select common layers with trace.select_layers)"
+            "routereplay.core.layout, select common layers with trace.select_layers)"
         )
     T, L, K = experts_a_TLK.shape
     layer_ids = tuple(range(L))

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from routereplay import layout
-from routereplay.errors import (
+from routereplay.core import layout
+from routereplay.core.errors import (
     AttentionMaskMismatchError,
     BatchShapeMismatchError,
     LayerMismatchError,
@@ -42,9 +42,9 @@ from routereplay.errors import (
     TraceExhaustedError,
     UnconsumedTraceError,
 )
-from routereplay.recompute import Binding
-from routereplay.routing import _validate_forced, forced_violations, groups_spanned
-from routereplay.trace import RoutingTrace, _first_duplicate_row
+from routereplay.core.routing import _validate_forced, forced_violations, groups_spanned
+from routereplay.core.trace import RoutingTrace, _first_duplicate_row
+from routereplay.runtime.recompute import Binding
 
 __all__ = ["LayerStats", "PreparedTrace", "Replay", "prepare"]
 
@@ -263,7 +263,7 @@ def _holes_error(where: str, valid_T: torch.Tensor, cu_B1: torch.Tensor) -> Miss
         return MissingRoutesError(
             f"{where}{int(holes_T.sum())} sequence(s) have no route for their last token, the first at row {t} "
             f"(sequence {b}): an inference engine never forwards a sample's last token, and "
-            "routereplay.layout.engine_to_training leaves its row invalid; replay it with "
+            "routereplay.core.layout.engine_to_training leaves its row invalid; replay it with "
             "routereplay.rl.RouteStore(handle, trace).replay(sample_ids, attention_mask=...), which routes only "
             "those last tokens live and raises on any other gap"
         )
@@ -474,7 +474,7 @@ class Replay:
             starts_N = torch.repeat_interleave(cu_B1[:-1], lens_B, output_size=mb.rows)
             want_N = torch.arange(mb.rows, device=value.device) - starts_N
             # positions not starting at 0 are a slice of a longer packed row (sequence parallel):
-            # its sequences are the layout's business (routereplay.layout.split_sp), not checked here
+            # its sequences are the layout's business (routereplay.core.layout.split_sp), not checked here
             differs = (value[0] == 0) & (value.to(torch.int64) != want_N).any()
         source = "cu_seq_lens_q" if kind == "cu" else "position_ids"
         message = f"{where} has sequence boundaries (from its {source}) other than the trace's; {fix}"
@@ -618,7 +618,7 @@ def _engine_hint(rows: int, tokens: int, seqs: int) -> str:
     if rows - tokens == seqs:
         return (
             f"; the trace has exactly one row fewer per sequence ({seqs} sequences): it looks like an engine "
-            "capture (no route for the last token), convert it with routereplay.layout (engine -> training)"
+            "capture (no route for the last token), convert it with routereplay.core.layout (engine -> training)"
         )
     if tokens - rows == seqs:
         return f"; the trace has one row more per sequence ({seqs} sequences) than the batch: were the last tokens dropped?"

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from routereplay.errors import RouteReplayError
+from routereplay.core.errors import RouteReplayError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 INSTALL = "pip install 'routereplay[hf,plot,cli]'"
@@ -284,7 +284,7 @@ def _replay_trace(rollout: Any) -> Any:
 
 def _train_forward(model: Any, batch: dict, device: str) -> torch.Tensor:
     """Log-probs ``[B, S]`` of a padded batch (position ids given: HF does not derive them from the mask)."""
-    from routereplay.rl import token_logprobs
+    from routereplay.rl.store import token_logprobs
 
     ids = batch["input_ids"].to(device)
     logits = model(
@@ -360,9 +360,10 @@ def _model_name(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from routereplay import attach, plots
-    from routereplay.metrics import logprob_mismatch, routing_agreement
-    from routereplay.rl import DispatchTap, RouteStore
+    from routereplay import attach
+    from routereplay.cli import plots
+    from routereplay.rl.metrics import logprob_mismatch, routing_agreement
+    from routereplay.rl.store import DispatchTap, RouteStore
 
     t0 = time.perf_counter()
     device = args.device

@@ -62,7 +62,7 @@ from typing import Literal
 
 import torch
 
-from routereplay.errors import RouterSpecError
+from routereplay.core.errors import RouterSpecError
 
 __all__ = ["RouterSpec", "mask_zero_experts", "route"]
 

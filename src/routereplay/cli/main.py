@@ -16,26 +16,26 @@ import argparse
 import os
 import sys
 
-from routereplay import __version__
+from routereplay.core.version import __version__
 
 DESCRIPTION = "The routereplay command: check, inspect and compare."
 # 128 + SIGPIPE: what a shell shows for a process that wrote into a closed pipe.
 EXIT_BROKEN_PIPE = 141
 
 def _check():
-    from routereplay import check
+    from routereplay.cli import check
 
     return check
 
 
 def _inspect():
-    from routereplay import cli_inspect
+    from routereplay.cli import inspect as cli_inspect
 
     return cli_inspect
 
 
 def _compare():
-    from routereplay import cli_compare
+    from routereplay.cli import compare as cli_compare
 
     return cli_compare
 

@@ -1,7 +1,7 @@
-"""``routereplay.attach``: the composition root that picks an adapter and builds the handle.
+"""``routereplay.runtime.attach``: the composition root that picks an adapter and builds the handle.
 
 Adapters are found through the ``routereplay.adapters`` entry-point group (``pyproject.toml``):
-each entry names a module implementing ``routereplay.seam.Adapter``. The first adapter whose
+each entry names a module implementing ``routereplay.runtime.seam.Adapter``. The first adapter whose
 ``claims(model)`` is true discovers the MoE layers and installs its interception; a new engine is
 a new leaf module plus one entry point, and nothing in the core changes.
 """
@@ -13,9 +13,9 @@ import weakref
 from importlib.metadata import entry_points
 from typing import Any
 
-from routereplay.errors import AlreadyAttachedError, UnsupportedModelError
-from routereplay.seam import Adapter
-from routereplay.session import RouterHandle
+from routereplay.core.errors import AlreadyAttachedError, UnsupportedModelError
+from routereplay.runtime.seam import Adapter
+from routereplay.runtime.session import RouterHandle
 
 __all__ = ["adapters", "attach"]
 
@@ -58,7 +58,7 @@ def attach(
         **options: passed to the adapter's ``discover``.
 
     Returns:
-        A :class:`~routereplay.session.RouterHandle`; ``handle.detach()`` (or leaving
+        A :class:`~routereplay.runtime.session.RouterHandle`; ``handle.detach()`` (or leaving
         ``with attach(model) as handle:``) restores the model exactly.
 
     Raises:

@@ -2,7 +2,7 @@
 
 An adapter (``routereplay.adapters.hf``, ``routereplay.adapters.megatron``, ...) is a module that
 knows one engine's MoE layers. It implements :class:`Adapter` and nothing else; the core never
-imports an adapter, and an adapter never imports ``routereplay.session``. The data flows one way:
+imports an adapter, and an adapter never imports ``routereplay.runtime.session``. The data flows one way:
 
 1. ``attach(model)`` asks each adapter, in the order of the ``routereplay.adapters`` entry points,
    whether it :meth:`Adapter.claims` the model;
@@ -16,7 +16,7 @@ imports an adapter, and an adapter never imports ``routereplay.session``. The da
 
 Activation recompute needs nothing from an adapter: ``on_router`` recognises a call made while a
 checkpointed region is recomputed and answers with the ids of that region's own forward
-(``routereplay.recompute``).
+(``routereplay.runtime.recompute``).
 
 Legend: N rows a router sees in one call, E experts (logits width), K top-k.
 """
@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from routereplay.errors import UnsupportedModelError
+from routereplay.core.errors import UnsupportedModelError
 
 __all__ = ["Adapter", "Discovery", "MoELayer", "RouterCalls"]
 
@@ -47,7 +47,7 @@ class MoELayer:
         num_experts: the range of expert ids the router can pick (its logits width: LongCat's
             zero-computation experts count).
         top_k: experts per token.
-        spec: the ``routereplay.routing.RouterSpec`` that recomputes the gate weights.
+        spec: the ``routereplay.core.routing.RouterSpec`` that recomputes the gate weights.
     """
 
     layer_id: int
