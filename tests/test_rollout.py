@@ -1,4 +1,4 @@
-"""Generation capture (routereplay.rl.rollout) and the R3 / R2 trainer helpers (routereplay.rl).
+"""Generation capture (routereplay.runtime.rollout) and the R3 / R2 trainer helpers (routereplay.rl).
 
 The alignment tests run the models in float64 so that a KV-cached decode step and a full
 training forward compute the same router scores up to ~1e-16: the captured routes must then be

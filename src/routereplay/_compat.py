@@ -26,7 +26,7 @@ MOVED = {
     "routereplay.record": "routereplay.runtime.record",
     "routereplay.replay": "routereplay.runtime.replay",
     "routereplay.recompute": "routereplay.runtime.recompute",
-    "routereplay.rollout": "routereplay.rl.rollout",
+    "routereplay.rollout": "routereplay.runtime.rollout",
     "routereplay.metrics": "routereplay.rl.metrics",
     "routereplay.aux_loss": "routereplay.rl.aux_loss",
     "routereplay.distributed": "routereplay.parallel.collectives",

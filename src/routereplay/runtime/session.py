@@ -49,8 +49,7 @@ from routereplay.core.errors import CudaGraphError, RecomputeMismatchError, Repl
 from routereplay.core.routing import route
 from routereplay.core.trace import RoutingTrace
 from routereplay.kernels.coverage import INSTALL_HINT
-from routereplay.rl import rollout
-from routereplay.runtime import recompute
+from routereplay.runtime import recompute, rollout
 from routereplay.runtime.record import Recording
 from routereplay.runtime.replay import LayerStats, PreparedTrace, Replay, prepare
 from routereplay.runtime.seam import Discovery, MoELayer
@@ -192,7 +191,7 @@ class RouterHandle:
         return Replay(self, traces, attention_mask=attention_mask, missing=missing, verify=verify)
 
     def capture_generation(self, **kwargs: Any) -> Any:
-        """Generate and record routes in one go: ``routereplay.rl.rollout.capture_generation(self, **kwargs)``."""
+        """Generate and record routes in one go: ``routereplay.runtime.rollout.capture_generation(self, **kwargs)``."""
         return rollout.capture_generation(self, **kwargs)
 
     def observe_dispatch(self, observer: Callable[[int, torch.Tensor], None]) -> Callable[[], None]:
