@@ -22,11 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def _logits(model, batch):
-    out = model(**batch)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+from gen_models_md import replay_check
 
 
 def _build_new(model_type: str):
@@ -56,19 +54,8 @@ def check(model) -> tuple[str, str]:
     except RouteReplayError as e:
         return "refused", str(e)
     spec = "inferred" if any(_inferred(model, m) for m in handle.layers) else "hand-written"
-    g = torch.Generator().manual_seed(0)
-    b1 = {"input_ids": torch.randint(3, 100, (2, 6), generator=g)}
-    b2 = {"input_ids": torch.randint(3, 100, (2, 6), generator=g)}
     try:
-        with torch.no_grad():
-            with handle.record() as r1:
-                out = _logits(model, b1)
-            with handle.record() as r2:
-                _logits(model, b2)
-            with handle.replay(r1.trace()):
-                same = torch.equal(_logits(model, b1), out)
-            with handle.replay(r2.trace()):
-                changed = not torch.equal(_logits(model, b1), out)
+        same, changed = replay_check(model, handle)
     finally:
         handle.detach()
     if same and changed:

@@ -28,6 +28,24 @@ def _logits(model, batch):
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
+def replay_check(model, handle) -> tuple[bool, bool]:
+    """Record two batches and replay: (replaying a batch's own routes gives bit-identical logits,
+    replaying the other batch's routes changes them)."""
+    g = torch.Generator().manual_seed(0)
+    b1 = {"input_ids": torch.randint(3, 120, (2, 6), generator=g)}
+    b2 = {"input_ids": torch.randint(3, 120, (2, 6), generator=g)}
+    with torch.no_grad():
+        with handle.record() as r1:
+            out = _logits(model, b1)
+        with handle.record() as r2:
+            _logits(model, b2)
+        with handle.replay(r1.trace()):
+            same = torch.equal(_logits(model, b1), out)
+        with handle.replay(r2.trace()):
+            changed = not torch.equal(_logits(model, b1), out)
+    return same, changed
+
+
 def survey(family: str) -> dict:
     import hf_zoo
 
@@ -79,19 +97,8 @@ def survey(family: str) -> dict:
             f"every router replayed; attention routers `{', '.join(paths)}` have layer id "
             "num_hidden_layers + i (the MLP router of layer i keeps id i)"
         )
-    g = torch.Generator().manual_seed(0)
-    b1 = {"input_ids": torch.randint(3, 120, (2, 6), generator=g)}
-    b2 = {"input_ids": torch.randint(3, 120, (2, 6), generator=g)}
     try:
-        with torch.no_grad():
-            with handle.record() as r1:
-                out = _logits(model, b1)
-            with handle.record() as r2:
-                _logits(model, b2)
-            with handle.replay(r1.trace()):
-                same = torch.equal(_logits(model, b1), out)
-            with handle.replay(r2.trace()):
-                changed = not torch.equal(_logits(model, b1), out)
+        same, changed = replay_check(model, handle)
     except Exception as e:  # noqa: BLE001 (any failure is a FAILED row, shown in the table)
         row.update(status="FAILED", note=f"{type(e).__name__}: {str(e)[:160]}")
         return row
