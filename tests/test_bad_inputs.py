@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from test_session import batch, random_trace, record, tiny_qwen3_moe
+from helpers import batch, random_trace, record, tiny_qwen3_moe
 
 import routereplay
 from routereplay.core.errors import (

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_session import batch, random_trace, tiny_qwen3_moe
+from helpers import batch, random_trace, tiny_qwen3_moe
 
 import routereplay
 

@@ -20,8 +20,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device: run on the lent GPU (benchmarks/run_gpu.sh)", allow_module_level=True)
 
 import hf_zoo
-from test_gpu_generate import _count_syncs
-from test_hf_contract import SUPPORTED, _logits
+from helpers import SUPPORTED, count_syncs, model_logits
 
 import routereplay
 
@@ -51,7 +50,7 @@ def _model(family):
             tensor.data = tensor.data.to(torch.bfloat16)
     try:
         with torch.no_grad():
-            _logits(model, {"input_ids": _ids(model)})
+            model_logits(model, {"input_ids": _ids(model)})
     except RuntimeError:  # DeepSeek-V4 in transformers 5.24 mixes dtypes when loaded so: all bf16
         model.to(torch.bfloat16)
     return model
@@ -63,7 +62,7 @@ def _ids(model):
 
 
 def _loss(model, ids):
-    return _logits(model, {"input_ids": ids}).float().square().mean()
+    return model_logits(model, {"input_ids": ids}).float().square().mean()
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
@@ -74,9 +73,9 @@ def test_replay_is_bit_exact_on_cuda_bf16(family, kernel):
     ids = _ids(model)
     handle = routereplay.attach(model, replay_kernel=kernel)
     with torch.no_grad(), handle.record() as rec:
-        ref = _logits(model, {"input_ids": ids})
+        ref = model_logits(model, {"input_ids": ids})
     with torch.no_grad(), handle.replay(rec.trace()) as rep:
-        out = _logits(model, {"input_ids": ids})
+        out = model_logits(model, {"input_ids": ids})
     handle.detach()
     assert kernel == "torch" or handle._fused, f"{family}: replay_kernel='triton' never reached the kernel dispatch"
     assert torch.equal(out, ref), f"{family}: replayed logits differ from the recorded forward on CUDA"
@@ -136,7 +135,7 @@ def test_record_offload_copies_ids_to_pinned_host_memory():
 
 def _syncs(fn) -> int:
     """Host syncs ``fn()`` makes (``set_sync_debug_mode("warn")`` warnings)."""
-    return sum(_count_syncs(fn)[1].values())
+    return sum(count_syncs(fn)[1].values())
 
 
 def _padded(ids):
@@ -219,7 +218,7 @@ def test_host_trace_copy_on_the_side_stream_waits_for_nothing_and_is_waited_for(
         experts=torch.rand(T, L, handle.num_experts, generator=g).argsort(-1)[..., :K].to(trace.experts.dtype)
     )
     with torch.no_grad(), handle.replay(other.to("cuda")):
-        want = _logits(model, {"input_ids": ids})
+        want = model_logits(model, {"input_ids": ids})
     host = handle.prepare(other)
     assert host.ready is not None and host.forced_LNK.device.type == "cuda"
     busy = torch.randn(4096, 4096, device="cuda")
@@ -227,10 +226,10 @@ def test_host_trace_copy_on_the_side_stream_waits_for_nothing_and_is_waited_for(
         for _ in range(20):  # queue ~tens of ms of work ahead of the replay on the compute stream
             busy = busy @ busy / 64
         with torch.no_grad(), handle.replay(handle.prepare(other)) as rep:
-            got = _logits(model, {"input_ids": ids})
+            got = model_logits(model, {"input_ids": ids})
         assert torch.equal(got, want)
         with torch.no_grad(), handle.replay(host):
-            assert torch.equal(_logits(model, {"input_ids": ids}), want)
+            assert torch.equal(model_logits(model, {"input_ids": ids}), want)
     assert all(s.replayed == T for s in rep.stats.values())
     handle.detach()
 

@@ -25,13 +25,13 @@ short. Without CUDA every test here is skipped with that reason.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import warnings
 
 import pytest
 import torch
+from helpers import count_syncs
 
 pytest.importorskip("transformers")
 if not torch.cuda.is_available():
@@ -45,7 +45,6 @@ SIZE = ModelSize(
     layers=2, hidden=64, experts=8, top_k=2, vocab=128, heads=2, kv_heads=1, head_dim=32, moe_intermediate=32
 )
 B, P, G = 2, 8, 8  # sequences, prompt tokens, new tokens (7 decode forwards: CUDA-graph warmup, record, replays)
-SYNC_WARNING = "synchronizing CUDA operation"  # torch's set_sync_debug_mode("warn") message
 
 
 def _model():
@@ -213,19 +212,6 @@ def test_record_inside_a_manual_cuda_graph_capture_raises():
     )
 
 
-# --- c) host syncs: capture adds none to generate's own -----------------------------------------
-def _count_syncs(fn):
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            result = fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if SYNC_WARNING in str(w.message))
-    return result, sites
 
 
 def test_capture_adds_no_host_sync_to_generate():
@@ -248,8 +234,8 @@ def test_capture_adds_no_host_sync_to_generate():
                 out_BX = model.generate(ids_BP, **kw)
             return cap, out_BX
 
-        ref_BX, plain_sites = _count_syncs(plain)
-        (cap, out_BX), capture_sites = _count_syncs(captured)
+        ref_BX, plain_sites = count_syncs(plain)
+        (cap, out_BX), capture_sites = count_syncs(captured)
     trace = cap.trace(out_BX, prompt_attention_mask=mask_BP, eos_token_id=None, pad_token_id=None)
     handle.detach()
     n_plain, n_capture = sum(plain_sites.values()), sum(capture_sites.values())

@@ -15,7 +15,6 @@ Legend: B batch rows, S sequence length, N rows a router sees, E logits width, K
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 import warnings
@@ -27,26 +26,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import hf_zoo
+from helpers import REFUSED_FAMILIES, SUPPORTED, forced_topk, model_logits
 
 import routereplay
-from routereplay.adapters import hf, hf_specs
+from routereplay.adapters import hf
 from routereplay.core.errors import UnsupportedModelError, UnsupportedRouterError
-
-# family -> the router (or MoE-block) class it is refused for; the reason is the one table's,
-# hf_specs.REFUSED, which attach and docs/MODELS.md read too.
-REFUSED_CLASS: dict[str, str] = {
-    "doge": "DogeCDMoE",
-    "ernie4_5_vl_moe": "Ernie4_5_VLMoeMoeBlock",
-    "nllb_moe": "NllbMoeTop2Router",
-    "switch_transformers": "SwitchTransformersTop1Router",
-    "phimoe": "PhimoeTopKRouter",
-    "inkling": "InklingTopkRouter",
-}
-# family -> regex its refusal at attach must match
-REFUSED_FAMILIES: dict[str, str] = {
-    family: rf"^[\w-]+: router( \S+| class) \({cls}\) is not supported: {re.escape(hf_specs.REFUSED[cls])}$"
-    for family, cls in REFUSED_CLASS.items()
-}
 
 B, S = 2, 6
 FAMILIES = hf_zoo.FAMILIES
@@ -61,7 +45,6 @@ def _params(families):
     return out
 
 
-SUPPORTED = [f for f in FAMILIES if f not in REFUSED_FAMILIES]
 
 
 @functools.cache
@@ -98,66 +81,14 @@ def _batch(seed, pad=None):
     return {"input_ids": ids_BS, "attention_mask": mask_BS}
 
 
-def _logits(model, b):
-    out = model(**b)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def _record(handle, model, b):
     with handle.record() as rec:
-        out = _logits(model, b)
+        out = model_logits(model, b)
     return rec, out
 
 
-@contextlib.contextmanager
-def _forced_topk(model, handle, forced_LNK):
-    """Run the family's own routing code with ``torch.topk`` answering the forced ids.
-
-    Inside each MoE block (the router's parent module) a top-k over ``[N, E]`` with ``k == K``
-    returns ``(input.gather(1, forced), forced)``; everything else (group top-k, other tensors)
-    is the real ``torch.topk``. The handle must be idle or detached.
-    """
-    state = {"ids": None}
-    real_fn, real_method = torch.topk, torch.Tensor.topk
-    E = handle.num_experts  # the logits width (LongCat's zero-computation experts included)
-
-    def answer(input, k, dim=-1, largest=True, sorted=True):
-        ids_NK = state["ids"]
-        if (
-            ids_NK is not None
-            and input.ndim in (2, 3)  # [N, E], or [B, S, E] (ZAYA)
-            and dim in (-1, input.ndim - 1)
-            and k == ids_NK.shape[1]
-            and input.shape[-1] == E
-            and input.numel() == ids_NK.shape[0] * E
-        ):
-            flat_NE = input.reshape(-1, E)
-            lead = input.shape[:-1]
-            return torch.return_types.topk((flat_NE.gather(1, ids_NK).reshape(*lead, k), ids_NK.reshape(*lead, k)))
-        return real_fn(input, k, dim=dim, largest=largest, sorted=sorted)
-
-    hooks = []
-    for l, layer in enumerate(handle.layers):
-        router = model.get_submodule(layer.path)
-        block = model.get_submodule(layer.path.rpartition(".")[0])
-
-        def pre(m, a, l=l):
-            state["ids"] = forced_LNK[l]
-
-        def post(m, a, o):
-            state["ids"] = None
-
-        # The router's pre-hook too: JetMoE's attention MoE block runs through map/reduce, never forward.
-        hooks += [block.register_forward_pre_hook(pre), router.register_forward_pre_hook(pre)]
-        hooks += [block.register_forward_hook(post)]
-    torch.topk = answer
-    torch.Tensor.topk = lambda self, k, dim=-1, largest=True, sorted=True: answer(self, k, dim, largest, sorted)
-    try:
-        yield
-    finally:
-        torch.topk, torch.Tensor.topk = real_fn, real_method
-        for h in hooks:
-            h.remove()
 
 
 def _decoder_layers(model):
@@ -185,11 +116,11 @@ def test_record_replay_identity_and_layer_ids(family, zoo):
     model, handle = zoo
     b = _batch(1)
     with torch.no_grad():
-        plain = _logits(model, b)
+        plain = model_logits(model, b)
         rec, out = _record(handle, model, b)
         trace = rec.trace()
         with handle.replay(trace) as rep:
-            out2 = _logits(model, b)
+            out2 = model_logits(model, b)
     assert torch.equal(out, plain)  # (a) recording is transparent
     assert torch.equal(out2, plain)  # (a) replaying the same routes is bit-identical
     assert all(s.disagreement == 0 and s.coverage == 1.0 for s in rep.stats.values())
@@ -220,11 +151,11 @@ def test_other_routing_matches_family_reference(family, zoo):
         other = rec_o.trace()  # live routes of other tokens: valid for this router by construction
         assert not torch.equal(other.experts, rec.trace().experts)
         with handle.replay(other, verify=all(handle.verifiable)):
-            replayed = _logits(model, b)
+            replayed = model_logits(model, b)
         assert not torch.allclose(replayed, out)  # (b) the forced routes are used
         handle.detach()
-        with _forced_topk(model, handle, [other.experts[:, l].long() for l in range(len(handle.layers))]):
-            reference = _logits(model, b)
+        with forced_topk(model, handle, [other.experts[:, l].long() for l in range(len(handle.layers))]):
+            reference = model_logits(model, b)
     torch.testing.assert_close(replayed, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -235,12 +166,12 @@ def test_deepcopy_of_an_attached_model_routes_live_and_leaves_the_handle_alone(f
     model, handle = zoo
     b, b_other = _batch(1), _batch(2)
     with torch.no_grad():
-        plain = _logits(model, b)
+        plain = model_logits(model, b)
         copy = deepcopy(model)
         other = _record(handle, model, b_other)[0].trace()
         with handle.replay(other) as rep:
-            replayed = _logits(model, b)
-            from_copy = _logits(copy, b)  # inside the block: must neither replay nor count
+            replayed = model_logits(model, b)
+            from_copy = model_logits(copy, b)  # inside the block: must neither replay nor count
         assert rep.forwards == 1
         assert torch.equal(from_copy, plain)
         assert not torch.allclose(replayed, plain)
@@ -248,7 +179,7 @@ def test_deepcopy_of_an_attached_model_routes_live_and_leaves_the_handle_alone(f
 
 
 def _loss(model, b):
-    return _logits(model, b).square().mean()
+    return model_logits(model, b).square().mean()
 
 
 def _grads(model):
@@ -288,7 +219,7 @@ def test_replay_gradients_and_checkpointing(family, zoo):
 
             def loss_fn(m, batch):
                 emb = m.get_input_embeddings()(batch["input_ids"])
-                run = lambda e: _logits(m, {"inputs_embeds": e, "attention_mask": batch["attention_mask"]})
+                run = lambda e: model_logits(m, {"inputs_embeds": e, "attention_mask": batch["attention_mask"]})
                 return torch.utils.checkpoint.checkpoint(run, emb, use_reentrant=False).square().mean()
 
         torch.manual_seed(0)
@@ -313,7 +244,7 @@ def test_padded_batches(family, zoo):
             packed = rec.trace(attention_mask=b["attention_mask"])
             assert packed.seq_lens.tolist() == [S - 2, S]
             with handle.replay(packed, attention_mask=b["attention_mask"]) as rep:
-                out2 = _logits(model, b)
+                out2 = model_logits(model, b)
         assert torch.equal(out, out2), pad
         assert all(s.live == 2 and s.replayed == B * S - 2 for s in rep.stats.values())
 

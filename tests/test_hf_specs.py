@@ -22,7 +22,7 @@ if importlib.util.find_spec("transformers") is None:  # pragma: no cover - CI in
     pytest.skip("transformers is not installed: pip install 'routereplay[hf]'", allow_module_level=True)
 
 import hf_zoo
-from test_routing import random_valid_ids, reference_weights
+from helpers import random_valid_ids, reference_weights
 
 from routereplay.adapters import hf_specs
 from routereplay.adapters.hf_specs import (

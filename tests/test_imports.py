@@ -152,3 +152,19 @@ def test_deprecated_module_paths_are_the_moved_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "routereplay.layout moved to routereplay.core.layout; import it from there"
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in tests/helpers.py and tests/hf_zoo.py. (The GPU runner
+    tests/gpu_distributed.py runs test_distributed_hf's cases under torchrun: a runner, not a test.)"""
+    import pathlib
+    import re as re_
+
+    here = pathlib.Path(__file__).parent
+    found = [
+        f"{f.name}: {m.group(0).strip()}"
+        for f in sorted(here.glob("*.py"))
+        if f.name != "gpu_distributed.py"
+        for m in re_.finditer(r"^\s*(from test_\w+ import|import test_\w+)", f.read_text(), re_.MULTILINE)
+    ]
+    assert found == []

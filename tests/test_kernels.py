@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ulp_distance
 
 from routereplay.core.routing import RouterSpec
 
@@ -35,21 +36,6 @@ ULP_BOUND = {"float32": 4, "bfloat16": 4}
 ID_DTYPES = ("uint8", "int16", "int32", "int64")
 
 
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance in units in the last place between two float tensors of one dtype."""
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if a.numel() == 0:
-        return 0
-    if a.dtype == torch.float32:
-        ia, ib = a.view(torch.int32).long(), b.view(torch.int32).long()
-        flip = 0x7FFFFFFF
-    else:
-        ia, ib = a.view(torch.int16).long(), b.view(torch.int16).long()
-        flip = 0x7FFF
-    # map the sign-magnitude bit patterns onto one ordered integer line
-    ia = torch.where(ia < 0, -(ia & flip), ia)
-    ib = torch.where(ib < 0, -(ib & flip), ib)
-    return int((ia - ib).abs().max())
 
 
 # --- the interpreter subprocess -----------------------------------------------------------
@@ -62,7 +48,7 @@ def _report() -> dict:
     warnings.simplefilter("ignore")  # padded lanes divide 0/0 under the interpreter; never stored
     np.seterr(all="ignore")
     sys.path.insert(0, str(HERE))
-    from test_routing import VARIANTS, _inputs, random_valid_ids
+    from helpers import VARIANTS, random_valid_ids, routing_inputs
 
     from routereplay.core import routing
     from routereplay.core.errors import RouterSpecError
@@ -86,7 +72,7 @@ def _report() -> dict:
                 "grad_rel": 0.0,
             }
             for seed in range(3):
-                logits_TE, kwargs, gen = _inputs(spec, dtype, seed)
+                logits_TE, kwargs, gen = routing_inputs(spec, dtype, seed)
                 ids_TK = random_valid_ids(spec, logits_TE.shape[0], gen)
                 mask_T = torch.rand(logits_TE.shape[0], generator=gen) > 0.25 if seed == 2 else None
                 ref_w, ref_i = routing.route(logits_TE, spec, forced_TK=ids_TK, forced_mask_T=mask_T, **kwargs)
@@ -119,7 +105,7 @@ def _report() -> dict:
                     )
                     case["ulp"] = max(case["ulp"], ulp)
             # backward against route()'s autograd, with live rows in the batch
-            logits_TE, kwargs, gen = _inputs(spec, dtype, 7, num_tokens=37)
+            logits_TE, kwargs, gen = routing_inputs(spec, dtype, 7, num_tokens=37)
             ids_TK = random_valid_ids(spec, 37, gen)
             mask_T = torch.rand(37, generator=gen) > 0.25
             grad_TK = torch.randn(37, spec.top_k, generator=gen)
@@ -138,7 +124,7 @@ def _report() -> dict:
             out["cases"][key] = case
 
     spec = VARIANTS["softmax_pre_norm"]
-    logits_TE, kwargs, gen = _inputs(spec, torch.float32, 0, num_tokens=8)
+    logits_TE, kwargs, gen = routing_inputs(spec, torch.float32, 0, num_tokens=8)
     ids_TK = random_valid_ids(spec, 8, gen)
     # validation: route()'s own checks and messages
     dup_TK = ids_TK.clone()
@@ -219,7 +205,7 @@ def _sum_order_report(PreparedReplay) -> tuple[dict, bool]:
 
 def _prepared_errors(prepare_fused, RouterSpecError) -> dict:
     """The messages of a prepared call's refusals (and of prepare_fused's)."""
-    from test_routing import VARIANTS
+    from helpers import VARIANTS
 
     spec = VARIANTS["softmax_pre_norm"]
     fused = prepare_fused(spec, logits_dtype=torch.float32, device="cpu", where="layer 2: ")
@@ -265,7 +251,7 @@ def report() -> dict:
 
 def _case_keys() -> list[str]:
     sys.path.insert(0, str(HERE))
-    from test_routing import VARIANTS
+    from helpers import VARIANTS
 
     return [f"{name}-{d}" for name in sorted(VARIANTS) for d in ("float32", "bfloat16")]
 
@@ -379,7 +365,7 @@ def test_ulp_bound_is_what_the_gpu_tier_asserts():
     from routereplay.kernels import ulp_bound
 
     sys.path.insert(0, str(HERE))
-    from test_routing import VARIANTS
+    from helpers import VARIANTS
 
     for name, spec in VARIANTS.items():
         if name == "p_norm":

@@ -26,8 +26,7 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device: run on the lent GPU", allow_module_level=True)
 
-from test_kernels import ulp_distance
-from test_routing import VARIANTS, _inputs, random_valid_ids
+from helpers import VARIANTS, random_valid_ids, routing_inputs, ulp_distance
 
 from routereplay.core import routing
 from routereplay.core.routing import RouterSpec
@@ -61,7 +60,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _cuda_inputs(spec, dtype, seed, num_tokens=513):
-    logits_TE, kwargs, gen = _inputs(spec, dtype, seed, num_tokens=num_tokens)
+    logits_TE, kwargs, gen = routing_inputs(spec, dtype, seed, num_tokens=num_tokens)
     ids_TK = random_valid_ids(spec, num_tokens, gen)
     kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     return logits_TE.cuda(), ids_TK.cuda(), kwargs, gen

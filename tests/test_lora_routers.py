@@ -27,8 +27,8 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft", reason="LoRA on the routers needs peft (pip install 'routereplay[dev]')")
 
 import hf_zoo
+from helpers import forced_topk
 from peft.tuners.lora.layer import ParamWrapper
-from test_hf_contract import _forced_topk
 from torch.nn.utils import parametrize
 
 import routereplay
@@ -115,7 +115,7 @@ def test_record_replay_exact_against_the_live_peft_forward(family):
             forced = pm(input_ids=b["input_ids"]).logits
         assert torch.equal(tap.trace().experts, other.experts)
         handle.detach()
-        with _forced_topk(pm.get_base_model(), handle, [other.experts[:, l].long() for l in range(len(handle.layers))]):
+        with forced_topk(pm.get_base_model(), handle, [other.experts[:, l].long() for l in range(len(handle.layers))]):
             reference = pm(input_ids=b["input_ids"]).logits  # the family's own routing code, LoRA applied
         unforced = pm(input_ids=b["input_ids"]).logits
     assert torch.equal(recorded, live) and torch.equal(replayed, live)
@@ -161,7 +161,7 @@ def test_replay_gradients_reach_the_router_lora_and_checkpointing_is_exact(famil
     # The same gradients as the family's own code forced to these routes (an independent graph).
     handle.detach()
     pm.zero_grad(set_to_none=True)
-    with _forced_topk(base, handle, [other.experts[:, l].long() for l in range(len(handle.layers))]):
+    with forced_topk(base, handle, [other.experts[:, l].long() for l in range(len(handle.layers))]):
         pm(**b).logits.square().mean().backward()
     for (a_want, b_want), (a_got, b_got) in zip(router_grads, _router_lora_grads(wrappers), strict=True):
         torch.testing.assert_close(a_got, a_want, rtol=1e-4, atol=1e-7)

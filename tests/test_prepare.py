@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")
 
-from test_session import batch, random_trace, record, tiny_qwen3_moe
+from helpers import batch, random_trace, record, tiny_qwen3_moe
 
 import routereplay
 from routereplay.core import layout

@@ -13,10 +13,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import E, batch, random_trace, tiny_qwen3_moe
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from test_session import E, batch, random_trace, tiny_qwen3_moe
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import routereplay

@@ -10,157 +10,24 @@ import math
 
 import pytest
 import torch
+from helpers import VARIANTS, random_valid_ids, reference_weights, routing_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routereplay.core.errors import RouterSpecError
 from routereplay.core.routing import RouterSpec, mask_zero_experts, route
 
-
-# --- independent helpers (also used by test_hf_specs) ----------------------------------------
-def random_valid_ids(spec: RouterSpec, num_tokens: int, gen: torch.Generator) -> torch.Tensor:
-    """Random ``[T, K]`` ids a trace could hold for ``spec``: distinct, in range, group limit kept."""
-    choice_TE = torch.rand(num_tokens, spec.num_logits, generator=gen)
-    if spec.n_group is not None:
-        group_TG = torch.rand(num_tokens, spec.n_group, generator=gen)
-        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-        keep_TG.scatter_(1, group_TG.topk(spec.topk_group, dim=1)[1], True)
-        keep_TE = keep_TG.repeat_interleave(spec.group_size, dim=1)
-        choice_TE = choice_TE.masked_fill(~keep_TE, -1.0)
-    return choice_TE.topk(spec.top_k, dim=1)[1]
-
-
-def reference_weights(
-    logits_TE: torch.Tensor,
-    ids_TK: torch.Tensor,
-    spec: RouterSpec,
-    *,
-    bias_E: torch.Tensor | None = None,
-    expert_scale_E: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Gate weights at ``ids_TK`` in float64, written from the formulas (not from routing.py).
-
-    Differentiable w.r.t. ``logits_TE`` when it is a float64 leaf (the gradient test uses it).
-    """
-    del bias_E  # the bias only selects; it never enters the weights
-    x = logits_TE.double()
-    ids = ids_TK.long()
-
-    def score(v: torch.Tensor) -> torch.Tensor:
-        if spec.score_function == "softmax":
-            e = torch.exp(v - v.max(dim=-1, keepdim=True).values)
-            return e / e.sum(dim=-1, keepdim=True)
-        if spec.score_function == "sigmoid":
-            return 1.0 / (1.0 + torch.exp(-v))
-        if spec.score_function == "sqrtsoftplus":
-            return torch.sqrt(torch.log1p(torch.exp(v)))
-        return v
-
-    w = score(x).gather(1, ids) if spec.score_before_topk else score(x.gather(1, ids))
-    if spec.norm_topk_prob:
-        if spec.norm_kind == "p_norm":
-            w = w / (w.abs() ** spec.norm_p).sum(dim=-1, keepdim=True) ** (1.0 / spec.norm_p)
-        elif spec.norm_kind == "clamp":
-            w = w / w.sum(dim=-1, keepdim=True).clamp(min=spec.norm_eps)
-        else:
-            w = w / (w.sum(dim=-1, keepdim=True) + spec.norm_eps)
-    if expert_scale_E is not None:
-        w = w * expert_scale_E.detach().double()[ids]
-    if spec.scaling_op == "mul":
-        w = w * spec.scaling_factor
-    else:
-        w = w / spec.scaling_factor
-    return w
-
-
 # --- fixed variants: every branch of the pipeline --------------------------------------------
 E, K = 16, 4
-VARIANTS = {
-    "softmax_pre": RouterSpec(num_experts=E, top_k=K, compute_dtype=torch.float32, weights_dtype="logits"),
-    "softmax_pre_norm": RouterSpec(
-        num_experts=E, top_k=K, norm_topk_prob=True, compute_dtype=torch.float32, weights_dtype="logits"
-    ),
-    "softmax_post": RouterSpec(num_experts=E, top_k=K, score_before_topk=False),
-    "softmax_post_f32": RouterSpec(
-        num_experts=E, top_k=K, score_before_topk=False, compute_dtype=torch.float32, weights_dtype="input"
-    ),
-    "sigmoid_bias_groups": RouterSpec(
-        num_experts=E,
-        top_k=K,
-        score_function="sigmoid",
-        uses_bias=True,
-        n_group=4,
-        topk_group=2,
-        norm_topk_prob=True,
-        norm_eps=1e-20,
-        scaling_factor=2.5,
-        topk_sorted=False,
-    ),
-    "sigmoid_groups_zero_fill": RouterSpec(
-        num_experts=E,
-        top_k=K,
-        score_function="sigmoid",
-        uses_bias=True,
-        n_group=4,
-        topk_group=2,
-        group_mask_value=0.0,
-        norm_topk_prob=True,
-    ),
-    "softmax_groups_max": RouterSpec(
-        num_experts=E, top_k=K, n_group=8, topk_group=3, group_score_topn=1, group_mask_value=0.0, scaling_factor=16.0
-    ),
-    "sigmoid_post_bias_logits": RouterSpec(
-        num_experts=E, top_k=K, score_function="sigmoid", score_before_topk=False, uses_bias=True, bias_on="logits"
-    ),
-    "sqrtsoftplus": RouterSpec(
-        num_experts=E, top_k=K, score_function="sqrtsoftplus", uses_bias=True, norm_topk_prob=True, norm_eps=1e-20
-    ),
-    "clamp_norm": RouterSpec(
-        num_experts=E,
-        top_k=K,
-        compute_dtype=torch.float32,
-        uses_bias=True,
-        norm_topk_prob=True,
-        norm_kind="clamp",
-        norm_eps=1e-12,
-    ),
-    "p_norm": RouterSpec(num_experts=E, top_k=K, norm_topk_prob=True, norm_kind="p_norm", norm_p=1.0),
-    "div_scale": RouterSpec(num_experts=E, top_k=3, score_before_topk=False, scaling_factor=3.0, scaling_op="div"),
-    "megatron_cast": RouterSpec(
-        num_experts=E,
-        top_k=K,
-        score_function="sigmoid",
-        compute_dtype=torch.float32,
-        cast_scores=True,
-        norm_topk_prob=True,
-        norm_eps=1e-20,
-    ),
-    "zero_experts_keep": RouterSpec(num_experts=E - 4, num_logits=E, top_k=K, uses_bias=True, scaling_factor=6.0),
-    "zero_experts_mask": RouterSpec(num_experts=E - 1, num_logits=E, top_k=1, uses_bias=True, zero_expert_mode="mask"),
-    "expert_scale": RouterSpec(
-        num_experts=E, top_k=K, score_function="none", norm_topk_prob=True, uses_expert_scale=True
-    ),
-}
 
 
-def _inputs(spec: RouterSpec, dtype: torch.dtype, seed: int, num_tokens: int = 64):
-    gen = torch.Generator().manual_seed(seed)
-    logits_TE = (2.0 * torch.randn(num_tokens, spec.num_logits, generator=gen)).to(dtype)
-    if spec.score_function == "none":
-        logits_TE = torch.softmax(logits_TE.float(), dim=-1).to(dtype)
-    kwargs = {"out_dtype": dtype}
-    if spec.uses_bias:
-        kwargs["bias_E"] = 0.1 * torch.randn(spec.num_logits, generator=gen)
-    if spec.uses_expert_scale:
-        kwargs["expert_scale_E"] = 1.0 + 0.1 * torch.randn(spec.num_logits, generator=gen)
-    return logits_TE, kwargs, gen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_forcing_live_ids_reproduces_live_weights_bitwise(variant, dtype):
     spec = VARIANTS[variant]
-    logits_TE, kwargs, _ = _inputs(spec, dtype, seed=1)
+    logits_TE, kwargs, _ = routing_inputs(spec, dtype, seed=1)
     live_w, live_ids = route(logits_TE, spec, **kwargs)
     assert live_ids.dtype == torch.int64 and live_ids.shape == (64, spec.top_k)
     forced_w, forced_ids = route(logits_TE, spec, forced_TK=live_ids.to(torch.int16), **kwargs)
@@ -173,7 +40,7 @@ def test_forcing_live_ids_reproduces_live_weights_bitwise(variant, dtype):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_forced_other_ids_match_float64_reference(variant, dtype):
     spec = VARIANTS[variant]
-    logits_TE, kwargs, gen = _inputs(spec, dtype, seed=2)
+    logits_TE, kwargs, gen = routing_inputs(spec, dtype, seed=2)
     forced_TK = random_valid_ids(spec, logits_TE.shape[0], gen)
     got_w, got_ids = route(logits_TE, spec, forced_TK=forced_TK, **kwargs)
     assert torch.equal(got_ids, forced_TK)
@@ -187,14 +54,14 @@ def test_forced_other_ids_match_float64_reference(variant, dtype):
 def test_live_selection_is_the_top_k_of_the_choice():
     # independent check of the live selection: plain top-k of softmax scores, in ranked order
     spec = VARIANTS["softmax_pre"]
-    logits_TE, kwargs, _ = _inputs(spec, torch.float32, seed=3)
+    logits_TE, kwargs, _ = routing_inputs(spec, torch.float32, seed=3)
     _, ids_TK = route(logits_TE, spec, **kwargs)
     assert torch.equal(ids_TK, logits_TE.topk(spec.top_k, dim=1)[1])
 
 
 def test_live_group_limited_selection_respects_the_groups():
     spec = VARIANTS["sigmoid_bias_groups"]
-    logits_TE, kwargs, _ = _inputs(spec, torch.float32, seed=4)
+    logits_TE, kwargs, _ = routing_inputs(spec, torch.float32, seed=4)
     _, ids_TK = route(logits_TE, spec, **kwargs)
     groups_TK = ids_TK // spec.group_size
     distinct_T = torch.tensor([len(set(row)) for row in groups_TK.tolist()])
@@ -208,7 +75,7 @@ def test_live_group_limited_selection_respects_the_groups():
 @pytest.mark.parametrize("variant", ["softmax_pre_norm", "softmax_post", "sigmoid_bias_groups", "expert_scale"])
 def test_gradient_reaches_logits_through_forced_weights(variant):
     spec = VARIANTS[variant]
-    logits_TE, kwargs, gen = _inputs(spec, torch.float32, seed=5, num_tokens=8)
+    logits_TE, kwargs, gen = routing_inputs(spec, torch.float32, seed=5, num_tokens=8)
     logits_TE.requires_grad_(True)
     forced_TK = random_valid_ids(spec, 8, gen)
     weights_TK, _ = route(logits_TE, spec, forced_TK=forced_TK, **kwargs)
@@ -224,7 +91,7 @@ def test_gradient_reaches_logits_through_forced_weights(variant):
 
 def test_forced_mask_routes_unmasked_rows_live():
     spec = VARIANTS["sigmoid_bias_groups"]
-    logits_TE, kwargs, gen = _inputs(spec, torch.float32, seed=6)
+    logits_TE, kwargs, gen = routing_inputs(spec, torch.float32, seed=6)
     live_w, live_ids = route(logits_TE, spec, **kwargs)
     forced_TK = random_valid_ids(spec, 64, gen)
     mask_T = torch.arange(64) % 3 != 0
@@ -251,7 +118,7 @@ def test_mask_zero_experts():
 # --- validation messages -------------------------------------------------------------------------
 def test_forced_validation_messages():
     spec = VARIANTS["sigmoid_bias_groups"]
-    logits_TE, kwargs, gen = _inputs(spec, torch.float32, seed=7, num_tokens=6)
+    logits_TE, kwargs, gen = routing_inputs(spec, torch.float32, seed=7, num_tokens=6)
     ok_TK = random_valid_ids(spec, 6, gen)
 
     bad = ok_TK.clone()
@@ -287,7 +154,7 @@ def test_forced_validation_messages():
 
 def test_input_validation_messages():
     spec = VARIANTS["sigmoid_bias_groups"]
-    logits_TE, kwargs, _ = _inputs(spec, torch.float32, seed=8, num_tokens=4)
+    logits_TE, kwargs, _ = routing_inputs(spec, torch.float32, seed=8, num_tokens=4)
     with pytest.raises(RouterSpecError, match="needs bias_E"):
         route(logits_TE, spec)
     with pytest.raises(RouterSpecError, match=r"logits have 12 columns, the spec expects num_logits=16"):
@@ -380,7 +247,7 @@ def specs(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_property_replay_of_live_ids_is_exact_and_others_match_reference(spec, dtype, seed):
-    logits_TE, kwargs, gen = _inputs(spec, dtype, seed=seed, num_tokens=16)
+    logits_TE, kwargs, gen = routing_inputs(spec, dtype, seed=seed, num_tokens=16)
     live_w, live_ids = route(logits_TE, spec, **kwargs)
     # live ids obey the spec: distinct per row, in range, within topk_group groups
     sorted_TK = live_ids.sort(dim=1).values

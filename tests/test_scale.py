@@ -316,7 +316,7 @@ def test_host_prepare_checks_ids_without_wide_copies():
     """Issue 23.4: a CPU prepare widened the ids to int64 and compared every slot pair in a
     ``[L, N, K, K]`` tensor (~34 bytes per id); now the checks read the ids in place."""
     pytest.importorskip("transformers", reason="needs transformers for the tiny model")
-    from test_session import random_trace, tiny_qwen3_moe
+    from helpers import random_trace, tiny_qwen3_moe
 
     import routereplay
 

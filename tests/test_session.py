@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import VOCAB, E, K, batch, random_trace, record, tiny_qwen3_moe
+
 import routereplay
 from routereplay.core.errors import (
     AlreadyAttachedError,
@@ -32,32 +34,7 @@ from routereplay.core.errors import (
 )
 from routereplay.core.trace import RoutingTrace
 
-E, K, VOCAB = 8, 2, 64
 MOE_LAYERS = (1, 2, 3)  # layer 0 is dense (mlp_only_layers)
-
-
-def tiny_qwen3_moe(seed: int = 0):
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=E,
-        num_experts_per_tok=K,
-        norm_topk_prob=True,
-        mlp_only_layers=[0],
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.Qwen3MoeForCausalLM(config).float().eval()
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -80,31 +57,10 @@ def handle(model):
         h.detach()
 
 
-def batch(B=2, S=6, seed=1, pad=None):
-    g = torch.Generator().manual_seed(seed)
-    ids_BS = torch.randint(3, VOCAB, (B, S), generator=g)
-    mask_BS = torch.ones(B, S, dtype=torch.long)
-    if pad is not None:  # first row gets 2 pads, on the left or the right
-        if pad == "left":
-            mask_BS[0, :2] = 0
-        else:
-            mask_BS[0, -2:] = 0
-        ids_BS[mask_BS == 0] = 0
-    return {"input_ids": ids_BS, "attention_mask": mask_BS}
 
 
-def random_trace(like: RoutingTrace, seed=5) -> RoutingTrace:
-    """A valid trace shaped like ``like`` with random distinct experts per row."""
-    g = torch.Generator().manual_seed(seed)
-    T, L, K_ = like.experts.shape
-    ids_TLK = torch.rand(T, L, E, generator=g).argsort(-1)[..., :K_]
-    return RoutingTrace(experts=ids_TLK, cu_seqlens=like.cu_seqlens, layer_ids=like.layer_ids, num_experts=E)
 
 
-def record(handle, model, b, **kw):
-    with handle.record(**kw) as rec:
-        out = model(**b).logits
-    return rec, out
 
 
 def grads(model):
