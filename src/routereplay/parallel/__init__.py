@@ -3,24 +3,7 @@ and the collectives that move traces between ranks (``collectives``).
 ``from routereplay.parallel import slice_for_rank`` (the slicing API is re-exported here).
 """
 
-from routereplay.parallel.slicing import (
-    ParallelLayout,
-    RankCoords,
-    load_for_rank,
-    micro_batch_sequences,
-    pipeline_layer_ids,
-    router_rows,
-    slice_for_rank,
-    unslice,
-)
+from routereplay.parallel import slicing
+from routereplay.parallel.slicing import *  # the public names of slicing, listed in its __all__
 
-__all__ = [
-    "ParallelLayout",
-    "RankCoords",
-    "load_for_rank",
-    "micro_batch_sequences",
-    "pipeline_layer_ids",
-    "router_rows",
-    "slice_for_rank",
-    "unslice",
-]
+__all__ = list(slicing.__all__)
