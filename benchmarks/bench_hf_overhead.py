@@ -117,7 +117,8 @@ def main() -> None:
         else:
             source = {"replay": trace, "replay-dev": dev_trace, "replay-prep": prepared}[kind.removesuffix("-jit")]
             # "-jit": the fused kernel launched through Triton's JIT instead of the kept launcher
-            jit = [p for p in handle._fused.values() if p is not None and p._fast] if kind.endswith("-jit") else []
+            kept = [p for f in handle.forced_weights for p in f.prepared.values() if p is not None and p._fast]
+            jit = kept if kind.endswith("-jit") else []
             for p in jit:
                 p._fast = False
             with handle.replay(source):

@@ -171,7 +171,7 @@ def test_replay_kernel_is_checked_at_attach_and_the_cpu_replays_with_route(model
     h = routereplay.attach(model, replay_kernel="triton" if importlib.util.find_spec("triton") else "torch")
     with h.replay(trace):
         assert torch.equal(model(**b).logits, want)
-    assert not h._fused  # the fused kernel is CUDA's: CPU logits take routing.route
+    assert not any(f.prepared for f in h.forced_weights)  # the fused kernel is CUDA's: CPU logits take routing.route
     h.detach()
 
 

@@ -10,12 +10,12 @@ L MoE layers (``handle.layers`` order), K top-k, B sequences (batch rows), S pad
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from routereplay.core.errors import AttentionMaskMismatchError, LayoutError, ReplayError
 from routereplay.core.trace import RoutingTrace, expert_dtype
+from routereplay.runtime.modes import ModeHost
 from routereplay.runtime.recompute import Binding
 
 __all__ = ["Recording"]
@@ -24,7 +24,7 @@ __all__ = ["Recording"]
 class Recording:
     """Live routes of the forwards run inside the block; built by ``handle.record()``."""
 
-    def __init__(self, handle: Any, *, offload: bool) -> None:
+    def __init__(self, handle: ModeHost, *, offload: bool) -> None:
         self._handle = handle
         self._offload = offload
         L = len(handle.layers)
@@ -40,20 +40,20 @@ class Recording:
     def __enter__(self) -> Recording:  # noqa: PYI034 (typing.Self needs Python 3.11)
         if self._entered:
             raise ReplayError("a Recording can be entered once; call handle.record() again")
-        self._block = self._handle._enter(self)
+        self._block = self._handle.enter_block(self)
         self._entered = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._handle._exit(self)
+        self._handle.exit_block(self)
 
-    def _note_shape(self, index: int, shape: tuple[int, ...], packed=None, forward_mask_BS=None) -> None:
+    def note_batch(self, index: int, shape: tuple[int, ...], packed=None, forward_mask_BS=None) -> None:
         self._shapes.append(shape)
         self._packed.append(packed)
         # the forward's own tensor, not a copy: no op on the recording's hot path
         self._masks.append(forward_mask_BS)
 
-    def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
+    def answer(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
         ids = ids_NK.detach()
         # On CUDA the recording keeps its own compact copy (one small kernel per layer): under
         # torch.compile with CUDA graphs (generate's static cache) the router's ids live in the
@@ -70,7 +70,7 @@ class Recording:
         # checkpointing requires it to run the same ops as the forward: the forward routes through
         # the same forced computation (the spec's weight math reproduces the router's weights bit
         # for bit).
-        weights, ids = self._handle._forced(index, logits_NE, ids, None, route_kw)
+        weights, ids = self._handle.forced_weights[index](logits_NE, ids, None, route_kw)
         return weights, ids, binding
 
     # --- results -------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from routereplay.core.errors import (
 )
 from routereplay.core.routing import _validate_forced, forced_violations, groups_spanned
 from routereplay.core.trace import RoutingTrace, _first_duplicate_row
+from routereplay.runtime.modes import ModeHost
 from routereplay.runtime.recompute import Binding
 
 __all__ = ["LayerStats", "PreparedTrace", "Replay", "prepare"]
@@ -87,7 +88,7 @@ class PreparedTrace:
     their compact dtype (uint8 up to 256 experts) on the device while it lives.
     """
 
-    handle: Any
+    handle: ModeHost
     missing: str
     rows: int  # N the routers must see
     forced_LNK: torch.Tensor  # compact dtype, on the model's device (clamped into range there)
@@ -104,7 +105,7 @@ class PreparedTrace:
 
 
 def prepare(
-    handle: Any, trace: RoutingTrace, *, attention_mask=None, missing: str = "error", where: str = ""
+    handle: ModeHost, trace: RoutingTrace, *, attention_mask=None, missing: str = "error", where: str = ""
 ) -> PreparedTrace:
     """Check ``trace`` against the model and lay it out in router rows on the model's device.
 
@@ -164,7 +165,7 @@ def prepare(
         # Host -> accelerator: pinned staging, then an asynchronous copy on the handle's side
         # stream, so that neither waits for the work queued on the compute stream; the forward
         # waits for it (an event) just before its first MoE layer.
-        stream = handle._side_stream(device)
+        stream = handle.side_stream(device)
         with torch.cuda.stream(stream):
             forced_LNK = _pinned(forced_LNK).to(device, non_blocking=True)
             mask_N = None if mask_N is None else _pinned(mask_N).to(device, non_blocking=True)
@@ -194,7 +195,7 @@ def prepare(
     )
 
 
-def _check_model(handle: Any, trace: RoutingTrace, where: str) -> None:
+def _check_model(handle: ModeHost, trace: RoutingTrace, where: str) -> None:
     if trace.layer_ids != handle.layer_ids:
         raise LayerMismatchError(
             f"{where}trace has layers {list(trace.layer_ids)} but the model's MoE layers are "
@@ -212,7 +213,7 @@ def _check_model(handle: Any, trace: RoutingTrace, where: str) -> None:
             )
 
 
-def _check_ids(handle: Any, where: str, forced_LNK: torch.Tensor, mask_N, checks: list[_Check]) -> None:
+def _check_ids(handle: ModeHost, where: str, forced_LNK: torch.Tensor, mask_N, checks: list[_Check]) -> None:
     """Range, repeats and group limit of the forced ids, where they live: on the CPU a
     RouterSpecError now; on an accelerator a device flag read at exit, the ids clamped into range
     meanwhile (in place: ``forced_LNK`` is the prepared trace's own copy) so that no kernel reads
@@ -290,7 +291,7 @@ def _mask_error(where: str, mask_BS: torch.Tensor, cu_B1: torch.Tensor) -> Token
 class Replay:
     """Forced routing for the forwards run inside the block; built by ``handle.replay(...)``."""
 
-    def __init__(self, handle: Any, traces, *, attention_mask, missing, verify) -> None:
+    def __init__(self, handle: ModeHost, traces, *, attention_mask, missing, verify) -> None:
         self._handle = handle
         self._verify = verify
         if verify:
@@ -350,13 +351,13 @@ class Replay:
     def __enter__(self) -> Replay:  # noqa: PYI034 (typing.Self needs Python 3.11)
         if self._entered:
             raise ReplayError("a Replay can be entered once; call handle.replay(...) again")
-        self._block = self._handle._enter(self)
+        self._block = self._handle.enter_block(self)
         self._entered = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         h = self._handle
-        h._exit(self)
+        h.exit_block(self)
         if exc_type is not None:
             return
         self._raise_deferred()
@@ -390,7 +391,7 @@ class Replay:
                 raise error()
 
     # --- forwards ------------------------------------------------------------------------------
-    def _note_shape(self, index: int, shape: tuple[int, ...], packed=None, forward_mask_BS=None) -> None:
+    def note_batch(self, index: int, shape: tuple[int, ...], packed=None, forward_mask_BS=None) -> None:
         """The first MoE block's input ``[B, S]`` of a forward (with the forward's own attention
         mask when the adapter sees it): it must be the batch the trace was laid out for."""
         n = self._count[index]
@@ -495,7 +496,7 @@ class Replay:
             forced_LNK = self._forced[n] = mb.forced_LNK.to(torch.int64, memory_format=torch.contiguous_format)
         return forced_LNK
 
-    def _route(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
+    def answer(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
         h = self._handle
         n = self._count[index]
         if n >= len(self._mbs):
@@ -516,7 +517,7 @@ class Replay:
         if forced_NK.device != logits_NE.device:
             forced_NK = forced_NK.to(logits_NE.device, non_blocking=True)
             mask_N = None if mask_N is None else mask_N.to(logits_NE.device, non_blocking=True)
-        weights, ids = h._forced(index, logits_NE, forced_NK, mask_N, route_kw)
+        weights, ids = h.forced_weights[index](logits_NE, forced_NK, mask_N, route_kw)
         self._compared[index].append((ids_NK.detach(), forced_NK, mask_N))
         self._rows[index] += N
         self._count[index] = n + 1
@@ -524,7 +525,7 @@ class Replay:
             self._issued[index] = ids
         return weights, ids, Binding(forced_NK, mask_N, f"replay block {self._block}, forward {n + 1}")
 
-    def _check_experts(self, index: int, received_NK: torch.Tensor) -> None:
+    def check_dispatch(self, index: int, received_NK: torch.Tensor) -> None:
         if not self._verify:
             return
         issued = self._issued[index]

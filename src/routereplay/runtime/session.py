@@ -44,12 +44,11 @@ from typing import Any
 
 import torch
 
-from routereplay import kernels
 from routereplay.core.errors import CudaGraphError, RecomputeMismatchError, ReplayError, UnsupportedModelError
-from routereplay.core.routing import route
 from routereplay.core.trace import RoutingTrace
 from routereplay.kernels.coverage import INSTALL_HINT
 from routereplay.runtime import recompute, rollout
+from routereplay.runtime.modes import ForcedWeights, Mode
 from routereplay.runtime.record import Recording
 from routereplay.runtime.replay import LayerStats, PreparedTrace, Replay, prepare
 from routereplay.runtime.seam import Discovery, MoELayer
@@ -103,9 +102,8 @@ class RouterHandle:
         self.verifiable: tuple[bool, ...] = tuple(discovery.verifiable) or (False,) * len(layers)
         self.adapter = adapter
         self.replay_kernel = replay_kernel
-        # (layer index, logits dtype, device, scale dtype, out dtype) -> the fused kernel prepared
-        # for them, or None where it does not cover them (routing.route then)
-        self._fused: dict[tuple, Any] = {}
+        # per layer: the forced-weights callable (routing.route, or the fused kernel where it covers)
+        self.forced_weights: tuple[ForcedWeights, ...] = tuple(ForcedWeights(m.spec, replay_kernel) for m in layers)
         self.top_k = layers[0].top_k
         self.num_experts = layers[0].num_experts
         self.calls = _Calls(self)
@@ -294,7 +292,9 @@ class RouterHandle:
         if self._detached:
             raise ReplayError("this handle was detached; call routereplay.attach(model) again")
 
-    def _enter(self, mode: Recording | Replay) -> int:
+    # --- the host of the active block (runtime.modes.ModeHost) ----------------------------
+    def enter_block(self, mode: Mode) -> int:
+        """Make ``mode`` the active block (see ``runtime.modes.ModeHost``); for record / replay blocks."""
         self._check_attached()
         if self._mode is not None:
             if self._owner is not threading.current_thread():
@@ -312,7 +312,8 @@ class RouterHandle:
         self._blocks += 1
         return self._blocks
 
-    def _exit(self, mode: Recording | Replay) -> None:
+    def exit_block(self, mode: Mode) -> None:
+        """End ``mode``, the active block (see ``runtime.modes.ModeHost``)."""
         assert self._mode is mode
         self._mode = None
         self._owner = None
@@ -327,7 +328,7 @@ class RouterHandle:
         if mode is None or owner is threading.current_thread():
             return mode
         if owner is None:
-            return None  # the block ended in between (``_exit`` clears the mode, then the owner)
+            return None  # the block ended in between (``exit_block`` clears the mode, then the owner)
         raise ReplayError(
             f"{self.where(index)}: a forward on thread {threading.current_thread().name!r} while a "
             f"{type(mode).__name__.lower()} block of this handle is active on thread {owner.name!r}; "
@@ -335,25 +336,12 @@ class RouterHandle:
             "on that thread, or attach a separate copy of the model for this thread"
         )
 
-    def _side_stream(self, device: torch.device) -> Any:
+    def side_stream(self, device: torch.device) -> Any:
+        """The handle's CUDA side stream on ``device``: host traces are copied on it."""
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device)
         return stream
-
-    def _forced(self, index: int, logits_NE, forced_NK, mask_N, route_kw) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router's weights at the forced ids (``mask_N`` False rows route live)."""
-        spec = self.layers[index].spec
-        if self.replay_kernel == "triton" and logits_NE.is_cuda:
-            scale_E = route_kw.get("expert_scale_E")
-            scale_dtype = None if scale_E is None else scale_E.dtype
-            key = (index, logits_NE.dtype, logits_NE.device, scale_dtype, route_kw.get("out_dtype"))
-            fused = self._fused.get(key, False)
-            if fused is False:
-                fused = self._fused[key] = _prepare_fused(spec, *key[1:])
-            if fused is not None:
-                return fused(logits_NE, forced_NK, mask_N, route_kw.get("bias_E"), scale_E)
-        return route(logits_NE, spec, forced_TK=forced_NK, forced_mask_T=mask_N, validate=False, **route_kw)
 
     def _training(self) -> bool:
         training = getattr(self.model, "training", None)
@@ -378,7 +366,7 @@ class RouterHandle:
                             self._hold(scope.region)
                 if binding.ids_NK is None:
                     return weights_NK, ids_NK
-                return self._forced(index, logits_NE, binding.ids_NK, binding.mask_N, route_kw)
+                return self.forced_weights[index](logits_NE, binding.ids_NK, binding.mask_N, route_kw)
             if len(self._unscoped):
                 raise RecomputeMismatchError(
                     f"{self.where(index)}: a router call during backward outside any checkpoint recompute "
@@ -404,7 +392,7 @@ class RouterHandle:
             if chain:
                 self._bindings.bind(chain, index, recompute.Binding(None, None, "live forward"))
             return weights_NK, ids_NK
-        weights, ids, binding = mode._route(index, logits_NE, weights_NK, ids_NK, route_kw, scoped=bool(chain))
+        weights, ids, binding = mode.answer(index, logits_NE, weights_NK, ids_NK, route_kw, scoped=bool(chain))
         if chain:
             self._bindings.bind(chain, index, binding)
         elif binding.ids_NK is not None and torch.is_grad_enabled():
@@ -458,7 +446,7 @@ class _Calls:
             shape = tuple(shape)
             packed = _packed_sequences(shape, position_ids, cu_seqlens)
             mask_BS = attention_mask if _is_mask_of(attention_mask, shape) else None
-            mode._note_shape(index, shape, packed, mask_BS)
+            mode.note_batch(index, shape, packed, mask_BS)
 
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:
         if recompute.in_backward():
@@ -469,15 +457,7 @@ class _Calls:
             return
         mode = self._handle._mode_here(index)
         if isinstance(mode, Replay):
-            mode._check_experts(index, ids_NK)
-
-
-def _prepare_fused(spec, logits_dtype, device, scale_dtype, out_dtype) -> Any:
-    if not kernels.supports(spec, logits_dtype=logits_dtype, device=device):
-        return None
-    return kernels.prepare_fused(
-        spec, logits_dtype=logits_dtype, device=device, scale_dtype=scale_dtype, out_dtype=out_dtype
-    )
+            mode.check_dispatch(index, ids_NK)
 
 
 def _is_mask_of(mask: Any, shape: tuple[int, ...]) -> bool:
