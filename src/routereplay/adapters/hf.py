@@ -512,6 +512,18 @@ class _Seam:
     def route_kw(self, args, kwargs, logits_NE: torch.Tensor) -> dict[str, Any]:
         return _route_kw(self.layer.spec, self.rmath, self.router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
 
+    def answer_from_logits(self, args, kwargs, logits_NE: torch.Tensor, live_weights_NK: torch.Tensor | None = None):
+        """For a router whose output does not hold the ids the trace needs: live ids from
+        ``routing.route``, then the handle's answer. Returns ``(weights_NK, ids_NK, live_ids_NK)``;
+        ``ids_NK is live_ids_NK`` when the router's own output stands. ``live_weights_NK`` (default:
+        route's) is what the handle sees as the live weights."""
+        kw = self.route_kw(args, kwargs, logits_NE)
+        with torch.no_grad():
+            live_w, live_ids = routing.route(logits_NE.detach(), self.layer.spec, validate=False, **kw)
+        live_w = live_w if live_weights_NK is None else live_weights_NK
+        weights_NK, ids_NK = self.calls.on_router(self.index, logits_NE, live_w, live_ids, **kw)
+        return weights_NK, ids_NK, live_ids
+
     def hook(self, fn) -> None:
         """Register ``fn`` as the router's forward hook (with kwargs); detach removes it."""
         self.removers.append(self.router.register_forward_hook(fn, with_kwargs=True).remove)
@@ -562,10 +574,7 @@ def _seam_zaya(seam: _Seam) -> None:
         if calls.routes_live(index):
             return None  # live and nothing to recompute: the router's own output stands
         logits_NE = output[0]
-        kw = seam.route_kw(args, kwargs, logits_NE)
-        with torch.no_grad():
-            _live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
-        weights_NK, ids_NK = calls.on_router(index, logits_NE, output[1], live_ids, **kw)
+        weights_NK, ids_NK, live_ids = seam.answer_from_logits(args, kwargs, logits_NE, output[1])
         if ids_NK is live_ids:
             return None
         weights_NK, ids_NK = routing.mask_zero_experts(weights_NK, ids_NK, spec)
@@ -578,7 +587,7 @@ def _seam_jetmoe(seam: _Seam) -> None:
     """The gating returns flattened, expert-sorted routing plus the logits (last): the top-k ids come
     from the logits, and under record / replay all four routing outputs are rebuilt from the
     answered ``(weights, ids)`` with the gating's own ops."""
-    calls, index, router, spec = seam.calls, seam.index, seam.router, seam.layer.spec
+    calls, index, router = seam.calls, seam.index, seam.router
     top_k, num_experts = seam.layer.top_k, seam.layer.num_experts
 
     def jetmoe_hook(module, args, kwargs, output):
@@ -587,10 +596,7 @@ def _seam_jetmoe(seam: _Seam) -> None:
         if calls.routes_live(index):
             return None  # live and nothing to recompute: the gating's own output stands
         logits_NE = output[4]
-        kw = seam.route_kw(args, kwargs, logits_NE)
-        with torch.no_grad():
-            live_w, live_ids = routing.route(logits_NE.detach(), spec, validate=False, **kw)
-        weights_NK, ids_NK = calls.on_router(index, logits_NE, live_w, live_ids, **kw)
+        weights_NK, ids_NK, live_ids = seam.answer_from_logits(args, kwargs, logits_NE)
         if ids_NK is live_ids:
             return None
         # JetMoeTopKGating.forward's own ops after its top-k, on the answered (weights, ids).

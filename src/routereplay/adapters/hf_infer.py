@@ -55,7 +55,16 @@ from torch import nn
 from routereplay.core.errors import RouterSpecError, UnsupportedRouterError
 from routereplay.core.routing import RouterSpec, route
 
-__all__ = ["InferredRouter", "cache_clear", "infer", "non_default_fields", "tensor_at", "verify"]
+__all__ = [
+    "MISSING",
+    "InferredRouter",
+    "cache_clear",
+    "forward_argument",
+    "infer",
+    "non_default_fields",
+    "tensor_at",
+    "verify",
+]
 
 _F32, _BF16 = torch.float32, torch.bfloat16
 _NUM_EXPERT_NAMES = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
@@ -94,10 +103,9 @@ class InferredRouter:
             return tensor_at(router, self.bias_attr)
         if self.bias_arg is not None:
             position, name = self.bias_arg
-            if kwargs and name in kwargs:
-                return kwargs[name]
-            if args is not None and len(args) > position:
-                return args[position]
+            value = forward_argument(args, kwargs, position, name)
+            if value is not MISSING:
+                return value
             raise RouterSpecError(
                 f"{type(router).__name__}: the selection bias is the forward argument {name!r} "
                 f"(position {position}); pass the call's args/kwargs"
@@ -106,6 +114,19 @@ class InferredRouter:
 
     def expert_scale(self, router: nn.Module) -> torch.Tensor | None:
         return tensor_at(router, self.scale_attr) if self.scale_attr is not None else None
+
+
+MISSING = object()  # forward_argument: the call did not pass the argument
+
+
+def forward_argument(args: Any, kwargs: Any, position: int, name: str) -> Any:
+    """A router call's argument, by keyword ``name`` or at ``position`` (counting the hidden states
+    as 0), or :data:`MISSING`."""
+    if kwargs and name in kwargs:
+        return kwargs[name]
+    if args is not None and len(args) > position:
+        return args[position]
+    return MISSING
 
 
 _cache: OrderedDict[tuple, InferredRouter | UnsupportedRouterError] = OrderedDict()
@@ -479,10 +500,15 @@ def _ids_match(probe: _Probe, sel: _Selection) -> str | None:
         _w, ids = _run(probe, sel.spec, sel.bias_attr, sel.bias_arg, None, forced=False)
     except (RouterSpecError, RuntimeError) as e:
         return f"route raised {type(e).__name__}: {e}"
-    if torch.equal(ids, probe.ids_NK):
+    return _ids_differ(ids, probe.ids_NK)
+
+
+def _ids_differ(ids_NK: torch.Tensor, live_NK: torch.Tensor) -> str | None:
+    """None when the ids are the router's, else the first row where they differ."""
+    if torch.equal(ids_NK, live_NK):
         return None
-    row = int((ids != probe.ids_NK).any(dim=1).nonzero()[0, 0])
-    return f"row {row}: router ids {probe.ids_NK[row].tolist()}, spec ids {ids[row].tolist()}"
+    row = int((ids_NK != live_NK).any(dim=1).nonzero()[0, 0])
+    return f"row {row}: router ids {live_NK[row].tolist()}, spec ids {ids_NK[row].tolist()}"
 
 
 def _weights_match(probe: _Probe, spec, sel: _Selection, scale_attr) -> tuple[str | None, bool]:
@@ -491,7 +517,12 @@ def _weights_match(probe: _Probe, spec, sel: _Selection, scale_attr) -> tuple[st
         w, _ids = _run(probe, spec, sel.bias_attr, sel.bias_arg, scale_attr, forced=True)
     except (RouterSpecError, RuntimeError) as e:
         return f"route raised {type(e).__name__}: {e}", False
-    live = probe.weights_NK
+    return _weights_differ(w, probe.weights_NK)
+
+
+def _weights_differ(w: torch.Tensor, live: torch.Tensor) -> tuple[str | None, bool]:
+    """(None when ``w`` is the router's ``live`` weights bit for bit, an exact upcast allowed, else the
+    first difference; whether the upcast was needed)."""
     upcast = w.dtype != live.dtype
     if upcast:
         if not (w.is_floating_point() and torch.finfo(w.dtype).bits < torch.finfo(live.dtype).bits):
@@ -655,12 +686,10 @@ def verify(
         with torch.no_grad():
             _w, ids = route(probe.logits_NE, spec, **kw)
             w, _ids = route(probe.logits_NE, spec, forced_TK=probe.ids_NK, **kw)
-        if not torch.equal(ids, probe.ids_NK):
-            row = int((ids != probe.ids_NK).any(dim=1).nonzero()[0, 0])
-            return f"probe '{probe.name}', row {row}: router ids {probe.ids_NK[row].tolist()}, spec ids {ids[row].tolist()}"
-        live = probe.weights_NK
-        if w.dtype != live.dtype and w.is_floating_point() and torch.finfo(w.dtype).bits < torch.finfo(live.dtype).bits:
-            w = w.to(live.dtype)
-        if w.dtype != live.dtype or not torch.equal(w.view(_int_of(w)), live.view(_int_of(live))):
-            return f"probe '{probe.name}': weights differ ({live.dtype} router, {w.dtype} spec)"
+        diff = _ids_differ(ids, probe.ids_NK)
+        if diff is not None:
+            return f"probe '{probe.name}', ids differ at {diff}"
+        diff, _upcast = _weights_differ(w, probe.weights_NK)
+        if diff is not None:
+            return f"probe '{probe.name}', weights differ at {diff}"
     return None

@@ -732,11 +732,9 @@ def selection_bias(
         if name == "Lfm2MoeTopKRouter" and not router.use_expert_bias:
             return None
         position, keyword = _BIAS_ARGUMENT[name]
-        kwargs = kwargs or {}
-        if keyword in kwargs:
-            return kwargs[keyword]
-        if args is not None and len(args) > position:
-            return args[position]
+        value = hf_infer.forward_argument(args, kwargs, position, keyword)
+        if value is not hf_infer.MISSING:
+            return value
         raise RouterSpecError(
             f"{name} ({_family(router)}): the selection bias is the router's forward argument "
             f"{keyword!r} (position {position}); pass the call's args/kwargs to selection_bias"
