@@ -11,7 +11,10 @@ of ``--reps`` interleaved repetitions; then torch.profiler's top host-side ops o
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import itertools
+import pstats
 import statistics
 import time
 
@@ -28,6 +31,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--source", choices=("host", "prepared"), default="host", help="replay a host trace or a PreparedTrace")
+    p.add_argument("--replay-kernel", choices=("torch", "triton"), default="torch")
     args = p.parse_args()
     import routereplay
 
@@ -35,10 +40,12 @@ def main() -> None:
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     batch = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq)).to(dev)}
-    handle = routereplay.attach(model)
+    handle = routereplay.attach(model, replay_kernel=args.replay_kernel)
     with torch.no_grad(), handle.record() as rec:
         model(**batch)
     trace = rec.trace().to("cpu")
+    if args.source == "prepared":
+        trace = handle.prepare(trace)
 
     def step(kind):
         for q in model.parameters():
@@ -76,6 +83,19 @@ def main() -> None:
     with profile(activities=acts) as prof:
         step("replay")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    prof = cProfile.Profile()
+    prof.enable()
+    step("replay")
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    print(out.getvalue()[out.getvalue().index("ncalls") :])
+    if dev.type == "cuda":
+        from bench_capture import count_syncs
+
+        for kind in ("plain", "replay"):
+            _, sites = count_syncs(lambda k=kind: step(k))
+            print(f"host syncs of a {kind} step (with its two timing syncs): {dict(sites)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""Where capture inside ``generate`` spends its host time, next to a plain ``generate`` (same run).
+
+    python benchmarks/profile_capture.py --device cuda --dtype bf16 --layers 8 --hidden 1024 \
+        --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128
+
+Prints, per arm (plain, capture), the medians of wall time and host CPU time (process time, every
+thread) of ``--reps`` interleaved ``generate`` calls, the handle attached once (no attach, no
+rollout build in the timing); then cProfile's top functions (own time) of one captured
+``generate``, and, on CUDA, the host syncs of each arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+from bench_capture import count_syncs
+
+from routereplay import attach
+from routereplay.cli.check import DTYPES, ModelSize, build_default_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    for name, default in (("layers", 4), ("hidden", 256), ("experts", 32), ("topk", 4), ("vocab", 4096),
+                          ("batch", 8), ("prompt-len", 64), ("new-tokens", 32), ("reps", 7)):  # fmt: skip
+        p.add_argument(f"--{name}", type=int, default=default)
+    args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    heads = max(1, args.hidden // 64)
+    size = ModelSize(
+        layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.topk, vocab=args.vocab,
+        heads=heads, kv_heads=max(1, heads // 2), head_dim=64, moe_intermediate=max(16, args.hidden // 2),
+    )  # fmt: skip
+    model = build_default_model(size, seed=0).to(device=args.device, dtype=DTYPES[args.dtype])
+    ids_BP = torch.randint(3, args.vocab, (args.batch, args.prompt_len)).to(args.device)
+    gen_kw = {"attention_mask": torch.ones_like(ids_BP), "do_sample": False, "max_new_tokens": args.new_tokens,
+              "eos_token_id": None, "pad_token_id": 0}  # fmt: skip
+    handle = attach(model)
+
+    def plain():
+        with torch.no_grad():
+            model.generate(ids_BP, **gen_kw)
+
+    def capture():
+        with handle.capture_generation(), torch.no_grad():
+            model.generate(ids_BP, **gen_kw)
+
+    arms = {"plain": plain, "capture": capture}
+    res: dict[str, list[tuple[float, float]]] = {k: [] for k in arms}
+    for r in range(args.reps + 2):
+        for k in (("plain", "capture") if r % 2 else ("capture", "plain")):
+            sync()
+            t, c = time.perf_counter(), time.process_time()
+            arms[k]()
+            sync()
+            if r >= 2:
+                res[k].append((time.perf_counter() - t, time.process_time() - c))
+    med = {k: [statistics.median(col) * 1e3 for col in zip(*v)] for k, v in res.items()}
+    for k, (wall, cpu) in med.items():
+        print(f"{k:8s} wall {wall:9.1f} ms  host CPU {cpu:9.1f} ms")
+    calls = args.layers * args.new_tokens
+    print(f"capture/plain wall {med['capture'][0] / med['plain'][0]:.4f}, host CPU "
+          f"{med['capture'][1] / med['plain'][1]:.4f}; capture adds {(med['capture'][0] - med['plain'][0]) * 1e3 / calls:.1f} "
+          f"us wall, {(med['capture'][1] - med['plain'][1]) * 1e3 / calls:.1f} us host CPU per router call")  # fmt: skip
+    prof = cProfile.Profile()
+    prof.enable()
+    capture()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+    print(out.getvalue()[out.getvalue().index("ncalls") :])
+    if cuda:
+        n = {k: sum(count_syncs(fn)[1].values()) for k, fn in arms.items()}
+        print(f"host syncs: {n}")
+
+
+if __name__ == "__main__":
+    main()
