@@ -81,3 +81,38 @@ def test_capture_with_logprobs_adds_one_log_softmax_per_step(model):
         "aten.unsqueeze.default",
         "aten.clone.default",  # the hook's own copy of the fed tokens
     }, added
+
+
+def test_capture_walks_no_stack(model, monkeypatch):
+    """generate() runs without grad and is never checkpointed: a capture's router calls skip the
+    search for checkpointed regions (a walk of the Python stack on every call), which a plain
+    record() block without grad still makes (a reentrant checkpoint's forward runs without grad)."""
+    from routereplay.runtime import recompute
+
+    walks = []
+    real = recompute.scopes
+    monkeypatch.setattr(recompute, "scopes", lambda: walks.append(1) or real())
+    with routereplay.attach(model) as handle:
+        _generate(model, handle.capture_generation())
+        assert walks == []
+        _generate(model, handle.record())
+        assert len(walks) == len(handle.layers) * NEW_TOKENS
+
+
+def test_a_forward_with_grad_outside_checkpoints_walks_no_stack(model, monkeypatch):
+    """With grad on and no saved-tensor hooks pushed, no checkpointed forward can enclose a router
+    call (an autograd Function's forward runs without grad; a non-reentrant checkpoint pushes
+    hooks): scopes() answers without reading a frame."""
+    import sys
+
+    from routereplay.runtime import recompute
+
+    frames = []
+    real = sys._getframe
+    monkeypatch.setattr(recompute.sys, "_getframe", lambda depth=0: frames.append(depth) or real(depth + 1))
+    with torch.enable_grad():
+        assert recompute.scopes() == []
+    assert frames == []
+    with torch.no_grad():
+        recompute.scopes()
+    assert frames == [1]

@@ -117,6 +117,14 @@ def _hooks_frame() -> object | None:
 
 def scopes() -> list[Scope]:
     """The checkpointed regions around the caller, innermost first (see the module docstring)."""
+    top = _hooks_frame()
+    if top is None and torch.is_grad_enabled() and not in_backward():
+        # No region can enclose a forward call here, so the stack is not walked: a non-reentrant
+        # checkpoint's forward keeps its saved-tensor hooks pushed while it runs, and an autograd
+        # Function's forward (reentrant checkpoints: torch's, Megatron's, DeepSpeed's) runs with
+        # grad disabled. A Function that re-enables grad inside its forward goes unseen, and its
+        # recompute then raises RecomputeMismatchError (no binding), never routes by guess.
+        return []
     out: list[Scope] = []
     seen: set[int] = set()
 
@@ -125,12 +133,15 @@ def scopes() -> list[Scope]:
             seen.add(id(region))
             out.append(Scope(region, run))
 
-    top = _hooks_frame()
     if top is not None:
         add(top, None)
+    kinds = _kind_of_code
     frame = sys._getframe(1)
     while frame is not None:
-        kind = _code_kind(frame.f_code)
+        code = frame.f_code
+        kind = kinds.get(code)  # inlined: this loop runs over every frame of every router call
+        if kind is None:
+            kind = _code_kind(code)
         if kind != _PLAIN:
             local = frame.f_locals
             if kind == _FN_FORWARD or kind == _FN_BACKWARD:

@@ -24,9 +24,12 @@ __all__ = ["Recording"]
 class Recording:
     """Live routes of the forwards run inside the block; built by ``handle.record()``."""
 
-    def __init__(self, handle: ModeHost, *, offload: bool) -> None:
+    def __init__(self, handle: ModeHost, *, offload: bool, generation: bool = False) -> None:
         self._handle = handle
         self._offload = offload
+        # Inside generate() (no_grad, never checkpointed) no forward can be recomputed: the handle
+        # skips the checkpoint scopes of its calls (a walk of the Python stack on every router call).
+        self.generation = generation
         L = len(handle.layers)
         self._ids: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer, per forward: [N, K]
         self._shapes: list[tuple[int, ...]] = []  # per forward, from the first MoE block's input

@@ -5,14 +5,18 @@ for plain traces): checked against the model (layers, top-k, expert count, missi
 in the rows the routers will see (a gather for padded batches, ``layout.router_row_sources``) and
 put on the model's device in its compact dtype. Checks run where the trace lives:
 
-* a host trace is checked on the host (errors at once), then copied from pinned memory on the
-  handle's side stream; the compute stream waits for that copy (an event) just before the first
-  MoE layer of its forward, and widens the ids to int64 there;
-* a trace on the accelerator (or a host trace whose batch mask is there, copied first) is checked
-  by device-side reductions whose flags are read once, at the block's exit: ids out of range, a
-  repeated expert, a group limit, rows without a route, a mask that does not fit, a batch shape
-  that does not fit. Out-of-range ids are clamped meanwhile, so that no kernel indexes outside
-  the logits; the forwards of such a block are discarded by the error at exit.
+* a host trace is checked on the host, in its own rows (errors at once), then laid out and
+  copied from pinned memory on the handle's side stream; the compute stream waits for that copy
+  (an event) just before the first MoE layer of its forward, and widens the ids to int64 there;
+* a trace on the accelerator is checked by device-side reductions whose flags are read once, at
+  the block's exit: ids out of range, a repeated expert, a group limit, rows without a route.
+  Out-of-range ids are clamped meanwhile, so that no kernel indexes outside the logits; the
+  forwards of such a block are discarded by the error at exit. What only the accelerator knows
+  is read there too: a batch mask on the accelerator that does not fit the trace's sequences,
+  a forward whose mask, packing or sequence lengths differ from the trace's.
+
+The exit reads all flags at once, the host thread sleeping on an event (no spin); a prepared
+trace's own flags are read by the first block that replays it only.
 
 A :class:`PreparedTrace` can be replayed any number of times: R2's epochs and R3's passes over one
 micro-batch do this work once.
@@ -100,7 +104,7 @@ class PreparedTrace:
     lens_B: torch.Tensor | None  # a device trace without a mask: sequence lengths, checked in the forward
     padded: bool
     cu_B1: torch.Tensor  # the trace's sequence boundaries (packed batches are checked against them)
-    checks: tuple[_Check, ...]  # device-side checks, read at the exit of every block that replays it
+    checks: list[_Check]  # device-side checks, read at the exit of the first block that replays it
     ready: Any  # the CUDA event after the side-stream copy of a host trace, or None
 
 
@@ -110,9 +114,9 @@ def prepare(
     """Check ``trace`` against the model and lay it out in router rows on the model's device.
 
     Checks run where the trace lives: a host trace is checked on the host (errors now), then
-    copied from pinned memory on a side stream; a trace already on the accelerator (or one that
-    goes there first because the batch's attention mask is there) is checked by device-side
-    reductions read at the replay block's exit (no host sync before it).
+    copied from pinned memory on a side stream; a trace already on the accelerator is checked by
+    device-side reductions read at the exit of the first replay block (no host sync before it),
+    as is a host trace's fit to a batch mask that lives on the accelerator.
     """
     if missing not in ("error", "live"):
         raise ReplayError(f'missing must be "error" or "live", found {missing!r}')
@@ -120,6 +124,15 @@ def prepare(
         raise ReplayError(f"{where}replay needs a RoutingTrace, found {type(trace).__name__}")
     _check_model(handle, trace, where)
     device = _model_device(handle.model)
+    checks: list[_Check] = []
+    host_checked = trace.device.type == "cpu"
+    if host_checked:
+        # A host trace is checked on the host, in its own rows, before any layout or copy: errors
+        # now, and no device flag for the block's exit to read (no host sync there).
+        _check_ids(handle, where, trace.experts.permute(1, 0, 2), trace.valid, checks)
+        if trace.valid is not None and missing == "error":
+            valid_T, cu_B1 = trace.valid, trace.cu_seqlens
+            _check(~valid_T.all(), lambda: _holes_error(where, valid_T, cu_B1), checks)
     if trace.device.type != "cpu" and trace.device != device:
         trace = trace.to(device, non_blocking=True)
     elif (
@@ -128,13 +141,12 @@ def prepare(
         # The batch's mask lives on the accelerator: lay the trace out there (an asynchronous copy
         # from pinned memory) rather than read the mask back to the host (a sync).
         trace = trace.replace(check=False, gates=None).pin_memory().to(attention_mask.device, non_blocking=True)
-    checks: list[_Check] = []
     # The prepared trace owns what it keeps (ids, valid rows, boundaries): an edit of the caller's
     # tensors after prepare, or a route buffer reused for the next batch, must not reach a replay
     # the checks below have passed.
     valid_T = None if trace.valid is None else trace.valid.clone()
     cu_B1 = trace.cu_seqlens.clone()
-    if valid_T is not None and missing == "error":
+    if valid_T is not None and missing == "error" and not host_checked:
         # the error keeps what it names, not the whole trace
         _check(~valid_T.all(), lambda: _holes_error(where, valid_T, cu_B1), checks)
     mask_BS = None
@@ -169,14 +181,14 @@ def prepare(
         with torch.cuda.stream(stream):
             forced_LNK = _pinned(forced_LNK).to(device, non_blocking=True)
             mask_N = None if mask_N is None else _pinned(mask_N).to(device, non_blocking=True)
-            _check_ids(handle, where, forced_LNK, mask_N, checks)
             ready = torch.cuda.Event()
             ready.record(stream)
     else:
         if experts_NLK is trace.experts:  # the prepared trace's own copy (an accelerator clamps it in place),
             # in the trace's [N, L, K] layout, which the host checks read in place
             forced_LNK = experts_NLK.clone(memory_format=torch.contiguous_format).permute(1, 0, 2)
-        _check_ids(handle, where, forced_LNK, mask_N, checks)
+        if not host_checked:
+            _check_ids(handle, where, forced_LNK, mask_N, checks)
     return PreparedTrace(
         handle=handle,
         missing=missing,
@@ -190,7 +202,7 @@ def prepare(
         lens_B=lens_B,
         padded=attention_mask is not None,
         cu_B1=cu_B1,
-        checks=tuple(checks),
+        checks=checks,
         ready=ready,
     )
 
@@ -384,11 +396,14 @@ class Replay:
             if mb.ready is not None:
                 torch.cuda.current_stream(mb.forced_LNK.device).wait_event(mb.ready)
             checks.extend(mb.checks)
-        if not checks or not bool(torch.stack([flag.to(checks[0][0].device) for flag, _ in checks]).any()):
+        if not checks:
             return
-        for flag, error in checks:
-            if bool(flag):
-                raise error()
+        if _read_flag(torch.stack([flag.to(checks[0][0].device) for flag, _ in checks]).any()):
+            for flag, error in checks:
+                if bool(flag):
+                    raise error()
+        for mb in self._mbs:
+            mb.checks.clear()  # a prepared trace's own checks passed: later blocks need not read them
 
     # --- forwards ------------------------------------------------------------------------------
     def note_batch(self, index: int, shape: tuple[int, ...], packed=None, forward_mask_BS=None) -> None:
@@ -646,6 +661,19 @@ def _rows_message(where: str, n: int, num_mbs: int, N: int, mb: PreparedTrace) -
     if not hints:
         hints.append("the trace belongs to another batch")
     return msg + "; " + "; or ".join(hints)
+
+
+def _read_flag(flag: torch.Tensor) -> bool:
+    """The value of a bool scalar. On an accelerator the host thread sleeps until it is computed
+    (a blocking event), rather than spinning in a synchronizing read as ``bool(flag)`` would."""
+    if not flag.is_cuda:
+        return bool(flag)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    done = torch.cuda.Event(blocking=True)
+    done.record()
+    done.synchronize()
+    return bool(host)
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:

@@ -270,7 +270,7 @@ class GenerationCapture:
         if not float(temperature) > 0.0:
             raise GenerationCaptureError(f"temperature must be > 0 to compute log-probs, found {temperature}")
         self._handle = handle
-        self._recording = handle.record(offload=offload)
+        self._recording = handle.record(offload=offload, generation=True)
         self._done = False
         self._want_logprobs = logprobs
         self._temperature = float(temperature)

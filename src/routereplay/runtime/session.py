@@ -126,18 +126,21 @@ class RouterHandle:
         self._routers: tuple[Any, ...] = ()  # the router modules ``attach`` marked as hooked by this handle
 
     # --- public API ----------------------------------------------------------------------
-    def record(self, *, offload: bool = False) -> Recording:
+    def record(self, *, offload: bool = False, generation: bool = False) -> Recording:
         """A context manager that records the live routes of every forward inside it.
 
         Args:
             offload: copy each layer's ids to pinned CPU memory asynchronously (CUDA only;
                 on the CPU the ids already live on the host).
+            generation: the block holds ``generate()`` calls only (as ``capture_generation``'s
+                does): forwards run without grad are taken as never checkpointed, and their
+                router calls skip the search for checkpointed regions.
 
         Returns:
             The :class:`Recording`; use it as ``with handle.record() as rec:``.
         """
         self._check_attached()
-        return Recording(self, offload=offload)
+        return Recording(self, offload=offload, generation=generation)
 
     def prepare(
         self, trace: RoutingTrace, *, attention_mask: torch.Tensor | None = None, missing: str = "error"
@@ -375,8 +378,10 @@ class RouterHandle:
                     "still be recomputed; use torch.utils.checkpoint or a Function-based checkpoint"
                 )
             chain = []  # a forward run from a backward hook: routed like any forward
-        elif self._mode is None and not torch.is_grad_enabled() and not self._training():
+        elif not torch.is_grad_enabled() and (self._mode is None and not self._training()):
             return weights_NK, ids_NK  # nothing can recompute this forward
+        elif not torch.is_grad_enabled() and getattr(self._mode, "generation", False):
+            chain = []  # generate() runs without grad and is never checkpointed
         else:
             chain = recompute.scopes()
         mode = self._mode_here(index)
