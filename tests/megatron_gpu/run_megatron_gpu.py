@@ -19,6 +19,12 @@ Checks, each on every rank (results: ``$OUT/megatron_<config>.json``, one line p
     (f) slice_equals_megatron    forced ids for a whole batch, cut per rank by routereplay.parallel
                                  (SP slices included) and replayed by routereplay, equal Megatron's own
                                  RouterReplay given the same ids placed from Megatron's data path
+    (g) mtp_*                    (MTP configurations, instead of (e) and (f)) MTP routes under PP:
+                                 record -> replay, forced ids equal Megatron's RouterReplay
+    (h) dispatch_disagreement    DispatchTap (the handle's dispatch witness) over Megatron's schedule:
+                                 replaying other valid ids, it sees them row for row (routing_agreement
+                                 disagreement 0 against them, > 0 against the live routes); a live
+                                 forward with no block reads disagreement 0 against the recorded routes
 Transport (``RR_TRANSPORT``, recorded in every result row with the rank and GPU counts): ``nccl``,
 one GPU per rank (default); ``gloo1gpu``, every rank on one GPU over gloo, the pipeline send/recv
 staged through host memory (gloo1gpu.py). TP configurations run with sequence parallelism (Megatron's
@@ -603,6 +609,53 @@ def check_g_mtp(cfg, num_mb: int) -> dict:
     }
 
 
+def check_h(cfg, num_mb: int) -> dict:
+    """(h) the disagreement metrics on the whole model: ``DispatchTap`` (``handle.observe_dispatch``, what
+    each router handed its experts) over Megatron's schedule, one observed forward per micro-batch, this
+    rank's MoE layers only (a dense stage runs the schedules and reports n/a). Replaying other valid
+    ids, the tap sees them row for row: ``routing_agreement`` disagreement 0 against them and > 0
+    against the live routes; a live forward with no block reads 0 against the recorded routes."""
+    from routereplay.rl.metrics import routing_agreement
+    from routereplay.rl.store import DispatchTap
+
+    chunks = build(cfg)
+    mbs = batches(num_mb, seed=8)
+    h = attach(chunks)
+    moe = bool(h.layer_ids)  # False on a DenseStage, which still runs every schedule (pipeline p2p)
+    with h.record() as rec:
+        run_schedule(chunks, mbs, backward=False)
+    live = traces_of(rec, h)
+    forced = [other_routes(t, 800 + i) for i, t in enumerate(live)]
+    tap_f = DispatchTap(h) if moe else contextlib.nullcontext()
+    with h.replay(forced), tap_f:
+        run_schedule(chunks, mbs, backward=False)
+    tap_l = DispatchTap(h) if moe else contextlib.nullcontext()
+    with tap_l:  # no block: live routing, witnessed too
+        run_schedule(chunks, mbs, backward=False)
+    h.detach()
+    if not moe:
+        return {"h_dispatch_disagreement": None}
+    seen_f = [tap_f.trace(forward=i) for i in range(tap_f.forwards)]
+    seen_l = [tap_l.trace(forward=i) for i in range(tap_l.forwards)]
+    d = {  # routing_agreement(reference, what the tap saw).disagreement per micro-batch
+        "forced": [routing_agreement(f, t).disagreement for f, t in zip(forced, seen_f)],
+        "live_vs_forced": [routing_agreement(r, t).disagreement for r, t in zip(live, seen_f)],
+        "live": [routing_agreement(r, t).disagreement for r, t in zip(live, seen_l)],
+    }
+    same_rows = [torch.equal(t.experts.long(), f.experts.long()) for f, t in zip(forced, seen_f)]
+    n = len(forced) == len(seen_f) == len(seen_l) == num_mb
+    res = {
+        "h_forced_disagreement_zero": n and max(d["forced"]) == 0,
+        "h_live_vs_forced_disagrees": n and min(d["live_vs_forced"]) > 0,
+        "h_live_disagreement_zero": n and max(d["live"]) == 0,
+        "h_dispatched_equals_forced": n and all(same_rows),
+    }
+    res["h_dispatch_disagreement"] = all(res.values())
+    res["h_disagreement"] = d
+    res["h_observed_at"] = sorted(set(tap_f.observed_at))
+    return res
+
+
 COLUMNS = (
     ("a_record_replay_bitexact", "(a) record→replay"),
     ("b_forced_equals_megatron", "(b) forced = Megatron"),
@@ -613,6 +666,7 @@ COLUMNS = (
     ("e_r3_vllm_trace", "(e) R3 vLLM trace"),
     ("f_slice_equals_megatron", "(f) sliced = Megatron"),
     ("g_mtp_forced_equals_megatron", "(g) MTP forced = Megatron"),
+    ("h_dispatch_disagreement", "(h) DispatchTap disagreement"),
 )
 
 
@@ -709,6 +763,7 @@ def main() -> int:
             to_run.append(("g", lambda: check_g_mtp(cfg, num_mb)))
         else:
             to_run += [("e", lambda: check_e(cfg, num_mb)), ("f", lambda: check_f(cfg, num_mb))]
+        to_run.append(("h", lambda: check_h(cfg, num_mb)))
         for name, fn in to_run:
             try:
                 result.update(fn())
@@ -717,7 +772,9 @@ def main() -> int:
                 result[f"{name}_error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
     checks = {
-        k: v for k, v in result.items() if k[:2] in ("a_", "b_", "c_", "d_", "e_", "f_", "g_") and isinstance(v, bool)
+        k: v
+        for k, v in result.items()
+        if k[:2] in ("a_", "b_", "c_", "d_", "e_", "f_", "g_", "h_") and isinstance(v, bool)
     }
     ok = ok and all(checks.values())
     result["passed"] = ok
