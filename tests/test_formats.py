@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import traces as shared_traces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -350,27 +351,19 @@ def test_to_vllm_errors(requests_):
         to_vllm(trace, num_hidden_layers=2)
 
 
-@st.composite
-def traces(draw, max_seqs=4, max_len=6, with_invalid=False, min_len=0):
-    """Random engine- or training-row traces: ids distinct per row, sorted layer ids."""
-    B = draw(st.integers(1, max_seqs))
-    lens = draw(st.lists(st.integers(min_len, max_len), min_size=B, max_size=B))
-    L = draw(st.integers(1, 3))
-    top_k = draw(st.integers(1, 3))
-    num_experts = draw(st.sampled_from([max(top_k, 4), 16, 300]))
-    layer_ids = tuple(sorted(draw(st.sets(st.integers(0, 7), min_size=L, max_size=L))))
-    T = sum(lens)
-    experts = torch.from_numpy(random_routes(T, L, top_k, num_experts, seed=draw(st.integers(0, 2**16))))
-    valid = None
-    if with_invalid and T:
-        valid = torch.tensor(draw(st.lists(st.booleans(), min_size=T, max_size=T)))
-    return RoutingTrace(
-        experts=experts,
-        cu_seqlens=torch.tensor([0, *np.cumsum(lens).tolist()]),
-        layer_ids=layer_ids,
-        num_experts=num_experts,
-        valid=valid,
-        meta={"source": "test"},
+def traces(*, with_invalid=False, min_len=0):
+    """Random engine- or training-row traces (tests/helpers.traces): 1 to 4 sequences of up to 6
+    rows, E in 4, 16, 300, K <= 3, sorted layer ids in [0, 7], no gates; ``with_invalid``: each
+    row's valid flag drawn (no mask on an empty trace)."""
+    return shared_traces(
+        min_seqs=1,
+        max_seqs=4,
+        min_len=min_len,
+        max_len=6,
+        num_experts=st.sampled_from([4, 16, 300]),  # (was max(K, 4), 16, 300 with K <= 3)
+        max_layer_id=7,
+        valid=("drawn",) if with_invalid else (None,),
+        gates=(None,),
     )
 
 

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import traces as shared_traces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,18 +42,17 @@ def make_trace(lens, L=2, K=2, E=8, *, valid=False, gates=False, seed=0) -> Rout
     )
 
 
-@st.composite
-def traces(draw, *, min_seqs=0, max_seqs=5, min_len=0, max_len=12):
-    B = draw(st.integers(min_seqs, max_seqs))
-    lens = draw(st.lists(st.integers(min_len, max_len), min_size=B, max_size=B))
-    return make_trace(
-        lens,
-        L=draw(st.integers(1, 3)),
-        K=draw(st.integers(1, 3)),
-        E=draw(st.sampled_from(NUM_EXPERTS)),
-        valid=draw(st.booleans()),
-        gates=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**31 - 1)),
+def traces(*, min_seqs=0, max_seqs=5, min_len=0, max_len=12):
+    """This file's random traces (tests/helpers.traces): E in NUM_EXPERTS, ~20 % unknown rows or
+    no mask, float32 gates or none, layer ids 1, 3, 5."""
+    return shared_traces(
+        min_seqs=min_seqs,
+        max_seqs=max_seqs,
+        min_len=min_len,
+        max_len=max_len,
+        num_experts=st.sampled_from(NUM_EXPERTS),
+        valid=(None, 0.8),
+        gates=(None, torch.float32),
     )
 
 
