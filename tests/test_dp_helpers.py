@@ -144,20 +144,46 @@ def test_rank_store_holds_only_its_samples():
         rd.rank_store(None, trace, sample_ids=[1, 1])
 
 
-def test_merge_refusals():
+# (trace): make_trace([3, 1, 4])
+MERGE_REFUSALS = [
+    pytest.param(
+        lambda trace: rd.merge_routes([([0, 1], trace.select_sequences([0, 1])), ([1], trace.select_sequences([2]))]),
+        LayoutError,
+        r"^sample 1 is held by ranks \[0, 1\] with lengths \[1, 4\]; one sample id",
+        id="sample-lengths-differ",
+    ),
+    pytest.param(
+        lambda trace: rd.merge_routes([([0], trace.sequence(0)), ([1, 2], trace.sequence(1))]),
+        LayoutError,
+        r"^shard 1 has 2 sample ids for a trace of 1 sequences",
+        id="ids-vs-sequences",
+    ),
+    pytest.param(
+        lambda trace: rd.merge_routes([([0], trace.sequence(0)), ([1], make_trace([2], L=3))]),
+        TraceMismatchError,
+        r"^trace 1 has layer_ids=\(1, 3, 5\) but trace 0 has layer_ids=\(1, 3\)",
+        id="layer-ids",
+    ),
+    pytest.param(
+        lambda trace: rd.merge_routes([]),
+        LayoutError,
+        r"^merge_routes needs at least one shard",
+        id="no-shard",
+    ),
+    pytest.param(
+        lambda trace: rd.distributed_sample_ids(4, num_replicas=2, rank=2),
+        LayoutError,
+        r"^rank must be an int in \[0, 2\) for num_replicas=2, found 2",
+        id="rank",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), MERGE_REFUSALS)
+def test_merge_refusals(call, error, match):
     trace = make_trace([3, 1, 4])
-    with pytest.raises(LayoutError, match=r"^sample 1 is held by ranks \[0, 1\] with lengths \[1, 4\]; one sample id"):
-        rd.merge_routes([([0, 1], trace.select_sequences([0, 1])), ([1], trace.select_sequences([2]))])
-    with pytest.raises(LayoutError, match=r"^shard 1 has 2 sample ids for a trace of 1 sequences"):
-        rd.merge_routes([([0], trace.sequence(0)), ([1, 2], trace.sequence(1))])
-    with pytest.raises(
-        TraceMismatchError, match=r"^trace 1 has layer_ids=\(1, 3, 5\) but trace 0 has layer_ids=\(1, 3\)"
-    ):
-        rd.merge_routes([([0], trace.sequence(0)), ([1], make_trace([2], L=3))])
-    with pytest.raises(LayoutError, match=r"^merge_routes needs at least one shard"):
-        rd.merge_routes([])
-    with pytest.raises(LayoutError, match=r"^rank must be an int in \[0, 2\) for num_replicas=2, found 2"):
-        rd.distributed_sample_ids(4, num_replicas=2, rank=2)
+    with pytest.raises(error, match=match):
+        call(trace)
 
 
 # --- collectives on gloo --------------------------------------------------------------------------
