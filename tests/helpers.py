@@ -78,6 +78,89 @@ def record(handle, model, b, **kw):
     return rec, out
 
 
+# --- random traces for hypothesis (test_dp_helpers, test_formats, test_io, test_layout) -------------
+def distinct_ids(rows: int, top_k: int, num_experts: int, gen: torch.Generator) -> torch.Tensor:
+    """int64 ``[rows, K]``: K distinct ids in [0, E) per row, a uniformly random ordered choice.
+
+    Floyd's sampling (K draws per row, whatever E), then the K slots shuffled per row.
+    """
+    ids_NK = torch.empty(rows, 0, dtype=torch.int64)
+    for j in range(num_experts - top_k, num_experts):
+        t_N1 = torch.randint(0, j + 1, (rows, 1), generator=gen)
+        ids_NK = torch.cat([ids_NK, torch.where((ids_NK == t_N1).any(1, keepdim=True), j, t_N1)], 1)
+    return ids_NK.gather(1, torch.rand(rows, top_k, generator=gen).argsort(1))
+
+
+def traces(
+    *,
+    min_seqs: int = 0,
+    max_seqs: int = 5,
+    min_len: int = 0,
+    max_len: int = 12,
+    num_experts=None,
+    max_top_k: int = 3,
+    max_layer_id: int | None = None,
+    sorted_layer_ids: bool = True,
+    valid: tuple = (None, 0.8),
+    gates: tuple = (None, torch.float32),
+    meta=None,
+):
+    """A hypothesis strategy of valid RoutingTraces; each test file passes its own distribution.
+
+    B in [min_seqs, max_seqs] sequences of [min_len, max_len] rows; L in [1, 3] layers; E drawn
+    by ``num_experts`` (default 8, 64, 300, 40000: uint8, uint8, int16, int32 ids); K in
+    [1, min(max_top_k, E)]; K distinct ids per row. Layer ids: 1, 3, 5, ... when ``max_layer_id``
+    is None, else L distinct ids in [0, max_layer_id], sorted or in drawn order. ``valid``: the
+    mask kinds drawn from: None (no mask), a float p (each row valid with probability p),
+    ``"last"`` (each sequence's last row unknown, as an engine capture has it) or ``"drawn"``
+    (each row's flag drawn by hypothesis; no mask when there are no rows). ``gates``: None or
+    the gate dtypes drawn from. ``meta``: a strategy of the meta dict (default
+    ``{"source": "test"}``).
+    """
+    from hypothesis import strategies as st  # here: the GPU tiers import helpers without hypothesis
+
+    experts_of = st.sampled_from([8, 64, 300, 40000]) if num_experts is None else num_experts
+    meta_of = st.builds(dict, source=st.just("test")) if meta is None else meta
+
+    @st.composite
+    def draw_trace(draw) -> RoutingTrace:
+        B = draw(st.integers(min_seqs, max_seqs))
+        lens = draw(st.lists(st.integers(min_len, max_len), min_size=B, max_size=B))
+        E = draw(experts_of)
+        K = draw(st.integers(1, min(max_top_k, E)))
+        L = draw(st.integers(1, 3))
+        if max_layer_id is None:
+            layer_ids = tuple(range(1, 2 * L, 2))
+        else:
+            layer_ids = draw(st.lists(st.integers(0, max_layer_id), min_size=L, max_size=L, unique=True))
+            layer_ids = tuple(sorted(layer_ids) if sorted_layer_ids else layer_ids)
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        T = sum(lens)
+        cu_B1 = torch.tensor([0, *lens], dtype=torch.int64).cumsum(0)
+        kind = draw(st.sampled_from(valid))
+        valid_T = None
+        if kind == "last":
+            valid_T = torch.ones(T, dtype=torch.bool)
+            valid_T[cu_B1[1:][cu_B1.diff() > 0] - 1] = False
+        elif kind == "drawn":
+            if T:
+                valid_T = torch.tensor(draw(st.lists(st.booleans(), min_size=T, max_size=T)), dtype=torch.bool)
+        elif kind is not None:
+            valid_T = torch.rand(T, generator=g) < kind
+        gates_dtype = draw(st.sampled_from(gates))
+        return RoutingTrace(
+            experts=distinct_ids(T * L, K, E, g).reshape(T, L, K),
+            cu_seqlens=cu_B1,
+            layer_ids=layer_ids,
+            num_experts=E,
+            valid=valid_T,
+            gates=None if gates_dtype is None else torch.rand(T, L, K, generator=g).to(gates_dtype),
+            meta=draw(meta_of),
+        )
+
+    return draw_trace()
+
+
 # --- from test_routing.py ---------------------------------------------------------------------------
 # --- independent helpers (also used by test_hf_specs) ----------------------------------------
 def random_valid_ids(spec: RouterSpec, num_tokens: int, gen: torch.Generator) -> torch.Tensor:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import traces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
@@ -59,20 +60,6 @@ def make_trace(lens, L=2, K=2, E=8, *, valid: bool | str = False, gates=False, s
     )
 
 
-@st.composite
-def traces(draw, *, max_seqs=9, valid_kinds=(False, True, "last")):
-    B = draw(st.integers(0, max_seqs))
-    return make_trace(
-        draw(st.lists(st.integers(0, 7), min_size=B, max_size=B)),
-        L=draw(st.integers(1, 3)),
-        K=draw(st.integers(1, 3)),
-        E=draw(st.sampled_from([8, 64, 300, 40000])),  # uint8, uint8, int16, int32 ids
-        valid=draw(st.sampled_from(valid_kinds)),
-        gates=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
-
-
 # --- split --------------------------------------------------------------------------------------
 @given(
     n=st.integers(0, 30),
@@ -98,7 +85,7 @@ def test_sample_ids_are_distributed_samplers(n, world, shuffle, drop_last, seed,
 
 
 @given(
-    trace=traces(valid_kinds=(False, "last")),
+    trace=traces(max_seqs=9, max_len=7, valid=(None, "last")),
     world=st.integers(1, 4),
     shuffle=st.booleans(),
     drop_last=st.booleans(),
@@ -124,7 +111,7 @@ def test_split_then_merge_round_trip(trace, world, shuffle, drop_last, seed):
     assert merged == trace.select_sequences(ids)
 
 
-@given(trace=traces(max_seqs=6), data=st.data())
+@given(trace=traces(max_seqs=6, max_len=7, valid=(None, 0.8, "last")), data=st.data())
 @SETTINGS
 def test_merge_inverts_any_split_with_repeats(trace, data):
     """Any partition (ranks in any order, samples repeated on a second rank) merges to sample order."""
@@ -157,20 +144,46 @@ def test_rank_store_holds_only_its_samples():
         rd.rank_store(None, trace, sample_ids=[1, 1])
 
 
-def test_merge_refusals():
+# (trace): make_trace([3, 1, 4])
+MERGE_REFUSALS = [
+    pytest.param(
+        lambda trace: rd.merge_routes([([0, 1], trace.select_sequences([0, 1])), ([1], trace.select_sequences([2]))]),
+        LayoutError,
+        r"^sample 1 is held by ranks \[0, 1\] with lengths \[1, 4\]; one sample id",
+        id="sample-lengths-differ",
+    ),
+    pytest.param(
+        lambda trace: rd.merge_routes([([0], trace.sequence(0)), ([1, 2], trace.sequence(1))]),
+        LayoutError,
+        r"^shard 1 has 2 sample ids for a trace of 1 sequences",
+        id="ids-vs-sequences",
+    ),
+    pytest.param(
+        lambda trace: rd.merge_routes([([0], trace.sequence(0)), ([1], make_trace([2], L=3))]),
+        TraceMismatchError,
+        r"^trace 1 has layer_ids=\(1, 3, 5\) but trace 0 has layer_ids=\(1, 3\)",
+        id="layer-ids",
+    ),
+    pytest.param(
+        lambda trace: rd.merge_routes([]),
+        LayoutError,
+        r"^merge_routes needs at least one shard",
+        id="no-shard",
+    ),
+    pytest.param(
+        lambda trace: rd.distributed_sample_ids(4, num_replicas=2, rank=2),
+        LayoutError,
+        r"^rank must be an int in \[0, 2\) for num_replicas=2, found 2",
+        id="rank",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), MERGE_REFUSALS)
+def test_merge_refusals(call, error, match):
     trace = make_trace([3, 1, 4])
-    with pytest.raises(LayoutError, match=r"^sample 1 is held by ranks \[0, 1\] with lengths \[1, 4\]; one sample id"):
-        rd.merge_routes([([0, 1], trace.select_sequences([0, 1])), ([1], trace.select_sequences([2]))])
-    with pytest.raises(LayoutError, match=r"^shard 1 has 2 sample ids for a trace of 1 sequences"):
-        rd.merge_routes([([0], trace.sequence(0)), ([1, 2], trace.sequence(1))])
-    with pytest.raises(
-        TraceMismatchError, match=r"^trace 1 has layer_ids=\(1, 3, 5\) but trace 0 has layer_ids=\(1, 3\)"
-    ):
-        rd.merge_routes([([0], trace.sequence(0)), ([1], make_trace([2], L=3))])
-    with pytest.raises(LayoutError, match=r"^merge_routes needs at least one shard"):
-        rd.merge_routes([])
-    with pytest.raises(LayoutError, match=r"^rank must be an int in \[0, 2\) for num_replicas=2, found 2"):
-        rd.distributed_sample_ids(4, num_replicas=2, rank=2)
+    with pytest.raises(error, match=match):
+        call(trace)
 
 
 # --- collectives on gloo --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import traces as shared_traces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -203,70 +204,144 @@ def test_vllm_training_rows(requests_):
     assert [a.tolist() for a in to_vllm(trace, rows="training")] == [p.tolist() for p in payloads]
 
 
-def test_vllm_row_count_errors(requests_):
+def _vllm_counts(requests_):
+    """The requests' combined payloads, their prompt lengths P and completion lengths C (C[1] one
+    too many), and the split form (prompt part, generated part) with the true counts."""
     lens, truths = requests_
     payloads = [vllm_capture(t) for t in truths]
     P, C = [p for p, _ in lens], [c for _, c in lens]
+    prompts = [vllm_split(p, pl, c)[0] for p, pl, c in zip(payloads, P, C)]
+    gens = [vllm_split(p, pl, c)[1] for p, pl, c in zip(payloads, P, C)]
     C[1] += 1
-    with pytest.raises(
+    return SimpleNamespace(payloads=payloads, P=P, C=C, prompts=prompts, gens=gens)
+
+
+# (v): _vllm_counts(requests_)
+VLLM_ROW_COUNT_ERRORS = [
+    pytest.param(
+        lambda v: from_vllm(v.payloads, num_experts=E, prompt_lens=v.P, completion_lens=v.C),
         EngineFormatError,
-        match=re.escape("request 1: routed_experts has 5 rows, expected prompt+completion-1 = 5+2-1 = 6"),
-    ):
-        from_vllm(payloads, num_experts=E, prompt_lens=P, completion_lens=C)
-    with pytest.raises(EngineFormatError, match="give both prompt_lens and completion_lens"):
-        from_vllm(payloads, num_experts=E, prompt_lens=P)
-    with pytest.raises(EngineFormatError, match=re.escape("completion_lens has 2 entries but there are 3 requests")):
-        from_vllm(payloads, num_experts=E, prompt_lens=P, completion_lens=C[:2])
-    prompts = [vllm_split(p, pl, c)[0] for p, pl, c in zip(payloads, P, [c for _, c in lens])]
-    gens = [vllm_split(p, pl, c)[1] for p, pl, c in zip(payloads, P, [c for _, c in lens])]
-    with pytest.raises(EngineFormatError, match="the split form .* needs completion_lens"):
-        from_vllm(gens, prompt_routed_experts=prompts, num_experts=E)
-    with pytest.raises(
+        re.escape("request 1: routed_experts has 5 rows, expected prompt+completion-1 = 5+2-1 = 6"),
+        id="combined-rows",
+    ),
+    pytest.param(
+        lambda v: from_vllm(v.payloads, num_experts=E, prompt_lens=v.P),
         EngineFormatError,
-        match=re.escape(
+        "give both prompt_lens and completion_lens",
+        id="prompt-lens-alone",
+    ),
+    pytest.param(
+        lambda v: from_vllm(v.payloads, num_experts=E, prompt_lens=v.P, completion_lens=v.C[:2]),
+        EngineFormatError,
+        re.escape("completion_lens has 2 entries but there are 3 requests"),
+        id="completion-lens-count",
+    ),
+    pytest.param(
+        lambda v: from_vllm(v.gens, prompt_routed_experts=v.prompts, num_experts=E),
+        EngineFormatError,
+        "the split form .* needs completion_lens",
+        id="split-without-counts",
+    ),
+    pytest.param(
+        lambda v: from_vllm(v.gens, prompt_routed_experts=v.prompts, num_experts=E, completion_lens=[5, 1, 6]),
+        EngineFormatError,
+        re.escape(
             "request 0: routed_experts (generated part) has 3 rows, expected completion-1 = 4 (or completion = 5"
         ),
-    ):
-        from_vllm(gens, prompt_routed_experts=prompts, num_experts=E, completion_lens=[5, 1, 6])
-    with pytest.raises(
-        EngineFormatError, match=re.escape("request 2: prompt_routed_experts has 2 rows, expected prompt = 3")
-    ):
-        from_vllm(gens, prompt_routed_experts=prompts, num_experts=E, prompt_lens=[3, 5, 3], completion_lens=[4, 1, 6])
+        id="split-generated-rows",
+    ),
+    pytest.param(
+        lambda v: from_vllm(
+            v.gens, prompt_routed_experts=v.prompts, num_experts=E, prompt_lens=[3, 5, 3], completion_lens=[4, 1, 6]
+        ),
+        EngineFormatError,
+        re.escape("request 2: prompt_routed_experts has 2 rows, expected prompt = 3"),
+        id="split-prompt-rows",
+    ),
+]
 
 
-def test_vllm_payload_errors(requests_):
+@pytest.mark.parametrize(("call", "error", "match"), VLLM_ROW_COUNT_ERRORS)
+def test_vllm_row_count_errors(requests_, call, error, match):
+    v = _vllm_counts(requests_)
+    with pytest.raises(error, match=match):
+        call(v)
+
+
+# (cap): the first request's combined payload, vllm_capture(truths[0]): 6 rows x 3 layers x top-2, int16
+VLLM_PAYLOAD_ERRORS = [
+    pytest.param(
+        lambda cap: from_vllm([None], num_experts=E),
+        EngineFormatError,
+        "request 0: routed_experts is None",
+        id="none",
+    ),
+    pytest.param(
+        lambda cap: from_vllm(["not base64!"], num_experts=E),
+        EngineFormatError,
+        "request 0: routed_experts is a string but not valid base64",
+        id="not-base64",
+    ),
+    pytest.param(
+        lambda cap: from_vllm([base64.b64encode(b"\x00" * 12).decode()], num_experts=E),
+        EngineFormatError,
+        "request 0: routed_experts decodes to 12 bytes that are not a .npy file",
+        id="not-npy",
+    ),
+    pytest.param(
+        lambda cap: from_vllm([npy_base64(cap)[:-24]], num_experts=E),
+        EngineFormatError,
+        re.escape(
+            "request 0: routed_experts .npy header declares shape (6, 3, 2) of int16 = 72 bytes, but 55 bytes "
+            "follow the header; the payload is truncated or its header is corrupt"
+        ),
+        id="npy-truncated",
+    ),
+    pytest.param(
+        lambda cap: from_vllm([base64.b64decode(npy_base64(cap))[:20]], num_experts=E),
+        EngineFormatError,
+        "request 0: routed_experts is a corrupt or truncated .npy payload",
+        id="npy-bytes-truncated",
+    ),
+    pytest.param(
+        lambda cap: from_vllm([[[[1, 2]], [[1]]]], num_experts=E),
+        EngineFormatError,
+        r"request 0: routed_experts is not a rectangular \[rows, layers, top_k\] array",
+        id="ragged-list",
+    ),
+    pytest.param(
+        lambda cap: from_vllm([cap.astype(np.float32)], num_experts=E),
+        EngineFormatError,
+        "request 0: routed_experts has dtype float32; expected an integer dtype",
+        id="float-dtype",
+    ),
+    pytest.param(
+        lambda cap: from_vllm([cap[0]], num_experts=E),
+        EngineFormatError,
+        r"request 0: routed_experts must be \[rows, layers, top_k\], found shape \(3, 2\)",
+        id="two-dims",
+    ),
+    pytest.param(
+        lambda cap: from_vllm([cap, cap[..., :1]], num_experts=E),
+        EngineFormatError,
+        "request 1: routed_experts has 3 layers x top-1, but request 0 has 3 layers x top-2",
+        id="layers-x-top-k-differ",
+    ),
+    pytest.param(
+        lambda cap: from_vllm([[], []], num_experts=E),
+        EngineFormatError,
+        "cannot tell the number of layers and top-k: every request's routed_experts is empty",
+        id="all-empty",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), VLLM_PAYLOAD_ERRORS)
+def test_vllm_payload_errors(requests_, call, error, match):
     _, truths = requests_
     cap = vllm_capture(truths[0])
-    cases = [
-        (None, "request 0: routed_experts is None"),
-        ("not base64!", "request 0: routed_experts is a string but not valid base64"),
-        (
-            base64.b64encode(b"\x00" * 12).decode(),
-            "request 0: routed_experts decodes to 12 bytes that are not a .npy file",
-        ),
-        (
-            npy_base64(cap)[:-24],
-            re.escape(
-                "request 0: routed_experts .npy header declares shape (6, 3, 2) of int16 = 72 bytes, but 55 bytes "
-                "follow the header; the payload is truncated or its header is corrupt"
-            ),
-        ),
-        (base64.b64decode(npy_base64(cap))[:20], "request 0: routed_experts is a corrupt or truncated .npy payload"),
-        ([[[1, 2]], [[1]]], r"request 0: routed_experts is not a rectangular \[rows, layers, top_k\] array"),
-        (cap.astype(np.float32), "request 0: routed_experts has dtype float32; expected an integer dtype"),
-        (cap[0], r"request 0: routed_experts must be \[rows, layers, top_k\], found shape \(3, 2\)"),
-    ]
-    for payload, msg in cases:
-        with pytest.raises(EngineFormatError, match=msg):
-            from_vllm([payload], num_experts=E)
-    with pytest.raises(
-        EngineFormatError, match="request 1: routed_experts has 3 layers x top-1, but request 0 has 3 layers x top-2"
-    ):
-        from_vllm([cap, cap[..., :1]], num_experts=E)
-    with pytest.raises(
-        EngineFormatError, match="cannot tell the number of layers and top-k: every request's routed_experts is empty"
-    ):
-        from_vllm([[], []], num_experts=E)
+    with pytest.raises(error, match=match):
+        call(cap)
 
 
 def test_dense_layers_dropped_and_checked(requests_):
@@ -333,44 +408,56 @@ def test_missing_rows(requests_):
         from_vllm(caps, num_experts=E, moe_layer_ids=MOE, missing=True)
 
 
-def test_to_vllm_errors(requests_):
+# (trace): the three requests' engine trace with num_experts=300
+TO_VLLM_ERRORS = [
+    pytest.param(
+        lambda trace: to_vllm(trace, dtype="uint8"),
+        EngineFormatError,
+        "dtype uint8 cannot hold expert ids up to 299",
+        id="dtype-too-narrow",
+    ),
+    pytest.param(
+        lambda trace: to_vllm(trace, encoding="json"),
+        EngineFormatError,
+        "encoding must be",
+        id="encoding",
+    ),
+    pytest.param(
+        lambda trace: to_vllm(trace, prompt_lens=[3, 6, 2]),
+        EngineFormatError,
+        re.escape("sequence 1 has 5 engine rows, which cannot hold a prompt of 6 tokens"),
+        id="prompt-longer-than-rows",
+    ),
+    pytest.param(
+        lambda trace: to_vllm(trace, num_hidden_layers=2),
+        EngineFormatError,
+        re.escape("num_hidden_layers=2 cannot hold the trace's layers [0, 1, 2]"),
+        id="num-hidden-layers",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), TO_VLLM_ERRORS)
+def test_to_vllm_errors(requests_, call, error, match):
     _, truths = requests_
     trace = from_vllm([vllm_capture(t) for t in truths], num_experts=300)
-    with pytest.raises(EngineFormatError, match="dtype uint8 cannot hold expert ids up to 299"):
-        to_vllm(trace, dtype="uint8")
-    with pytest.raises(EngineFormatError, match="encoding must be"):
-        to_vllm(trace, encoding="json")
-    with pytest.raises(
-        EngineFormatError, match=re.escape("sequence 1 has 5 engine rows, which cannot hold a prompt of 6 tokens")
-    ):
-        to_vllm(trace, prompt_lens=[3, 6, 2])
-    with pytest.raises(
-        EngineFormatError, match=re.escape("num_hidden_layers=2 cannot hold the trace's layers [0, 1, 2]")
-    ):
-        to_vllm(trace, num_hidden_layers=2)
+    with pytest.raises(error, match=match):
+        call(trace)
 
 
-@st.composite
-def traces(draw, max_seqs=4, max_len=6, with_invalid=False, min_len=0):
-    """Random engine- or training-row traces: ids distinct per row, sorted layer ids."""
-    B = draw(st.integers(1, max_seqs))
-    lens = draw(st.lists(st.integers(min_len, max_len), min_size=B, max_size=B))
-    L = draw(st.integers(1, 3))
-    top_k = draw(st.integers(1, 3))
-    num_experts = draw(st.sampled_from([max(top_k, 4), 16, 300]))
-    layer_ids = tuple(sorted(draw(st.sets(st.integers(0, 7), min_size=L, max_size=L))))
-    T = sum(lens)
-    experts = torch.from_numpy(random_routes(T, L, top_k, num_experts, seed=draw(st.integers(0, 2**16))))
-    valid = None
-    if with_invalid and T:
-        valid = torch.tensor(draw(st.lists(st.booleans(), min_size=T, max_size=T)))
-    return RoutingTrace(
-        experts=experts,
-        cu_seqlens=torch.tensor([0, *np.cumsum(lens).tolist()]),
-        layer_ids=layer_ids,
-        num_experts=num_experts,
-        valid=valid,
-        meta={"source": "test"},
+def traces(*, with_invalid=False, min_len=0):
+    """Random engine- or training-row traces (tests/helpers.traces): 1 to 4 sequences of up to 6
+    rows, E in 4, 16, 300, K <= 3, sorted layer ids in [0, 7], no gates; ``with_invalid``: each
+    row's valid flag drawn (no mask on an empty trace)."""
+    return shared_traces(
+        min_seqs=1,
+        max_seqs=4,
+        min_len=min_len,
+        max_len=6,
+        num_experts=st.sampled_from([4, 16, 300]),  # (was max(K, 4), 16, 300 with K <= 3)
+        max_layer_id=7,
+        valid=("drawn",) if with_invalid else (None,),
+        gates=(None,),
     )
 
 
@@ -461,35 +548,69 @@ def test_sglang_start_len(requests_, honour):
     assert trace == engine_trace([t[2:] for t in truths], source="sglang")
 
 
-def test_sglang_row_count_errors(requests_):
+def _sglang_counts(requests_):
+    """The first request's meta_info: ``late`` with start_len=2 and one completion token too many,
+    ``short`` (no start_len) with one prompt token too few."""
     lens, truths = requests_
-    info = sglang_meta_info(truths[0], lens[0][0], start_len=2)
-    info["completion_tokens"] += 1
-    with pytest.raises(
+    late = sglang_meta_info(truths[0], lens[0][0], start_len=2)
+    late["completion_tokens"] += 1
+    short = sglang_meta_info(truths[0], lens[0][0])
+    short["prompt_tokens"] -= 1
+    return SimpleNamespace(late=late, short=short)
+
+
+# (s): _sglang_counts(requests_)
+SGLANG_ROW_COUNT_ERRORS = [
+    pytest.param(
+        lambda s: from_sglang([s.late], num_layers=len(MOE), top_k=K, num_experts=E, start_lens=[2]),
         EngineFormatError,
-        match=re.escape(
+        re.escape(
             "request 0: routed_experts has 4 rows, expected seqlen-1-start_len = 8-1-2 = 5 (start_len honoured) or seqlen-1 = 7"
         ),
-    ):
-        from_sglang([info], num_layers=len(MOE), top_k=K, num_experts=E, start_lens=[2])
-    info = sglang_meta_info(truths[0], lens[0][0])
-    info["prompt_tokens"] -= 1
-    with pytest.raises(
-        EngineFormatError, match=re.escape("request 0: routed_experts has 6 rows, expected seqlen-1 = 6-1 = 5;")
-    ):
-        from_sglang([info], num_layers=len(MOE), top_k=K, num_experts=E)
-    with pytest.raises(
-        EngineFormatError, match=re.escape("request 0: start_len=1 but meta_info says routed_experts_start_len=2")
-    ):
-        from_sglang(
-            [{**info, "routed_experts_start_len": 2}], num_layers=len(MOE), top_k=K, num_experts=E, start_lens=[1]
-        )
-    with pytest.raises(EngineFormatError, match="request 0: with routed_experts_start_len=2 the token count is needed"):
-        from_sglang([info["routed_experts"]], num_layers=len(MOE), top_k=K, num_experts=E, start_lens=[2])
-    with pytest.raises(EngineFormatError, match="request 0: meta_info has no routed_experts"):
-        from_sglang([{"prompt_tokens": 3}], num_layers=len(MOE), top_k=K, num_experts=E)
-    with pytest.raises(EngineFormatError, match="request 0: meta_info lacks prompt_tokens / completion_tokens"):
-        from_sglang([{"routed_experts": info["routed_experts"]}], num_layers=len(MOE), top_k=K, num_experts=E)
+        id="rows-with-start-len",
+    ),
+    pytest.param(
+        lambda s: from_sglang([s.short], num_layers=len(MOE), top_k=K, num_experts=E),
+        EngineFormatError,
+        re.escape("request 0: routed_experts has 6 rows, expected seqlen-1 = 6-1 = 5;"),
+        id="rows",
+    ),
+    pytest.param(
+        lambda s: from_sglang(
+            [{**s.short, "routed_experts_start_len": 2}], num_layers=len(MOE), top_k=K, num_experts=E, start_lens=[1]
+        ),
+        EngineFormatError,
+        re.escape("request 0: start_len=1 but meta_info says routed_experts_start_len=2"),
+        id="start-len-differs",
+    ),
+    pytest.param(
+        lambda s: from_sglang([s.short["routed_experts"]], num_layers=len(MOE), top_k=K, num_experts=E, start_lens=[2]),
+        EngineFormatError,
+        "request 0: with routed_experts_start_len=2 the token count is needed",
+        id="start-len-without-count",
+    ),
+    pytest.param(
+        lambda s: from_sglang([{"prompt_tokens": 3}], num_layers=len(MOE), top_k=K, num_experts=E),
+        EngineFormatError,
+        "request 0: meta_info has no routed_experts",
+        id="no-routed-experts",
+    ),
+    pytest.param(
+        lambda s: from_sglang(
+            [{"routed_experts": s.short["routed_experts"]}], num_layers=len(MOE), top_k=K, num_experts=E
+        ),
+        EngineFormatError,
+        "request 0: meta_info lacks prompt_tokens / completion_tokens",
+        id="no-token-counts",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), SGLANG_ROW_COUNT_ERRORS)
+def test_sglang_row_count_errors(requests_, call, error, match):
+    s = _sglang_counts(requests_)
+    with pytest.raises(error, match=match):
+        call(s)
 
 
 @pytest.mark.parametrize("honour", [True, False])
@@ -635,32 +756,53 @@ def test_verl_trainer_recorded_and_unpadded(requests_):
         from_verl_unpadded(samples, num_experts=E, moe_layer_ids=MOE, num_tokens=[7, 6, 9])
 
 
-def test_verl_misalignment_errors(requests_):
-    _, _, re_BSLK, mask = _verl_fixture(requests_)
-    # response truncated after generation: routes longer than the tokens spill into padding
+def _truncated_response(mask):
+    """Response truncated after generation: sample 2's mask ends at 8, its routes spill into padding."""
     cut = mask.clone()
     cut[2, 8:] = 0
-    with pytest.raises(
+    return cut
+
+
+# (re_BSLK, mask): _verl_fixture(requests_)'s padded routes [3, 13, 5, 2] and attention mask [3, 13]
+VERL_MISALIGNMENT_ERRORS = [
+    pytest.param(
+        lambda re_BSLK, mask: from_verl(re_BSLK, _truncated_response(mask), num_experts=E, moe_layer_ids=MOE),
         EngineFormatError,
-        match=re.escape("sample 2: routed_experts holds a route at position 8, where attention_mask is 0 (padding)"),
-    ):
-        from_verl(re_BSLK, cut, num_experts=E, moe_layer_ids=MOE)
-    with pytest.raises(
+        re.escape("sample 2: routed_experts holds a route at position 8, where attention_mask is 0 (padding)"),
+        id="route-on-padding",
+    ),
+    pytest.param(
+        lambda re_BSLK, mask: from_verl(torch.roll(re_BSLK, 1, dims=1), mask, num_experts=E, moe_layer_ids=MOE),
         EngineFormatError,
-        match=re.escape("sample 0: the last token (row 6) has a route, but an engine capture stops one token short"),
-    ):
-        from_verl(torch.roll(re_BSLK, 1, dims=1), mask, num_experts=E, moe_layer_ids=MOE)
-    with pytest.raises(
-        EngineFormatError, match=re.escape("verl batch: routed_experts is [3, 13, 5, 2] but attention_mask is [3, 12]")
-    ):
-        from_verl(re_BSLK, mask[:, :12], num_experts=E)
-    with pytest.raises(EngineFormatError, match="verl batch: attention_mask must hold only 0 and 1"):
-        from_verl(re_BSLK, mask * 2, num_experts=E)
-    with pytest.raises(
+        re.escape("sample 0: the last token (row 6) has a route, but an engine capture stops one token short"),
+        id="last-token-routed",
+    ),
+    pytest.param(
+        lambda re_BSLK, mask: from_verl(re_BSLK, mask[:, :12], num_experts=E),
         EngineFormatError,
-        match=re.escape("verl batch: routed_experts must be [bs, seq, layers, top_k], found shape (13, 5, 2)"),
-    ):
-        from_verl(re_BSLK[0], mask[0], num_experts=E)
+        re.escape("verl batch: routed_experts is [3, 13, 5, 2] but attention_mask is [3, 12]"),
+        id="shapes",
+    ),
+    pytest.param(
+        lambda re_BSLK, mask: from_verl(re_BSLK, mask * 2, num_experts=E),
+        EngineFormatError,
+        "verl batch: attention_mask must hold only 0 and 1",
+        id="mask-values",
+    ),
+    pytest.param(
+        lambda re_BSLK, mask: from_verl(re_BSLK[0], mask[0], num_experts=E),
+        EngineFormatError,
+        re.escape("verl batch: routed_experts must be [bs, seq, layers, top_k], found shape (13, 5, 2)"),
+        id="routes-dims",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), VERL_MISALIGNMENT_ERRORS)
+def test_verl_misalignment_errors(requests_, call, error, match):
+    _, _, re_BSLK, mask = _verl_fixture(requests_)
+    with pytest.raises(error, match=match):
+        call(re_BSLK, mask)
 
 
 def test_to_verl_errors(requests_):
@@ -762,41 +904,78 @@ def test_megatron_router_layer_ids():
         megatron_router_layer_ids(torch.nn.ModuleList([_Router(object(), 2), _Router(object(), 2)]))
 
 
-def test_megatron_sbhd_fill_and_errors():
-    truth = random_routes(6, len(MOE), K, E, seed=6)  # 2 sequences of 3 tokens
+def _megatron_sbhd():
+    """2 sequences of 3 tokens: ``truth``, the training ``trace`` (every row routed), its sbhd
+    replay list, the ``engine`` trace (each last row unrouted) and ``holed`` (row 1 unrouted too)."""
+    truth = random_routes(6, len(MOE), K, E, seed=6)
     trace = training_trace([truth[:3], truth[3:]], last_valid=True, source="megatron")
-    sbhd = to_megatron(trace, router_layer_ids=MOE, order="sbhd")
-    assert torch.equal(sbhd[0][1], torch.from_numpy(truth[3, 0]))  # row s*B + b: token 0 of sequence 1
-    assert from_megatron(sbhd, router_layer_ids=MOE, cu_seqlens=[0, 3, 6], num_experts=E, order="sbhd") == trace
-    # engine captures leave each last token without a route: harmless there, filled with 0..k-1
     engine = training_trace([truth[:3], truth[3:]])
-    filled = to_megatron(engine, router_layer_ids=MOE)
-    assert filled[0][2].tolist() == [0, 1] and filled[0][5].tolist() == [0, 1]
     holed = engine.replace(check=False, valid=engine.valid.clone().index_fill_(0, torch.tensor([1]), False))
-    with pytest.raises(
-        EngineFormatError, match=re.escape("sequence 0, position 1 has no route, and Megatron replays every row")
-    ):
-        to_megatron(holed, router_layer_ids=MOE)
-    assert to_megatron(holed, router_layer_ids=MOE, fill_invalid=True)[1][1].tolist() == [0, 1]
-    with pytest.raises(
-        LayerMismatchError, match=re.escape("router layer(s) [3] are not in the trace, which has layers [1, 2, 4]")
-    ):
-        to_megatron(trace, router_layer_ids=[1, 3])
-    with pytest.raises(LayerMismatchError, match="the model's routers have top_k=4, the trace has top_k=2"):
-        to_megatron(trace, router_layer_ids=MOE, top_k=4)
-    with pytest.raises(
+    sbhd = to_megatron(trace, router_layer_ids=MOE, order="sbhd")
+    return SimpleNamespace(truth=truth, trace=trace, sbhd=sbhd, engine=engine, holed=holed)
+
+
+def test_megatron_sbhd_and_fill():
+    m = _megatron_sbhd()
+    assert torch.equal(m.sbhd[0][1], torch.from_numpy(m.truth[3, 0]))  # row s*B + b: token 0 of sequence 1
+    assert from_megatron(m.sbhd, router_layer_ids=MOE, cu_seqlens=[0, 3, 6], num_experts=E, order="sbhd") == m.trace
+    # engine captures leave each last token without a route: harmless there, filled with 0..k-1
+    filled = to_megatron(m.engine, router_layer_ids=MOE)
+    assert filled[0][2].tolist() == [0, 1] and filled[0][5].tolist() == [0, 1]
+    # a hole inside a sequence is refused (test_megatron_errors) unless fill_invalid=True
+    assert to_megatron(m.holed, router_layer_ids=MOE, fill_invalid=True)[1][1].tolist() == [0, 1]
+
+
+# (m): _megatron_sbhd()
+MEGATRON_ERRORS = [
+    pytest.param(
+        lambda m: to_megatron(m.holed, router_layer_ids=MOE),
         EngineFormatError,
-        match=re.escape('order="sbhd" needs sequences of equal length (pad them first), found lengths [2, 4]'),
-    ):
-        to_megatron(training_trace([truth[:2], truth[2:]], last_valid=True), router_layer_ids=MOE, order="sbhd")
-    with pytest.raises(
-        EngineFormatError, match=re.escape("cu_seqlens [0, 5] must run from 0 to the 6 rows each router recorded")
-    ):
-        from_megatron(sbhd, router_layer_ids=MOE, cu_seqlens=[0, 5], num_experts=E)
-    with pytest.raises(
-        EngineFormatError, match=re.escape("router instance 1 (layer 2) recorded [5, 2] but instance 0 recorded [6, 2]")
-    ):
-        from_megatron([sbhd[0], sbhd[1][:5], sbhd[2]], router_layer_ids=MOE, cu_seqlens=[0, 6], num_experts=E)
+        re.escape("sequence 0, position 1 has no route, and Megatron replays every row"),
+        id="hole-inside-sequence",
+    ),
+    pytest.param(
+        lambda m: to_megatron(m.trace, router_layer_ids=[1, 3]),
+        LayerMismatchError,
+        re.escape("router layer(s) [3] are not in the trace, which has layers [1, 2, 4]"),
+        id="router-layer-not-in-trace",
+    ),
+    pytest.param(
+        lambda m: to_megatron(m.trace, router_layer_ids=MOE, top_k=4),
+        LayerMismatchError,
+        "the model's routers have top_k=4, the trace has top_k=2",
+        id="top-k",
+    ),
+    pytest.param(
+        lambda m: to_megatron(
+            training_trace([m.truth[:2], m.truth[2:]], last_valid=True), router_layer_ids=MOE, order="sbhd"
+        ),
+        EngineFormatError,
+        re.escape('order="sbhd" needs sequences of equal length (pad them first), found lengths [2, 4]'),
+        id="sbhd-unequal-lengths",
+    ),
+    pytest.param(
+        lambda m: from_megatron(m.sbhd, router_layer_ids=MOE, cu_seqlens=[0, 5], num_experts=E),
+        EngineFormatError,
+        re.escape("cu_seqlens [0, 5] must run from 0 to the 6 rows each router recorded"),
+        id="cu-seqlens-rows",
+    ),
+    pytest.param(
+        lambda m: from_megatron(
+            [m.sbhd[0], m.sbhd[1][:5], m.sbhd[2]], router_layer_ids=MOE, cu_seqlens=[0, 6], num_experts=E
+        ),
+        EngineFormatError,
+        re.escape("router instance 1 (layer 2) recorded [5, 2] but instance 0 recorded [6, 2]"),
+        id="instances-differ",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), MEGATRON_ERRORS)
+def test_megatron_errors(call, error, match):
+    m = _megatron_sbhd()
+    with pytest.raises(error, match=match):
+        call(m)
 
 
 @FAST
@@ -817,111 +996,165 @@ def test_megatron_round_trip(trace, order, data):
 
 
 # --- argument errors not covered above --------------------------------------------------------------
-def test_argument_errors(requests_):
+def _argument_inputs(requests_):
+    """The requests' combined payloads (caps), the first one's SGLang meta_info (info) and their engine trace."""
     lens, truths = requests_
     caps = [vllm_capture(t) for t in truths]
     info = sglang_meta_info(truths[0], lens[0][0])
-    trace = from_vllm(caps, num_experts=E, moe_layer_ids=MOE)
-    cases = [
-        (
-            lambda: from_vllm(caps, num_experts=E, rows="packed"),
-            'rows must be "engine" .* or "training" .*, found \'packed\'',
+    return SimpleNamespace(caps=caps, info=info, trace=from_vllm(caps, num_experts=E, moe_layer_ids=MOE))
+
+
+# (a): _argument_inputs(requests_)
+ARGUMENT_ERRORS = [
+    pytest.param(
+        lambda a: from_vllm(a.caps, num_experts=E, rows="packed"),
+        EngineFormatError,
+        'rows must be "engine" .* or "training" .*, found \'packed\'',
+        id="rows",
+    ),
+    pytest.param(
+        lambda a: from_vllm(a.caps, num_experts=E, prompt_lens=[3, 5, -1], completion_lens=[4, 1, 6]),
+        EngineFormatError,
+        re.escape("prompt_lens[2] must be a non-negative int, found -1"),
+        id="negative-prompt-len",
+    ),
+    pytest.param(
+        lambda a: from_vllm(a.caps, num_experts=E, moe_layer_ids=[1, "2", 4]),
+        EngineFormatError,
+        "moe_layer_ids must be a non-empty list of non-negative ints",
+        id="layer-id-type",
+    ),
+    pytest.param(
+        lambda a: from_vllm([a.caps[0][:0]], prompt_routed_experts=[a.caps[0]], num_experts=E, completion_lens=[0]),
+        EngineFormatError,
+        "request 0: completion_lens is 0; a request without generated tokens has no routes to replay",
+        id="zero-completion",
+    ),
+    pytest.param(
+        lambda a: from_vllm(a.caps, prompt_routed_experts=a.caps[:2], num_experts=E, completion_lens=[1, 1, 1]),
+        EngineFormatError,
+        "prompt_routed_experts has 2 entries but routed_experts has 3",
+        id="prompt-payload-count",
+    ),
+    pytest.param(
+        lambda a: from_vllm_outputs([{"choices": []}], num_experts=E),
+        EngineFormatError,
+        r"request 0: no completions \(neither .outputs nor \['choices'\]\)",
+        id="outputs-no-completions",
+    ),
+    pytest.param(
+        lambda a: from_vllm_outputs(
+            [{"prompt_routed_experts": a.caps[0][:3], "choices": [{"routed_experts": a.caps[0][3:]}]}], num_experts=E
         ),
-        (
-            lambda: from_vllm(caps, num_experts=E, prompt_lens=[3, 5, -1], completion_lens=[4, 1, 6]),
-            re.escape("prompt_lens[2] must be a non-negative int, found -1"),
+        EngineFormatError,
+        "request 0: the split form needs token counts",
+        id="outputs-split-without-counts",
+    ),
+    pytest.param(
+        lambda a: from_vllm_outputs(
+            [
+                {"choices": [{"routed_experts": a.caps[0], "token_ids": [1]}], "prompt_token_ids": [1]},
+                {"choices": [{"routed_experts": a.caps[1]}]},
+            ],
+            num_experts=E,
         ),
-        (
-            lambda: from_vllm(caps, num_experts=E, moe_layer_ids=[1, "2", 4]),
-            "moe_layer_ids must be a non-empty list of non-negative ints",
+        EngineFormatError,
+        "request 1: token counts are missing while other requests have them",
+        id="outputs-counts-missing",
+    ),
+    pytest.param(
+        lambda a: from_vllm_outputs(
+            [
+                {"prompt_routed_experts": a.caps[0][:3], "choices": [{"routed_experts": a.caps[0][3:]}]},
+                {"choices": [{"routed_experts": a.caps[1]}]},
+            ],
+            num_experts=E,
         ),
-        (
-            lambda: from_vllm([caps[0][:0]], prompt_routed_experts=[caps[0]], num_experts=E, completion_lens=[0]),
-            "request 0: completion_lens is 0; a request without generated tokens has no routes to replay",
+        EngineFormatError,
+        "request 1: mixes the split form",
+        id="outputs-split-mixed",
+    ),
+    pytest.param(
+        lambda a: decode_sglang_payload(a.info["routed_experts"], num_layers=0, top_k=K),
+        EngineFormatError,
+        "num_layers must be a positive int, found 0",
+        id="sglang-num-layers",
+    ),
+    pytest.param(
+        lambda a: decode_sglang_payload(np.zeros(7, dtype=np.int32), num_layers=len(MOE), top_k=K),
+        EngineFormatError,
+        "payload: routed_experts has 7 values, not a multiple of num_layers x top_k = 6",
+        id="sglang-values-count",
+    ),
+    pytest.param(
+        lambda a: from_sglang([a.info], num_layers=len(MOE), top_k=K, num_experts=E, start_lens=[7]),
+        EngineFormatError,
+        re.escape("request 0: routed_experts_start_len=7 is outside [0, seqlen-1 = 6]"),
+        id="sglang-start-len",
+    ),
+    pytest.param(
+        lambda a: to_sglang(a.trace, start_lens=[0, 6, 0]),
+        EngineFormatError,
+        re.escape("start_lens[1]=6 is beyond sequence 1's 5 rows"),
+        id="to-sglang-start-len",
+    ),
+    pytest.param(
+        lambda a: to_vllm(a.trace, dtype="float32"),
+        EngineFormatError,
+        "dtype must be an integer dtype, found float32",
+        id="to-vllm-float-dtype",
+    ),
+    pytest.param(
+        lambda a: from_megatron([torch.zeros(4, 2)], router_layer_ids=[0], cu_seqlens=[0, 4], num_experts=E),
+        EngineFormatError,
+        re.escape(
+            "router instance 0 (layer 0): expected an integer [tokens, top_k] tensor, found ((4, 2), torch.float32)"
         ),
-        (
-            lambda: from_vllm(caps, prompt_routed_experts=caps[:2], num_experts=E, completion_lens=[1, 1, 1]),
-            "prompt_routed_experts has 2 entries but routed_experts has 3",
+        id="megatron-float-ids",
+    ),
+    pytest.param(
+        lambda a: from_megatron([], router_layer_ids=[], cu_seqlens=[0], num_experts=E),
+        EngineFormatError,
+        "get_recorded_data.. returned no entries",
+        id="megatron-no-entries",
+    ),
+    pytest.param(
+        lambda a: from_megatron(
+            [torch.zeros(4, 2, dtype=torch.int64)],
+            router_layer_ids=[0],
+            cu_seqlens=[0, 4],
+            num_experts=E,
+            valid=torch.ones(3, dtype=torch.bool),
         ),
-        (
-            lambda: from_vllm_outputs([{"choices": []}], num_experts=E),
-            r"request 0: no completions \(neither .outputs nor \['choices'\]\)",
+        EngineFormatError,
+        re.escape("valid must be a bool tensor of shape (4,), found (3,)"),
+        id="megatron-valid-shape",
+    ),
+    pytest.param(
+        lambda a: to_megatron(a.trace, router_layer_ids=MOE, order="bshd"),
+        EngineFormatError,
+        'order must be "thd" or "sbhd", found \'bshd\'',
+        id="to-megatron-order",
+    ),
+    pytest.param(
+        lambda a: megatron_router_layer_ids(torch.nn.ModuleList([_Router(object(), None)])),
+        EngineFormatError,
+        "router _Router has layer_number=None; expected Megatron's 1-based int",
+        id="megatron-layer-number",
+    ),
+    pytest.param(
+        lambda a: megatron_router_layer_ids(
+            torch.nn.ModuleList([_Router(r, 1) for r in (object(), object())]), instances=[]
         ),
-        (
-            lambda: from_vllm_outputs(
-                [{"prompt_routed_experts": caps[0][:3], "choices": [{"routed_experts": caps[0][3:]}]}], num_experts=E
-            ),
-            "request 0: the split form needs token counts",
-        ),
-        (
-            lambda: from_vllm_outputs(
-                [
-                    {"choices": [{"routed_experts": caps[0], "token_ids": [1]}], "prompt_token_ids": [1]},
-                    {"choices": [{"routed_experts": caps[1]}]},
-                ],
-                num_experts=E,
-            ),
-            "request 1: token counts are missing while other requests have them",
-        ),
-        (
-            lambda: from_vllm_outputs(
-                [
-                    {"prompt_routed_experts": caps[0][:3], "choices": [{"routed_experts": caps[0][3:]}]},
-                    {"choices": [{"routed_experts": caps[1]}]},
-                ],
-                num_experts=E,
-            ),
-            "request 1: mixes the split form",
-        ),
-        (
-            lambda: decode_sglang_payload(info["routed_experts"], num_layers=0, top_k=K),
-            "num_layers must be a positive int, found 0",
-        ),
-        (
-            lambda: decode_sglang_payload(np.zeros(7, dtype=np.int32), num_layers=len(MOE), top_k=K),
-            "payload: routed_experts has 7 values, not a multiple of num_layers x top_k = 6",
-        ),
-        (
-            lambda: from_sglang([info], num_layers=len(MOE), top_k=K, num_experts=E, start_lens=[7]),
-            re.escape("request 0: routed_experts_start_len=7 is outside [0, seqlen-1 = 6]"),
-        ),
-        (lambda: to_sglang(trace, start_lens=[0, 6, 0]), re.escape("start_lens[1]=6 is beyond sequence 1's 5 rows")),
-        (lambda: to_vllm(trace, dtype="float32"), "dtype must be an integer dtype, found float32"),
-        (
-            lambda: from_megatron([torch.zeros(4, 2)], router_layer_ids=[0], cu_seqlens=[0, 4], num_experts=E),
-            re.escape(
-                "router instance 0 (layer 0): expected an integer [tokens, top_k] tensor, found ((4, 2), torch.float32)"
-            ),
-        ),
-        (
-            lambda: from_megatron([], router_layer_ids=[], cu_seqlens=[0], num_experts=E),
-            "get_recorded_data.. returned no entries",
-        ),
-        (
-            lambda: from_megatron(
-                [torch.zeros(4, 2, dtype=torch.int64)],
-                router_layer_ids=[0],
-                cu_seqlens=[0, 4],
-                num_experts=E,
-                valid=torch.ones(3, dtype=torch.bool),
-            ),
-            re.escape("valid must be a bool tensor of shape (4,), found (3,)"),
-        ),
-        (
-            lambda: to_megatron(trace, router_layer_ids=MOE, order="bshd"),
-            'order must be "thd" or "sbhd", found \'bshd\'',
-        ),
-        (
-            lambda: megatron_router_layer_ids(torch.nn.ModuleList([_Router(object(), None)])),
-            "router _Router has layer_number=None; expected Megatron's 1-based int",
-        ),
-        (
-            lambda: megatron_router_layer_ids(
-                torch.nn.ModuleList([_Router(r, 1) for r in (object(), object())]), instances=[]
-            ),
-            "the model has 2 replay-enabled routers but the instance list has 0",
-        ),
-    ]
-    for call, msg in cases:
-        with pytest.raises(EngineFormatError, match=msg):
-            call()
+        EngineFormatError,
+        "the model has 2 replay-enabled routers but the instance list has 0",
+        id="megatron-instance-count",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), ARGUMENT_ERRORS)
+def test_argument_errors(requests_, call, error, match):
+    a = _argument_inputs(requests_)
+    with pytest.raises(error, match=match):
+        call(a)

@@ -241,45 +241,78 @@ def test_multiturn_whole_payload_again_keeps_the_rows_turn_one_generated_with(tw
     assert acc.num_overlap_mismatches == int((t["w1"][:8] != t["w2"][:8]).reshape(8, -1).any(1).sum()) > 0
 
 
-def test_multiturn_continuity_errors(two_turns):
-    t = two_turns
-    acc = RouteAccumulator(num_experts=E, moe_layer_ids=MOE, overlap="check")
-    _turn1(acc, t)
-    with pytest.raises(
+def _edited(tokens, position, token):
+    out = list(tokens)
+    out[position] = token
+    return out
+
+
+# (acc, t): acc holds turn 1 of two_turns (t), overlap="check"; the last two use fresh accumulators.
+CONTINUITY_ERRORS = [
+    pytest.param(
+        lambda acc, t: acc.add(vllm_capture(t["w2"], prompt_start=9), start=9, token_ids=t["t2"]),
         RouteContinuityError,
-        match=re.escape(
+        re.escape(
             "request 1: the payload starts at row 9, but only rows 0..7 are held; rows 8..8 would be missing "
             "(row 8 is the boundary token"
         ),
-    ):
-        acc.add(vllm_capture(t["w2"], prompt_start=9), start=9, token_ids=t["t2"])
-    with pytest.raises(RouteContinuityError, match=re.escape("request 1: row 0 (layer 1) was")):
-        acc.add(vllm_capture(t["w2"]), token_ids=t["t2"])
-    edited = list(t["t2"])
-    edited[3] = 7
-    with pytest.raises(
-        RouteContinuityError, match=re.escape("request 1: token 3 is 7, but the sequence held 103 there")
-    ):
-        acc.add(vllm_capture(t["w2"], prompt_start=8), start=8, token_ids=edited)
-    with pytest.raises(RouteContinuityError, match=re.escape("request 1: the request has 4 tokens, fewer than the 9")):
-        acc.add(vllm_capture(t["w2"][:4]), num_tokens=4)
-    with pytest.raises(
+        id="gap-before-start",
+    ),
+    pytest.param(
+        lambda acc, t: acc.add(vllm_capture(t["w2"]), token_ids=t["t2"]),
+        RouteContinuityError,
+        re.escape("request 1: row 0 (layer 1) was"),
+        id="overlap-route-changed",
+    ),
+    pytest.param(
+        lambda acc, t: acc.add(vllm_capture(t["w2"], prompt_start=8), start=8, token_ids=_edited(t["t2"], 3, 7)),
+        RouteContinuityError,
+        re.escape("request 1: token 3 is 7, but the sequence held 103 there"),
+        id="token-changed",
+    ),
+    pytest.param(
+        lambda acc, t: acc.add(vllm_capture(t["w2"][:4]), num_tokens=4),
+        RouteContinuityError,
+        re.escape("request 1: the request has 4 tokens, fewer than the 9"),
+        id="fewer-tokens-than-held",
+    ),
+    pytest.param(
+        lambda acc, t: acc.add(vllm_capture(t["w2"], prompt_start=9), start=8, token_ids=t["t2"]),
         EngineFormatError,
-        match=re.escape(
+        re.escape(
             "request 1: routed_experts has 7 rows, expected num_tokens-1-start = 17-1-8 = 8 (or 16 from an engine "
             "that ignores the start field)"
         ),
-    ):
-        acc.add(vllm_capture(t["w2"], prompt_start=9), start=8, token_ids=t["t2"])
-    with pytest.raises(
-        RouteContinuityError, match=re.escape("request 1: the payload gives layers [1, 2, 4] x top-1, earlier payloads")
-    ):
-        acc.add(vllm_capture(t["w2"], prompt_start=8)[..., :1], start=8, token_ids=t["t2"])
+        id="row-count",
+    ),
+    pytest.param(
+        lambda acc, t: acc.add(vllm_capture(t["w2"], prompt_start=8)[..., :1], start=8, token_ids=t["t2"]),
+        RouteContinuityError,
+        re.escape("request 1: the payload gives layers [1, 2, 4] x top-1, earlier payloads"),
+        id="layers-x-top-k-changed",
+    ),
+    pytest.param(
+        lambda acc, t: RouteAccumulator(num_experts=E).trace(),
+        EngineFormatError,
+        "the accumulator holds no routes yet",
+        id="empty-trace",
+    ),
+    pytest.param(
+        lambda acc, t: RouteAccumulator(num_experts=E).add(vllm_capture(t["w1"])),
+        EngineFormatError,
+        re.escape("request 0: pass token_ids (the request's prompt"),
+        id="no-token-ids",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), CONTINUITY_ERRORS)
+def test_multiturn_continuity_errors(two_turns, call, error, match):
+    acc = RouteAccumulator(num_experts=E, moe_layer_ids=MOE, overlap="check")
+    _turn1(acc, two_turns)
+    with pytest.raises(error, match=match):
+        call(acc, two_turns)
     assert acc.num_rows == 8 and acc.num_tokens == 9  # a refused payload changes nothing
-    with pytest.raises(EngineFormatError, match="the accumulator holds no routes yet"):
-        RouteAccumulator(num_experts=E).trace()
-    with pytest.raises(EngineFormatError, match=re.escape("request 0: pass token_ids (the request's prompt")):
-        RouteAccumulator(num_experts=E).add(vllm_capture(t["w1"]))
 
 
 def test_multiturn_fills_a_held_row_without_route(two_turns):

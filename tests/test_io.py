@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import traces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -185,36 +186,24 @@ def test_read_header(golden_bytes):
 
 
 # --- round trips ---------------------------------------------------------------------------
-@st.composite
-def traces(draw) -> RoutingTrace:
-    num_experts = draw(st.sampled_from([1, 3, 8, 256, 257, 300, 32768, 32769, 70000]))
-    K = draw(st.integers(1, min(4, num_experts)))
-    L = draw(st.integers(1, 3))
-    seq_lens = draw(st.lists(st.integers(0, 4), max_size=4))
-    T = sum(seq_lens)
-    layer_ids = draw(st.lists(st.integers(0, 100), min_size=L, max_size=L, unique=True))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    # distinct ids per row: a random base plus K distinct offsets, modulo num_experts
-    offsets_K = torch.randperm(num_experts, generator=g)[:K]
-    experts_TLK = (torch.randint(0, num_experts, (T, L, 1), generator=g) + offsets_K) % num_experts
-    valid_T = torch.rand(T, generator=g) < 0.7 if draw(st.booleans()) else None
-    gates_dtype = draw(st.sampled_from([None, torch.float16, torch.bfloat16, torch.float32, torch.float64]))
-    gates_TLK = None if gates_dtype is None else torch.rand(T, L, K, generator=g).to(gates_dtype)
-    meta = draw(st.dictionaries(st.text(max_size=6), st.text(max_size=10), max_size=3))
-    cu_seqlens = torch.tensor([0, *seq_lens]).cumsum(0)
-    return RoutingTrace(
-        experts=experts_TLK,
-        cu_seqlens=cu_seqlens,
-        layer_ids=layer_ids,
-        num_experts=num_experts,
-        valid=valid_T,
-        gates=gates_TLK,
-        meta=meta,
-    )
+# tests/helpers.traces: up to 4 sequences of up to 4 rows; E on each side of the uint8 / int16 /
+# int32 boundaries; K up to 4; layer ids in [0, 100] in any order; ~30 % unknown rows or no mask;
+# gates of every float dtype or none; any string meta.
+TRACES = traces(
+    max_seqs=4,
+    max_len=4,
+    num_experts=st.sampled_from([1, 3, 8, 256, 257, 300, 32768, 32769, 70000]),
+    max_top_k=4,
+    max_layer_id=100,
+    sorted_layer_ids=False,
+    valid=(None, 0.7),
+    gates=(None, torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    meta=st.dictionaries(st.text(max_size=6), st.text(max_size=10), max_size=3),
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(trace=traces(), mmap=st.booleans(), validate=st.booleans())
+@given(trace=TRACES, mmap=st.booleans(), validate=st.booleans())
 def test_round_trip(tmp_path, trace, mmap, validate):
     path = tmp_path / "r.rrt"
     rio.save(trace, path, fsync=False)
@@ -706,7 +695,7 @@ def test_dumps_gives_the_file_bytes_and_loads_reads_them(name):
 
 
 @settings(max_examples=30, deadline=None)
-@given(trace=traces(), validate=st.booleans())
+@given(trace=TRACES, validate=st.booleans())
 def test_bytes_round_trip(trace, validate):
     data = rio.dumps(trace)
     got = rio.loads(data, validate=validate)

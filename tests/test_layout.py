@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import traces as shared_traces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,18 +42,17 @@ def make_trace(lens, L=2, K=2, E=8, *, valid=False, gates=False, seed=0) -> Rout
     )
 
 
-@st.composite
-def traces(draw, *, min_seqs=0, max_seqs=5, min_len=0, max_len=12):
-    B = draw(st.integers(min_seqs, max_seqs))
-    lens = draw(st.lists(st.integers(min_len, max_len), min_size=B, max_size=B))
-    return make_trace(
-        lens,
-        L=draw(st.integers(1, 3)),
-        K=draw(st.integers(1, 3)),
-        E=draw(st.sampled_from(NUM_EXPERTS)),
-        valid=draw(st.booleans()),
-        gates=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**31 - 1)),
+def traces(*, min_seqs=0, max_seqs=5, min_len=0, max_len=12):
+    """This file's random traces (tests/helpers.traces): E in NUM_EXPERTS, ~20 % unknown rows or
+    no mask, float32 gates or none, layer ids 1, 3, 5."""
+    return shared_traces(
+        min_seqs=min_seqs,
+        max_seqs=max_seqs,
+        min_len=min_len,
+        max_len=max_len,
+        num_experts=st.sampled_from(NUM_EXPERTS),
+        valid=(None, 0.8),
+        gates=(None, torch.float32),
     )
 
 
@@ -381,24 +381,55 @@ def test_gather_sp_errors():
         lo.split_sp(trace, 0)
 
 
-def test_unshard_cp_errors():
+# (trace, shards): token_trace([8, 3]) and its zigzag shards for cp=2
+CP_ERRORS = [
+    pytest.param(
+        lambda trace, shards: lo.unshard_cp(shards, cu_seqlens=torch.tensor([0, 9, 11])),
+        LayoutError,
+        r"sequence 0: cu_seqlens gives it 9 tokens but the 2 shards hold 8 rows",
+        id="tokens-beyond-shards",
+    ),
+    pytest.param(
+        lambda trace, shards: lo.unshard_cp(shards, cu_seqlens=torch.tensor([0, 7, 10])),
+        LayoutError,
+        r"shard 0, row 3 \(sequence 0\) is padding for the given cu_seqlens but is marked valid",
+        id="valid-row-as-padding",
+    ),
+    pytest.param(
+        lambda trace, shards: lo.unshard_cp(shards, cu_seqlens=torch.tensor([0, 11])),
+        LayoutError,
+        r"cu_seqlens describes 1 sequences but the shards hold 2",
+        id="sequence-count",
+    ),
+    pytest.param(
+        lambda trace, shards: lo.unshard_cp(
+            lo.shard_cp(token_trace([3]), 3, mode="contiguous"), cu_seqlens=torch.tensor([0, 3])
+        ),
+        LayoutError,
+        r"sequence 0 has 1 rows on each rank; zigzag shards hold two equal chunks",
+        id="contiguous-as-zigzag",
+    ),
+    pytest.param(
+        lambda trace, shards: lo.shard_cp(trace, 2, align=6),
+        LayoutError,
+        r"align=6 must be a multiple of 4 \(2\*cp for zigzag with cp=2\)",
+        id="align",
+    ),
+    pytest.param(
+        lambda trace, shards: lo.shard_cp(trace, 2, rank=2),
+        LayoutError,
+        r"rank must be an int in \[0, 2\) for cp=2, found 2",
+        id="rank",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), CP_ERRORS)
+def test_unshard_cp_errors(call, error, match):
     trace = token_trace([8, 3])
     shards = lo.shard_cp(trace, 2)
-    with pytest.raises(LayoutError, match=r"sequence 0: cu_seqlens gives it 9 tokens but the 2 shards hold 8 rows"):
-        lo.unshard_cp(shards, cu_seqlens=torch.tensor([0, 9, 11]))
-    with pytest.raises(
-        LayoutError, match=r"shard 0, row 3 \(sequence 0\) is padding for the given cu_seqlens but is marked valid"
-    ):
-        lo.unshard_cp(shards, cu_seqlens=torch.tensor([0, 7, 10]))
-    with pytest.raises(LayoutError, match=r"cu_seqlens describes 1 sequences but the shards hold 2"):
-        lo.unshard_cp(shards, cu_seqlens=torch.tensor([0, 11]))
-    contiguous = lo.shard_cp(token_trace([3]), 3, mode="contiguous")
-    with pytest.raises(LayoutError, match=r"sequence 0 has 1 rows on each rank; zigzag shards hold two equal chunks"):
-        lo.unshard_cp(contiguous, cu_seqlens=torch.tensor([0, 3]))
-    with pytest.raises(LayoutError, match=r"align=6 must be a multiple of 4 \(2\*cp for zigzag with cp=2\)"):
-        lo.shard_cp(trace, 2, align=6)
-    with pytest.raises(LayoutError, match=r"rank must be an int in \[0, 2\) for cp=2, found 2"):
-        lo.shard_cp(trace, 2, rank=2)
+    with pytest.raises(error, match=match):
+        call(trace, shards)
 
 
 def test_training_to_engine_refuses_to_drop_routes():

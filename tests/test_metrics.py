@@ -142,20 +142,54 @@ def test_routing_agreement_chunks_large_inputs(monkeypatch):
         assert chunked[key] == pytest.approx(value), key
 
 
-def test_routing_agreement_errors():
-    with pytest.raises(TraceMismatchError, match=r"a has \[T, L, K\] = \[3, 2, 2\] but b has \[2, 2, 2\]"):
-        routing_agreement(A_TLK, B_TLK[:2])
-    with pytest.raises(MetricInputError, match=r"b must be a RoutingTrace or an integer \[T, L, K\] tensor, found \(3, 2, 2\) torch.float32"):
-        routing_agreement(A_TLK, B_TLK.float())
-    with pytest.raises(MetricInputError, match=r"mask must have shape \(3,\), one entry per token, found \(2,\)"):
-        routing_agreement(A_TLK, B_TLK, mask=torch.tensor([True, False]))
-    with pytest.raises(MetricInputError, match=r"mask must be bool \(or 0/1 integers\), found dtype torch.float32"):
-        routing_agreement(A_TLK, B_TLK, mask=torch.ones(3))
-    a = RoutingTrace(experts=A_TLK, cu_seqlens=torch.tensor([0, 3]), layer_ids=(0, 1), num_experts=8)
-    with pytest.raises(TraceMismatchError, match=r"a has layer_ids=\(0, 1\) but b has layer_ids=\(1, 2\)"):
-        routing_agreement(a, RoutingTrace(experts=B_TLK, cu_seqlens=torch.tensor([0, 3]), layer_ids=(1, 2), num_experts=8))
-    with pytest.raises(TraceMismatchError, match=r"a has sequence lengths \[3\], b has \[1, 2\]; the rows would be compared on the wrong tokens"):
-        routing_agreement(a, RoutingTrace(experts=B_TLK, cu_seqlens=torch.tensor([0, 1, 3]), layer_ids=(0, 1), num_experts=8))
+def _trace(experts_TLK, cu_seqlens, layer_ids=(0, 1)):
+    return RoutingTrace(experts=experts_TLK, cu_seqlens=torch.tensor(cu_seqlens), layer_ids=layer_ids, num_experts=8)
+
+
+AGREEMENT_ERRORS = [
+    pytest.param(
+        lambda: routing_agreement(A_TLK, B_TLK[:2]),
+        TraceMismatchError,
+        r"a has \[T, L, K\] = \[3, 2, 2\] but b has \[2, 2, 2\]",
+        id="shapes",
+    ),
+    pytest.param(
+        lambda: routing_agreement(A_TLK, B_TLK.float()),
+        MetricInputError,
+        r"b must be a RoutingTrace or an integer \[T, L, K\] tensor, found \(3, 2, 2\) torch.float32",
+        id="float-ids",
+    ),
+    pytest.param(
+        lambda: routing_agreement(A_TLK, B_TLK, mask=torch.tensor([True, False])),
+        MetricInputError,
+        r"mask must have shape \(3,\), one entry per token, found \(2,\)",
+        id="mask-shape",
+    ),
+    pytest.param(
+        lambda: routing_agreement(A_TLK, B_TLK, mask=torch.ones(3)),
+        MetricInputError,
+        r"mask must be bool \(or 0/1 integers\), found dtype torch.float32",
+        id="mask-dtype",
+    ),
+    pytest.param(
+        lambda: routing_agreement(_trace(A_TLK, [0, 3]), _trace(B_TLK, [0, 3], layer_ids=(1, 2))),
+        TraceMismatchError,
+        r"a has layer_ids=\(0, 1\) but b has layer_ids=\(1, 2\)",
+        id="layer-ids",
+    ),
+    pytest.param(
+        lambda: routing_agreement(_trace(A_TLK, [0, 3]), _trace(B_TLK, [0, 1, 3])),
+        TraceMismatchError,
+        r"a has sequence lengths \[3\], b has \[1, 2\]; the rows would be compared on the wrong tokens",
+        id="sequence-lengths",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), AGREEMENT_ERRORS)
+def test_routing_agreement_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
 # --- log-prob mismatch ----------------------------------------------------------------------
@@ -220,22 +254,52 @@ def test_logprob_mismatch_matches_numpy(pairs):
     assert m.extreme["F(2)"] == pytest.approx(np.mean(np.abs(d) > math.log(2)))
 
 
-def test_logprob_mismatch_errors():
-    lp = torch.zeros(2, 3)
-    with pytest.raises(MetricInputError, match=r"logp_train has shape \(2, 3\) but logp_infer has \(3,\)"):
-        logprob_mismatch(lp, torch.zeros(3))
-    with pytest.raises(MetricInputError, match=r"mask has shape \(3,\), expected the log-probs' shape \(2, 3\)"):
-        logprob_mismatch(lp, lp, torch.ones(3, dtype=torch.bool))
-    with pytest.raises(MetricInputError, match=r"logp_infer must be a float tensor of log-probabilities, found torch.int64"):
-        logprob_mismatch(lp, torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(MetricInputError, match=r"every tau must be > 1"):
-        logprob_mismatch(lp, lp, taus=(1.0, 2.0))
-    bad = lp.clone()
-    bad[1, 2] = -math.inf
-    with pytest.raises(MetricInputError, match=r"logp_train at position \(1, 2\) is -inf; every selected log-prob must be finite"):
-        logprob_mismatch(bad, lp)
-    # The same non-finite entry is fine when masked out.
-    assert logprob_mismatch(bad, lp, torch.tensor([[True] * 3, [True, True, False]])).num_tokens == 5
+LP_23 = torch.zeros(2, 3)
+LP_23_INF = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -math.inf]])  # LP_23 with -inf at (1, 2)
+
+MISMATCH_ERRORS = [
+    pytest.param(
+        lambda: logprob_mismatch(LP_23, torch.zeros(3)),
+        MetricInputError,
+        r"logp_train has shape \(2, 3\) but logp_infer has \(3,\)",
+        id="shapes",
+    ),
+    pytest.param(
+        lambda: logprob_mismatch(LP_23, LP_23, torch.ones(3, dtype=torch.bool)),
+        MetricInputError,
+        r"mask has shape \(3,\), expected the log-probs' shape \(2, 3\)",
+        id="mask-shape",
+    ),
+    pytest.param(
+        lambda: logprob_mismatch(LP_23, torch.zeros(2, 3, dtype=torch.long)),
+        MetricInputError,
+        r"logp_infer must be a float tensor of log-probabilities, found torch.int64",
+        id="integer-logprobs",
+    ),
+    pytest.param(
+        lambda: logprob_mismatch(LP_23, LP_23, taus=(1.0, 2.0)),
+        MetricInputError,
+        r"every tau must be > 1",
+        id="tau",
+    ),
+    pytest.param(
+        lambda: logprob_mismatch(LP_23_INF, LP_23),
+        MetricInputError,
+        r"logp_train at position \(1, 2\) is -inf; every selected log-prob must be finite",
+        id="non-finite",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), MISMATCH_ERRORS)
+def test_logprob_mismatch_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_logprob_mismatch_masked_out_non_finite_is_fine():
+    # The non-finite entry of the error case above is fine when masked out.
+    assert logprob_mismatch(LP_23_INF, LP_23, torch.tensor([[True] * 3, [True, True, False]])).num_tokens == 5
 
 
 # --- one mask convention: packed [T], or padded [B, S] with its attention mask ----------------
@@ -258,18 +322,44 @@ def test_padded_mask_with_attention_mask_equals_packed_mask():
     assert logprob_mismatch(lt_BS, li_BS, RESP_BS) == m_packed
 
 
-def test_mask_convention_errors():
-    with pytest.raises(MetricInputError, match=r"routing_agreement: mask must have shape \(3,\), one entry per token, "
-                       r"found \(2, 2\); for a padded \[B, S\] mask pass attention_mask=\[B, S\] as well"):
-        routing_agreement(A_TLK, B_TLK, RESP_BS)
-    with pytest.raises(MetricInputError, match=r"routing_agreement: attention_mask has 4 real tokens but the data has 3"):
-        routing_agreement(A_TLK, B_TLK, RESP_BS, attention_mask=torch.ones(2, 2, dtype=torch.long))
-    with pytest.raises(MetricInputError, match=r"attention_mask is given without a mask"):
-        routing_agreement(A_TLK, B_TLK, attention_mask=ATTN_BS)
-    lt_T = torch.zeros(3)
-    with pytest.raises(MetricInputError, match=r"logprob_mismatch: mask has shape \(2, 2\), expected the log-probs' shape "
-                       r"\(3,\); for packed log-probs and a padded \[B, S\] mask pass attention_mask as well"):
-        logprob_mismatch(lt_T, lt_T, RESP_BS)
-    with pytest.raises(MetricInputError, match=r"attention_mask goes with packed \[T\] log-probs, found log-probs of shape "
-                       r"\(2, 2\)"):
-        logprob_mismatch(torch.zeros(2, 2), torch.zeros(2, 2), RESP_BS, attention_mask=ATTN_BS)
+MASK_CONVENTION_ERRORS = [
+    pytest.param(
+        lambda: routing_agreement(A_TLK, B_TLK, RESP_BS),
+        MetricInputError,
+        r"routing_agreement: mask must have shape \(3,\), one entry per token, "
+        r"found \(2, 2\); for a padded \[B, S\] mask pass attention_mask=\[B, S\] as well",
+        id="agreement-padded-mask-alone",
+    ),
+    pytest.param(
+        lambda: routing_agreement(A_TLK, B_TLK, RESP_BS, attention_mask=torch.ones(2, 2, dtype=torch.long)),
+        MetricInputError,
+        r"routing_agreement: attention_mask has 4 real tokens but the data has 3",
+        id="agreement-attention-mask-count",
+    ),
+    pytest.param(
+        lambda: routing_agreement(A_TLK, B_TLK, attention_mask=ATTN_BS),
+        MetricInputError,
+        r"attention_mask is given without a mask",
+        id="agreement-attention-mask-alone",
+    ),
+    pytest.param(
+        lambda: logprob_mismatch(torch.zeros(3), torch.zeros(3), RESP_BS),
+        MetricInputError,
+        r"logprob_mismatch: mask has shape \(2, 2\), expected the log-probs' shape "
+        r"\(3,\); for packed log-probs and a padded \[B, S\] mask pass attention_mask as well",
+        id="mismatch-padded-mask-alone",
+    ),
+    pytest.param(
+        lambda: logprob_mismatch(torch.zeros(2, 2), torch.zeros(2, 2), RESP_BS, attention_mask=ATTN_BS),
+        MetricInputError,
+        r"attention_mask goes with packed \[T\] log-probs, found log-probs of shape "
+        r"\(2, 2\)",
+        id="mismatch-attention-mask-with-padded-logprobs",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), MASK_CONVENTION_ERRORS)
+def test_mask_convention_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

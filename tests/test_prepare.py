@@ -71,29 +71,66 @@ def test_prepared_traces_mix_with_traces_in_a_micro_batch_list(handle, model):
     assert rep.forwards == 2 and all(s.disagreement == 0 for s in rep.stats.values())
 
 
-def test_prepare_checks_at_once_and_replay_refuses_what_does_not_belong(handle, model):
-    b = batch(pad="right")
-    rec, _ = record(handle, model, b)
-    trace = rec.trace(attention_mask=b["attention_mask"])
-    bad = trace.replace(check=False, experts=trace.experts.clone())
-    bad.experts[3, 1] = bad.experts[3, 1, 0]  # an expert twice in a row
-    with pytest.raises(RouterSpecError, match=r"layer 2 \(model.layers.2.mlp.gate\): "):
-        handle.prepare(bad, attention_mask=b["attention_mask"])
-    holes = trace.replace(check=False, valid=torch.arange(trace.num_tokens) != 4)
-    with pytest.raises(MissingRoutesError, match=r"1 row\(s\) inside their sequence have no recorded route, the first at row 4"):
-        handle.prepare(holes, attention_mask=b["attention_mask"])
-    live = handle.prepare(holes, attention_mask=b["attention_mask"], missing="live")
-    with pytest.raises(
-        LayoutError, match=r"a PreparedTrace carries its attention mask; pass attention_mask to prepare"
-    ):
-        handle.replay(live, attention_mask=b["attention_mask"])
-    with pytest.raises(ReplayError, match=r'the trace was prepared with missing="live", replay asks "error"'):
-        handle.replay(live, missing="error")
-    other = routereplay.attach(tiny_qwen3_moe())
-    with pytest.raises(ReplayError, match=r"this PreparedTrace was prepared by another handle"):
-        other.replay(live)
-    with handle.replay(live) as rep:  # the hole routes live
-        model(**b)
+class _Holed:
+    """A right-padded batch ``b``, its recorded ``trace``, the trace with row 4 unrouted (``holes``)
+    and ``holes`` prepared with missing="live" (``live``)."""
+
+    def __init__(self, handle, model):
+        self.b = batch(pad="right")
+        rec, _ = record(handle, model, self.b)
+        self.trace = rec.trace(attention_mask=self.b["attention_mask"])
+        self.holes = self.trace.replace(check=False, valid=torch.arange(self.trace.num_tokens) != 4)
+        self.live = handle.prepare(self.holes, attention_mask=self.b["attention_mask"], missing="live")
+
+
+def _expert_twice_in_a_row(h: _Holed):
+    bad = h.trace.replace(check=False, experts=h.trace.experts.clone())
+    bad.experts[3, 1] = bad.experts[3, 1, 0]
+    return bad
+
+
+# (handle, h): the fixture's handle and a _Holed built on it
+PREPARE_REFUSALS = [
+    pytest.param(
+        lambda handle, h: handle.prepare(_expert_twice_in_a_row(h), attention_mask=h.b["attention_mask"]),
+        RouterSpecError,
+        r"layer 2 \(model.layers.2.mlp.gate\): ",
+        id="prepare-expert-twice",
+    ),
+    pytest.param(
+        lambda handle, h: handle.prepare(h.holes, attention_mask=h.b["attention_mask"]),
+        MissingRoutesError,
+        r"1 row\(s\) inside their sequence have no recorded route, the first at row 4",
+        id="prepare-hole",
+    ),
+    pytest.param(
+        lambda handle, h: handle.replay(h.live, attention_mask=h.b["attention_mask"]),
+        LayoutError,
+        r"a PreparedTrace carries its attention mask; pass attention_mask to prepare",
+        id="replay-prepared-with-mask",
+    ),
+    pytest.param(
+        lambda handle, h: handle.replay(h.live, missing="error"),
+        ReplayError,
+        r'the trace was prepared with missing="live", replay asks "error"',
+        id="replay-missing-differs",
+    ),
+    pytest.param(
+        lambda handle, h: routereplay.attach(tiny_qwen3_moe()).replay(h.live),
+        ReplayError,
+        r"this PreparedTrace was prepared by another handle",
+        id="replay-on-another-handle",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), PREPARE_REFUSALS)
+def test_prepare_checks_at_once_and_replay_refuses_what_does_not_belong(handle, model, call, error, match):
+    h = _Holed(handle, model)
+    with pytest.raises(error, match=match):
+        call(handle, h)
+    with handle.replay(h.live) as rep:  # after the refusal, the hole routes live
+        model(**h.b)
     assert rep.stats[2].live == 2 + 1
 
 

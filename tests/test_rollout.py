@@ -151,35 +151,97 @@ def test_capture_with_left_padded_training_batch_and_select():
     assert torch.equal(rows.experts[rows.valid_mask], train.experts[rows.valid_mask])
 
 
-def test_capture_errors():
-    model = _model()
-    handle = attach(model)
-    ids, mask = _prompt_batch()
-    with torch.no_grad(), handle.capture_generation() as cap:
-        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None)
-        with pytest.raises(GenerationCaptureError, match=r"after the `with handle.capture_generation\(\)` block ends"):
-            cap.trace(out)
-        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None)
-    with pytest.raises(GenerationCaptureError, match=r"recorded 6 forwards but sequences hold 3 generated tokens"):
-        cap.trace(out, prompt_attention_mask=mask)
+class _Capturing:
+    """A float64 model, its handle, the prompt batch, and one closed capture of a 3-token greedy
+    generate (cap, out) for the cases that read it."""
 
-    with torch.no_grad(), handle.capture_generation() as cap:
-        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None)
-    with pytest.raises(GenerationCaptureError, match=r"saw 3 sequences of 5 prompt tokens but sequences has shape \(2, 8\)"):
-        cap.trace(out[:2], prompt_attention_mask=mask)
-    right = mask.flip(1)
-    with pytest.raises(LayoutError, match=r"row 0 has padding at position 3 after a real token: generate\(\) needs left-padded"):
-        cap.trace(out, prompt_attention_mask=right)
-    with pytest.raises(LayoutError, match=r"prompt_attention_mask has shape \(2, 5\), expected \[B0, 5\] with 3 generated"):
-        cap.trace(out, prompt_attention_mask=mask[:2])
-    forged = out.clone()
+    def __init__(self):
+        self.model = _model()
+        self.handle = attach(self.model)
+        self.ids, self.mask = _prompt_batch()
+        with torch.no_grad(), self.handle.capture_generation() as self.cap:
+            self.out = self.generate()
+
+    def generate(self):
+        return self.model.generate(
+            self.ids, attention_mask=self.mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None
+        )
+
+
+def _trace_inside_the_block(c):
+    with torch.no_grad(), c.handle.capture_generation() as cap:
+        cap.trace(c.generate())
+
+
+def _two_generates_in_one_block(c):
+    with torch.no_grad(), c.handle.capture_generation() as cap:
+        out = c.generate()
+        c.generate()
+    cap.trace(out, prompt_attention_mask=c.mask)
+
+
+def _token_after_eos(c):
+    forged = c.out.clone()
     forged[0, -3:] = torch.tensor([EOS, 7, 7])
-    with pytest.raises(GenerationCaptureError, match=r"sequence 0: token 7 at generated position 1 follows its EOS at position 0"):
-        cap.trace(forged, prompt_attention_mask=mask, eos_token_id=EOS, pad_token_id=PAD)
-    with pytest.raises(GenerationCaptureError, match=r"no forward was recorded"):
-        with handle.capture_generation() as cap:
-            pass
-        cap.trace(out)
+    c.cap.trace(forged, prompt_attention_mask=c.mask, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def _empty_block(c):
+    with c.handle.capture_generation() as cap:
+        pass
+    cap.trace(c.out)
+
+
+CAPTURE_ERRORS = [
+    pytest.param(
+        _trace_inside_the_block,
+        GenerationCaptureError,
+        r"after the `with handle.capture_generation\(\)` block ends",
+        id="trace-inside-block",
+    ),
+    pytest.param(
+        _two_generates_in_one_block,
+        GenerationCaptureError,
+        r"recorded 6 forwards but sequences hold 3 generated tokens",
+        id="two-generates",
+    ),
+    pytest.param(
+        lambda c: c.cap.trace(c.out[:2], prompt_attention_mask=c.mask),
+        GenerationCaptureError,
+        r"saw 3 sequences of 5 prompt tokens but sequences has shape \(2, 8\)",
+        id="fewer-sequences",
+    ),
+    pytest.param(
+        lambda c: c.cap.trace(c.out, prompt_attention_mask=c.mask.flip(1)),
+        LayoutError,
+        r"row 0 has padding at position 3 after a real token: generate\(\) needs left-padded",
+        id="right-padded-prompt",
+    ),
+    pytest.param(
+        lambda c: c.cap.trace(c.out, prompt_attention_mask=c.mask[:2]),
+        LayoutError,
+        r"prompt_attention_mask has shape \(2, 5\), expected \[B0, 5\] with 3 generated",
+        id="prompt-mask-shape",
+    ),
+    pytest.param(
+        _token_after_eos,
+        GenerationCaptureError,
+        r"sequence 0: token 7 at generated position 1 follows its EOS at position 0",
+        id="token-after-eos",
+    ),
+    pytest.param(_empty_block, GenerationCaptureError, r"no forward was recorded", id="no-forward"),
+]
+
+
+@pytest.fixture
+def capturing():
+    return _Capturing()
+
+
+@pytest.mark.parametrize(("call", "error", "match"), CAPTURE_ERRORS)
+def test_capture_errors(capturing, call, error, match):
+    with pytest.raises(error, match=match):
+        call(capturing)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -400,41 +462,106 @@ def test_r2_record_old_policy_then_replay_over_steps(bf16_rollout):
     assert drifted > 0
 
 
-def test_route_store_errors():
-    model = _model(vocab=64, dtype=torch.float32)
-    handle = attach(model)
-    ids, mask = _prompt_batch()
-    store = RouteStore(handle)
-    msg = r"record needs attention_mask \(padded batch\) or cu_seqlens \(packed batch\), exactly one"
-    with pytest.raises(LayoutError, match=msg), store.record([0, 1, 2]):
+class _Storing:
+    """A float32 model, its handle, the prompt batch, and a store holding samples 0, 1, 2 (``full``)."""
+
+    def __init__(self):
+        self.model = _model(vocab=64, dtype=torch.float32)
+        self.handle = attach(self.model)
+        self.ids, self.mask = _prompt_batch()
+        self.full = RouteStore(self.handle)
+        with torch.no_grad(), self.full.record([0, 1, 2], attention_mask=self.mask):
+            self.model(input_ids=self.ids, attention_mask=self.mask)
+
+
+@pytest.fixture
+def storing():
+    return _Storing()
+
+
+def _record_without_layout(s):
+    with RouteStore(s.handle).record([0, 1, 2]):
         pass
-    msg = r"store.record saw 2 forwards; record one forward per block"
-    with pytest.raises(ReplayError, match=msg), torch.no_grad(), store.record([0, 1, 2], attention_mask=mask):
-        model(input_ids=ids, attention_mask=mask)
-        model(input_ids=ids, attention_mask=mask)
-    with torch.no_grad(), store.record([0, 1, 2], attention_mask=mask):
-        model(input_ids=ids, attention_mask=mask)
-    msg = r"sample\(s\) \[1\] already have routes in this store"
-    with pytest.raises(LayoutError, match=msg), torch.no_grad(), store.record([1], attention_mask=mask[:1]):
-        model(input_ids=ids[:1], attention_mask=mask[:1])
-    with pytest.raises(MissingRoutesError, match=r"sample\(s\) \[7\] have no routes in this store \(it holds 3 samples\)"):
-        store.replay([0, 7], attention_mask=mask[:2])
-    with pytest.raises(LayoutError, match=r"sample ids of one micro-batch must be distinct, found \[0, 0\]"):
-        store.trace([0, 0])
-    packed = torch.cat([ids[b][mask[b].bool()] for b in range(3)])
-    with torch.no_grad(), RouteStore(handle).record([0, 1, 2], cu_seqlens=[0, 3, 8, 10]) as rec:
-        model(input_ids=packed[None])
-    assert rec.trace().num_tokens == 10
-    msg = r"cu_seqlens \[0, 3, 9\] must have 3 entries ending at the 10 rows"
-    fresh = RouteStore(handle)
-    with pytest.raises(LayoutError, match=msg), torch.no_grad(), fresh.record([0, 1], cu_seqlens=[0, 3, 9]):
-        model(input_ids=packed[None])
+
+
+def _two_forwards_in_one_record(s):
+    with torch.no_grad(), RouteStore(s.handle).record([0, 1, 2], attention_mask=s.mask):
+        s.model(input_ids=s.ids, attention_mask=s.mask)
+        s.model(input_ids=s.ids, attention_mask=s.mask)
+
+
+def _record_a_held_sample_again(s):
+    with torch.no_grad(), s.full.record([1], attention_mask=s.mask[:1]):
+        s.model(input_ids=s.ids[:1], attention_mask=s.mask[:1])
+
+
+def _packed_boundaries_short_of_the_rows(s):
+    packed = torch.cat([s.ids[b][s.mask[b].bool()] for b in range(3)])
+    with torch.no_grad(), RouteStore(s.handle).record([0, 1, 2], cu_seqlens=[0, 3, 8, 10]) as rec:
+        s.model(input_ids=packed[None])
+    assert rec.trace().num_tokens == 10  # the right boundaries record the same forward
+    with torch.no_grad(), RouteStore(s.handle).record([0, 1], cu_seqlens=[0, 3, 9]):
+        s.model(input_ids=packed[None])
+
+
+def _hole_inside_a_sample(s):
     # A missing route in the middle of a sample is never routed live silently.
-    t = store.trace([0, 1, 2])
+    t = s.full.trace([0, 1, 2])
     holes = torch.ones(t.num_tokens, dtype=torch.bool)
     holes[1] = False
-    with pytest.raises(MissingRoutesError, match=r"row 1 \(sequence 0, position 1\) has no route and is not the sequence's last token"):
-        RouteStore(handle, t.replace(check=False, valid=holes))
+    RouteStore(s.handle, t.replace(check=False, valid=holes))
+
+
+ROUTE_STORE_ERRORS = [
+    pytest.param(
+        _record_without_layout,
+        LayoutError,
+        r"record needs attention_mask \(padded batch\) or cu_seqlens \(packed batch\), exactly one",
+        id="no-mask-nor-cu-seqlens",
+    ),
+    pytest.param(
+        _two_forwards_in_one_record,
+        ReplayError,
+        r"store.record saw 2 forwards; record one forward per block",
+        id="two-forwards",
+    ),
+    pytest.param(
+        _record_a_held_sample_again,
+        LayoutError,
+        r"sample\(s\) \[1\] already have routes in this store",
+        id="sample-recorded-twice",
+    ),
+    pytest.param(
+        lambda s: s.full.replay([0, 7], attention_mask=s.mask[:2]),
+        MissingRoutesError,
+        r"sample\(s\) \[7\] have no routes in this store \(it holds 3 samples\)",
+        id="replay-unknown-sample",
+    ),
+    pytest.param(
+        lambda s: s.full.trace([0, 0]),
+        LayoutError,
+        r"sample ids of one micro-batch must be distinct, found \[0, 0\]",
+        id="repeated-sample-ids",
+    ),
+    pytest.param(
+        _packed_boundaries_short_of_the_rows,
+        LayoutError,
+        r"cu_seqlens \[0, 3, 9\] must have 3 entries ending at the 10 rows",
+        id="packed-boundaries-short",
+    ),
+    pytest.param(
+        _hole_inside_a_sample,
+        MissingRoutesError,
+        r"row 1 \(sequence 0, position 1\) has no route and is not the sequence's last token",
+        id="hole-inside-sample",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), ROUTE_STORE_ERRORS)
+def test_route_store_errors(storing, call, error, match):
+    with pytest.raises(error, match=match):
+        call(storing)
 
 
 @pytest.mark.parametrize(

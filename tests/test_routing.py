@@ -5,6 +5,7 @@ Legend: T tokens, E logits per token, K top-k, G expert groups.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -116,55 +117,118 @@ def test_mask_zero_experts():
 
 
 # --- validation messages -------------------------------------------------------------------------
-def test_forced_validation_messages():
+def _forced_inputs():
+    """sigmoid_bias_groups (16 experts, top-4, 4 groups, topk_group=2): route bound to 6 tokens'
+    logits and bias, and 6 rows of valid forced ids."""
     spec = VARIANTS["sigmoid_bias_groups"]
     logits_TE, kwargs, gen = routing_inputs(spec, torch.float32, seed=7, num_tokens=6)
-    ok_TK = random_valid_ids(spec, 6, gen)
+    return functools.partial(route, logits_TE, spec, **kwargs), random_valid_ids(spec, 6, gen)
 
-    bad = ok_TK.clone()
-    bad[4, 1] = 16
-    with pytest.raises(
-        RouterSpecError, match=r"layer 3: forced_TK row 4 holds expert ids \[.*16.*\]: expected ids in \[0, 16\)"
-    ):
-        route(logits_TE, spec, forced_TK=bad, where="layer 3: ", **kwargs)
 
-    dup = ok_TK.clone()
-    dup[2, 1] = dup[2, 0]
-    with pytest.raises(RouterSpecError, match=r"row 2 holds .*an expert repeats; each row needs top_k=4 distinct"):
-        route(logits_TE, spec, forced_TK=dup, **kwargs)
+def _with_row(ids_TK, index, value):
+    out = ids_TK.clone()
+    out[index] = value
+    return out
 
-    spread = ok_TK.clone()
-    spread[5] = torch.tensor([0, 4, 8, 12])
-    with pytest.raises(
-        RouterSpecError, match=r"row 5 .*span 4 expert groups, the router allows topk_group=2 of n_group=4"
-    ):
-        route(logits_TE, spec, forced_TK=spread, **kwargs)
 
-    with pytest.raises(RouterSpecError, match=r"forced_TK must be \[6, 4\] .*found \(6, 3\)"):
-        route(logits_TE, spec, forced_TK=ok_TK[:, :3], **kwargs)
-    with pytest.raises(RouterSpecError, match="forced_TK must be an integer tensor, found torch.float32"):
-        route(logits_TE, spec, forced_TK=ok_TK.float(), **kwargs)
-    with pytest.raises(RouterSpecError, match=r"forced_mask_T must be bool \[6\]"):
-        route(logits_TE, spec, forced_TK=ok_TK, forced_mask_T=torch.ones(6), **kwargs)
+# (route, ok_TK) of _forced_inputs
+FORCED_ERRORS = [
+    pytest.param(
+        lambda route_, ok: route_(forced_TK=_with_row(ok, (4, 1), 16), where="layer 3: "),
+        RouterSpecError,
+        r"layer 3: forced_TK row 4 holds expert ids \[.*16.*\]: expected ids in \[0, 16\)",
+        id="id-out-of-range",
+    ),
+    pytest.param(
+        lambda route_, ok: route_(forced_TK=_with_row(ok, (2, 1), ok[2, 0])),
+        RouterSpecError,
+        r"row 2 holds .*an expert repeats; each row needs top_k=4 distinct",
+        id="repeated-expert",
+    ),
+    pytest.param(
+        lambda route_, ok: route_(forced_TK=_with_row(ok, 5, torch.tensor([0, 4, 8, 12]))),
+        RouterSpecError,
+        r"row 5 .*span 4 expert groups, the router allows topk_group=2 of n_group=4",
+        id="too-many-groups",
+    ),
+    pytest.param(
+        lambda route_, ok: route_(forced_TK=ok[:, :3]),
+        RouterSpecError,
+        r"forced_TK must be \[6, 4\] .*found \(6, 3\)",
+        id="forced-shape",
+    ),
+    pytest.param(
+        lambda route_, ok: route_(forced_TK=ok.float()),
+        RouterSpecError,
+        "forced_TK must be an integer tensor, found torch.float32",
+        id="forced-dtype",
+    ),
+    pytest.param(
+        lambda route_, ok: route_(forced_TK=ok, forced_mask_T=torch.ones(6)),
+        RouterSpecError,
+        r"forced_mask_T must be bool \[6\]",
+        id="mask-dtype",
+    ),
+]
 
+
+@pytest.mark.parametrize(("call", "error", "match"), FORCED_ERRORS)
+def test_forced_validation_messages(call, error, match):
+    inputs = _forced_inputs()
+    with pytest.raises(error, match=match):
+        call(*inputs)
+
+
+def test_forced_validation_is_skipped_with_validate_false():
     # validate=False skips the data checks (the trace was validated once, up front)
-    _, ids = route(logits_TE, spec, forced_TK=dup, validate=False, **kwargs)
+    route_, ok_TK = _forced_inputs()
+    dup = _with_row(ok_TK, (2, 1), ok_TK[2, 0])
+    _, ids = route_(forced_TK=dup, validate=False)
     assert torch.equal(ids, dup)
 
 
-def test_input_validation_messages():
+def _input_inputs():
+    """(logits_TE, spec, kwargs): 4 tokens of sigmoid_bias_groups; kwargs holds its bias."""
     spec = VARIANTS["sigmoid_bias_groups"]
     logits_TE, kwargs, _ = routing_inputs(spec, torch.float32, seed=8, num_tokens=4)
-    with pytest.raises(RouterSpecError, match="needs bias_E"):
-        route(logits_TE, spec)
-    with pytest.raises(RouterSpecError, match=r"logits have 12 columns, the spec expects num_logits=16"):
-        route(logits_TE[:, :12], spec, **kwargs)
-    with pytest.raises(RouterSpecError, match=r"bias_E must be \[16\], found \(8,\)"):
-        route(logits_TE, spec, bias_E=torch.zeros(8))
-    with pytest.raises(RouterSpecError, match="pass out_dtype=hidden_states.dtype"):
-        route(logits_TE, VARIANTS["softmax_post_f32"])
-    with pytest.raises(RouterSpecError, match="forced_mask_T was given without forced_TK"):
-        route(logits_TE, spec, forced_mask_T=torch.ones(4, dtype=torch.bool), **kwargs)
+    return logits_TE, spec, kwargs
+
+
+# (logits_TE, spec, kwargs) of _input_inputs
+INPUT_ERRORS = [
+    pytest.param(lambda x, spec, kw: route(x, spec), RouterSpecError, "needs bias_E", id="no-bias"),
+    pytest.param(
+        lambda x, spec, kw: route(x[:, :12], spec, **kw),
+        RouterSpecError,
+        r"logits have 12 columns, the spec expects num_logits=16",
+        id="logits-width",
+    ),
+    pytest.param(
+        lambda x, spec, kw: route(x, spec, bias_E=torch.zeros(8)),
+        RouterSpecError,
+        r"bias_E must be \[16\], found \(8,\)",
+        id="bias-shape",
+    ),
+    pytest.param(
+        lambda x, spec, kw: route(x, VARIANTS["softmax_post_f32"]),
+        RouterSpecError,
+        "pass out_dtype=hidden_states.dtype",
+        id="no-out-dtype",
+    ),
+    pytest.param(
+        lambda x, spec, kw: route(x, spec, forced_mask_T=torch.ones(4, dtype=torch.bool), **kw),
+        RouterSpecError,
+        "forced_mask_T was given without forced_TK",
+        id="mask-without-forced",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), INPUT_ERRORS)
+def test_input_validation_messages(call, error, match):
+    inputs = _input_inputs()
+    with pytest.raises(error, match=match):
+        call(*inputs)
 
 
 @pytest.mark.parametrize(

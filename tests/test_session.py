@@ -505,40 +505,70 @@ def test_missing_routes(handle, model):
 
 
 # --- layer / k mismatches ---------------------------------------------------------------------------
-def test_layer_and_shape_mismatches(handle, model):
-    b = batch()
-    rec, _ = record(handle, model, b)
-    t = rec.trace()
-    more = RoutingTrace(
+def _with_layer_zero(t: RoutingTrace) -> RoutingTrace:
+    """``t`` plus a layer 0 the model does not route (its first layer is dense)."""
+    return RoutingTrace(
         experts=torch.cat([t.experts, t.experts[:, :1]], 1),
         cu_seqlens=t.cu_seqlens,
         layer_ids=(0, 1, 2, 3),
         num_experts=E,
     )
-    with pytest.raises(
+
+
+# (handle, t): the fixture's handle and the trace it recorded of batch()
+MISMATCHES = [
+    pytest.param(
+        lambda handle, t: handle.replay(_with_layer_zero(t)),
         LayerMismatchError,
-        match=r"trace has layers \[0, 1, 2, 3\] but the model's MoE layers are \[1, 2, 3\].*trace.select_layers\(handle.layer_ids\)",
-    ):
-        handle.replay(more)
-    with handle.replay(more.select_layers(handle.layer_ids)):
+        r"trace has layers \[0, 1, 2, 3\] but the model's MoE layers are \[1, 2, 3\].*trace.select_layers\(handle.layer_ids\)",
+        id="extra-layer",
+    ),
+    pytest.param(
+        lambda handle, t: handle.replay(
+            RoutingTrace(
+                experts=torch.rand(12, 3, E).argsort(-1)[..., :3],
+                cu_seqlens=t.cu_seqlens,
+                layer_ids=MOE_LAYERS,
+                num_experts=E,
+            )
+        ),
+        LayerMismatchError,
+        r"^layer 1 \(model.layers.1.mlp.gate\): trace has top_k=3, router has top_k=2$",
+        id="top-k",
+    ),
+    pytest.param(
+        lambda handle, t: handle.replay(
+            RoutingTrace(experts=t.experts, cu_seqlens=t.cu_seqlens, layer_ids=MOE_LAYERS, num_experts=16)
+        ),
+        LayerMismatchError,
+        r"layer 1 \(model.layers.1.mlp.gate\): trace has num_experts=16, router has num_experts=8",
+        id="num-experts",
+    ),
+    pytest.param(
+        lambda handle, t: handle.replay([t, _with_layer_zero(t)]),
+        LayerMismatchError,
+        r"^trace 1: trace has layers \[0, 1, 2, 3\]",
+        id="second-trace-of-a-list",
+    ),
+    pytest.param(
+        lambda handle, t: handle.replay([]),
+        ReplayError,
+        r"replay needs a RoutingTrace, a PreparedTrace or a non-empty list of them, found list",
+        id="empty-list",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), MISMATCHES)
+def test_layer_and_shape_mismatches(handle, model, call, error, match):
+    b = batch()
+    rec, _ = record(handle, model, b)
+    t = rec.trace()
+    with pytest.raises(error, match=match):
+        call(handle, t)
+    # after the refusal the handle replays; the extra layer's remedy (select_layers) replays
+    with handle.replay(_with_layer_zero(t).select_layers(handle.layer_ids)):
         model(**b)
-    k3 = RoutingTrace(
-        experts=torch.rand(12, 3, E).argsort(-1)[..., :3], cu_seqlens=t.cu_seqlens, layer_ids=MOE_LAYERS, num_experts=E
-    )
-    with pytest.raises(
-        LayerMismatchError, match=r"^layer 1 \(model.layers.1.mlp.gate\): trace has top_k=3, router has top_k=2$"
-    ):
-        handle.replay(k3)
-    e16 = RoutingTrace(experts=t.experts, cu_seqlens=t.cu_seqlens, layer_ids=MOE_LAYERS, num_experts=16)
-    with pytest.raises(
-        LayerMismatchError,
-        match=r"layer 1 \(model.layers.1.mlp.gate\): trace has num_experts=16, router has num_experts=8",
-    ):
-        handle.replay(e16)
-    with pytest.raises(LayerMismatchError, match=r"^trace 1: trace has layers \[0, 1, 2, 3\]"):
-        handle.replay([t, more])
-    with pytest.raises(ReplayError, match=r"replay needs a RoutingTrace, a PreparedTrace or a non-empty list of them, found list"):
-        handle.replay([])
 
 
 # --- scoping -------------------------------------------------------------------------------------------

@@ -214,26 +214,54 @@ def test_routes_passed_in_by_a_rollout_func(tmp_path):
         trainer.train()
 
 
-def test_refusals(tmp_path):
-    with pytest.raises(IntegrationError, match=r'router_replay must be "R3", "R2", "measure" or None, found \'R1\''):
-        _trainer(tmp_path, "R1")
-    with pytest.raises(IntegrationError, match=r'router_replay="R3" with use_vllm=True: TRL\'s vLLM generation returns '
-                       r'no routes.*Pass a rollout_func that returns "routed_experts"'):
-        _trainer(tmp_path, "R3", config=_config(tmp_path, use_vllm=True))
-    with pytest.raises(IntegrationError, match=r'router_replay="R2" replays the old-policy pass\'s routes, but with '
-                       r"num_iterations=1, steps_per_generation=2 and gradient_accumulation_steps=2 TRL runs no "
-                       r"old-policy pass"):
-        _trainer(tmp_path, "R2", config=_config(tmp_path, num_iterations=1))
-    with pytest.raises(IntegrationError, match=r'router_replay="R3" with tools or environment_factory'):
-        _trainer(tmp_path, "R3", tools=[_reward])
-    with pytest.raises(IntegrationError, match=r'router_replay="measure" with use_vllm=True: TRL\'s vLLM generation'):
-        _trainer(tmp_path, "measure", config=_config(tmp_path, use_vllm=True))
-    with pytest.raises(
+REFUSALS = [
+    pytest.param(
+        lambda tmp: _trainer(tmp, "R1"),
         IntegrationError,
-        match=r"^router_replay_export_dir='.*routes' with router_replay=None: nothing captures routes to export; "
+        r'router_replay must be "R3", "R2", "measure" or None, found \'R1\'',
+        id="unknown-mode",
+    ),
+    pytest.param(
+        lambda tmp: _trainer(tmp, "R3", config=_config(tmp, use_vllm=True)),
+        IntegrationError,
+        r'router_replay="R3" with use_vllm=True: TRL\'s vLLM generation returns '
+        r'no routes.*Pass a rollout_func that returns "routed_experts"',
+        id="r3-vllm",
+    ),
+    pytest.param(
+        lambda tmp: _trainer(tmp, "R2", config=_config(tmp, num_iterations=1)),
+        IntegrationError,
+        r'router_replay="R2" replays the old-policy pass\'s routes, but with '
+        r"num_iterations=1, steps_per_generation=2 and gradient_accumulation_steps=2 TRL runs no "
+        r"old-policy pass",
+        id="r2-without-old-policy-pass",
+    ),
+    pytest.param(
+        lambda tmp: _trainer(tmp, "R3", tools=[_reward]),
+        IntegrationError,
+        r'router_replay="R3" with tools or environment_factory',
+        id="r3-tools",
+    ),
+    pytest.param(
+        lambda tmp: _trainer(tmp, "measure", config=_config(tmp, use_vllm=True)),
+        IntegrationError,
+        r'router_replay="measure" with use_vllm=True: TRL\'s vLLM generation',
+        id="measure-vllm",
+    ),
+    pytest.param(
+        lambda tmp: _trainer(tmp, None, router_replay_export_dir=tmp / "routes"),
+        IntegrationError,
+        r"^router_replay_export_dir='.*routes' with router_replay=None: nothing captures routes to export; "
         r'set router_replay="measure"',
-    ):
-        _trainer(tmp_path, None, router_replay_export_dir=tmp_path / "routes")
+        id="export-without-capture",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), REFUSALS)
+def test_refusals(tmp_path, call, error, match):
+    with pytest.raises(error, match=match):
+        call(tmp_path)
 
 
 def _router_logs(trainer):
