@@ -16,7 +16,9 @@ SRC=${SRC:-src}
 DRY_RUN=${DRY_RUN:-}
 mkdir -p "$OUT"
 if [ -z "$DRY_RUN" ] && ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-deps .whl/*.whl --target /tmp/site 2>&1 | tail -1
+    # megatron-core wheels of two versions are carried (tests/megatron_gpu picks one per run):
+    # pip refuses both at once, and these parts do not need it
+    python3 -m pip install -q --no-deps $(ls .whl/*.whl | grep -v megatron_core) --target /tmp/site 2>&1 | tail -1
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD/$SRC:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 OUT
