@@ -457,19 +457,27 @@ def _input_dtype(args, kwargs, fallback: torch.Tensor) -> torch.dtype:
 
 
 def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELayer, router, rmath, family) -> None:
-    path = layer.path
-    _parent_path, block, _ = _parent(model, path)
-    cls_name = layer.router_class
+    """Hook one MoE layer: its batch shape (first layer only), its experts' ids, then its router seam."""
+    parent_path, block, _ = _parent(model, layer.path)
+    _hook_batch_shape(calls, removers, model, index, parent_path, block)
+    _hook_experts(calls, removers, index, block)
+    seam = _Seam(calls=calls, removers=removers, index=index, layer=layer, router=router, rmath=rmath,
+                 family=family, block=block)  # fmt: skip
+    _SEAMS.get(layer.router_class, _seam_generic)(seam)
 
-    # Batch shape [B, S] of every forward, from the MoE block's input. Every MoE layer of a
-    # forward sees the same shape, so only the first one (in forward order) carries the hook:
-    # one hook fewer per layer on the decode hot path.
-    # A padding-free packed batch ([1, T], several sequences, no attention mask) names its
-    # sequences in the model's inputs: position_ids restarting at 0, or flash-attention's varlen
-    # cu_seq_lens_q. The model's pre-hook keeps them for the first MoE block's report.
-    # The forward's own attention mask goes to the report too: the mask given to replay / trace
-    # is checked against it. Kept for one report only (a forward of a submodule does not pass
-    # through the model's pre-hook).
+
+def _hook_batch_shape(calls: RouterCalls, removers: list, model, index: int, parent_path: str, block) -> None:
+    """Report the batch shape [B, S] of every forward (and its packing) from the first MoE block's input.
+
+    Every MoE layer of a forward sees the same shape, so only the first one (in forward order)
+    carries the hook: one hook fewer per layer on the decode hot path.
+    A padding-free packed batch ([1, T], several sequences, no attention mask) names its
+    sequences in the model's inputs: position_ids restarting at 0, or flash-attention's varlen
+    cu_seq_lens_q. The model's pre-hook keeps them for the first MoE block's report.
+    The forward's own attention mask goes to the report too: the mask given to replay / trace
+    is checked against it. Kept for one report only (a forward of a submodule does not pass
+    through the model's pre-hook).
+    """
     packing: dict[str, Any] = {}
     mask_arg = _arg_index(model, ("attention_mask",))
 
@@ -494,32 +502,32 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         packing.clear()
 
     # An attention MoE block is never called through forward: its input shape is the attention's.
-    shape_module = _parent(model, _parent_path)[1] if type(block).__name__ in _ATTENTION_MOE_BLOCKS else block
+    shape_module = _parent(model, parent_path)[1] if type(block).__name__ in _ATTENTION_MOE_BLOCKS else block
     if index == 0 and shape_module is not model:
         h = shape_module.register_forward_pre_hook(block_pre_hook, with_kwargs=True)
         removers.append(h.remove)
         h = model.register_forward_pre_hook(model_pre_hook, with_kwargs=True)
         removers.append(h.remove)
 
+
+def _hook_experts(calls: RouterCalls, removers: list, index: int, block) -> None:
+    """Report the ids the block's experts receive (for verify=True), where their forward names them."""
     experts = getattr(block, "experts", None)
     experts = base_module(experts) if isinstance(experts, torch.nn.Module) else experts
     pos = experts_ids_argument(experts) if isinstance(experts, torch.nn.Module) else None
-    if pos is not None:
-        arg_index, arg_name = pos
+    if pos is None:
+        return
+    arg_index, arg_name = pos
 
-        def experts_pre_hook(module, args, kwargs):
-            if module is not experts:
-                return  # a deepcopy's experts
-            ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
-            if isinstance(ids, torch.Tensor):
-                calls.on_experts(index, ids)
+    def experts_pre_hook(module, args, kwargs):
+        if module is not experts:
+            return  # a deepcopy's experts
+        ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
+        if isinstance(ids, torch.Tensor):
+            calls.on_experts(index, ids)
 
-        h = experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)
-        removers.append(h.remove)
-
-    seam = _Seam(calls=calls, removers=removers, index=index, layer=layer, router=router, rmath=rmath,
-                 family=family, block=block)  # fmt: skip
-    _SEAMS.get(cls_name, _seam_generic)(seam)
+    h = experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)
+    removers.append(h.remove)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
