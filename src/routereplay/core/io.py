@@ -799,6 +799,31 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
     """
     if file_size is None:
         file_size = os.fstat(f.fileno()).st_size
+    head, header_size, raw, table = _read_header_json(f, path, file_size)
+    metadata, version, minor = _trace_metadata(path, table)
+    tensors = _parse_table(path, table)
+    _check_data_size(path, tensors, have=file_size - 8 - header_size)
+    _check_metadata_fields(path, metadata, tensors, version, minor)
+    header = TraceFileHeader(
+        path=path,
+        file_size=file_size,
+        header_size=header_size,
+        version=version,
+        checksum_algorithm=metadata["checksum_algorithm"],
+        checksum=metadata["checksum"],
+        metadata=MappingProxyType(dict(metadata)),
+        tensors=MappingProxyType(tensors),
+    )
+    return header, head + raw
+
+
+def _read_header_json(f, path: str, file_size: int) -> tuple[bytes, int, bytes, dict]:
+    """Read the 8-byte header length and the header; return the length bytes, the length, the header
+    bytes and the header parsed as a JSON object.
+
+    The declared length is checked against the bytes present and the header limit before it is
+    read, and the JSON's nesting depth before it is parsed.
+    """
     head = f.read(8)
     if len(head) < 8:
         raise _fail(
@@ -835,7 +860,12 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
         raise _fail(path, f"header is not valid JSON ({e}); {_CORRUPT}, or it is not a safetensors file") from None
     if not isinstance(table, dict):
         raise _fail(path, f"header must be a JSON object, found {type(table).__name__}; {_CORRUPT}")
+    return head, header_size, raw, table
 
+
+def _trace_metadata(path: str, table: dict) -> tuple[dict, str, int]:
+    """Pop the ``__metadata__`` of a header's table and check that it names a routereplay trace of a
+    format version this reader reads; return the metadata, the version string and its minor number."""
     metadata = table.pop("__metadata__", None)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fail(
@@ -872,11 +902,12 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
             f"trace format version {version} was never written by routereplay, which reads "
             f"format version {_MAJOR}.x; {_CORRUPT}",
         )
-    minor = int(match.group(2) or 0)
+    return metadata, version, int(match.group(2) or 0)
 
-    tensors = _parse_table(path, table)
+
+def _check_data_size(path: str, tensors: dict[str, TensorEntry], have: int) -> None:
+    """The ``have`` bytes after the header are exactly the tensor data the table describes."""
     data_size = max((e.end for e in tensors.values()), default=0)
-    have = file_size - 8 - header_size
     if have < data_size:
         raise _fail(
             path,
@@ -888,6 +919,13 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
             path, f"has {have - data_size} unexpected bytes after the {data_size} bytes of tensor data; {_CORRUPT}"
         )
 
+
+def _check_metadata_fields(
+    path: str, metadata: dict, tensors: dict[str, TensorEntry], version: str, minor: int
+) -> None:
+    """Check the metadata fields and tensor names of a version-``version`` trace: no unknown ones in a
+    version this reader knows fully, the required fields present, the checksum's algorithm and
+    form, and the chunk fields (version 1.1 and later) all present and well formed if any is."""
     if minor <= _MINOR:
         # A newer minor version may add fields and tensors that this reader ignores; in a
         # version this reader knows fully, an unknown name means a damaged header.
@@ -912,35 +950,39 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
     if not _CHECKSUM_RE.fullmatch(checksum):
         raise _fail(path, f"checksum field is {checksum!r}, expected 8 lowercase hex digits; {_CORRUPT}")
     if minor >= 1 and any(name in metadata for name in _CHUNK_FIELDS):
-        absent = [name for name in _CHUNK_FIELDS if name not in metadata]
-        if absent:
-            raise _fail(path, f"has some chunk fields but not {absent}; a chunked trace has all of {list(_CHUNK_FIELDS)}; {_CORRUPT}")
-        if not _COUNT_RE.fullmatch(metadata["chunk_rows"]) or len(metadata["chunk_rows"]) > 19:
-            raise _fail(path, f"field 'chunk_rows' is {_short(metadata['chunk_rows'])}, expected a positive decimal integer; {_CORRUPT}")
-        if not _CHECKSUM_RE.fullmatch(metadata["header_checksum"]):
-            raise _fail(path, f"field 'header_checksum' is {_short(metadata['header_checksum'])}, expected 8 lowercase hex digits; {_CORRUPT}")
-        experts = tensors.get("experts")
-        rows = experts.shape[0] if experts is not None and experts.shape else 0
-        want = 8 * -(-rows // int(metadata["chunk_rows"]))
-        digits = metadata["chunk_checksums"]
-        if len(digits) != want or not _HEX_RE.fullmatch(digits):
-            raise _fail(
-                path,
-                f"field 'chunk_checksums' holds {len(digits)} characters, expected {want} lowercase hex digits "
-                f"(8 per chunk of {metadata['chunk_rows']} rows over {rows} rows); {_CORRUPT}",
-            )
+        _check_chunk_fields(path, metadata, tensors)
 
-    header = TraceFileHeader(
-        path=path,
-        file_size=file_size,
-        header_size=header_size,
-        version=version,
-        checksum_algorithm=algorithm,
-        checksum=checksum,
-        metadata=MappingProxyType(dict(metadata)),
-        tensors=MappingProxyType(tensors),
-    )
-    return header, head + raw
+
+def _check_chunk_fields(path: str, metadata: dict, tensors: dict[str, TensorEntry]) -> None:
+    """A chunked trace has all of ``_CHUNK_FIELDS``: a positive row count per chunk, the header's
+    checksum, and 8 hex digits of checksum per chunk of the ``experts`` rows."""
+    absent = [name for name in _CHUNK_FIELDS if name not in metadata]
+    if absent:
+        raise _fail(
+            path,
+            f"has some chunk fields but not {absent}; a chunked trace has all of {list(_CHUNK_FIELDS)}; {_CORRUPT}",
+        )
+    if not _COUNT_RE.fullmatch(metadata["chunk_rows"]) or len(metadata["chunk_rows"]) > 19:
+        raise _fail(
+            path,
+            f"field 'chunk_rows' is {_short(metadata['chunk_rows'])}, expected a positive decimal integer; {_CORRUPT}",
+        )
+    if not _CHECKSUM_RE.fullmatch(metadata["header_checksum"]):
+        raise _fail(
+            path,
+            f"field 'header_checksum' is {_short(metadata['header_checksum'])}, "
+            f"expected 8 lowercase hex digits; {_CORRUPT}",
+        )
+    experts = tensors.get("experts")
+    rows = experts.shape[0] if experts is not None and experts.shape else 0
+    want = 8 * -(-rows // int(metadata["chunk_rows"]))
+    digits = metadata["chunk_checksums"]
+    if len(digits) != want or not _HEX_RE.fullmatch(digits):
+        raise _fail(
+            path,
+            f"field 'chunk_checksums' holds {len(digits)} characters, expected {want} lowercase hex digits "
+            f"(8 per chunk of {metadata['chunk_rows']} rows over {rows} rows); {_CORRUPT}",
+        )
 
 
 def _parse_table(path: str, table: dict) -> dict[str, TensorEntry]:
