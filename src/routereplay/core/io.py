@@ -587,35 +587,78 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
         cu = np.frombuffer(cu_raw, dtype=np.int64)
         T = header.tensors["experts"].shape[0]
         if cu[0] != 0 or cu[-1] != T or (np.diff(cu) < 0).any():
-            raise _fail(path, f"cu_seqlens runs from {int(cu[0])} to {int(cu[-1])} or decreases, expected 0 .. T={T}; {_CORRUPT}")
+            raise _fail(
+                path,
+                f"cu_seqlens runs from {int(cu[0])} to {int(cu[-1])} or decreases, expected 0 .. T={T}; {_CORRUPT}",
+            )
         B = cu.size - 1
         idx = list(range(B)) if sequences is None else _as_index(sequences, B)
         spans = [(int(cu[b]), int(cu[b + 1]) - int(cu[b])) for b in idx]
         R = int(header.metadata["chunk_rows"])
-        needed = sorted({c for start, n in spans if n for c in range(start // R, (start + n - 1) // R + 1)})
-        runs: list[list[int]] = []  # [first chunk, last chunk + 1], consecutive chunks merged
-        for c in needed:
-            if runs and runs[-1][1] == c:
-                runs[-1][1] = c + 1
-            else:
-                runs.append([c, c + 1])
-        # Read each row tensor's bytes of each run (file order, so that each chunk's checksum
-        # chains over its parts in file order, as the writer computed it).
+        needed, runs = _chunk_runs(spans, R)
         row_names = [name for name in header.tensors if name in _ROW_TENSORS]
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in row_names}
-        chunk_crc: dict[int, int] = {}
-        for name in row_names:
-            e = header.tensors[name]
-            row_bytes = (e.end - e.start) // T if T else 0
-            for c0, c1 in runs:
-                r0, r1 = c0 * R, min(c1 * R, T)
-                buf = host_empty(((r1 - r0) * row_bytes,), torch.uint8)
-                _pread_into(f, path, data_start + e.start + r0 * row_bytes, buf.numpy())
-                view = memoryview(buf.numpy())
-                for c in range(c0, c1):
-                    lo, hi = (c * R - r0) * row_bytes, (min((c + 1) * R, T) - r0) * row_bytes
-                    chunk_crc[c] = zlib.crc32(view[lo:hi], chunk_crc.get(c, 0))
-                parts[name].append(buf.view(_DTYPES[e.dtype]).view(r1 - r0, *e.shape[1:]))
+        parts, chunk_crc = _read_runs(f, path, header, row_names, runs, R, T)
+    _check_chunk_crcs(path, header, needed, chunk_crc, R, T)
+    out = _gather_spans(header, row_names, parts, runs, spans, R, T)
+    del parts
+    cu_B1 = torch.zeros(len(spans) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor([n for _, n in spans], dtype=torch.int64), 0, out=cu_B1[1:])
+    built = {
+        "experts": out["experts"],
+        "cu_seqlens": cu_B1,
+        "layer_ids": fields["layer_ids"],
+        "num_experts": fields["num_experts"],
+        "valid": out.get("valid"),
+        "gates": out.get("gates"),
+        "meta": fields["meta"],
+    }
+    return RoutingTrace(**built) if validate else RoutingTrace.unchecked(**built)
+
+
+def _chunk_runs(spans: list[tuple[int, int]], R: int) -> tuple[list[int], list[list[int]]]:
+    """The chunks of ``R`` rows that the row ``spans`` (start, length) touch, sorted, and the same
+    chunks merged into runs ``[first chunk, last chunk + 1]`` of consecutive chunks."""
+    needed = sorted({c for start, n in spans if n for c in range(start // R, (start + n - 1) // R + 1)})
+    runs: list[list[int]] = []  # [first chunk, last chunk + 1], consecutive chunks merged
+    for c in needed:
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    return needed, runs
+
+
+def _read_runs(
+    f, path: str, header: TraceFileHeader, row_names: list[str], runs: list[list[int]], R: int, T: int
+) -> tuple[dict[str, list[torch.Tensor]], dict[int, int]]:
+    """Read each row tensor's rows of each run; return them (per tensor, one tensor per run) and the
+    crc32 of each chunk read.
+
+    Tensors are read in file order, so that each chunk's checksum chains over its parts in file
+    order, as the writer computed it.
+    """
+    data_start = 8 + header.header_size
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in row_names}
+    chunk_crc: dict[int, int] = {}
+    for name in row_names:
+        e = header.tensors[name]
+        row_bytes = (e.end - e.start) // T if T else 0
+        for c0, c1 in runs:
+            r0, r1 = c0 * R, min(c1 * R, T)
+            buf = host_empty(((r1 - r0) * row_bytes,), torch.uint8)
+            _pread_into(f, path, data_start + e.start + r0 * row_bytes, buf.numpy())
+            view = memoryview(buf.numpy())
+            for c in range(c0, c1):
+                lo, hi = (c * R - r0) * row_bytes, (min((c + 1) * R, T) - r0) * row_bytes
+                chunk_crc[c] = zlib.crc32(view[lo:hi], chunk_crc.get(c, 0))
+            parts[name].append(buf.view(_DTYPES[e.dtype]).view(r1 - r0, *e.shape[1:]))
+    return parts, chunk_crc
+
+
+def _check_chunk_crcs(
+    path: str, header: TraceFileHeader, needed: list[int], chunk_crc: dict[int, int], R: int, T: int
+) -> None:
+    """Each chunk read has the crc32 the header's ``chunk_checksums`` records for it."""
     digits = header.metadata["chunk_checksums"]
     for c in needed:
         want, found = digits[8 * c : 8 * c + 8], f"{chunk_crc[c]:08x}"
@@ -626,7 +669,18 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
                 f"crc32 {want} but its bytes give {found}; the file is corrupt there (bit flip, partial "
                 "overwrite), write it again with routereplay.save",
             )
-    # The selected sequences, in order, from the runs read.
+
+
+def _gather_spans(
+    header: TraceFileHeader,
+    row_names: list[str],
+    parts: dict[str, list[torch.Tensor]],
+    runs: list[list[int]],
+    spans: list[tuple[int, int]],
+    R: int,
+    T: int,
+) -> dict[str, torch.Tensor]:
+    """The selected sequences' rows (``spans``, in order) of each row tensor, copied from the runs read."""
     run_rows = [(c0 * R, min(c1 * R, T)) for c0, c1 in runs]
     run_at = [r0 for r0, _ in run_rows]
     total = sum(n for _, n in spans)
@@ -641,19 +695,7 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
                 dst[row : row + n] = parts[name][k][start - run_rows[k][0] : start - run_rows[k][0] + n]
                 row += n
         out[name] = dst
-    del parts
-    cu_B1 = torch.zeros(len(spans) + 1, dtype=torch.int64)
-    torch.cumsum(torch.tensor([n for _, n in spans], dtype=torch.int64), 0, out=cu_B1[1:])
-    built = {
-        "experts": out["experts"],
-        "cu_seqlens": cu_B1,
-        "layer_ids": fields["layer_ids"],
-        "num_experts": fields["num_experts"],
-        "valid": out.get("valid"),
-        "gates": out.get("gates"),
-        "meta": fields["meta"],
-    }
-    return RoutingTrace(**built) if validate else RoutingTrace.unchecked(**built)
+    return out
 
 
 def _as_index(sequences, B: int) -> list[int]:
