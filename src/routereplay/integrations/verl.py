@@ -142,8 +142,25 @@ def routes_to_trace(
     parts = _per_sample(routed_experts)
     lens = [int(n) for n in torch.as_tensor(seq_lens).tolist()]
     if len(parts) != len(lens):
-        raise TokenCountMismatchError(f"verl micro-batch: routed_experts has {len(parts)} samples, input_ids {len(lens)}")
+        raise TokenCountMismatchError(
+            f"verl micro-batch: routed_experts has {len(parts)} samples, input_ids {len(lens)}"
+        )
     moe = list(moe_layer_ids)
+    experts_NLpK = _one_row_per_token(parts, lens, len(moe))
+    experts_NLK = _moe_layer_columns(experts_NLpK, moe)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
+    zero_N = _routeless_rows(experts_NLK, cu, lens, last_loss_rows)
+    valid = None if not bool(zero_N.any()) else ~zero_N
+    return RoutingTrace(
+        experts=experts_NLK, cu_seqlens=cu, layer_ids=tuple(moe), num_experts=num_experts, valid=valid,
+        meta={"source": "verl"},
+    )
+
+
+def _one_row_per_token(parts: list[torch.Tensor], lens: list[int], num_moe: int) -> torch.Tensor:
+    """The samples' ``[rows, Lp, K]`` routes concatenated, one row per token: a sample of vLLM's raw
+    ``tokens - 1`` rows gets an empty last row; any other row count is refused."""
     fixed = []
     for b, (r, n) in enumerate(zip(parts, lens)):
         if r.ndim != 3:
@@ -156,29 +173,41 @@ def routes_to_trace(
                 "belong to these tokens (a truncated response whose routes were not cut with it, verl #6027?)"
             )
         fixed.append(r)
-    experts_NLpK = torch.cat(fixed) if fixed else torch.zeros(0, len(moe), 1, dtype=torch.int16)
-    Lp, K = experts_NLpK.shape[1], experts_NLpK.shape[2]
+    return torch.cat(fixed) if fixed else torch.zeros(0, num_moe, 1, dtype=torch.int16)
+
+
+def _moe_layer_columns(experts_NLpK: torch.Tensor, moe: list[int]) -> torch.Tensor:
+    """The MoE layers' columns of a payload whose layer axis holds either the MoE layers or every
+    decoder layer (then the dense layers' columns must be empty)."""
+    Lp = experts_NLpK.shape[1]
     if Lp == len(moe):
-        experts_NLK = experts_NLpK
-    elif Lp > max(moe):
+        return experts_NLpK
+    if Lp > max(moe):
         dense = [i for i in range(Lp) if i not in set(moe)]
         busy = (experts_NLpK[:, dense] != 0).flatten(2).any(-1).any(0)
         if bool(busy.any()):
             raise EngineFormatError(
-                f"routed_experts holds routes on decoder layer {dense[int(busy.nonzero()[0, 0])]}, which is not an MoE "
-                f"layer of this model (MoE layers {moe}); the layer axis is shifted (dense layers counted wrongly, "
-                "verl #5037)"
+                f"routed_experts holds routes on decoder layer {dense[int(busy.nonzero()[0, 0])]}, "
+                f"which is not an MoE layer of this model (MoE layers {moe}); "
+                "the layer axis is shifted (dense layers counted wrongly, verl #5037)"
             )
-        experts_NLK = experts_NLpK[:, moe]
-    else:
-        raise EngineFormatError(
-            f"routed_experts has {Lp} layers; expected every decoder layer (> {max(moe)}) or the {len(moe)} MoE "
-            f"layers {moe}"
-        )
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
-    torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
+        return experts_NLpK[:, moe]
+    raise EngineFormatError(
+        f"routed_experts has {Lp} layers; expected every decoder layer (> {max(moe)}) or the {len(moe)} MoE "
+        f"layers {moe}"
+    )
+
+
+def _routeless_rows(
+    experts_NLK: torch.Tensor, cu: torch.Tensor, lens: list[int], last_loss_rows: Sequence[int] | torch.Tensor | None
+) -> torch.Tensor:
+    """Bool ``[N]``: the rows without a route (all ids 0; with top-1, only a sample's empty last row).
+
+    Only a sample's trailing rows may lack a route, and none before its last loss token
+    (``last_loss_rows``; default: its last token).
+    """
     zero_N = (experts_NLK == 0).flatten(1).all(-1)
-    if K == 1:  # expert 0 is a valid top-1 route: only the engine's empty last row is "missing"
+    if experts_NLK.shape[2] == 1:  # expert 0 is a valid top-1 route: only the engine's empty last row is "missing"
         last = torch.zeros_like(zero_N)
         last[cu[1:][cu.diff() > 0] - 1] = True
         zero_N &= last
@@ -200,11 +229,7 @@ def routes_to_trace(
                 f"position {int(bounds[b])}; the routes are shorter than the trained tokens (truncation, verl #6027), "
                 "and routing the rest live would change the loss"
             )
-    valid = None if not bool(zero_N.any()) else ~zero_N
-    return RoutingTrace(
-        experts=experts_NLK, cu_seqlens=cu, layer_ids=tuple(moe), num_experts=num_experts, valid=valid,
-        meta={"source": "verl"},
-    )
+    return zero_N
 
 
 def _last_loss_rows(micro_batch: Any, seq_lens_B: torch.Tensor) -> torch.Tensor | None:
