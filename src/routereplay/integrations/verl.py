@@ -280,6 +280,32 @@ class _Layout:
         return int(self.seq_lens_B.sum())
 
 
+def _replay_counts(
+    dispatched_NLK: torch.Tensor,
+    target: RoutingTrace,
+    stats: Any,
+    real_N: torch.Tensor | None,
+    layout: _Layout,
+    num_layers: int,
+) -> torch.Tensor:
+    """This rank's float64 counts of a replayed forward: replayed routes that did not reach the experts
+    (``dispatched_NLK``), replayed routes, routes live routing would have changed, rows replayed, and
+    real (token, layer) routes (``real_N``: this rank's real rows when packed, else every token)."""
+    forced_NLK = target.experts
+    valid_N = target.valid_mask
+    differ = (dispatched_NLK.sort(-1).values.to(torch.int64) != forced_NLK.sort(-1).values.to(torch.int64)).any(-1)
+    return torch.tensor(
+        [
+            float((differ & valid_N[:, None]).sum()),  # replayed routes that did not reach the experts
+            float(valid_N.sum()) * num_layers,  # replayed routes
+            float(sum(s.disagreement for s in stats)),  # live would differ
+            float(sum(s.replayed for s in stats)),
+            float((real_N.sum() if real_N is not None else layout.seq_lens_B.sum()) * num_layers),
+        ],
+        dtype=torch.float64,
+    )
+
+
 class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
     """verl's FSDP language-model engine with R2 / R3 routing replay (see the module docstring).
 
@@ -379,24 +405,7 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
 
     def _replay_step(self, micro_batch, loss_function, forward_only, layout: _Layout):
         h = self.router_handle
-        routes = micro_batch.get(ROUTES_KEY, None)
-        if routes is None:
-            hint = (
-                "set actor_rollout_ref.rollout.enable_rollout_routing_replay=True so the rollout returns routes"
-                if self.router_replay_mode == "R3"
-                else "R2 replays the routes compute_log_prob recorded; the trainer did not carry them into "
-                "update_actor (rollout_correction bypass_mode skips compute_log_prob)"
-            )
-            raise MissingRoutesError(
-                f"router_replay.mode={self.router_replay_mode}: this micro-batch carries no '{ROUTES_KEY}'; {hint}"
-            )
-        trace = routes_to_trace(
-            routes,
-            layout.seq_lens_B,
-            num_experts=h.num_experts,
-            moe_layer_ids=h.layer_ids,
-            last_loss_rows=_last_loss_rows(micro_batch, layout.seq_lens_B),
-        )
+        trace = self._carried_trace(micro_batch, layout)
         if layout.packed:
             target = self._rank_trace(trace, layout)
             real_N = torch.arange(target.num_tokens) + layout.sp_rank * target.num_tokens < trace.num_tokens
@@ -408,20 +417,7 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
         with h.replay(target, attention_mask=mask, missing="live") as rep, DispatchTap(h) as tap:
             loss, output = super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
         dispatched_NLK = tap.trace(attention_mask=mask).experts
-        forced_NLK = target.experts
-        valid_N = target.valid_mask
-        differ = (dispatched_NLK.sort(-1).values.to(torch.int64) != forced_NLK.sort(-1).values.to(torch.int64)).any(-1)
-        stats = rep.stats.values()
-        counts = torch.tensor(
-            [
-                float((differ & valid_N[:, None]).sum()),  # replayed routes that did not reach the experts
-                float(valid_N.sum()) * len(h.layer_ids),  # replayed routes
-                float(sum(s.disagreement for s in stats)),  # live would differ
-                float(sum(s.replayed for s in stats)),
-                float((real_N.sum() if real_N is not None else layout.seq_lens_B.sum()) * len(h.layer_ids)),
-            ],
-            dtype=torch.float64,
-        )
+        counts = _replay_counts(dispatched_NLK, target, rep.stats.values(), real_N, layout, len(h.layer_ids))
         if layout.sp > 1:
             dev = "cpu" if dist.get_backend(layout.sp_group) == "gloo" else loss.device
             counts_dev = counts.to(dev)
@@ -440,6 +436,28 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
                 "than the trace's; the model does not route through the seam routereplay intercepts"
             )
         return loss, output
+
+    def _carried_trace(self, micro_batch, layout: _Layout) -> RoutingTrace:
+        """The training-row trace of the routes the micro-batch carries (refused when it carries none)."""
+        h = self.router_handle
+        routes = micro_batch.get(ROUTES_KEY, None)
+        if routes is None:
+            hint = (
+                "set actor_rollout_ref.rollout.enable_rollout_routing_replay=True so the rollout returns routes"
+                if self.router_replay_mode == "R3"
+                else "R2 replays the routes compute_log_prob recorded; the trainer did not carry them into "
+                "update_actor (rollout_correction bypass_mode skips compute_log_prob)"
+            )
+            raise MissingRoutesError(
+                f"router_replay.mode={self.router_replay_mode}: this micro-batch carries no '{ROUTES_KEY}'; {hint}"
+            )
+        return routes_to_trace(
+            routes,
+            layout.seq_lens_B,
+            num_experts=h.num_experts,
+            moe_layer_ids=h.layer_ids,
+            last_loss_rows=_last_loss_rows(micro_batch, layout.seq_lens_B),
+        )
 
     def _record_step(self, micro_batch, loss_function, layout: _Layout):
         h = self.router_handle
