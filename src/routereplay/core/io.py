@@ -718,7 +718,9 @@ def _pread_into(f, path: str, offset: int, dst: np.ndarray) -> None:
     while pos < dst.nbytes:
         got = os.preadv(f.fileno(), [view[pos : pos + _IO_BLOCK * 16]], offset + pos)
         if not got:
-            raise _fail(path, f"file shrank while being read: expected {dst.nbytes} bytes at offset {offset}, got {pos}")
+            raise _fail(
+                path, f"file shrank while being read: expected {dst.nbytes} bytes at offset {offset}, got {pos}"
+            )
         pos += got
 
 
@@ -730,7 +732,9 @@ def _check_header_crc(path: str, header: TraceFileHeader, prefix: bytes, cu_raw:
         key = b'"' + field.encode("ascii") + b'":"'
         at = zeroed.find(key + header.metadata[field].encode("ascii") + b'"')
         if at < 0:
-            raise _fail(path, f"the {field} field is not written in the canonical form this reader verifies; {_CORRUPT}")
+            raise _fail(
+                path, f"the {field} field is not written in the canonical form this reader verifies; {_CORRUPT}"
+            )
         at += len(key)
         zeroed = zeroed[:at] + _PLACEHOLDER.encode("ascii") + zeroed[at + 8 :]
     found = f"{zlib.crc32(cu_raw, zlib.crc32(zeroed)):08x}"
@@ -813,7 +817,9 @@ def _build(
             # Validation built new ids (invalid rows held non-zero bytes): copy the small tensors so
             # they do not keep the whole data section alive next to the new ids.
             own = lambda t: None if t is None else t.clone()
-            trace = trace.replace(check=False, cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates))
+            trace = trace.replace(
+                check=False, cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates)
+            )
         return trace
     # Without validation, still refuse what would break indexing downstream (O(1) checks).
     cu_seqlens_B1, T = parts["cu_seqlens"], parts["experts"].shape[0]

@@ -80,7 +80,8 @@ def megatron_router_layer_ids(model: Any, instances: Sequence[Any] | None = None
     for r in routers:
         if isinstance(getattr(r, "layer_number", None), bool) or not isinstance(getattr(r, "layer_number", None), int):
             raise EngineFormatError(
-                f"router {type(r).__name__} has layer_number={getattr(r, 'layer_number', None)!r}; expected Megatron's 1-based int"
+                f"router {type(r).__name__} has layer_number={getattr(r, 'layer_number', None)!r}; "
+                "expected Megatron's 1-based int"
             )
     by_instance = {id(r.router_replay): r.layer_number - 1 for r in routers}
     if instances is None:

@@ -96,7 +96,8 @@ def decode_sglang_payload(payload: Any, *, num_layers: int, top_k: int, where: s
     if arr.ndim == 1:
         if arr.shape[0] % (num_layers * top_k):
             raise EngineFormatError(
-                f"{where}: routed_experts has {arr.shape[0]} values, not a multiple of num_layers x top_k = {num_layers * top_k}"
+                f"{where}: routed_experts has {arr.shape[0]} values, "
+                f"not a multiple of num_layers x top_k = {num_layers * top_k}"
             )
         return arr.reshape(-1, num_layers, top_k)
     if arr.ndim != 3 or arr.shape[1:] != (num_layers, top_k):
@@ -127,7 +128,8 @@ def _check_retraction(info: Mapping, label: str, on_retraction: str) -> None:
         "the last retraction come from that re-prefill, not from the forwards that generated the tokens"
         + (f" (weight_version at the end: {version!r})" if version is not None else "")
         + ". If no weight update happened while it was retracted, pass on_retraction=\"accept\"; otherwise "
-        "drop the sample, or abort and resume it as a partial rollout (RouteAccumulator) so each attempt's rows are kept"
+        "drop the sample, or abort and resume it as a partial rollout (RouteAccumulator) "
+        "so each attempt's rows are kept"
     )
 
 
@@ -343,7 +345,8 @@ def extend_sglang(
     if start > have:
         raise EngineFormatError(
             f"{label}: the new rows start at token {start}, but sequence {sequence} holds only {have} rows "
-            f"(tokens 0..{have - 1}); rows {have}..{start - 1} would be missing. Send routed_experts_start_len <= {have}"
+            f"(tokens 0..{have - 1}); rows {have}..{start - 1} would be missing. "
+            f"Send routed_experts_start_len <= {have}"
         )
     piece = _turn_rows(
         trace, arr, label, moe_layer_ids=moe_layer_ids, allow_zero_routes=allow_zero_routes, missing=missing

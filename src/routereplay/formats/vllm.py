@@ -529,7 +529,8 @@ def _payload_array(trace: RoutingTrace, dtype, num_hidden_layers: int | None) ->
     if trace.valid is not None and not bool(trace.valid.all()):
         if np_dtype.kind == "u":
             raise EngineFormatError(
-                f"the trace has rows without a route, which vLLM marks -1; unsigned dtype {np_dtype} cannot hold -1, use int16 or int32"
+                f"the trace has rows without a route, which vLLM marks -1; unsigned dtype {np_dtype} cannot hold -1, "
+                "use int16 or int32"
             )
         experts_TLK = experts_TLK.masked_fill(~trace.valid.cpu()[:, None, None], -1)
     full = _expand_layers(experts_TLK, trace.layer_ids, num_hidden_layers)

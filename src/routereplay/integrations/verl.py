@@ -360,7 +360,9 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
     def _layout(self, micro_batch: Any) -> _Layout:
         input_ids = micro_batch["input_ids"]
         if not input_ids.is_nested:
-            raise IntegrationError("routing replay needs verl's no-padding batches (nested input_ids, pad_mode no_padding)")
+            raise IntegrationError(
+                "routing replay needs verl's no-padding batches (nested input_ids, pad_mode no_padding)"
+            )
         seq_lens_B = input_ids.offsets().diff().cpu().to(torch.int64)
         packed = bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True))
         sp = int(self.ulysses_sequence_parallel_size) if packed else 1
@@ -549,8 +551,9 @@ def _register() -> None:
         if cls is not None and cls is not RouteReplayFSDPEngine:
             raise IntegrationError(
                 f"routereplay.integrations.verl: on device={device!r}, vendor={vendor!r} verl builds "
-                f"{cls.__module__}.{cls.__qualname__} for strategy {backend!r}, not RouteReplayFSDPEngine (a subclass of "
-                "verl's FSDPEngineWithLMHead), so router_replay.mode would be ignored and the actor would route live. "
+                f"{cls.__module__}.{cls.__qualname__} for strategy {backend!r}, "
+                "not RouteReplayFSDPEngine (a subclass of verl's FSDPEngineWithLMHead), "
+                "so router_replay.mode would be ignored and the actor would route live. "
                 "Routing replay runs where verl builds its own FSDP engine: run without this vendor's engine (set "
                 "VERL_ENGINE_VENDOR to a vendor whose lookup gives FSDPEngineWithLMHead), or drop "
                 "actor_rollout_ref.model.external_lib=routereplay.integrations.verl and the router_replay mode"

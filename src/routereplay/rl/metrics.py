@@ -149,10 +149,14 @@ def _experts_and_valid(x: RoutingTrace | torch.Tensor, name: str) -> tuple[torch
     if isinstance(x, torch.Tensor) and x.ndim == 3 and not x.dtype.is_floating_point:
         return x, None
     found = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-    raise MetricInputError(f"routing_agreement: {name} must be a RoutingTrace or an integer [T, L, K] tensor, found {found}")
+    raise MetricInputError(
+        f"routing_agreement: {name} must be a RoutingTrace or an integer [T, L, K] tensor, found {found}"
+    )
 
 
-def _bool_mask(mask: torch.Tensor | Sequence[bool], device: torch.device, what: str, name: str = "mask") -> torch.Tensor:
+def _bool_mask(
+    mask: torch.Tensor | Sequence[bool], device: torch.device, what: str, name: str = "mask"
+) -> torch.Tensor:
     mask_X = torch.as_tensor(mask, device=device)
     if mask_X.dtype != torch.bool:
         if mask_X.dtype.is_floating_point or not bool(((mask_X == 0) | (mask_X == 1)).all()):
@@ -168,7 +172,8 @@ def _packed_mask(
     device: torch.device,
     what: str,
 ) -> torch.Tensor:
-    """bool ``[T]`` from a packed ``[T]`` mask, or a padded ``[B, S]`` mask read at ``attention_mask``'s real positions."""
+    """bool ``[T]`` from a packed ``[T]`` mask, or a padded ``[B, S]`` mask read at ``attention_mask``'s real
+    positions."""
     if mask is None:
         if attention_mask is not None:
             raise MetricInputError(f"{what}: attention_mask is given without a mask; pass the [B, S] mask it goes with")
