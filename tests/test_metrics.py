@@ -145,7 +145,10 @@ def test_routing_agreement_chunks_large_inputs(monkeypatch):
 def test_routing_agreement_errors():
     with pytest.raises(TraceMismatchError, match=r"a has \[T, L, K\] = \[3, 2, 2\] but b has \[2, 2, 2\]"):
         routing_agreement(A_TLK, B_TLK[:2])
-    with pytest.raises(MetricInputError, match=r"b must be a RoutingTrace or an integer \[T, L, K\] tensor, found \(3, 2, 2\) torch.float32"):
+    with pytest.raises(
+        MetricInputError,
+        match=r"b must be a RoutingTrace or an integer \[T, L, K\] tensor, found \(3, 2, 2\) torch.float32",
+    ):
         routing_agreement(A_TLK, B_TLK.float())
     with pytest.raises(MetricInputError, match=r"mask must have shape \(3,\), one entry per token, found \(2,\)"):
         routing_agreement(A_TLK, B_TLK, mask=torch.tensor([True, False]))
@@ -153,9 +156,16 @@ def test_routing_agreement_errors():
         routing_agreement(A_TLK, B_TLK, mask=torch.ones(3))
     a = RoutingTrace(experts=A_TLK, cu_seqlens=torch.tensor([0, 3]), layer_ids=(0, 1), num_experts=8)
     with pytest.raises(TraceMismatchError, match=r"a has layer_ids=\(0, 1\) but b has layer_ids=\(1, 2\)"):
-        routing_agreement(a, RoutingTrace(experts=B_TLK, cu_seqlens=torch.tensor([0, 3]), layer_ids=(1, 2), num_experts=8))
-    with pytest.raises(TraceMismatchError, match=r"a has sequence lengths \[3\], b has \[1, 2\]; the rows would be compared on the wrong tokens"):
-        routing_agreement(a, RoutingTrace(experts=B_TLK, cu_seqlens=torch.tensor([0, 1, 3]), layer_ids=(0, 1), num_experts=8))
+        routing_agreement(
+            a, RoutingTrace(experts=B_TLK, cu_seqlens=torch.tensor([0, 3]), layer_ids=(1, 2), num_experts=8)
+        )
+    with pytest.raises(
+        TraceMismatchError,
+        match=r"a has sequence lengths \[3\], b has \[1, 2\]; the rows would be compared on the wrong tokens",
+    ):
+        routing_agreement(
+            a, RoutingTrace(experts=B_TLK, cu_seqlens=torch.tensor([0, 1, 3]), layer_ids=(0, 1), num_experts=8)
+        )
 
 
 # --- log-prob mismatch ----------------------------------------------------------------------
@@ -226,13 +236,17 @@ def test_logprob_mismatch_errors():
         logprob_mismatch(lp, torch.zeros(3))
     with pytest.raises(MetricInputError, match=r"mask has shape \(3,\), expected the log-probs' shape \(2, 3\)"):
         logprob_mismatch(lp, lp, torch.ones(3, dtype=torch.bool))
-    with pytest.raises(MetricInputError, match=r"logp_infer must be a float tensor of log-probabilities, found torch.int64"):
+    with pytest.raises(
+        MetricInputError, match=r"logp_infer must be a float tensor of log-probabilities, found torch.int64"
+    ):
         logprob_mismatch(lp, torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(MetricInputError, match=r"every tau must be > 1"):
         logprob_mismatch(lp, lp, taus=(1.0, 2.0))
     bad = lp.clone()
     bad[1, 2] = -math.inf
-    with pytest.raises(MetricInputError, match=r"logp_train at position \(1, 2\) is -inf; every selected log-prob must be finite"):
+    with pytest.raises(
+        MetricInputError, match=r"logp_train at position \(1, 2\) is -inf; every selected log-prob must be finite"
+    ):
         logprob_mismatch(bad, lp)
     # The same non-finite entry is fine when masked out.
     assert logprob_mismatch(bad, lp, torch.tensor([[True] * 3, [True, True, False]])).num_tokens == 5
@@ -262,14 +276,22 @@ def test_mask_convention_errors():
     with pytest.raises(MetricInputError, match=r"routing_agreement: mask must have shape \(3,\), one entry per token, "
                        r"found \(2, 2\); for a padded \[B, S\] mask pass attention_mask=\[B, S\] as well"):
         routing_agreement(A_TLK, B_TLK, RESP_BS)
-    with pytest.raises(MetricInputError, match=r"routing_agreement: attention_mask has 4 real tokens but the data has 3"):
+    with pytest.raises(
+        MetricInputError, match=r"routing_agreement: attention_mask has 4 real tokens but the data has 3"
+    ):
         routing_agreement(A_TLK, B_TLK, RESP_BS, attention_mask=torch.ones(2, 2, dtype=torch.long))
     with pytest.raises(MetricInputError, match=r"attention_mask is given without a mask"):
         routing_agreement(A_TLK, B_TLK, attention_mask=ATTN_BS)
     lt_T = torch.zeros(3)
-    with pytest.raises(MetricInputError, match=r"logprob_mismatch: mask has shape \(2, 2\), expected the log-probs' shape "
-                       r"\(3,\); for packed log-probs and a padded \[B, S\] mask pass attention_mask as well"):
+    with pytest.raises(
+        MetricInputError,
+        match=r"logprob_mismatch: mask has shape \(2, 2\), expected the log-probs' shape "
+        r"\(3,\); for packed log-probs and a padded \[B, S\] mask pass attention_mask as well",
+    ):
         logprob_mismatch(lt_T, lt_T, RESP_BS)
-    with pytest.raises(MetricInputError, match=r"attention_mask goes with packed \[T\] log-probs, found log-probs of shape "
-                       r"\(2, 2\)"):
+    with pytest.raises(
+        MetricInputError,
+        match=r"attention_mask goes with packed \[T\] log-probs, found log-probs of shape "
+        r"\(2, 2\)",
+    ):
         logprob_mismatch(torch.zeros(2, 2), torch.zeros(2, 2), RESP_BS, attention_mask=ATTN_BS)

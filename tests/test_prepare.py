@@ -80,7 +80,9 @@ def test_prepare_checks_at_once_and_replay_refuses_what_does_not_belong(handle, 
     with pytest.raises(RouterSpecError, match=r"layer 2 \(model.layers.2.mlp.gate\): "):
         handle.prepare(bad, attention_mask=b["attention_mask"])
     holes = trace.replace(check=False, valid=torch.arange(trace.num_tokens) != 4)
-    with pytest.raises(MissingRoutesError, match=r"1 row\(s\) inside their sequence have no recorded route, the first at row 4"):
+    with pytest.raises(
+        MissingRoutesError, match=r"1 row\(s\) inside their sequence have no recorded route, the first at row 4"
+    ):
         handle.prepare(holes, attention_mask=b["attention_mask"])
     live = handle.prepare(holes, attention_mask=b["attention_mask"], missing="live")
     with pytest.raises(
@@ -158,7 +160,8 @@ def test_replay_kernel_is_checked_at_attach_and_the_cpu_replays_with_route(model
         m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
         with pytest.raises(
             ReplayError,
-            match=r'^replay_kernel="triton" needs triton, which is not installed: pip install \'routereplay\[triton\]\' '
+            match=r'^replay_kernel="triton" needs triton, which is not installed: '
+            r"pip install \'routereplay\[triton\]\' "
             r'\(or replay_kernel="torch"\)$',
         ):
             routereplay.attach(model, replay_kernel="triton")

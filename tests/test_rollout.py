@@ -100,7 +100,9 @@ def test_captured_routes_equal_training_forward_routes(gen_kw):
     eos = gen_kw.get("eos_token_id")
     cap, out, ids, mask = _generate(model, handle, **gen_kw)
     R = gen_kw.get("num_return_sequences", 1)
-    rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=eos, pad_token_id=PAD if eos is not None else None)
+    rollout = cap.rollout(
+        out, prompt_attention_mask=mask, eos_token_id=eos, pad_token_id=PAD if eos is not None else None
+    )
     trace = cap.trace(out, prompt_attention_mask=mask, eos_token_id=eos)
     assert trace == rollout.trace
 
@@ -156,7 +158,9 @@ def test_capture_errors():
     handle = attach(model)
     ids, mask = _prompt_batch()
     with torch.no_grad(), handle.capture_generation() as cap:
-        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None)
+        out = model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None
+        )
         with pytest.raises(GenerationCaptureError, match=r"after the `with handle.capture_generation\(\)` block ends"):
             cap.trace(out)
         model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None)
@@ -164,17 +168,27 @@ def test_capture_errors():
         cap.trace(out, prompt_attention_mask=mask)
 
     with torch.no_grad(), handle.capture_generation() as cap:
-        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None)
-    with pytest.raises(GenerationCaptureError, match=r"saw 3 sequences of 5 prompt tokens but sequences has shape \(2, 8\)"):
+        out = model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD, eos_token_id=None
+        )
+    with pytest.raises(
+        GenerationCaptureError, match=r"saw 3 sequences of 5 prompt tokens but sequences has shape \(2, 8\)"
+    ):
         cap.trace(out[:2], prompt_attention_mask=mask)
     right = mask.flip(1)
-    with pytest.raises(LayoutError, match=r"row 0 has padding at position 3 after a real token: generate\(\) needs left-padded"):
+    with pytest.raises(
+        LayoutError, match=r"row 0 has padding at position 3 after a real token: generate\(\) needs left-padded"
+    ):
         cap.trace(out, prompt_attention_mask=right)
-    with pytest.raises(LayoutError, match=r"prompt_attention_mask has shape \(2, 5\), expected \[B0, 5\] with 3 generated"):
+    with pytest.raises(
+        LayoutError, match=r"prompt_attention_mask has shape \(2, 5\), expected \[B0, 5\] with 3 generated"
+    ):
         cap.trace(out, prompt_attention_mask=mask[:2])
     forged = out.clone()
     forged[0, -3:] = torch.tensor([EOS, 7, 7])
-    with pytest.raises(GenerationCaptureError, match=r"sequence 0: token 7 at generated position 1 follows its EOS at position 0"):
+    with pytest.raises(
+        GenerationCaptureError, match=r"sequence 0: token 7 at generated position 1 follows its EOS at position 0"
+    ):
         cap.trace(forged, prompt_attention_mask=mask, eos_token_id=EOS, pad_token_id=PAD)
     with pytest.raises(GenerationCaptureError, match=r"no forward was recorded"):
         with handle.capture_generation() as cap:
@@ -243,9 +257,12 @@ def test_eos_defaults_to_model_ids_and_unknown_stop_raises():
     b = int((first_pos < G - 1).nonzero()[0, 0])
     stop_id = int(comp[b, first_pos[b]])
     told = [i for i in EOS_IDS if i != stop_id]
-    with pytest.raises(EosMismatchError, match=rf"sequence \d+ stopped at generated position \d+ on token {stop_id}, an "
-                       r"end-of-sequence id of the model's generation_config \(\[1, 2, 3\]\).*but rollout\(\) was told "
-                       rf"eos_token_id=\{told}; .*Pass eos_token_id=\[1, 2, 3\]"):
+    with pytest.raises(
+        EosMismatchError,
+        match=rf"sequence \d+ stopped at generated position \d+ on token {stop_id}, an "
+        r"end-of-sequence id of the model's generation_config \(\[1, 2, 3\]\).*but rollout\(\) was told "
+        rf"eos_token_id=\{told}; .*Pass eos_token_id=\[1, 2, 3\]",
+    ):
         cap.rollout(out, prompt_attention_mask=mask, eos_token_id=told)
 
 
@@ -270,7 +287,9 @@ def test_padded_widths_positions_and_pad_id():
     assert right["input_ids"].shape == (2, max(lens))  # width: the longest selected sample
     assert right["position_ids"][0].tolist() == list(range(lens[0])) + [0] * (max(lens) - lens[0])
     assert "rollout_logprobs" not in right
-    with pytest.raises(LayoutError, match=r"padded\(width=4\) is narrower than the longest selected sample \(8 tokens\)"):
+    with pytest.raises(
+        LayoutError, match=r"padded\(width=4\) is narrower than the longest selected sample \(8 tokens\)"
+    ):
         rollout.padded([1], width=4)
 
 
@@ -308,7 +327,11 @@ def test_r3_replay_padded_microbatches_uses_rollout_routes(bf16_rollout):
         for ids in splits:
             batch = rollout.padded(ids)
             with store.replay(ids, attention_mask=batch["attention_mask"], verify=True) as rep:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+                model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"],
+                )
             expected = rows.select_sequences(ids)
             keep = batch["attention_mask"].reshape(-1).bool()
             for i in range(len(handle.layers)):
@@ -417,7 +440,9 @@ def test_route_store_errors():
     msg = r"sample\(s\) \[1\] already have routes in this store"
     with pytest.raises(LayoutError, match=msg), torch.no_grad(), store.record([1], attention_mask=mask[:1]):
         model(input_ids=ids[:1], attention_mask=mask[:1])
-    with pytest.raises(MissingRoutesError, match=r"sample\(s\) \[7\] have no routes in this store \(it holds 3 samples\)"):
+    with pytest.raises(
+        MissingRoutesError, match=r"sample\(s\) \[7\] have no routes in this store \(it holds 3 samples\)"
+    ):
         store.replay([0, 7], attention_mask=mask[:2])
     with pytest.raises(LayoutError, match=r"sample ids of one micro-batch must be distinct, found \[0, 0\]"):
         store.trace([0, 0])
@@ -433,7 +458,9 @@ def test_route_store_errors():
     t = store.trace([0, 1, 2])
     holes = torch.ones(t.num_tokens, dtype=torch.bool)
     holes[1] = False
-    with pytest.raises(MissingRoutesError, match=r"row 1 \(sequence 0, position 1\) has no route and is not the sequence's last token"):
+    with pytest.raises(
+        MissingRoutesError, match=r"row 1 \(sequence 0, position 1\) has no route and is not the sequence's last token"
+    ):
         RouteStore(handle, t.replace(check=False, valid=holes))
 
 
@@ -442,7 +469,10 @@ def test_route_store_errors():
     [
         ([0, 8, 3, 10], r"cu_seqlens \[0, 8, 3, 10\] decreases at entry 2 \(8 -> 3\); boundaries must not decrease"),
         ([2, 3, 8, 10], r"cu_seqlens \[2, 3, 8, 10\] starts at 2; the boundaries of a packed batch start at row 0"),
-        ([0.0, 3.5, 8.0, 10.0], r"cu_seqlens must be a 1-D sequence of ints \[B\+1\], found shape \(4,\) of torch.float32"),
+        (
+            [0.0, 3.5, 8.0, 10.0],
+            r"cu_seqlens must be a 1-D sequence of ints \[B\+1\], found shape \(4,\) of torch.float32",
+        ),
         ([[0, 3, 8, 10]], r"cu_seqlens must be a 1-D sequence of ints \[B\+1\], found shape \(1, 4\) of torch.int64"),
         (
             [0, 4, 8, 10],
