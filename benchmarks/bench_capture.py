@@ -175,9 +175,11 @@ def main() -> None:
           f"nproc {os.cpu_count()}, {datetime.datetime.now().isoformat(timespec='seconds')}")
     if cuda:
         print(f"device {torch.cuda.get_device_name()}")
-    print(f"model: {args.layers} MoE layers, hidden {args.hidden}, {args.experts} experts, top-{args.topk}, {args.dtype}, "
-          f"{args.device}; batch {args.batch} x prompt {args.prompt_len} + {args.new_tokens} new tokens (no EOS), "
-          f"{args.reps} reps")
+    print(
+        f"model: {args.layers} MoE layers, hidden {args.hidden}, {args.experts} experts, top-{args.topk}, "
+        f"{args.dtype}, {args.device}; batch {args.batch} x prompt {args.prompt_len} + {args.new_tokens} new tokens "
+        f"(no EOS), {args.reps} reps"
+    )
     for k, label in (("plain", "plain"), ("capture", "capture"), ("capture_generate", "  of which generate")):
         print(f"{label:>20}: median {med[k] * 1e3:9.1f} ms   (all: {', '.join(f'{t * 1e3:.1f}' for t in times[k])})")
     ratio = med["capture"] / med["plain"]
@@ -193,7 +195,10 @@ def main() -> None:
         for k, sites in syncs.items():
             print(f"  {k} sync sites: " + (", ".join(f"{s} x{c}" for s, c in sites.most_common()) or "none"))
         if extra or fewer:
-            print(f"  sites capture adds inside generate: {dict(extra) or 'none'}; fewer than plain: {dict(fewer) or 'none'}")
+            print(
+                f"  sites capture adds inside generate: {dict(extra) or 'none'}; "
+                f"fewer than plain: {dict(fewer) or 'none'}"
+            )
 
     out_dir = os.environ.get("OUT")
     if out_dir:

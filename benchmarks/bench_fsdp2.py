@@ -170,7 +170,8 @@ def main() -> None:
     }
     if rank == 0:
         print(
-            f"{num_params / 1e9:.2f}B params, world {world}, {args.batch}x{args.seq} tokens per rank, {report['device']}"
+            f"{num_params / 1e9:.2f}B params, world {world}, {args.batch}x{args.seq} tokens per rank, "
+            f"{report['device']}"
         )
         for k, v in med.items():
             print(f"  {k:15s} {v:9.1f} ms (median of {args.reps})")

@@ -439,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         ("prep host i64", "forward_us", "prepared_int64_host_ids"),
     ]
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | megatron-core "
-          f"{meta['megatron_core']} | {args.dtype} logits | copy {bandwidth / 1e12:.2f} TB/s | commit {meta['commit']}")  # fmt: skip
+          f"{meta['megatron_core']} | {args.dtype} logits | copy {bandwidth / 1e12:.2f} TB/s | "
+          f"commit {meta['commit']}")  # fmt: skip
     print("forward, median µs (ratio to Megatron replay with GPU ids):")
     print(f"{'case':42s}" + "".join(f"{c[0]:>16s}" for c in cols) + f"{'floor':>9s}{'fused/floor':>12s}")
     for r in results:

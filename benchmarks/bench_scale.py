@@ -500,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     B, S = args.seqs, args.seq_len // args.scale
     L, K, E = args.layers, args.top_k, args.experts
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    print(f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, python {platform.python_version()}")
+    print(
+        f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, python {platform.python_version()}"
+    )
     print(f"nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, "
           f"commit {commit.stdout.strip() or '?'}")

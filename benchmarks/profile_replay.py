@@ -31,7 +31,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--source", choices=("host", "prepared"), default="host", help="replay a host trace or a PreparedTrace")
+    p.add_argument(
+        "--source", choices=("host", "prepared"), default="host", help="replay a host trace or a PreparedTrace"
+    )
     p.add_argument("--replay-kernel", choices=("torch", "triton"), default="torch")
     args = p.parse_args()
     import routereplay

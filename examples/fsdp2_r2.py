@@ -72,7 +72,9 @@ def train(steps: int = 2, micro_batch: int = 2) -> dict:
             for mb in micro:
                 input_ids, mask = batch(data, mb, device)
                 with store.record(mb, attention_mask=mask):
-                    old_logp[tuple(mb)] = token_logprobs(model(input_ids=input_ids, attention_mask=mask).logits, input_ids)
+                    old_logp[tuple(mb)] = token_logprobs(
+                        model(input_ids=input_ids, attention_mask=mask).logits, input_ids
+                    )
         num_tokens = sum(data[i].numel() - 1 for i in range(len(data)))
         for mb in micro:  # update: the same routes, whatever the new weights would pick
             input_ids, mask = batch(data, mb, device)
@@ -97,7 +99,8 @@ def train(steps: int = 2, micro_batch: int = 2) -> dict:
         out[f"step{step}"] = {"gathered_samples": sample_ids, "disagreement_after_update": drift.disagreement}
         if rank == 0:
             print(f"step {step}: {old_routes.num_seqs} samples' routes gathered; after the update "
-                  f"{drift.disagreement:.1%} of (token, layer) routes changed over {drift.num_tokens} tokens")  # fmt: skip
+                  f"{drift.disagreement:.1%} of (token, layer) routes changed "
+                  f"over {drift.num_tokens} tokens")  # fmt: skip
     handle.detach()
     return out
 

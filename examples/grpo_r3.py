@@ -60,7 +60,9 @@ COLORS = {"R0": "tab:red", "R2": "tab:orange", "R3": "tab:blue"}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--model", help="checkpoint directory with char_tokenizer.json (default: the packaged trained model)")
+    p.add_argument(
+        "--model", help="checkpoint directory with char_tokenizer.json (default: the packaged trained model)"
+    )
     p.add_argument("--arms", default="R0,R2,R3", help="comma-separated subset of R0,R2,R3")
     p.add_argument("--mini-steps", default="1,4", help="comma-separated optimizer steps per rollout batch")
     p.add_argument("--train-dtypes", default="fp32", help="comma-separated: fp32 and/or bf16 (autocast)")

@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    keys = ("router_replay/disagreement", "router_replay/live_disagreement", "router_replay/coverage", "router_replay/k3")
+    keys = (
+        "router_replay/disagreement",
+        "router_replay/live_disagreement",
+        "router_replay/coverage",
+        "router_replay/k3",
+    )
     print(f"{'step':>4}  {'loss':>9}  " + "  ".join(f"{k.split('/')[1]:>17}" for k in keys))
     for h in logs:
         cells = [f"{h[k]:17.4g}" if k in h else f"{'-':>17}" for k in keys]

@@ -220,13 +220,19 @@ def reference_weights(
 
 ROUTING_E, ROUTING_K = 16, 4  # the experts and top-k of VARIANTS
 VARIANTS = {
-    "softmax_pre": RouterSpec(num_experts=ROUTING_E, top_k=ROUTING_K, compute_dtype=torch.float32, weights_dtype="logits"),
+    "softmax_pre": RouterSpec(
+        num_experts=ROUTING_E, top_k=ROUTING_K, compute_dtype=torch.float32, weights_dtype="logits"
+    ),
     "softmax_pre_norm": RouterSpec(
         num_experts=ROUTING_E, top_k=ROUTING_K, norm_topk_prob=True, compute_dtype=torch.float32, weights_dtype="logits"
     ),
     "softmax_post": RouterSpec(num_experts=ROUTING_E, top_k=ROUTING_K, score_before_topk=False),
     "softmax_post_f32": RouterSpec(
-        num_experts=ROUTING_E, top_k=ROUTING_K, score_before_topk=False, compute_dtype=torch.float32, weights_dtype="input"
+        num_experts=ROUTING_E,
+        top_k=ROUTING_K,
+        score_before_topk=False,
+        compute_dtype=torch.float32,
+        weights_dtype="input",
     ),
     "sigmoid_bias_groups": RouterSpec(
         num_experts=ROUTING_E,
@@ -251,13 +257,29 @@ VARIANTS = {
         norm_topk_prob=True,
     ),
     "softmax_groups_max": RouterSpec(
-        num_experts=ROUTING_E, top_k=ROUTING_K, n_group=8, topk_group=3, group_score_topn=1, group_mask_value=0.0, scaling_factor=16.0
+        num_experts=ROUTING_E,
+        top_k=ROUTING_K,
+        n_group=8,
+        topk_group=3,
+        group_score_topn=1,
+        group_mask_value=0.0,
+        scaling_factor=16.0,
     ),
     "sigmoid_post_bias_logits": RouterSpec(
-        num_experts=ROUTING_E, top_k=ROUTING_K, score_function="sigmoid", score_before_topk=False, uses_bias=True, bias_on="logits"
+        num_experts=ROUTING_E,
+        top_k=ROUTING_K,
+        score_function="sigmoid",
+        score_before_topk=False,
+        uses_bias=True,
+        bias_on="logits",
     ),
     "sqrtsoftplus": RouterSpec(
-        num_experts=ROUTING_E, top_k=ROUTING_K, score_function="sqrtsoftplus", uses_bias=True, norm_topk_prob=True, norm_eps=1e-20
+        num_experts=ROUTING_E,
+        top_k=ROUTING_K,
+        score_function="sqrtsoftplus",
+        uses_bias=True,
+        norm_topk_prob=True,
+        norm_eps=1e-20,
     ),
     "clamp_norm": RouterSpec(
         num_experts=ROUTING_E,
@@ -269,7 +291,9 @@ VARIANTS = {
         norm_eps=1e-12,
     ),
     "p_norm": RouterSpec(num_experts=ROUTING_E, top_k=ROUTING_K, norm_topk_prob=True, norm_kind="p_norm", norm_p=1.0),
-    "div_scale": RouterSpec(num_experts=ROUTING_E, top_k=3, score_before_topk=False, scaling_factor=3.0, scaling_op="div"),
+    "div_scale": RouterSpec(
+        num_experts=ROUTING_E, top_k=3, score_before_topk=False, scaling_factor=3.0, scaling_op="div"
+    ),
     "megatron_cast": RouterSpec(
         num_experts=ROUTING_E,
         top_k=ROUTING_K,
@@ -279,8 +303,12 @@ VARIANTS = {
         norm_topk_prob=True,
         norm_eps=1e-20,
     ),
-    "zero_experts_keep": RouterSpec(num_experts=ROUTING_E - 4, num_logits=ROUTING_E, top_k=ROUTING_K, uses_bias=True, scaling_factor=6.0),
-    "zero_experts_mask": RouterSpec(num_experts=ROUTING_E - 1, num_logits=ROUTING_E, top_k=1, uses_bias=True, zero_expert_mode="mask"),
+    "zero_experts_keep": RouterSpec(
+        num_experts=ROUTING_E - 4, num_logits=ROUTING_E, top_k=ROUTING_K, uses_bias=True, scaling_factor=6.0
+    ),
+    "zero_experts_mask": RouterSpec(
+        num_experts=ROUTING_E - 1, num_logits=ROUTING_E, top_k=1, uses_bias=True, zero_expert_mode="mask"
+    ),
     "expert_scale": RouterSpec(
         num_experts=ROUTING_E, top_k=ROUTING_K, score_function="none", norm_topk_prob=True, uses_expert_scale=True
     ),

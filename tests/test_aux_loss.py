@@ -70,7 +70,9 @@ def test_replayed_routes_are_counted_on_their_rows():
     live_TLK = torch.stack([torch.softmax(x, -1).topk(K, -1).indices[real_N] for x in logits], 1)
     seq_lens = mask.sum(1).tolist()
     live = load_balancing_loss(logits, top_k=K, attention_mask=mask)
-    assert torch.equal(load_balancing_loss(logits, top_k=K, routes=_trace(live_TLK, seq_lens), attention_mask=mask), live)
+    assert torch.equal(
+        load_balancing_loss(logits, top_k=K, routes=_trace(live_TLK, seq_lens), attention_mask=mask), live
+    )
 
     other_TLK = _ids(live_TLK.shape[0], 3, 2)
     got = load_balancing_loss(logits, top_k=K, routes=_trace(other_TLK, seq_lens), attention_mask=mask)
@@ -92,11 +94,15 @@ def test_replayed_routes_are_counted_on_their_rows():
 
 def test_refusals_name_what_to_pass():
     logits = _logits(2, 10, 3)
-    with pytest.raises(MetricInputError, match=r"^load_balancing_loss: router_logits has no layers; call the model with"):
+    with pytest.raises(
+        MetricInputError, match=r"^load_balancing_loss: router_logits has no layers; call the model with"
+    ):
         load_balancing_loss([], top_k=K)
     with pytest.raises(MetricInputError, match=r"router_logits\[1\] is \(9, 8\), layer 0 is \(10, 8\)"):
         load_balancing_loss([logits[0], logits[1][:9]], top_k=K)
-    with pytest.raises(MetricInputError, match=r"attention_mask \(2, 4\) has 8 positions but each layer's router_logits"):
+    with pytest.raises(
+        MetricInputError, match=r"attention_mask \(2, 4\) has 8 positions but each layer's router_logits"
+    ):
         load_balancing_loss(logits, top_k=K, attention_mask=torch.ones(2, 4))
     wrong_rows = _trace(_ids(9, 2, 4), [9])
     with pytest.raises(
@@ -188,7 +194,10 @@ def test_megatron_and_hf_aux_loss_agree_under_replay(mcore):
     with h.replay(forced):
         outs = [r.routing(x) for r, x in zip(routers, logits)]
     h.detach()
-    assert all(torch.equal(m, torch.zeros_like(m).scatter(1, forced.experts[:, i].long(), True)) for i, (_, m) in enumerate(outs))
+    assert all(
+        torch.equal(m, torch.zeros_like(m).scatter(1, forced.experts[:, i].long(), True))
+        for i, (_, m) in enumerate(outs)
+    )
     # probs * 0: only the aux loss Megatron attached to the probs sends a gradient to the logits.
     sum(p.sum() * 0 for p, _ in outs).backward()
     for i, x in enumerate(logits):

@@ -65,8 +65,10 @@ def test_check_prints_table():
                         "routes_observed_at": ["experts input"]},
         "replay_exact": False,
     }
-    part = {"routing": {"disagreement": 0.25, "token_disagreement": 0.5, "mean_disagreeing_layers": 0.5, "num_tokens": 6},
-            "mismatch": {"k3": 1.5e-3, "extreme": {"F(2)": 0.125}, "max_abs_delta": 0.7, "num_tokens": 8}}
+    part = {
+        "routing": {"disagreement": 0.25, "token_disagreement": 0.5, "mean_disagreeing_layers": 0.5, "num_tokens": 6},
+        "mismatch": {"k3": 1.5e-3, "extreme": {"F(2)": 0.125}, "max_abs_delta": 0.7, "num_tokens": 8},
+    }
     for name in ("without_replay", "noise_floor", "r2_drift"):
         report[name] = part
     report["with_replay"].update(part)
@@ -223,7 +225,9 @@ def test_check_model_failing_inside_transformers_is_a_model_error(monkeypatch, c
     monkeypatch.setattr(modeling_qwen3_moe, "apply_rotary_pos_emb", rotary_of_a_broken_checkpoint)
     assert main(["check", *TINY, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.splitlines()[-1]  # the progress bar closed first, on a line of its own
-    assert err.startswith("routereplay check: error: the built-in model failed inside transformers at modeling_qwen3_moe.py:")
+    assert err.startswith(
+        "routereplay check: error: the built-in model failed inside transformers at modeling_qwen3_moe.py:"
+    )
     assert err.endswith(
         "(RuntimeError: shape '[2, 4, 16]' is invalid for input of size 99); check that it runs generate() with "
         "transformers alone, or pass another --model"

@@ -98,7 +98,9 @@ def test_compare_prompt_lens_usage_error(traces, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", *traces, "--prompt-lens", "2,x"])
     assert e.value.code == 2
-    assert "argument --prompt-lens: expected N or N,N,... (non-negative integers), found '2,x'" in capsys.readouterr().err
+    assert (
+        "argument --prompt-lens: expected N or N,N,... (non-negative integers), found '2,x'" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("command", ["inspect", "compare"])

@@ -89,7 +89,10 @@ def test_vllm_prompt_start_rows_begin_at_that_prompt_position(encode):
     assert same_routes(trace, one_seq(truth[s : P + C - 1]))
     # start == prompt length is valid (vLLM >= #56844): the payload holds the generated part only
     only_gen = vllm_capture(truth, dtype=np.uint8, prompt_start=P)
-    assert from_vllm([only_gen], num_experts=E, prompt_lens=[P], completion_lens=[C], prompt_starts=[P]).num_tokens == C - 1
+    assert (
+        from_vllm([only_gen], num_experts=E, prompt_lens=[P], completion_lens=[C], prompt_starts=[P]).num_tokens
+        == C - 1
+    )
 
 
 def test_vllm_prompt_start_ignored_by_an_older_server_is_cut_at_the_start():

@@ -247,7 +247,10 @@ def test_device_trace_checks_are_read_at_exit():
     holes = t.replace(check=False, valid=torch.arange(t.num_tokens, device="cuda") != 5)
     errors = routereplay.core.errors
     with (
-        pytest.raises(errors.MissingRoutesError, match=r"1 row\(s\) inside their sequence have no recorded route, the first at row 5"),
+        pytest.raises(
+            errors.MissingRoutesError,
+            match=r"1 row\(s\) inside their sequence have no recorded route, the first at row 5",
+        ),
         torch.no_grad(),
         handle.replay(holes, attention_mask=mask),
     ):
@@ -284,7 +287,9 @@ def test_device_trace_with_bad_ids_raises_at_exit():
     bad.experts[3, 0, 0] = handle.num_experts + 1  # edited in place: out of range
     kept = bad.experts.clone()
     with (
-        pytest.raises(routereplay.core.errors.ReplayError, match=r"^layer .*: the trace has ids this router cannot pick"),
+        pytest.raises(
+            routereplay.core.errors.ReplayError, match=r"^layer .*: the trace has ids this router cannot pick"
+        ),
         torch.no_grad(),
         handle.replay(bad),
     ):

@@ -35,7 +35,9 @@ from helpers import count_syncs
 
 pytest.importorskip("transformers")
 if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device: run on the lent GPU (tests/test_gpu_generate.py docstring)", allow_module_level=True)
+    pytest.skip(
+        "needs a CUDA device: run on the lent GPU (tests/test_gpu_generate.py docstring)", allow_module_level=True
+    )
 
 import routereplay
 from routereplay.cli.check import ModelSize, build_default_model
@@ -150,7 +152,9 @@ def test_capture_with_static_cache_and_cuda_graphs_equals_eager_or_refuses(how, 
     same_ids = trace.experts.shape == ref.experts.shape and torch.equal(trace.experts, ref.experts)
     same_layout = torch.equal(trace.cu_seqlens.cpu(), ref.cu_seqlens.cpu()) and trace.layer_ids == ref.layer_ids
     differing_rows = (
-        int((trace.experts != ref.experts).flatten(1).any(1).sum()) if trace.experts.shape == ref.experts.shape else None
+        int((trace.experts != ref.experts).flatten(1).any(1).sum())
+        if trace.experts.shape == ref.experts.shape
+        else None
     )
     _report(
         f"cuda_graphs_{how}", branch="captured", cudagraphs_recorded=recorded, cudagraph_skips=skips,

@@ -280,8 +280,8 @@ def test_group_limit_checked_at_replay_entry():
         object.__setattr__(handle.layers[1], "spec", dataclasses.replace(spec, topk_group=1))
         with pytest.raises(
             RouterSpecError,
-            match=r"^layer 2 \(model.layers.2.mlp.gate\): forced_TK row 3 holds expert ids \[0, 2\]: they span 2 expert groups, "
-            r"the router allows "
+            match=r"^layer 2 \(model.layers.2.mlp.gate\): forced_TK row 3 holds expert ids \[0, 2\]: "
+            r"they span 2 expert groups, the router allows "
             r"topk_group=1 of n_group=4 \(groups of 2\); the trace comes from a router with another group limit$",
         ):
             handle.replay(trace)

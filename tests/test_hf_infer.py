@@ -108,7 +108,9 @@ def _renamed_minicpm5():
         "BrandNewForCausalLM",
         (type(model),),
         {
-            "_can_record_outputs": {"router_logits": transformers.utils.output_capturing.OutputRecorder(renamed, index=0)},
+            "_can_record_outputs": {
+                "router_logits": transformers.utils.output_capturing.OutputRecorder(renamed, index=0)
+            },
             "__module__": "brand_new.modeling_brand_new",
         },
     )
@@ -217,6 +219,7 @@ def test_hand_table_off_refuses_unknown_classes():
     _model, _path, router, config = _first_router("ergo")
     with pytest.raises(
         UnsupportedRouterError,
-        match=r"^ErgoTopkRouter \(ergo\): no hand-written RouterSpec for router class ErgoTopkRouter .* inference is off$",
+        match=r"^ErgoTopkRouter \(ergo\): no hand-written RouterSpec for router class ErgoTopkRouter "
+        r".* inference is off$",
     ):
         hf_specs.spec_for_router(router, config, infer=False)

@@ -34,7 +34,8 @@ def _import_graph() -> dict[str, set[str]]:
 
     root = pathlib.Path(routereplay.__file__).parent
     names = {
-        "routereplay" + "".join(f".{p}" for p in f.relative_to(root).with_suffix("").parts): f for f in root.rglob("*.py")
+        "routereplay" + "".join(f".{p}" for p in f.relative_to(root).with_suffix("").parts): f
+        for f in root.rglob("*.py")
     }
     names = {k.removesuffix(".__init__"): f for k, f in names.items()}
     graph = {}

@@ -248,7 +248,11 @@ def test_cp_round_trip_and_reference(trace, cp, mode, mult):
         assert_same(lo.shard_cp(trace, cp, mode=mode, align=align, rank=r), shards[r])
     # Shards gathered into one buffer (all_gather_into_tensor + split) are read in place.
     buf = torch.cat([s.experts for s in shards])
-    views = [s.replace(check=False, experts=x) for s, x in zip(shards, buf.split(shards[0].num_tokens))] if buf.numel() else shards
+    views = (
+        [s.replace(check=False, experts=x) for s, x in zip(shards, buf.split(shards[0].num_tokens))]
+        if buf.numel()
+        else shards
+    )
     assert_same(lo.unshard_cp(views, cu_seqlens=trace.cu_seqlens, mode=mode), trace)
 
 

@@ -506,7 +506,9 @@ def test_dispatch_tap_and_disagreement_work_on_a_megatron_model(mcore):
     assert routing_agreement(forced, dispatched).disagreement == 0.0
     assert routing_agreement(live, dispatched).disagreement > 0.0
     for i, routing_map_NE in enumerate(maps):  # and it is what Megatron's routing map sends to the experts
-        assert torch.equal(routing_map_NE, torch.zeros_like(routing_map_NE).scatter(1, dispatched.experts[:, i].long(), True))
+        assert torch.equal(
+            routing_map_NE, torch.zeros_like(routing_map_NE).scatter(1, dispatched.experts[:, i].long(), True)
+        )
     with torch.no_grad(), DispatchTap(h) as tap:  # no block: live forwards are witnessed too
         for r, x in zip(routers, logits):
             r.routing(x)

@@ -256,7 +256,10 @@ def test_from_vllm_copies_the_payload_once_in_the_trace_dtype():
     from routereplay.formats import from_vllm
 
     trace = _trace([300] * 8)
-    payloads = [trace.experts[int(a) : int(b) - 1].numpy().astype(np.int32) for a, b in zip(trace.cu_seqlens[:-1], trace.cu_seqlens[1:])]
+    payloads = [
+        trace.experts[int(a) : int(b) - 1].numpy().astype(np.int32)
+        for a, b in zip(trace.cu_seqlens[:-1], trace.cu_seqlens[1:])
+    ]
     with BytesWritten() as w:
         got = from_vllm(payloads, num_experts=E)
     assert got.experts.dtype == torch.uint8

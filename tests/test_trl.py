@@ -43,7 +43,9 @@ def _tokenizer(vocab_size=TINY_SIZE.vocab):
 
 def _dataset(n=4):
     # Prompts of different lengths, so generation batches are really left-padded.
-    return Dataset.from_dict({"prompt": [" ".join(f"t{3 + (7 * i + j) % 60}" for j in range(2 + i % 3)) for i in range(n)]})
+    return Dataset.from_dict(
+        {"prompt": [" ".join(f"t{3 + (7 * i + j) % 60}" for j in range(2 + i % 3)) for i in range(n)]}
+    )
 
 
 def _reward(completions, **kwargs):
@@ -190,10 +192,13 @@ def test_routes_passed_in_by_a_rollout_func(tmp_path):
         return {
             "prompt_ids": [s[:n].tolist() for s, n in zip(seqs, roll.prompt_lens, strict=True)],
             "completion_ids": [s[n:].tolist() for s, n in zip(seqs, roll.prompt_lens, strict=True)],
-            "logprobs": [lp.tolist() for lp in roll.logprobs[roll.response_mask()].split(roll.completion_lens.tolist())],
+            "logprobs": [
+                lp.tolist() for lp in roll.logprobs[roll.response_mask()].split(roll.completion_lens.tolist())
+            ],
             # vLLM's routed_experts: per request, [prompt + completion - 1, L, K] ids (numpy, uint8)
-            "routed_experts": [rows.experts[a:b].numpy() for a, b in zip(rows.cu_seqlens[:-1], rows.cu_seqlens[1:],
-                                                                         strict=True)],
+            "routed_experts": [
+                rows.experts[a:b].numpy() for a, b in zip(rows.cu_seqlens[:-1], rows.cu_seqlens[1:], strict=True)
+            ],
         }
 
     trainer = _trainer(tmp_path, "R3", model=model, rollout_func=rollout_func)
@@ -278,13 +283,17 @@ def test_measure_logs_the_mismatch_r3_removes_and_trains_as_plain_trl(tmp_path):
     plain.train()
     replayed = _trainer(tmp_path, "R3", config=config)
     replayed.train()
-    logs, plain_logs, r3_logs = _router_logs(measured), [h for h in plain.state.log_history if "loss" in h], _replay_logs(replayed)
+    logs = _router_logs(measured)
+    plain_logs = [h for h in plain.state.log_history if "loss" in h]
+    r3_logs = _replay_logs(replayed)
     assert len(logs) == len(plain_logs) == len(r3_logs) == 2
     for h, p in zip(logs, plain_logs, strict=True):
         assert (h["loss"], h["grad_norm"]) == (p["loss"], p["grad_norm"])  # live routing: plain TRL's numbers
     assert "router_replay/disagreement" not in logs[0] and "router_replay/coverage" not in logs[0]
     # R3's live disagreement is the share of its replayed routes live routing would change: the same number.
-    assert [h["router_replay/live_disagreement"] for h in logs] == [h["router_replay/live_disagreement"] for h in r3_logs]
+    assert [h["router_replay/live_disagreement"] for h in logs] == [
+        h["router_replay/live_disagreement"] for h in r3_logs
+    ]
     assert logs[1]["router_replay/live_disagreement"] > 0.0
     assert logs[0]["router_replay/k3_old"] == 0.0 and logs[1]["router_replay/k3"] > 0.0
     measured.router_replay_handle.detach()
@@ -381,7 +390,11 @@ def test_peft_reference_forward_runs_live(tmp_path, mode, adapter):
     if adapter == "new":
         kw = {"peft_config": peft.LoraConfig(**lora)}
     else:  # a PeftModel with a non-zero adapter: TRL keeps its initial copy as the "ref" adapter
-        kw = {"model": peft.get_peft_model(build_default_model(TINY_SIZE), peft.LoraConfig(**lora, init_lora_weights=False))}
+        kw = {
+            "model": peft.get_peft_model(
+                build_default_model(TINY_SIZE), peft.LoraConfig(**lora, init_lora_weights=False)
+            )
+        }
     trainer = _trainer(tmp_path, mode, cls=_ScoreSpy, config=config, **kw)
     trainer.scored = []
     trainer.train()
@@ -458,12 +471,16 @@ def test_lora_on_the_routers(tmp_path, family, mode):
     for cfg in (model.config, model.generation_config):  # the test tokenizer's special ids
         cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, 1, 2
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
-    trainer = _trainer(tmp_path, mode, model=model, peft_config=lora, processing_class=_tokenizer(model.config.vocab_size))
+    trainer = _trainer(
+        tmp_path, mode, model=model, peft_config=lora, processing_class=_tokenizer(model.config.vocab_size)
+    )
     policy = trainer.model
     handle = trainer.router_replay_handle
     wrappers = [policy.get_base_model().get_submodule(layer.path) for layer in handle.layers]
     assert wrappers and all(isinstance(w, ParamWrapper) for w in wrappers)  # the case under test
-    before = [(w.lora_A["default"].weight.detach().clone(), w.lora_B["default"].weight.detach().clone()) for w in wrappers]
+    before = [
+        (w.lora_A["default"].weight.detach().clone(), w.lora_B["default"].weight.detach().clone()) for w in wrappers
+    ]
     trainer.train()
     logs = _replay_logs(trainer)
     assert len(logs) == 2, trainer.state.log_history

@@ -92,7 +92,8 @@ def test_a_vendor_engine_that_would_ignore_the_mode_is_refused_at_import(registr
     class VendorEngine(FSDPEngineWithLMHead):
         pass
 
-    registry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cuda", vendor="acme")(VendorEngine)
+    register = registry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cuda", vendor="acme")
+    register(VendorEngine)
     monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
     monkeypatch.setenv("VERL_ENGINE_VENDOR", "acme")
     with pytest.raises(

@@ -292,13 +292,47 @@ def discover(model: torch.nn.Module) -> Discovery:
         UnsupportedRouterError: a router of a family listed in ``REFUSED``, or one whose routing
             math ``hf_specs`` cannot reproduce; the message names the family and the reason.
     """
+    _refuse_peft(model)
+    family = _family(model)
+    routers = _supported_routers(model, family)
+    config = getattr(model, "config", None)
+    layers, skipped = [], []
+    for path, router in routers:
+        cls_name = _class_name(router)
+        if cls_name in _HASH_ROUTERS:
+            skipped.append((path, hf_specs.SKIPPED[cls_name]))
+            continue
+        layers.append(_moe_layer(model, config, path, router, family))
+
+    if not layers:
+        raise UnsupportedModelError(
+            f"{family}: every router is a hash router ({[p for p, _ in skipped]}); nothing to replay"
+        )
+    if any(_in_attention(model, m.path) for m in layers):
+        # Module order lists decoder layer i's MLP router before its attention router (JetMoE
+        # registers ``mlp`` first); the forward calls attention first. Keep the layers in forward order.
+        layers.sort(key=lambda m: (layer_id_of(m.path), not _in_attention(model, m.path)))
+    verifiable = tuple(_verifiable(model, m) for m in layers)
+    return Discovery(layers=tuple(layers), skipped=tuple(skipped), verifiable=verifiable)
+
+
+def _refuse_peft(model: torch.nn.Module) -> None:
+    """Refuse a PEFT ``PeftModel``: the model to attach is the transformers model it wraps."""
     if _is_peft_model(model):
         raise UnsupportedModelError(
             f"{type(model).__module__}.{type(model).__qualname__} is a PEFT wrapper, not the transformers model; "
             "attach the model it wraps: routereplay.attach(peft_model.get_base_model()) (LoRA layers, routers' "
             "included, are seen through there)"
         )
-    family = _family(model)
+
+
+def _supported_routers(model: torch.nn.Module, family: str) -> list[tuple[str, torch.nn.Module]]:
+    """The model's router instances (path, module), none of them of a ``REFUSED`` class.
+
+    A declared router class listed in ``REFUSED`` is refused whether or not this config
+    instantiated MoE layers; then every instance found is checked too. No router found at all is
+    an ``UnsupportedModelError`` naming the classes looked for.
+    """
     classes, _ = _declared_router_classes(model)
     for cls in classes:  # refused whether or not this config instantiated MoE layers
         reason = REFUSED.get(cls.__name__)
@@ -309,51 +343,44 @@ def discover(model: torch.nn.Module) -> Discovery:
     routers = find_routers(model)
     if not routers:
         classes, names = _declared_router_classes(model)
+        declared = [c.__name__ for c in classes] + names or "none declared"
         raise UnsupportedModelError(
             f"{family} ({type(model).__name__}): no MoE router found; looked for instances of the classes "
-            f"declared in _can_record_outputs['router_logits'] ({[c.__name__ for c in classes] + names or 'none declared'})"
+            f"declared in _can_record_outputs['router_logits'] ({declared})"
         )
     for path, router in routers:
         reason = REFUSED.get(_class_name(router))
         if reason is not None:
             raise UnsupportedRouterError(f"{family}: router {path} ({_class_name(router)}) is not supported: {reason}")
+    return routers
 
-    config = getattr(model, "config", None)
-    layers, skipped = [], []
-    for path, router in routers:
-        cls_name = _class_name(router)
-        if cls_name in _HASH_ROUTERS:
-            skipped.append((path, hf_specs.SKIPPED[cls_name]))
-            continue
-        try:
-            spec = hf_specs.router_math(router, _text_config(config, router)).spec
-        except UnsupportedRouterError as e:
-            raise UnsupportedRouterError(f"{family}: router {path} ({cls_name}) is not supported: {e}") from e
-        path = _block_facing_path(model, path, router, family)
-        layer_id = layer_id_of(path)
-        if _in_attention(model, path):
-            layer_id += _num_hidden_layers(config, router, path, family)
-        top_k, num_experts = _sizes(spec, router, path, family)
-        layers.append(
-            MoELayer(
-                layer_id=layer_id, path=path, router_class=cls_name, num_experts=num_experts, top_k=top_k, spec=spec
-            )
-        )
 
-    if not layers:
-        raise UnsupportedModelError(
-            f"{family}: every router is a hash router ({[p for p, _ in skipped]}); nothing to replay"
-        )
-    if any(_in_attention(model, m.path) for m in layers):
-        # Module order lists decoder layer i's MLP router before its attention router (JetMoE
-        # registers ``mlp`` first); the forward calls attention first. Keep the layers in forward order.
-        layers.sort(key=lambda m: (layer_id_of(m.path), not _in_attention(model, m.path)))
-    verifiable = []
-    for m in layers:
-        experts = getattr(_parent(model, m.path)[1], "experts", None)
-        experts = base_module(experts) if isinstance(experts, torch.nn.Module) else experts
-        verifiable.append(isinstance(experts, torch.nn.Module) and experts_ids_argument(experts) is not None)
-    return Discovery(layers=tuple(layers), skipped=tuple(skipped), verifiable=tuple(verifiable))
+def _moe_layer(model: torch.nn.Module, config: Any, path: str, router: torch.nn.Module, family: str) -> MoELayer:
+    """The replayable layer of the (non-hash) router at ``path``: its spec, global layer id and sizes.
+
+    The path is the block-facing one; a router of an attention MoE block takes layer id
+    ``num_hidden_layers + i``.
+    """
+    cls_name = _class_name(router)
+    try:
+        spec = hf_specs.router_math(router, _text_config(config, router)).spec
+    except UnsupportedRouterError as e:
+        raise UnsupportedRouterError(f"{family}: router {path} ({cls_name}) is not supported: {e}") from e
+    path = _block_facing_path(model, path, router, family)
+    layer_id = layer_id_of(path)
+    if _in_attention(model, path):
+        layer_id += _num_hidden_layers(config, router, path, family)
+    top_k, num_experts = _sizes(spec, router, path, family)
+    return MoELayer(
+        layer_id=layer_id, path=path, router_class=cls_name, num_experts=num_experts, top_k=top_k, spec=spec
+    )
+
+
+def _verifiable(model: torch.nn.Module, layer: MoELayer) -> bool:
+    """Whether ``verify=True`` can see the ids the layer's experts receive (a known ids argument)."""
+    experts = getattr(_parent(model, layer.path)[1], "experts", None)
+    experts = base_module(experts) if isinstance(experts, torch.nn.Module) else experts
+    return isinstance(experts, torch.nn.Module) and experts_ids_argument(experts) is not None
 
 
 def install(model: torch.nn.Module, discovery: Discovery, calls: RouterCalls) -> list:
@@ -430,19 +457,27 @@ def _input_dtype(args, kwargs, fallback: torch.Tensor) -> torch.dtype:
 
 
 def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELayer, router, rmath, family) -> None:
-    path = layer.path
-    _parent_path, block, _ = _parent(model, path)
-    cls_name = layer.router_class
+    """Hook one MoE layer: its batch shape (first layer only), its experts' ids, then its router seam."""
+    parent_path, block, _ = _parent(model, layer.path)
+    _hook_batch_shape(calls, removers, model, index, parent_path, block)
+    _hook_experts(calls, removers, index, block)
+    seam = _Seam(calls=calls, removers=removers, index=index, layer=layer, router=router, rmath=rmath,
+                 family=family, block=block)  # fmt: skip
+    _SEAMS.get(layer.router_class, _seam_generic)(seam)
 
-    # Batch shape [B, S] of every forward, from the MoE block's input. Every MoE layer of a
-    # forward sees the same shape, so only the first one (in forward order) carries the hook:
-    # one hook fewer per layer on the decode hot path.
-    # A padding-free packed batch ([1, T], several sequences, no attention mask) names its
-    # sequences in the model's inputs: position_ids restarting at 0, or flash-attention's varlen
-    # cu_seq_lens_q. The model's pre-hook keeps them for the first MoE block's report.
-    # The forward's own attention mask goes to the report too: the mask given to replay / trace
-    # is checked against it. Kept for one report only (a forward of a submodule does not pass
-    # through the model's pre-hook).
+
+def _hook_batch_shape(calls: RouterCalls, removers: list, model, index: int, parent_path: str, block) -> None:
+    """Report the batch shape [B, S] of every forward (and its packing) from the first MoE block's input.
+
+    Every MoE layer of a forward sees the same shape, so only the first one (in forward order)
+    carries the hook: one hook fewer per layer on the decode hot path.
+    A padding-free packed batch ([1, T], several sequences, no attention mask) names its
+    sequences in the model's inputs: position_ids restarting at 0, or flash-attention's varlen
+    cu_seq_lens_q. The model's pre-hook keeps them for the first MoE block's report.
+    The forward's own attention mask goes to the report too: the mask given to replay / trace
+    is checked against it. Kept for one report only (a forward of a submodule does not pass
+    through the model's pre-hook).
+    """
     packing: dict[str, Any] = {}
     mask_arg = _arg_index(model, ("attention_mask",))
 
@@ -467,32 +502,32 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
         packing.clear()
 
     # An attention MoE block is never called through forward: its input shape is the attention's.
-    shape_module = _parent(model, _parent_path)[1] if type(block).__name__ in _ATTENTION_MOE_BLOCKS else block
+    shape_module = _parent(model, parent_path)[1] if type(block).__name__ in _ATTENTION_MOE_BLOCKS else block
     if index == 0 and shape_module is not model:
         h = shape_module.register_forward_pre_hook(block_pre_hook, with_kwargs=True)
         removers.append(h.remove)
         h = model.register_forward_pre_hook(model_pre_hook, with_kwargs=True)
         removers.append(h.remove)
 
+
+def _hook_experts(calls: RouterCalls, removers: list, index: int, block) -> None:
+    """Report the ids the block's experts receive (for verify=True), where their forward names them."""
     experts = getattr(block, "experts", None)
     experts = base_module(experts) if isinstance(experts, torch.nn.Module) else experts
     pos = experts_ids_argument(experts) if isinstance(experts, torch.nn.Module) else None
-    if pos is not None:
-        arg_index, arg_name = pos
+    if pos is None:
+        return
+    arg_index, arg_name = pos
 
-        def experts_pre_hook(module, args, kwargs):
-            if module is not experts:
-                return  # a deepcopy's experts
-            ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
-            if isinstance(ids, torch.Tensor):
-                calls.on_experts(index, ids)
+    def experts_pre_hook(module, args, kwargs):
+        if module is not experts:
+            return  # a deepcopy's experts
+        ids = args[arg_index] if len(args) > arg_index else kwargs.get(arg_name)
+        if isinstance(ids, torch.Tensor):
+            calls.on_experts(index, ids)
 
-        h = experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)
-        removers.append(h.remove)
-
-    seam = _Seam(calls=calls, removers=removers, index=index, layer=layer, router=router, rmath=rmath,
-                 family=family, block=block)  # fmt: skip
-    _SEAMS.get(cls_name, _seam_generic)(seam)
+    h = experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)
+    removers.append(h.remove)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

@@ -286,7 +286,9 @@ def _call_flat(module: nn.Module, x_NH: torch.Tensor, bias_arg, bias_E) -> Any:
     except (RuntimeError, ValueError, TypeError, IndexError):  # e.g. `_, _, hidden = x.shape`
         out = _call(module, x_NH.unsqueeze(0), bias_arg, bias_E)
     if isinstance(out, tuple):
-        out = tuple(t.flatten(0, 1) if isinstance(t, torch.Tensor) and t.ndim == 3 and t.shape[0] == 1 else t for t in out)
+        out = tuple(
+            t.flatten(0, 1) if isinstance(t, torch.Tensor) and t.ndim == 3 and t.shape[0] == 1 else t for t in out
+        )
     return out
 
 
@@ -397,7 +399,8 @@ def _selections(router, config, probe: _Probe, bias_arg, low: bool) -> Iterator[
     if bias_arg is not None:
         biases += [(None, bias_arg, "scores"), (None, bias_arg, "logits")]
     groups: list[tuple[int | None, int | None, int, float]] = [(None, None, 2, float("-inf"))]
-    n_group, topk_group = _attr_or_config(router, config, _GROUP_NAMES), _attr_or_config(router, config, ("topk_group",))
+    n_group = _attr_or_config(router, config, _GROUP_NAMES)
+    topk_group = _attr_or_config(router, config, ("topk_group",))
     if n_group and topk_group and n_group > 1:
         groups += [(n_group, topk_group, n, fill) for n in (2, 1) for fill in (float("-inf"), 0.0)]
     compute = [None, _F32] if low else [None]
@@ -435,14 +438,13 @@ def _weight_variants(router, config, sel: _Selection, low: bool) -> Iterator[tup
     eps_attrs = _float_attrs(router, config, lambda k: "eps" in k or k == "norm_min")
     norms = [(False, "sum", 0.0)] + [(True, "sum", e) for e in dict.fromkeys([0.0, 1e-20, 1e-6, *eps_attrs])]
     norms += [(True, "clamp", e) for e in eps_attrs]
-    scales = [(1.0, "mul")] + [
-        (s, op) for s in dict.fromkeys([*_float_attrs(router, config, lambda k: "scal" in k), float(K)]) for op in ("mul", "div")
-        if s != 1.0
-    ]
+    scale_values = dict.fromkeys([*_float_attrs(router, config, lambda k: "scal" in k), float(K)])
+    scales = [(1.0, "mul")] + [(s, op) for s in scale_values for op in ("mul", "div") if s != 1.0]
     scale_attrs: list[str | None] = [None] + [n for n in _vectors(router, spec.num_logits) if n != sel.bias_attr]
     casts = (False, True) if low else (False,)
     wdtypes = ("keep", "logits", "input") if low else ("keep",)
-    for (norm, kind, eps), (s, op), cast, wd, scale_attr in itertools.product(norms, scales, casts, wdtypes, scale_attrs):
+    candidates = itertools.product(norms, scales, casts, wdtypes, scale_attrs)
+    for (norm, kind, eps), (s, op), cast, wd, scale_attr in candidates:
         try:
             yield (
                 replace(

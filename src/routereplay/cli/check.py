@@ -358,12 +358,11 @@ def _model_name(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """The check itself (stages as in the module docstring): build the models, run the stages, write the
+    report and plots, print the table. Returns 0 when replay reproduced the rollout's routes exactly, else 1."""
     from tqdm import tqdm
 
     from routereplay import attach
-    from routereplay.cli import plots
-    from routereplay.rl.metrics import logprob_mismatch, routing_agreement
-    from routereplay.rl.store import DispatchTap, RouteStore
 
     t0 = time.perf_counter()
     device = args.device
@@ -371,16 +370,9 @@ def _run(args: argparse.Namespace) -> int:
 
     # --- models -----------------------------------------------------------------------------
     chosen = _choose_model(args)
-    model, model_desc, eos, pad = chosen.model, chosen.description, chosen.eos, chosen.pad
-    train_dtype, rollout_dtype = DTYPES[args.train_dtype], DTYPES[args.rollout_dtype]
-    if torch.float64 in (train_dtype, rollout_dtype) and hasattr(model, "set_experts_implementation"):
-        # transformers' default grouped_mm experts kernel has no float64 path.
-        model.set_experts_implementation("eager")
-    train_model = model.to(device=device, dtype=train_dtype)
-    rollout_model = copy.deepcopy(train_model).to(dtype=rollout_dtype)
+    train_model, rollout_model = _trainer_and_rollout_models(chosen.model, args, device)
     h_roll, h_train = attach(rollout_model), attach(train_model)
-    config = train_model.config
-    vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
+    vocab = _vocab_size(train_model.config)
 
     # The bar starts once the models are built, so that a model that cannot be loaded or
     # attached is reported on a line of its own.
@@ -388,132 +380,43 @@ def _run(args: argparse.Namespace) -> int:
         # closed on an exception too, so that the error line is not printed into the bar's line
         # --- (a) rollout: sampled generation with route capture ---------------------------------
         bar.set_postfix_str("rollout")
-        if chosen.task is not None:
-            prompts = chosen.task.prompts(args.samples, seed=args.seed + 1)
-        else:
-            prompts = builtin_prompts(args.samples, vocab, seed=args.seed)
-        ids_BP, mask_BP = _left_pad(prompts, pad)
-        torch.manual_seed(args.seed)
-        with torch.no_grad(), h_roll.capture_generation() as cap:
-            out = rollout_model.generate(
-                ids_BP.to(device), attention_mask=mask_BP.to(device), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                return_dict_in_generate=True, output_logits=True,
-            )
-        rollout = cap.rollout(out, prompt_attention_mask=mask_BP, eos_token_id=eos, pad_token_id=pad)
+        rollout, out, P = _sample(args, chosen, rollout_model, h_roll, vocab, device)
         h_roll.detach()
         del rollout_model
-        # The engine's log-prob of each sampled token, from the raw (unprocessed) decode logits.
-        P = ids_BP.shape[1]
-        logits_BGV = torch.stack(out.logits, 1).float()
-        comp_BG = out.sequences[:, P:]
-        logp_infer_BG = torch.log_softmax(logits_BGV, -1).gather(-1, comp_BG[..., None]).squeeze(-1).cpu()
-        keep_BG = torch.arange(comp_BG.shape[1]) < rollout.completion_lens[:, None]
         resp_T = rollout.response_mask()
-        logp_infer_T = torch.zeros(rollout.input_ids.numel(), dtype=torch.float64)
-        logp_infer_T[resp_T] = logp_infer_BG[keep_BG].double()
+        logp_infer_T = _sampled_logprobs(out, P, rollout, resp_T)
         bar.update()
 
         # --- (b) trainer forward without replay -----------------------------------------------------
         bar.set_postfix_str("trainer forward")
-        batch = rollout.padded(padding_side="right", pad_token_id=pad)
-        mask_BS = batch["attention_mask"].bool()
-        with torch.no_grad(), h_train.record() as rec:
-            logp_BS = _train_forward(train_model, batch, device)
-        train_trace = rec.trace(attention_mask=batch["attention_mask"])
-        logp_train_T = logp_BS.cpu()[mask_BS].double()
+        batch = rollout.padded(padding_side="right", pad_token_id=chosen.pad)
+        train_trace, logp_train_T = _recorded_forward(train_model, h_train, batch, device)
         rollout_rows = rollout.training_trace()
-        without = {
-            "routing": routing_agreement(rollout_rows, train_trace, mask=resp_T).to_dict(),
-            "routing_all_tokens": routing_agreement(rollout_rows, train_trace).to_dict(),
-            "mismatch": logprob_mismatch(logp_train_T, logp_infer_T, resp_T).to_dict(),
-        }
+        without = _against_rollout(rollout_rows, train_trace, logp_train_T, logp_infer_T, resp_T)
         bar.update()
 
         # --- (c) trainer forward with R3 replay, routes tapped independently -------------------------
         bar.set_postfix_str("R3 replay")
-        store = RouteStore(h_train, _replay_trace(rollout))
-        # the tap sees what the experts received, independent of the replay's bookkeeping
-        mask_BS_train = batch["attention_mask"]
-        with torch.no_grad(), store.replay(range(rollout.num_seqs), attention_mask=mask_BS_train) as rep, DispatchTap(
-            h_train
-        ) as tap:
-            logp_r3_BS = _train_forward(train_model, batch, device)
-        used_trace = tap.trace(batch["attention_mask"])
-        stats = rep.stats
-        logp_r3_T = logp_r3_BS.cpu()[mask_BS].double()
-        expected_rows = int(rollout_rows.valid_mask.sum())
-        with_replay = {
-            "routing": routing_agreement(rollout_rows, used_trace, mask=resp_T).to_dict(),
-            "routing_all_tokens": routing_agreement(rollout_rows, used_trace).to_dict(),
-            "mismatch": logprob_mismatch(logp_r3_T, logp_infer_T, resp_T).to_dict(),
-            "replayed_rows": {str(k): s.replayed for k, s in stats.items()},
-            "expected_replayed_rows": expected_rows,
-            "routes_observed_at": sorted(set(tap.observed_at)),
-        }
+        with_replay, logp_r3_T = _replayed_forward(
+            train_model, h_train, rollout, batch, device, rollout_rows, resp_T, logp_infer_T
+        )
         bar.update()
 
         # --- (e) noise floor: each sample alone vs batched, no replay ------------------------------
         bar.set_postfix_str("noise floor")
-        alone = []
-        with torch.no_grad(), h_train.record() as rec_alone:
-            for b in range(rollout.num_seqs):  # one forward per sample: the point is batch size 1
-                one = rollout.padded([b])
-                alone.append(_train_forward(train_model, one, device).cpu()[0])
-        alone_trace = rec_alone.trace()
-        logp_alone_T = torch.cat(alone).double()
-        noise = {
-            "routing": routing_agreement(train_trace, alone_trace, mask=resp_T).to_dict(),
-            "mismatch": logprob_mismatch(logp_train_T, logp_alone_T, resp_T).to_dict(),
-            "compared": "trainer forward, batched (right-padded) vs each sample alone",
-        }
+        noise = _noise_floor(train_model, h_train, rollout, device, train_trace, logp_train_T, resp_T)
         bar.update()
 
         # --- (d) R2 drift: one optimizer step, then old vs new policy routing -----------------------
         bar.set_postfix_str("R2 drift")
-        opt = torch.optim.AdamW(train_model.parameters(), lr=args.lr)
-        resp_BS = batch["response_mask"].to(device)
-        loss = -(_train_forward(train_model, batch, device)[resp_BS]).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad(), h_train.record() as rec_new:
-            logp_new_BS = _train_forward(train_model, batch, device)
-        new_trace = rec_new.trace(attention_mask=batch["attention_mask"])
-        drift = {
-            "routing": routing_agreement(train_trace, new_trace, mask=resp_T).to_dict(),
-            "mismatch": logprob_mismatch(logp_new_BS.cpu()[mask_BS].double(), logp_train_T, resp_T).to_dict(),
-            "optimizer": f"AdamW lr={args.lr}, one step on -mean logp(response)",
-            "delta": "logp_new - logp_old",
-        }
+        drift = _r2_drift(train_model, h_train, batch, device, args.lr, train_trace, logp_train_T, resp_T)
         h_train.detach()
         bar.update()
 
     # --- verdict, report, plots ---------------------------------------------------------------
-    replay_exact = (
-        with_replay["routing_all_tokens"]["disagreement"] == 0.0
-        and with_replay["routing_all_tokens"]["ordered_match"] == 1.0
-        and all(v == expected_rows for v in with_replay["replayed_rows"].values())
-    )
+    replay_exact = _replay_exact(with_replay)
     report = {
-        "settings": {
-            "model": model_desc,
-            "model_kind": chosen.kind,
-            "rollout_dtype": args.rollout_dtype,
-            "train_dtype": args.train_dtype,
-            "samples": args.samples,
-            "max_new_tokens": args.max_new_tokens,
-            "seed": args.seed,
-            "device": str(device),
-            "layer_ids": list(train_trace.layer_ids),
-            "top_k": train_trace.top_k,
-            "num_experts": train_trace.num_experts,
-            "tokens": int(rollout.input_ids.numel()),
-            "response_tokens": int(resp_T.sum()),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
+        "settings": _settings(args, chosen, device, train_trace, rollout, resp_T, t0),
         "without_replay": without,
         "with_replay": with_replay,
         "noise_floor": noise,
@@ -523,25 +426,217 @@ def _run(args: argparse.Namespace) -> int:
     }
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    layer_ids = list(train_trace.layer_ids)
-    plots.plot_per_layer_disagreement(
-        os.path.join(args.out, "per_layer_disagreement.png"),
-        layer_ids,
-        {
-            "without replay": without["routing"]["per_layer_disagreement"],
-            "with R3 replay": with_replay["routing"]["per_layer_disagreement"],
-            "R2 drift (1 step)": drift["routing"]["per_layer_disagreement"],
-        },
-    )
-    plots.plot_delta_histogram(
-        os.path.join(args.out, "delta_hist.png"),
-        {
-            "without replay": (logp_train_T - logp_infer_T)[resp_T].numpy(),
-            "with R3 replay": (logp_r3_T - logp_infer_T)[resp_T].numpy(),
-        },
-    )
+    deltas = {
+        "without replay": (logp_train_T - logp_infer_T)[resp_T].numpy(),
+        "with R3 replay": (logp_r3_T - logp_infer_T)[resp_T].numpy(),
+    }
+    _plot(args.out, list(train_trace.layer_ids), report, deltas)
     print(format_report(report, args.out))
     return 0 if replay_exact else 1
+
+
+def _trainer_and_rollout_models(model: Any, args: argparse.Namespace, device: str) -> tuple[Any, Any]:
+    """The trainer's model (``model`` itself, moved to ``device`` in ``--train-dtype``) and a deep copy
+    of it in ``--rollout-dtype`` for the rollout."""
+    train_dtype, rollout_dtype = DTYPES[args.train_dtype], DTYPES[args.rollout_dtype]
+    if torch.float64 in (train_dtype, rollout_dtype) and hasattr(model, "set_experts_implementation"):
+        # transformers' default grouped_mm experts kernel has no float64 path.
+        model.set_experts_implementation("eager")
+    train_model = model.to(device=device, dtype=train_dtype)
+    rollout_model = copy.deepcopy(train_model).to(dtype=rollout_dtype)
+    return train_model, rollout_model
+
+
+def _vocab_size(config: Any) -> int:
+    """The vocabulary size of a model's config (of its text config for a multimodal one)."""
+    return config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
+
+
+def _sample(
+    args: argparse.Namespace, chosen: _Chosen, model: Any, handle: Any, vocab: int, device: str
+) -> tuple[Any, Any, int]:
+    """(a) Sample completions with ``generate`` (seeded by ``--seed``), capturing the routes the way
+    inference engines return them. Returns the rollout, ``generate``'s output (with its raw decode
+    logits) and the padded prompt length P."""
+    eos, pad = chosen.eos, chosen.pad
+    if chosen.task is not None:
+        prompts = chosen.task.prompts(args.samples, seed=args.seed + 1)
+    else:
+        prompts = builtin_prompts(args.samples, vocab, seed=args.seed)
+    ids_BP, mask_BP = _left_pad(prompts, pad)
+    torch.manual_seed(args.seed)
+    with torch.no_grad(), handle.capture_generation() as cap:
+        out = model.generate(
+            ids_BP.to(device), attention_mask=mask_BP.to(device), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            return_dict_in_generate=True, output_logits=True,
+        )  # fmt: skip
+    rollout = cap.rollout(out, prompt_attention_mask=mask_BP, eos_token_id=eos, pad_token_id=pad)
+    return rollout, out, ids_BP.shape[1]
+
+
+def _sampled_logprobs(out: Any, P: int, rollout: Any, resp_T: torch.Tensor) -> torch.Tensor:
+    """The engine's log-prob of each sampled token, from the raw (unprocessed) decode logits: packed
+    ``[T]`` float64, 0 off the response."""
+    logits_BGV = torch.stack(out.logits, 1).float()
+    comp_BG = out.sequences[:, P:]
+    logp_infer_BG = torch.log_softmax(logits_BGV, -1).gather(-1, comp_BG[..., None]).squeeze(-1).cpu()
+    keep_BG = torch.arange(comp_BG.shape[1]) < rollout.completion_lens[:, None]
+    logp_infer_T = torch.zeros(rollout.input_ids.numel(), dtype=torch.float64)
+    logp_infer_T[resp_T] = logp_infer_BG[keep_BG].double()
+    return logp_infer_T
+
+
+def _real_tokens(logp_BS: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The log-probs of a padded batch's real tokens (its attention mask), packed ``[T]`` float64."""
+    return logp_BS.cpu()[batch["attention_mask"].bool()].double()
+
+
+def _recorded_forward(model: Any, handle: Any, batch: dict, device: str) -> tuple[Any, torch.Tensor]:
+    """A trainer forward without replay, its routes recorded: the trace and the real tokens' log-probs."""
+    with torch.no_grad(), handle.record() as rec:
+        logp_BS = _train_forward(model, batch, device)
+    return rec.trace(attention_mask=batch["attention_mask"]), _real_tokens(logp_BS, batch)
+
+
+def _against_rollout(
+    rollout_rows: Any, trace: Any, logp_T: torch.Tensor, logp_infer_T: torch.Tensor, resp_T: torch.Tensor
+) -> dict:
+    """A trainer forward's routing against the rollout's (response tokens, then all tokens) and its
+    log-prob mismatch against the rollout's on the response."""
+    from routereplay.rl.metrics import logprob_mismatch, routing_agreement
+
+    return {
+        "routing": routing_agreement(rollout_rows, trace, mask=resp_T).to_dict(),
+        "routing_all_tokens": routing_agreement(rollout_rows, trace).to_dict(),
+        "mismatch": logprob_mismatch(logp_T, logp_infer_T, resp_T).to_dict(),
+    }
+
+
+def _replayed_forward(
+    model: Any, handle: Any, rollout: Any, batch: dict, device: str, rollout_rows: Any, resp_T: torch.Tensor,
+    logp_infer_T: torch.Tensor,
+) -> tuple[dict, torch.Tensor]:  # fmt: skip
+    """(c) The trainer forward replaying the rollout's routes (R3), with the routes the experts
+    received tapped. Returns the report's ``with_replay`` section and the real tokens' log-probs."""
+    from routereplay.rl.store import DispatchTap, RouteStore
+
+    store = RouteStore(handle, _replay_trace(rollout))
+    # the tap sees what the experts received, independent of the replay's bookkeeping
+    mask_BS_train = batch["attention_mask"]
+    with (
+        torch.no_grad(),
+        store.replay(range(rollout.num_seqs), attention_mask=mask_BS_train) as rep,
+        DispatchTap(handle) as tap,
+    ):
+        logp_r3_BS = _train_forward(model, batch, device)
+    used_trace = tap.trace(batch["attention_mask"])
+    stats = rep.stats
+    logp_r3_T = _real_tokens(logp_r3_BS, batch)
+    expected_rows = int(rollout_rows.valid_mask.sum())
+    with_replay = {
+        **_against_rollout(rollout_rows, used_trace, logp_r3_T, logp_infer_T, resp_T),
+        "replayed_rows": {str(k): s.replayed for k, s in stats.items()},
+        "expected_replayed_rows": expected_rows,
+        "routes_observed_at": sorted(set(tap.observed_at)),
+    }
+    return with_replay, logp_r3_T
+
+
+def _noise_floor(
+    model: Any, handle: Any, rollout: Any, device: str, train_trace: Any, logp_train_T: torch.Tensor,
+    resp_T: torch.Tensor,
+) -> dict:  # fmt: skip
+    """(e) Each sample's trainer forward alone vs the batched one (no replay): the report's ``noise_floor``."""
+    from routereplay.rl.metrics import logprob_mismatch, routing_agreement
+
+    alone = []
+    with torch.no_grad(), handle.record() as rec_alone:
+        for b in range(rollout.num_seqs):  # one forward per sample: the point is batch size 1
+            one = rollout.padded([b])
+            alone.append(_train_forward(model, one, device).cpu()[0])
+    alone_trace = rec_alone.trace()
+    logp_alone_T = torch.cat(alone).double()
+    return {
+        "routing": routing_agreement(train_trace, alone_trace, mask=resp_T).to_dict(),
+        "mismatch": logprob_mismatch(logp_train_T, logp_alone_T, resp_T).to_dict(),
+        "compared": "trainer forward, batched (right-padded) vs each sample alone",
+    }
+
+
+def _r2_drift(
+    model: Any, handle: Any, batch: dict, device: str, lr: float, train_trace: Any, logp_train_T: torch.Tensor,
+    resp_T: torch.Tensor,
+) -> dict:  # fmt: skip
+    """(d) One AdamW step on ``-mean logp(response)``, then old vs new policy: the report's ``r2_drift``."""
+    from routereplay.rl.metrics import logprob_mismatch, routing_agreement
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    resp_BS = batch["response_mask"].to(device)
+    loss = -(_train_forward(model, batch, device)[resp_BS]).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    new_trace, logp_new_T = _recorded_forward(model, handle, batch, device)
+    return {
+        "routing": routing_agreement(train_trace, new_trace, mask=resp_T).to_dict(),
+        "mismatch": logprob_mismatch(logp_new_T, logp_train_T, resp_T).to_dict(),
+        "optimizer": f"AdamW lr={lr}, one step on -mean logp(response)",
+        "delta": "logp_new - logp_old",
+    }
+
+
+def _replay_exact(with_replay: dict) -> bool:
+    """The verdict: the experts received exactly the rollout's routes on every token, and every layer
+    replayed every row."""
+    expected_rows = with_replay["expected_replayed_rows"]
+    return (
+        with_replay["routing_all_tokens"]["disagreement"] == 0.0
+        and with_replay["routing_all_tokens"]["ordered_match"] == 1.0
+        and all(v == expected_rows for v in with_replay["replayed_rows"].values())
+    )
+
+
+def _settings(
+    args: argparse.Namespace, chosen: _Chosen, device: str, train_trace: Any, rollout: Any, resp_T: torch.Tensor,
+    t0: float,
+) -> dict:  # fmt: skip
+    """The report's ``settings``: what ran, on what, and how long it took since ``t0``."""
+    return {
+        "model": chosen.description,
+        "model_kind": chosen.kind,
+        "rollout_dtype": args.rollout_dtype,
+        "train_dtype": args.train_dtype,
+        "samples": args.samples,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "device": str(device),
+        "layer_ids": list(train_trace.layer_ids),
+        "top_k": train_trace.top_k,
+        "num_experts": train_trace.num_experts,
+        "tokens": int(rollout.input_ids.numel()),
+        "response_tokens": int(resp_T.sum()),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _plot(out_dir: str, layer_ids: list, report: dict, deltas: dict) -> None:
+    """Write ``per_layer_disagreement.png`` (without replay, with R3 replay, R2 drift) and
+    ``delta_hist.png`` (``deltas``: label -> response tokens' deltas) to ``out_dir``."""
+    from routereplay.cli import plots
+
+    plots.plot_per_layer_disagreement(
+        os.path.join(out_dir, "per_layer_disagreement.png"),
+        layer_ids,
+        {
+            "without replay": report["without_replay"]["routing"]["per_layer_disagreement"],
+            "with R3 replay": report["with_replay"]["routing"]["per_layer_disagreement"],
+            "R2 drift (1 step)": report["r2_drift"]["routing"]["per_layer_disagreement"],
+        },
+    )
+    plots.plot_delta_histogram(os.path.join(out_dir, "delta_hist.png"), deltas)
 
 
 def _f(x: float | None, spec: str = ".4f") -> str:

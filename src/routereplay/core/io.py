@@ -587,35 +587,78 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
         cu = np.frombuffer(cu_raw, dtype=np.int64)
         T = header.tensors["experts"].shape[0]
         if cu[0] != 0 or cu[-1] != T or (np.diff(cu) < 0).any():
-            raise _fail(path, f"cu_seqlens runs from {int(cu[0])} to {int(cu[-1])} or decreases, expected 0 .. T={T}; {_CORRUPT}")
+            raise _fail(
+                path,
+                f"cu_seqlens runs from {int(cu[0])} to {int(cu[-1])} or decreases, expected 0 .. T={T}; {_CORRUPT}",
+            )
         B = cu.size - 1
         idx = list(range(B)) if sequences is None else _as_index(sequences, B)
         spans = [(int(cu[b]), int(cu[b + 1]) - int(cu[b])) for b in idx]
         R = int(header.metadata["chunk_rows"])
-        needed = sorted({c for start, n in spans if n for c in range(start // R, (start + n - 1) // R + 1)})
-        runs: list[list[int]] = []  # [first chunk, last chunk + 1], consecutive chunks merged
-        for c in needed:
-            if runs and runs[-1][1] == c:
-                runs[-1][1] = c + 1
-            else:
-                runs.append([c, c + 1])
-        # Read each row tensor's bytes of each run (file order, so that each chunk's checksum
-        # chains over its parts in file order, as the writer computed it).
+        needed, runs = _chunk_runs(spans, R)
         row_names = [name for name in header.tensors if name in _ROW_TENSORS]
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in row_names}
-        chunk_crc: dict[int, int] = {}
-        for name in row_names:
-            e = header.tensors[name]
-            row_bytes = (e.end - e.start) // T if T else 0
-            for c0, c1 in runs:
-                r0, r1 = c0 * R, min(c1 * R, T)
-                buf = host_empty(((r1 - r0) * row_bytes,), torch.uint8)
-                _pread_into(f, path, data_start + e.start + r0 * row_bytes, buf.numpy())
-                view = memoryview(buf.numpy())
-                for c in range(c0, c1):
-                    lo, hi = (c * R - r0) * row_bytes, (min((c + 1) * R, T) - r0) * row_bytes
-                    chunk_crc[c] = zlib.crc32(view[lo:hi], chunk_crc.get(c, 0))
-                parts[name].append(buf.view(_DTYPES[e.dtype]).view(r1 - r0, *e.shape[1:]))
+        parts, chunk_crc = _read_runs(f, path, header, row_names, runs, R, T)
+    _check_chunk_crcs(path, header, needed, chunk_crc, R, T)
+    out = _gather_spans(header, row_names, parts, runs, spans, R, T)
+    del parts
+    cu_B1 = torch.zeros(len(spans) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor([n for _, n in spans], dtype=torch.int64), 0, out=cu_B1[1:])
+    built = {
+        "experts": out["experts"],
+        "cu_seqlens": cu_B1,
+        "layer_ids": fields["layer_ids"],
+        "num_experts": fields["num_experts"],
+        "valid": out.get("valid"),
+        "gates": out.get("gates"),
+        "meta": fields["meta"],
+    }
+    return RoutingTrace(**built) if validate else RoutingTrace.unchecked(**built)
+
+
+def _chunk_runs(spans: list[tuple[int, int]], R: int) -> tuple[list[int], list[list[int]]]:
+    """The chunks of ``R`` rows that the row ``spans`` (start, length) touch, sorted, and the same
+    chunks merged into runs ``[first chunk, last chunk + 1]`` of consecutive chunks."""
+    needed = sorted({c for start, n in spans if n for c in range(start // R, (start + n - 1) // R + 1)})
+    runs: list[list[int]] = []  # [first chunk, last chunk + 1], consecutive chunks merged
+    for c in needed:
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    return needed, runs
+
+
+def _read_runs(
+    f, path: str, header: TraceFileHeader, row_names: list[str], runs: list[list[int]], R: int, T: int
+) -> tuple[dict[str, list[torch.Tensor]], dict[int, int]]:
+    """Read each row tensor's rows of each run; return them (per tensor, one tensor per run) and the
+    crc32 of each chunk read.
+
+    Tensors are read in file order, so that each chunk's checksum chains over its parts in file
+    order, as the writer computed it.
+    """
+    data_start = 8 + header.header_size
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in row_names}
+    chunk_crc: dict[int, int] = {}
+    for name in row_names:
+        e = header.tensors[name]
+        row_bytes = (e.end - e.start) // T if T else 0
+        for c0, c1 in runs:
+            r0, r1 = c0 * R, min(c1 * R, T)
+            buf = host_empty(((r1 - r0) * row_bytes,), torch.uint8)
+            _pread_into(f, path, data_start + e.start + r0 * row_bytes, buf.numpy())
+            view = memoryview(buf.numpy())
+            for c in range(c0, c1):
+                lo, hi = (c * R - r0) * row_bytes, (min((c + 1) * R, T) - r0) * row_bytes
+                chunk_crc[c] = zlib.crc32(view[lo:hi], chunk_crc.get(c, 0))
+            parts[name].append(buf.view(_DTYPES[e.dtype]).view(r1 - r0, *e.shape[1:]))
+    return parts, chunk_crc
+
+
+def _check_chunk_crcs(
+    path: str, header: TraceFileHeader, needed: list[int], chunk_crc: dict[int, int], R: int, T: int
+) -> None:
+    """Each chunk read has the crc32 the header's ``chunk_checksums`` records for it."""
     digits = header.metadata["chunk_checksums"]
     for c in needed:
         want, found = digits[8 * c : 8 * c + 8], f"{chunk_crc[c]:08x}"
@@ -626,7 +669,18 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
                 f"crc32 {want} but its bytes give {found}; the file is corrupt there (bit flip, partial "
                 "overwrite), write it again with routereplay.save",
             )
-    # The selected sequences, in order, from the runs read.
+
+
+def _gather_spans(
+    header: TraceFileHeader,
+    row_names: list[str],
+    parts: dict[str, list[torch.Tensor]],
+    runs: list[list[int]],
+    spans: list[tuple[int, int]],
+    R: int,
+    T: int,
+) -> dict[str, torch.Tensor]:
+    """The selected sequences' rows (``spans``, in order) of each row tensor, copied from the runs read."""
     run_rows = [(c0 * R, min(c1 * R, T)) for c0, c1 in runs]
     run_at = [r0 for r0, _ in run_rows]
     total = sum(n for _, n in spans)
@@ -641,19 +695,7 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
                 dst[row : row + n] = parts[name][k][start - run_rows[k][0] : start - run_rows[k][0] + n]
                 row += n
         out[name] = dst
-    del parts
-    cu_B1 = torch.zeros(len(spans) + 1, dtype=torch.int64)
-    torch.cumsum(torch.tensor([n for _, n in spans], dtype=torch.int64), 0, out=cu_B1[1:])
-    built = {
-        "experts": out["experts"],
-        "cu_seqlens": cu_B1,
-        "layer_ids": fields["layer_ids"],
-        "num_experts": fields["num_experts"],
-        "valid": out.get("valid"),
-        "gates": out.get("gates"),
-        "meta": fields["meta"],
-    }
-    return RoutingTrace(**built) if validate else RoutingTrace.unchecked(**built)
+    return out
 
 
 def _as_index(sequences, B: int) -> list[int]:
@@ -676,7 +718,9 @@ def _pread_into(f, path: str, offset: int, dst: np.ndarray) -> None:
     while pos < dst.nbytes:
         got = os.preadv(f.fileno(), [view[pos : pos + _IO_BLOCK * 16]], offset + pos)
         if not got:
-            raise _fail(path, f"file shrank while being read: expected {dst.nbytes} bytes at offset {offset}, got {pos}")
+            raise _fail(
+                path, f"file shrank while being read: expected {dst.nbytes} bytes at offset {offset}, got {pos}"
+            )
         pos += got
 
 
@@ -688,7 +732,9 @@ def _check_header_crc(path: str, header: TraceFileHeader, prefix: bytes, cu_raw:
         key = b'"' + field.encode("ascii") + b'":"'
         at = zeroed.find(key + header.metadata[field].encode("ascii") + b'"')
         if at < 0:
-            raise _fail(path, f"the {field} field is not written in the canonical form this reader verifies; {_CORRUPT}")
+            raise _fail(
+                path, f"the {field} field is not written in the canonical form this reader verifies; {_CORRUPT}"
+            )
         at += len(key)
         zeroed = zeroed[:at] + _PLACEHOLDER.encode("ascii") + zeroed[at + 8 :]
     found = f"{zlib.crc32(cu_raw, zlib.crc32(zeroed)):08x}"
@@ -771,7 +817,9 @@ def _build(
             # Validation built new ids (invalid rows held non-zero bytes): copy the small tensors so
             # they do not keep the whole data section alive next to the new ids.
             own = lambda t: None if t is None else t.clone()
-            trace = trace.replace(check=False, cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates))
+            trace = trace.replace(
+                check=False, cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates)
+            )
         return trace
     # Without validation, still refuse what would break indexing downstream (O(1) checks).
     cu_seqlens_B1, T = parts["cu_seqlens"], parts["experts"].shape[0]
@@ -799,6 +847,31 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
     """
     if file_size is None:
         file_size = os.fstat(f.fileno()).st_size
+    head, header_size, raw, table = _read_header_json(f, path, file_size)
+    metadata, version, minor = _trace_metadata(path, table)
+    tensors = _parse_table(path, table)
+    _check_data_size(path, tensors, have=file_size - 8 - header_size)
+    _check_metadata_fields(path, metadata, tensors, version, minor)
+    header = TraceFileHeader(
+        path=path,
+        file_size=file_size,
+        header_size=header_size,
+        version=version,
+        checksum_algorithm=metadata["checksum_algorithm"],
+        checksum=metadata["checksum"],
+        metadata=MappingProxyType(dict(metadata)),
+        tensors=MappingProxyType(tensors),
+    )
+    return header, head + raw
+
+
+def _read_header_json(f, path: str, file_size: int) -> tuple[bytes, int, bytes, dict]:
+    """Read the 8-byte header length and the header; return the length bytes, the length, the header
+    bytes and the header parsed as a JSON object.
+
+    The declared length is checked against the bytes present and the header limit before it is
+    read, and the JSON's nesting depth before it is parsed.
+    """
     head = f.read(8)
     if len(head) < 8:
         raise _fail(
@@ -835,7 +908,12 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
         raise _fail(path, f"header is not valid JSON ({e}); {_CORRUPT}, or it is not a safetensors file") from None
     if not isinstance(table, dict):
         raise _fail(path, f"header must be a JSON object, found {type(table).__name__}; {_CORRUPT}")
+    return head, header_size, raw, table
 
+
+def _trace_metadata(path: str, table: dict) -> tuple[dict, str, int]:
+    """Pop the ``__metadata__`` of a header's table and check that it names a routereplay trace of a
+    format version this reader reads; return the metadata, the version string and its minor number."""
     metadata = table.pop("__metadata__", None)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fail(
@@ -872,11 +950,12 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
             f"trace format version {version} was never written by routereplay, which reads "
             f"format version {_MAJOR}.x; {_CORRUPT}",
         )
-    minor = int(match.group(2) or 0)
+    return metadata, version, int(match.group(2) or 0)
 
-    tensors = _parse_table(path, table)
+
+def _check_data_size(path: str, tensors: dict[str, TensorEntry], have: int) -> None:
+    """The ``have`` bytes after the header are exactly the tensor data the table describes."""
     data_size = max((e.end for e in tensors.values()), default=0)
-    have = file_size - 8 - header_size
     if have < data_size:
         raise _fail(
             path,
@@ -888,6 +967,13 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
             path, f"has {have - data_size} unexpected bytes after the {data_size} bytes of tensor data; {_CORRUPT}"
         )
 
+
+def _check_metadata_fields(
+    path: str, metadata: dict, tensors: dict[str, TensorEntry], version: str, minor: int
+) -> None:
+    """Check the metadata fields and tensor names of a version-``version`` trace: no unknown ones in a
+    version this reader knows fully, the required fields present, the checksum's algorithm and
+    form, and the chunk fields (version 1.1 and later) all present and well formed if any is."""
     if minor <= _MINOR:
         # A newer minor version may add fields and tensors that this reader ignores; in a
         # version this reader knows fully, an unknown name means a damaged header.
@@ -912,35 +998,39 @@ def _read_prefix(f, path: str, file_size: int | None = None) -> tuple[TraceFileH
     if not _CHECKSUM_RE.fullmatch(checksum):
         raise _fail(path, f"checksum field is {checksum!r}, expected 8 lowercase hex digits; {_CORRUPT}")
     if minor >= 1 and any(name in metadata for name in _CHUNK_FIELDS):
-        absent = [name for name in _CHUNK_FIELDS if name not in metadata]
-        if absent:
-            raise _fail(path, f"has some chunk fields but not {absent}; a chunked trace has all of {list(_CHUNK_FIELDS)}; {_CORRUPT}")
-        if not _COUNT_RE.fullmatch(metadata["chunk_rows"]) or len(metadata["chunk_rows"]) > 19:
-            raise _fail(path, f"field 'chunk_rows' is {_short(metadata['chunk_rows'])}, expected a positive decimal integer; {_CORRUPT}")
-        if not _CHECKSUM_RE.fullmatch(metadata["header_checksum"]):
-            raise _fail(path, f"field 'header_checksum' is {_short(metadata['header_checksum'])}, expected 8 lowercase hex digits; {_CORRUPT}")
-        experts = tensors.get("experts")
-        rows = experts.shape[0] if experts is not None and experts.shape else 0
-        want = 8 * -(-rows // int(metadata["chunk_rows"]))
-        digits = metadata["chunk_checksums"]
-        if len(digits) != want or not _HEX_RE.fullmatch(digits):
-            raise _fail(
-                path,
-                f"field 'chunk_checksums' holds {len(digits)} characters, expected {want} lowercase hex digits "
-                f"(8 per chunk of {metadata['chunk_rows']} rows over {rows} rows); {_CORRUPT}",
-            )
+        _check_chunk_fields(path, metadata, tensors)
 
-    header = TraceFileHeader(
-        path=path,
-        file_size=file_size,
-        header_size=header_size,
-        version=version,
-        checksum_algorithm=algorithm,
-        checksum=checksum,
-        metadata=MappingProxyType(dict(metadata)),
-        tensors=MappingProxyType(tensors),
-    )
-    return header, head + raw
+
+def _check_chunk_fields(path: str, metadata: dict, tensors: dict[str, TensorEntry]) -> None:
+    """A chunked trace has all of ``_CHUNK_FIELDS``: a positive row count per chunk, the header's
+    checksum, and 8 hex digits of checksum per chunk of the ``experts`` rows."""
+    absent = [name for name in _CHUNK_FIELDS if name not in metadata]
+    if absent:
+        raise _fail(
+            path,
+            f"has some chunk fields but not {absent}; a chunked trace has all of {list(_CHUNK_FIELDS)}; {_CORRUPT}",
+        )
+    if not _COUNT_RE.fullmatch(metadata["chunk_rows"]) or len(metadata["chunk_rows"]) > 19:
+        raise _fail(
+            path,
+            f"field 'chunk_rows' is {_short(metadata['chunk_rows'])}, expected a positive decimal integer; {_CORRUPT}",
+        )
+    if not _CHECKSUM_RE.fullmatch(metadata["header_checksum"]):
+        raise _fail(
+            path,
+            f"field 'header_checksum' is {_short(metadata['header_checksum'])}, "
+            f"expected 8 lowercase hex digits; {_CORRUPT}",
+        )
+    experts = tensors.get("experts")
+    rows = experts.shape[0] if experts is not None and experts.shape else 0
+    want = 8 * -(-rows // int(metadata["chunk_rows"]))
+    digits = metadata["chunk_checksums"]
+    if len(digits) != want or not _HEX_RE.fullmatch(digits):
+        raise _fail(
+            path,
+            f"field 'chunk_checksums' holds {len(digits)} characters, expected {want} lowercase hex digits "
+            f"(8 per chunk of {metadata['chunk_rows']} rows over {rows} rows); {_CORRUPT}",
+        )
 
 
 def _parse_table(path: str, table: dict) -> dict[str, TensorEntry]:

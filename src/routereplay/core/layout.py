@@ -309,14 +309,7 @@ def pack_padded(
             f"gates_BSLK has shape {tuple(gates_BSLK.shape)} but experts_BSLK has {tuple(experts_BSLK.shape)}; "
             "they must match"
         )
-    valid_N = None
-    if valid_BS is not None:
-        valid_N = _as_mask(valid_BS, "valid_BS", experts_BSLK.device)
-        if valid_N.shape != mask_BS.shape:
-            raise LayoutError(
-                f"valid_BS has shape {tuple(valid_N.shape)}, expected {tuple(mask_BS.shape)} like attention_mask_BS"
-            )
-        valid_N = valid_N.reshape(-1)
+    valid_N = None if valid_BS is None else _valid_rows(valid_BS, mask_BS, experts_BSLK.device)
 
     pos_T = mask_BS.reshape(-1).nonzero().squeeze(1)
     cu_B1 = cu_seqlens_of(mask_BS.sum(1))
@@ -333,6 +326,29 @@ def pack_padded(
             gates=gates_TLK,
             meta=meta or {},
         )
+    return _trusted_trace(experts_TLK, cu_B1, layer_ids, num_experts, valid_T, gates_TLK, meta)
+
+
+def _valid_rows(valid_BS: torch.Tensor, mask_BS: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``valid_BS`` as bool rows ``[B*S]`` on ``device``, checked to be shaped like the attention mask."""
+    valid_N = _as_mask(valid_BS, "valid_BS", device)
+    if valid_N.shape != mask_BS.shape:
+        raise LayoutError(
+            f"valid_BS has shape {tuple(valid_N.shape)}, expected {tuple(mask_BS.shape)} like attention_mask_BS"
+        )
+    return valid_N.reshape(-1)
+
+
+def _trusted_trace(
+    experts_TLK: torch.Tensor,
+    cu_B1: torch.Tensor,
+    layer_ids: Sequence[int],
+    num_experts: int,
+    valid_T: torch.Tensor | None,
+    gates_TLK: torch.Tensor | None,
+    meta: dict[str, str] | None,
+) -> RoutingTrace:
+    """A trace of routes known good (``validate=False``): only the checks that do not scale with T run."""
     # The constructor on zero rows checks everything that does not scale with T (layer ids,
     # num_experts, dtypes, meta) without reading the routes.
     head = RoutingTrace(
@@ -928,30 +944,9 @@ def unshard_cp(shards: Sequence[RoutingTrace], *, cu_seqlens: torch.Tensor, mode
             do not fit the shards (names the sequence), or a padding row marked valid.
     """
     shards = list(shards)
-    if not shards:
-        raise LayoutError("unshard_cp needs at least one shard")
-    for r, s in enumerate(shards):
-        _check_trace(s, f"shard {r}")
-    if mode not in ("zigzag", "contiguous"):
-        raise LayoutError(f"mode must be 'zigzag' or 'contiguous', found {mode!r}")
-    _same_model(shards, "shard")
+    _check_cp_shards(shards, mode)
     cp, first, device = len(shards), shards[0], shards[0].device
-    for r, s in enumerate(shards[1:], 1):
-        if s.cu_seqlens.shape != first.cu_seqlens.shape or not torch.equal(s.cu_seqlens, first.cu_seqlens):
-            raise LayoutError(
-                f"shard {r} has cu_seqlens {s.cu_seqlens.tolist()} but shard 0 has {first.cu_seqlens.tolist()}; "
-                "context-parallel shards hold the same number of rows of every sequence"
-            )
-    cu_B1 = torch.as_tensor(cu_seqlens)
-    if cu_B1.ndim != 1 or cu_B1.numel() < 1 or cu_B1.dtype.is_floating_point or cu_B1.dtype == torch.bool:
-        raise LayoutError(f"cu_seqlens must be a 1-D int tensor [B+1], found {tuple(cu_B1.shape)} {cu_B1.dtype}")
-    cu_B1 = cu_B1.to(device=device, dtype=torch.int64)
-    lens_B = cu_B1.diff()
-    if int(cu_B1[0]) != 0 or bool((lens_B < 0).any()):
-        raise LayoutError(f"cu_seqlens must start at 0 and never decrease, found {cu_B1.tolist()}")
-    B = lens_B.numel()
-    if B != first.num_seqs:
-        raise LayoutError(f"cu_seqlens describes {B} sequences but the shards hold {first.num_seqs}")
+    cu_B1, lens_B = _unshard_cu_seqlens(cu_seqlens, first.num_seqs, device)
     per_B = first.seq_lens
     C = 2 * cp if mode == "zigzag" else cp
     if mode == "zigzag" and bool((per_B % 2 != 0).any()):
@@ -984,17 +979,7 @@ def unshard_cp(shards: Sequence[RoutingTrace], *, cu_seqlens: torch.Tensor, mode
     has_valid = any(s.valid is not None for s in shards)
     pad_Q = ranges((start_BC + real_BC).reshape(-1), (c_B[:, None] - real_BC).reshape(-1))
     if pad_Q.numel():
-        valid_pad = (
-            torch.cat([s.valid_mask for s in shards])[pad_Q] if has_valid else torch.ones_like(pad_Q, dtype=torch.bool)
-        )
-        if bool(valid_pad.any()):
-            q = int(pad_Q[_first(valid_pad)])
-            r, i = divmod(q, n) if n else (0, 0)
-            b = int(torch.searchsorted(first.cu_seqlens, torch.tensor(i, device=device), right=True)) - 1
-            raise LayoutError(
-                f"shard {r}, row {i} (sequence {b}) is padding for the given cu_seqlens but is marked valid; "
-                "pass the cu_seqlens of the trace that was sharded"
-            )
+        _check_padding_invalid(shards, pad_Q, has_valid)
     return first.replace(
         check=False,
         experts=_merge_rows([s.experts for s in shards], src_T, pad_Q),
@@ -1002,6 +987,61 @@ def unshard_cp(shards: Sequence[RoutingTrace], *, cu_seqlens: torch.Tensor, mode
         valid=_tidy_valid(_take_rows(torch.cat([s.valid_mask for s in shards]), src_T)) if has_valid else None,
         gates=None if first.gates is None else _merge_rows([s.gates for s in shards], src_T, pad_Q),
     )
+
+
+def _check_cp_shards(shards: list[RoutingTrace], mode: str) -> None:
+    """At least one shard, each a trace, a known ``mode``, and every shard of the same model and with
+    the same ``cu_seqlens``."""
+    if not shards:
+        raise LayoutError("unshard_cp needs at least one shard")
+    for r, s in enumerate(shards):
+        _check_trace(s, f"shard {r}")
+    if mode not in ("zigzag", "contiguous"):
+        raise LayoutError(f"mode must be 'zigzag' or 'contiguous', found {mode!r}")
+    _same_model(shards, "shard")
+    first = shards[0]
+    for r, s in enumerate(shards[1:], 1):
+        if s.cu_seqlens.shape != first.cu_seqlens.shape or not torch.equal(s.cu_seqlens, first.cu_seqlens):
+            raise LayoutError(
+                f"shard {r} has cu_seqlens {s.cu_seqlens.tolist()} but shard 0 has {first.cu_seqlens.tolist()}; "
+                "context-parallel shards hold the same number of rows of every sequence"
+            )
+
+
+def _unshard_cu_seqlens(
+    cu_seqlens: torch.Tensor, num_seqs: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unsharded trace's ``cu_seqlens`` as int64 on ``device`` and its sequence lengths, checked
+    (1-D int, from 0, never decreasing, ``num_seqs`` sequences)."""
+    cu_B1 = torch.as_tensor(cu_seqlens)
+    if cu_B1.ndim != 1 or cu_B1.numel() < 1 or cu_B1.dtype.is_floating_point or cu_B1.dtype == torch.bool:
+        raise LayoutError(f"cu_seqlens must be a 1-D int tensor [B+1], found {tuple(cu_B1.shape)} {cu_B1.dtype}")
+    cu_B1 = cu_B1.to(device=device, dtype=torch.int64)
+    lens_B = cu_B1.diff()
+    if int(cu_B1[0]) != 0 or bool((lens_B < 0).any()):
+        raise LayoutError(f"cu_seqlens must start at 0 and never decrease, found {cu_B1.tolist()}")
+    B = lens_B.numel()
+    if B != num_seqs:
+        raise LayoutError(f"cu_seqlens describes {B} sequences but the shards hold {num_seqs}")
+    return cu_B1, lens_B
+
+
+def _check_padding_invalid(shards: list[RoutingTrace], pad_Q: torch.Tensor, has_valid: bool) -> None:
+    """No padding row (``pad_Q``: indices into the shards' rows laid end to end) is marked valid; a
+    shard without ``valid`` marks every row valid."""
+    first, device = shards[0], shards[0].device
+    n = first.num_tokens
+    valid_pad = (
+        torch.cat([s.valid_mask for s in shards])[pad_Q] if has_valid else torch.ones_like(pad_Q, dtype=torch.bool)
+    )
+    if bool(valid_pad.any()):
+        q = int(pad_Q[_first(valid_pad)])
+        r, i = divmod(q, n) if n else (0, 0)
+        b = int(torch.searchsorted(first.cu_seqlens, torch.tensor(i, device=device), right=True)) - 1
+        raise LayoutError(
+            f"shard {r}, row {i} (sequence {b}) is padding for the given cu_seqlens but is marked valid; "
+            "pass the cu_seqlens of the trace that was sharded"
+        )
 
 
 # --- engine rows <-> training rows -------------------------------------------------------------

@@ -414,7 +414,9 @@ class RouteAccumulator:
             num_experts=self.num_experts,
             meta={"source": self.source, **dict(meta or {})},
         )
-        trace = head.replace(check=False, experts=experts_RLK, cu_seqlens=torch.tensor([0, R], dtype=torch.int64), valid=valid_R)
+        trace = head.replace(
+            check=False, experts=experts_RLK, cu_seqlens=torch.tensor([0, R], dtype=torch.int64), valid=valid_R
+        )
         return _to_rows(trace, rows, "engine")
 
     def _empty(self) -> torch.Tensor:

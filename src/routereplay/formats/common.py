@@ -90,7 +90,9 @@ def _as_tensor(arr: np.ndarray, where: str, what: str = "routed_experts") -> tor
     """
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
         if arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-            raise EngineFormatError(f"{where}: {what} holds an id above 2**63-1 ({int(arr.max())}); the payload is corrupt")
+            raise EngineFormatError(
+                f"{where}: {what} holds an id above 2**63-1 ({int(arr.max())}); the payload is corrupt"
+            )
         arr = arr.astype(np.int32 if arr.dtype.itemsize == 2 else np.int64)
     elif not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.array(arr, order="C")
@@ -133,7 +135,8 @@ def _assemble(
     for a, label in zip(parts, labels):
         if a.ndim == 3 and a.shape[1:] != (Lp, K):
             raise EngineFormatError(
-                f"{label}: {what} has {a.shape[1]} layers x top-{a.shape[2]}, but {labels[0]} has {Lp} layers x top-{K}; "
+                f"{label}: {what} has {a.shape[1]} layers x top-{a.shape[2]}, "
+                f"but {labels[0]} has {Lp} layers x top-{K}; "
                 "every request of one model must have the same layer axis and top-k"
             )
     dtype = _common_int_dtype(parts)
@@ -211,7 +214,8 @@ def _select_layers(
     if Lp <= ids[-1]:
         raise EngineFormatError(
             f"{what} has {Lp} layers, which fits neither an MoE-only layer axis ({len(ids)} layers for moe_layer_ids "
-            f"{list(ids)}) nor a full decoder-layer axis (more than {ids[-1]} layers); check moe_layer_ids and the model"
+            f"{list(ids)}) nor a full decoder-layer axis (more than {ids[-1]} layers); "
+            "check moe_layer_ids and the model"
         )
     keep = torch.tensor(ids, dtype=torch.int64, device=experts_NLpK.device)
     dense = torch.ones(Lp, dtype=torch.bool, device=experts_NLpK.device)
@@ -387,7 +391,8 @@ def _nonzero_rows(x_NX: torch.Tensor) -> torch.Tensor:
 def _gather_rows(x_NLK: torch.Tensor, keep_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x[keep_N].to(dtype)`` in one pass: each run of kept rows is copied (and converted) straight
     into the output, with no row index and no intermediate in the source dtype."""
-    d = torch.diff(keep_N.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8), append=torch.zeros(1, dtype=torch.int8))
+    zero = torch.zeros(1, dtype=torch.int8)
+    d = torch.diff(keep_N.to(torch.int8), prepend=zero, append=zero)
     starts, ends = (d == 1).nonzero().reshape(-1), (d == -1).nonzero().reshape(-1)
     total = int((ends - starts).sum()) if starts.numel() else 0
     if x_NLK.device.type != "cpu" or starts.numel() * 16 > max(total, 1):

@@ -80,7 +80,8 @@ def megatron_router_layer_ids(model: Any, instances: Sequence[Any] | None = None
     for r in routers:
         if isinstance(getattr(r, "layer_number", None), bool) or not isinstance(getattr(r, "layer_number", None), int):
             raise EngineFormatError(
-                f"router {type(r).__name__} has layer_number={getattr(r, 'layer_number', None)!r}; expected Megatron's 1-based int"
+                f"router {type(r).__name__} has layer_number={getattr(r, 'layer_number', None)!r}; "
+                "expected Megatron's 1-based int"
             )
     by_instance = {id(r.router_replay): r.layer_number - 1 for r in routers}
     if instances is None:
@@ -224,52 +225,13 @@ def from_megatron(
     """
     ids = _router_ids(router_layer_ids)
     recorded = list(recorded)
-    if len(recorded) != len(ids):
-        raise EngineFormatError(
-            f"get_recorded_data() returned {len(recorded)} entries but router_layer_ids names {len(ids)} routers; "
-            "a second model in this process shares Megatron's global RouterReplay list, or the ids are incomplete"
-        )
-    for k, (r, i) in enumerate(zip(recorded, ids)):
-        if r is None:
-            raise EngineFormatError(
-                f"router instance {k} (layer {i}) recorded nothing; run the forward under RouterReplayAction.RECORD, "
-                "and without moe_router_fusion (the fused router path skips the replay hook)"
-            )
-        if not isinstance(r, torch.Tensor) or r.ndim != 2 or r.dtype.is_floating_point or r.dtype == torch.bool:
-            found = (tuple(r.shape), r.dtype) if isinstance(r, torch.Tensor) else type(r).__name__
-            raise EngineFormatError(
-                f"router instance {k} (layer {i}): expected an integer [tokens, top_k] tensor, found {found}"
-            )
-        if r.shape != recorded[0].shape:
-            raise EngineFormatError(
-                f"router instance {k} (layer {i}) recorded {list(r.shape)} but instance 0 recorded {list(recorded[0].shape)}; "
-                "all routers of one micro-batch see the same rows"
-            )
-    if not recorded:
-        raise EngineFormatError("get_recorded_data() returned no entries: the model has no replay-enabled router")
-    N, K = recorded[0].shape
-    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).reshape(-1).to(recorded[0].device)
-    if cu.numel() < 1 or int(cu[-1]) != N or int(cu[0]) != 0:
-        raise EngineFormatError(f"cu_seqlens {cu.tolist()[:8]} must run from 0 to the {N} rows each router recorded")
-    lens_B = cu.diff()
-    if bool((lens_B < 0).any()):
-        b = int((lens_B < 0).nonzero()[0, 0])
-        raise EngineFormatError(
-            f"cu_seqlens decreases at index {b + 1} (cu_seqlens[{b}]={int(cu[b])}, cu_seqlens[{b + 1}]={int(cu[b + 1])}): "
-            f"sequence {b} would have {int(lens_B[b])} rows; cu_seqlens must be non-decreasing, the cumulative sum "
-            "of the sequence lengths with a leading 0 (e.g. [0, 5, 8, 12])"
-        )
+    _check_recorded(recorded, ids)
+    N = recorded[0].shape[0]
+    cu = _recorded_cu_seqlens(cu_seqlens, N, recorded[0].device)
     perm = sorted(range(len(ids)), key=ids.__getitem__)
     experts_NLK = torch.stack([recorded[p] for p in perm], dim=1)
     if order == "sbhd":
-        lens = cu.diff()
-        B = lens.numel()
-        if B and bool((lens != lens[0]).any()):
-            raise EngineFormatError(
-                f'order="sbhd" needs sequences of equal length, cu_seqlens gives lengths {lens.tolist()}'
-            )
-        S = int(lens[0]) if B else 0
-        experts_NLK = experts_NLK.reshape(S, B, len(ids), K).transpose(0, 1).reshape(N, len(ids), K)
+        experts_NLK = _sbhd_to_thd(experts_NLK, cu)
     elif order != "thd":
         raise EngineFormatError(f'order must be "thd" or "sbhd", found {order!r}')
     if valid is not None:
@@ -293,3 +255,61 @@ def from_megatron(
         layer_ids=tuple(ids[p] for p in perm),
         what="recorded indices",
     )
+
+
+def _check_recorded(recorded: list, ids: list[int]) -> None:
+    """One integer ``[N, K]`` tensor per router instance in ``ids``, all of the same shape, and at least one."""
+    if len(recorded) != len(ids):
+        raise EngineFormatError(
+            f"get_recorded_data() returned {len(recorded)} entries but router_layer_ids names {len(ids)} routers; "
+            "a second model in this process shares Megatron's global RouterReplay list, or the ids are incomplete"
+        )
+    for k, (r, i) in enumerate(zip(recorded, ids)):
+        if r is None:
+            raise EngineFormatError(
+                f"router instance {k} (layer {i}) recorded nothing; run the forward under RouterReplayAction.RECORD, "
+                "and without moe_router_fusion (the fused router path skips the replay hook)"
+            )
+        if not isinstance(r, torch.Tensor) or r.ndim != 2 or r.dtype.is_floating_point or r.dtype == torch.bool:
+            found = (tuple(r.shape), r.dtype) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise EngineFormatError(
+                f"router instance {k} (layer {i}): expected an integer [tokens, top_k] tensor, found {found}"
+            )
+        if r.shape != recorded[0].shape:
+            raise EngineFormatError(
+                f"router instance {k} (layer {i}) recorded {list(r.shape)} "
+                f"but instance 0 recorded {list(recorded[0].shape)}; "
+                "all routers of one micro-batch see the same rows"
+            )
+    if not recorded:
+        raise EngineFormatError("get_recorded_data() returned no entries: the model has no replay-enabled router")
+
+
+def _recorded_cu_seqlens(cu_seqlens: Sequence[int] | torch.Tensor, N: int, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` as an int64 tensor on ``device``, checked to run from 0 to ``N`` without decreasing."""
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).reshape(-1).to(device)
+    if cu.numel() < 1 or int(cu[-1]) != N or int(cu[0]) != 0:
+        raise EngineFormatError(f"cu_seqlens {cu.tolist()[:8]} must run from 0 to the {N} rows each router recorded")
+    lens_B = cu.diff()
+    if bool((lens_B < 0).any()):
+        b = int((lens_B < 0).nonzero()[0, 0])
+        raise EngineFormatError(
+            f"cu_seqlens decreases at index {b + 1} "
+            f"(cu_seqlens[{b}]={int(cu[b])}, cu_seqlens[{b + 1}]={int(cu[b + 1])}): "
+            f"sequence {b} would have {int(lens_B[b])} rows; cu_seqlens must be non-decreasing, the cumulative sum "
+            "of the sequence lengths with a leading 0 (e.g. [0, 5, 8, 12])"
+        )
+    return cu
+
+
+def _sbhd_to_thd(experts_NLK: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Rows in ``"sbhd"`` order (row ``s * B + b``; sequences of equal length) put in sequence-major order."""
+    N, L, K = experts_NLK.shape
+    lens = cu.diff()
+    B = lens.numel()
+    if B and bool((lens != lens[0]).any()):
+        raise EngineFormatError(
+            f'order="sbhd" needs sequences of equal length, cu_seqlens gives lengths {lens.tolist()}'
+        )
+    S = int(lens[0]) if B else 0
+    return experts_NLK.reshape(S, B, L, K).transpose(0, 1).reshape(N, L, K)

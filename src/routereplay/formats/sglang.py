@@ -96,7 +96,8 @@ def decode_sglang_payload(payload: Any, *, num_layers: int, top_k: int, where: s
     if arr.ndim == 1:
         if arr.shape[0] % (num_layers * top_k):
             raise EngineFormatError(
-                f"{where}: routed_experts has {arr.shape[0]} values, not a multiple of num_layers x top_k = {num_layers * top_k}"
+                f"{where}: routed_experts has {arr.shape[0]} values, "
+                f"not a multiple of num_layers x top_k = {num_layers * top_k}"
             )
         return arr.reshape(-1, num_layers, top_k)
     if arr.ndim != 3 or arr.shape[1:] != (num_layers, top_k):
@@ -127,7 +128,8 @@ def _check_retraction(info: Mapping, label: str, on_retraction: str) -> None:
         "the last retraction come from that re-prefill, not from the forwards that generated the tokens"
         + (f" (weight_version at the end: {version!r})" if version is not None else "")
         + ". If no weight update happened while it was retracted, pass on_retraction=\"accept\"; otherwise "
-        "drop the sample, or abort and resume it as a partial rollout (RouteAccumulator) so each attempt's rows are kept"
+        "drop the sample, or abort and resume it as a partial rollout (RouteAccumulator) "
+        "so each attempt's rows are kept"
     )
 
 
@@ -144,28 +146,42 @@ def _new_rows(
     """Decode one request; return its rows ``[start_len, seqlen - 1)`` and ``start_len``."""
     info = _meta_info(payload)
     if info is not None:
-        _check_retraction(info, label, on_retraction)
-        if "routed_experts" not in info or info["routed_experts"] is None:
-            raise EngineFormatError(
-                f"{label}: meta_info has no routed_experts; launch SGLang with --enable-return-routed-experts "
-                "and send return_routed_experts=True"
-            )
-        echoed = info.get("routed_experts_start_len")
-        if echoed is not None and start_len is not None and int(echoed) != start_len:
-            raise EngineFormatError(
-                f"{label}: start_len={start_len} but meta_info says routed_experts_start_len={echoed}"
-            )
-        if start_len is None and echoed is not None:
-            start_len = int(echoed)
-        if num_tokens is None:
-            if "prompt_tokens" not in info or "completion_tokens" not in info:
-                raise EngineFormatError(f"{label}: meta_info lacks prompt_tokens / completion_tokens; pass num_tokens")
-            num_tokens = int(info["prompt_tokens"]) + int(info["completion_tokens"])
-        data = info["routed_experts"]
+        data, start_len, num_tokens = _read_meta_info(info, label, start_len, num_tokens, on_retraction)
     else:
         data = payload
     start = 0 if start_len is None else int(start_len)
     arr = decode_sglang_payload(data, num_layers=num_layers, top_k=top_k, where=label)
+    return _rows_from_start(arr, label, start, num_tokens)
+
+
+def _read_meta_info(
+    info: Mapping[str, Any], label: str, start_len: int | None, num_tokens: int | None, on_retraction: str
+) -> tuple[Any, int | None, int | None]:
+    """A request's ``meta_info``: its ``routed_experts`` payload, and the start length and token count
+    (the given ones, else ``meta_info``'s), after its retraction check."""
+    _check_retraction(info, label, on_retraction)
+    if "routed_experts" not in info or info["routed_experts"] is None:
+        raise EngineFormatError(
+            f"{label}: meta_info has no routed_experts; launch SGLang with --enable-return-routed-experts "
+            "and send return_routed_experts=True"
+        )
+    echoed = info.get("routed_experts_start_len")
+    if echoed is not None and start_len is not None and int(echoed) != start_len:
+        raise EngineFormatError(
+            f"{label}: start_len={start_len} but meta_info says routed_experts_start_len={echoed}"
+        )
+    if start_len is None and echoed is not None:
+        start_len = int(echoed)
+    if num_tokens is None:
+        if "prompt_tokens" not in info or "completion_tokens" not in info:
+            raise EngineFormatError(f"{label}: meta_info lacks prompt_tokens / completion_tokens; pass num_tokens")
+        num_tokens = int(info["prompt_tokens"]) + int(info["completion_tokens"])
+    return info["routed_experts"], start_len, num_tokens
+
+
+def _rows_from_start(arr: np.ndarray, label: str, start: int, num_tokens: int | None) -> tuple[np.ndarray, int]:
+    """Rows ``[start, seqlen - 1)`` of a decoded payload and ``start``, whether or not the engine honoured
+    the start; without a token count, the rows as they are (and a start of 0)."""
     n = arr.shape[0]
     if num_tokens is None:
         if start:
@@ -329,8 +345,34 @@ def extend_sglang(
     if start > have:
         raise EngineFormatError(
             f"{label}: the new rows start at token {start}, but sequence {sequence} holds only {have} rows "
-            f"(tokens 0..{have - 1}); rows {have}..{start - 1} would be missing. Send routed_experts_start_len <= {have}"
+            f"(tokens 0..{have - 1}); rows {have}..{start - 1} would be missing. "
+            f"Send routed_experts_start_len <= {have}"
         )
+    piece = _turn_rows(
+        trace, arr, label, moe_layer_ids=moe_layer_ids, allow_zero_routes=allow_zero_routes, missing=missing
+    )
+    piece = piece.to(trace.device)
+    overlap = min(have - start, piece.num_tokens)
+    if overlap > 0 and trace.valid is not None:
+        trace = _fill_invalid_rows(trace, piece, int(trace.cu_seqlens[sequence]) + start, overlap)
+    rest = piece.experts[overlap:]
+    if rest.shape[0] == 0:
+        return trace
+    rest_valid = None if piece.valid is None else piece.valid[overlap:]
+    return trace.extend_sequence(sequence, rest, valid=rest_valid)
+
+
+def _turn_rows(
+    trace: RoutingTrace,
+    arr: np.ndarray,
+    label: str,
+    *,
+    moe_layer_ids: Sequence[int] | None,
+    allow_zero_routes: bool,
+    missing: str,
+) -> RoutingTrace:
+    """A later turn's new rows ``arr`` as a one-sequence engine-rows trace, checked to have the trace's
+    layers and top-k."""
     experts_NLK, cu = _assemble([arr], [label])
     piece = _finish(
         experts_NLK,
@@ -349,25 +391,22 @@ def extend_sglang(
             f"{label}: the payload gives layers {list(piece.layer_ids)} x top-{piece.top_k}, the trace has "
             f"layers {list(trace.layer_ids)} x top-{trace.top_k}; pass the trace's moe_layer_ids"
         )
-    piece = piece.to(trace.device)
-    overlap = min(have - start, piece.num_tokens)
-    if overlap > 0 and trace.valid is not None:
-        # Fill the existing rows that have no route from the new payload; keep every existing route.
-        s0 = int(trace.cu_seqlens[sequence]) + start
-        old_valid = trace.valid[s0 : s0 + overlap]
-        new_valid = piece.valid_mask[:overlap]
-        fill = ~old_valid & new_valid
-        if bool(fill.any()):
-            experts = trace.experts.clone()
-            experts[s0 : s0 + overlap][fill] = piece.experts[:overlap][fill]
-            valid = trace.valid.clone()
-            valid[s0 : s0 + overlap] |= fill
-            trace = trace.replace(check=False, experts=experts, valid=None if bool(valid.all()) else valid)
-    rest = piece.experts[overlap:]
-    if rest.shape[0] == 0:
+    return piece
+
+
+def _fill_invalid_rows(trace: RoutingTrace, piece: RoutingTrace, s0: int, overlap: int) -> RoutingTrace:
+    """Fill the trace's rows ``[s0, s0 + overlap)`` that have no route from the first ``overlap`` rows of
+    ``piece``; keep every existing route."""
+    old_valid = trace.valid[s0 : s0 + overlap]
+    new_valid = piece.valid_mask[:overlap]
+    fill = ~old_valid & new_valid
+    if not bool(fill.any()):
         return trace
-    rest_valid = None if piece.valid is None else piece.valid[overlap:]
-    return trace.extend_sequence(sequence, rest, valid=rest_valid)
+    experts = trace.experts.clone()
+    experts[s0 : s0 + overlap][fill] = piece.experts[:overlap][fill]
+    valid = trace.valid.clone()
+    valid[s0 : s0 + overlap] |= fill
+    return trace.replace(check=False, experts=experts, valid=None if bool(valid.all()) else valid)
 
 
 def to_sglang(

@@ -118,20 +118,7 @@ def from_verl(
         raise EngineFormatError(
             f"verl batch: routed_experts must be [bs, seq, layers, top_k], found shape {tuple(re_BSLK.shape)}"
         )
-    mask = (
-        attention_mask.detach().cpu()
-        if isinstance(attention_mask, torch.Tensor)
-        else _as_tensor(np.asarray(attention_mask), "verl batch", "attention_mask")
-    )
-    if mask.ndim != 2 or tuple(mask.shape) != tuple(re_BSLK.shape[:2]):
-        raise EngineFormatError(
-            f"verl batch: routed_experts is {list(re_BSLK.shape)} but attention_mask is {list(mask.shape)}; "
-            "the first two dimensions ([bs, seq]) must agree (routes padded like input_ids)"
-        )
-    if mask.dtype != torch.bool:
-        if bool(((mask != 0) & (mask != 1)).any()):
-            raise EngineFormatError("verl batch: attention_mask must hold only 0 and 1")
-        mask = mask != 0
+    mask = _verl_mask(attention_mask, re_BSLK.shape)
     B, S, Lp, K = re_BSLK.shape
     labels = [f"sample {i}" for i in range(B)]
     flat_NLK = re_BSLK.reshape(B * S, Lp, K)
@@ -143,15 +130,7 @@ def from_verl(
             f"{labels[n // S]}: routed_experts holds a route at position {n % S}, where attention_mask is 0 "
             "(padding); the routes are longer than the tokens (a truncated response?) or not aligned with the mask"
         )
-    # One pass from the padded batch to packed rows, narrowed to the trace's dtype on the way when
-    # every id is in range (padding holds zeros); else in the payload's dtype, for the checks to
-    # report the row holding a missing-route marker or a corrupt id.
-    dtype = flat_NLK.dtype
-    if flat_NLK.numel() and _is_count(num_experts):
-        lo, hi = torch.aminmax(flat_NLK)
-        if int(lo) >= 0 and int(hi) < num_experts:
-            dtype = expert_dtype(num_experts)
-    experts_NLK = _gather_rows(flat_NLK, mask_N, dtype)
+    experts_NLK = _gather_rows(flat_NLK, mask_N, _packed_dtype(flat_NLK, num_experts))
     cu = torch.zeros(B + 1, dtype=torch.int64)
     torch.cumsum(mask.sum(1).to(torch.int64), 0, out=cu[1:])
     valid = _engine_last_rows(experts_NLK, cu, labels, last_token_routed)
@@ -169,6 +148,38 @@ def from_verl(
         valid_N=valid,
         have="training",
     )
+
+
+def _verl_mask(attention_mask: Any, routes_shape: torch.Size) -> torch.Tensor:
+    """verl's ``[bs, seq]`` attention mask as a bool CPU tensor, checked to be 0/1 and shaped like the
+    first two dimensions of the routes (``routes_shape``)."""
+    mask = (
+        attention_mask.detach().cpu()
+        if isinstance(attention_mask, torch.Tensor)
+        else _as_tensor(np.asarray(attention_mask), "verl batch", "attention_mask")
+    )
+    if mask.ndim != 2 or tuple(mask.shape) != tuple(routes_shape[:2]):
+        raise EngineFormatError(
+            f"verl batch: routed_experts is {list(routes_shape)} but attention_mask is {list(mask.shape)}; "
+            "the first two dimensions ([bs, seq]) must agree (routes padded like input_ids)"
+        )
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise EngineFormatError("verl batch: attention_mask must hold only 0 and 1")
+        mask = mask != 0
+    return mask
+
+
+def _packed_dtype(flat_NLK: torch.Tensor, num_experts: Any) -> torch.dtype:
+    """The dtype to pack the padded rows into, in one pass: the trace's when every id is in range
+    (padding holds zeros); else the payload's, for the checks to report the row holding a
+    missing-route marker or a corrupt id."""
+    dtype = flat_NLK.dtype
+    if flat_NLK.numel() and _is_count(num_experts):
+        lo, hi = torch.aminmax(flat_NLK)
+        if int(lo) >= 0 and int(hi) < num_experts:
+            dtype = expert_dtype(num_experts)
+    return dtype
 
 
 def from_verl_unpadded(

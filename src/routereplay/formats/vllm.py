@@ -226,19 +226,7 @@ def _from_vllm(
     C = _check_lengths(completion_lens, B, "completion_lens")
     S = _check_lengths(prompt_starts, B, "prompt_starts") or [0] * B
     if prompt_routed_experts is None:
-        if (P is None) != (C is None):
-            raise EngineFormatError("give both prompt_lens and completion_lens (to check the row counts) or neither")
-        parts = [decode_vllm_payload(x, where=label) for x, label in zip(routed_experts, labels)]
-        for i, (a, label) in enumerate(zip(parts, labels)):
-            if P is None:
-                if S[i]:
-                    raise EngineFormatError(
-                        f"{label}: routed_experts_prompt_start={S[i]} needs prompt_lens and completion_lens, to check "
-                        "the rows and to tell whether the server honoured the start (older servers ignore it)"
-                    )
-                continue
-            parts[i] = _combined_rows(a, label, P[i], C[i], S[i])
-        experts_NLK, cu = _assemble(parts, labels, num_experts=num_experts)
+        experts_NLK, cu = _combined_form(routed_experts, labels, P, C, S, num_experts=num_experts)
     elif any(S):
         i = next(i for i, s in enumerate(S) if s)
         raise EngineFormatError(
@@ -246,42 +234,7 @@ def _from_vllm(
             "routed_experts_prompt_start slices in the combined routed_experts only. Pass the combined payload"
         )
     else:
-        prompt_routed_experts = list(prompt_routed_experts)
-        if len(prompt_routed_experts) != B:
-            raise EngineFormatError(
-                f"prompt_routed_experts has {len(prompt_routed_experts)} entries but routed_experts has {B}; give one per request"
-            )
-        if C is None:
-            raise EngineFormatError(
-                "the split form (prompt_routed_experts) needs completion_lens: the generated part holds "
-                "completion-1 rows, or completion rows when vLLM's speculative decoding captured one more"
-            )
-        pieces, piece_labels = [], []
-        for i, label in enumerate(labels):
-            prompt = decode_vllm_payload(prompt_routed_experts[i], where=label)
-            n_p = prompt.shape[0] if prompt.ndim else 0
-            if P is not None and n_p != P[i]:
-                raise EngineFormatError(
-                    f"{label}: prompt_routed_experts has {n_p} rows, expected prompt = {P[i]} (one per prompt token)"
-                )
-            if C[i] == 0:
-                raise EngineFormatError(
-                    f"{label}: completion_lens is 0; a request without generated tokens has no routes to replay"
-                )
-            gen_x = routed_experts[i]
-            gen = np.zeros((0,), dtype=np.int32) if gen_x is None else decode_vllm_payload(gen_x, where=label)
-            n_g = gen.shape[0] if gen.ndim else 0
-            if n_g == C[i]:
-                gen = gen[: C[i] - 1]  # clipped by speculative decoding: the extra row may be a rejected draft's
-            elif n_g != C[i] - 1:
-                raise EngineFormatError(
-                    f"{label}: routed_experts (generated part) has {n_g} rows, expected completion-1 = {C[i] - 1} "
-                    f"(or completion = {C[i]} when clipped by speculative decoding)"
-                )
-            pieces += [prompt, gen]
-            piece_labels += [label, label]
-        experts_NLK, cu2 = _assemble(pieces, piece_labels, num_experts=num_experts)
-        cu = cu2[0::2].contiguous()  # prompt and generated part of a request are adjacent: one sequence
+        experts_NLK, cu = _split_form(routed_experts, prompt_routed_experts, labels, P, C, num_experts=num_experts)
     return _finish(
         experts_NLK,
         cu,
@@ -294,6 +247,72 @@ def _from_vllm(
         source="vllm",
         meta=meta,
     )
+
+
+def _combined_form(routed_experts: list, labels: list[str], P, C, S: list[int], *, num_experts: int):
+    """Routes ``[N, Lp, K]`` and ``cu_seqlens`` of combined payloads (prompt and completion in one),
+    each cut at its prompt start and checked against the token counts when ``P`` and ``C`` are given."""
+    if (P is None) != (C is None):
+        raise EngineFormatError("give both prompt_lens and completion_lens (to check the row counts) or neither")
+    parts = [decode_vllm_payload(x, where=label) for x, label in zip(routed_experts, labels)]
+    for i, (a, label) in enumerate(zip(parts, labels)):
+        if P is None:
+            if S[i]:
+                raise EngineFormatError(
+                    f"{label}: routed_experts_prompt_start={S[i]} needs prompt_lens and completion_lens, to check "
+                    "the rows and to tell whether the server honoured the start (older servers ignore it)"
+                )
+            continue
+        parts[i] = _combined_rows(a, label, P[i], C[i], S[i])
+    return _assemble(parts, labels, num_experts=num_experts)
+
+
+def _split_form(routed_experts: list, prompt_routed_experts, labels: list[str], P, C, *, num_experts: int):
+    """Routes ``[N, Lp, K]`` and ``cu_seqlens`` of split payloads (a prompt part and a generated part per
+    request), each request's two parts checked against its token counts and joined into one sequence."""
+    B = len(routed_experts)
+    prompt_routed_experts = list(prompt_routed_experts)
+    if len(prompt_routed_experts) != B:
+        raise EngineFormatError(
+            f"prompt_routed_experts has {len(prompt_routed_experts)} entries but routed_experts has {B}; "
+            "give one per request"
+        )
+    if C is None:
+        raise EngineFormatError(
+            "the split form (prompt_routed_experts) needs completion_lens: the generated part holds "
+            "completion-1 rows, or completion rows when vLLM's speculative decoding captured one more"
+        )
+    pieces, piece_labels = [], []
+    for i, label in enumerate(labels):
+        prompt = decode_vllm_payload(prompt_routed_experts[i], where=label)
+        n_p = prompt.shape[0] if prompt.ndim else 0
+        if P is not None and n_p != P[i]:
+            raise EngineFormatError(
+                f"{label}: prompt_routed_experts has {n_p} rows, expected prompt = {P[i]} (one per prompt token)"
+            )
+        if C[i] == 0:
+            raise EngineFormatError(
+                f"{label}: completion_lens is 0; a request without generated tokens has no routes to replay"
+            )
+        pieces += [prompt, _generated_rows(routed_experts[i], label, C[i])]
+        piece_labels += [label, label]
+    experts_NLK, cu2 = _assemble(pieces, piece_labels, num_experts=num_experts)
+    return experts_NLK, cu2[0::2].contiguous()  # prompt and generated part of a request are adjacent: one sequence
+
+
+def _generated_rows(gen_x: Any, label: str, completion: int) -> np.ndarray:
+    """The ``completion - 1`` rows of a split payload's generated part (``None``: empty); a part of
+    ``completion`` rows, clipped by speculative decoding, loses its last row."""
+    gen = np.zeros((0,), dtype=np.int32) if gen_x is None else decode_vllm_payload(gen_x, where=label)
+    n_g = gen.shape[0] if gen.ndim else 0
+    if n_g == completion:
+        return gen[: completion - 1]  # clipped by speculative decoding: the extra row may be a rejected draft's
+    if n_g != completion - 1:
+        raise EngineFormatError(
+            f"{label}: routed_experts (generated part) has {n_g} rows, expected completion-1 = {completion - 1} "
+            f"(or completion = {completion} when clipped by speculative decoding)"
+        )
+    return gen
 
 
 def _combined_rows(a: np.ndarray, label: str, prompt: int, completion: int, start: int) -> np.ndarray:
@@ -360,6 +379,30 @@ def from_vllm_outputs(
     """
     outputs = list(outputs)
     starts = _check_lengths(prompt_starts, len(outputs), "prompt_starts") or [0] * len(outputs)
+    gens, prompts, P, C, S, labels, split = _completions(outputs, starts)
+    known = [p is not None and c is not None for p, c in zip(P, C)]
+    _check_token_counts(known, gens, labels, split=split)
+    have_lens = all(known)
+    return _from_vllm(
+        gens,
+        labels,
+        num_experts=num_experts,
+        prompt_routed_experts=prompts if split else None,
+        prompt_lens=P if have_lens else None,
+        completion_lens=C if have_lens else None,
+        prompt_starts=S,
+        moe_layer_ids=moe_layer_ids,
+        rows=rows,
+        allow_zero_routes=allow_zero_routes,
+        missing=missing,
+        meta=meta,
+    )
+
+
+def _completions(outputs: list, starts: list[int]) -> tuple[list, list, list, list, list, list[str], bool | None]:
+    """One entry per completion of the engine's outputs: its generated routes, its request's prompt
+    routes (split form), prompt and completion token counts (``None`` where unknown), prompt start and
+    label; and whether the outputs use the split form (``None`` for no outputs)."""
     gens, prompts, P, C, S, labels = [], [], [], [], [], []
     split = None
     for i, out in enumerate(outputs):
@@ -392,7 +435,12 @@ def from_vllm_outputs(
             C.append(n_comp)
             S.append(starts[i])
             labels.append(label)
-    known = [p is not None and c is not None for p, c in zip(P, C)]
+    return gens, prompts, P, C, S, labels, split
+
+
+def _check_token_counts(known: list[bool], gens: list, labels: list[str], *, split: bool | None) -> None:
+    """Token counts (``known``: per completion) for every completion or none, and for all of them in
+    the split form; generated routes for every completion of the combined form."""
     if split and not all(known):
         i = known.index(False)
         raise EngineFormatError(
@@ -402,7 +450,8 @@ def from_vllm_outputs(
     if any(known) and not all(known):
         i = known.index(False)
         raise EngineFormatError(
-            f"{labels[i]}: token counts are missing while other requests have them; return token ids for every request"
+            f"{labels[i]}: token counts are missing while other requests have them; "
+            "return token ids for every request"
         )
     if not split and any(g is None for g in gens):
         i = [g is None for g in gens].index(True)
@@ -410,21 +459,6 @@ def from_vllm_outputs(
             f"{labels[i]}: routed_experts is None; start vLLM with --enable-return-routed-experts "
             "(and, over HTTP, ask for return_routed_experts)"
         )
-    have_lens = all(known)
-    return _from_vllm(
-        gens,
-        labels,
-        num_experts=num_experts,
-        prompt_routed_experts=prompts if split else None,
-        prompt_lens=P if have_lens else None,
-        completion_lens=C if have_lens else None,
-        prompt_starts=S,
-        moe_layer_ids=moe_layer_ids,
-        rows=rows,
-        allow_zero_routes=allow_zero_routes,
-        missing=missing,
-        meta=meta,
-    )
 
 
 def to_vllm(
@@ -495,7 +529,8 @@ def _payload_array(trace: RoutingTrace, dtype, num_hidden_layers: int | None) ->
     if trace.valid is not None and not bool(trace.valid.all()):
         if np_dtype.kind == "u":
             raise EngineFormatError(
-                f"the trace has rows without a route, which vLLM marks -1; unsigned dtype {np_dtype} cannot hold -1, use int16 or int32"
+                f"the trace has rows without a route, which vLLM marks -1; unsigned dtype {np_dtype} cannot hold -1, "
+                "use int16 or int32"
             )
         experts_TLK = experts_TLK.masked_fill(~trace.valid.cpu()[:, None, None], -1)
     full = _expand_layers(experts_TLK, trace.layer_ids, num_hidden_layers)

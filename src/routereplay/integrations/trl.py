@@ -216,25 +216,29 @@ def _check_config(mode: str, args: Any, kwargs: dict, *, old_pass: bool | None =
     if mode in _CAPTURE_MODES:
         if getattr(args, "use_vllm", False) and kwargs.get("rollout_func") is None:
             raise IntegrationError(
-                f'router_replay="{mode}" with use_vllm=True: TRL\'s vLLM generation returns no routes, so the routes each '
-                "completion was generated with are missing. Pass a rollout_func that returns \"routed_experts\" (one "
+                f'router_replay="{mode}" with use_vllm=True: TRL\'s vLLM generation returns no routes, '
+                "so the routes each completion was generated with are missing. "
+                'Pass a rollout_func that returns "routed_experts" (one '
                 "[prompt_len + completion_len - 1, L, K] array per completion, vLLM's routed_experts) next to "
                 'prompt_ids/completion_ids/logprobs, or use router_replay="R2", or generate with transformers '
                 "(use_vllm=False)"
             )
         if getattr(args, "use_transformers_continuous_batching", False):
             raise IntegrationError(
-                f'router_replay="{mode}" with use_transformers_continuous_batching=True: its paged forwards do not map onto '
-                'the returned tokens, so routes cannot be captured; set it to False, or use router_replay="R2"'
+                f'router_replay="{mode}" with use_transformers_continuous_batching=True: '
+                "its paged forwards do not map onto the returned tokens, so routes cannot be captured; "
+                'set it to False, or use router_replay="R2"'
             )
         if kwargs.get("tools") or kwargs.get("environment_factory") is not None:
             raise IntegrationError(
-                f'router_replay="{mode}" with tools or environment_factory: tool-response tokens are not generated, so they '
-                'have no rollout routes; use router_replay="R2"'
+                f'router_replay="{mode}" with tools or environment_factory: tool-response tokens are not generated, '
+                'so they have no rollout routes; use router_replay="R2"'
             )
     if mode == "R2":
         if old_pass is None:
-            vllm_is = bool(getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False))
+            vllm_is = bool(
+                getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False)
+            )
             old_pass = _old_pass(args, args.num_iterations, vllm_is)
         if not old_pass:
             raise IntegrationError(
@@ -289,7 +293,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.router_replay = router_replay
         self.router_replay_handle = None
-        self.router_replay_export_dir = None if router_replay_export_dir is None else os.fspath(router_replay_export_dir)
+        self.router_replay_export_dir = (
+            None if router_replay_export_dir is None else os.fspath(router_replay_export_dir)
+        )
         self._rr_serial = itertools.count()
         self._rr_batches: dict[str, _Batch] = {}  # per mode ("train" / "eval"): the latest generation batch
         self._rr_current: _Batch | None = None  # the batch being scored
@@ -320,11 +326,15 @@ class GRPOTrainer(trl.GRPOTrainer):
     @property
     def _rr_old_pass_expected(self) -> bool:
         """Whether TRL runs the old-policy log-prob pass (its own condition, trl 1.16)."""
-        return _old_pass(self.args, self.num_iterations, bool(self.use_vllm and self.vllm_importance_sampling_correction))
+        vllm_is = bool(self.use_vllm and self.vllm_importance_sampling_correction)
+        return _old_pass(self.args, self.num_iterations, vllm_is)
 
     # --- documented hook ------------------------------------------------------------------
     def routes_from_rollout(
-        self, routed_experts: Sequence[Any], prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+        self,
+        routed_experts: Sequence[Any],
+        prompt_ids: Sequence[Sequence[int]],
+        completion_ids: Sequence[Sequence[int]],
     ) -> RoutingTrace:
         """Convert the routes a ``rollout_func`` returned with its completions (R3).
 
@@ -359,7 +369,9 @@ class GRPOTrainer(trl.GRPOTrainer):
     # --- generation (R3 capture) ----------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
         if self.router_replay not in _CAPTURE_MODES or self.use_vllm:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
         h = self.router_replay_handle
         with h.capture_generation(logprobs=True, temperature=self.temperature) as cap:
             completion_ids, logprobs = super()._generate_single_turn(
@@ -408,7 +420,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             resp_T = rollout.response_mask()
             comp_logps = tuple(rollout.logprobs[resp_T].split(rollout.completion_lens.tolist()))
         tokens = tuple(
-            torch.as_tensor(list(p) + list(c), dtype=torch.int64) for p, c in zip(prompt_ids, completion_ids, strict=True)
+            torch.as_tensor(list(p) + list(c), dtype=torch.int64)
+            for p, c in zip(prompt_ids, completion_ids, strict=True)
         )
         if trace.num_seqs != len(tokens) or not torch.equal(trace.seq_lens + 1, torch.tensor([len(t) for t in tokens])):
             raise BatchMismatchError(
@@ -523,7 +536,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             self._rr_last_logps = out[0].detach()
         return out
 
-    def _rr_trace(self, batch: _Batch, sample_B: torch.Tensor, ids_BS: torch.Tensor, mask_BS: torch.Tensor) -> RoutingTrace:
+    def _rr_trace(
+        self, batch: _Batch, sample_B: torch.Tensor, ids_BS: torch.Tensor, mask_BS: torch.Tensor
+    ) -> RoutingTrace:
         """The routes of ``sample_B`` cut to the real tokens of this forward, checked against its tokens."""
         trace = batch.store.trace(sample_B)
         mask_BS = mask_BS.detach().cpu().bool()
@@ -537,8 +552,8 @@ class GRPOTrainer(trl.GRPOTrainer):
                 pos = int((got[: want.numel()] != want[: got.numel()]).nonzero()[0, 0]) if n <= int(lens_B[b]) else n
                 raise BatchMismatchError(
                     f"batch row {b} (sample {i} of generation {batch.serial}) has {n} real tokens that differ from the "
-                    f"{int(lens_B[b])} tokens its routes were recorded for (first difference at token {pos}); the batch "
-                    "was changed after generation, so its routes would land on the wrong tokens"
+                    f"{int(lens_B[b])} tokens its routes were recorded for (first difference at token {pos}); "
+                    "the batch was changed after generation, so its routes would land on the wrong tokens"
                 )
         if torch.equal(real_B, lens_B):
             return trace
@@ -556,7 +571,9 @@ class GRPOTrainer(trl.GRPOTrainer):
             meta=dict(cpu.meta),
         )
 
-    def _rr_log_forwards(self, traces: list[RoutingTrace], masks: list[torch.Tensor], rep: Any, tap: DispatchTap) -> None:
+    def _rr_log_forwards(
+        self, traces: list[RoutingTrace], masks: list[torch.Tensor], rep: Any, tap: DispatchTap
+    ) -> None:
         """Dispatched-vs-recorded disagreement (raises if not 0), live disagreement and coverage."""
         L = len(self.router_replay_handle.layers)
         differ = compared = 0.0
@@ -580,8 +597,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         metrics["router_replay/coverage"].append(totals[3] / max(totals[4], 1.0))
         if round(differ):
             raise ReplayVerificationError(
-                f"router_replay: {round(differ)} of {int(compared)} (token, layer) routes dispatched to the experts differ "
-                "from the recorded routes; replay did not reach the experts of this model"
+                f"router_replay: {round(differ)} of {int(compared)} (token, layer) routes dispatched to the experts "
+                "differ from the recorded routes; replay did not reach the experts of this model"
             )
 
     # --- the loss --------------------------------------------------------------------------
@@ -615,7 +632,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         """k3 of the loss forward's log-probs against the rollout's (``k3``) and the old policy's (``k3_old``)."""
         if self._rr_last_logps is None:
             return
-        mask_BC = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask_BC = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask_BC = mask_BC * inputs["tool_mask"]
         metrics = self._metrics["train" if self.model.training else "eval"]
         refs = {
             "router_replay/k3": inputs.get(LOGPS_KEY, inputs.get("sampling_per_token_logps")),

@@ -142,8 +142,25 @@ def routes_to_trace(
     parts = _per_sample(routed_experts)
     lens = [int(n) for n in torch.as_tensor(seq_lens).tolist()]
     if len(parts) != len(lens):
-        raise TokenCountMismatchError(f"verl micro-batch: routed_experts has {len(parts)} samples, input_ids {len(lens)}")
+        raise TokenCountMismatchError(
+            f"verl micro-batch: routed_experts has {len(parts)} samples, input_ids {len(lens)}"
+        )
     moe = list(moe_layer_ids)
+    experts_NLpK = _one_row_per_token(parts, lens, len(moe))
+    experts_NLK = _moe_layer_columns(experts_NLpK, moe)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
+    zero_N = _routeless_rows(experts_NLK, cu, lens, last_loss_rows)
+    valid = None if not bool(zero_N.any()) else ~zero_N
+    return RoutingTrace(
+        experts=experts_NLK, cu_seqlens=cu, layer_ids=tuple(moe), num_experts=num_experts, valid=valid,
+        meta={"source": "verl"},
+    )
+
+
+def _one_row_per_token(parts: list[torch.Tensor], lens: list[int], num_moe: int) -> torch.Tensor:
+    """The samples' ``[rows, Lp, K]`` routes concatenated, one row per token: a sample of vLLM's raw
+    ``tokens - 1`` rows gets an empty last row; any other row count is refused."""
     fixed = []
     for b, (r, n) in enumerate(zip(parts, lens)):
         if r.ndim != 3:
@@ -156,29 +173,41 @@ def routes_to_trace(
                 "belong to these tokens (a truncated response whose routes were not cut with it, verl #6027?)"
             )
         fixed.append(r)
-    experts_NLpK = torch.cat(fixed) if fixed else torch.zeros(0, len(moe), 1, dtype=torch.int16)
-    Lp, K = experts_NLpK.shape[1], experts_NLpK.shape[2]
+    return torch.cat(fixed) if fixed else torch.zeros(0, num_moe, 1, dtype=torch.int16)
+
+
+def _moe_layer_columns(experts_NLpK: torch.Tensor, moe: list[int]) -> torch.Tensor:
+    """The MoE layers' columns of a payload whose layer axis holds either the MoE layers or every
+    decoder layer (then the dense layers' columns must be empty)."""
+    Lp = experts_NLpK.shape[1]
     if Lp == len(moe):
-        experts_NLK = experts_NLpK
-    elif Lp > max(moe):
+        return experts_NLpK
+    if Lp > max(moe):
         dense = [i for i in range(Lp) if i not in set(moe)]
         busy = (experts_NLpK[:, dense] != 0).flatten(2).any(-1).any(0)
         if bool(busy.any()):
             raise EngineFormatError(
-                f"routed_experts holds routes on decoder layer {dense[int(busy.nonzero()[0, 0])]}, which is not an MoE "
-                f"layer of this model (MoE layers {moe}); the layer axis is shifted (dense layers counted wrongly, "
-                "verl #5037)"
+                f"routed_experts holds routes on decoder layer {dense[int(busy.nonzero()[0, 0])]}, "
+                f"which is not an MoE layer of this model (MoE layers {moe}); "
+                "the layer axis is shifted (dense layers counted wrongly, verl #5037)"
             )
-        experts_NLK = experts_NLpK[:, moe]
-    else:
-        raise EngineFormatError(
-            f"routed_experts has {Lp} layers; expected every decoder layer (> {max(moe)}) or the {len(moe)} MoE "
-            f"layers {moe}"
-        )
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
-    torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
+        return experts_NLpK[:, moe]
+    raise EngineFormatError(
+        f"routed_experts has {Lp} layers; expected every decoder layer (> {max(moe)}) or the {len(moe)} MoE "
+        f"layers {moe}"
+    )
+
+
+def _routeless_rows(
+    experts_NLK: torch.Tensor, cu: torch.Tensor, lens: list[int], last_loss_rows: Sequence[int] | torch.Tensor | None
+) -> torch.Tensor:
+    """Bool ``[N]``: the rows without a route (all ids 0; with top-1, only a sample's empty last row).
+
+    Only a sample's trailing rows may lack a route, and none before its last loss token
+    (``last_loss_rows``; default: its last token).
+    """
     zero_N = (experts_NLK == 0).flatten(1).all(-1)
-    if K == 1:  # expert 0 is a valid top-1 route: only the engine's empty last row is "missing"
+    if experts_NLK.shape[2] == 1:  # expert 0 is a valid top-1 route: only the engine's empty last row is "missing"
         last = torch.zeros_like(zero_N)
         last[cu[1:][cu.diff() > 0] - 1] = True
         zero_N &= last
@@ -200,11 +229,7 @@ def routes_to_trace(
                 f"position {int(bounds[b])}; the routes are shorter than the trained tokens (truncation, verl #6027), "
                 "and routing the rest live would change the loss"
             )
-    valid = None if not bool(zero_N.any()) else ~zero_N
-    return RoutingTrace(
-        experts=experts_NLK, cu_seqlens=cu, layer_ids=tuple(moe), num_experts=num_experts, valid=valid,
-        meta={"source": "verl"},
-    )
+    return zero_N
 
 
 def _last_loss_rows(micro_batch: Any, seq_lens_B: torch.Tensor) -> torch.Tensor | None:
@@ -253,6 +278,32 @@ class _Layout:
     @property
     def num_tokens(self) -> int:
         return int(self.seq_lens_B.sum())
+
+
+def _replay_counts(
+    dispatched_NLK: torch.Tensor,
+    target: RoutingTrace,
+    stats: Any,
+    real_N: torch.Tensor | None,
+    layout: _Layout,
+    num_layers: int,
+) -> torch.Tensor:
+    """This rank's float64 counts of a replayed forward: replayed routes that did not reach the experts
+    (``dispatched_NLK``), replayed routes, routes live routing would have changed, rows replayed, and
+    real (token, layer) routes (``real_N``: this rank's real rows when packed, else every token)."""
+    forced_NLK = target.experts
+    valid_N = target.valid_mask
+    differ = (dispatched_NLK.sort(-1).values.to(torch.int64) != forced_NLK.sort(-1).values.to(torch.int64)).any(-1)
+    return torch.tensor(
+        [
+            float((differ & valid_N[:, None]).sum()),  # replayed routes that did not reach the experts
+            float(valid_N.sum()) * num_layers,  # replayed routes
+            float(sum(s.disagreement for s in stats)),  # live would differ
+            float(sum(s.replayed for s in stats)),
+            float((real_N.sum() if real_N is not None else layout.seq_lens_B.sum()) * num_layers),
+        ],
+        dtype=torch.float64,
+    )
 
 
 class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
@@ -309,7 +360,9 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
     def _layout(self, micro_batch: Any) -> _Layout:
         input_ids = micro_batch["input_ids"]
         if not input_ids.is_nested:
-            raise IntegrationError("routing replay needs verl's no-padding batches (nested input_ids, pad_mode no_padding)")
+            raise IntegrationError(
+                "routing replay needs verl's no-padding batches (nested input_ids, pad_mode no_padding)"
+            )
         seq_lens_B = input_ids.offsets().diff().cpu().to(torch.int64)
         packed = bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True))
         sp = int(self.ulysses_sequence_parallel_size) if packed else 1
@@ -354,24 +407,7 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
 
     def _replay_step(self, micro_batch, loss_function, forward_only, layout: _Layout):
         h = self.router_handle
-        routes = micro_batch.get(ROUTES_KEY, None)
-        if routes is None:
-            hint = (
-                "set actor_rollout_ref.rollout.enable_rollout_routing_replay=True so the rollout returns routes"
-                if self.router_replay_mode == "R3"
-                else "R2 replays the routes compute_log_prob recorded; the trainer did not carry them into "
-                "update_actor (rollout_correction bypass_mode skips compute_log_prob)"
-            )
-            raise MissingRoutesError(
-                f"router_replay.mode={self.router_replay_mode}: this micro-batch carries no '{ROUTES_KEY}'; {hint}"
-            )
-        trace = routes_to_trace(
-            routes,
-            layout.seq_lens_B,
-            num_experts=h.num_experts,
-            moe_layer_ids=h.layer_ids,
-            last_loss_rows=_last_loss_rows(micro_batch, layout.seq_lens_B),
-        )
+        trace = self._carried_trace(micro_batch, layout)
         if layout.packed:
             target = self._rank_trace(trace, layout)
             real_N = torch.arange(target.num_tokens) + layout.sp_rank * target.num_tokens < trace.num_tokens
@@ -383,20 +419,7 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
         with h.replay(target, attention_mask=mask, missing="live") as rep, DispatchTap(h) as tap:
             loss, output = super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
         dispatched_NLK = tap.trace(attention_mask=mask).experts
-        forced_NLK = target.experts
-        valid_N = target.valid_mask
-        differ = (dispatched_NLK.sort(-1).values.to(torch.int64) != forced_NLK.sort(-1).values.to(torch.int64)).any(-1)
-        stats = rep.stats.values()
-        counts = torch.tensor(
-            [
-                float((differ & valid_N[:, None]).sum()),  # replayed routes that did not reach the experts
-                float(valid_N.sum()) * len(h.layer_ids),  # replayed routes
-                float(sum(s.disagreement for s in stats)),  # live would differ
-                float(sum(s.replayed for s in stats)),
-                float((real_N.sum() if real_N is not None else layout.seq_lens_B.sum()) * len(h.layer_ids)),
-            ],
-            dtype=torch.float64,
-        )
+        counts = _replay_counts(dispatched_NLK, target, rep.stats.values(), real_N, layout, len(h.layer_ids))
         if layout.sp > 1:
             dev = "cpu" if dist.get_backend(layout.sp_group) == "gloo" else loss.device
             counts_dev = counts.to(dev)
@@ -415,6 +438,28 @@ class RouteReplayFSDPEngine(FSDPEngineWithLMHead):
                 "than the trace's; the model does not route through the seam routereplay intercepts"
             )
         return loss, output
+
+    def _carried_trace(self, micro_batch, layout: _Layout) -> RoutingTrace:
+        """The training-row trace of the routes the micro-batch carries (refused when it carries none)."""
+        h = self.router_handle
+        routes = micro_batch.get(ROUTES_KEY, None)
+        if routes is None:
+            hint = (
+                "set actor_rollout_ref.rollout.enable_rollout_routing_replay=True so the rollout returns routes"
+                if self.router_replay_mode == "R3"
+                else "R2 replays the routes compute_log_prob recorded; the trainer did not carry them into "
+                "update_actor (rollout_correction bypass_mode skips compute_log_prob)"
+            )
+            raise MissingRoutesError(
+                f"router_replay.mode={self.router_replay_mode}: this micro-batch carries no '{ROUTES_KEY}'; {hint}"
+            )
+        return routes_to_trace(
+            routes,
+            layout.seq_lens_B,
+            num_experts=h.num_experts,
+            moe_layer_ids=h.layer_ids,
+            last_loss_rows=_last_loss_rows(micro_batch, layout.seq_lens_B),
+        )
 
     def _record_step(self, micro_batch, loss_function, layout: _Layout):
         h = self.router_handle
@@ -506,8 +551,9 @@ def _register() -> None:
         if cls is not None and cls is not RouteReplayFSDPEngine:
             raise IntegrationError(
                 f"routereplay.integrations.verl: on device={device!r}, vendor={vendor!r} verl builds "
-                f"{cls.__module__}.{cls.__qualname__} for strategy {backend!r}, not RouteReplayFSDPEngine (a subclass of "
-                "verl's FSDPEngineWithLMHead), so router_replay.mode would be ignored and the actor would route live. "
+                f"{cls.__module__}.{cls.__qualname__} for strategy {backend!r}, "
+                "not RouteReplayFSDPEngine (a subclass of verl's FSDPEngineWithLMHead), "
+                "so router_replay.mode would be ignored and the actor would route live. "
                 "Routing replay runs where verl builds its own FSDP engine: run without this vendor's engine (set "
                 "VERL_ENGINE_VENDOR to a vendor whose lookup gives FSDPEngineWithLMHead), or drop "
                 "actor_rollout_ref.model.external_lib=routereplay.integrations.verl and the router_replay mode"

@@ -430,52 +430,21 @@ def unslice(
     experts_TLK = torch.zeros(T, len(ids), K, dtype=first.experts.dtype)
     owner_TL = torch.full((T, len(ids)), -1, dtype=torch.int64)  # which record wrote each route first
     valid_T = torch.ones(T, dtype=torch.bool)
+    ranks = [c for c, _ in items]
     for k, (coords, mbs) in enumerate(items):
         plan = micro_batch_sequences(layout, lens_T.numel(), coords.dp)
         if len(mbs) != len(plan):
             raise LayoutError(f"rank {coords}: {len(mbs)} micro-batch records, the layout gives it {len(plan)}")
         for m, (seqs, rec) in enumerate(zip(plan, mbs)):
-            if rec.top_k != K or rec.num_experts != E:
-                raise LayerMismatchError(
-                    f"rank {coords}, micro-batch {m}: top_k={rec.top_k}, num_experts={rec.num_experts}; "
-                    f"the first record has top_k={K}, num_experts={E}"
-                )
-            src_N = router_rows(layout, lens_T[seqs], coords)
-            if rec.num_tokens != src_N.numel():
-                raise LayoutError(
-                    f"rank {coords}, micro-batch {m}: {rec.num_tokens} router rows recorded, the layout gives "
-                    f"{src_N.numel()}; records must be in router row order, padding included"
-                )
+            src_N = _record_router_rows(layout, coords, m, rec, lens_T[seqs], top_k=K, num_experts=E)
             # the micro-batch's packed rows -> global rows
             glob_M = torch.cat([torch.arange(int(cu_B1[s]), int(cu_B1[s + 1])) for s in seqs])
             real_N = src_N >= 0
             rows = glob_M[src_N[real_N]]
             got = rec.experts.cpu()[real_N]
             valid_T[rows] &= rec.valid_mask.cpu()[real_N]
-            for j_rec, lid in enumerate(rec.layer_ids):
-                if lid not in col:
-                    continue
-                j = col[lid]
-                vals = got[:, j_rec].to(experts_TLK.dtype)
-                dup = owner_TL[rows, j] >= 0
-                clash = dup & (experts_TLK[rows, j] != vals).any(-1)
-                if bool(clash.any()):
-                    i = int(clash.nonzero()[0, 0])
-                    t = int(rows[i])
-                    raise LayoutError(
-                        f"layer {lid}, global row {t}: rank {items[int(owner_TL[t, j])][0]} recorded "
-                        f"{experts_TLK[t, j].tolist()} but rank {coords} recorded {vals[i].tolist()} for the "
-                        "same token (TP ranks without sequence parallelism must route alike)"
-                    )
-                experts_TLK[rows, j] = vals
-                owner_TL[rows[~dup], j] = k
-    if bool((owner_TL < 0).any()):
-        t, j = (owner_TL < 0).nonzero()[0].tolist()
-        b = int(torch.searchsorted(cu_B1, torch.tensor(t), right=True)) - 1
-        raise LayoutError(
-            f"layer {ids[j]}: global row {t} (sequence {b}, position {t - int(cu_B1[b])}) was recorded by no rank; "
-            "pass the records of every rank that owns that layer and those rows"
-        )
+            _merge_routes(experts_TLK, owner_TL, rows, got, rec.layer_ids, col, record=k, ranks=ranks)
+    _check_every_route_recorded(owner_TL, cu_B1, ids)
     experts_TLK[~valid_T] = 0
     return RoutingTrace(
         experts=experts_TLK,
@@ -485,3 +454,78 @@ def unslice(
         valid=None if bool(valid_T.all()) else valid_T,
         meta=dict(first.meta),
     )
+
+
+def _merge_routes(
+    experts_TLK: torch.Tensor,
+    owner_TL: torch.Tensor,
+    rows: torch.Tensor,
+    got_NLK: torch.Tensor,
+    rec_layer_ids: Sequence[int],
+    col: Mapping[int, int],
+    *,
+    record: int,
+    ranks: Sequence[RankCoords],
+) -> None:
+    """Write record ``record``'s routes ``got_NLK`` (its layers ``rec_layer_ids``) into the global
+    ``experts_TLK`` at global ``rows``, for the layers of the result (``col``: layer id -> column).
+
+    A route another record already wrote must be the same (``owner_TL`` names which record wrote
+    each route first; ``ranks`` the rank of each record).
+    """
+    coords = ranks[record]
+    for j_rec, lid in enumerate(rec_layer_ids):
+        if lid not in col:
+            continue
+        j = col[lid]
+        vals = got_NLK[:, j_rec].to(experts_TLK.dtype)
+        dup = owner_TL[rows, j] >= 0
+        clash = dup & (experts_TLK[rows, j] != vals).any(-1)
+        if bool(clash.any()):
+            i = int(clash.nonzero()[0, 0])
+            t = int(rows[i])
+            raise LayoutError(
+                f"layer {lid}, global row {t}: rank {ranks[int(owner_TL[t, j])]} recorded "
+                f"{experts_TLK[t, j].tolist()} but rank {coords} recorded {vals[i].tolist()} for the "
+                "same token (TP ranks without sequence parallelism must route alike)"
+            )
+        experts_TLK[rows, j] = vals
+        owner_TL[rows[~dup], j] = record
+
+
+def _record_router_rows(
+    layout: ParallelLayout,
+    coords: RankCoords,
+    m: int,
+    rec: RoutingTrace,
+    lens_S: torch.Tensor,
+    *,
+    top_k: int,
+    num_experts: int,
+) -> torch.Tensor:
+    """The source rows (:func:`router_rows`) of micro-batch ``m`` of rank ``coords`` (sequences of
+    lengths ``lens_S``), checked against its record: the first record's top-k and expert count, one
+    recorded row per router row."""
+    if rec.top_k != top_k or rec.num_experts != num_experts:
+        raise LayerMismatchError(
+            f"rank {coords}, micro-batch {m}: top_k={rec.top_k}, num_experts={rec.num_experts}; "
+            f"the first record has top_k={top_k}, num_experts={num_experts}"
+        )
+    src_N = router_rows(layout, lens_S, coords)
+    if rec.num_tokens != src_N.numel():
+        raise LayoutError(
+            f"rank {coords}, micro-batch {m}: {rec.num_tokens} router rows recorded, the layout gives "
+            f"{src_N.numel()}; records must be in router row order, padding included"
+        )
+    return src_N
+
+
+def _check_every_route_recorded(owner_TL: torch.Tensor, cu_B1: torch.Tensor, ids: list[int]) -> None:
+    """Every (global row, layer) has a record (``owner_TL`` >= 0); else name the first that has none."""
+    if bool((owner_TL < 0).any()):
+        t, j = (owner_TL < 0).nonzero()[0].tolist()
+        b = int(torch.searchsorted(cu_B1, torch.tensor(t), right=True)) - 1
+        raise LayoutError(
+            f"layer {ids[j]}: global row {t} (sequence {b}, position {t - int(cu_B1[b])}) was recorded by no rank; "
+            "pass the records of every rank that owns that layer and those rows"
+        )

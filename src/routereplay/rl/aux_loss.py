@@ -82,7 +82,9 @@ def load_balancing_loss(
     """
     logits = list(router_logits)
     if not logits:
-        raise MetricInputError("load_balancing_loss: router_logits has no layers; call the model with output_router_logits=True")
+        raise MetricInputError(
+            "load_balancing_loss: router_logits has no layers; call the model with output_router_logits=True"
+        )
     N, E = logits[0].shape
     for i, x in enumerate(logits):
         if tuple(x.shape) != (N, E):

@@ -149,10 +149,14 @@ def _experts_and_valid(x: RoutingTrace | torch.Tensor, name: str) -> tuple[torch
     if isinstance(x, torch.Tensor) and x.ndim == 3 and not x.dtype.is_floating_point:
         return x, None
     found = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-    raise MetricInputError(f"routing_agreement: {name} must be a RoutingTrace or an integer [T, L, K] tensor, found {found}")
+    raise MetricInputError(
+        f"routing_agreement: {name} must be a RoutingTrace or an integer [T, L, K] tensor, found {found}"
+    )
 
 
-def _bool_mask(mask: torch.Tensor | Sequence[bool], device: torch.device, what: str, name: str = "mask") -> torch.Tensor:
+def _bool_mask(
+    mask: torch.Tensor | Sequence[bool], device: torch.device, what: str, name: str = "mask"
+) -> torch.Tensor:
     mask_X = torch.as_tensor(mask, device=device)
     if mask_X.dtype != torch.bool:
         if mask_X.dtype.is_floating_point or not bool(((mask_X == 0) | (mask_X == 1)).all()):
@@ -168,7 +172,8 @@ def _packed_mask(
     device: torch.device,
     what: str,
 ) -> torch.Tensor:
-    """bool ``[T]`` from a packed ``[T]`` mask, or a padded ``[B, S]`` mask read at ``attention_mask``'s real positions."""
+    """bool ``[T]`` from a packed ``[T]`` mask, or a padded ``[B, S]`` mask read at ``attention_mask``'s real
+    positions."""
     if mask is None:
         if attention_mask is not None:
             raise MetricInputError(f"{what}: attention_mask is given without a mask; pass the [B, S] mask it goes with")
@@ -226,26 +231,9 @@ def routing_agreement(
     """
     experts_a_TLK, valid_a_T = _experts_and_valid(a, "a")
     experts_b_TLK, valid_b_T = _experts_and_valid(b, "b")
-    if experts_a_TLK.shape != experts_b_TLK.shape:
-        raise TraceMismatchError(
-            f"routing_agreement: a has [T, L, K] = {list(experts_a_TLK.shape)} but b has {list(experts_b_TLK.shape)}; "
-            "compare routings of the same tokens and layers (convert engine rows to training rows with "
-            "routereplay.core.layout, select common layers with trace.select_layers)"
-        )
+    _check_same_routing_rows(a, b, experts_a_TLK, experts_b_TLK)
     T, L, K = experts_a_TLK.shape
     layer_ids = tuple(range(L))
-    if isinstance(a, RoutingTrace) and isinstance(b, RoutingTrace):
-        for what in ("layer_ids", "num_experts"):
-            if getattr(a, what) != getattr(b, what):
-                raise TraceMismatchError(
-                    f"routing_agreement: a has {what}={getattr(a, what)} but b has {what}={getattr(b, what)}; "
-                    "both traces must come from the same model layers"
-                )
-        if not torch.equal(a.cu_seqlens.cpu(), b.cu_seqlens.cpu()):
-            raise TraceMismatchError(
-                f"routing_agreement: the traces split their {T} tokens differently: a has sequence lengths "
-                f"{a.seq_lens.tolist()}, b has {b.seq_lens.tolist()}; the rows would be compared on the wrong tokens"
-            )
     for x in (a, b):
         if isinstance(x, RoutingTrace):
             layer_ids = x.layer_ids
@@ -255,25 +243,7 @@ def routing_agreement(
     for valid_T in (valid_a_T, valid_b_T):
         if valid_T is not None:
             keep_T = keep_T & valid_T.to(device)
-
-    # Accumulated sums over the selected tokens, per layer (float64: exact for counts < 2**53).
-    sums = {name: torch.zeros(L, dtype=torch.float64, device=device) for name in ("exact", "overlap", "jaccard", "top1", "ordered")}
-    any_disagree = torch.zeros((), dtype=torch.float64, device=device)
-    rows_N = keep_T.nonzero().squeeze(1)
-    N = rows_N.numel()
-    for start in range(0, N, _CHUNK_ROWS):
-        idx = rows_N[start : start + _CHUNK_ROWS]
-        a_NLK = experts_a_TLK.index_select(0, idx).to(torch.int32)
-        b_NLK = experts_b_TLK.index_select(0, idx).to(torch.int32)
-        # Ids within one route are distinct, so |A∩B| = number of a-slots found anywhere in b.
-        inter_NL = (a_NLK.unsqueeze(-1) == b_NLK.unsqueeze(-2)).any(-1).sum(-1).to(torch.float64)
-        exact_NL = inter_NL == K
-        sums["exact"] += exact_NL.sum(0, dtype=torch.float64)
-        sums["overlap"] += inter_NL.sum(0) / K
-        sums["jaccard"] += (inter_NL / (2 * K - inter_NL)).sum(0)
-        sums["top1"] += (a_NLK[..., 0] == b_NLK[..., 0]).sum(0, dtype=torch.float64)
-        sums["ordered"] += (a_NLK == b_NLK).all(-1).sum(0, dtype=torch.float64)
-        any_disagree += (~exact_NL).any(-1).sum(dtype=torch.float64)
+    sums, any_disagree, N = _agreement_sums(experts_a_TLK, experts_b_TLK, keep_T)
 
     n = float(N) if N else float("nan")
     per_layer = {name: (s / n) for name, s in sums.items()}
@@ -293,6 +263,65 @@ def routing_agreement(
         per_layer_disagreement=tuple((1.0 - per_layer["exact"]).tolist()),
         per_layer_overlap=tuple(per_layer["overlap"].tolist()),
     )
+
+
+def _check_same_routing_rows(
+    a: RoutingTrace | torch.Tensor,
+    b: RoutingTrace | torch.Tensor,
+    experts_a_TLK: torch.Tensor,
+    experts_b_TLK: torch.Tensor,
+) -> None:
+    """``a`` and ``b`` route the same tokens and layers: the same ``[T, L, K]``, and for two traces the
+    same ``layer_ids``, ``num_experts`` and ``cu_seqlens``."""
+    if experts_a_TLK.shape != experts_b_TLK.shape:
+        raise TraceMismatchError(
+            f"routing_agreement: a has [T, L, K] = {list(experts_a_TLK.shape)} "
+            f"but b has {list(experts_b_TLK.shape)}; "
+            "compare routings of the same tokens and layers (convert engine rows to training rows with "
+            "routereplay.core.layout, select common layers with trace.select_layers)"
+        )
+    if isinstance(a, RoutingTrace) and isinstance(b, RoutingTrace):
+        for what in ("layer_ids", "num_experts"):
+            if getattr(a, what) != getattr(b, what):
+                raise TraceMismatchError(
+                    f"routing_agreement: a has {what}={getattr(a, what)} but b has {what}={getattr(b, what)}; "
+                    "both traces must come from the same model layers"
+                )
+        if not torch.equal(a.cu_seqlens.cpu(), b.cu_seqlens.cpu()):
+            raise TraceMismatchError(
+                f"routing_agreement: the traces split their {experts_a_TLK.shape[0]} tokens differently: "
+                f"a has sequence lengths {a.seq_lens.tolist()}, b has {b.seq_lens.tolist()}; "
+                "the rows would be compared on the wrong tokens"
+            )
+
+
+def _agreement_sums(
+    experts_a_TLK: torch.Tensor, experts_b_TLK: torch.Tensor, keep_T: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Per-layer sums over the kept tokens (float64: exact for counts < 2**53) of exact match, overlap,
+    Jaccard, top-1 and ordered match; the count of tokens that disagree on any layer; the kept tokens'
+    count. Computed ``_CHUNK_ROWS`` tokens at a time."""
+    _, L, K = experts_a_TLK.shape
+    device = experts_a_TLK.device
+    names = ("exact", "overlap", "jaccard", "top1", "ordered")
+    sums = {name: torch.zeros(L, dtype=torch.float64, device=device) for name in names}
+    any_disagree = torch.zeros((), dtype=torch.float64, device=device)
+    rows_N = keep_T.nonzero().squeeze(1)
+    N = rows_N.numel()
+    for start in range(0, N, _CHUNK_ROWS):
+        idx = rows_N[start : start + _CHUNK_ROWS]
+        a_NLK = experts_a_TLK.index_select(0, idx).to(torch.int32)
+        b_NLK = experts_b_TLK.index_select(0, idx).to(torch.int32)
+        # Ids within one route are distinct, so |A∩B| = number of a-slots found anywhere in b.
+        inter_NL = (a_NLK.unsqueeze(-1) == b_NLK.unsqueeze(-2)).any(-1).sum(-1).to(torch.float64)
+        exact_NL = inter_NL == K
+        sums["exact"] += exact_NL.sum(0, dtype=torch.float64)
+        sums["overlap"] += inter_NL.sum(0) / K
+        sums["jaccard"] += (inter_NL / (2 * K - inter_NL)).sum(0)
+        sums["top1"] += (a_NLK[..., 0] == b_NLK[..., 0]).sum(0, dtype=torch.float64)
+        sums["ordered"] += (a_NLK == b_NLK).all(-1).sum(0, dtype=torch.float64)
+        any_disagree += (~exact_NL).any(-1).sum(dtype=torch.float64)
+    return sums, any_disagree, N
 
 
 def logprob_mismatch(
@@ -339,6 +368,16 @@ def logprob_mismatch(
     taus = tuple(float(t) for t in taus)
     if any(not t > 1.0 for t in taus):
         raise MetricInputError(f"{what}: every tau must be > 1 (F(tau) counts |delta| > ln tau), found {taus}")
+    lt_N, li_N = _selected_logprobs(logp_train, logp_infer, mask, attention_mask)
+    return _mismatch(lt_N, li_N, taus)
+
+
+def _selected_logprobs(
+    logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: torch.Tensor | None, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sides' log-probs of the tokens ``mask`` selects (see :func:`logprob_mismatch`), as
+    float64 ``[N]`` detached copies, each checked finite."""
+    what = "logprob_mismatch"
     shape = tuple(logp_train.shape)
     # A measurement, not a loss term: the trainer's log-probs usually require grad, and reading
     # them into Python floats must neither warn nor keep the graph alive.
@@ -352,8 +391,12 @@ def logprob_mismatch(
     if mask is not None and attention_mask is None:
         mask = _bool_mask(mask, flat_train.device, what)
         if tuple(mask.shape) != shape:
-            hint = "; for packed log-probs and a padded [B, S] mask pass attention_mask as well" if mask.ndim == 2 else ""
-            raise MetricInputError(f"{what}: mask has shape {tuple(mask.shape)}, expected the log-probs' shape {shape}{hint}")
+            hint = (
+                "; for packed log-probs and a padded [B, S] mask pass attention_mask as well" if mask.ndim == 2 else ""
+            )
+            raise MetricInputError(
+                f"{what}: mask has shape {tuple(mask.shape)}, expected the log-probs' shape {shape}{hint}"
+            )
         mask = mask.reshape(-1)
     keep = _packed_mask(mask, attention_mask, flat_train.numel(), flat_train.device, what)
     lt_N = flat_train[keep].to(torch.float64)
@@ -367,6 +410,11 @@ def logprob_mismatch(
                 f"{what}: {name} at position {pos} is {float(v_N[bad_N][0])}; every selected log-prob must be finite "
                 "(mask out tokens whose probability underflowed, or compute log-probs in float32)"
             )
+    return lt_N, li_N
+
+
+def _mismatch(lt_N: torch.Tensor, li_N: torch.Tensor, taus: tuple[float, ...]) -> LogprobMismatch:
+    """The mismatch statistics of the selected float64 log-probs (all NaN when none is selected)."""
     N = lt_N.numel()
     if N == 0:
         nan = float("nan")

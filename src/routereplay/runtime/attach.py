@@ -129,7 +129,9 @@ def _refuse_nested(chunk: Any) -> None:
         outer = [c for c in _chunks(existing.model) if hasattr(c, "named_modules")]
         found = next(((p, c) for c in outer for p, m in c.named_modules() if m is chunk), None)
         part = f"the submodule {found[0]!r} of {type(found[1]).__name__}" if found else "part of a model"
-        raise AlreadyAttachedError(f"{type(chunk).__name__} is {part}, which is already attached to {existing!r}; {fix}")
+        raise AlreadyAttachedError(
+            f"{type(chunk).__name__} is {part}, which is already attached to {existing!r}; {fix}"
+        )
 
 
 def _module_at(model: Any, path: str) -> Any:

@@ -48,7 +48,8 @@ class ForcedWeights:
         """``(weights_NK, ids_NK)`` at ``forced_NK`` (ids validated by the caller)."""
         if self.kernel == "triton" and logits_NE.is_cuda:
             scale_E = route_kw.get("expert_scale_E")
-            key = (logits_NE.dtype, logits_NE.device, None if scale_E is None else scale_E.dtype, route_kw.get("out_dtype"))
+            scale_dtype = None if scale_E is None else scale_E.dtype
+            key = (logits_NE.dtype, logits_NE.device, scale_dtype, route_kw.get("out_dtype"))
             fused = self.prepared.get(key, False)
             if fused is False:
                 fused = self.prepared[key] = _prepare_fused(self.spec, *key)
