@@ -365,7 +365,8 @@ def test_dense_layers_dropped_and_checked(requests_):
     with pytest.raises(
         ZeroRoutesError,
         match=re.escape(
-            "request 0: every one of its 6 routes on layer 0 is expert 0 in all 2 slots (layers with this pattern: [0, 3])"
+            "request 0: every one of its 6 routes on layer 0 is expert 0 in all 2 slots (layers with this pattern: "
+            "[0, 3])"
         ),
     ):
         from_vllm(caps, num_experts=E)
@@ -502,7 +503,8 @@ def test_sglang_decode():
     with pytest.raises(
         EngineFormatError,
         match=re.escape(
-            "payload: routed_experts holds 160 bytes, not a whole number of rows of int32 x num_layers x top_k = 4 x 6 x 2 = 48 bytes"
+            "payload: routed_experts holds 160 bytes, not a whole number of rows of int32 x num_layers x top_k = 4 x "
+            "6 x 2 = 48 bytes"
         ),
     ):
         decode_sglang_payload(payload, num_layers=6, top_k=K)
@@ -565,7 +567,8 @@ SGLANG_ROW_COUNT_ERRORS = [
         lambda s: from_sglang([s.late], num_layers=len(MOE), top_k=K, num_experts=E, start_lens=[2]),
         EngineFormatError,
         re.escape(
-            "request 0: routed_experts has 4 rows, expected seqlen-1-start_len = 8-1-2 = 5 (start_len honoured) or seqlen-1 = 7"
+            "request 0: routed_experts has 4 rows, expected seqlen-1-start_len = 8-1-2 = 5 (start_len honoured) or "
+            "seqlen-1 = 7"
         ),
         id="rows-with-start-len",
     ),
@@ -655,7 +658,8 @@ def test_sglang_multi_turn_fill_and_errors():
     with pytest.raises(
         EngineFormatError,
         match=re.escape(
-            "request for sequence 0: the new rows start at token 5, but sequence 0 holds only 4 rows (tokens 0..3); rows 4..4 would be missing"
+            "request for sequence 0: the new rows start at token 5, but sequence 0 holds only 4 rows (tokens 0..3); "
+            "rows 4..4 would be missing"
         ),
     ):
         extend_sglang(two, 0, late, num_layers=len(MOE), top_k=K, start_len=P1 + C1, moe_layer_ids=MOE)
@@ -837,8 +841,7 @@ def test_verl_round_trip(trace, last_routed, data):
     assert same_routes(from_verl(re_BSLK, mask, **kw), trace)
     assert same_routes(
         from_verl_unpadded(to_verl_unpadded(trace), **{**kw, "moe_layer_ids": None}).replace(
-            check=False,
-            layer_ids=trace.layer_ids
+            check=False, layer_ids=trace.layer_ids
         ),
         trace,
     )

@@ -195,8 +195,8 @@ def test_replay_kernel_is_checked_at_attach_and_the_cpu_replays_with_route(model
         m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
         with pytest.raises(
             ReplayError,
-            match=r'^replay_kernel="triton" needs triton, which is not installed: pip install \'routereplay\[triton\]\' '
-            r'\(or replay_kernel="torch"\)$',
+            match=r'^replay_kernel="triton" needs triton, which is not installed: pip install '
+            r'\'routereplay\[triton\]\' \(or replay_kernel="torch"\)$',
         ):
             routereplay.attach(model, replay_kernel="triton")
     b = batch()

@@ -100,7 +100,9 @@ def test_captured_routes_equal_training_forward_routes(gen_kw):
     eos = gen_kw.get("eos_token_id")
     cap, out, ids, mask = _generate(model, handle, **gen_kw)
     R = gen_kw.get("num_return_sequences", 1)
-    rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=eos, pad_token_id=PAD if eos is not None else None)
+    rollout = cap.rollout(
+        out, prompt_attention_mask=mask, eos_token_id=eos, pad_token_id=PAD if eos is not None else None
+    )
     trace = cap.trace(out, prompt_attention_mask=mask, eos_token_id=eos)
     assert trace == rollout.trace
 
@@ -108,7 +110,7 @@ def test_captured_routes_equal_training_forward_routes(gen_kw):
     prompt_lens = torch.tensor([len(p) for p in PROMPTS]).repeat_interleave(R)
     assert rollout.num_seqs == B and torch.equal(rollout.prompt_lens, prompt_lens)
     # Completion: through the first EOS, else all G tokens; engine rows = tokens - 1 per sample.
-    comp = out[:, ids.shape[1]:]
+    comp = out[:, ids.shape[1] :]
     if eos is None:
         expected_comp = torch.full((B,), G)
     else:
@@ -121,7 +123,7 @@ def test_captured_routes_equal_training_forward_routes(gen_kw):
     assert torch.equal(rollout.completion_lens, expected_comp)
     assert torch.equal(trace.seq_lens, prompt_lens + expected_comp - 1)
     for b in range(B):  # the packed tokens are the prompt's real tokens then the kept completion
-        tokens = rollout.input_ids[rollout.cu_seqlens[b]:rollout.cu_seqlens[b + 1]].tolist()
+        tokens = rollout.input_ids[rollout.cu_seqlens[b] : rollout.cu_seqlens[b + 1]].tolist()
         assert tokens == PROMPTS[b // R] + comp[b, : expected_comp[b]].tolist()
 
     # The same tokens through a full training forward (right padded, record mode).
@@ -253,16 +255,27 @@ def test_rollout_logprobs_aligned_with_training_logprobs(use_cache):
     ids, mask = _prompt_batch()
     torch.manual_seed(2)
     with torch.no_grad(), handle.capture_generation(logprobs=True, temperature=0.7) as cap:
-        out = model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, temperature=0.7, max_new_tokens=6,
-                             eos_token_id=EOS_IDS, pad_token_id=PAD, num_return_sequences=2, use_cache=use_cache)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            temperature=0.7,
+            max_new_tokens=6,
+            eos_token_id=EOS_IDS,
+            pad_token_id=PAD,
+            num_return_sequences=2,
+            use_cache=use_cache,
+        )
     rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=EOS_IDS)
     assert rollout.logprobs is not None and rollout.logprobs.dtype == torch.float32
     assert torch.all(rollout.logprobs[~rollout.response_mask()] == 0)
     for side in ("right", "left"):
         batch = rollout.padded([4, 1, 3], padding_side=side)
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+            ).logits
         train = token_logprobs(logits / 0.7, batch["input_ids"]).float()
         resp = batch["response_mask"]
         assert torch.allclose(batch["rollout_logprobs"][resp], train[resp], atol=1e-5)
@@ -275,10 +288,19 @@ def test_rollout_logprobs_equal_generate_output_logits():
     ids, mask = _prompt_batch()
     torch.manual_seed(0)
     with torch.no_grad(), handle.capture_generation(logprobs=True) as cap:
-        out = model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=5, eos_token_id=None,
-                             pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=5,
+            eos_token_id=None,
+            pad_token_id=PAD,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
     rollout = cap.rollout(out, prompt_attention_mask=mask, eos_token_id=None)
-    comp = out.sequences[:, ids.shape[1]:]
+    comp = out.sequences[:, ids.shape[1] :]
     expected = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, comp[..., None])[..., 0]
     assert torch.equal(rollout.logprobs[rollout.response_mask()], expected.reshape(-1))
 
@@ -290,9 +312,16 @@ def test_eos_defaults_to_model_ids_and_unknown_stop_raises():
     ids, mask = _prompt_batch()
     torch.manual_seed(2)
     with torch.no_grad(), handle.capture_generation() as cap:
-        out = model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=8, pad_token_id=PAD,
-                             num_return_sequences=3)
-    comp = out[:, ids.shape[1]:]
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=8,
+            pad_token_id=PAD,
+            num_return_sequences=3,
+        )
+    comp = out[:, ids.shape[1] :]
     stopped = torch.isin(comp, torch.tensor(EOS_IDS)).any(1)
     assert bool(stopped.any()) and bool((~stopped).any())
     # Default: every id of generation_config, so the rollout matches what generate stopped on.
@@ -305,9 +334,12 @@ def test_eos_defaults_to_model_ids_and_unknown_stop_raises():
     b = int((first_pos < G - 1).nonzero()[0, 0])
     stop_id = int(comp[b, first_pos[b]])
     told = [i for i in EOS_IDS if i != stop_id]
-    with pytest.raises(EosMismatchError, match=rf"sequence \d+ stopped at generated position \d+ on token {stop_id}, an "
-                       r"end-of-sequence id of the model's generation_config \(\[1, 2, 3\]\).*but rollout\(\) was told "
-                       rf"eos_token_id=\{told}; .*Pass eos_token_id=\[1, 2, 3\]"):
+    with pytest.raises(
+        EosMismatchError,
+        match=rf"sequence \d+ stopped at generated position \d+ on token {stop_id}, an "
+        r"end-of-sequence id of the model's generation_config \(\[1, 2, 3\]\).*but rollout\(\) was told "
+        rf"eos_token_id=\{told}; .*Pass eos_token_id=\[1, 2, 3\]",
+    ):
         cap.rollout(out, prompt_attention_mask=mask, eos_token_id=told)
 
 
@@ -332,7 +364,9 @@ def test_padded_widths_positions_and_pad_id():
     assert right["input_ids"].shape == (2, max(lens))  # width: the longest selected sample
     assert right["position_ids"][0].tolist() == list(range(lens[0])) + [0] * (max(lens) - lens[0])
     assert "rollout_logprobs" not in right
-    with pytest.raises(LayoutError, match=r"padded\(width=4\) is narrower than the longest selected sample \(8 tokens\)"):
+    with pytest.raises(
+        LayoutError, match=r"padded\(width=4\) is narrower than the longest selected sample \(8 tokens\)"
+    ):
         rollout.padded([1], width=4)
 
 
@@ -353,8 +387,16 @@ def bf16_rollout():
     ids, mask = _prompt_batch()
     torch.manual_seed(1)
     with torch.no_grad(), h.capture_generation() as cap:
-        out = roll.generate(ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=6,
-                            num_return_sequences=2, pad_token_id=PAD, eos_token_id=None)
+        out = roll.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=6,
+            num_return_sequences=2,
+            pad_token_id=PAD,
+            eos_token_id=None,
+        )
     return cap.rollout(out, prompt_attention_mask=mask, eos_token_id=None)
 
 
@@ -370,7 +412,11 @@ def test_r3_replay_padded_microbatches_uses_rollout_routes(bf16_rollout):
         for ids in splits:
             batch = rollout.padded(ids)
             with store.replay(ids, attention_mask=batch["attention_mask"], verify=True) as rep:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+                model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"],
+                )
             expected = rows.select_sequences(ids)
             keep = batch["attention_mask"].reshape(-1).bool()
             for i in range(len(handle.layers)):
@@ -425,8 +471,11 @@ def test_r2_record_old_policy_then_replay_over_steps(bf16_rollout):
         for ids in ([0, 1, 2], [3, 4, 5]):  # old-policy pass: padded micro-batches
             batch = rollout.padded(ids)
             with store.record(ids, attention_mask=batch["attention_mask"]):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               position_ids=batch["position_ids"]).logits
+                logits = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"],
+                ).logits
             lp = token_logprobs(logits, batch["input_ids"])
             for r, i in enumerate(ids):
                 old_logp[i] = lp[r][batch["attention_mask"][r].bool()]
@@ -439,8 +488,11 @@ def test_r2_record_old_policy_then_replay_over_steps(bf16_rollout):
             for ids in split:
                 batch = rollout.padded(ids)
                 with store.replay(ids, attention_mask=batch["attention_mask"]) as rep:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   position_ids=batch["position_ids"]).logits
+                    logits = model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"],
+                    ).logits
                 lp = token_logprobs(logits, batch["input_ids"])
                 keep = batch["attention_mask"].bool()
                 expected = store.trace(ids)
@@ -569,7 +621,10 @@ def test_route_store_errors(storing, call, error, match):
     [
         ([0, 8, 3, 10], r"cu_seqlens \[0, 8, 3, 10\] decreases at entry 2 \(8 -> 3\); boundaries must not decrease"),
         ([2, 3, 8, 10], r"cu_seqlens \[2, 3, 8, 10\] starts at 2; the boundaries of a packed batch start at row 0"),
-        ([0.0, 3.5, 8.0, 10.0], r"cu_seqlens must be a 1-D sequence of ints \[B\+1\], found shape \(4,\) of torch.float32"),
+        (
+            [0.0, 3.5, 8.0, 10.0],
+            r"cu_seqlens must be a 1-D sequence of ints \[B\+1\], found shape \(4,\) of torch.float32",
+        ),
         ([[0, 3, 8, 10]], r"cu_seqlens must be a 1-D sequence of ints \[B\+1\], found shape \(1, 4\) of torch.int64"),
         (
             [0, 4, 8, 10],
@@ -629,6 +684,9 @@ def test_dispatch_tap_sees_what_the_experts_received(bf16_rollout):
     replayed = routing_agreement(recorded, tap.trace(attention_mask=batch["attention_mask"], forward=1))
     # (the bf16 rollout ranks some experts differently: sets agree, ordered lists do not)
     assert live.ordered_match < 1.0 and replayed.disagreement == 0.0 and replayed.ordered_match == 1.0
-    with pytest.raises(ReplayError, match=r"DispatchTap: attention_mask \(6, 2\) has 12 positions but the forward "
-                       r"dispatched \d+ rows"):
+    with pytest.raises(
+        ReplayError,
+        match=r"DispatchTap: attention_mask \(6, 2\) has 12 positions but the forward "
+        r"dispatched \d+ rows",
+    ):
         tap.trace(attention_mask=batch["attention_mask"][:, :2])

@@ -83,7 +83,8 @@ def test_attach_finds_only_moe_layers_with_global_ids(handle):
 def test_attach_refuses_non_moe_models():
     with pytest.raises(
         UnsupportedModelError,
-        match=r"no routereplay adapter claims torch.nn.modules.linear.Linear; registered adapters: \['hf'.*routereplay\[hf\]",
+        match=(r"no routereplay adapter claims torch.nn.modules.linear.Linear; registered adapters: "
+            r"\['hf'.*routereplay\[hf\]"),
     ):
         routereplay.attach(torch.nn.Linear(2, 2))
 
@@ -144,7 +145,9 @@ def test_replay_checks_the_ids_at_entry(handle, model):
     ):
         handle.replay(bad)
     bad.experts[7, 1] = torch.tensor([1, E], dtype=bad.experts.dtype)  # out of range
-    with pytest.raises(RouterSpecError, match=r"^trace 1: layer 2 .*row 7 holds expert ids \[1, 8\]: expected ids in \[0, 8\)"):
+    with pytest.raises(
+        RouterSpecError, match=r"^trace 1: layer 2 .*row 7 holds expert ids \[1, 8\]: expected ids in \[0, 8\)"
+    ):
         handle.replay([t, bad])
 
 
@@ -460,7 +463,8 @@ def test_engine_capture_row_count_hint(handle, model):
     with (
         pytest.raises(
             TokenCountMismatchError,
-            match=r"router saw 12 rows but the trace has 10 tokens; if the batch is padded, pass attention_mask.*; or the trace has exactly one row fewer per sequence \(2 sequences\).*routereplay.core.layout",
+            match=(r"router saw 12 rows but the trace has 10 tokens; if the batch is padded, pass attention_mask.*; "
+                r"or the trace has exactly one row fewer per sequence \(2 sequences\).*routereplay.core.layout"),
         ),
         handle.replay(engine),
     ):
@@ -520,7 +524,8 @@ MISMATCHES = [
     pytest.param(
         lambda handle, t: handle.replay(_with_layer_zero(t)),
         LayerMismatchError,
-        r"trace has layers \[0, 1, 2, 3\] but the model's MoE layers are \[1, 2, 3\].*trace.select_layers\(handle.layer_ids\)",
+        r"trace has layers \[0, 1, 2, 3\] but the model's MoE layers are \[1, 2, "
+        r"3\].*trace.select_layers\(handle.layer_ids\)",
         id="extra-layer",
     ),
     pytest.param(
@@ -579,7 +584,8 @@ def test_modes_cannot_nest(handle, model):
         handle.record(),
         pytest.raises(
             ReplayError,
-            match=r"a recording block of this handle is already active; record/replay blocks of one model cannot be nested",
+            match=(r"a recording block of this handle is already active; record/replay blocks of one model cannot be "
+                r"nested"),
         ),
         handle.replay(rec.trace()),
     ):
@@ -673,7 +679,8 @@ def test_verify_catches_ids_rewritten_before_the_experts(handle, model):
         with (
             pytest.raises(
                 ReplayVerificationError,
-                match=r"layer 2 \(model.layers.2.mlp.gate\): the experts received ids of shape \(12, 2\) that differ from the forced ids",
+                match=(r"layer 2 \(model.layers.2.mlp.gate\): the experts received ids of shape \(12, 2\) that differ "
+                    r"from the forced ids"),
             ),
             handle.replay(rec.trace(), verify=True),
         ):
@@ -846,12 +853,15 @@ def test_packed_boundary_errors(handle, model):
     t = rec.trace()
     with handle.record() as bad:
         model(input_ids=ids, position_ids=pos, cu_seq_lens_q=torch.tensor([0, 4, 9]))
-    with pytest.raises(LayoutError, match=r"^forward 0: cu_seq_lens_q \[0, 4, 9\] does not run from 0 to the 10 packed rows"):
+    with pytest.raises(
+        LayoutError, match=r"^forward 0: cu_seq_lens_q \[0, 4, 9\] does not run from 0 to the 10 packed rows"
+    ):
         bad.trace()
     with (
         pytest.raises(
             BatchShapeMismatchError,
-            match=r"the packed batch of forward 1 has sequence boundaries \(from its cu_seq_lens_q\) other than the trace's",
+            match=(r"the packed batch of forward 1 has sequence boundaries \(from its cu_seq_lens_q\) other than the "
+                r"trace's"),
         ),
         handle.replay(t),
     ):

@@ -583,7 +583,8 @@ def _seam_llama4(seam: _Seam) -> None:
         with torch.no_grad():
             ids_NK = torch.topk(logits_NE, top_k, dim=1).indices
         live_NK = scores_NE.gather(1, ids_NK)
-        weights_NK, ids_NK = calls.on_router(index, logits_NE, live_NK, ids_NK, **seam.route_kw(args, kwargs, logits_NE))
+        kw = seam.route_kw(args, kwargs, logits_NE)
+        weights_NK, ids_NK = calls.on_router(index, logits_NE, live_NK, ids_NK, **kw)
         if weights_NK is live_NK:
             return output
         # Rebuild the dense scores with Llama4Router's own ops (sigmoid over the full [N, E]

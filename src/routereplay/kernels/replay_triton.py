@@ -271,7 +271,8 @@ class PreparedReplay:
                     live_TK.data_ptr() if has_mask else stats_ptr,
                     keep_T.data_ptr() if has_mask else stats_ptr,
                     scale_E.data_ptr() if scale_E is not None else stats_ptr,
-                    weights_TK.data_ptr(), ids_TK.data_ptr(), stats_ptr, stats_ptr + 4 * num_tokens if stats else stats_ptr,
+                    weights_TK.data_ptr(), ids_TK.data_ptr(),
+                    stats_ptr, stats_ptr + 4 * num_tokens if stats else stats_ptr,
                     num_tokens, plan.factor, plan.eps,
                 )  # fmt: skip
                 return weights_TK, ids_TK, stats_2T

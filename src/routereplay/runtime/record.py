@@ -174,7 +174,8 @@ class Recording:
                     B, S = 1, N
                 parts_NLK.append(ids_NLK)
                 packed = self._packed[n] if B == 1 and n < len(self._packed) else None
-                lens.append(_packed_lens(n, packed, N) if packed is not None else torch.full((B,), S, dtype=torch.int64))
+                lens_B = torch.full((B,), S, dtype=torch.int64) if packed is None else _packed_lens(n, packed, N)
+                lens.append(lens_B)
                 continue
             mask_BS = mask.to("cpu", torch.bool)
             if mask_BS.ndim != 2 or mask_BS.numel() != N:

@@ -318,7 +318,8 @@ class Replay:
         trace_list = [traces] if single else list(traces)
         if not trace_list or not all(isinstance(t, (RoutingTrace, PreparedTrace)) for t in trace_list):
             raise ReplayError(
-                f"replay needs a RoutingTrace, a PreparedTrace or a non-empty list of them, found {type(traces).__name__}"
+                "replay needs a RoutingTrace, a PreparedTrace or a non-empty list of them, found "
+                f"{type(traces).__name__}"
             )
         if attention_mask is None:
             masks = [None] * len(trace_list)
@@ -446,7 +447,9 @@ class Replay:
         else:
             lens = mb.cu_B1.diff().tolist()
             if len(set(lens)) == 1:
-                what = f"{mb_txt} holds {mb.num_seqs} sequences of {lens[0]} tokens, a batch of {[mb.num_seqs, lens[0]]}"
+                what = (
+                    f"{mb_txt} holds {mb.num_seqs} sequences of {lens[0]} tokens, a batch of {[mb.num_seqs, lens[0]]}"
+                )
             else:
                 what = f"{mb_txt} holds {mb.num_seqs} sequences of {lens} tokens, which no batch without padding holds"
         return BatchShapeMismatchError(
@@ -638,7 +641,8 @@ def _engine_hint(rows: int, tokens: int, seqs: int) -> str:
             "capture (no route for the last token), convert it with routereplay.core.layout (engine -> training)"
         )
     if tokens - rows == seqs:
-        return f"; the trace has one row more per sequence ({seqs} sequences) than the batch: were the last tokens dropped?"
+        return (f"; the trace has one row more per sequence ({seqs} sequences) than the batch: were the last tokens "
+            "dropped?")
     return ""
 
 

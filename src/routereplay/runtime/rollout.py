@@ -406,7 +406,8 @@ class GenerationCapture:
             LayoutError: the prompt mask is not ``[B0, P]``, not 0/1, or not left-padded.
         """
         if not self._done:
-            raise GenerationCaptureError("call trace()/rollout() after the `with handle.capture_generation()` block ends")
+            raise GenerationCaptureError("call trace()/rollout() after the `with handle.capture_generation()` block "
+                                         "ends")
         model = self._handle.model
         model_eos = model_eos_ids(model)
         eos_ids = model_eos if isinstance(eos_token_id, str) and eos_token_id == FROM_MODEL else eos_token_id
@@ -419,7 +420,9 @@ class GenerationCapture:
         seq_BX = getattr(sequences, "sequences", sequences)
         if not isinstance(seq_BX, torch.Tensor) or seq_BX.ndim != 2:
             found = tuple(seq_BX.shape) if isinstance(seq_BX, torch.Tensor) else type(seq_BX).__name__
-            raise GenerationCaptureError(f"sequences must be generate()'s [B, prompt + new tokens] tensor, found {found}")
+            raise GenerationCaptureError(
+                f"sequences must be generate()'s [B, prompt + new tokens] tensor, found {found}"
+            )
         rec = self._recording
         calls = rec.calls
         if not calls:
@@ -430,7 +433,8 @@ class GenerationCapture:
         G = X - P
         if seq_BX.shape[0] != B or G < 1:
             raise GenerationCaptureError(
-                f"the first recorded forward (the prefill) saw {B} sequences of {P} prompt tokens but sequences has shape "
+                f"the first recorded forward (the prefill) saw {B} sequences of {P} prompt tokens but sequences has "
+                "shape "
                 f"{tuple(seq_BX.shape)}; pass the output of the generate() call made inside this capture block"
             )
         decode = calls[1:]
@@ -532,7 +536,9 @@ class GenerationCapture:
         # An unknown stop id inside a kept completion (not its last token) after which the whole
         # rest of the row is padding: generate() stopped there.
         col_G = torch.arange(G, device=comp_BG.device)
-        is_stop_BG = torch.isin(comp_BG, torch.tensor(unknown, device=comp_BG.device)) & (col_G < comp_len_B[:, None] - 1)
+        is_stop_BG = torch.isin(comp_BG, torch.tensor(unknown, device=comp_BG.device)) & (
+            col_G < comp_len_B[:, None] - 1
+        )
         tail_pad_BG = (comp_BG == pad).flip(1).int().cumprod(1).flip(1).bool()  # all(pad at g:)
         after_pad_BG = torch.cat([tail_pad_BG[:, 1:], torch.ones_like(tail_pad_BG[:, :1])], 1)  # all(pad after g)
         stop_BG = is_stop_BG & after_pad_BG

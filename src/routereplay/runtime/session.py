@@ -82,7 +82,8 @@ class RouterHandle:
             raise ReplayError(f'replay_kernel must be "torch" or "triton", found {replay_kernel!r}')
         if replay_kernel == "triton" and importlib.util.find_spec("triton") is None:
             raise ReplayError(
-                f'replay_kernel="triton" needs triton, which is not installed: {INSTALL_HINT} (or replay_kernel="torch")'
+                f'replay_kernel="triton" needs triton, which is not installed: {INSTALL_HINT} (or '
+                'replay_kernel="torch")'
             )
         layers = discovery.layers
         ks = {(m.top_k, m.num_experts) for m in layers}
