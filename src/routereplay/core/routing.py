@@ -252,6 +252,20 @@ def _to_compute(x: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     return x if spec.compute_dtype is None else x.to(spec.compute_dtype)
 
 
+def _selection_scores(logits_TE: torch.Tensor, spec: RouterSpec) -> torch.Tensor | None:
+    """The scores the family selects on, where it scores before its top-k (else None)."""
+    if not spec.score_before_topk:
+        return None
+    scores_TE = _score(_to_compute(logits_TE, spec), spec)
+    return scores_TE.to(logits_TE.dtype) if spec.cast_scores else scores_TE
+
+
+def select_live(logits_TE: torch.Tensor, spec: RouterSpec, bias_E: torch.Tensor | None = None) -> torch.Tensor:
+    """Live top-k ids ``[T, K]`` int64 of ``logits_TE``, selected exactly as :func:`route` does
+    (no weights; for a kernel that computes them itself)."""
+    return _select_live(logits_TE, _selection_scores(logits_TE, spec), spec, bias_E)
+
+
 def _select_live(
     logits_TE: torch.Tensor, scores_TE: torch.Tensor | None, spec: RouterSpec, bias_E: torch.Tensor | None
 ) -> torch.Tensor:
@@ -346,7 +360,7 @@ def forced_violations(forced_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor
     return bad_T
 
 
-def _validate_forced(forced_TK: torch.Tensor, forced_mask_T: torch.Tensor | None, spec: RouterSpec, where: str) -> None:
+def validate_forced(forced_TK: torch.Tensor, forced_mask_T: torch.Tensor | None, spec: RouterSpec, where: str) -> None:
     """Range, duplicates and group limit of the forced rows (host sync: only with validate=True)."""
     rows_T = (
         forced_mask_T
@@ -522,12 +536,7 @@ def route(
         where=where,
     )
 
-    scores_TE = None
-    if spec.score_before_topk:
-        scores_TE = _score(_to_compute(logits_TE, spec), spec)
-        if spec.cast_scores:
-            scores_TE = scores_TE.to(logits_TE.dtype)
-
+    scores_TE = _selection_scores(logits_TE, spec)
     if forced_TK is None:
         experts_TK = _select_live(logits_TE, scores_TE, spec, bias_E)
     else:
@@ -535,7 +544,7 @@ def route(
         if forced_mask_T is not None:
             forced_mask_T = forced_mask_T.to(device=logits_TE.device, non_blocking=True)
         if validate:
-            _validate_forced(forced_TK, forced_mask_T, spec, where)
+            validate_forced(forced_TK, forced_mask_T, spec, where)
         if forced_mask_T is None:
             experts_TK = forced_TK
         else:

@@ -243,7 +243,7 @@ class RoutingTrace:
                     )
             if K > 1:
                 keep = None if gathered or valid_N is None else valid_N.repeat_interleave(L)
-                dup_row = _first_duplicate_row(ids.reshape(-1, K), keep)
+                dup_row = first_duplicate_row(ids.reshape(-1, K), keep)
                 if dup_row >= 0:
                     n, l = divmod(dup_row, L)
                     t = start + (int(valid_N.nonzero()[n, 0]) if gathered else n)
@@ -548,7 +548,7 @@ def _own_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _first_duplicate_row(ids_NK: torch.Tensor, keep_N: torch.Tensor | None = None, chunk: int = 1 << 15) -> int:
+def first_duplicate_row(ids_NK: torch.Tensor, keep_N: torch.Tensor | None = None, chunk: int = 1 << 15) -> int:
     """Index of the first row of ``ids_NK`` naming an expert twice, or -1; rows where ``keep_N``
     is False are skipped.
 

@@ -235,14 +235,8 @@ class PreparedReplay:
 
     def _live_ids(self, logits_TE: torch.Tensor, bias_E: torch.Tensor | None) -> torch.Tensor:
         """Live ids for every row (no data-dependent shapes), as route() does; the kernel selects."""
-        spec = self.spec
         with torch.no_grad():
-            scores_TE = None
-            if spec.score_before_topk:
-                scores_TE = routing._score(routing._to_compute(logits_TE, spec), spec)
-                if spec.cast_scores:
-                    scores_TE = scores_TE.to(logits_TE.dtype)
-            return routing._select_live(logits_TE, scores_TE, spec, bias_E).contiguous()
+            return routing.select_live(logits_TE, self.spec, bias_E).contiguous()
 
     # --- the launches -------------------------------------------------------------------------
     def _forward(self, logits_TE, scale_E, forced_TK, live_TK, keep_T, save_stats):
@@ -438,7 +432,7 @@ def route_forced_fused(
     device = logits_TE.device
     if validate:
         mask_T = None if forced_mask_T is None else forced_mask_T.to(device=device, non_blocking=True)
-        routing._validate_forced(forced_TK.to(device=device, dtype=torch.int64, non_blocking=True), mask_T, spec, where)
+        routing.validate_forced(forced_TK.to(device=device, dtype=torch.int64, non_blocking=True), mask_T, spec, where)
     prepared = _prepared(
         spec,
         logits_TE.dtype,

@@ -47,8 +47,8 @@ from routereplay.core.errors import (
     TraceExhaustedError,
     UnconsumedTraceError,
 )
-from routereplay.core.routing import _validate_forced, forced_violations, groups_spanned
-from routereplay.core.trace import RoutingTrace, _first_duplicate_row
+from routereplay.core.routing import forced_violations, groups_spanned, validate_forced
+from routereplay.core.trace import RoutingTrace, first_duplicate_row
 from routereplay.runtime.modes import ModeHost
 from routereplay.runtime.recompute import Binding
 
@@ -239,7 +239,7 @@ def _check_ids(handle: ModeHost, where: str, forced_LNK: torch.Tensor, mask_N, c
     if forced_LNK.device.type == "cpu":
         if bool(bad_LN.any()):
             i = int(bad_LN.any(1).nonzero()[0, 0])
-            _validate_forced(forced_LNK[i].long(), mask_N, handle.layers[i].spec, f"{where}{handle.where(i)}: ")
+            validate_forced(forced_LNK[i].long(), mask_N, handle.layers[i].spec, f"{where}{handle.where(i)}: ")
         return
     forced_LNK.clamp_(0, handle.num_experts - 1)
     bad_L = bad_LN.any(1)
@@ -607,7 +607,7 @@ def _host_ids_ok(forced_LNK: torch.Tensor, mask_N, layers) -> bool:
     if K == 1:
         return True
     keep = None if mask_N is None else mask_N.repeat_interleave(L)
-    return _first_duplicate_row(experts_NLK.reshape(N * L, K), keep) < 0
+    return first_duplicate_row(experts_NLK.reshape(N * L, K), keep) < 0
 
 
 def _violations(forced_LNK: torch.Tensor, layers) -> torch.Tensor:
