@@ -158,32 +158,13 @@ def prepare(
         else:
             lens_B = trace.seq_lens
     else:
-        mask_BS = torch.as_tensor(attention_mask).to(trace.device, torch.bool, non_blocking=True)
-        if mask_BS is attention_mask:
-            mask_BS = mask_BS.clone()  # its own copy: compared with each forward's mask
-        if mask_BS.ndim != 2:
-            raise LayoutError(f"{where}attention_mask must be [B, S], found shape {tuple(mask_BS.shape)}")
-        if mask_BS.shape[0] != trace.num_seqs:
-            raise _mask_error(where, mask_BS, trace.cu_seqlens)
-        src_N, mask_N, counts_differ = layout.router_row_sources(cu_B1, mask_BS, trace.num_tokens)
-        _check(counts_differ, lambda: _mask_error(where, mask_BS, cu_B1), checks)
-        experts_NLK = trace.experts.index_select(0, src_N)
-        if valid_T is not None:
-            mask_N = mask_N & valid_T.index_select(0, src_N)
+        experts_NLK, mask_N, mask_BS = _padded_rows(trace, attention_mask, valid_T, cu_B1, where, checks)
         shape, lens_B = tuple(mask_BS.shape), None
     if mask_N is not None and mask_N.device.type == "cpu" and bool(mask_N.all()):
         mask_N = None  # every row forced: route() skips the live selection
     forced_LNK, ready = experts_NLK.permute(1, 0, 2), None
     if forced_LNK.device != device:
-        # Host -> accelerator: pinned staging, then an asynchronous copy on the handle's side
-        # stream, so that neither waits for the work queued on the compute stream; the forward
-        # waits for it (an event) just before its first MoE layer.
-        stream = handle.side_stream(device)
-        with torch.cuda.stream(stream):
-            forced_LNK = _pinned(forced_LNK).to(device, non_blocking=True)
-            mask_N = None if mask_N is None else _pinned(mask_N).to(device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(stream)
+        forced_LNK, mask_N, ready = _copy_to(handle, device, forced_LNK, mask_N)
     else:
         if experts_NLK is trace.experts:  # the prepared trace's own copy (an accelerator clamps it in place),
             # in the trace's [N, L, K] layout, which the host checks read in place
@@ -206,6 +187,38 @@ def prepare(
         checks=checks,
         ready=ready,
     )
+
+
+def _padded_rows(trace: RoutingTrace, attention_mask, valid_T, cu_B1, where: str, checks: list[_Check]):
+    """The trace's rows placed at the True positions of the batch's ``[B, S]`` attention mask:
+    ``(experts_NLK, mask_N, mask_BS)``, ``mask_N`` the router rows that replay (real tokens with a
+    route), ``mask_BS`` the prepared trace's own copy of the mask, on the trace's device."""
+    mask_BS = torch.as_tensor(attention_mask).to(trace.device, torch.bool, non_blocking=True)
+    if mask_BS is attention_mask:
+        mask_BS = mask_BS.clone()  # its own copy: compared with each forward's mask
+    if mask_BS.ndim != 2:
+        raise LayoutError(f"{where}attention_mask must be [B, S], found shape {tuple(mask_BS.shape)}")
+    if mask_BS.shape[0] != trace.num_seqs:
+        raise _mask_error(where, mask_BS, trace.cu_seqlens)
+    src_N, mask_N, counts_differ = layout.router_row_sources(cu_B1, mask_BS, trace.num_tokens)
+    _check(counts_differ, lambda: _mask_error(where, mask_BS, cu_B1), checks)
+    experts_NLK = trace.experts.index_select(0, src_N)
+    if valid_T is not None:
+        mask_N = mask_N & valid_T.index_select(0, src_N)
+    return experts_NLK, mask_N, mask_BS
+
+
+def _copy_to(handle: ModeHost, device: torch.device, forced_LNK: torch.Tensor, mask_N: torch.Tensor | None):
+    """Host -> accelerator: pinned staging, then an asynchronous copy on the handle's side stream,
+    so that neither waits for the work queued on the compute stream; the forward waits for it (the
+    returned event) just before its first MoE layer. Returns ``(forced_LNK, mask_N, event)``."""
+    stream = handle.side_stream(device)
+    with torch.cuda.stream(stream):
+        forced_LNK = _pinned(forced_LNK).to(device, non_blocking=True)
+        mask_N = None if mask_N is None else _pinned(mask_N).to(device, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return forced_LNK, mask_N, ready
 
 
 def _check_model(handle: ModeHost, trace: RoutingTrace, where: str) -> None:

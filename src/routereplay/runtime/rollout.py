@@ -82,6 +82,15 @@ def capture_generation(
     return GenerationCapture(handle, offload=offload, logprobs=logprobs, temperature=temperature)
 
 
+def _completion_lens(comp_BG: torch.Tensor, eos_list: list[int] | None) -> torch.Tensor:
+    """int64 ``[B]``: each completion's length, up to and including its first EOS, else all G tokens."""
+    B, G = comp_BG.shape
+    if not eos_list:
+        return torch.full((B,), G, dtype=torch.int64, device=comp_BG.device)
+    is_eos_BG = torch.isin(comp_BG, torch.tensor(eos_list, device=comp_BG.device))
+    return torch.where(is_eos_BG.any(1), is_eos_BG.int().argmax(1), G - 1) + 1
+
+
 def _id_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -406,68 +415,22 @@ class GenerationCapture:
             LayoutError: the prompt mask is not ``[B0, P]``, not 0/1, or not left-padded.
         """
         if not self._done:
-            raise GenerationCaptureError("call trace()/rollout() after the `with handle.capture_generation()` block "
-                                         "ends")
-        model = self._handle.model
-        model_eos = model_eos_ids(model)
-        eos_ids = model_eos if isinstance(eos_token_id, str) and eos_token_id == FROM_MODEL else eos_token_id
-        eos_list = None if eos_ids is None else _id_list(eos_ids)
-        if isinstance(pad_token_id, str) and pad_token_id == FROM_MODEL:
-            pad_check = rollout_pad = model_pad_id(model)
-        else:
-            pad_check = pad_token_id
-            rollout_pad = model_pad_id(model) if pad_token_id is None else int(pad_token_id)
+            raise GenerationCaptureError(
+                "call trace()/rollout() after the `with handle.capture_generation()` block ends"
+            )
+        model_eos, eos_list, pad_check, rollout_pad = self._stop_ids(eos_token_id, pad_token_id)
         seq_BX = getattr(sequences, "sequences", sequences)
         if not isinstance(seq_BX, torch.Tensor) or seq_BX.ndim != 2:
             found = tuple(seq_BX.shape) if isinstance(seq_BX, torch.Tensor) else type(seq_BX).__name__
             raise GenerationCaptureError(
                 f"sequences must be generate()'s [B, prompt + new tokens] tensor, found {found}"
             )
-        rec = self._recording
-        calls = rec.calls
-        if not calls:
-            raise GenerationCaptureError("no forward was recorded: run model.generate(...) inside the capture block")
-        shapes = rec.batch_shapes
-        B, P = shapes[0]
-        X = seq_BX.shape[1]
-        G = X - P
-        if seq_BX.shape[0] != B or G < 1:
-            raise GenerationCaptureError(
-                f"the first recorded forward (the prefill) saw {B} sequences of {P} prompt tokens but sequences has "
-                "shape "
-                f"{tuple(seq_BX.shape)}; pass the output of the generate() call made inside this capture block"
-            )
-        decode = calls[1:]
-        # A deferred stop check (transformers, on MPS) runs one forward more and undoes its token.
-        if len(decode) == G and shapes[-1][0] == B:
-            decode = decode[:-1]
-        if len(decode) != G - 1:
-            raise GenerationCaptureError(
-                f"recorded {len(calls)} forwards but sequences hold {G} generated tokens, which need 1 prefill + "
-                f"{G - 1} decode forwards; capture exactly one generate() call per block (beam search and "
-                "assisted decoding are not supported)"
-            )
-        decode_rows = []
-        for j, (ids_NLK, (b, s)) in enumerate(zip(decode, shapes[1 : 1 + len(decode)])):
-            if b != B or s not in (1, P + j + 1):
-                raise GenerationCaptureError(
-                    f"decode forward {j + 1} saw a batch of {b} x {s} tokens; expected {B} x 1 (KV cache) or "
-                    f"{B} x {P + j + 1} (no cache)"
-                )
-            # Without a cache every step re-forwards the whole sequence: its new row is the last one.
-            decode_rows.append(ids_NLK.view(B, s, *ids_NLK.shape[1:])[:, -1])
-        prefill_BPLK = calls[0].view(B, P, *calls[0].shape[1:])
-        rows_BSLK = torch.cat([prefill_BPLK, torch.stack(decode_rows, 1)], 1) if decode_rows else prefill_BPLK
+        rows_BSLK, P = self._rows(seq_BX)
+        B, G = seq_BX.shape[0], seq_BX.shape[1] - P
 
         prompt_BP = self._prompt_mask(prompt_attention_mask, B, P, seq_BX.device)
         comp_BG = seq_BX[:, P:]
-        # Completion length: up to and including the first EOS, else all G tokens.
-        if eos_list is None or not eos_list:
-            comp_len_B = torch.full((B,), G, dtype=torch.int64, device=seq_BX.device)
-        else:
-            is_eos_BG = torch.isin(comp_BG, torch.tensor(eos_list, device=seq_BX.device))
-            first_B = torch.where(is_eos_BG.any(1), is_eos_BG.int().argmax(1), G - 1)
-            comp_len_B = first_B + 1
+        comp_len_B = _completion_lens(comp_BG, eos_list)
         col_G = torch.arange(G, device=seq_BX.device)
         keep_comp_BG = col_G < comp_len_B[:, None]
         if pad_check is not None:
@@ -503,6 +466,63 @@ class GenerationCapture:
             logprobs=logprobs_T,
             pad_token_id=rollout_pad,
         )
+
+    def _stop_ids(self, eos_token_id, pad_token_id) -> tuple[list[int], list[int] | None, int | None, int]:
+        """``(model_eos, eos_list, pad_check, rollout_pad)`` from :meth:`rollout`'s arguments."""
+        model = self._handle.model
+        model_eos = model_eos_ids(model)
+        eos_ids = model_eos if isinstance(eos_token_id, str) and eos_token_id == FROM_MODEL else eos_token_id
+        eos_list = None if eos_ids is None else _id_list(eos_ids)
+        if isinstance(pad_token_id, str) and pad_token_id == FROM_MODEL:
+            pad_check = rollout_pad = model_pad_id(model)
+        else:
+            pad_check = pad_token_id
+            rollout_pad = model_pad_id(model) if pad_token_id is None else int(pad_token_id)
+        return model_eos, eos_list, pad_check, rollout_pad
+
+    def _rows(self, seq_BX: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The routes of every position of ``sequences`` but the last, ``[B, P + G - 1, L, K]``
+        (the prefill's rows, then one row per decode forward), and the prompt length ``P``.
+
+        Raises:
+            GenerationCaptureError: the recorded forwards are not one generate() call of ``seq_BX``.
+        """
+        rec = self._recording
+        calls = rec.calls
+        if not calls:
+            raise GenerationCaptureError("no forward was recorded: run model.generate(...) inside the capture block")
+        shapes = rec.batch_shapes
+        B, P = shapes[0]
+        G = seq_BX.shape[1] - P
+        if seq_BX.shape[0] != B or G < 1:
+            raise GenerationCaptureError(
+                f"the first recorded forward (the prefill) saw {B} sequences of {P} prompt tokens but sequences "
+                f"has shape {tuple(seq_BX.shape)}; pass the output of the generate() call made inside this "
+                "capture block"
+            )
+        decode = calls[1:]
+        # A deferred stop check (transformers, on MPS) runs one forward more and undoes its token.
+        if len(decode) == G and shapes[-1][0] == B:
+            decode = decode[:-1]
+        if len(decode) != G - 1:
+            raise GenerationCaptureError(
+                f"recorded {len(calls)} forwards but sequences hold {G} generated tokens, which need 1 prefill + "
+                f"{G - 1} decode forwards; capture exactly one generate() call per block (beam search and "
+                "assisted decoding are not supported)"
+            )
+        decode_rows = []
+        for j, (ids_NLK, (b, s)) in enumerate(zip(decode, shapes[1 : 1 + len(decode)])):
+            if b != B or s not in (1, P + j + 1):
+                raise GenerationCaptureError(
+                    f"decode forward {j + 1} saw a batch of {b} x {s} tokens; expected {B} x 1 (KV cache) or "
+                    f"{B} x {P + j + 1} (no cache)"
+                )
+            # Without a cache every step re-forwards the whole sequence: its new row is the last one.
+            decode_rows.append(ids_NLK.view(B, s, *ids_NLK.shape[1:])[:, -1])
+        prefill_BPLK = calls[0].view(B, P, *calls[0].shape[1:])
+        if not decode_rows:
+            return prefill_BPLK, P
+        return torch.cat([prefill_BPLK, torch.stack(decode_rows, 1)], 1), P
 
     @staticmethod
     def _check_stops(
