@@ -218,6 +218,32 @@ def test_accumulator_cost_per_row_does_not_grow_with_turns():
     assert per_row[64] <= 1.05 * per_row[8], per_row
 
 
+def test_accumulator_join_frees_each_chunk_once_copied():
+    """Issue 23.1 (peak): trace() joins the turns' chunks into one tensor and lets each chunk go
+    as soon as it is copied, so the join holds the rows plus one chunk, not twice the rows."""
+    import weakref
+
+    rows, payloads = _conversation(8)
+    acc = RouteAccumulator(num_experts=E)
+    for arr, start in payloads:
+        acc.add(arr, start=start, num_tokens=start + arr.shape[0] + 1)
+    chunks = [weakref.ref(c) for c, _ in acc._chunks]
+    assert len(chunks) == 8 and all(c() is not None for c in chunks)
+    alive = []
+
+    class Watch(TorchDispatchMode):  # at each copy into the joined tensor: the chunks still alive
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default:
+                alive.append(sum(c() is not None for c in chunks))
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        trace = acc.trace()
+    assert torch.equal(trace.experts, rows.to(torch.uint8))
+    assert alive == list(range(8, 0, -1)), alive  # chunk i is gone before chunk i + 1 is copied
+    assert all(c() is None for c in chunks)
+
+
 def test_accumulator_overlap_fill_does_not_touch_earlier_traces():
     """A held row without a route is filled from a later payload; traces returned before keep theirs."""
     rows, _ = _conversation(2)

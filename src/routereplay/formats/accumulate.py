@@ -400,9 +400,7 @@ class RouteAccumulator:
             raise EngineFormatError("the accumulator holds no routes yet; add a payload first")
         R = self.num_rows
         if len(self._chunks) != 1:
-            # Join the chunks once (one copy of the rows); later calls and payloads start from it.
-            experts_RLK, valid_R = self._rows(0, R) if R else (self._empty(), torch.ones(0, dtype=torch.bool))
-            self._chunks = [(experts_RLK, None if bool(valid_R.all()) else valid_R)]
+            self._join()  # once: later calls and payloads start from the joined rows
         experts_RLK, valid_R = self._chunks[0]
         # Every row comes from a payload's validated trace (ids checked, invalid rows zero): the
         # joined rows need no second O(R) validation. The constructor on zero rows checks the rest
@@ -419,8 +417,27 @@ class RouteAccumulator:
         )
         return _to_rows(trace, rows, "engine")
 
-    def _empty(self) -> torch.Tensor:
-        return torch.zeros((0, len(self._layer_ids), self._top_k), dtype=expert_dtype(self.num_experts))
+    def _join(self) -> None:
+        """Join the held chunks into one, in place, at about 1x the rows: each chunk is copied into
+        the joined tensor and then replaced by its view there, so its own memory goes as soon as it
+        is copied (the join holds the joined rows plus one chunk at its highest, not twice the rows)."""
+        R = self.num_rows
+        experts_RLK = torch.empty((R, len(self._layer_ids), self._top_k), dtype=expert_dtype(self.num_experts))
+        holes = any(v is not None for _, v in self._chunks)
+        valid_R = torch.ones(R, dtype=torch.bool) if holes else None
+        pos = 0
+        for i in range(len(self._chunks)):
+            chunk, chunk_valid = self._chunks[i]
+            n = chunk.shape[0]
+            experts_RLK[pos : pos + n] = chunk
+            if chunk_valid is not None:
+                valid_R[pos : pos + n] = chunk_valid
+            self._chunks[i] = (experts_RLK[pos : pos + n], None if valid_R is None else valid_R[pos : pos + n])
+            del chunk, chunk_valid
+            pos += n
+        if valid_R is not None and bool(valid_R.all()):
+            valid_R = None
+        self._chunks = [(experts_RLK, valid_R)]
 
     def __repr__(self) -> str:
         return (
