@@ -63,7 +63,7 @@ tiers)
     # every family, both replay kernels, bit-exact replay and checkpointed gradients; syncs; exit checks
     step gpu_tier 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
     # the fused kernel against route(), ulp bound, prepared call, no host sync
-    step kernels_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py
+    step kernels_gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py
     # capture in generate under CUDA graphs, manual graph capture refused, capture's sync count
     step gpu_generate 150 python3 -m pytest -q -s -rA -p no:cacheprovider tests/test_gpu_generate.py
     ;;
