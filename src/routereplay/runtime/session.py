@@ -151,8 +151,9 @@ class RouterHandle:
         ``handle.replay(trace, ...)`` does this at every entry; a :class:`PreparedTrace` does it
         once for R2's epochs and R3's passes over the same micro-batch. A host trace is copied to
         the model's device asynchronously on a side stream (the first forward waits for it on the
-        device, not the host); a device trace is checked by device-side reductions read at the
-        exit of each replay block (no host sync before). Arguments as for :meth:`replay`.
+        device, not the host), after its checks on the host; a device trace is checked by
+        device-side reductions read at the exit of the first replay block (no host sync before).
+        Arguments as for :meth:`replay`.
         """
         self._check_attached()
         return prepare(self, trace, attention_mask=attention_mask, missing=missing)
