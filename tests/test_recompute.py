@@ -449,3 +449,24 @@ def test_recompute_state_machine(machine_inputs):
 
 
 assert E == 8  # the traces above are built for test_session's tiny model
+
+
+def test_scopes_see_a_checkpoint_under_saved_tensor_hooks_of_its_region():
+    """A region may push saved-tensor hooks of its own (activation offloading): the checkpoint's
+    hooks are then not the innermost, and scopes() must still find the region (it walks the stack
+    whenever any hooks are pushed; only a grad-enabled call with none skips the walk)."""
+    from routereplay.runtime import recompute
+
+    seen = []
+
+    def region(x):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            seen.append(recompute.scopes())
+        return x * 2
+
+    checkpoint(region, torch.ones(2, requires_grad=True), use_reentrant=False)
+    assert [type(s.region).__name__ for s in seen[0]] == ["_CheckpointFrame"]
+    assert not seen[0][0].recompute
+    with torch.enable_grad():
+        assert recompute.scopes() == []  # nothing pushed, grad on: no region can enclose this call
+

@@ -101,10 +101,9 @@ def _code_kind(code: types.CodeType) -> int:
     return kind
 
 
-def _hooks_frame() -> object | None:
+def _hooks_frame(top) -> object | None:
     """The ``_CheckpointFrame`` of the innermost non-reentrant checkpoint forward, if its
-    saved-tensor hooks are the innermost ones."""
-    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    saved-tensor hooks are ``top``, the innermost ones."""
     if top is None or _CheckpointFrame is None:
         return None
     pack = top[0]
@@ -117,14 +116,16 @@ def _hooks_frame() -> object | None:
 
 def scopes() -> list[Scope]:
     """The checkpointed regions around the caller, innermost first (see the module docstring)."""
-    top = _hooks_frame()
-    if top is None and torch.is_grad_enabled() and not in_backward():
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None and torch.is_grad_enabled() and not in_backward():
         # No region can enclose a forward call here, so the stack is not walked: a non-reentrant
-        # checkpoint's forward keeps its saved-tensor hooks pushed while it runs, and an autograd
-        # Function's forward (reentrant checkpoints: torch's, Megatron's, DeepSpeed's) runs with
-        # grad disabled. A Function that re-enables grad inside its forward goes unseen, and its
-        # recompute then raises RecomputeMismatchError (no binding), never routes by guess.
+        # checkpoint's forward keeps its saved-tensor hooks pushed while it runs (any hooks at all
+        # pushed: the walk runs), and an autograd Function's forward (reentrant checkpoints:
+        # torch's, Megatron's, DeepSpeed's) runs with grad disabled. A Function that re-enables
+        # grad inside its forward goes unseen, and its recompute then raises
+        # RecomputeMismatchError (no binding), never routes by guess.
         return []
+    top = _hooks_frame(hooks)
     out: list[Scope] = []
     seen: set[int] = set()
 
