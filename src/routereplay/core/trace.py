@@ -74,6 +74,44 @@ def _check_num_experts(num_experts: object) -> None:
         )
 
 
+def _checked_layer_ids(layer_ids, L: int) -> tuple[int, ...]:
+    """``layer_ids`` as a tuple of L distinct non-negative ints."""
+    if isinstance(layer_ids, torch.Tensor):
+        layer_ids = layer_ids.tolist()
+    layer_ids = tuple(layer_ids)
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layer_ids):
+        raise LayerIdsError(f"layer_ids must be non-negative ints, found {layer_ids}")
+    if len(layer_ids) != L:
+        raise LayerIdsError(f"experts has L={L} layers but layer_ids has {len(layer_ids)}: {layer_ids}")
+    if len(set(layer_ids)) != L:
+        dup = sorted({i for i in layer_ids if layer_ids.count(i) > 1})
+        raise LayerIdsError(f"layer_ids must be unique, layer(s) {dup} appear more than once in {layer_ids}")
+    return layer_ids
+
+
+def _checked_seqlens(cu_seqlens_B1, T: int, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` as int64 ``[B+1]`` on ``device``, from 0 to T, non-decreasing."""
+    if not isinstance(cu_seqlens_B1, torch.Tensor):
+        cu_seqlens_B1 = torch.as_tensor(cu_seqlens_B1)
+    if cu_seqlens_B1.ndim != 1 or cu_seqlens_B1.numel() < 1 or cu_seqlens_B1.dtype.is_floating_point:
+        raise SeqlensError(
+            f"cu_seqlens must be a 1-D int tensor [B+1], found {tuple(cu_seqlens_B1.shape)} {cu_seqlens_B1.dtype}"
+        )
+    cu_seqlens_B1 = cu_seqlens_B1.to(device=device, dtype=torch.int64)
+    if int(cu_seqlens_B1[0]) != 0:
+        raise SeqlensError(f"cu_seqlens must start at 0, found {int(cu_seqlens_B1[0])}")
+    if int(cu_seqlens_B1[-1]) != T:
+        raise SeqlensError(f"cu_seqlens must end at the number of tokens T={T}, found {int(cu_seqlens_B1[-1])}")
+    seq_lens_B = cu_seqlens_B1.diff()
+    if bool((seq_lens_B < 0).any()):
+        b = _first_true(seq_lens_B < 0)
+        raise SeqlensError(
+            f"cu_seqlens must be non-decreasing: sequence {b} has length {int(seq_lens_B[b])} "
+            f"(cu_seqlens[{b}]={int(cu_seqlens_B1[b])}, cu_seqlens[{b + 1}]={int(cu_seqlens_B1[b + 1])})"
+        )
+    return cu_seqlens_B1
+
+
 def _first_true(mask: torch.Tensor) -> int:
     return int(mask.reshape(-1).nonzero()[0, 0])
 
@@ -124,57 +162,15 @@ class RoutingTrace:
         if K < 1:
             raise TraceShapeError(f"experts has top_k={K}; a route needs at least one expert")
 
-        layer_ids = self.layer_ids
-        if isinstance(layer_ids, torch.Tensor):
-            layer_ids = layer_ids.tolist()
-        layer_ids = tuple(layer_ids)
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layer_ids):
-            raise LayerIdsError(f"layer_ids must be non-negative ints, found {layer_ids}")
-        if len(layer_ids) != L:
-            raise LayerIdsError(f"experts has L={L} layers but layer_ids has {len(layer_ids)}: {layer_ids}")
-        if len(set(layer_ids)) != L:
-            dup = sorted({i for i in layer_ids if layer_ids.count(i) > 1})
-            raise LayerIdsError(f"layer_ids must be unique, layer(s) {dup} appear more than once in {layer_ids}")
-
-        if not isinstance(cu_seqlens_B1, torch.Tensor):
-            cu_seqlens_B1 = torch.as_tensor(cu_seqlens_B1)
-        if cu_seqlens_B1.ndim != 1 or cu_seqlens_B1.numel() < 1 or cu_seqlens_B1.dtype.is_floating_point:
-            raise SeqlensError(
-                f"cu_seqlens must be a 1-D int tensor [B+1], found {tuple(cu_seqlens_B1.shape)} {cu_seqlens_B1.dtype}"
-            )
-        cu_seqlens_B1 = cu_seqlens_B1.to(device=experts_TLK.device, dtype=torch.int64)
-        if int(cu_seqlens_B1[0]) != 0:
-            raise SeqlensError(f"cu_seqlens must start at 0, found {int(cu_seqlens_B1[0])}")
-        if int(cu_seqlens_B1[-1]) != T:
-            raise SeqlensError(f"cu_seqlens must end at the number of tokens T={T}, found {int(cu_seqlens_B1[-1])}")
-        seq_lens_B = cu_seqlens_B1.diff()
-        if bool((seq_lens_B < 0).any()):
-            b = _first_true(seq_lens_B < 0)
-            raise SeqlensError(
-                f"cu_seqlens must be non-decreasing: sequence {b} has length {int(seq_lens_B[b])} "
-                f"(cu_seqlens[{b}]={int(cu_seqlens_B1[b])}, cu_seqlens[{b + 1}]={int(cu_seqlens_B1[b + 1])})"
-            )
-
+        layer_ids = _checked_layer_ids(self.layer_ids, L)
+        cu_seqlens_B1 = _checked_seqlens(cu_seqlens_B1, T, experts_TLK.device)
         if valid_T is not None:
             if not isinstance(valid_T, torch.Tensor) or valid_T.shape != (T,):
                 found = tuple(valid_T.shape) if isinstance(valid_T, torch.Tensor) else type(valid_T).__name__
                 raise TraceShapeError(f"valid must be a bool tensor of shape ({T},), found {found}")
             valid_T = valid_T.to(device=experts_TLK.device, dtype=torch.bool)
-
-        gates_TLK = self.gates
-        if gates_TLK is not None:
-            if not isinstance(gates_TLK, torch.Tensor) or not gates_TLK.dtype.is_floating_point:
-                found = getattr(gates_TLK, "dtype", type(gates_TLK).__name__)
-                raise GatesError(f"gates must be a float tensor, found {found}")
-            if gates_TLK.shape != experts_TLK.shape:
-                raise GatesError(
-                    f"gates must be shaped like experts {tuple(experts_TLK.shape)}, found {tuple(gates_TLK.shape)}"
-                )
-            t = _first_nonfinite_row(gates_TLK, valid_T)
-            if t >= 0:
-                raise GatesError(
-                    f"gates must be finite: row {t} ({self._where(cu_seqlens_B1, t)}) has {gates_TLK[t].tolist()}"
-                )
+        if self.gates is not None:
+            self._check_gates(self.gates, experts_TLK.shape, valid_T, cu_seqlens_B1)
 
         experts_TLK = self._checked_ids(experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts)
 
@@ -188,6 +184,20 @@ class RoutingTrace:
         object.__setattr__(self, "layer_ids", layer_ids)
         object.__setattr__(self, "valid", valid_T)
         object.__setattr__(self, "meta", MappingProxyType(meta))
+
+    @classmethod
+    def _check_gates(cls, gates_TLK, shape: torch.Size, valid_T, cu_seqlens_B1: torch.Tensor) -> None:
+        """Gates: a float tensor shaped like the experts, finite on valid rows."""
+        if not isinstance(gates_TLK, torch.Tensor) or not gates_TLK.dtype.is_floating_point:
+            found = getattr(gates_TLK, "dtype", type(gates_TLK).__name__)
+            raise GatesError(f"gates must be a float tensor, found {found}")
+        if gates_TLK.shape != shape:
+            raise GatesError(f"gates must be shaped like experts {tuple(shape)}, found {tuple(gates_TLK.shape)}")
+        t = _first_nonfinite_row(gates_TLK, valid_T)
+        if t >= 0:
+            raise GatesError(
+                f"gates must be finite: row {t} ({cls._where(cu_seqlens_B1, t)}) has {gates_TLK[t].tolist()}"
+            )
 
     @staticmethod
     def _where(cu_seqlens_B1: torch.Tensor, t: int) -> str:
