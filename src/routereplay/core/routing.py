@@ -182,16 +182,7 @@ class RouterSpec:
             raise bad("bias_on", "'scores' or 'logits'")
         if self.zero_expert_mode not in ("keep", "mask"):
             raise bad("zero_expert_mode", "'keep' or 'mask'")
-        for name in ("norm_eps", "norm_p", "scaling_factor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad(name, "a finite float")
-        if self.norm_eps < 0:
-            raise bad("norm_eps", "a float >= 0")
-        if self.norm_p <= 0:
-            raise bad("norm_p", "a float > 0")
-        if self.scaling_factor == 0:
-            raise bad("scaling_factor", "nonzero")
+        self._check_floats(bad)
         if self.compute_dtype is not None and not (
             isinstance(self.compute_dtype, torch.dtype) and self.compute_dtype.is_floating_point
         ):
@@ -212,24 +203,41 @@ class RouterSpec:
                 f"topk_group={self.topk_group!r}; pass both (group-limited top-k) or neither"
             )
         if self.n_group is not None:
-            for name in ("n_group", "topk_group"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise bad(name, "a positive int")
-            if self.num_logits != self.num_experts:
-                raise RouterSpecError(
-                    f"{where}: group-limited top-k with zero-computation experts "
-                    f"(num_logits={self.num_logits} > num_experts={self.num_experts}) is not supported"
-                )
-            if self.num_experts % self.n_group:
-                raise bad("n_group", f"a divisor of num_experts ({self.num_experts})")
-            if self.topk_group > self.n_group:
-                raise bad("topk_group", f"at most n_group ({self.n_group})")
-            group_size = self.num_experts // self.n_group
-            if self.group_score_topn > group_size:
-                raise bad("group_score_topn", f"at most the group size ({group_size})")
-            if self.top_k > self.topk_group * group_size:
-                raise bad("top_k", f"at most topk_group * group size ({self.topk_group * group_size})")
+            self._check_groups(bad, where)
+
+    def _check_floats(self, bad) -> None:
+        """The norm's epsilon and p, and the weights' scaling factor: finite, in range."""
+        for name in ("norm_eps", "norm_p", "scaling_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "a finite float")
+        if self.norm_eps < 0:
+            raise bad("norm_eps", "a float >= 0")
+        if self.norm_p <= 0:
+            raise bad("norm_p", "a float > 0")
+        if self.scaling_factor == 0:
+            raise bad("scaling_factor", "nonzero")
+
+    def _check_groups(self, bad, where: str) -> None:
+        """Group-limited top-k: the group counts divide the experts and fit top_k."""
+        for name in ("n_group", "topk_group"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "a positive int")
+        if self.num_logits != self.num_experts:
+            raise RouterSpecError(
+                f"{where}: group-limited top-k with zero-computation experts "
+                f"(num_logits={self.num_logits} > num_experts={self.num_experts}) is not supported"
+            )
+        if self.num_experts % self.n_group:
+            raise bad("n_group", f"a divisor of num_experts ({self.num_experts})")
+        if self.topk_group > self.n_group:
+            raise bad("topk_group", f"at most n_group ({self.n_group})")
+        group_size = self.num_experts // self.n_group
+        if self.group_score_topn > group_size:
+            raise bad("group_score_topn", f"at most the group size ({group_size})")
+        if self.top_k > self.topk_group * group_size:
+            raise bad("top_k", f"at most topk_group * group size ({self.topk_group * group_size})")
 
     @property
     def group_size(self) -> int | None:
@@ -457,33 +465,39 @@ def check_route_args(
             f"{where}the {spec.family or 'router'} spec casts weights to the router input's dtype: "
             "pass out_dtype=hidden_states.dtype"
         )
-    if forced_TK is None and forced_mask_T is not None:
-        raise RouterSpecError(f"{where}forced_mask_T was given without forced_TK")
-    if forced_TK is not None:
-        if (
-            not isinstance(forced_TK, torch.Tensor)
-            or forced_TK.dtype == torch.bool
-            or forced_TK.is_floating_point()
-            or forced_TK.is_complex()
-        ):
-            found = f"{forced_TK.dtype}" if isinstance(forced_TK, torch.Tensor) else type(forced_TK).__name__
-            raise RouterSpecError(f"{where}forced_TK must be an integer tensor, found {found}")
-        if tuple(forced_TK.shape) != (num_tokens, spec.top_k):
-            raise RouterSpecError(
-                f"{where}forced_TK must be [{num_tokens}, {spec.top_k}] (rows of the router input, "
-                f"top_k={spec.top_k}), found {tuple(forced_TK.shape)}"
-            )
-        if forced_mask_T is not None and (
-            not isinstance(forced_mask_T, torch.Tensor)
-            or forced_mask_T.dtype != torch.bool
-            or tuple(forced_mask_T.shape) != (num_tokens,)
-        ):
-            found = (
-                f"{tuple(forced_mask_T.shape)} {forced_mask_T.dtype}"
-                if isinstance(forced_mask_T, torch.Tensor)
-                else type(forced_mask_T).__name__
-            )
-            raise RouterSpecError(f"{where}forced_mask_T must be bool [{num_tokens}], found {found}")
+    _check_forced_args(forced_TK, forced_mask_T, num_tokens, spec.top_k, where)
+
+
+def _check_forced_args(forced_TK, forced_mask_T, num_tokens: int, top_k: int, where: str) -> None:
+    """``forced_TK`` an integer ``[T, K]`` tensor and ``forced_mask_T`` a bool ``[T]`` one (with it)."""
+    if forced_TK is None:
+        if forced_mask_T is not None:
+            raise RouterSpecError(f"{where}forced_mask_T was given without forced_TK")
+        return
+    if (
+        not isinstance(forced_TK, torch.Tensor)
+        or forced_TK.dtype == torch.bool
+        or forced_TK.is_floating_point()
+        or forced_TK.is_complex()
+    ):
+        found = f"{forced_TK.dtype}" if isinstance(forced_TK, torch.Tensor) else type(forced_TK).__name__
+        raise RouterSpecError(f"{where}forced_TK must be an integer tensor, found {found}")
+    if tuple(forced_TK.shape) != (num_tokens, top_k):
+        raise RouterSpecError(
+            f"{where}forced_TK must be [{num_tokens}, {top_k}] (rows of the router input, "
+            f"top_k={top_k}), found {tuple(forced_TK.shape)}"
+        )
+    if forced_mask_T is not None and (
+        not isinstance(forced_mask_T, torch.Tensor)
+        or forced_mask_T.dtype != torch.bool
+        or tuple(forced_mask_T.shape) != (num_tokens,)
+    ):
+        found = (
+            f"{tuple(forced_mask_T.shape)} {forced_mask_T.dtype}"
+            if isinstance(forced_mask_T, torch.Tensor)
+            else type(forced_mask_T).__name__
+        )
+        raise RouterSpecError(f"{where}forced_mask_T must be bool [{num_tokens}], found {found}")
 
 
 def route(
