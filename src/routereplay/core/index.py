@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cu_seqlens_of", "ranges"]
+__all__ = ["cu_seqlens_of", "ranges", "sequence_of"]
 
 
 def cu_seqlens_of(lens_B: torch.Tensor) -> torch.Tensor:
@@ -19,6 +19,12 @@ def cu_seqlens_of(lens_B: torch.Tensor) -> torch.Tensor:
     cu_B1 = torch.zeros(lens_B.numel() + 1, dtype=torch.int64, device=lens_B.device)
     torch.cumsum(lens_B, 0, out=cu_B1[1:])
     return cu_B1
+
+
+def sequence_of(cu_seqlens_B1: torch.Tensor, t: int) -> int:
+    """The sequence holding row ``t`` (for an error message: one host read)."""
+    t_ = torch.tensor(t, device=cu_seqlens_B1.device)
+    return int(torch.searchsorted(cu_seqlens_B1, t_, right=True)) - 1
 
 
 def ranges(starts_G: torch.Tensor, lens_G: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from routereplay.core.errors import (
     TraceMismatchError,
     TraceShapeError,
 )
-from routereplay.core.index import ranges
+from routereplay.core.index import ranges, sequence_of
 
 __all__ = ["MAX_NUM_EXPERTS", "RoutingTrace", "expert_dtype"]
 
@@ -201,7 +201,7 @@ class RoutingTrace:
 
     @staticmethod
     def _where(cu_seqlens_B1: torch.Tensor, t: int) -> str:
-        b = int(torch.searchsorted(cu_seqlens_B1, torch.tensor(t, device=cu_seqlens_B1.device), right=True)) - 1
+        b = sequence_of(cu_seqlens_B1, t)
         return f"sequence {b}, position {t - int(cu_seqlens_B1[b])}"
 
     @classmethod

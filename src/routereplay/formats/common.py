@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from routereplay.core.errors import EngineFormatError, ZeroRoutesError
+from routereplay.core.index import sequence_of
 from routereplay.core.layout import engine_to_training, training_to_engine
 from routereplay.core.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
 
@@ -176,7 +177,7 @@ def _seq_ids(cu_seqlens_B1: torch.Tensor) -> torch.Tensor:
 
 
 def _label_of_row(cu_seqlens_B1: torch.Tensor, labels: Sequence[str], n: int) -> tuple[str, int]:
-    b = int(torch.searchsorted(cu_seqlens_B1, torch.tensor(n, device=cu_seqlens_B1.device), right=True)) - 1
+    b = sequence_of(cu_seqlens_B1, n)
     return labels[b], n - int(cu_seqlens_B1[b])
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from routereplay.core.errors import EngineFormatError
+from routereplay.core.index import sequence_of
 from routereplay.core.trace import RoutingTrace, expert_dtype
 from routereplay.formats.common import (
     Rows,
@@ -69,7 +70,7 @@ def _engine_last_rows(
     if bool(busy.any()):
         j = int(busy.nonzero()[0, 0])
         n = int(last[j])
-        b = int(torch.searchsorted(cu_seqlens_B1, torch.tensor(n), right=True)) - 1
+        b = sequence_of(cu_seqlens_B1, n)
         raise EngineFormatError(
             f"{labels[b]}: the last token (row {n - int(cu_seqlens_B1[b])}) has a route, but an engine capture "
             "stops one token short; the routes are shifted against the tokens. If the trainer recorded them "

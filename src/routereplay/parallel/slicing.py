@@ -47,6 +47,7 @@ import torch
 
 from routereplay.core import io
 from routereplay.core.errors import LayerMismatchError, LayoutError
+from routereplay.core.index import sequence_of
 from routereplay.core.trace import RoutingTrace
 
 __all__ = [
@@ -524,7 +525,7 @@ def _check_every_route_recorded(owner_TL: torch.Tensor, cu_B1: torch.Tensor, ids
     """Every (global row, layer) has a record (``owner_TL`` >= 0); else name the first that has none."""
     if bool((owner_TL < 0).any()):
         t, j = (owner_TL < 0).nonzero()[0].tolist()
-        b = int(torch.searchsorted(cu_B1, torch.tensor(t), right=True)) - 1
+        b = sequence_of(cu_B1, t)
         raise LayoutError(
             f"layer {ids[j]}: global row {t} (sequence {b}, position {t - int(cu_B1[b])}) was recorded by no rank; "
             "pass the records of every rank that owns that layer and those rows"

@@ -47,6 +47,7 @@ from routereplay.core.errors import (
     TraceExhaustedError,
     UnconsumedTraceError,
 )
+from routereplay.core.index import sequence_of
 from routereplay.core.routing import forced_violations, groups_spanned, validate_forced
 from routereplay.core.trace import RoutingTrace, first_duplicate_row
 from routereplay.runtime.modes import ModeHost
@@ -286,7 +287,7 @@ def _holes_error(where: str, valid_T: torch.Tensor, cu_B1: torch.Tensor) -> Miss
     if not bool(inner_T.any()):
         # Exactly the engine convention: each sample's last token was never forwarded.
         t = int(holes_T.nonzero()[0, 0])
-        b = int(torch.searchsorted(cu_B1, torch.tensor(t, device=cu_B1.device), right=True)) - 1
+        b = sequence_of(cu_B1, t)
         return MissingRoutesError(
             f"{where}{int(holes_T.sum())} sequence(s) have no route for their last token, the first at row {t} "
             f"(sequence {b}): an inference engine never forwards a sample's last token, and "
@@ -295,7 +296,7 @@ def _holes_error(where: str, valid_T: torch.Tensor, cu_B1: torch.Tensor) -> Miss
             "those last tokens live and raises on any other gap"
         )
     t = int(inner_T.nonzero()[0, 0])
-    b = int(torch.searchsorted(cu_B1, torch.tensor(t, device=cu_B1.device), right=True)) - 1
+    b = sequence_of(cu_B1, t)
     return MissingRoutesError(
         f"{where}{int(inner_T.sum())} row(s) inside their sequence have no recorded route, the first at row {t} "
         f"(sequence {b}, position {t - int(cu_B1[b])} of {int(lens_B[b])}); capture the routes of every forward "
