@@ -72,6 +72,27 @@ def count_syncs(fn: Callable[[], Any]) -> tuple[Any, collections.Counter]:
     return result, sites
 
 
+def model_and_prompts(args: argparse.Namespace) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+    """The random model of ``args``' size on its device and dtype, ``[batch, prompt_len]`` prompts
+    without padding, and ``generate``'s arguments for a fixed-length greedy run (no EOS)."""
+    heads = max(1, args.hidden // 64)
+    size = ModelSize(
+        layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.topk, vocab=args.vocab,
+        heads=heads, kv_heads=max(1, heads // 2), head_dim=64, moe_intermediate=max(16, args.hidden // 2),
+    )
+    model = build_default_model(size, seed=0).to(device=args.device, dtype=DTYPES[args.dtype])
+    g = torch.Generator().manual_seed(0)
+    ids_BP = torch.randint(3, args.vocab, (args.batch, args.prompt_len), generator=g).to(args.device)
+    gen_kw = {
+        "attention_mask": torch.ones_like(ids_BP),
+        "do_sample": False,
+        "max_new_tokens": args.new_tokens,
+        "eos_token_id": None,  # no stop: every sequence runs max_new_tokens
+        "pad_token_id": 0,
+    }
+    return model, ids_BP, gen_kw
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -89,22 +110,8 @@ def main() -> None:
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
 
-    heads = max(1, args.hidden // 64)
-    size = ModelSize(
-        layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.topk, vocab=args.vocab,
-        heads=heads, kv_heads=max(1, heads // 2), head_dim=64, moe_intermediate=max(16, args.hidden // 2),
-    )
-    model = build_default_model(size, seed=0).to(device=args.device, dtype=DTYPES[args.dtype])
-    g = torch.Generator().manual_seed(0)
-    ids_BP = torch.randint(3, args.vocab, (args.batch, args.prompt_len), generator=g).to(args.device)
-    mask_BP = torch.ones_like(ids_BP)
-    gen_kw = {
-        "attention_mask": mask_BP,
-        "do_sample": False,
-        "max_new_tokens": args.new_tokens,
-        "eos_token_id": None,  # no stop: every sequence runs max_new_tokens
-        "pad_token_id": 0,
-    }
+    model, ids_BP, gen_kw = model_and_prompts(args)
+    mask_BP = gen_kw["attention_mask"]
     width = args.prompt_len + args.new_tokens
 
     def generate() -> torch.Tensor:

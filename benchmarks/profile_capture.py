@@ -19,10 +19,10 @@ import statistics
 import time
 
 import torch
-from bench_capture import count_syncs
+from bench_capture import count_syncs, model_and_prompts
 
 from routereplay import attach
-from routereplay.cli.check import DTYPES, ModelSize, build_default_model
+from routereplay.cli.check import DTYPES
 
 
 def main() -> None:
@@ -35,15 +35,7 @@ def main() -> None:
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    heads = max(1, args.hidden // 64)
-    size = ModelSize(
-        layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.topk, vocab=args.vocab,
-        heads=heads, kv_heads=max(1, heads // 2), head_dim=64, moe_intermediate=max(16, args.hidden // 2),
-    )  # fmt: skip
-    model = build_default_model(size, seed=0).to(device=args.device, dtype=DTYPES[args.dtype])
-    ids_BP = torch.randint(3, args.vocab, (args.batch, args.prompt_len)).to(args.device)
-    gen_kw = {"attention_mask": torch.ones_like(ids_BP), "do_sample": False, "max_new_tokens": args.new_tokens,
-              "eos_token_id": None, "pad_token_id": 0}  # fmt: skip
+    model, ids_BP, gen_kw = model_and_prompts(args)
     handle = attach(model)
 
     def plain():
