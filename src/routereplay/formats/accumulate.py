@@ -433,7 +433,6 @@ class RouteAccumulator:
             if chunk_valid is not None:
                 valid_R[pos : pos + n] = chunk_valid
             self._chunks[i] = (experts_RLK[pos : pos + n], None if valid_R is None else valid_R[pos : pos + n])
-            del chunk, chunk_valid
             pos += n
         if valid_R is not None and bool(valid_R.all()):
             valid_R = None
