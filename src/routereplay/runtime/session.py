@@ -380,9 +380,11 @@ class RouterHandle:
                     "still be recomputed; use torch.utils.checkpoint or a Function-based checkpoint"
                 )
             chain = []  # a forward run from a backward hook: routed like any forward
-        elif not torch.is_grad_enabled() and (self._mode is None and not self._training()):
+        elif torch.is_grad_enabled():
+            chain = recompute.scopes()
+        elif self._mode is None and not self._training():
             return weights_NK, ids_NK  # nothing can recompute this forward
-        elif not torch.is_grad_enabled() and getattr(self._mode, "generation", False):
+        elif getattr(self._mode, "generation", False):
             chain = []  # generate() runs without grad and is never checkpointed
         else:
             chain = recompute.scopes()
