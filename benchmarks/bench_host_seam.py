@@ -6,7 +6,7 @@ A tiny Qwen3-MoE (3 MoE layers, hidden 32, batch 2 x 8) trains on the CPU with o
 step's process time is mostly Python and op dispatch: plain, inside ``record()``, and inside
 ``replay()`` of a prepared trace, interleaved. Prints the medians, what record and replay add per MoE
 layer per step (forward and backward), and cProfile's routereplay functions over 50 replayed steps
-(where the seam's own Python time goes).
+(where the seam's own Python time goes); then what capture in ``generate`` adds to one MoE block.
 """
 
 from __future__ import annotations
@@ -76,6 +76,41 @@ def main() -> None:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats("routereplay", 12)
     print(out.getvalue()[out.getvalue().index("ncalls") :])
+    capture_block()
+
+
+def capture_block(rounds: int = 30, calls: int = 300) -> None:
+    """What capture in ``generate`` adds to one decode-step MoE block (not the first, which also
+    reports the batch shape), without grad: the block alone with the handle detached, attached and
+    idle, and inside ``record(generation=True)`` (capture's mode). Minimum over ``rounds`` of the
+    mean thread time of ``calls`` calls, the three interleaved."""
+    from helpers import tiny_qwen3_moe
+
+    import routereplay
+
+    model = tiny_qwen3_moe().eval()
+    block = model.model.layers[2].mlp
+    x = torch.randn(1, 16, model.config.hidden_size)
+
+    def per_call() -> float:
+        t = time.thread_time_ns()
+        for _ in range(calls):
+            block(x)
+        return (time.thread_time_ns() - t) / calls / 1e3
+
+    res: dict[str, list[float]] = {"plain": [], "idle": [], "capture": []}
+    with torch.no_grad():
+        for _ in range(rounds):
+            res["plain"].append(per_call())
+            handle = routereplay.attach(model)
+            res["idle"].append(per_call())
+            with handle.record(generation=True):
+                res["capture"].append(per_call())
+            handle.detach()
+    best = {k: min(v) for k, v in res.items()}
+    print(f"one MoE block, batch 16 rows, no grad (us per call, min of {rounds} x {calls}): plain "
+          f"{best['plain']:.1f}, attached and idle +{best['idle'] - best['plain']:.1f}, capturing "
+          f"+{best['capture'] - best['plain']:.1f}")  # fmt: skip
 
 
 def _in(ctx, fn):
