@@ -6,7 +6,8 @@
 Prints, per arm (plain, capture), the medians of wall time and host CPU time (process time, every
 thread) of ``--reps`` interleaved ``generate`` calls, the handle attached once (no attach, no
 rollout build in the timing); then cProfile's top functions (own time) of one captured
-``generate``, and, on CUDA, the host syncs of each arm.
+``generate``, routereplay's functions by cumulative time, the torch ops capture adds per router
+call, and, on CUDA, the host syncs of each arm.
 """
 
 from __future__ import annotations
@@ -17,12 +18,28 @@ import io
 import pstats
 import statistics
 import time
+from collections import Counter
 
 import torch
 from bench_capture import count_syncs, model_and_prompts
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from routereplay import attach
 from routereplay.cli.check import DTYPES
+
+
+def ops_of(fn) -> Counter:
+    """The aten ops one call of ``fn`` dispatches, by name."""
+    seen: Counter = Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return seen
 
 
 def main() -> None:
@@ -73,6 +90,14 @@ def main() -> None:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
     print(out.getvalue()[out.getvalue().index("ncalls") :])
+    out = io.StringIO()  # routereplay's own functions, by cumulative time: what a router call costs where
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats("routereplay", 25)
+    print(out.getvalue()[out.getvalue().index("ncalls") :])
+    added = Counter(ops_of(capture))
+    added.subtract(ops_of(plain))
+    calls = args.layers * (args.new_tokens + 1)
+    print("torch ops capture adds per router call:",
+          {k: round(v / calls, 2) for k, v in added.most_common() if v})  # fmt: skip
     if cuda:
         n = {k: sum(count_syncs(fn)[1].values()) for k, fn in arms.items()}
         print(f"host syncs: {n}")
