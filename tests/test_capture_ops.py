@@ -54,12 +54,11 @@ def _generate(model, ctx) -> Counter:
     return seen.ops
 
 
-def test_capture_adds_one_view_per_layer_per_forward(model):
+def test_capture_adds_no_op_on_the_cpu(model):
     plain = _generate(model, contextlib.nullcontext())
     with routereplay.attach(model) as handle:
         captured = _generate(model, handle.capture_generation())
-        forwards = NEW_TOKENS  # the prefill and NEW_TOKENS - 1 decode steps
-        assert captured - plain == Counter({"aten.detach.default": len(handle.layers) * forwards})
+        assert captured - plain == Counter()  # the ids are kept as the router made them
         assert plain - captured == Counter()
 
 
@@ -67,11 +66,10 @@ def test_capture_with_logprobs_adds_one_log_softmax_per_step(model):
     plain = _generate(model, contextlib.nullcontext())
     with routereplay.attach(model) as handle:
         captured = _generate(model, handle.capture_generation(logprobs=True))
-        L = len(handle.layers)
     added = captured - plain
     steps = NEW_TOKENS
     assert added["aten._log_softmax.default"] == steps  # one [B, V] log-softmax a step, never all logits
-    assert added["aten.detach.default"] == L * steps + steps
+    assert added["aten.detach.default"] == steps  # the logits', once a step; no op per layer
     assert set(added) <= {
         "aten.detach.default",
         "aten._log_softmax.default",

@@ -57,7 +57,7 @@ class Recording:
         self._masks.append(forward_mask_BS)
 
     def answer(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
-        ids = ids_NK.detach()
+        ids = ids_NK  # integer ids carry no autograd history: kept as they are, no detach (an op per call)
         # On CUDA the recording keeps its own compact copy (one small kernel per layer): under
         # torch.compile with CUDA graphs (generate's static cache) the router's ids live in the
         # graph's memory pool, which the next step overwrites. Host ids are narrowed when read.
