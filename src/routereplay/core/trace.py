@@ -48,9 +48,10 @@ _WIDE_UNSIGNED = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.ui
 # Validation walks the ids in blocks of about this many elements (a few MB: cache-sized temporaries).
 _BLOCK_ELEMENTS = 1 << 22
 # The host duplicate check compares rows in chunks whose K(K-1)/2 pair masks (or K slot planes, if
-# larger) take about this many bytes: ~150k rows at K=8. Fewer numpy calls per row (each holds the
-# GIL a moment, which threads share) measured faster than chunks whose masks stay in L2 cache.
-_DUP_CHUNK_BYTES = 4 << 20
+# larger) take about this many bytes: ~75k rows at K=8. Measured on a 2-core Zen 4 VM (1 MB L2),
+# 1 and 2 threads: smaller chunks pay more numpy calls (each holds the GIL a moment, which the
+# threads share), larger ones spill the masks from cache (two threads then share DRAM bandwidth).
+_DUP_CHUNK_BYTES = 2 << 20
 # ... and shares the chunks among threads from this many rows on (~8 MB of uint8 ids at K=8, a few
 # ms of work: a thread's start-up, ~0.1 ms, is then noise), with at most this many threads.
 _DUP_PARALLEL_ROWS = 1 << 20
