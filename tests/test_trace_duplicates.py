@@ -201,3 +201,93 @@ def test_non_contiguous_ids_are_checked_in_place():
     assert first_duplicate_row(ids_TLK, chunk=5, workers=2) == -1
     ids_LTK[2, 19, 3] = ids_LTK[2, 19, 1]
     assert first_duplicate_row(ids_TLK, chunk=5, workers=2) == 19 * 3 + 2
+
+
+# --- io.load: the repeat check beside the read --------------------------------------------------
+@pytest.fixture
+def scan_beside_read(monkeypatch):
+    """io.load checks repeats beside the read from 1 row on, in spans of 2 rows' bytes, 2 threads;
+    counts the scans that answered "distinct"."""
+    import routereplay.core.io as rio
+
+    monkeypatch.setattr(rio, "_DUP_PARALLEL_ROWS", 1)
+    monkeypatch.setattr(rio, "_IO_BLOCK", 64)
+    monkeypatch.setattr(rio._RepeatScan, "SPAN_BYTES", 2 * 3 * 4)
+    answers = []
+    distinct = rio._RepeatScan.distinct
+    monkeypatch.setattr(rio._RepeatScan, "distinct", lambda self: answers.append(distinct(self)) or answers[-1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield rio, answers
+    torch.set_num_threads(before)
+
+
+def _save(rio, tmp_path, ids_TLK, valid=None):
+    path = tmp_path / "t.rrt"
+    T = ids_TLK.shape[0]
+    trace = RoutingTrace.unchecked(
+        experts=ids_TLK, cu_seqlens=torch.tensor([0, 10, T]), layer_ids=(1, 3, 5), num_experts=50, valid=valid
+    )
+    rio.save(trace, path, fsync=False)
+    return path, trace
+
+
+def test_load_with_the_scan_returns_the_trace(scan_beside_read, tmp_path):
+    rio, answers = scan_beside_read
+    path, trace = _save(rio, tmp_path, _trace_ids().to(torch.uint8))
+    assert rio.load(path) == trace
+    assert answers == [True]  # the scan ran and vouched for the rows
+
+
+@pytest.mark.parametrize("token", [0, 17, 39])
+def test_load_with_the_scan_reports_the_repeat_as_validation_does(scan_beside_read, tmp_path, token):
+    rio, answers = scan_beside_read
+    ids = _trace_ids().to(torch.uint8)
+    ids[token, 1, 0] = ids[token, 1, 3]
+    ids[min(token + 1, 39), 2, 0] = ids[min(token + 1, 39), 2, 1]
+    path, _ = _save(rio, tmp_path, ids)
+    with pytest.raises(DuplicateExpertError) as e:
+        rio.load(path)
+    assert answers == [False]
+    seq, pos = (0, token) if token < 10 else (1, token - 10)
+    assert str(e.value).startswith(f"row {token} (sequence {seq}, position {pos}), layer 3 selects an expert twice")
+
+
+def test_load_with_the_scan_reports_a_bad_id_after_clean_rows(scan_beside_read, tmp_path):
+    """Rows without repeats, an id out of range: the range check still runs on every row."""
+    rio, answers = scan_beside_read
+    ids = _trace_ids().to(torch.uint8)
+    ids[33, 0, 2] = 60
+    path, _ = _save(rio, tmp_path, ids)
+    with pytest.raises(ExpertIdError, match=r"^expert id 60 at row 33 "):
+        rio.load(path)
+    assert answers == [True]
+
+
+def test_load_with_the_scan_reports_corruption_before_a_repeat(scan_beside_read, tmp_path):
+    from routereplay.core.errors import TraceFormatError
+
+    rio, answers = scan_beside_read
+    ids = _trace_ids().to(torch.uint8)
+    ids[2, 0, 1] = ids[2, 0, 0]
+    path, _ = _save(rio, tmp_path, ids)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # a flipped id byte: the checksum fails first
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceFormatError, match="checksum"):
+        rio.load(path)
+    assert answers == []
+
+
+def test_load_without_the_scan_for_masked_or_single_thread_files(scan_beside_read, tmp_path):
+    rio, answers = scan_beside_read
+    ids = _trace_ids().to(torch.uint8)
+    valid = torch.ones(40, dtype=torch.bool)
+    valid[9] = False
+    ids[9] = 0
+    path, trace = _save(rio, tmp_path, ids, valid=valid)
+    assert rio.load(path) == trace  # a masked file: zeroed rows repeat expert 0, no scan
+    torch.set_num_threads(1)
+    path, trace = _save(rio, tmp_path, _trace_ids().to(torch.uint8))
+    assert rio.load(path) == trace
+    assert answers == []

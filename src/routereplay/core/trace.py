@@ -158,6 +158,20 @@ class RoutingTrace:
     meta: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._validate(check_repeats=True)
+
+    @classmethod
+    def _with_distinct_rows(cls, **parts: Any) -> RoutingTrace:
+        """The constructor, less the repeat check, for ids whose every row (valid or not) the
+        caller has just checked for an expert named twice (``io.load``, beside the read)."""
+        self = object.__new__(cls)
+        defaults = {"valid": None, "gates": None, "meta": {}}
+        for name in cls.__slots__:
+            object.__setattr__(self, name, parts[name] if name in parts else defaults[name])
+        self._validate(check_repeats=False)
+        return self
+
+    def _validate(self, *, check_repeats: bool) -> None:
         experts_TLK, cu_seqlens_B1, valid_T = self.experts, self.cu_seqlens, self.valid
         num_experts = self.num_experts
         _check_num_experts(num_experts)
@@ -184,7 +198,9 @@ class RoutingTrace:
         if self.gates is not None:
             self._check_gates(self.gates, experts_TLK.shape, valid_T, cu_seqlens_B1)
 
-        experts_TLK = self._checked_ids(experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts)
+        experts_TLK = self._checked_ids(
+            experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts, check_repeats=check_repeats
+        )
 
         meta = dict(self.meta or {})
         for k, v in meta.items():
@@ -217,7 +233,9 @@ class RoutingTrace:
         return f"sequence {b}, position {t - int(cu_seqlens_B1[b])}"
 
     @classmethod
-    def _checked_ids(cls, experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts) -> torch.Tensor:
+    def _checked_ids(
+        cls, experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts, *, check_repeats: bool = True
+    ) -> torch.Tensor:
         """Range- and duplicate-check the ids on valid rows; return them in the compact dtype.
 
         Runs over cache-sized blocks of rows, so its temporaries stay a few MB whatever T is
@@ -270,7 +288,7 @@ class RoutingTrace:
                 )
                 checked_to = start
                 break
-        if K > 1 and checked_to:
+        if K > 1 and checked_to and check_repeats:
             keep_T = None if all_valid else valid_T[:checked_to]
             dup_row = first_duplicate_row(experts_TLK[:checked_to], keep_T)
             if dup_row >= 0:
