@@ -210,7 +210,7 @@ def scan_beside_read(monkeypatch):
     counts the scans that answered "distinct"."""
     import routereplay.core.io as rio
 
-    monkeypatch.setattr(rio, "_DUP_PARALLEL_ROWS", 1)
+    monkeypatch.setattr(trace_mod, "_DUP_PARALLEL_ROWS", 1)
     monkeypatch.setattr(rio, "_IO_BLOCK", 64)
     monkeypatch.setattr(rio._RepeatScan, "SPAN_BYTES", 2 * 3 * 4)
     answers = []

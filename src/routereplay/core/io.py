@@ -39,10 +39,9 @@ from safetensors import SafetensorError, safe_open
 
 from routereplay.core.errors import ExpertIdError, GatesError, TraceFormatError
 from routereplay.core.trace import (
-    _DUP_MAX_WORKERS,
-    _DUP_PARALLEL_ROWS,
     MAX_NUM_EXPERTS,
     RoutingTrace,
+    _duplicate_workers,
     expert_dtype,
     first_duplicate_row,
     host_empty,
@@ -508,8 +507,10 @@ def load(
             :func:`save` is safe.
         validate: re-run every RoutingTrace check (id range, duplicate ids, monotone
             ``cu_seqlens``, finite gates); O(T), over cache-sized blocks without copies of the
-            ids. With ``False`` only the O(1) structural checks run and the checksum vouches for
-            the content.
+            ids. The duplicate check, the costly one, runs on torch's intra-op threads
+            (``torch.get_num_threads()``), with more than one of them beside the read: rows
+            already read are checked while the next are read. With ``False`` only the O(1)
+            structural checks run and the checksum vouches for the content.
         device: where the returned tensors live. The checksum is verified on the host first.
         sequences: only these sequences, in this order (as ``trace.select_sequences``). From a
             chunked file (format 1.1, see docs/FORMAT.md) only the chunks of rows that hold them
@@ -586,9 +587,9 @@ class _RepeatScan:
     twice", which lets validation skip that check; any repeat (or a corrupt file) leaves every check
     to validation, so errors, rows and messages are those of a load without it.
 
-    Runs where the checks would use threads anyway (torch's thread count, as first_duplicate_row)
-    and only on files without a ``valid`` mask: the zeroed rows of a mask repeat expert 0, so such
-    a file would always fall back.
+    Runs where the check would use threads anyway (``_duplicate_workers``: torch's thread count,
+    on a million rows or more), the reader being one of them, and only on files without a ``valid``
+    mask: the zeroed rows of a mask repeat expert 0, so such a file would always fall back.
     """
 
     SPAN_BYTES = 8 << 20  # ids per task: ~5 ms of checks
@@ -607,13 +608,13 @@ class _RepeatScan:
         """A scan of ``header``'s experts in ``buffer`` when it is worth threads, else None."""
         e = header.tensors["experts"]
         dtype = _DTYPES.get(e.dtype)
-        workers = min(torch.get_num_threads(), _DUP_MAX_WORKERS) - 1
         ok = (
-            validate and workers >= 1 and "valid" not in header.tensors and e.dtype in _EXPERT_DTYPES
-            and len(e.shape) == 3 and e.shape[2] > 1 and e.shape[0] * e.shape[1] >= _DUP_PARALLEL_ROWS
-            and 0 <= e.start <= e.end == e.start + math.prod(e.shape) * dtype.itemsize <= buffer.numel()
+            validate and "valid" not in header.tensors and e.dtype in _EXPERT_DTYPES and len(e.shape) == 3
+            and e.shape[2] > 1 and 0 <= e.start <= e.end == e.start + math.prod(e.shape) * dtype.itemsize
+            and e.end <= buffer.numel()
         )
-        if not ok:
+        workers = _duplicate_workers(e.shape[0] * e.shape[1]) - 1 if ok else 0  # the reader is one more
+        if workers < 1:
             yield None
             return
         scan = cls(buffer[e.start : e.end].view(dtype).view(e.shape), e.start, workers)
