@@ -144,6 +144,10 @@ class RoutingTrace:
         gates: optional float ``[T, L, K]`` gate weights as recorded.
         meta: small ``str -> str`` mapping (source, model fingerprint, ...).
 
+    Validation is O(T*L*K), over cache-sized blocks; its costliest part, the check that no row
+    names an expert twice, runs on ``torch.get_num_threads()`` threads (at most 8) from a million
+    rows of ``T * L`` on.
+
     Raises:
         TraceShapeError, SeqlensError, ExpertIdError, DuplicateExpertError, LayerIdsError,
         GatesError: the message names the sequence / layer / row and the values involved.
