@@ -41,7 +41,8 @@ from routereplay.core import layout
 from routereplay.formats import RouteAccumulator, from_sglang, from_verl, from_vllm
 from routereplay.rl.store import RouteStore
 
-ROWS = ("store", "accumulate", "load", "save", "convert", "select", "prepare", "rank", "bitpack")
+# "vllm": from_vllm alone (its row of "convert", without the minutes of the verl and SGLang rows).
+ROWS = ("store", "accumulate", "load", "save", "convert", "vllm", "select", "prepare", "rank", "bitpack")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -257,7 +258,7 @@ def row_save(table: Table, trace: RoutingTrace, tmp: str) -> None:
         p.unlink(missing_ok=True)
 
 
-def row_convert(table: Table, trace: RoutingTrace) -> None:
+def row_convert(table: Table, trace: RoutingTrace, vllm_only: bool = False) -> None:
     """23.2: the engine converters against the copy that any converter must make."""
     import base64
 
@@ -269,6 +270,8 @@ def row_convert(table: Table, trace: RoutingTrace) -> None:
         "from_vllm (uint8 arrays)", lambda: from_vllm(payloads, num_experts=E), "np.concatenate",
         lambda: np.concatenate(payloads), nbytes, "<= 2x, peak <= 2x",
     )
+    if vllm_only:
+        return
     # verl: int16 [B, S, L, K] right-padded after a random length in [S/2, S], attention mask [B, S].
     S = cu[1] - cu[0]
     g = torch.Generator().manual_seed(1)
@@ -528,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                 row_load(table, trace, tmp)
             elif name == "save":
                 row_save(table, trace, tmp)
-            elif name == "convert":
-                row_convert(table, trace)
+            elif name in ("convert", "vllm"):
+                row_convert(table, trace, vllm_only=name == "vllm")
             elif name == "select":
                 row_select(table, trace)
             elif name == "prepare":

@@ -18,6 +18,7 @@ Legend (shape suffixes used in this file):
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import json
 import math
@@ -28,6 +29,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -36,7 +38,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from routereplay.core.errors import ExpertIdError, GatesError, TraceFormatError
-from routereplay.core.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
+from routereplay.core.trace import (
+    MAX_NUM_EXPERTS,
+    RoutingTrace,
+    _duplicate_workers,
+    expert_dtype,
+    first_duplicate_row,
+    host_empty,
+)
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -498,8 +507,10 @@ def load(
             :func:`save` is safe.
         validate: re-run every RoutingTrace check (id range, duplicate ids, monotone
             ``cu_seqlens``, finite gates); O(T), over cache-sized blocks without copies of the
-            ids. With ``False`` only the O(1) structural checks run and the checksum vouches for
-            the content.
+            ids. The duplicate check, the costly one, runs on torch's intra-op threads
+            (``torch.get_num_threads()``), with more than one of them beside the read: rows
+            already read are checked while the next are read. With ``False`` only the O(1)
+            structural checks run and the checksum vouches for the content.
         device: where the returned tensors live. The checksum is verified on the host first.
         sequences: only these sequences, in this order (as ``trace.select_sequences``). From a
             chunked file (format 1.1, see docs/FORMAT.md) only the chunks of rows that hold them
@@ -530,24 +541,27 @@ def load(
             trace = trace.select_layers(layers)
         return trace if torch.device(device).type == "cpu" else trace.to(device)
     # Unbuffered: the data section is read straight into the trace's memory, block by block.
+    distinct = False
     with open(path, "rb", buffering=0) as f:
         header, prefix = _read_prefix(f, path)
         if not mmap:
             _require_tensors(path, header)
-            buffer = _read_data(f, path, header, prefix)
+            buffer = host_empty((header.data_size,), torch.uint8)
+            with _RepeatScan.beside_read(buffer, header, validate) as scan:
+                _read_data(f, path, header, prefix, buffer, scan)
+                distinct = scan is not None and scan.distinct()
     if mmap:
         tensors = _read_tensors(path, header)
         _verify_checksum(path, header, prefix, tensors)
     else:
         tensors = _views(buffer, header)
-    return _build(path, header, tensors, validate=validate, device=device)
+    return _build(path, header, tensors, validate=validate, device=device, distinct_rows=distinct)
 
 
-def _read_data(f, path: str, header: TraceFileHeader, prefix: bytes) -> torch.Tensor:
-    """The data section read from ``f`` (positioned after the header) into one new uint8 buffer,
-    checksummed block by block as it is read."""
+def _read_data(f, path: str, header: TraceFileHeader, prefix: bytes, buffer: torch.Tensor, scan=None) -> None:
+    """The data section read from ``f`` (positioned after the header) into ``buffer`` (uint8, of
+    the data's size), checksummed block by block as it is read; ``scan`` is told how far it got."""
     n = header.data_size
-    buffer = host_empty((n,), torch.uint8)
     view = memoryview(buffer.numpy()) if n else memoryview(b"")
     crc = _prefix_crc(path, header, prefix)
     pos = 0
@@ -561,8 +575,73 @@ def _read_data(f, path: str, header: TraceFileHeader, prefix: bytes) -> torch.Te
             )
         crc = zlib.crc32(view[pos : pos + got], crc)
         pos += got
+        if scan is not None:
+            scan.read_to(pos)
     _check_crc(path, header, crc)
-    return buffer
+
+
+class _RepeatScan:
+    """The repeat check of a file's expert ids (:func:`first_duplicate_row`), on threads beside the
+    read: while ``load`` reads and checksums the next blocks (both release the GIL), rows already
+    read are checked. Its only answer is :meth:`distinct`, "no row, valid or not, names an expert
+    twice", which lets validation skip that check; any repeat (or a corrupt file) leaves every check
+    to validation, so errors, rows and messages are those of a load without it.
+
+    Runs where the check would use threads anyway (``_duplicate_workers``: torch's thread count,
+    on a million rows or more), the reader being one of them, and only on files without a ``valid``
+    mask: the zeroed rows of a mask repeat expert 0, so such a file would always fall back.
+    """
+
+    SPAN_BYTES = 32 << 20  # ids per task (~20 ms of checks): few buffer allocations, 8-128 MB measured alike
+
+    def __init__(self, experts_NLK: torch.Tensor, start: int, workers: int) -> None:
+        self._experts, self._start = experts_NLK, start  # the ids, and their first byte in the data section
+        self._row_bytes = experts_NLK[:1].numel() * experts_NLK.element_size()
+        self._span_rows = max(1, self.SPAN_BYTES // self._row_bytes)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="routereplay-load-check")
+        self._sent = 0  # rows sent to the pool
+        self._tasks: list = []  # (first row, end row, future)
+
+    @classmethod
+    @contextlib.contextmanager
+    def beside_read(cls, buffer: torch.Tensor, header: TraceFileHeader, validate: bool):
+        """A scan of ``header``'s experts in ``buffer`` when it is worth threads, else None."""
+        e = header.tensors["experts"]
+        dtype = _DTYPES.get(e.dtype)
+        ok = (
+            validate and "valid" not in header.tensors and e.dtype in _EXPERT_DTYPES and len(e.shape) == 3
+            and e.shape[2] > 1 and 0 <= e.start <= e.end == e.start + math.prod(e.shape) * dtype.itemsize
+            and e.end <= buffer.numel()
+        )
+        workers = _duplicate_workers(e.shape[0] * e.shape[1]) - 1 if ok else 0  # the reader is one more
+        if workers < 1:
+            yield None
+            return
+        scan = cls(buffer[e.start : e.end].view(dtype).view(e.shape), e.start, workers)
+        try:
+            yield scan
+        finally:
+            for _, _, task in scan._tasks:
+                task.cancel()
+            scan._pool.shutdown(wait=True)
+
+    def read_to(self, pos: int) -> None:
+        """The data section is read up to byte ``pos``: send the rows completed since, by spans."""
+        T = self._experts.shape[0]
+        ready = min(T, max(0, pos - self._start) // self._row_bytes)
+        while ready - self._sent >= self._span_rows or (ready == T and self._sent < T):
+            end = min(ready, self._sent + self._span_rows)
+            task = self._pool.submit(first_duplicate_row, self._experts[self._sent : end], workers=1)
+            self._tasks.append((self._sent, end, task))
+            self._sent = end
+
+    def distinct(self) -> bool:
+        """After the read: True when no row names an expert twice. Spans the pool has not started
+        are taken back and checked here, on torch's threads, beside the pool's last ones."""
+        left = [(lo, hi) for lo, hi, task in self._tasks if task.cancel()]
+        if left and first_duplicate_row(self._experts[left[0][0] : left[-1][1]]) >= 0:
+            return False  # the spans taken back are the last ones sent: one run of rows
+        return all(task.result() < 0 for _, _, task in self._tasks if not task.cancelled())
 
 
 def _views(buffer: torch.Tensor, header: TraceFileHeader) -> dict[str, torch.Tensor]:
@@ -796,9 +875,16 @@ class _BytesReader:
 
 
 def _build(
-    path: str, header: TraceFileHeader, tensors: dict[str, torch.Tensor], *, validate: bool, device
+    path: str,
+    header: TraceFileHeader,
+    tensors: dict[str, torch.Tensor],
+    *,
+    validate: bool,
+    device,
+    distinct_rows: bool = False,
 ) -> RoutingTrace:
-    """The trace from checksummed host tensors: parse the fields, move, then validate or run the O(1) checks."""
+    """The trace from checksummed host tensors: parse the fields, move, then validate or run the O(1)
+    checks. ``distinct_rows``: the ids were checked for repeats beside the read (see _RepeatScan)."""
     fields = _parse_fields(path, header)
     if torch.device(device).type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}
@@ -812,7 +898,7 @@ def _build(
         "meta": fields["meta"],
     }
     if validate:
-        trace = RoutingTrace(**parts)
+        trace = RoutingTrace._with_distinct_rows(**parts) if distinct_rows else RoutingTrace(**parts)
         if trace.experts is not parts["experts"] and torch.device(device).type == "cpu":
             # Validation built new ids (invalid rows held non-zero bytes): copy the small tensors so
             # they do not keep the whole data section alive next to the new ids.

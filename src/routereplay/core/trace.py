@@ -10,8 +10,11 @@ Legend (shape suffixes used in this file):
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -44,6 +47,15 @@ MAX_NUM_EXPERTS = 2**31
 _WIDE_UNSIGNED = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
 # Validation walks the ids in blocks of about this many elements (a few MB: cache-sized temporaries).
 _BLOCK_ELEMENTS = 1 << 22
+# The host duplicate check compares rows in chunks whose K(K-1)/2 pair masks (or K slot planes, if
+# larger) take about this many bytes: ~75k rows at K=8. Measured on a 2-core Zen 4 VM (1 MB L2),
+# 1 and 2 threads: smaller chunks pay more numpy calls (each holds the GIL a moment, which the
+# threads share), larger ones spill the masks from cache (two threads then share DRAM bandwidth).
+_DUP_CHUNK_BYTES = 2 << 20
+# ... and shares the chunks among threads from this many rows on (~8 MB of uint8 ids at K=8, a few
+# ms of work: a thread's start-up, ~0.1 ms, is then noise), with at most this many threads.
+_DUP_PARALLEL_ROWS = 1 << 20
+_DUP_MAX_WORKERS = 8
 
 
 def expert_dtype(num_experts: int) -> torch.dtype:
@@ -132,6 +144,10 @@ class RoutingTrace:
         gates: optional float ``[T, L, K]`` gate weights as recorded.
         meta: small ``str -> str`` mapping (source, model fingerprint, ...).
 
+    Validation is O(T*L*K), over cache-sized blocks; its costliest part, the check that no row
+    names an expert twice, runs on ``torch.get_num_threads()`` threads (at most 8) from a million
+    rows of ``T * L`` on.
+
     Raises:
         TraceShapeError, SeqlensError, ExpertIdError, DuplicateExpertError, LayerIdsError,
         GatesError: the message names the sequence / layer / row and the values involved.
@@ -146,6 +162,20 @@ class RoutingTrace:
     meta: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._validate(check_repeats=True)
+
+    @classmethod
+    def _with_distinct_rows(cls, **parts: Any) -> RoutingTrace:
+        """The constructor, less the repeat check, for ids whose every row (valid or not) the
+        caller has just checked for an expert named twice (``io.load``, beside the read)."""
+        self = object.__new__(cls)
+        defaults = {"valid": None, "gates": None, "meta": {}}
+        for name in cls.__slots__:
+            object.__setattr__(self, name, parts[name] if name in parts else defaults[name])
+        self._validate(check_repeats=False)
+        return self
+
+    def _validate(self, *, check_repeats: bool) -> None:
         experts_TLK, cu_seqlens_B1, valid_T = self.experts, self.cu_seqlens, self.valid
         num_experts = self.num_experts
         _check_num_experts(num_experts)
@@ -172,7 +202,9 @@ class RoutingTrace:
         if self.gates is not None:
             self._check_gates(self.gates, experts_TLK.shape, valid_T, cu_seqlens_B1)
 
-        experts_TLK = self._checked_ids(experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts)
+        experts_TLK = self._checked_ids(
+            experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts, check_repeats=check_repeats
+        )
 
         meta = dict(self.meta or {})
         for k, v in meta.items():
@@ -205,7 +237,9 @@ class RoutingTrace:
         return f"sequence {b}, position {t - int(cu_seqlens_B1[b])}"
 
     @classmethod
-    def _checked_ids(cls, experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts) -> torch.Tensor:
+    def _checked_ids(
+        cls, experts_TLK, valid_T, cu_seqlens_B1, layer_ids, num_experts, *, check_repeats: bool = True
+    ) -> torch.Tensor:
         """Range- and duplicate-check the ids on valid rows; return them in the compact dtype.
 
         Runs over cache-sized blocks of rows, so its temporaries stay a few MB whatever T is
@@ -222,6 +256,10 @@ class RoutingTrace:
         check_range = not (experts_TLK.dtype == torch.uint8 and num_experts >= 256)
         needs_zeroing = False
         rows = max(1, _BLOCK_ELEMENTS // max(L * K, 1))
+        # The range check and the invalid-row scan run block by block; the duplicate check runs
+        # once over every row (threads share it, see first_duplicate_row), up to the first block
+        # with an id out of range: as if each block were checked for range, then repeats, in turn.
+        range_error, checked_to = None, T
         for start in range(0, T, rows):
             ids_NLK = experts_TLK[start : start + rows]
             if ids_NLK.dtype in _WIDE_UNSIGNED:
@@ -233,34 +271,41 @@ class RoutingTrace:
             if valid_N is not None and bool(ids_NLK[~valid_N].any()):
                 # Invalid rows holding ids (not zeros): check the valid rows alone, then re-zero.
                 needs_zeroing = gathered = True
+            if not check_range:
+                continue
             # Zeroed invalid rows pass the range check (0 is always an id), so the block is checked
             # in place; only the duplicate check must skip them (their slots repeat 0).
             ids = ids_NLK[valid_N] if gathered else ids_NLK
             if not ids.numel():
                 continue
-            if check_range:
-                lo, hi = torch.aminmax(ids)
-                if int(lo) < 0 or int(hi) >= num_experts:
-                    bad_NLK = (ids < 0) | (ids >= num_experts)
-                    n, l, k = (int(i) for i in bad_NLK.nonzero()[0])
-                    t = start + (int(valid_N.nonzero()[n, 0]) if gathered else n)
-                    found = int(ids[n, l, k])
-                    if unsigned64 and found < 0:
-                        found += 2**64
-                    raise ExpertIdError(
-                        f"expert id {found} at row {t} ({cls._where(cu_seqlens_B1, t)}), "
-                        f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
-                    )
-            if K > 1:
-                keep = None if gathered or valid_N is None else valid_N.repeat_interleave(L)
-                dup_row = first_duplicate_row(ids.reshape(-1, K), keep)
-                if dup_row >= 0:
-                    n, l = divmod(dup_row, L)
-                    t = start + (int(valid_N.nonzero()[n, 0]) if gathered else n)
-                    raise DuplicateExpertError(
-                        f"row {t} ({cls._where(cu_seqlens_B1, t)}), layer {layer_ids[l]} selects an expert "
-                        f"twice: {ids[n, l].tolist()}; each of the top-{K} slots must name a different expert"
-                    )
+            lo, hi = torch.aminmax(ids)
+            if int(lo) < 0 or int(hi) >= num_experts:
+                bad_NLK = (ids < 0) | (ids >= num_experts)
+                n, l, k = (int(i) for i in bad_NLK.nonzero()[0])
+                t = start + (int(valid_N.nonzero()[n, 0]) if gathered else n)
+                found = int(ids[n, l, k])
+                if unsigned64 and found < 0:
+                    found += 2**64
+                range_error = ExpertIdError(
+                    f"expert id {found} at row {t} ({cls._where(cu_seqlens_B1, t)}), "
+                    f"layer {layer_ids[l]}, slot {k} is outside [0, {num_experts})"
+                )
+                checked_to = start
+                break
+        if K > 1 and checked_to and check_repeats:
+            keep_T = None if all_valid else valid_T[:checked_to]
+            dup_row = first_duplicate_row(experts_TLK[:checked_to], keep_T)
+            if dup_row >= 0:
+                t, l = divmod(dup_row, L)
+                ids_K = experts_TLK[t, l]
+                if ids_K.dtype in _WIDE_UNSIGNED:
+                    ids_K = ids_K.view(torch.int64) if unsigned64 else ids_K.to(_WIDE_UNSIGNED[ids_K.dtype])
+                raise DuplicateExpertError(
+                    f"row {t} ({cls._where(cu_seqlens_B1, t)}), layer {layer_ids[l]} selects an expert "
+                    f"twice: {ids_K.tolist()}; each of the top-{K} slots must name a different expert"
+                )
+        if range_error is not None:
+            raise range_error
         if needs_zeroing:
             out = torch.zeros(experts_TLK.shape, dtype=dtype, device=experts_TLK.device)
             source = experts_TLK
@@ -558,35 +603,104 @@ def _own_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def first_duplicate_row(ids_NK: torch.Tensor, keep_N: torch.Tensor | None = None, chunk: int = 1 << 15) -> int:
+def first_duplicate_row(
+    ids_NK: torch.Tensor, keep_N: torch.Tensor | None = None, chunk: int | None = None, workers: int | None = None
+) -> int:
     """Index of the first row of ``ids_NK`` naming an expert twice, or -1; rows where ``keep_N``
     is False are skipped.
 
-    Compares the K(K-1)/2 slot pairs column against column on cache-sized chunks. On the CPU
-    this runs through numpy, whose narrow-int compares are ~10x faster than torch's here and
-    over 10x faster than sorting each row.
+    ``ids`` may be ``[N, K]``, or ``[N, L, K]``: N groups of L rows (a trace's tokens and layers),
+    read without a copy of the whole, with ``keep_N`` per group; row ``n * L + l`` is reported.
+
+    On the CPU, chunks of rows are transposed into K slot planes and the K(K-1)/2 slot pairs
+    compared plane against plane through numpy (whose narrow-int compares are ~10x faster than
+    torch's here, and over 10x faster than sorting each row). numpy releases the GIL inside each
+    compare, so from :data:`_DUP_PARALLEL_ROWS` rows on the chunks are shared among threads (see
+    :func:`_duplicate_workers`); the answer is the same lowest row whatever the thread count.
+
+    Args:
+        ids_NK: integer ids ``[N, K]`` or ``[N, L, K]``.
+        keep_N: optional bool ``[N]``: rows (groups) to check; the others are skipped.
+        chunk: rows per chunk (default: :data:`_DUP_CHUNK_BYTES` of pair masks or slot planes); host only.
+        workers: threads sharing the chunks (default: :func:`_duplicate_workers`); host only.
     """
-    N, K = ids_NK.shape
-    if ids_NK.device.type != "cpu":
-        bad_N = torch.zeros(N, dtype=torch.bool, device=ids_NK.device)
+    ids_NLK = ids_NK if ids_NK.ndim == 3 else ids_NK[:, None]
+    N, L, K = ids_NLK.shape
+    if ids_NLK.device.type != "cpu":
+        rows_NK = ids_NLK.reshape(N * L, K)
+        bad_N = torch.zeros(N * L, dtype=torch.bool, device=rows_NK.device)
         for i in range(K - 1):
-            bad_N |= (ids_NK[:, i : i + 1] == ids_NK[:, i + 1 :]).any(-1)
+            bad_N |= (rows_NK[:, i : i + 1] == rows_NK[:, i + 1 :]).any(-1)
         if keep_N is not None:
-            bad_N &= keep_N
+            bad_N &= keep_N.repeat_interleave(L)
         return int(bad_N.nonzero()[0, 0]) if bool(bad_N.any()) else -1
-    ids = ids_NK.numpy()
+    if K < 2 or not N * L:
+        return -1
+    if chunk is None:
+        chunk = max(1, _DUP_CHUNK_BYTES // max(K * (K - 1) // 2, K * ids_NLK.element_size()))
+    chunk_N = max(1, chunk // L)  # whole groups per chunk
+    if workers is None:
+        workers = _duplicate_workers(N * L)
+    workers = max(1, min(workers, -(-N // chunk_N)))
+    ids = ids_NLK.numpy()
     keep = None if keep_N is None else keep_N.numpy()
-    for start in range(0, N, chunk):
-        cols_KN = np.ascontiguousarray(ids[start : start + chunk].T)
-        bad_N = np.zeros(cols_KN.shape[1], dtype=bool)
-        for i in range(K - 1):
-            for j in range(i + 1, K):
-                bad_N |= cols_KN[i] == cols_KN[j]
-        if keep is not None:
-            bad_N &= keep[start : start + chunk]
-        if bad_N.any():
-            return start + int(bad_N.argmax())
-    return -1
+    # found[0]: the lowest bad group any thread has reported (N: none yet), as (group, row) in
+    # found[1]. A thread stops at its first bad row, or at a chunk starting above found[0]: every
+    # chunk below the answer is checked, so the answer is the lowest bad row.
+    found, lock = [N, -1], threading.Lock()
+    scan = partial(_scan_duplicates, ids, keep, step=workers, chunk=chunk_N, found=found, lock=lock)
+    if workers == 1:
+        scan(0)
+    else:
+        with ThreadPoolExecutor(workers - 1, thread_name_prefix="routereplay-dup") as pool:
+            others = [pool.submit(scan, w) for w in range(1, workers)]
+            scan(0)
+            for f in others:
+                f.result()
+    return found[1]
+
+
+def _duplicate_workers(N: int) -> int:
+    """Threads for the host duplicate check of N rows: 1 below :data:`_DUP_PARALLEL_ROWS` (a few ms
+    of work, where starting threads would show), else torch's intra-op thread count, at most
+    :data:`_DUP_MAX_WORKERS`. Following ``torch.get_num_threads()`` keeps the check inside the CPU
+    budget the process already gave torch: ``torch.set_num_threads(1)`` (or ``OMP_NUM_THREADS=1``,
+    as torchrun sets per rank) makes it single-threaded."""
+    if N < _DUP_PARALLEL_ROWS:
+        return 1
+    return max(1, min(torch.get_num_threads(), _DUP_MAX_WORKERS))
+
+
+def _scan_duplicates(ids_NLK: np.ndarray, keep_N, first: int, *, step: int, chunk: int, found: list[int], lock) -> None:
+    """Chunks ``first, first + step, ...`` (of ``chunk`` groups) of :func:`first_duplicate_row`;
+    lowers ``found`` to the first bad row met. Slot pairs are compared as K-plane blocks, slot i
+    against slot i + s (mod K) for s = 1 .. K // 2: K(K-1)/2 plane compares in about K numpy calls."""
+    N, L, K = ids_NLK.shape
+    rows = min(chunk, N) * L
+    cols_KR = np.empty((K, rows), dtype=ids_NLK.dtype)
+    eq_PR = np.empty((K * (K - 1) // 2, rows), dtype=bool)
+    for start in range(first * chunk, N, step * chunk):
+        if start > found[0]:
+            return
+        n = min(chunk, N - start)
+        cols, eq = cols_KR[:, : n * L], eq_PR[:, : n * L]
+        np.copyto(cols, ids_NLK[start : start + n].reshape(n * L, K).T)
+        p = 0
+        for s in range(1, K // 2 + 1):
+            np.equal(cols[: K - s], cols[s:], out=eq[p : p + K - s])  # slot i vs i + s
+            p += K - s
+            if 2 * s < K:  # slot i vs i + K - s; at s = K/2 the line above already paired them
+                np.equal(cols[K - s :], cols[:s], out=eq[p : p + s])
+                p += s
+        bad_R = np.logical_or.reduce(eq, axis=0)
+        if keep_N is not None:
+            bad_R.reshape(n, L)[...] &= keep_N[start : start + n, None]
+        if bad_R.any():
+            row = start * L + int(bad_R.argmax())
+            with lock:
+                if found[1] < 0 or row < found[1]:
+                    found[0], found[1] = row // L, row
+            return
 
 
 def _first_nonfinite_row(gates_TLK: torch.Tensor, valid_T: torch.Tensor | None) -> int:

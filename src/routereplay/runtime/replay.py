@@ -612,7 +612,7 @@ def _host_ids_ok(forced_LNK: torch.Tensor, mask_N, layers) -> bool:
     experts_NLK = forced_LNK.permute(1, 0, 2)
     if not experts_NLK.is_contiguous() or not experts_NLK.numel():
         return False
-    N, L, K = experts_NLK.shape
+    K = experts_NLK.shape[2]
     num_logits = min(m.spec.num_logits for m in layers)
     if not (experts_NLK.dtype == torch.uint8 and num_logits >= 256):
         ids = experts_NLK.numpy()  # numpy: one thread (see _pinned); rows without a route hold zeros, in range
@@ -620,8 +620,7 @@ def _host_ids_ok(forced_LNK: torch.Tensor, mask_N, layers) -> bool:
             return False
     if K == 1:
         return True
-    keep = None if mask_N is None else mask_N.repeat_interleave(L)
-    return first_duplicate_row(experts_NLK.reshape(N * L, K), keep) < 0
+    return first_duplicate_row(experts_NLK, mask_N) < 0
 
 
 def _violations(forced_LNK: torch.Tensor, layers) -> torch.Tensor:
