@@ -115,6 +115,18 @@ def profile_case(case, args, mu, RouterReplay) -> None:
                   f"({sum(r[1] for r in rows)} kernels)")  # fmt: skip
             for k, n, us in rows[:8]:
                 print(f"      {us:7.1f} us  x{n:<2d} {k}")
+    if args.bwd_rows:  # the prepared backward's rows per program, swept: device µs of forward + backward
+        default = replay_triton.block_rows
+        cells = []
+        for rows in args.bwd_rows:
+            replay_triton.block_rows = lambda plan, backward, *a, r=rows: r if backward else default(plan, False, *a)
+            try:
+                fb = lambda i: torch.autograd.grad(prepared(leaves[i], ids8[i], None, bias)[0], leaves[i], grad_k)
+                cells.append(f"{rows}: {kernels_of(fb, copies)[0]:.1f}")
+            finally:
+                replay_triton.block_rows = default
+        print(f"prepared u8 fwd+bwd device us by backward rows per program (default {default(prepared.plan, True)}):",
+              ", ".join(cells))  # fmt: skip
     if mu is not None:
         RouterReplay.clear_global_router_replay_instances()
 
@@ -123,6 +135,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))))
     p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--bwd-rows", type=int, nargs="*", default=[16, 32, 64], help="backward rows per program swept")
     args = p.parse_args()
     try:
         from megatron.core.transformer.moe import moe_utils as mu
