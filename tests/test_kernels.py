@@ -155,6 +155,21 @@ def _report() -> dict:
     others = torch.arange(8) != 5
     out["nan_row"] = bool(w[5].isnan().all()) and not bool(w[others].isnan().any())
     out["nan_row_others_ulp"] = ulp_distance(w[others], ref_w[others])
+    # an expert named twice in a row with validate=False: its logit's gradient sums both slots (as
+    # route()'s gather does), for a dense (softmax over E) and a sparse score
+    out["repeat_grad_rel"] = {}
+    for name in ("softmax_pre_norm", "sigmoid_bias_groups"):
+        rspec = VARIANTS[name]
+        r_logits_TE, r_kwargs, r_gen = routing_inputs(rspec, torch.float32, 3, num_tokens=8)
+        rep_TK = random_valid_ids(rspec, 8, r_gen)
+        rep_TK[3, 1] = rep_TK[3, 0]
+        grad_TK = torch.randn(8, rspec.top_k, generator=r_gen)
+        grads = []
+        for fn in (routing.route, route_forced_fused):
+            leaf = r_logits_TE.clone().requires_grad_(True)
+            w, _ = fn(leaf, rspec, forced_TK=rep_TK, validate=False, **r_kwargs)
+            grads.append(torch.autograd.grad(w, leaf, grad_TK)[0])
+        out["repeat_grad_rel"][name] = float((grads[1] - grads[0]).norm() / grads[0].norm())
     # strided logits, and no rows at all
     wide_TE = torch.randn(8, 2 * spec.num_logits, generator=gen)
     w, _ = route_forced_fused(wide_TE[:, ::2], spec, forced_TK=ids_TK, **kwargs)
@@ -164,7 +179,31 @@ def _report() -> dict:
     out["empty"] = [list(w.shape), list(i.shape)]
     out["sum_order"], out["sum_orders_differ"] = _sum_order_report(PreparedReplay)
     out["prepared_errors"] = _prepared_errors(prepare_fused, RouterSpecError)
+    out["backward_ops"] = _backward_ops(PreparedReplay)
     return out
+
+
+def _backward_ops(PreparedReplay) -> dict[str, int]:
+    """The aten ops a prepared call's backward dispatches (the kernel itself runs in the interpreter)."""
+    from collections import Counter
+
+    from helpers import VARIANTS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    spec = VARIANTS["softmax_pre_norm"]
+    fused = PreparedReplay(spec, logits_dtype=torch.float32, device="cpu")
+    leaf = torch.randn(8, spec.num_logits).requires_grad_(True)
+    weights_TK, _ = fused(leaf, torch.arange(spec.top_k).repeat(8, 1))
+    grad_TK = torch.ones_like(weights_TK)
+    seen: Counter = Counter()
+    with Ops():
+        torch.autograd.grad(weights_TK, leaf, grad_TK)
+    return dict(seen)
 
 
 def _emulated_sum(x_TK, halves: bool):
@@ -325,6 +364,11 @@ def test_interpreted_kernel_edge_cases(report):
     assert report["nan_row_others_ulp"] <= ULP_BOUND["float32"]
     assert report["strided_ulp"] <= ULP_BOUND["float32"]
     assert report["empty"] == [[0, 4], [0, 4]]
+    # autograd makes no zeros for the ids' gradient (the interpreter's own tensors are seen too)
+    made = {op for op in report["backward_ops"] if "zero" in op or "fill" in op}
+    assert not made, report["backward_ops"]
+    for name, rel in report["repeat_grad_rel"].items():
+        assert rel <= 1e-6, f"{name}: gradient of a repeated id {rel:.2e} from route()'s"
 
 
 def test_import_routereplay_does_not_import_triton():

@@ -347,12 +347,15 @@ class _FusedReplay(torch.autograd.Function):
         ctx.prepared = prepared
         ctx.save_for_backward(logits_TE, ids_TK, scale_E, stats_2T)
         ctx.mark_non_differentiable(ids_TK)
+        ctx.set_materialize_grads(False)  # no zeros [T, K] for the ids' gradient: a fill kernel per backward
         return weights_TK, ids_TK
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_weights_TK, grad_ids_TK):
         del grad_ids_TK
+        if grad_weights_TK is None:  # nothing reached the weights (grads are not materialised)
+            return None, None, None, None
         prepared: PreparedReplay = ctx.prepared
         logits_TE, ids_TK, scale_E, stats_2T = ctx.saved_tensors
         need_gc = scale_E is not None and ctx.needs_input_grad[1]
