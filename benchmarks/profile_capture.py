@@ -7,12 +7,14 @@ Prints, per arm (plain, capture), the medians of wall time and host CPU time (pr
 thread) of ``--reps`` interleaved ``generate`` calls, the handle attached once (no attach, no
 rollout build in the timing); then cProfile's top functions (own time) of one captured
 ``generate``, routereplay's functions by cumulative time, the torch ops capture adds per router
-call, and, on CUDA, the host syncs of each arm.
+call, and, on CUDA, the host syncs of each arm. ``--pieces`` instead times capture with each of its
+pieces switched off in turn (see :func:`pieces`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -49,10 +51,14 @@ def main() -> None:
     for name, default in (("layers", 4), ("hidden", 256), ("experts", 32), ("topk", 4), ("vocab", 4096),
                           ("batch", 8), ("prompt-len", 64), ("new-tokens", 32), ("reps", 7)):  # fmt: skip
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--pieces", action="store_true", help="only: what each piece of capture costs, switched off in turn")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model, ids_BP, gen_kw = model_and_prompts(args)
+    if args.pieces:
+        pieces(args, model, ids_BP, gen_kw, sync)
+        return
     handle = attach(model)
 
     def plain():
@@ -101,6 +107,58 @@ def main() -> None:
     if cuda:
         n = {k: sum(count_syncs(fn)[1].values()) for k, fn in arms.items()}
         print(f"host syncs: {n}")
+
+
+def pieces(args, model, ids_BP, gen_kw, sync) -> None:
+    """Wall time of ``generate`` detached, attached and idle, capturing, and capturing with a piece
+    switched off (a diagnostic: the patched runs are not valid captures): the experts' pre-hook
+    (it only serves replay checks and dispatch observers) and the per-layer compact copy of the ids
+    (needed under CUDA graphs, whose memory pool the next step overwrites). Interleaved, medians."""
+    from routereplay.adapters import hf
+    from routereplay.runtime import record
+
+    keep_hook, keep_answer = hf._hook_experts, record.Recording.answer
+
+    def answer_without_copy(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped):
+        self._ids[index].append(ids_NK)
+        return weights_NK, ids_NK, record.Binding(ids_NK, None, "uncopied")
+
+    def run(hook=keep_hook, answer=keep_answer, capture=True, attached=True) -> float:
+        hf._hook_experts, record.Recording.answer = hook, answer
+        try:
+            handle = attach(model) if attached else None
+            sync()
+            t = time.perf_counter()
+            with torch.no_grad(), (handle.capture_generation() if capture else contextlib.nullcontext()):
+                model.generate(ids_BP, **gen_kw)
+            sync()
+            if handle is not None:
+                handle.detach()
+            return time.perf_counter() - t
+        finally:
+            hf._hook_experts, record.Recording.answer = keep_hook, keep_answer
+
+    no_hook = lambda *a: None
+    arms = {
+        "detached": lambda: run(capture=False, attached=False),
+        "attached, idle": lambda: run(capture=False),
+        "capture": run,
+        "capture, no experts hook": lambda: run(hook=no_hook),
+        "capture, no copy": lambda: run(answer=answer_without_copy),
+        "capture, neither": lambda: run(hook=no_hook, answer=answer_without_copy),
+    }
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for r in range(args.reps + 1):
+        for k, fn in arms.items():
+            t = fn()
+            if r:
+                times[k].append(t)
+    calls = args.layers * (args.new_tokens + 1)
+    base = statistics.median(times["detached"])
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"{k:26s} {m * 1e3:9.1f} ms ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})  x{m / base:.4f}  "
+              f"+{(m - base) * 1e6 / calls:6.1f} us per router call")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 #   OUT=/some/dir PART=tiers   bash benchmarks/run_gpu.sh   # GPU test tiers (~6 min)
 #   OUT=/some/dir PART=bench   bash benchmarks/run_gpu.sh   # routing, HF step, capture (~6 min)
 #   OUT=/some/dir PART=check   bash benchmarks/run_gpu.sh   # routereplay check on a larger model
-#   OUT=/some/dir PART=profile bash benchmarks/run_gpu.sh   # where capture and replay spend host time
+#   OUT=/some/dir PART=profile bash benchmarks/run_gpu.sh   # where capture, replay and routing spend time
 # Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
 # into /tmp/site when present. Needs torch with CUDA and triton.
 # DRY_RUN=1 runs nothing: each step checks that what it names is a program (not a shell function,
@@ -80,6 +80,9 @@ profile)
     # issue 21: host time of capture in generate and of a prepared replay step, cProfile, host syncs
     step profile_capture 150 python3 "$here/profile_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
         --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 5
+    step capture_pieces 150 python3 "$here/profile_capture.py" --pieces --device cuda --dtype bf16 --layers 8 \
+        --hidden 1024 --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 3
+    step profile_routing 120 python3 "$here/profile_routing.py"
     step profile_replay 120 python3 "$here/profile_replay.py" --device cuda --dtype bfloat16 --layers 8 --hidden 1024 \
         --experts 64 --topk 8 --batch 4 --seq 2048 --source prepared --replay-kernel triton
     ;;
