@@ -17,11 +17,15 @@ DRY_RUN=${DRY_RUN:-}
 mkdir -p "$OUT"
 if [ -z "$DRY_RUN" ] && ls .whl/*.whl >/dev/null 2>&1; then
     # megatron-core wheels of two versions are carried (tests/megatron_gpu picks one per run):
-    # pip refuses both at once, and these parts do not need it
+    # pip refuses both at once; the newest goes to its own folder, on the path of the steps that
+    # compare with Megatron's routing only (MCORE below)
     python3 -m pip install -q --no-deps $(ls .whl/*.whl | grep -v megatron_core) --target /tmp/site 2>&1 | tail -1
+    newest=$(ls .whl/megatron_core-*.whl 2>/dev/null | sort -V | tail -1)
+    [ -n "$newest" ] && python3 -m pip install -q --no-deps "$newest" --target /tmp/mcore 2>&1 | tail -1
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD/$SRC:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 OUT
+MCORE=(env "PYTHONPATH=/tmp/mcore:${PYTHONPATH:-}")  # a step's prefix: megatron-core on its path
 here=$(dirname "$0")
 
 if [ -z "$DRY_RUN" ]; then
@@ -68,7 +72,7 @@ tiers)
     step gpu_generate 150 python3 -m pytest -q -s -rA -p no:cacheprovider tests/test_gpu_generate.py
     ;;
 bench)
-    step routing 200 python3 "$here/bench_routing_gpu.py"
+    step routing 200 "${MCORE[@]}" python3 "$here/bench_routing_gpu.py"
     step hf1024 90 "${HF[@]}" --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 --seq 2048 --reps 20 --warmup 2
     step hf1024_triton 90 "${HF[@]}" --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 --seq 2048 --reps 20 \
         --warmup 2 --replay-kernel triton
@@ -82,7 +86,7 @@ profile)
         --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 5
     step capture_pieces 150 python3 "$here/profile_capture.py" --pieces --device cuda --dtype bf16 --layers 8 \
         --hidden 1024 --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 3
-    step profile_routing 120 python3 "$here/profile_routing.py"
+    step profile_routing 120 "${MCORE[@]}" python3 "$here/profile_routing.py"
     step profile_replay 120 python3 "$here/profile_replay.py" --device cuda --dtype bfloat16 --layers 8 --hidden 1024 \
         --experts 64 --topk 8 --batch 4 --seq 2048 --source prepared --replay-kernel triton
     ;;
