@@ -80,7 +80,8 @@ def model_and_prompts(args: argparse.Namespace) -> tuple[Any, torch.Tensor, dict
         layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.topk, vocab=args.vocab,
         heads=heads, kv_heads=max(1, heads // 2), head_dim=64, moe_intermediate=max(16, args.hidden // 2),
     )
-    model = build_default_model(size, seed=0).to(device=args.device, dtype=DTYPES[args.dtype])
+    with torch.device(args.device):  # initialised where it runs: the larger sizes take minutes on the host
+        model = build_default_model(size, seed=0).to(dtype=DTYPES[args.dtype])
     g = torch.Generator().manual_seed(0)
     ids_BP = torch.randint(3, args.vocab, (args.batch, args.prompt_len), generator=g).to(args.device)
     gen_kw = {

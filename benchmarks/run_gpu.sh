@@ -3,6 +3,7 @@
 # 10-minute device call; results and logs under $OUT, summary in $OUT/summary.txt):
 #   OUT=/some/dir PART=tiers   bash benchmarks/run_gpu.sh   # GPU test tiers (~6 min)
 #   OUT=/some/dir PART=bench   bash benchmarks/run_gpu.sh   # routing, HF step, capture (~6 min)
+#   OUT=/some/dir PART=capture bash benchmarks/run_gpu.sh   # capture in generate, larger and usual sizes
 #   OUT=/some/dir PART=check   bash benchmarks/run_gpu.sh   # routereplay check on a larger model
 #   OUT=/some/dir PART=profile bash benchmarks/run_gpu.sh   # where capture, replay and routing spend time
 # Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
@@ -90,6 +91,13 @@ profile)
     step profile_replay 120 python3 "$here/profile_replay.py" --device cuda --dtype bfloat16 --layers 8 --hidden 1024 \
         --experts 64 --topk 8 --batch 4 --seq 2048 --source prepared --replay-kernel triton
     ;;
+capture)
+    # issue 21's larger capture configuration (6.4B parameters, initialised on the GPU), then the usual one
+    step capture2048 300 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 2048 \
+        --experts 128 --topk 8 --batch 64 --prompt-len 256 --new-tokens 128 --reps 5
+    step capture 100 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
+        --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 9
+    ;;
 check)
     # the main job on a larger random model (8 layers, 64 experts, top-8, bf16 rollout)
     step make_model 120 python3 "$here/../scripts/make_random_moe.py" /tmp/routereplay-moe --layers 8 --hidden 1024 \
@@ -97,6 +105,6 @@ check)
     step check 300 python3 -m routereplay.cli check --model /tmp/routereplay-moe --device cuda --samples 32 \
         --max-new-tokens 128 --lr 1e-5 --out "$OUT/check"
     ;;
-*) echo "PART must be tiers, bench, profile or check" >&2; exit 2 ;;
+*) echo "PART must be tiers, bench, profile, capture or check" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"
