@@ -301,7 +301,9 @@ def host_cost(args) -> dict:
     """Host µs per call on the CPU with the kernel launch replaced by a no-op launcher: the
     prepared call (direct-launch path) and the checked wrapper, forward and forward + backward,
     at the issue's 16384 x 128 top-8 shapes (the tensors are small CPU ones: only the host path
-    is timed, and CPU allocations stand in for the CUDA caching allocator's)."""
+    is timed, and CPU allocations stand in for the CUDA caching allocator's). Also forward + backward
+    with every backward through ``once_differentiable``'s wrapper, as before it was kept for
+    ``create_graph=True`` only."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # lets a PreparedReplay live on the CPU
     from routereplay.kernels import launch
     from routereplay.kernels import replay_triton as rt
@@ -346,9 +348,20 @@ def _host_cost_case(rt, timer: Timer, spec: RouterSpec) -> dict:
     def checked(x):
         return rt.route_forced_fused(x, spec, forced_TK=ids8, validate=False)
 
+    def wrapped_backward(ctx, grad_weights_TK, grad_ids_TK):  # every backward through once_differentiable
+        return rt._fused_backward_once(ctx, grad_weights_TK)
+
+    own_backward = rt._FusedReplay.backward
+    rt._FusedReplay.backward = staticmethod(wrapped_backward)
+    try:
+        wrapped = timer(lambda i: fb(lambda x: prepared(x, ids8)), 1)
+    finally:
+        rt._FusedReplay.backward = staticmethod(own_backward)
     out = {
         "prepared_forward_us": timer(lambda i: prepared(leaf, ids8), 1),
         "prepared_forward_backward_us": timer(lambda i: fb(lambda x: prepared(x, ids8)), 1),
+        # the backward as it was before it skipped once_differentiable's wrapper without create_graph
+        "prepared_forward_backward_wrapped_us": wrapped,
         "prepared_forward_no_grad_us": timer(lambda i: prepared(logits, ids8), 1),
         "checked_wrapper_forward_us": timer(lambda i: checked(leaf), 1),
         "checked_wrapper_forward_backward_us": timer(lambda i: fb(checked), 1),

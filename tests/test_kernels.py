@@ -180,7 +180,27 @@ def _report() -> dict:
     out["sum_order"], out["sum_orders_differ"] = _sum_order_report(PreparedReplay)
     out["prepared_errors"] = _prepared_errors(prepare_fused, RouterSpecError)
     out["backward_ops"] = _backward_ops(PreparedReplay)
+    out["create_graph"] = _create_graph_report(PreparedReplay)
     return out
+
+
+def _create_graph_report(PreparedReplay) -> dict:
+    """A backward with create_graph=True: its gradient (as without), and what differentiating it says."""
+    from helpers import VARIANTS
+
+    spec = VARIANTS["softmax_pre_norm"]
+    fused = PreparedReplay(spec, logits_dtype=torch.float32, device="cpu")
+    leaf = torch.randn(8, spec.num_logits).requires_grad_(True)
+    ids_TK = torch.arange(spec.top_k).repeat(8, 1)
+    grad_TK = torch.randn(8, spec.top_k).requires_grad_(True)
+    (plain,) = torch.autograd.grad(fused(leaf, ids_TK)[0], leaf, grad_TK)
+    (graphed,) = torch.autograd.grad(fused(leaf, ids_TK)[0], leaf, grad_TK, create_graph=True)
+    try:
+        graphed.sum().backward()
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    return {"equal": torch.equal(plain, graphed), "error": error}
 
 
 def _backward_ops(PreparedReplay) -> dict[str, int]:
@@ -364,6 +384,9 @@ def test_interpreted_kernel_edge_cases(report):
     assert report["nan_row_others_ulp"] <= ULP_BOUND["float32"]
     assert report["strided_ulp"] <= ULP_BOUND["float32"]
     assert report["empty"] == [[0, 4], [0, 4]]
+    # create_graph=True: the same gradient, which cannot be differentiated again (the kernel's)
+    assert report["create_graph"]["equal"]
+    assert "differentiate twice" in (report["create_graph"]["error"] or ""), report["create_graph"]
     # autograd makes no zeros for the ids' gradient (the interpreter's own tensors are seen too)
     made = {op for op in report["backward_ops"] if "zero" in op or "fill" in op}
     assert not made, report["backward_ops"]

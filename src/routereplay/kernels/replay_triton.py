@@ -351,24 +351,32 @@ class _FusedReplay(torch.autograd.Function):
         return weights_TK, ids_TK
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_weights_TK, grad_ids_TK):
-        del grad_ids_TK
-        if grad_weights_TK is None:  # nothing reached the weights (grads are not materialised)
-            return None, None, None, None
-        prepared: PreparedReplay = ctx.prepared
-        logits_TE, ids_TK, scale_E, stats_2T = ctx.saved_tensors
-        need_gc = scale_E is not None and ctx.needs_input_grad[1]
-        grad_TE, gc_TK = prepared._backward(logits_TE, ids_TK, scale_E, stats_2T, grad_weights_TK, need_gc)
-        grad_scale_E = None
-        if need_gc:
-            # index_put_ with accumulate follows torch's deterministic-algorithms setting
-            grad_scale_E = torch.zeros(scale_E.shape, dtype=torch.float32, device=scale_E.device)
-            grad_scale_E.index_put_((ids_TK.reshape(-1),), gc_TK.reshape(-1), accumulate=True)
-            grad_scale_E = grad_scale_E.to(scale_E.dtype)
-        return grad_TE, grad_scale_E, None, None
+        # Autograd runs a backward with grad off unless create_graph=True, and only then is
+        # once_differentiable's wrapper needed (the kernel's gradient is not differentiable: the
+        # wrapper makes a later differentiation of it raise); its no_grad block costs host time.
+        if torch.is_grad_enabled():
+            return _fused_backward_once(ctx, grad_weights_TK)
+        return _fused_backward(ctx, grad_weights_TK)
 
 
+def _fused_backward(ctx, grad_weights_TK):
+    if grad_weights_TK is None:  # nothing reached the weights (grads are not materialised)
+        return None, None, None, None
+    prepared: PreparedReplay = ctx.prepared
+    logits_TE, ids_TK, scale_E, stats_2T = ctx.saved_tensors
+    need_gc = scale_E is not None and ctx.needs_input_grad[1]
+    grad_TE, gc_TK = prepared._backward(logits_TE, ids_TK, scale_E, stats_2T, grad_weights_TK, need_gc)
+    grad_scale_E = None
+    if need_gc:
+        # index_put_ with accumulate follows torch's deterministic-algorithms setting
+        grad_scale_E = torch.zeros(scale_E.shape, dtype=torch.float32, device=scale_E.device)
+        grad_scale_E.index_put_((ids_TK.reshape(-1),), gc_TK.reshape(-1), accumulate=True)
+        grad_scale_E = grad_scale_E.to(scale_E.dtype)
+    return grad_TE, grad_scale_E, None, None
+
+
+_fused_backward_once = torch.autograd.function.once_differentiable(_fused_backward)
 _apply_fused = super(torch.autograd.Function, _FusedReplay).apply  # the C++ apply
 
 
