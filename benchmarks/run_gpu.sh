@@ -3,6 +3,7 @@
 # 10-minute device call; results and logs under $OUT, summary in $OUT/summary.txt):
 #   OUT=/some/dir PART=tiers   bash benchmarks/run_gpu.sh   # GPU test tiers (~6 min)
 #   OUT=/some/dir PART=bench   bash benchmarks/run_gpu.sh   # routing, HF step, capture (~6 min)
+#   OUT=/some/dir PART=step3   bash benchmarks/run_gpu.sh   # the HF step with prepared replay, 3 runs
 #   OUT=/some/dir PART=capture bash benchmarks/run_gpu.sh   # capture in generate, larger and usual sizes
 #   OUT=/some/dir PART=check   bash benchmarks/run_gpu.sh   # routereplay check on a larger model
 #   OUT=/some/dir PART=profile bash benchmarks/run_gpu.sh   # where capture, replay and routing spend time
@@ -81,6 +82,13 @@ bench)
     step capture 100 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
         --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 9
     ;;
+step3)
+    # issue 21 item 3: the prepared replay's step wall time, three runs on one machine (<= 1.005 is the target)
+    for run in 1 2 3; do
+        step "hf1024_triton_$run" 100 "${HF[@]}" --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 \
+            --seq 2048 --reps 20 --warmup 2 --replay-kernel triton
+    done
+    ;;
 profile)
     # issue 21: host time of capture in generate and of a prepared replay step, cProfile, host syncs
     step profile_capture 150 python3 "$here/profile_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
@@ -105,6 +113,6 @@ check)
     step check 300 python3 -m routereplay.cli check --model /tmp/routereplay-moe --device cuda --samples 32 \
         --max-new-tokens 128 --lr 1e-5 --out "$OUT/check"
     ;;
-*) echo "PART must be tiers, bench, profile, capture or check" >&2; exit 2 ;;
+*) echo "PART must be tiers, bench, step3, profile, capture or check" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"

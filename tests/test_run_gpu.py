@@ -18,6 +18,7 @@ SCRIPT = ROOT / "benchmarks" / "run_gpu.sh"
         ("tiers", ["gpu_tier", "kernels_gpu", "gpu_generate"]),
         ("bench", ["routing", "hf1024", "hf1024_triton", "hf2048", "capture"]),
         ("profile", ["profile_capture", "capture_pieces", "profile_routing", "profile_replay"]),
+        ("step3", ["hf1024_triton_1", "hf1024_triton_2", "hf1024_triton_3"]),
         ("capture", ["capture2048", "capture"]),
         ("check", ["make_model", "check"]),
     ],
