@@ -458,13 +458,16 @@ class _Calls:
             mode.note_batch(index, shape, packed, mask_BS)
 
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:
+        h = self._handle
+        if not h._observers and not isinstance(h._mode, Replay):
+            return  # idle, recording or capturing: nothing reads what the experts receive
         if recompute.in_backward():
             return
-        if self._handle._observers:
-            self._handle._witness(index, ids_NK)
-        if self._handle._mode is None:
+        if h._observers:
+            h._witness(index, ids_NK)
+        if h._mode is None:
             return
-        mode = self._handle._mode_here(index)
+        mode = h._mode_here(index)
         if isinstance(mode, Replay):
             mode.check_dispatch(index, ids_NK)
 
