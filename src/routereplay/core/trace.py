@@ -168,10 +168,7 @@ class RoutingTrace:
     def _with_distinct_rows(cls, **parts: Any) -> RoutingTrace:
         """The constructor, less the repeat check, for ids whose every row (valid or not) the
         caller has just checked for an expert named twice (``io.load``, beside the read)."""
-        self = object.__new__(cls)
-        defaults = {"valid": None, "gates": None, "meta": {}}
-        for name in cls.__slots__:
-            object.__setattr__(self, name, parts[name] if name in parts else defaults[name])
+        self = cls.unchecked(**parts)
         self._validate(check_repeats=False)
         return self
 
