@@ -57,23 +57,23 @@ class Recording:
         self._masks.append(forward_mask_BS)
 
     def answer(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
-        ids = ids_NK  # integer ids carry no autograd history: kept as they are, no detach (an op per call)
+        # Integer ids carry no autograd history: kept as the router made them (no detach, an op a call).
         # On CUDA the recording keeps its own compact copy (one small kernel per layer): under
         # torch.compile with CUDA graphs (generate's static cache) the router's ids live in the
         # graph's memory pool, which the next step overwrites. Host ids are narrowed when read.
-        kept = ids.to(self._dtype) if ids.is_cuda else ids
-        if self._offload and ids.is_cuda:
-            kept = torch.empty(ids.shape, dtype=self._dtype, pin_memory=True).copy_(kept, non_blocking=True)
+        kept = ids_NK.to(self._dtype) if ids_NK.is_cuda else ids_NK
+        if self._offload and ids_NK.is_cuda:
+            kept = torch.empty(ids_NK.shape, dtype=self._dtype, pin_memory=True).copy_(kept, non_blocking=True)
             self._pending_copy = True
         self._ids[index].append(kept)
-        binding = Binding(ids, None, f"record block {self._block}, forward {len(self._ids[index])}")
+        binding = Binding(ids_NK, None, f"record block {self._block}, forward {len(self._ids[index])}")
         if not scoped:
             return weights_NK, ids_NK, binding
         # A checkpointed region's recompute will be forced to these ids, and non-reentrant
         # checkpointing requires it to run the same ops as the forward: the forward routes through
         # the same forced computation (the spec's weight math reproduces the router's weights bit
         # for bit).
-        weights, ids = self._handle.forced_weights[index](logits_NE, ids, None, route_kw)
+        weights, ids = self._handle.forced_weights[index](logits_NE, ids_NK, None, route_kw)
         return weights, ids, binding
 
     # --- results -------------------------------------------------------------------------
