@@ -134,6 +134,27 @@ def test_prepare_checks_at_once_and_replay_refuses_what_does_not_belong(handle, 
     assert rep.stats[2].live == 2 + 1
 
 
+def test_prepare_skips_the_repeat_check_only_for_a_checked_trace(handle, model, monkeypatch):
+    """A trace that passed the constructor's repeat check is not checked again (rows_checked); a
+    trace built unchecked, or a checked one written in place since, is."""
+    import routereplay.runtime.replay as replay_mod
+
+    calls = []
+    real = replay_mod.first_duplicate_row
+    monkeypatch.setattr(replay_mod, "first_duplicate_row", lambda *a, **k: calls.append(1) or real(*a, **k))
+    b = batch()
+    rec, _ = record(handle, model, b)
+    checked = random_trace(rec.trace())
+    assert checked.rows_checked()
+    handle.prepare(checked)
+    assert calls == []
+    handle.prepare(checked.replace(check=False, experts=checked.experts.clone()))
+    assert calls == [1]
+    checked.experts[3, 1] = checked.experts[3, 1, 0]  # in place, through torch: the mark is gone
+    with pytest.raises(RouterSpecError, match=r"^layer 2 \(model.layers.2.mlp.gate\): forced_TK row 3 "):
+        handle.prepare(checked)
+
+
 def test_route_store_prepares_each_micro_batch_once(handle, model):
     b = batch(B=4, pad="left")
     store = RouteStore(handle)

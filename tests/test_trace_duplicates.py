@@ -291,3 +291,68 @@ def test_load_without_the_scan_for_masked_or_single_thread_files(scan_beside_rea
     path, trace = _save(rio, tmp_path, _trace_ids().to(torch.uint8))
     assert rio.load(path) == trace
     assert answers == []
+
+
+# --- rows_checked: a trace that passed the repeat check remembers it -------------------------
+def _checked_trace(seed: int = 0, valid: bool = True) -> RoutingTrace:
+    ids = _distinct_rows(12 * 2, 3, 16, seed).reshape(12, 2, 3)
+    v = torch.arange(12) % 4 != 3 if valid else None
+    if v is not None:
+        ids[~v] = 0
+    return RoutingTrace(experts=ids, cu_seqlens=torch.tensor([0, 4, 12]), layer_ids=(1, 3), num_experts=16, valid=v)
+
+
+def test_rows_checked_follows_the_trace_through_its_methods():
+    t = _checked_trace()
+    assert t.rows_checked()
+    assert not RoutingTrace.unchecked(**{k: getattr(t, k) for k in ("experts", "cu_seqlens", "layer_ids",
+                                                                      "num_experts", "valid")}).rows_checked()  # fmt: skip
+    kept = [
+        t.replace(check=False, meta={"a": "b"}),
+        t.replace(check=False, gates=torch.zeros(t.experts.shape)),
+        t.select_sequences([1, 0, 1]),
+        t.sequence(0),
+        t.select_layers([3]),
+        t.to("cpu"),
+        RoutingTrace.concat([t, _checked_trace(1)]),
+        t.extend_sequence(0, _distinct_rows(4, 3, 16, 2).reshape(2, 2, 3)),
+        t.replace(experts=t.experts.clone()),  # check=True: validated again
+    ]
+    assert all(x.rows_checked() for x in kept)
+    unknown = RoutingTrace.unchecked(experts=t.experts.clone(), cu_seqlens=t.cu_seqlens, layer_ids=t.layer_ids,
+                                     num_experts=16, valid=t.valid)  # fmt: skip
+    dropped = [
+        t.replace(check=False, experts=t.experts.clone()),
+        t.replace(check=False, valid=None),  # the zeroed rows become valid: they repeat expert 0
+        RoutingTrace.concat([t, unknown]),
+        unknown.select_sequences([0]),
+        unknown.to("cpu"),
+    ]
+    assert not any(x.rows_checked() for x in dropped)
+
+
+def test_an_in_place_torch_write_drops_the_mark():
+    t = _checked_trace()
+    view = t.replace(check=False, meta={"x": "y"})  # shares experts and valid
+    t.experts[1, 0, 0] = t.experts[1, 0, 1]  # an expert twice, written through torch
+    assert not t.rows_checked() and not view.rows_checked()
+    u = _checked_trace()
+    u.valid[3] = True  # a zeroed row declared valid
+    assert not u.rows_checked()
+    with pytest.raises(DuplicateExpertError, match=r"^row 1 "):
+        t.replace(check=True)
+
+
+def test_pickling_keeps_what_the_sender_knew():
+    import pickle
+
+    t = _checked_trace()
+    assert pickle.loads(pickle.dumps(t)).rows_checked()
+    bare = t.replace(check=False, experts=t.experts.clone())
+    assert not pickle.loads(pickle.dumps(bare)).rows_checked()
+
+
+def test_an_inference_mode_trace_is_marked_too():
+    with torch.inference_mode():
+        t = _checked_trace()
+    assert t.rows_checked()

@@ -146,7 +146,11 @@ class RoutingTrace:
 
     Validation is O(T*L*K), over cache-sized blocks; its costliest part, the check that no row
     names an expert twice, runs on ``torch.get_num_threads()`` threads (at most 8) from a million
-    rows of ``T * L`` on.
+    rows of ``T * L`` on. A trace remembers that it passed that check (see :meth:`rows_checked`):
+    replay preparation and ``save`` then skip it, and so do the traces derived from it (selected
+    sequences or layers, ``concat``, a device move). Treat a trace's tensors as read-only: an
+    in-place torch write into ``experts`` or ``valid`` is noticed (their version counters move) and
+    drops the mark; writes that bypass torch's counters (through ``.numpy()`` or ``.data``) are not.
 
     Raises:
         TraceShapeError, SeqlensError, ExpertIdError, DuplicateExpertError, LayerIdsError,
@@ -160,16 +164,35 @@ class RoutingTrace:
     valid: torch.Tensor | None = None
     gates: torch.Tensor | None = None
     meta: Mapping[str, str] = field(default_factory=dict)
+    # The version counters of (experts, valid) when the rows were last known to pass the repeat
+    # check, or None: see rows_checked.
+    _checked_at: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._validate(check_repeats=True)
+        self._mark_checked()
 
     @classmethod
     def _with_distinct_rows(cls, **parts: Any) -> RoutingTrace:
-        """The constructor, less the repeat check, for ids whose every row (valid or not) the
-        caller has just checked for an expert named twice (``io.load``, beside the read)."""
+        """The constructor, less the repeat check, for ids whose valid rows the caller has just
+        checked for an expert named twice (``io.load``: beside the read, or by the file's writer)."""
         self = cls.unchecked(**parts)
         self._validate(check_repeats=False)
+        self._mark_checked()
+        return self
+
+    def rows_checked(self) -> bool:
+        """True when every valid row is known to name ``top_k`` distinct experts: the trace was
+        built by the validating constructor (or ``replace(check=True)``, a validated ``load``), or
+        derived from such traces by this class's methods, and ``experts`` and ``valid`` have not
+        been written in place since. Replay preparation and :func:`routereplay.save` (which marks
+        the file so that ``load`` can skip the check too) rely on it; a trace built with
+        :meth:`unchecked` or ``replace(check=False, experts=...)`` is checked again where it is used.
+        """
+        return self._checked_at is not None and self._checked_at == _versions(self)
+
+    def _mark_checked(self, known: bool = True) -> RoutingTrace:
+        object.__setattr__(self, "_checked_at", _versions(self) if known else None)
         return self
 
     def _validate(self, *, check_repeats: bool) -> None:
@@ -343,6 +366,7 @@ class RoutingTrace:
             ("valid", valid),
             ("gates", gates),
             ("meta", MappingProxyType(dict(meta or {}))),
+            ("_checked_at", None),
         ):
             object.__setattr__(self, name, value)
         return self
@@ -355,11 +379,11 @@ class RoutingTrace:
         the trace's own bytes, not its parent's. Under ``torch.multiprocessing`` the tensors go
         through torch's shared-memory reductions like any other tensor.
         """
-        parts = {name: getattr(self, name) for name in self.__slots__}
+        parts = {name: getattr(self, name) for name in _FIELDS}
         for name in ("experts", "cu_seqlens", "valid", "gates"):
             parts[name] = _own_bytes(parts[name])
         parts["meta"] = dict(self.meta)
-        return _unpickle, (parts,)
+        return _unpickle, (parts, self.rows_checked())
 
     def replace(self, *, check: bool = True, **changes: Any) -> RoutingTrace:
         """A trace with some fields changed; the others are shared, not copied.
@@ -367,16 +391,28 @@ class RoutingTrace:
         Args:
             check: validate the result as the constructor does. ``check=False`` builds it with
                 :meth:`unchecked`, for changes known to keep every invariant (a subset of rows of
-                a validated trace, new metadata, a device move).
+                a validated trace, new metadata, a device move); the result keeps
+                :meth:`rows_checked` only when ``experts`` and ``valid`` are not among the changes.
             **changes: fields by name (``experts``, ``cu_seqlens``, ``layer_ids``, ``num_experts``,
                 ``valid``, ``gates``, ``meta``).
 
         Raises:
             TraceShapeError, ExpertIdError, ...: with ``check=True``, what the constructor raises.
         """
-        parts = {name: getattr(self, name) for name in self.__slots__}
+        parts = {name: getattr(self, name) for name in _FIELDS}
         parts.update(changes)
-        return RoutingTrace(**parts) if check else RoutingTrace.unchecked(**parts)
+        if check:
+            return RoutingTrace(**parts)
+        out = RoutingTrace.unchecked(**parts)
+        if "experts" not in changes and "valid" not in changes:
+            object.__setattr__(out, "_checked_at", self._checked_at)
+        return out
+
+    def _derived(self, sources: Sequence[RoutingTrace], **changes: Any) -> RoutingTrace:
+        """``replace(check=False, **changes)`` for rows taken from ``sources`` (row subsets, layer
+        subsets, joins, copies): checked when every source is."""
+        known = all(t.rows_checked() for t in sources)
+        return self.replace(check=False, **changes)._mark_checked(known)
 
     # --- sizes ---------------------------------------------------------------------------
     @property
@@ -444,9 +480,8 @@ class RoutingTrace:
         else:
             rows = ranges(starts_N, lens_N)
             take = lambda x: None if x is None else _take(x, rows)
-        return self.replace(
-            check=False,
-            experts=take(self.experts), cu_seqlens=cu, valid=take(self.valid), gates=take(self.gates)
+        return self._derived(
+            (self,), experts=take(self.experts), cu_seqlens=cu, valid=take(self.valid), gates=take(self.gates)
         )
 
     def select_layers(self, layer_ids: Iterable[int]) -> RoutingTrace:
@@ -458,8 +493,8 @@ class RoutingTrace:
         if len(set(layer_ids)) != len(layer_ids):
             raise LayerIdsError(f"layer_ids must be unique, found {layer_ids}")
         pos = torch.tensor([self.layer_ids.index(i) for i in layer_ids], dtype=torch.int64, device=self.device)
-        return self.replace(
-            check=False,
+        return self._derived(
+            (self,),
             experts=self.experts.index_select(1, pos),
             layer_ids=layer_ids,
             gates=None if self.gates is None else self.gates.index_select(1, pos),
@@ -493,8 +528,8 @@ class RoutingTrace:
         cu = torch.cat([first.cu_seqlens[:1]] + [t.cu_seqlens[1:] + off for t, off in zip(traces, offsets)])
         any_valid = any(t.valid is not None for t in traces)
         meta = {k: v for k, v in first.meta.items() if all(t.meta.get(k) == v for t in traces)}
-        return first.replace(
-            check=False,
+        return first._derived(
+            traces,
             experts=torch.cat([t.experts for t in traces]),
             cu_seqlens=cu,
             valid=torch.cat([t.valid_mask for t in traces]) if any_valid else None,
@@ -533,8 +568,8 @@ class RoutingTrace:
         cu = self.cu_seqlens.clone()
         cu[i + 1 :] += n
         has_valid = self.valid is not None or new.valid is not None
-        return self.replace(
-            check=False,
+        return self._derived(
+            (self, new),
             experts=cat(self.experts, new.experts),
             cu_seqlens=cu,
             valid=cat(self.valid_mask, new.valid_mask) if has_valid else None,
@@ -544,15 +579,15 @@ class RoutingTrace:
     # --- placement -----------------------------------------------------------------------
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> RoutingTrace:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
-        return self.replace(
-            check=False,
+        return self._derived(
+            (self,),
             experts=move(self.experts), cu_seqlens=move(self.cu_seqlens), valid=move(self.valid), gates=move(self.gates)
         )
 
     def pin_memory(self) -> RoutingTrace:
         pin = lambda t: None if t is None else t.pin_memory()
-        return self.replace(
-            check=False,
+        return self._derived(
+            (self,),
             experts=pin(self.experts), cu_seqlens=pin(self.cu_seqlens), valid=pin(self.valid), gates=pin(self.gates)
         )
 
@@ -586,9 +621,26 @@ class RoutingTrace:
         )
 
 
-def _unpickle(parts: dict) -> RoutingTrace:
-    # Pickled traces were validated when built; like a pickled tensor, the bytes are trusted.
-    return RoutingTrace.unchecked(**parts)
+# The constructor's fields (the class's slots also hold _checked_at).
+_FIELDS = ("experts", "cu_seqlens", "layer_ids", "num_experts", "valid", "gates", "meta")
+
+
+def _versions(trace: RoutingTrace) -> tuple[int, int]:
+    """The version counters of ``experts`` and ``valid`` (torch bumps them on every in-place write);
+    -1 for a tensor without one (made under inference mode, which cannot be written outside it)."""
+
+    def version(t: torch.Tensor | None) -> int:
+        if t is None or t.is_inference():
+            return -1
+        return t._version
+
+    return version(trace.experts), version(trace.valid)
+
+
+def _unpickle(parts: dict, checked: bool = False) -> RoutingTrace:
+    # Pickled traces were validated when built; like a pickled tensor, the bytes are trusted, and
+    # so is the sender's knowledge that the rows passed the repeat check.
+    return RoutingTrace.unchecked(**parts)._mark_checked(checked)
 
 
 def _own_bytes(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -238,6 +238,7 @@ def gather_routes(
             "num_tokens": trace.num_tokens,
             "valid": trace.valid is not None,
             "meta": dict(trace.meta),
+            "checked": trace.rows_checked(),  # the receivers' copies are as checked as the sender's
         }
     )
     world = dist.get_world_size(group)
@@ -328,7 +329,8 @@ def _unpack(buf_U: torch.Tensor, header: dict) -> tuple[torch.Tensor, RoutingTra
     ids_B = take(B, torch.int64, (B,))
     valid_T = take(T, torch.uint8, (T,)).bool() if header["valid"] else None
     gates_TLK = take(T * L * K, _dtype(header["gates"]), (T, L, K)) if header["gates"] is not None else None
-    # The bytes are a validated trace's own, moved verbatim: skip the O(T) re-validation.
+    # The bytes are a validated trace's own, moved verbatim: skip the O(T) re-validation (and the
+    # repeat check where the sender's trace had passed it, see RoutingTrace.rows_checked).
     trace = RoutingTrace.unchecked(
         experts=experts_TLK.clone(),
         cu_seqlens=cu_B1.clone(),
@@ -337,7 +339,7 @@ def _unpack(buf_U: torch.Tensor, header: dict) -> tuple[torch.Tensor, RoutingTra
         valid=valid_T,
         gates=None if gates_TLK is None else gates_TLK.clone(),
         meta=header["meta"],
-    )
+    )._mark_checked(header["checked"])
     return ids_B.cpu(), trace
 
 

@@ -131,7 +131,9 @@ def prepare(
     if host_checked:
         # A host trace is checked on the host, in its own rows, before any layout or copy: errors
         # now, and no device flag for the block's exit to read (no host sync there).
-        _check_ids(handle, where, trace.experts.permute(1, 0, 2), trace.valid, checks)
+        # (a trace whose rows passed the repeat check, see RoutingTrace.rows_checked, is checked
+        # for range and group limits only)
+        _check_ids(handle, where, trace.experts.permute(1, 0, 2), trace.valid, checks, distinct=trace.rows_checked())
         if trace.valid is not None and missing == "error":
             valid_T, cu_B1 = trace.valid, trace.cu_seqlens
             _check(~valid_T.all(), lambda: _holes_error(where, valid_T, cu_B1), checks)
@@ -240,12 +242,14 @@ def _check_model(handle: ModeHost, trace: RoutingTrace, where: str) -> None:
             )
 
 
-def _check_ids(handle: ModeHost, where: str, forced_LNK: torch.Tensor, mask_N, checks: list[_Check]) -> None:
+def _check_ids(
+    handle: ModeHost, where: str, forced_LNK: torch.Tensor, mask_N, checks: list[_Check], *, distinct: bool = False
+) -> None:
     """Range, repeats and group limit of the forced ids, where they live: on the CPU a
     RouterSpecError now; on an accelerator a device flag read at exit, the ids clamped into range
     meanwhile (in place: ``forced_LNK`` is the prepared trace's own copy) so that no kernel reads
-    outside the logits."""
-    if forced_LNK.device.type == "cpu" and _host_ids_ok(forced_LNK, mask_N, handle.layers):
+    outside the logits. ``distinct``: the rows are known to repeat no expert (the host check skips it)."""
+    if forced_LNK.device.type == "cpu" and _host_ids_ok(forced_LNK, mask_N, handle.layers, distinct=distinct):
         return
     bad_LN = _violations(forced_LNK.long(), handle.layers)
     if mask_N is not None:
@@ -602,11 +606,12 @@ class Replay:
         return out
 
 
-def _host_ids_ok(forced_LNK: torch.Tensor, mask_N, layers) -> bool:
+def _host_ids_ok(forced_LNK: torch.Tensor, mask_N, layers, *, distinct: bool = False) -> bool:
     """Host fast path of :func:`_check_ids`: True when every forced row is in range and names K
-    distinct experts, checked in the ids' own dtype over cache-sized blocks (no int64 copy, no
-    ``[L, N, K, K]`` pair tensor). False (then the full check finds and reports the row) when a
-    check fails, or when a layer's router enforces a group limit, which only the full check reads."""
+    distinct experts (known, with ``distinct``), checked in the ids' own dtype over cache-sized
+    blocks (no int64 copy, no ``[L, N, K, K]`` pair tensor). False (then the full check finds and
+    reports the row) when a check fails, or when a layer's router enforces a group limit, which
+    only the full check reads."""
     if any(groups_spanned(forced_LNK[:0, :0], m.spec) is not None for m in layers):
         return False
     experts_NLK = forced_LNK.permute(1, 0, 2)
@@ -618,7 +623,7 @@ def _host_ids_ok(forced_LNK: torch.Tensor, mask_N, layers) -> bool:
         ids = experts_NLK.numpy()  # numpy: one thread (see _pinned); rows without a route hold zeros, in range
         if int(ids.min()) < 0 or int(ids.max()) >= num_logits:
             return False
-    if K == 1:
+    if K == 1 or distinct:
         return True
     return first_duplicate_row(experts_NLK, mask_N) < 0
 
