@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import traces
+from helpers import not_known_checked, traces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import routereplay.core.io as rio
 from routereplay import RoutingTrace
-from routereplay.core.errors import ExpertIdError, GatesError, SeqlensError, TraceFormatError
+from routereplay.core.errors import DuplicateExpertError, ExpertIdError, GatesError, SeqlensError, TraceFormatError
 
 DATA = Path(__file__).parent / "data"
 FORMAT_MD = Path(__file__).parents[1] / "docs" / "FORMAT.md"
@@ -63,7 +63,10 @@ def golden_traces() -> dict[str, RoutingTrace]:
         num_experts=300,
         gates=torch.tensor([[[0.75, 0.25], [0.5, 0.5]], [[1.0, 0.0], [0.625, 0.375]], [[0.875, 0.125], [0.25, 0.75]]]),
     )
-    return {"golden_v1.rrt": routes, "golden_v1_gates.rrt": with_gates}
+    # Version 1.0 is what save writes for a trace not known to have passed the repeat check (one
+    # built unchecked, as a recording is); 1.2 says that the rows passed it (a validated trace).
+    return {"golden_v1.rrt": not_known_checked(routes), "golden_v1_gates.rrt": not_known_checked(with_gates),
+            "golden_v1_2.rrt": routes}  # fmt: skip
 
 
 # The exact header of golden_v1.rrt (also quoted in docs/FORMAT.md).
@@ -420,10 +423,76 @@ def test_future_version(tmp_path, golden_bytes, recompute):
         rio.read_header(path)
 
 
-def test_newer_minor_version_ignores_unknown_names(tmp_path, golden_bytes):
-    # 1.2 may add fields and tensors; a 1.1 reader loads what it knows.
+# --- version 1.2: the writer checked the rows ---------------------------------------------------
+def test_format_md_quotes_the_1_2_golden_header():
+    """golden_v1_2.rrt is golden_v1.rrt's routes as a validated trace writes them: its header,
+    quoted in docs/FORMAT.md, differs by the version and the rows_checked field."""
+    data = (DATA / "golden_v1_2.rrt").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n].decode("ascii").rstrip(" ")
+    table = json.loads(header)
+    assert table["__metadata__"].pop("rows_checked") == "1" and table["__metadata__"]["version"] == "1.2"
+    old = json.loads(GOLDEN_HEADER)
+    assert {k: v for k, v in table["__metadata__"].items() if k not in ("checksum", "version")} == {
+        k: v for k, v in old["__metadata__"].items() if k not in ("checksum", "version")
+    }
+    m = re.search(r"<!-- golden-header-v1\.2 -->\s*```json\n(.*?)\n```", FORMAT_MD.read_text(), re.DOTALL)
+    assert m, "docs/FORMAT.md lost its version-1.2 example header"
+    assert m.group(1) == header
+
+
+def test_a_checked_file_loads_without_the_repeat_check(monkeypatch):
+    import routereplay.core.trace as trace_mod
+
+    expected = golden_traces()["golden_v1_2.rrt"]
+    calls = []
+    real = trace_mod.first_duplicate_row
+    monkeypatch.setattr(trace_mod, "first_duplicate_row", lambda *a, **k: calls.append(1) or real(*a, **k))
+    checked = rio.load(DATA / "golden_v1_2.rrt")
+    assert calls == [] and checked.rows_checked() and checked == expected
+    plain = rio.load(DATA / "golden_v1.rrt")
+    assert calls == [1] and plain.rows_checked()  # validated here: as checked as the other
+    assert rio.dumps(plain) == (DATA / "golden_v1_2.rrt").read_bytes()
+
+
+def test_rows_checked_is_the_writers_word(tmp_path, golden_bytes):
+    """The checksum seals the field with the rows, but does not prove it: a writer that stamps rows
+    it did not check gets them read as it says. replace(check=True) checks them again."""
     table, payload = split(golden_bytes)
-    table["__metadata__"].update(version="1.2", future_field="x")
+    table["__metadata__"].update(version="1.2", rows_checked="1")
+    payload = bytearray(payload)
+    payload[24 + 1] = payload[24]  # row 0, layer 1: expert 0 twice
+    path = write(tmp_path, build(table, bytes(payload)))
+    lying = rio.load(path)
+    assert lying.rows_checked()
+    with pytest.raises(DuplicateExpertError, match=r"^row 0 \(sequence 0, position 0\), layer 1 selects an expert"):
+        lying.replace(check=True)
+
+
+@pytest.mark.parametrize(
+    ("version", "value", "message"),
+    [
+        ("1.2", "yes", r"field 'rows_checked' is 'yes', expected '1'; the file is corrupt"),
+        ("1.2", "0", r"field 'rows_checked' is '0', expected '1'"),
+        ("1.1", "1", r"unknown metadata field\(s\) \['rows_checked'\] in a version-1.1 trace"),
+    ],
+)
+def test_malformed_rows_checked(tmp_path, golden_bytes, version, value, message):
+    path = write(tmp_path, edited(golden_bytes, {"version": version, "rows_checked": value}))
+    with pytest.raises(TraceFormatError, match=message):
+        rio.load(path)
+
+
+def test_a_1_1_reader_reads_a_checked_file(monkeypatch):
+    # minor versions only add: a 1.1 reader ignores rows_checked, and checks the rows itself
+    monkeypatch.setattr(rio, "_MINOR", 1)
+    assert rio.load(DATA / "golden_v1_2.rrt") == golden_traces()["golden_v1_2.rrt"]
+
+
+def test_newer_minor_version_ignores_unknown_names(tmp_path, golden_bytes):
+    # 1.3 may add fields and tensors; a 1.2 reader loads what it knows.
+    table, payload = split(golden_bytes)
+    table["__metadata__"].update(version="1.3", future_field="x")
     table["future_tensor"] = {"dtype": "U8", "shape": [3], "data_offsets": [49, 52]}
     path = write(tmp_path, build(table, payload + b"abc"))
     assert rio.load(path) == golden_traces()["golden_v1.rrt"]

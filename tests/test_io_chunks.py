@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import not_known_checked
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,7 +60,7 @@ def golden_trace() -> RoutingTrace:
 
 
 def regen() -> None:
-    rio.save(golden_trace(), GOLDEN, chunk_bytes=GOLDEN_CHUNK_BYTES)
+    rio.save(not_known_checked(golden_trace()), GOLDEN, chunk_bytes=GOLDEN_CHUNK_BYTES)
     print(f"wrote {GOLDEN}")
 
 
@@ -71,7 +72,7 @@ def split(data: bytes) -> tuple[dict, int]:
 # --- the golden file ---------------------------------------------------------------------------
 def test_save_matches_golden_bytes(tmp_path):
     out = tmp_path / "t.rrt"
-    rio.save(golden_trace(), out, chunk_bytes=GOLDEN_CHUNK_BYTES)
+    rio.save(not_known_checked(golden_trace()), out, chunk_bytes=GOLDEN_CHUNK_BYTES)
     assert out.read_bytes() == GOLDEN.read_bytes(), "save() no longer writes the chunked golden file"
 
 
@@ -136,9 +137,24 @@ def test_a_1_0_reader_reads_a_chunked_file_whole(monkeypatch):
 
 
 def test_one_chunk_traces_keep_version_1(tmp_path):
-    rio.save(golden_trace(), tmp_path / "t.rrt")  # default chunks of 4 MiB: one chunk
+    rio.save(not_known_checked(golden_trace()), tmp_path / "t.rrt")  # default chunks of 4 MiB: one chunk
     header = rio.read_header(tmp_path / "t.rrt")
     assert header.version == "1" and "chunk_rows" not in header.metadata
+
+
+@pytest.mark.parametrize("chunk_bytes", [GOLDEN_CHUNK_BYTES, rio.CHUNK_BYTES])
+def test_checked_rows_are_version_1_2_chunked_or_not(tmp_path, chunk_bytes):
+    """A trace whose rows passed the repeat check is written as 1.2 with rows_checked, beside the
+    chunk fields when it has chunks; every read of it, whole or partial, validated or not, knows."""
+    path = tmp_path / "t.rrt"
+    rio.save(golden_trace(), path, chunk_bytes=chunk_bytes)
+    header = rio.read_header(path)
+    assert header.version == "1.2" and header.metadata["rows_checked"] == "1"
+    assert ("chunk_rows" in header.metadata) == (chunk_bytes == GOLDEN_CHUNK_BYTES)
+    for validate in (True, False):
+        assert rio.load(path, validate=validate).rows_checked()
+        part = rio.load(path, sequences=[2, 0], validate=validate)
+        assert part == golden_trace().select_sequences([2, 0]) and part.rows_checked()
 
 
 # --- partial reads -------------------------------------------------------------------------

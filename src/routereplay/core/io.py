@@ -49,6 +49,7 @@ from routereplay.core.trace import (
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
+    "CHECKED_FORMAT_VERSION",
     "CHUNKED_FORMAT_VERSION",
     "CHUNK_BYTES",
     "FORMAT_NAME",
@@ -66,9 +67,11 @@ FORMAT_NAME = "routereplay.trace"
 FORMAT_VERSION = "1"
 # Files whose rows span more than one chunk carry per-chunk checksums (minor version 1).
 CHUNKED_FORMAT_VERSION = "1.1"
+# Files of traces whose rows passed the repeat check say so (minor version 2), chunked or not.
+CHECKED_FORMAT_VERSION = "1.2"
 CHECKSUM_ALGORITHM = "crc32"
 # The major version this module reads, and the newest minor it knows every field of.
-_MAJOR, _MINOR = 1, 1
+_MAJOR, _MINOR = 1, 2
 # Rows per chunk are chosen so that a chunk holds about this many bytes of expert ids.
 CHUNK_BYTES = 4 * 2**20
 # A trace's header is a few hundred bytes plus its layer ids and meta (a few KB in practice).
@@ -103,6 +106,8 @@ _EXPERT_DTYPES = ("U8", "I16", "I32")
 _REQUIRED_FIELDS = ("format", "version", "layer_ids", "num_experts", "top_k", "meta", "checksum_algorithm", "checksum")
 # Version 1.1: per-chunk checksums, all three present or none.
 _CHUNK_FIELDS = ("chunk_rows", "chunk_checksums", "header_checksum")
+# Version 1.2: "1" when the writer knew that every valid row names top_k distinct experts.
+_ROWS_CHECKED = "rows_checked"
 _ROW_TENSORS = ("experts", "gates", "valid")  # tensors with one entry per row, split into chunks
 _REQUIRED_TENSORS = ("experts", "cu_seqlens")
 _OPTIONAL_TENSORS = ("valid", "gates")
@@ -136,7 +141,8 @@ class TraceFileHeader:
         path: the file as given to :func:`read_header`.
         file_size: bytes on disk.
         header_size: bytes of the JSON header, padding included (the container's first 8 bytes).
-        version: the format version string (``"1"``, or ``"1.1"`` for a file with per-chunk checksums).
+        version: the format version string (``"1"``; ``"1.1"`` for a file with per-chunk checksums;
+            ``"1.2"`` for a file whose writer checked its rows for repeated experts).
         checksum_algorithm, checksum: as stored; the checksum is not verified by ``read_header``.
         metadata: the whole ``__metadata__`` mapping (every value a string).
         tensors: name -> :class:`TensorEntry`, in file order.
@@ -176,7 +182,9 @@ def save(
         chunk_bytes: about how many bytes of expert ids each checksummed chunk of rows holds.
             A trace of more than one chunk is written as format version 1.1, with a checksum
             per chunk, so that :func:`load` with ``sequences=`` reads and verifies only the
-            chunks it needs; a trace of one chunk as version 1, as before.
+            chunks it needs; a trace of one chunk as version 1, as before. A trace whose rows
+            passed the repeat check (``trace.rows_checked()``) is written as version 1.2, which
+            says so, so that a validating :func:`load` skips that check.
 
     Raises:
         TypeError: ``trace`` is not a RoutingTrace.
@@ -348,9 +356,10 @@ def _encode(trace: RoutingTrace, chunk_bytes: int = CHUNK_BYTES) -> _Encoded:
     row_bytes = max(1, tensors["experts"][:1].numel() * tensors["experts"].element_size())
     chunk_rows = max(1, chunk_bytes // row_bytes)
     chunked = T > chunk_rows
+    checked = trace.rows_checked()
     metadata = {
         "format": FORMAT_NAME,
-        "version": CHUNKED_FORMAT_VERSION if chunked else FORMAT_VERSION,
+        "version": CHECKED_FORMAT_VERSION if checked else CHUNKED_FORMAT_VERSION if chunked else FORMAT_VERSION,
         "layer_ids": json.dumps(list(trace.layer_ids), separators=(",", ":")),
         "num_experts": str(trace.num_experts),
         "top_k": str(trace.top_k),
@@ -362,6 +371,8 @@ def _encode(trace: RoutingTrace, chunk_bytes: int = CHUNK_BYTES) -> _Encoded:
         metadata["chunk_rows"] = str(chunk_rows)
         metadata["chunk_checksums"] = _PLACEHOLDER * -(-T // chunk_rows)
         metadata["header_checksum"] = _PLACEHOLDER
+    if checked:
+        metadata[_ROWS_CHECKED] = "1"
     # The checksum covers the file as written with the checksum digits set to "0". The digits
     # have a fixed width, so filling them in later moves no byte.
     prefix = _encode_prefix(metadata, entries)
@@ -507,10 +518,14 @@ def load(
             :func:`save` is safe.
         validate: re-run every RoutingTrace check (id range, duplicate ids, monotone
             ``cu_seqlens``, finite gates); O(T), over cache-sized blocks without copies of the
-            ids. The duplicate check, the costly one, runs on torch's intra-op threads
+            ids. The duplicate check, the costly one, is skipped for a file whose writer checked
+            the rows (format 1.2, ``rows_checked``; the checksums vouch that they are the rows
+            it checked); otherwise it runs on torch's intra-op threads
             (``torch.get_num_threads()``), with more than one of them beside the read: rows
-            already read are checked while the next are read. With ``False`` only the O(1)
-            structural checks run and the checksum vouches for the content.
+            already read are checked while the next are read. The trace returned knows that its
+            rows passed (``rows_checked()``). With ``False`` only the O(1) structural checks run
+            and the checksum vouches for the content. To check a file's rows again whatever it
+            says, load with ``validate=False`` and build ``trace.replace(check=True)``.
         device: where the returned tensors live. The checksum is verified on the host first.
         sequences: only these sequences, in this order (as ``trace.select_sequences``). From a
             chunked file (format 1.1, see docs/FORMAT.md) only the chunks of rows that hold them
@@ -547,7 +562,7 @@ def load(
         if not mmap:
             _require_tensors(path, header)
             buffer = host_empty((header.data_size,), torch.uint8)
-            with _RepeatScan.beside_read(buffer, header, validate) as scan:
+            with _RepeatScan.beside_read(buffer, header, validate and not _rows_checked(header)) as scan:
                 _read_data(f, path, header, prefix, buffer, scan)
                 distinct = scan is not None and scan.distinct()
     if mmap:
@@ -691,7 +706,15 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
         "gates": out.get("gates"),
         "meta": fields["meta"],
     }
-    return RoutingTrace(**built) if validate else RoutingTrace.unchecked(**built)
+    if not validate:
+        return RoutingTrace.unchecked(**built)._mark_checked(_rows_checked(header))
+    return RoutingTrace._with_distinct_rows(**built) if _rows_checked(header) else RoutingTrace(**built)
+
+
+def _rows_checked(header: TraceFileHeader) -> bool:
+    """The file's writer knew that every valid row names top_k distinct experts (format 1.2): its
+    checksums vouch that the rows are the ones it checked, so validation skips the repeat check."""
+    return header.metadata.get(_ROWS_CHECKED) == "1"
 
 
 def _chunk_runs(spans: list[tuple[int, int]], R: int) -> tuple[list[int], list[list[int]]]:
@@ -884,7 +907,8 @@ def _build(
     distinct_rows: bool = False,
 ) -> RoutingTrace:
     """The trace from checksummed host tensors: parse the fields, move, then validate or run the O(1)
-    checks. ``distinct_rows``: the ids were checked for repeats beside the read (see _RepeatScan)."""
+    checks. ``distinct_rows``: the ids were checked for repeats beside the read (see _RepeatScan);
+    a file whose writer checked them (``rows_checked``) skips that check too."""
     fields = _parse_fields(path, header)
     if torch.device(device).type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}
@@ -898,13 +922,14 @@ def _build(
         "meta": fields["meta"],
     }
     if validate:
+        distinct_rows = distinct_rows or _rows_checked(header)
         trace = RoutingTrace._with_distinct_rows(**parts) if distinct_rows else RoutingTrace(**parts)
         if trace.experts is not parts["experts"] and torch.device(device).type == "cpu":
             # Validation built new ids (invalid rows held non-zero bytes): copy the small tensors so
             # they do not keep the whole data section alive next to the new ids.
             own = lambda t: None if t is None else t.clone()
-            trace = trace.replace(
-                check=False, cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates)
+            trace = trace._derived(
+                (trace,), cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates)
             )
         return trace
     # Without validation, still refuse what would break indexing downstream (O(1) checks).
@@ -915,7 +940,8 @@ def _build(
             f"cu_seqlens runs from {int(cu_seqlens_B1[0])} to {int(cu_seqlens_B1[-1])}, "
             f"expected 0 to T={T}; {_CORRUPT}",
         )
-    return RoutingTrace.unchecked(**parts)
+    # the writer's word on the rows, sealed by the checksum, holds without validation too
+    return RoutingTrace.unchecked(**parts)._mark_checked(_rows_checked(header))
 
 
 def _fail(path: str, problem: str) -> TraceFormatError:
@@ -1063,7 +1089,7 @@ def _check_metadata_fields(
     if minor <= _MINOR:
         # A newer minor version may add fields and tensors that this reader ignores; in a
         # version this reader knows fully, an unknown name means a damaged header.
-        known = _REQUIRED_FIELDS + (_CHUNK_FIELDS if minor >= 1 else ())
+        known = _REQUIRED_FIELDS + (_CHUNK_FIELDS if minor >= 1 else ()) + ((_ROWS_CHECKED,) if minor >= 2 else ())
         unknown = sorted(set(metadata) - set(known))
         if unknown:
             raise _fail(path, f"unknown metadata field(s) {unknown} in a version-{version} trace; {_CORRUPT}")
@@ -1085,6 +1111,8 @@ def _check_metadata_fields(
         raise _fail(path, f"checksum field is {checksum!r}, expected 8 lowercase hex digits; {_CORRUPT}")
     if minor >= 1 and any(name in metadata for name in _CHUNK_FIELDS):
         _check_chunk_fields(path, metadata, tensors)
+    if minor >= 2 and metadata.get(_ROWS_CHECKED, "1") != "1":
+        raise _fail(path, f"field {_ROWS_CHECKED!r} is {_short(metadata[_ROWS_CHECKED])}, expected '1'; {_CORRUPT}")
 
 
 def _check_chunk_fields(path: str, metadata: dict, tensors: dict[str, TensorEntry]) -> None:
