@@ -305,8 +305,8 @@ def _checked_trace(seed: int = 0, valid: bool = True) -> RoutingTrace:
 def test_rows_checked_follows_the_trace_through_its_methods():
     t = _checked_trace()
     assert t.rows_checked()
-    assert not RoutingTrace.unchecked(**{k: getattr(t, k) for k in ("experts", "cu_seqlens", "layer_ids",
-                                                                      "num_experts", "valid")}).rows_checked()  # fmt: skip
+    fields = ("experts", "cu_seqlens", "layer_ids", "num_experts", "valid")
+    assert not RoutingTrace.unchecked(**{k: getattr(t, k) for k in fields}).rows_checked()
     kept = [
         t.replace(check=False, meta={"a": "b"}),
         t.replace(check=False, gates=torch.zeros(t.experts.shape)),

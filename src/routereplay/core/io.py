@@ -48,8 +48,8 @@ from routereplay.core.trace import (
 )
 
 __all__ = [
-    "CHECKSUM_ALGORITHM",
     "CHECKED_FORMAT_VERSION",
+    "CHECKSUM_ALGORITHM",
     "CHUNKED_FORMAT_VERSION",
     "CHUNK_BYTES",
     "FORMAT_NAME",
