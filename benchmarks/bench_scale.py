@@ -518,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, numpy {np.__version__}, {platform.platform()}, python {platform.python_version()}"
     )
-    print(f"nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
+    print(f"nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()}, "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}")
     print(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, "
           f"commit {commit.stdout.strip() or '?'}")
     if args.sweep:
@@ -560,6 +561,10 @@ if __name__ == "__main__":
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc then maps every allocation above 64 KiB and returns it on free, so each measured
         # call's peak shows in VmHWM instead of hiding in memory an earlier call freed to the heap.
+        # Every such allocation then costs fresh page faults, which slows ops that allocate many
+        # mid-sized temporaries (prepare's layout: ~2x). For times as a user's process sees them run
+        # with MALLOC_MMAP_THRESHOLD_=33554432 (the ceiling glibc's own threshold grows to); peaks are
+        # then not comparable.
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
         os.execv(sys.executable, [sys.executable, *sys.argv])
     raise SystemExit(main())
