@@ -29,10 +29,10 @@ which releases each chunk's memory once it is copied, so the join peaks at the r
 allocation, not twice the rows. A payload's new rows smaller than ``_BLOCK_BYTES`` are copied into
 an append-only block (their chunk is a view of it) instead of keeping an allocation of their own:
 glibc serves allocations below its mmap threshold from its heap, whose freed pages stay resident, so
-hundreds of small chunks released one by one would all still count at the join's peak. A block is
-one mapping, returned to the system once its last chunk is copied. Blocks grow with the rows held
-(a short conversation gets a small one) up to ``_BLOCK_BYTES``; larger payloads keep their own
-tensor (a mapping of its own already: copying it would buy no memory).
+hundreds of small chunks released one by one would all still count at the join's peak. Blocks grow
+with the rows held up to ``_BLOCK_BYTES`` (a short conversation gets small ones, a long one mostly
+full ones, each a mapping of its own, returned to the system once its last chunk is copied); larger
+payloads keep their own tensor (a mapping of its own already: copying it would buy no memory).
 
 Legend: N payload rows, Lp payload layers, L MoE layers, K top-k, R rows held.
 """
@@ -57,10 +57,10 @@ Overlap = Literal["keep", "check"]
 
 # A payload's new rows below this many bytes are appended to blocks of at most this size (a whole
 # number of rows); larger ones keep their own tensor. The join peaks at the rows plus one block (or
-# one larger payload's rows): 1 MiB is 1/30 of a 65k-token DeepSeek-V3 conversation, and 8x glibc's
-# default mmap threshold (128 KiB; 64 KiB in bench_scale.py). glibc raises that threshold up to the
-# size of each mapping a process frees, at most 32 MiB; past that point blocks come from the heap
-# too, and no block small enough to keep the peak near 1x is safe from it.
+# one larger payload's rows): 1 MiB is about 1/30 of a 65k-token DeepSeek-V3 conversation, and 8x
+# glibc's default mmap threshold (128 KiB; 64 KiB in bench_scale.py). glibc raises that threshold
+# up to the size of each mapping a process frees, at most 32 MiB; past that point blocks come from
+# the heap too, and no block small enough to keep the peak near 1x is safe from it.
 _BLOCK_BYTES = 1 << 20
 
 
