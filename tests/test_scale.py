@@ -347,7 +347,6 @@ def test_accumulator_copies_each_id_at_most_twice(block, copies):
 
     with _block_bytes(block):
         rows, payloads = _conversation(64)
-        acc = _accumulate(payloads)
         with Copied():
             acc = _accumulate(payloads)
             trace = acc.trace()
