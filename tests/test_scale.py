@@ -11,6 +11,7 @@ Legend: T tokens, L MoE layers, K top-k slots, B sequences.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import numpy as np
@@ -24,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 import routereplay.core.io as rio
 from routereplay.core.errors import LayoutError, MissingRoutesError, TraceMismatchError
 from routereplay.core.trace import RoutingTrace
-from routereplay.formats import RouteAccumulator
+from routereplay.formats import RouteAccumulator, accumulate
 from routereplay.rl.store import RouteStore
 
 L, K, E = 4, 2, 16
@@ -257,6 +258,154 @@ def test_accumulator_overlap_fill_does_not_touch_earlier_traces():
     assert before.valid.tolist() == [True, True, False, True, True, True]
     assert after.valid is None and torch.equal(after.experts, rows.to(torch.uint8))
     assert before.experts[2].tolist() == [[0, 0]] * L
+
+
+@contextmanager
+def _block_bytes(nbytes):
+    """RouteAccumulator's block size set to ``nbytes`` inside (0: every payload keeps its own tensor)."""
+    old = accumulate._BLOCK_BYTES
+    accumulate._BLOCK_BYTES = nbytes
+    try:
+        yield
+    finally:
+        accumulate._BLOCK_BYTES = old
+
+
+def _accumulate(payloads):
+    acc = RouteAccumulator(num_experts=E)
+    for arr, start in payloads:
+        acc.add(arr, start=start, num_tokens=start + arr.shape[0] + 1)
+    return acc
+
+
+def _allocations(acc):
+    """The distinct allocations the accumulator's chunks view: ``{address: bytes}``."""
+    return {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c, _ in acc._chunks}
+
+
+def test_accumulator_packs_small_payloads_into_few_blocks():
+    """Issue 23.1 (peak): 512 turns of 6 rows held as 512 allocations of 48 bytes would sit on the
+    malloc heap, whose freed pages stay resident, so the join still peaked at 2x the rows. Their rows
+    are copied into blocks that grow with the rows held up to _BLOCK_BYTES: a few allocations, each
+    returned whole once the join has copied it."""
+    block, per, turns = 1024, 6, 512
+    row_bytes = L * K  # uint8 ids
+    with _block_bytes(block):
+        rows, payloads = _conversation(turns, per)
+        acc = _accumulate(payloads)
+        sizes = _allocations(acc).values()
+        R_bytes = rows.shape[0] * row_bytes
+        # blocks of the full size, each left short by less than one payload; blocks growing to it
+        full = -(-R_bytes // (block - per * row_bytes))
+        growing = math.ceil(math.log2(block / (per * row_bytes))) + 1
+        assert len(acc._chunks) == turns and len(sizes) <= full + growing, (len(sizes), full, growing)
+        assert max(sizes) <= block and sum(sizes) <= 1.1 * R_bytes, (max(sizes), sum(sizes), R_bytes)
+        assert torch.equal(acc.trace().experts, rows.to(torch.uint8))
+
+
+def test_accumulator_join_releases_each_block_once_copied():
+    """The join holds no block whose rows it has copied: a block goes as soon as its last chunk is
+    copied (the accumulator's own reference to the block it appends to goes first), so it holds the
+    joined rows plus the one block it is copying."""
+    import weakref
+
+    with _block_bytes(256):
+        rows, payloads = _conversation(96)
+        acc = _accumulate(payloads)
+        assert all(c._base is not None for c, _ in acc._chunks)  # every chunk views a block
+        block_of = [id(c._base) for c, _ in acc._chunks]
+        blocks = {id(c._base): weakref.ref(c._base) for c, _ in acc._chunks}
+        assert len(blocks) > 4
+        seen = []
+
+        class Watch(TorchDispatchMode):  # at each copy into the joined tensor: the blocks still alive
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten.copy_.default:
+                    alive = {i for i, b in blocks.items() if b() is not None}
+                    seen.append(alive == set(block_of[len(seen) :]))  # those of the chunks left to copy
+                return func(*args, **(kwargs or {}))
+
+        with Watch():
+            trace = acc.trace()
+    assert torch.equal(trace.experts, rows.to(torch.uint8))
+    assert len(seen) == len(block_of) and all(seen), seen
+    assert all(b() is None for b in blocks.values())
+
+
+@pytest.mark.parametrize(("block", "copies"), [(1 << 20, 2), (8, 1)])
+def test_accumulator_copies_each_id_at_most_twice(block, copies):
+    """A small payload's ids are copied twice (into a block, then into the joined tensor); a payload
+    of a block or more keeps its own tensor and is copied once, by the join."""
+
+    class Copied(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default:
+                Copied.nbytes += args[0].numel() * args[0].element_size()
+            return func(*args, **(kwargs or {}))
+
+    with _block_bytes(block):
+        rows, payloads = _conversation(64)
+        with Copied():
+            acc = _accumulate(payloads)
+            trace = acc.trace()
+    assert torch.equal(trace.experts, rows.to(torch.uint8))
+    assert Copied.nbytes == copies * trace.experts.numel(), (Copied.nbytes, trace.experts.numel())
+
+
+@pytest.mark.parametrize(("block", "at_most"), [(8, 1), (1 << 20, 2)])
+def test_accumulator_keeps_no_resent_rows(block, at_most):
+    """Partial-rollout resume: each attempt sends every row again (105 rows sent for 30 here). Only
+    the new rows are held: copied out of a large payload (exactly the rows held), or into blocks
+    (which grow with the rows held: at most twice them), never as a view keeping the payload alive."""
+    rows, _ = _conversation(6, rows_per_turn=5)
+    acc = RouteAccumulator(num_experts=E)
+    with _block_bytes(block):
+        for end in range(5, rows.shape[0] + 1, 5):
+            acc.add(rows[:end].numpy(), num_tokens=end + 1)
+        held = sum(_allocations(acc).values())
+        assert torch.equal(acc.trace().experts, rows.to(torch.uint8))
+    assert held <= at_most * rows.shape[0] * L * K, held  # uint8 ids
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, 9), st.booleans(), st.integers(-1, 12), st.booleans()), min_size=1, max_size=8
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_accumulator_blocks_hold_what_chunks_hold(steps, seed):
+    """Blocks change where the rows live, not which: turns and resumed attempts (whose resent rows
+    differ, as after a weight update), rows without a route filled by later payloads and traces taken
+    between payloads give the same traces whether every payload keeps its own tensor (block 0),
+    some do (24 bytes: 3 rows) or none does."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.rand(80, L, E, generator=g).argsort(-1)[..., :K].to(torch.int32)
+    alt = torch.rand(80, L, E, generator=g).argsort(-1)[..., :K].to(torch.int32)  # the routes recomputed
+    runs = {}
+    for block in (0, 24, 1 << 20):
+        acc = RouteAccumulator(num_experts=E, missing="invalid")
+        out = []
+        with _block_bytes(block):
+            for new, resend, hole, take in steps:
+                held = acc.num_rows
+                new = max(new, 1) if held == 0 else new
+                start = 0 if resend else held
+                payload = torch.cat([alt[start:held], src[held : held + new]])
+                if 0 <= hole < payload.shape[0]:
+                    payload[hole] = -1  # no route for this row in this payload
+                acc.add(payload.numpy(), start=start, num_tokens=held + new + 1)
+                if take:
+                    out.append(acc.trace())
+            out.append(acc.trace())
+        runs[block] = [(t.experts, t.valid_mask) for t in out], acc.num_overlap_mismatches
+    (a, mis_a), (b, mis_b), (c, mis_c) = runs.values()
+    assert mis_a == mis_b == mis_c
+    for (ea, va), (eb, vb), (ec, vc) in zip(a, b, c, strict=True):
+        assert torch.equal(ea, eb) and torch.equal(ea, ec)
+        assert torch.equal(va, vb) and torch.equal(va, vc)
 
 
 # --- validated load ------------------------------------------------------------------------

@@ -24,6 +24,16 @@ payload that would leave a gap, a request that is not a continuation of the held
 Invariant: after each :meth:`RouteAccumulator.add` the accumulator holds ``num_tokens - 1`` rows
 (engine rows), one per token but the last.
 
+Memory: the rows held are kept as chunks, one per payload, joined into one tensor by ``trace()``,
+which releases each chunk's memory once it is copied, so the join peaks at the rows plus one
+allocation, not twice the rows. A payload's new rows smaller than ``_BLOCK_BYTES`` are copied into
+an append-only block (their chunk is a view of it) instead of keeping an allocation of their own:
+glibc serves allocations below its mmap threshold from its heap, whose freed pages stay resident, so
+hundreds of small chunks released one by one would all still count at the join's peak. Blocks grow
+with the rows held up to ``_BLOCK_BYTES`` (a short conversation gets small ones, a long one mostly
+full ones, each a mapping of its own, returned to the system once its last chunk is copied); larger
+payloads keep their own tensor (a mapping of its own already: copying it would buy no memory).
+
 Legend: N payload rows, Lp payload layers, L MoE layers, K top-k, R rows held.
 """
 
@@ -44,6 +54,19 @@ from routereplay.formats.vllm import decode_vllm_payload
 __all__ = ["RouteAccumulator"]
 
 Overlap = Literal["keep", "check"]
+
+# A payload's new rows below this many bytes are appended to blocks of at most this size (a whole
+# number of rows); larger ones keep their own tensor. The join peaks at the rows plus one block (or
+# one larger payload's rows): 1 MiB is about 1/30 of a 65k-token DeepSeek-V3 conversation, and 8x
+# glibc's default mmap threshold (128 KiB; 64 KiB in bench_scale.py). glibc raises that threshold
+# up to the size of each mapping a process frees, at most 32 MiB; past that point blocks come from
+# the heap too, and no block small enough to keep the peak near 1x is safe from it.
+_BLOCK_BYTES = 1 << 20
+
+
+def _owns_storage(x: torch.Tensor) -> bool:
+    """Whether ``x`` spans all of its storage (keeping it alive keeps nothing else alive)."""
+    return x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.numel() * x.element_size()
 
 
 def _token_list(token_ids: Any, label: str) -> list[int]:
@@ -83,6 +106,8 @@ class RouteAccumulator:
     """
 
     __slots__ = (
+        "_block",
+        "_block_used",
         "_chunks",
         "_layer_ids",
         "_num_rows",
@@ -121,9 +146,13 @@ class RouteAccumulator:
         self.num_payloads = 0
         # The rows held, as the chunks each payload appended ([n, L, K] ids and their valid mask,
         # None when every row has a route). Appending never copies the rows held before: a
-        # conversation of many turns costs one copy of its rows in all (when trace() joins the
-        # chunks), not one per turn.
+        # conversation of many turns costs one copy of its rows when trace() joins the chunks (two
+        # for small payloads: their rows are first copied into a block), not one per turn.
         self._chunks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        # The block small payloads' rows are appended to ([cap, L, K]; rows [0, _block_used) are
+        # written, and never written again: chunks and traces may view them), or None.
+        self._block: torch.Tensor | None = None
+        self._block_used = 0
         self._num_rows = 0
         self._top_k = 0
         self._layer_ids: tuple[int, ...] | None = None
@@ -313,12 +342,44 @@ class RouteAccumulator:
             tail_valid = None if piece.valid is None else piece.valid[ov:]
             if tail_valid is not None and bool(tail_valid.all()):
                 tail_valid = None
-            self._chunks.append((tail_NLK, tail_valid))
-            self._num_rows += int(tail_NLK.shape[0])
+            self._append(tail_NLK, tail_valid)
         self._layer_ids = piece.layer_ids
         self._top_k = piece.top_k
         self._commit_tokens(n, ids)
         return int(tail_NLK.shape[0])
+
+    def _append(self, rows_NLK: torch.Tensor, valid_N: torch.Tensor | None) -> None:
+        """Append rows as a chunk: their own tensor when large, else a copy in the current block.
+
+        A large tensor that is a view of a larger one (the new rows of a payload that sent the held
+        rows again, as resumed attempts do) is copied, so the rows sent again are not kept alive.
+        """
+        n = int(rows_NLK.shape[0])
+        if rows_NLK.numel() * rows_NLK.element_size() >= _BLOCK_BYTES:
+            self._block = None  # later rows start a new block: a block's chunks stay consecutive
+            chunk = rows_NLK if _owns_storage(rows_NLK) else rows_NLK.clone()
+        else:
+            chunk = self._reserve(rows_NLK)
+            chunk.copy_(rows_NLK)
+        self._chunks.append((chunk, valid_N))
+        self._num_rows += n
+
+    def _reserve(self, rows_NLK: torch.Tensor) -> torch.Tensor:
+        """The next ``len(rows_NLK)`` unwritten rows of the current block, in a new block if they do not fit.
+
+        A new block holds as many rows as are held (at least these, at most ``_BLOCK_BYTES``), so
+        the blocks of a conversation add up to about its rows whatever its length.
+        """
+        n = int(rows_NLK.shape[0])
+        block = self._block
+        if block is None or block.shape[0] - self._block_used < n:
+            row_bytes = rows_NLK[:1].numel() * rows_NLK.element_size()
+            cap = max(_BLOCK_BYTES // max(row_bytes, 1), 1)
+            block = torch.empty((max(n, min(cap, self._num_rows)), *rows_NLK.shape[1:]), dtype=rows_NLK.dtype)
+            self._block, self._block_used = block, 0
+        lo = self._block_used
+        self._block_used += n
+        return block[lo : lo + n]
 
     def _rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Held rows ``[start, stop)``: ids ``[n, L, K]`` and valid ``[n]`` (a copy when they span chunks)."""
@@ -359,8 +420,7 @@ class RouteAccumulator:
         experts[fill] = new_RLK[fill].to(experts.dtype)
         valid = held_valid | fill
         self._truncate(start)
-        self._chunks.append((experts, None if bool(valid.all()) else valid))
-        self._num_rows += ov
+        self._append(experts, None if bool(valid.all()) else valid)
 
     def _truncate(self, rows: int) -> None:
         """Keep only the first ``rows`` held rows (views of the chunks; nothing is copied)."""
@@ -399,7 +459,7 @@ class RouteAccumulator:
         if self._layer_ids is None:
             raise EngineFormatError("the accumulator holds no routes yet; add a payload first")
         R = self.num_rows
-        if len(self._chunks) != 1:
+        if len(self._chunks) != 1 or not _owns_storage(self._chunks[0][0]):
             self._join()  # once: later calls and payloads start from the joined rows
         experts_RLK, valid_R = self._chunks[0]
         # Every row comes from a payload's validated trace (ids checked, invalid rows zero): the
@@ -420,7 +480,9 @@ class RouteAccumulator:
     def _join(self) -> None:
         """Join the held chunks into one, in place, at about 1x the rows: each chunk is copied into
         the joined tensor and then replaced by its view there, so its own memory goes as soon as it
-        is copied (the join holds the joined rows plus one chunk at its highest, not twice the rows)."""
+        is copied, a block's once its last chunk is (the join holds the joined rows plus one block
+        or one large chunk at its highest, not twice the rows)."""
+        self._block = None  # the chunks hold the blocks: each goes with its last chunk
         R = self.num_rows
         experts_RLK = torch.empty((R, len(self._layer_ids), self._top_k), dtype=expert_dtype(self.num_experts))
         holes = any(v is not None for _, v in self._chunks)
