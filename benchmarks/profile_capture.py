@@ -111,20 +111,20 @@ def main() -> None:
 
 def pieces(args, model, ids_BP, gen_kw, sync) -> None:
     """Wall time of ``generate`` detached, attached and idle, capturing, and capturing with a piece
-    switched off (a diagnostic: the patched runs are not valid captures): the experts' pre-hook
-    (it only serves replay checks and dispatch observers) and the per-layer compact copy of the ids
-    (needed under CUDA graphs, whose memory pool the next step overwrites). Interleaved, medians."""
-    from routereplay.adapters import hf
+    switched off (a diagnostic: the patched run is not a valid capture): the per-layer compact copy
+    of the ids (needed under CUDA graphs, whose memory pool the next step overwrites). Interleaved,
+    medians. (The experts' pre-hook, measured here before, is installed only for verifying replays
+    and dispatch observers now.)"""
     from routereplay.runtime import record
 
-    keep_hook, keep_answer = hf._hook_experts, record.Recording.answer
+    keep_answer = record.Recording.answer
 
     def answer_without_copy(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped):
         self._ids[index].append(ids_NK)
-        return weights_NK, ids_NK, record.Binding(ids_NK, None, "uncopied")
+        return weights_NK, ids_NK, None
 
-    def run(hook=keep_hook, answer=keep_answer, capture=True, attached=True) -> float:
-        hf._hook_experts, record.Recording.answer = hook, answer
+    def run(answer=keep_answer, capture=True, attached=True) -> float:
+        record.Recording.answer = answer
         try:
             handle = attach(model) if attached else None
             sync()
@@ -136,16 +136,13 @@ def pieces(args, model, ids_BP, gen_kw, sync) -> None:
                 handle.detach()
             return time.perf_counter() - t
         finally:
-            hf._hook_experts, record.Recording.answer = keep_hook, keep_answer
+            record.Recording.answer = keep_answer
 
-    no_hook = lambda *a: None
     arms = {
         "detached": lambda: run(capture=False, attached=False),
         "attached, idle": lambda: run(capture=False),
         "capture": run,
-        "capture, no experts hook": lambda: run(hook=no_hook),
         "capture, no copy": lambda: run(answer=answer_without_copy),
-        "capture, neither": lambda: run(hook=no_hook, answer=answer_without_copy),
     }
     times: dict[str, list[float]] = {k: [] for k in arms}
     for r in range(args.reps + 1):

@@ -191,6 +191,40 @@ def test_record_then_replay_is_bit_identical(handle, model):
     assert all(v.disagreement == 0 for v in s.values())
 
 
+def test_the_experts_are_hooked_only_while_their_ids_are_read(handle, model):
+    """The experts' pre-hook (what replay(verify=True) and dispatch observers read) is installed for
+    those only: idle, recording and plain replay leave the experts' forward without a hook."""
+    experts = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    hooked = lambda: [len(e._forward_pre_hooks) for e in experts]
+    assert experts and hooked() == [0] * len(experts)
+    b = batch()
+    rec, _ = record(handle, model, b)
+    assert hooked() == [0] * len(experts)
+    with handle.replay(rec.trace()):
+        assert hooked() == [0] * len(experts)
+        model(**b)
+    with handle.replay(rec.trace(), verify=True):
+        assert hooked() == [1] * len(experts)
+        model(**b)
+    assert hooked() == [0] * len(experts)
+    seen = []
+    stop = handle.observe_dispatch(lambda i, ids: seen.append(i))
+    stop_too = handle.observe_dispatch(lambda i, ids: None)
+    assert hooked() == [1] * len(experts)
+    with handle.replay(rec.trace(), verify=True):  # a verifying block while observed: one hook each
+        assert hooked() == [1] * len(experts)
+        model(**b)
+    assert seen == list(range(len(handle.layers)))  # the replayed forward, each layer at its experts' input
+    stop()
+    assert hooked() == [1] * len(experts)  # the other observer still reads them
+    with torch.no_grad():
+        model(**b)
+    assert len(seen) == len(handle.layers)
+    handle.detach()  # an observer still registered: detach removes its hooks too
+    assert hooked() == [0] * len(experts)
+    stop_too()
+
+
 def test_replay_of_other_routing_changes_output_and_reports_disagreement(handle, model):
     b = batch()
     rec, out = record(handle, model, b)

@@ -61,7 +61,7 @@ import inspect
 import re
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -460,7 +460,7 @@ def _install(calls: RouterCalls, removers: list, model, index: int, layer: MoELa
     """Hook one MoE layer: its batch shape (first layer only), its experts' ids, then its router seam."""
     parent_path, block, _ = _parent(model, layer.path)
     _hook_batch_shape(calls, removers, model, index, parent_path, block)
-    _hook_experts(calls, removers, index, block)
+    _hook_experts(calls, index, block)
     seam = _Seam(calls=calls, removers=removers, index=index, layer=layer, router=router, rmath=rmath,
                  family=family, block=block)  # fmt: skip
     _SEAMS.get(layer.router_class, _seam_generic)(seam)
@@ -510,8 +510,9 @@ def _hook_batch_shape(calls: RouterCalls, removers: list, model, index: int, par
         removers.append(h.remove)
 
 
-def _hook_experts(calls: RouterCalls, removers: list, index: int, block) -> None:
-    """Report the ids the block's experts receive (for verify=True), where their forward names them."""
+def _hook_experts(calls: RouterCalls, index: int, block) -> None:
+    """Offer the core a hook that reports the ids the block's experts receive (for verify=True and
+    dispatch observers), where their forward names them; the core installs it only while it is read."""
     experts = getattr(block, "experts", None)
     experts = base_module(experts) if isinstance(experts, torch.nn.Module) else experts
     pos = experts_ids_argument(experts) if isinstance(experts, torch.nn.Module) else None
@@ -526,8 +527,10 @@ def _hook_experts(calls: RouterCalls, removers: list, index: int, block) -> None
         if isinstance(ids, torch.Tensor):
             calls.on_experts(index, ids)
 
-    h = experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)
-    removers.append(h.remove)
+    def start() -> Callable[[], None]:
+        return experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True).remove
+
+    calls.watch_experts(index, start)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

@@ -69,12 +69,15 @@ def _prepare_fused(spec, logits_dtype, device, scale_dtype, out_dtype) -> Any:
 class Mode(Protocol):
     """An active record or replay block, as its handle calls it."""
 
+    reads_experts: bool  # check_dispatch wants what the experts receive: the handle intercepts them meanwhile
+
     def answer(
         self, index: int, logits_NE: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor, route_kw: dict,
         *, scoped: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """The ``(weights_NK, ids_NK)`` the experts of layer ``index`` get for this router call, and
-        the ``recompute.Binding`` a checkpoint recompute of this forward must reuse."""
+        the ``recompute.Binding`` a checkpoint recompute of this forward must reuse (None when the
+        call is outside every checkpoint, ``scoped=False``, and without grad: nothing recomputes it)."""
         ...
 
     def note_batch(self, index: int, shape: tuple[int, ...], packed: Any = None, forward_mask_BS: Any = None) -> None:

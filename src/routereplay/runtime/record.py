@@ -24,6 +24,8 @@ __all__ = ["Recording"]
 class Recording:
     """Live routes of the forwards run inside the block; built by ``handle.record()``."""
 
+    reads_experts = False  # what the router returns is what it records
+
     def __init__(self, handle: ModeHost, *, offload: bool, generation: bool = False) -> None:
         self._handle = handle
         self._offload = offload
@@ -66,6 +68,8 @@ class Recording:
             kept = torch.empty(ids_NK.shape, dtype=self._dtype, pin_memory=True).copy_(kept, non_blocking=True)
             self._pending_copy = True
         self._ids[index].append(kept)
+        if not scoped and not torch.is_grad_enabled():
+            return weights_NK, ids_NK, None  # nothing can recompute this call (generate's decode steps)
         binding = Binding(ids_NK, None, f"record block {self._block}, forward {len(self._ids[index])}")
         if not scoped:
             return weights_NK, ids_NK, binding

@@ -560,7 +560,14 @@ class Replay:
         self._count[index] = n + 1
         if self._verify:
             self._issued[index] = ids
+        if not scoped and not torch.is_grad_enabled():
+            return weights, ids, None  # nothing can recompute this call
         return weights, ids, Binding(forced_NK, mask_N, f"replay block {self._block}, forward {n + 1}")
+
+    @property
+    def reads_experts(self) -> bool:
+        """What the experts receive is checked (``verify=True``): the handle intercepts them meanwhile."""
+        return self._verify
 
     def check_dispatch(self, index: int, received_NK: torch.Tensor) -> None:
         if not self._verify:

@@ -134,6 +134,14 @@ class RouterCalls(Protocol):
         """The ids the experts module of layer ``index`` received (for ``replay(verify=True)``)."""
         ...
 
+    def watch_experts(self, index: int, start: Callable[[], Callable[[], None]]) -> None:
+        """Offered at install by an adapter that can see what layer ``index``'s experts module
+        receives: ``start()`` intercepts the experts (reporting to :meth:`on_experts`) and returns
+        the undo. The core starts it only while something reads those ids (a verifying replay, a
+        dispatch observer) and undoes it after, and at detach: the experts' forward carries no
+        interception on the hot path otherwise."""
+        ...
+
 
 class Adapter(Protocol):
     """An engine adapter: a module (or object) with these members, registered as an entry point

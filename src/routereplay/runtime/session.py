@@ -111,6 +111,7 @@ class RouterHandle:
         self._removers: list[Callable[[], None]] = []
         self._mode: Recording | Replay | None = None
         self._owner: threading.Thread | None = None  # the thread that entered the active block
+        self._owner_ident: int | None = None  # its threading.get_ident() (a C call; current_thread() is Python)
         self._bindings = recompute.Bindings(len(layers))
         # Tokens of forwards routed under a mode outside any recognised checkpoint region, alive
         # while their graph is: a recompute nobody recognises must not guess while one lives.
@@ -120,6 +121,10 @@ class RouterHandle:
         self._streams: dict[torch.device, Any] = {}  # per device: the side stream host traces are copied on
         # observers of what each layer's experts receive (observe_dispatch), in registration order
         self._observers: list[Callable[[int, torch.Tensor], None]] = []
+        # What the adapter offered to intercept each layer's experts (RouterCalls.watch_experts), and
+        # the undo of each while installed: only while something reads their ids (_watch_experts).
+        self._experts_watch: dict[int, Callable[[], Callable[[], None]]] = {}
+        self._experts_unwatch: list[Callable[[], None]] = []
         # After detach: what installs the interception again for a recompute owed by a forward
         # made while attached, and the regions already holding it (``recompute.hold``).
         self._reinstall: Callable[[], list[Callable[[], None]]] | None = None
@@ -215,10 +220,12 @@ class RouterHandle:
         """
         self._check_attached()
         self._observers.append(observer)
+        self._watch_experts()
 
         def remove() -> None:
             if observer in self._observers:
                 self._observers.remove(observer)
+                self._watch_experts()
 
         return remove
 
@@ -251,10 +258,11 @@ class RouterHandle:
         """
         if self._mode is not None:
             raise ReplayError("detach() inside a record/replay block; leave the block first")
+        self._observers.clear()
+        self._watch_experts()
         for remove in reversed(self._removers):
             remove()
         self._removers.clear()
-        self._observers.clear()
         self._detached = True
         for region in self._bindings.regions():
             self._hold(region)
@@ -312,16 +320,29 @@ class RouterHandle:
                 f"a {type(self._mode).__name__.lower()} block of this handle is already active; "
                 "record/replay blocks of one model cannot be nested"
             )
-        self._owner = threading.current_thread()  # before the mode: a reader that sees the mode sees its owner
+        # before the mode: a reader that sees the mode sees its owner
+        self._owner, self._owner_ident = threading.current_thread(), threading.get_ident()
         self._mode = mode
         self._blocks += 1
+        self._watch_experts()
         return self._blocks
 
     def exit_block(self, mode: Mode) -> None:
         """End ``mode``, the active block (see ``runtime.modes.ModeHost``)."""
         assert self._mode is mode
         self._mode = None
-        self._owner = None
+        self._owner = self._owner_ident = None
+        self._watch_experts()
+
+    def _watch_experts(self) -> None:
+        """Intercept the experts while something reads what they receive (a verifying replay, a
+        dispatch observer), and only then: each interception is a module hook on the hot path."""
+        wanted = bool(self._observers) or (self._mode is not None and self._mode.reads_experts)
+        if wanted and not self._experts_unwatch:
+            self._experts_unwatch = [start() for start in self._experts_watch.values()]
+        elif not wanted:
+            while self._experts_unwatch:
+                self._experts_unwatch.pop()()
 
     def _mode_here(self, index: int) -> Recording | Replay | None:
         """The active block, when this thread entered it.
@@ -330,7 +351,7 @@ class RouterHandle:
             ReplayError: a block entered on another thread is active.
         """
         mode, owner = self._mode, self._owner
-        if mode is None or owner is threading.current_thread():
+        if mode is None or self._owner_ident == threading.get_ident():
             return mode
         if owner is None:
             return None  # the block ended in between (``exit_block`` clears the mode, then the owner)
@@ -404,7 +425,7 @@ class RouterHandle:
         weights, ids, binding = mode.answer(index, logits_NE, weights_NK, ids_NK, route_kw, scoped=bool(chain))
         if chain:
             self._bindings.bind(chain, index, binding)
-        elif binding.ids_NK is not None and torch.is_grad_enabled():
+        elif binding is not None and binding.ids_NK is not None and torch.is_grad_enabled():
             grad_fn = logits_NE.grad_fn if logits_NE.grad_fn is not None else weights.grad_fn
             if grad_fn is not None:
                 token = _GraphToken()
@@ -456,6 +477,9 @@ class _Calls:
             packed = _packed_sequences(shape, position_ids, cu_seqlens)
             mask_BS = attention_mask if _is_mask_of(attention_mask, shape) else None
             mode.note_batch(index, shape, packed, mask_BS)
+
+    def watch_experts(self, index: int, start: Callable[[], Callable[[], None]]) -> None:
+        self._handle._experts_watch[index] = start
 
     def on_experts(self, index: int, ids_NK: torch.Tensor) -> None:
         h = self._handle
