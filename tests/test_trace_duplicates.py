@@ -350,40 +350,6 @@ def test_from_vllm_with_the_scan_and_missing_routes(scan_beside_copy):
     assert got.valid is not None and not bool(got.valid[12]) and got.rows_checked()
 
 
-def _packed(ids_TLK: torch.Tensor) -> RoutingTrace:
-    """pack_padded of ``ids_TLK`` laid out as a right-padded batch of 2 sequences (14 and 26 tokens)."""
-    from routereplay.core import layout
-
-    mask = torch.zeros(2, 26, dtype=torch.bool)
-    mask[0, :14], mask[1] = True, True
-    padded = torch.full((2, 26, *ids_TLK.shape[1:]), 7, dtype=ids_TLK.dtype)  # padding repeats an expert
-    padded[mask] = ids_TLK
-    return layout.pack_padded(padded, mask, layer_ids=(1, 3, 5), num_experts=50)
-
-
-@pytest.mark.parametrize("token", [None, 0, 13, 14, 39])
-def test_pack_padded_with_the_scan_matches_it_without(scan_beside_copy, token):
-    ids = _trace_ids().to(torch.uint8)
-    if token is not None:
-        ids[token, 2, 1] = ids[token, 2, 2]
-
-    def outcome():
-        try:
-            return _packed(ids)
-        except DuplicateExpertError as e:
-            return str(e)
-
-    with_scan = outcome()
-    assert scan_beside_copy == [token is None]
-    torch.set_num_threads(1)
-    without = outcome()
-    assert with_scan == without and scan_beside_copy == [token is None]
-    if token is None:
-        assert with_scan.rows_checked() and torch.equal(with_scan.experts, ids)
-    else:
-        assert with_scan.startswith(f"row {token} ")
-
-
 # --- rows_checked: a trace that passed the repeat check remembers it -------------------------
 def _checked_trace(seed: int = 0, valid: bool = True) -> RoutingTrace:
     ids = _distinct_rows(12 * 2, 3, 16, seed).reshape(12, 2, 3)

@@ -44,7 +44,7 @@ import torch
 
 from routereplay.core.errors import LayoutError
 from routereplay.core.index import cu_seqlens_of, ranges
-from routereplay.core.trace import RepeatScan, RoutingTrace, expert_dtype
+from routereplay.core.trace import RoutingTrace, expert_dtype
 
 __all__ = [
     "PaddedRoutes",
@@ -91,23 +91,6 @@ def _take_rows(
         if fill_N is not None and fill_N.numel():
             out_NX.index_fill_(0, fill_N, fill_value)
     return out_NX.view(N, *x.shape[1:])
-
-
-def _take_rows_checking(x_NLK: torch.Tensor, idx_T: torch.Tensor, *, scan: bool) -> tuple[torch.Tensor, bool]:
-    """``_take_rows(x_NLK, idx_T)`` and whether every taken row names distinct experts: with ``scan``
-    (and where the check would use threads anyway, see ``core.trace.RepeatScan``) the rows are taken in
-    spans, each checked on another thread while the next is taken. False means "not known"."""
-    T = idx_T.numel()
-    out_TLK = torch.empty((T, *x_NLK.shape[1:]), dtype=x_NLK.dtype, device=x_NLK.device)
-    with RepeatScan.beside(out_TLK if scan and x_NLK.shape[0] else None) as rows_scan:
-        if rows_scan is None:
-            return _take_rows(x_NLK, idx_T), False
-        flat_NX, out_TX = x_NLK.reshape(x_NLK.shape[0], -1), out_TLK.view(T, -1)
-        step = rows_scan.span_rows
-        for lo in range(0, T, step):
-            torch.index_select(flat_NX, 0, idx_T[lo : lo + step], out=out_TX[lo : lo + step])
-            rows_scan.filled(lo + step)
-        return out_TLK, rows_scan.distinct()
 
 
 def _gather_valid(
@@ -330,11 +313,11 @@ def pack_padded(
 
     pos_T = mask_BS.reshape(-1).nonzero().squeeze(1)
     cu_B1 = cu_seqlens_of(mask_BS.sum(1))
-    experts_TLK, distinct = _take_rows_checking(experts_NLK, pos_T, scan=validate and valid_N is None)
+    experts_TLK = _take_rows(experts_NLK, pos_T)
     gates_TLK = _take_rows(gates_NLK, pos_T)
     valid_T = _take_rows(valid_N, pos_T)
     if validate:
-        return (RoutingTrace._with_distinct_rows if distinct else RoutingTrace)(
+        return RoutingTrace(
             experts=experts_TLK,
             cu_seqlens=cu_B1,
             layer_ids=layer_ids,

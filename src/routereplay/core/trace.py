@@ -727,7 +727,7 @@ class RepeatScan:
 
     def __init__(self, experts_NLK: torch.Tensor, workers: int) -> None:
         self._experts = experts_NLK
-        self.span_rows = max(1, self.SPAN_BYTES // max(1, experts_NLK[:1].numel() * experts_NLK.element_size()))
+        self._span_rows = max(1, self.SPAN_BYTES // max(1, experts_NLK[:1].numel() * experts_NLK.element_size()))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="routereplay-repeat-scan")
         self._sent = 0  # rows sent to the pool
         self._tasks: list = []  # (first row, end row, future)
@@ -757,8 +757,8 @@ class RepeatScan:
         """Rows ``[0, rows)`` hold their final ids: send those not sent yet, by spans."""
         N = self._experts.shape[0]
         ready = min(N, rows)
-        while ready - self._sent >= self.span_rows or (ready == N and self._sent < N):
-            end = min(ready, self._sent + self.span_rows)
+        while ready - self._sent >= self._span_rows or (ready == N and self._sent < N):
+            end = min(ready, self._sent + self._span_rows)
             task = self._pool.submit(first_duplicate_row, self._experts[self._sent : end], workers=1)
             self._tasks.append((self._sent, end, task))
             self._sent = end
