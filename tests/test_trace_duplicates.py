@@ -293,63 +293,6 @@ def test_load_without_the_scan_for_masked_or_single_thread_files(scan_beside_rea
     assert answers == []
 
 
-# --- converters: the repeat check beside the copy -----------------------------------------------
-@pytest.fixture
-def scan_beside_copy(monkeypatch):
-    """Converters check repeats beside their copy from 1 row on, in spans of 2 rows, 2 threads;
-    counts the scans and their answers."""
-    monkeypatch.setattr(trace_mod, "_DUP_PARALLEL_ROWS", 1)
-    monkeypatch.setattr(trace_mod.RepeatScan, "SPAN_BYTES", 2 * 3 * 4)
-    answers = []
-    distinct = trace_mod.RepeatScan.distinct
-    monkeypatch.setattr(trace_mod.RepeatScan, "distinct", lambda self: answers.append(distinct(self)) or answers[-1])
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield answers
-    torch.set_num_threads(before)
-
-
-def _vllm(ids_TLK: torch.Tensor, **kw) -> RoutingTrace:
-    from routereplay.formats import from_vllm
-
-    payloads = [ids_TLK[:10].numpy(), ids_TLK[10:].numpy()]  # two requests of 11 and 31 tokens
-    return from_vllm(payloads, num_experts=50, **kw)
-
-
-def test_from_vllm_with_the_scan_gives_the_trace_it_gives_without(scan_beside_copy):
-    ids = _trace_ids().to(torch.uint8)
-    got = _vllm(ids)
-    assert scan_beside_copy == [True] and got.rows_checked()
-    training = _vllm(ids, rows="training")  # one invalid zero row appended per sequence: still checked
-    assert scan_beside_copy == [True, True] and training.rows_checked() and training.num_tokens == 42
-    torch.set_num_threads(1)  # no scan
-    assert _vllm(ids) == got and scan_beside_copy == [True, True]
-
-
-@pytest.mark.parametrize("token", [0, 17, 39])
-def test_from_vllm_with_the_scan_reports_the_repeat_as_validation_does(scan_beside_copy, token):
-    ids = _trace_ids().to(torch.uint8)
-    ids[token, 1, 0] = ids[token, 1, 3]
-    with pytest.raises(DuplicateExpertError) as with_scan:
-        _vllm(ids)
-    assert scan_beside_copy == [False]
-    torch.set_num_threads(1)
-    with pytest.raises(DuplicateExpertError) as without:
-        _vllm(ids)
-    assert str(with_scan.value) == str(without.value)
-    seq, pos = (0, token) if token < 10 else (1, token - 10)
-    assert str(without.value).startswith(f"row {token} (sequence {seq}, position {pos}), layer 1 selects an expert")
-
-
-def test_from_vllm_with_the_scan_and_missing_routes(scan_beside_copy):
-    """Missing-route markers (-1) repeat in their rows: the scan says "not known", validation decides."""
-    ids = _trace_ids().to(torch.int32)
-    ids[12] = -1
-    got = _vllm(ids, missing="invalid")
-    assert scan_beside_copy == [False]
-    assert got.valid is not None and not bool(got.valid[12]) and got.rows_checked()
-
-
 # --- rows_checked: a trace that passed the repeat check remembers it -------------------------
 def _checked_trace(seed: int = 0, valid: bool = True) -> RoutingTrace:
     ids = _distinct_rows(12 * 2, 3, 16, seed).reshape(12, 2, 3)

@@ -29,6 +29,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -37,7 +38,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from routereplay.core.errors import ExpertIdError, GatesError, TraceFormatError
-from routereplay.core.trace import MAX_NUM_EXPERTS, RepeatScan, RoutingTrace, expert_dtype, host_empty
+from routereplay.core.trace import (
+    MAX_NUM_EXPERTS,
+    RoutingTrace,
+    _duplicate_workers,
+    expert_dtype,
+    first_duplicate_row,
+    host_empty,
+)
 
 __all__ = [
     "CHECKED_FORMAT_VERSION",
@@ -587,11 +595,27 @@ def _read_data(f, path: str, header: TraceFileHeader, prefix: bytes, buffer: tor
     _check_crc(path, header, crc)
 
 
-class _RepeatScan(RepeatScan):
-    """:class:`~routereplay.core.trace.RepeatScan` of a file's expert ids beside ``load``'s read
-    (the read and the CRC release the GIL), told how far the read got in bytes. Only on files
-    without a ``valid`` mask: the zeroed rows of a mask repeat expert 0, so such a file would
-    always fall back to validation's own check."""
+class _RepeatScan:
+    """The repeat check of a file's expert ids (:func:`first_duplicate_row`), on threads beside the
+    read: while ``load`` reads and checksums the next blocks (both release the GIL), rows already
+    read are checked. Its only answer is :meth:`distinct`, "no row, valid or not, names an expert
+    twice", which lets validation skip that check; any repeat (or a corrupt file) leaves every check
+    to validation, so errors, rows and messages are those of a load without it.
+
+    Runs where the check would use threads anyway (``_duplicate_workers``: torch's thread count,
+    on a million rows or more), the reader being one of them, and only on files without a ``valid``
+    mask: the zeroed rows of a mask repeat expert 0, so such a file would always fall back.
+    """
+
+    SPAN_BYTES = 32 << 20  # ids per task (~20 ms of checks): few buffer allocations, 8-128 MB measured alike
+
+    def __init__(self, experts_NLK: torch.Tensor, start: int, workers: int) -> None:
+        self._experts, self._start = experts_NLK, start  # the ids, and their first byte in the data section
+        self._row_bytes = experts_NLK[:1].numel() * experts_NLK.element_size()
+        self._span_rows = max(1, self.SPAN_BYTES // self._row_bytes)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="routereplay-load-check")
+        self._sent = 0  # rows sent to the pool
+        self._tasks: list = []  # (first row, end row, future)
 
     @classmethod
     @contextlib.contextmanager
@@ -601,18 +625,38 @@ class _RepeatScan(RepeatScan):
         dtype = _DTYPES.get(e.dtype)
         ok = (
             validate and "valid" not in header.tensors and e.dtype in _EXPERT_DTYPES and len(e.shape) == 3
-            and 0 <= e.start <= e.end == e.start + math.prod(e.shape) * dtype.itemsize and e.end <= buffer.numel()
+            and e.shape[2] > 1 and 0 <= e.start <= e.end == e.start + math.prod(e.shape) * dtype.itemsize
+            and e.end <= buffer.numel()
         )
-        experts = buffer[e.start : e.end].view(dtype).view(e.shape) if ok else None
-        with cls.beside(experts) as scan:
-            if scan is not None:
-                scan._start = e.start  # the ids' first byte in the data section
-                scan._row_bytes = experts[:1].numel() * experts.element_size()
+        workers = _duplicate_workers(e.shape[0] * e.shape[1]) - 1 if ok else 0  # the reader is one more
+        if workers < 1:
+            yield None
+            return
+        scan = cls(buffer[e.start : e.end].view(dtype).view(e.shape), e.start, workers)
+        try:
             yield scan
+        finally:
+            for _, _, task in scan._tasks:
+                task.cancel()
+            scan._pool.shutdown(wait=True)
 
     def read_to(self, pos: int) -> None:
-        """The data section is read up to byte ``pos``: its complete rows are filled."""
-        self.filled(max(0, pos - self._start) // self._row_bytes)
+        """The data section is read up to byte ``pos``: send the rows completed since, by spans."""
+        T = self._experts.shape[0]
+        ready = min(T, max(0, pos - self._start) // self._row_bytes)
+        while ready - self._sent >= self._span_rows or (ready == T and self._sent < T):
+            end = min(ready, self._sent + self._span_rows)
+            task = self._pool.submit(first_duplicate_row, self._experts[self._sent : end], workers=1)
+            self._tasks.append((self._sent, end, task))
+            self._sent = end
+
+    def distinct(self) -> bool:
+        """After the read: True when no row names an expert twice. Spans the pool has not started
+        are taken back and checked here, on torch's threads, beside the pool's last ones."""
+        left = [(lo, hi) for lo, hi, task in self._tasks if task.cancel()]
+        if left and first_duplicate_row(self._experts[left[0][0] : left[-1][1]]) >= 0:
+            return False  # the spans taken back are the last ones sent: one run of rows
+        return all(task.result() < 0 for _, _, task in self._tasks if not task.cancelled())
 
 
 def _views(buffer: torch.Tensor, header: TraceFileHeader) -> dict[str, torch.Tensor]:

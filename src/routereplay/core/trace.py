@@ -9,7 +9,6 @@ Legend (shape suffixes used in this file):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -708,69 +707,6 @@ def first_duplicate_row(
             for f in others:
                 f.result()
     return found[1]
-
-
-class RepeatScan:
-    """The repeat check of rows as they are produced (:func:`first_duplicate_row`), on threads beside
-    the producer: while the caller fills the next rows (a file read, a converter's copy; both release
-    the GIL), the rows already filled are checked. Its one answer is :meth:`distinct`, "no row, valid
-    or not, names an expert twice", which lets validation skip that check
-    (``RoutingTrace._with_distinct_rows``); anything else (a repeat, zeroed invalid rows, missing-route
-    markers) leaves every check to validation, so errors, rows and messages are those of a build
-    without it.
-
-    Runs where the check would use threads anyway (:func:`_duplicate_workers`: torch's thread count,
-    from a million rows on), the producer being one of them.
-    """
-
-    SPAN_BYTES = 32 << 20  # ids per task (~20 ms of checks): few buffer allocations, 8-128 MB measured alike
-
-    def __init__(self, experts_NLK: torch.Tensor, workers: int) -> None:
-        self._experts = experts_NLK
-        self._span_rows = max(1, self.SPAN_BYTES // max(1, experts_NLK[:1].numel() * experts_NLK.element_size()))
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="routereplay-repeat-scan")
-        self._sent = 0  # rows sent to the pool
-        self._tasks: list = []  # (first row, end row, future)
-
-    @classmethod
-    @contextlib.contextmanager
-    def beside(cls, experts_NLK: torch.Tensor | None):
-        """A scan of the host ids ``experts_NLK`` ``[N, L, K]`` (rows to be filled in order) when
-        it is worth threads, else None (also for ``None``, device ids or top-1)."""
-        ok = (
-            experts_NLK is not None and experts_NLK.device.type == "cpu" and experts_NLK.ndim == 3
-            and experts_NLK.shape[2] > 1 and experts_NLK.is_contiguous()
-        )
-        workers = _duplicate_workers(experts_NLK.shape[0] * experts_NLK.shape[1]) - 1 if ok else 0
-        if workers < 1:
-            yield None
-            return
-        scan = cls(experts_NLK, workers)
-        try:
-            yield scan
-        finally:
-            for _, _, task in scan._tasks:
-                task.cancel()
-            scan._pool.shutdown(wait=True)
-
-    def filled(self, rows: int) -> None:
-        """Rows ``[0, rows)`` hold their final ids: send those not sent yet, by spans."""
-        N = self._experts.shape[0]
-        ready = min(N, rows)
-        while ready - self._sent >= self._span_rows or (ready == N and self._sent < N):
-            end = min(ready, self._sent + self._span_rows)
-            task = self._pool.submit(first_duplicate_row, self._experts[self._sent : end], workers=1)
-            self._tasks.append((self._sent, end, task))
-            self._sent = end
-
-    def distinct(self) -> bool:
-        """After the last row is filled: True when no row names an expert twice. Spans the pool has
-        not started are taken back and checked here, on torch's threads, beside the pool's last ones."""
-        self.filled(self._experts.shape[0])
-        left = [(lo, hi) for lo, hi, task in self._tasks if task.cancel()]
-        if left and first_duplicate_row(self._experts[left[0][0] : left[-1][1]]) >= 0:
-            return False  # the spans taken back are the last ones sent: one run of rows
-        return all(task.result() < 0 for _, _, task in self._tasks if not task.cancelled())
 
 
 def _duplicate_workers(N: int) -> int:

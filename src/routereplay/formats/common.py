@@ -15,7 +15,7 @@ import torch
 from routereplay.core.errors import EngineFormatError, ZeroRoutesError
 from routereplay.core.index import sequence_of
 from routereplay.core.layout import engine_to_training, training_to_engine
-from routereplay.core.trace import MAX_NUM_EXPERTS, RepeatScan, RoutingTrace, expert_dtype, host_empty
+from routereplay.core.trace import MAX_NUM_EXPERTS, RoutingTrace, expert_dtype, host_empty
 
 Rows = Literal["engine", "training"]
 
@@ -115,21 +115,7 @@ def _assemble(
     *,
     num_experts: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_assemble_checking` without the repeat check beside the copy."""
-    experts_NLK, cu_B1, _ = _assemble_checking(parts, labels, what, num_experts=num_experts, scan=False)
-    return experts_NLK, cu_B1
-
-
-def _assemble_checking(
-    parts: Sequence[np.ndarray],
-    labels: Sequence[str],
-    what: str = "routed_experts",
-    *,
-    num_experts: int | None = None,
-    scan: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Stack per-request ``[n_i, Lp, K]`` arrays into one ``[N, Lp, K]`` tensor plus ``cu_seqlens [B+1]``,
-    and whether no row names an expert twice (``distinct``, see below).
+    """Stack per-request ``[n_i, Lp, K]`` arrays into one ``[N, Lp, K]`` tensor plus ``cu_seqlens [B+1]``.
 
     An empty request may come as ``[]`` (shape ``(0,)``); it takes the layer and top-k of the others.
     With ``num_experts``, when every id of every part is in ``[0, num_experts)`` (a read-only
@@ -137,12 +123,6 @@ def _assemble_checking(
     256 experts): one narrowing copy, and no wide intermediate for the checks and the trace to
     convert again. Otherwise (missing-route markers, corrupt ids) they are copied into int32 /
     int64, never narrowed, and the checks report the offending row.
-
-    With ``scan``, rows already copied are checked for repeated experts on other threads while the
-    next are copied (``core.trace.RepeatScan``, where the check would use threads anyway);
-    ``distinct`` is True only when that scan ran and found every row (of every layer) distinct, and
-    :func:`_finish` then skips the constructor's repeat check. False means "not known": the
-    constructor checks, and reports, as without the scan.
     """
     shapes = [a.shape[1:] for a in parts if a.ndim == 3]
     for a, label in zip(parts, labels):
@@ -165,19 +145,14 @@ def _assemble_checking(
         dtype = np.dtype(torch.empty(0, dtype=expert_dtype(num_experts)).numpy().dtype)
     lens = [a.shape[0] for a in parts]
     out_NLK = np.empty((sum(lens), Lp, K), dtype=dtype)
-    experts_NLK = torch.from_numpy(out_NLK)
     off = 0
-    with RepeatScan.beside(experts_NLK if scan else None) as rows_scan:
-        for a, n in zip(parts, lens):
-            if n:
-                out_NLK[off : off + n] = a
-            off += n
-            if rows_scan is not None:
-                rows_scan.filled(off)
-        distinct = rows_scan is not None and rows_scan.distinct()
+    for a, n in zip(parts, lens):
+        if n:
+            out_NLK[off : off + n] = a
+        off += n
     cu = torch.zeros(len(parts) + 1, dtype=torch.int64)
     torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
-    return experts_NLK, cu, distinct
+    return torch.from_numpy(out_NLK), cu
 
 
 def _is_count(num_experts: object) -> bool:
@@ -299,15 +274,12 @@ def _finish(
     have: Rows = "engine",
     layer_ids: tuple[int, ...] | None = None,
     what: str = "routed_experts",
-    distinct_rows: bool = False,
 ) -> RoutingTrace:
     """Layer selection, missing-route and zero-route checks, then a validated RoutingTrace.
 
     ``experts_NLpK`` holds rows in the ``have`` convention (``valid_N`` marks rows without a route);
     the trace is returned in the ``rows`` convention. ``layer_ids`` (instead of ``moe_layer_ids``)
-    names the payload's layers as they are, without selection. ``distinct_rows``: every row of
-    ``experts_NLpK`` was found to name distinct experts (:func:`_assemble_checking`): the trace's
-    validation skips that check (layer selection and invalid rows only drop rows from it).
+    names the payload's layers as they are, without selection.
     """
     _check_rows(rows)
     cu_seqlens_B1 = cu_seqlens_B1.to(experts_NLpK.device)
@@ -338,8 +310,7 @@ def _finish(
 
     # Invalid rows are stored as zeros: RoutingTrace checks only the valid rows (so -1 fills never
     # reach the id checks) and re-zeros the invalid ones, copying the ids only if one is not zero.
-    build = RoutingTrace._with_distinct_rows if distinct_rows else RoutingTrace
-    trace = build(
+    trace = RoutingTrace(
         experts=experts_NLK,
         cu_seqlens=cu_seqlens_B1,
         layer_ids=layer_ids,

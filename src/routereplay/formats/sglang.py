@@ -47,7 +47,6 @@ from routereplay.core.trace import RoutingTrace
 from routereplay.formats.common import (
     Rows,
     _assemble,
-    _assemble_checking,
     _b64decode,
     _check_lengths,
     _finish,
@@ -273,7 +272,7 @@ def from_sglang(
         )[0]
         for i, p in enumerate(payloads)
     ]
-    experts_NLK, cu, distinct = _assemble_checking(parts, labels, num_experts=num_experts)
+    experts_NLK, cu = _assemble(parts, labels, num_experts=num_experts)
     return _finish(
         experts_NLK,
         cu,
@@ -283,7 +282,6 @@ def from_sglang(
         rows=rows,
         allow_zero_routes=allow_zero_routes,
         missing=missing,
-        distinct_rows=distinct,
         source="sglang",
         meta=meta,
     )

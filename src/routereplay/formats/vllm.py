@@ -61,7 +61,7 @@ from routereplay.core.errors import EngineFormatError
 from routereplay.core.trace import RoutingTrace
 from routereplay.formats.common import (
     Rows,
-    _assemble_checking,
+    _assemble,
     _b64decode,
     _check_lengths,
     _check_rows,
@@ -226,7 +226,7 @@ def _from_vllm(
     C = _check_lengths(completion_lens, B, "completion_lens")
     S = _check_lengths(prompt_starts, B, "prompt_starts") or [0] * B
     if prompt_routed_experts is None:
-        experts_NLK, cu, distinct = _combined_form(routed_experts, labels, P, C, S, num_experts=num_experts)
+        experts_NLK, cu = _combined_form(routed_experts, labels, P, C, S, num_experts=num_experts)
     elif any(S):
         i = next(i for i, s in enumerate(S) if s)
         raise EngineFormatError(
@@ -234,9 +234,7 @@ def _from_vllm(
             "routed_experts_prompt_start slices in the combined routed_experts only. Pass the combined payload"
         )
     else:
-        experts_NLK, cu, distinct = _split_form(
-            routed_experts, prompt_routed_experts, labels, P, C, num_experts=num_experts
-        )
+        experts_NLK, cu = _split_form(routed_experts, prompt_routed_experts, labels, P, C, num_experts=num_experts)
     return _finish(
         experts_NLK,
         cu,
@@ -248,14 +246,12 @@ def _from_vllm(
         missing=missing,
         source="vllm",
         meta=meta,
-        distinct_rows=distinct,
     )
 
 
 def _combined_form(routed_experts: list, labels: list[str], P, C, S: list[int], *, num_experts: int):
-    """Routes ``[N, Lp, K]``, ``cu_seqlens`` and whether every row was found distinct
-    (:func:`~routereplay.formats.common._assemble_checking`) of combined payloads (prompt and completion
-    in one), each cut at its prompt start and checked against the token counts when ``P`` and ``C`` are given."""
+    """Routes ``[N, Lp, K]`` and ``cu_seqlens`` of combined payloads (prompt and completion in one),
+    each cut at its prompt start and checked against the token counts when ``P`` and ``C`` are given."""
     if (P is None) != (C is None):
         raise EngineFormatError("give both prompt_lens and completion_lens (to check the row counts) or neither")
     parts = [decode_vllm_payload(x, where=label) for x, label in zip(routed_experts, labels)]
@@ -268,13 +264,12 @@ def _combined_form(routed_experts: list, labels: list[str], P, C, S: list[int], 
                 )
             continue
         parts[i] = _combined_rows(a, label, P[i], C[i], S[i])
-    return _assemble_checking(parts, labels, num_experts=num_experts)
+    return _assemble(parts, labels, num_experts=num_experts)
 
 
 def _split_form(routed_experts: list, prompt_routed_experts, labels: list[str], P, C, *, num_experts: int):
-    """Routes ``[N, Lp, K]``, ``cu_seqlens`` and whether every row was found distinct of split payloads (a
-    prompt part and a generated part per request), each request's two parts checked against its token
-    counts and joined into one sequence."""
+    """Routes ``[N, Lp, K]`` and ``cu_seqlens`` of split payloads (a prompt part and a generated part per
+    request), each request's two parts checked against its token counts and joined into one sequence."""
     B = len(routed_experts)
     prompt_routed_experts = list(prompt_routed_experts)
     if len(prompt_routed_experts) != B:
@@ -301,8 +296,8 @@ def _split_form(routed_experts: list, prompt_routed_experts, labels: list[str], 
             )
         pieces += [prompt, _generated_rows(routed_experts[i], label, C[i])]
         piece_labels += [label, label]
-    experts_NLK, cu2, distinct = _assemble_checking(pieces, piece_labels, num_experts=num_experts)
-    return experts_NLK, cu2[0::2].contiguous(), distinct  # a request's prompt and generated part: one sequence
+    experts_NLK, cu2 = _assemble(pieces, piece_labels, num_experts=num_experts)
+    return experts_NLK, cu2[0::2].contiguous()  # prompt and generated part of a request are adjacent: one sequence
 
 
 def _generated_rows(gen_x: Any, label: str, completion: int) -> np.ndarray:
