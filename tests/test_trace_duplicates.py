@@ -331,6 +331,26 @@ def test_rows_checked_follows_the_trace_through_its_methods():
     assert not any(x.rows_checked() for x in dropped)
 
 
+def test_layout_conversions_keep_the_mark():
+    """Row rearrangements of a checked trace (padding and missing rows added invalid, as zeros) stay
+    checked; of an unchecked one, unchecked."""
+    from routereplay.core import layout
+
+    t = _checked_trace()
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, :4], mask[1, 1:] = True, True  # right and left padding
+    for keep in (t, t.replace(check=False, experts=t.experts.clone())):
+        rows = layout.to_router_rows(keep, mask)
+        out = [
+            layout.engine_to_training(keep),
+            layout.training_to_engine(keep),
+            rows,
+            layout.from_router_rows(rows, mask),
+        ]
+        assert [x.rows_checked() for x in out] == [keep.rows_checked()] * len(out)
+    assert layout.from_router_rows(layout.to_router_rows(t, mask), mask) == t
+
+
 def test_an_in_place_torch_write_drops_the_mark():
     t = _checked_trace()
     view = t.replace(check=False, meta={"x": "y"})  # shares experts and valid
