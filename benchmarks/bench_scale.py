@@ -224,7 +224,7 @@ def row_accumulate(table: Table, trace: RoutingTrace) -> None:
 def row_load(table: Table, trace: RoutingTrace, tmp: str) -> None:
     """23.3: validated load against validate=False and a plain read of the file: the file of a
     validated trace (format 1.2, rows_checked: the repeat check is skipped), then the file of the same
-    routes not known checked (format 1.1, as a recording writes it: the load checks the rows)."""
+    routes not known checked (format 1.1, built unchecked: the load checks the rows)."""
     path = Path(tmp) / "bench.rrt"
     for kind, t in (("1.2 file", trace), ("1.1 file, rows checked on load", _not_known_checked(trace))):
         rio.save(t, path, fsync=False)
@@ -247,7 +247,7 @@ def row_load(table: Table, trace: RoutingTrace, tmp: str) -> None:
 
 
 def _not_known_checked(trace: RoutingTrace) -> RoutingTrace:
-    """The same routes built with RoutingTrace.unchecked (as a recording is): not known to pass the repeat check."""
+    """The same routes built with RoutingTrace.unchecked: not known to pass the repeat check."""
     fields = ("experts", "cu_seqlens", "layer_ids", "num_experts", "valid", "gates", "meta")
     return RoutingTrace.unchecked(**{name: getattr(trace, name) for name in fields})
 

@@ -449,6 +449,6 @@ SUPPORTED = supported_families()
 
 def not_known_checked(trace: RoutingTrace) -> RoutingTrace:
     """``trace`` built with RoutingTrace.unchecked: the same routes, not known to pass the repeat
-    check (as a recording is); ``save`` writes it in the format versions before 1.2."""
+    check; ``save`` writes it in the format versions before 1.2."""
     fields = ("experts", "cu_seqlens", "layer_ids", "num_experts", "valid", "gates", "meta")
     return RoutingTrace.unchecked(**{name: getattr(trace, name) for name in fields})

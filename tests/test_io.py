@@ -64,7 +64,7 @@ def golden_traces() -> dict[str, RoutingTrace]:
         gates=torch.tensor([[[0.75, 0.25], [0.5, 0.5]], [[1.0, 0.0], [0.625, 0.375]], [[0.875, 0.125], [0.25, 0.75]]]),
     )
     # Version 1.0 is what save writes for a trace not known to have passed the repeat check (one
-    # built unchecked, as a recording is); 1.2 says that the rows passed it (a validated trace).
+    # built unchecked); 1.2 says that the rows passed it (a validated trace, a recording).
     return {"golden_v1.rrt": not_known_checked(routes), "golden_v1_gates.rrt": not_known_checked(with_gates),
             "golden_v1_2.rrt": routes}  # fmt: skip
 
