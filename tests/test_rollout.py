@@ -105,6 +105,8 @@ def test_captured_routes_equal_training_forward_routes(gen_kw):
     )
     trace = cap.trace(out, prompt_attention_mask=mask, eos_token_id=eos)
     assert trace == rollout.trace
+    # the routers' own top-k ids: known distinct (rows_checked), as validation finds them
+    assert trace.rows_checked() and trace.replace(check=True) == trace
 
     B, G = len(PROMPTS) * R, out.shape[1] - ids.shape[1]
     prompt_lens = torch.tensor([len(p) for p in PROMPTS]).repeat_interleave(R)
@@ -132,6 +134,7 @@ def test_captured_routes_equal_training_forward_routes(gen_kw):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
     train = rec.trace(attention_mask=batch["attention_mask"])
     rows = rollout.training_trace()
+    assert train.rows_checked() and rows.rows_checked()
     assert torch.equal(rows.seq_lens, train.seq_lens)
     valid = rows.valid_mask
     assert int((~valid).sum()) == B  # only each sample's last token lacks a route
