@@ -229,6 +229,7 @@ def test_multiturn_keeps_the_boundary_row(two_turns):
     assert acc.add(payload, start=start, token_ids=t["t2"]) == t["n2"] - t["n1"]
     expected = np.concatenate([t["w1"][: t["n1"] - 1], t["w2"][t["n1"] - 1 : t["n2"] - 1]])
     assert same_routes(acc.trace(), one_seq(expected))  # no row lost, none doubled
+    assert acc.trace().rows_checked()  # every row from a validated payload
     training = acc.trace(rows="training")
     assert training.num_tokens == t["n2"] and training.valid.tolist() == [True] * (t["n2"] - 1) + [False]
     assert acc.num_overlap_mismatches == 0 and acc.token_ids == tuple(t["t2"])

@@ -474,7 +474,7 @@ class RouteAccumulator:
         )
         trace = head.replace(
             check=False, experts=experts_RLK, cu_seqlens=torch.tensor([0, R], dtype=torch.int64), valid=valid_R
-        )
+        )._mark_checked()  # the payloads' validated rows: as checked as they were
         return _to_rows(trace, rows, "engine")
 
     def _join(self) -> None:
