@@ -164,6 +164,7 @@ def test_route_store_prepares_each_micro_batch_once(handle, model):
         with store.record(ids, attention_mask=b["attention_mask"][ids]):
             outs.append(model(input_ids=b["input_ids"][ids], attention_mask=b["attention_mask"][ids]).logits)
     prepared = [store.prepare(ids, attention_mask=b["attention_mask"][ids]) for ids in halves]
+    assert store.trace([3, 0, 2]).rows_checked()  # recorded rows, gathered across record blocks
     for _ in range(2):  # two epochs over the same micro-batches
         for ids, p, out in zip(halves, prepared, outs):
             with store.replay(p) as rep:

@@ -275,7 +275,8 @@ class RouteStore:
             if gates is not None:
                 gates[row : row + n] = piece.gates[start:end]
             row += n
-        return first.replace(check=False, experts=experts, cu_seqlens=cu, valid=valid, gates=gates, meta=self._meta)
+        pieces = [self._pieces[p] for p in used]
+        return first._derived(pieces, experts=experts, cu_seqlens=cu, valid=valid, gates=gates, meta=self._meta)
 
 
 def _checked_cu_seqlens(
