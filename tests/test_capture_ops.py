@@ -62,6 +62,37 @@ def test_capture_adds_no_op_on_the_cpu(model):
         assert plain - captured == Counter()
 
 
+def test_capture_runs_few_routereplay_calls_per_router_call(model):
+    """Capture's host cost in a decode step is Python: routereplay's own function calls are pinned
+    per router call (hook, seam dispatch, the block's answer) and per forward (the batch shape, at
+    the first MoE block). Idle, attached: fewer. No experts hook (installed only while read)."""
+    import sys
+
+    def routereplay_calls(ctx) -> Counter:
+        seen = Counter()
+
+        def profile(frame, event, arg):
+            if event == "call" and "/routereplay/" in frame.f_code.co_filename:
+                seen[frame.f_code.co_name] += 1
+
+        sys.setprofile(profile)
+        try:
+            _generate(model, ctx)
+        finally:
+            sys.setprofile(None)
+        return seen
+
+    with routereplay.attach(model) as handle:
+        idle = routereplay_calls(contextlib.nullcontext())
+        captured = routereplay_calls(handle.capture_generation())
+    forwards = NEW_TOKENS  # generate runs one forward per new token
+    router_calls = len(handle.layers) * forwards
+    assert captured["router_hook"] == idle["router_hook"] == router_calls
+    assert "experts_pre_hook" not in captured and "on_experts" not in captured
+    assert sum(captured.values()) <= 7 * router_calls + 9 * forwards + 25, captured  # 25: entering, leaving
+    assert sum(idle.values()) <= 6 * router_calls + 4 * forwards, idle
+
+
 def test_capture_with_logprobs_adds_one_log_softmax_per_step(model):
     plain = _generate(model, contextlib.nullcontext())
     with routereplay.attach(model) as handle:

@@ -550,6 +550,12 @@ class _Seam:
     def route_kw(self, args, kwargs, logits_NE: torch.Tensor) -> dict[str, Any]:
         return _route_kw(self.layer.spec, self.rmath, self.router, args, kwargs, _input_dtype(args, kwargs, logits_NE))
 
+    def has_route_kw(self) -> bool:
+        """Whether ``routing.route`` needs per-call inputs besides the logits for this router (a
+        bias, an expert scale, the input's dtype); when not, :meth:`route_kw` is always empty."""
+        spec = self.layer.spec
+        return spec.uses_bias or spec.uses_expert_scale or spec.weights_dtype == "input"
+
     def answer_from_logits(self, args, kwargs, logits_NE: torch.Tensor, live_weights_NK: torch.Tensor | None = None):
         """For a router whose output does not hold the ids the trace needs: live ids from
         ``routing.route``, then the handle's answer. Returns ``(weights_NK, ids_NK, live_ids_NK)``;
@@ -654,6 +660,7 @@ def _seam_generic(seam: _Seam) -> None:
     replaces ``weights`` and ``ids`` with the handle's answer."""
     calls, index, router, layer = seam.calls, seam.index, seam.router, seam.layer
     upcast = seam.rmath.upcast_weights
+    per_call_kw = seam.has_route_kw()  # else route_kw is always empty: no call per router call for it
 
     def router_hook(module, args, kwargs, output):
         if module is not router:
@@ -664,7 +671,8 @@ def _seam_generic(seam: _Seam) -> None:
                 "expected (router_logits, weights, ids)"
             )
         logits_NE, weights_NK, ids_NK = output[:3]
-        new_w, new_ids = calls.on_router(index, logits_NE, weights_NK, ids_NK, **seam.route_kw(args, kwargs, logits_NE))
+        kw = seam.route_kw(args, kwargs, logits_NE) if per_call_kw else {}
+        new_w, new_ids = calls.on_router(index, logits_NE, weights_NK, ids_NK, **kw)
         if new_w is weights_NK and new_ids is ids_NK:
             return None
         if upcast and new_w.dtype != weights_NK.dtype:
