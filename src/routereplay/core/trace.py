@@ -150,7 +150,8 @@ class RoutingTrace:
     replay preparation and ``save`` then skip it, and so do the traces derived from it (selected
     sequences or layers, ``concat``, a device move). Treat a trace's tensors as read-only: an
     in-place torch write into ``experts`` or ``valid`` is noticed (their version counters move) and
-    drops the mark; writes that bypass torch's counters (through ``.numpy()`` or ``.data``) are not.
+    drops the mark; writes that bypass this tensor's counter (through ``.numpy()`` or ``.data``, or
+    by another process into shared memory after a pickle) are not.
 
     Raises:
         TraceShapeError, SeqlensError, ExpertIdError, DuplicateExpertError, LayerIdsError,
