@@ -351,6 +351,16 @@ def test_layout_conversions_keep_the_mark():
     assert layout.from_router_rows(layout.to_router_rows(t, mask), mask) == t
 
 
+def test_callers_that_know_say_so():
+    """unchecked(rows_checked=True) and replace(check=False, rows_checked=...): the caller vouches."""
+    t = _checked_trace()
+    fields = {k: getattr(t, k) for k in ("experts", "cu_seqlens", "layer_ids", "num_experts", "valid")}
+    assert RoutingTrace.unchecked(**fields, rows_checked=True).rows_checked()
+    assert not t.replace(check=False, rows_checked=False).rows_checked()
+    assert t.replace(check=False, rows_checked=True, experts=t.experts.clone()).rows_checked()
+    assert t.replace(check=True, rows_checked=False).rows_checked()  # validated: it passed
+
+
 def test_an_in_place_torch_write_drops_the_mark():
     t = _checked_trace()
     view = t.replace(check=False, meta={"x": "y"})  # shares experts and valid

@@ -707,7 +707,7 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
         "meta": fields["meta"],
     }
     if not validate:
-        return RoutingTrace.unchecked(**built)._mark_checked(_rows_checked(header))
+        return RoutingTrace.unchecked(**built, rows_checked=_rows_checked(header))
     return RoutingTrace._with_distinct_rows(**built) if _rows_checked(header) else RoutingTrace(**built)
 
 
@@ -928,8 +928,12 @@ def _build(
             # Validation built new ids (invalid rows held non-zero bytes): copy the small tensors so
             # they do not keep the whole data section alive next to the new ids.
             own = lambda t: None if t is None else t.clone()
-            trace = trace._derived(
-                (trace,), cu_seqlens=own(trace.cu_seqlens), valid=own(trace.valid), gates=own(trace.gates)
+            trace = trace.replace(
+                check=False,
+                rows_checked=trace.rows_checked(),
+                cu_seqlens=own(trace.cu_seqlens),
+                valid=own(trace.valid),
+                gates=own(trace.gates),
             )
         return trace
     # Without validation, still refuse what would break indexing downstream (O(1) checks).
@@ -941,7 +945,7 @@ def _build(
             f"expected 0 to T={T}; {_CORRUPT}",
         )
     # the writer's word on the rows, sealed by the checksum, holds without validation too
-    return RoutingTrace.unchecked(**parts)._mark_checked(_rows_checked(header))
+    return RoutingTrace.unchecked(**parts, rows_checked=_rows_checked(header))
 
 
 def _fail(path: str, problem: str) -> TraceFormatError:

@@ -482,8 +482,9 @@ def to_router_rows(trace: RoutingTrace, attention_mask_BS: torch.Tensor) -> Rout
         valid_N = padded.valid_BS.reshape(-1)
     else:
         valid_N = None if bool(padded.attention_mask_BS.all()) else padded.attention_mask_BS.reshape(-1)
-    return trace._derived(
-        (trace,),
+    return trace.replace(
+        check=False,
+        rows_checked=trace.rows_checked(),
         experts=padded.experts_BSLK.view(B * S, trace.num_layers, trace.top_k),
         cu_seqlens=torch.arange(B + 1, dtype=torch.int64, device=trace.device) * S,
         valid=valid_N,
@@ -545,8 +546,9 @@ def from_router_rows(rows: RoutingTrace, attention_mask_BS: torch.Tensor) -> Rou
             "router rows are the model's flattened [B*S] batch, padding included"
         )
     pos_T = mask_BS.reshape(-1).nonzero().squeeze(1)
-    return rows._derived(
-        (rows,),
+    return rows.replace(
+        check=False,
+        rows_checked=rows.rows_checked(),
         experts=_take_rows(rows.experts, pos_T),
         cu_seqlens=cu_seqlens_of(mask_BS.sum(1)),
         valid=_tidy_valid(_take_rows(rows.valid, pos_T)),
@@ -558,8 +560,9 @@ def from_router_rows(rows: RoutingTrace, attention_mask_BS: torch.Tensor) -> Rou
 def _slice_seqs(trace: RoutingTrace, cu: list[int], s: int, e: int) -> RoutingTrace:
     lo, hi = cu[s], cu[e]
     cut = lambda x: None if x is None else x[lo:hi]
-    return trace._derived(
-        (trace,),
+    return trace.replace(
+        check=False,
+        rows_checked=trace.rows_checked(),
         experts=cut(trace.experts),
         cu_seqlens=trace.cu_seqlens[s : e + 1] - lo,
         valid=cut(trace.valid),
@@ -730,8 +733,9 @@ def split_sp(trace: RoutingTrace, world: int, *, rank: int | None = None) -> lis
         lo = r * n
         real = max(0, min(lo + n, T) - lo)
         shards.append(
-            trace._derived(
-                (trace,),
+            trace.replace(
+                check=False,
+                rows_checked=trace.rows_checked(),
                 experts=_rank_rows(trace.experts, lo, real, n),
                 cu_seqlens=cu_pad_B1.clamp(lo, lo + n) - lo,
                 valid=_rank_rows(valid_T, lo, real, n, False),
@@ -806,8 +810,9 @@ def gather_sp(shards: Sequence[RoutingTrace], *, num_tokens: int) -> RoutingTrac
     cat = lambda xs: torch.cat([x[:k] for x, k in zip(xs, keep)])
     lens_B[-1:] -= pad
     first = shards[0]
-    return first._derived(
-        shards,
+    return first.replace(
+        check=False,
+        rows_checked=all(s.rows_checked() for s in shards),
         experts=cat([s.experts for s in shards]),
         cu_seqlens=cu_seqlens_of(lens_B),
         valid=_tidy_valid(cat([s.valid_mask for s in shards])) if has_valid else None,
@@ -912,8 +917,9 @@ def shard_cp(
         fill_N = ranges(len_G.cumsum(0) - len_G + real_G, len_G - real_G)
         idx_N.index_fill_(0, fill_N, 0)  # padding must index a real row; it is overwritten afterwards
         shards.append(
-            trace._derived(
-                (trace,),
+            trace.replace(
+                check=False,
+                rows_checked=trace.rows_checked(),
                 experts=_take_rows(trace.experts, idx_N, fill_N, 0),
                 cu_seqlens=cu_B1.clone(),
                 valid=_gather_valid(trace, idx_N, fill_N, always=has_pad),
@@ -980,8 +986,9 @@ def unshard_cp(shards: Sequence[RoutingTrace], *, cu_seqlens: torch.Tensor, mode
     pad_Q = ranges((start_BC + real_BC).reshape(-1), (c_B[:, None] - real_BC).reshape(-1))
     if pad_Q.numel():
         _check_padding_invalid(shards, pad_Q, has_valid)
-    return first._derived(
-        shards,
+    return first.replace(
+        check=False,
+        rows_checked=all(s.rows_checked() for s in shards),
         experts=_merge_rows([s.experts for s in shards], src_T, pad_Q),
         cu_seqlens=cu_B1,
         valid=_tidy_valid(_take_rows(torch.cat([s.valid_mask for s in shards]), src_T)) if has_valid else None,
@@ -1068,8 +1075,9 @@ def engine_to_training(trace: RoutingTrace) -> RoutingTrace:
     src_N = ranges(trace.cu_seqlens[:-1], lens_B + 1)
     fill_B = cu_B1[1:] - 1
     src_N.index_fill_(0, fill_B, 0)
-    return trace._derived(
-        (trace,),
+    return trace.replace(
+        check=False,
+        rows_checked=trace.rows_checked(),
         experts=_take_rows(trace.experts, src_N, fill_B, 0),
         cu_seqlens=cu_B1,
         valid=_gather_valid(trace, src_N, fill_B),
@@ -1114,8 +1122,9 @@ def training_to_engine(trace: RoutingTrace, *, drop_valid_last: bool = False) ->
                 "to drop it anyway"
             )
     keep_N = ranges(cu_B1[:-1], lens_B - 1)
-    return trace._derived(
-        (trace,),
+    return trace.replace(
+        check=False,
+        rows_checked=trace.rows_checked(),
         experts=_take_rows(trace.experts, keep_N),
         cu_seqlens=cu_seqlens_of(lens_B - 1),
         valid=_tidy_valid(_take_rows(trace.valid, keep_N)),

@@ -343,7 +343,7 @@ class RoutingTrace:
 
     @classmethod
     def unchecked(
-        cls, *, experts, cu_seqlens, layer_ids, num_experts, valid=None, gates=None, meta=None
+        cls, *, experts, cu_seqlens, layer_ids, num_experts, valid=None, gates=None, meta=None, rows_checked=False
     ) -> RoutingTrace:
         """Build a trace without the constructor's O(T) checks.
 
@@ -355,6 +355,9 @@ class RoutingTrace:
 
         Args:
             As the constructor's; ``meta`` may be any mapping (it is copied).
+            rows_checked: the caller also knows that every valid row names distinct experts (rows
+                of checked traces, a router's own top-k): :meth:`rows_checked` is then True, and
+                replay preparation and ``save``/``load`` skip the repeat check.
 
         Returns:
             The trace, sharing the given tensors.
@@ -371,7 +374,7 @@ class RoutingTrace:
             ("_checked_at", None),
         ):
             object.__setattr__(self, name, value)
-        return self
+        return self._mark_checked(bool(rows_checked))
 
     def __reduce__(self):
         """Pickle as the tensors plus the small fields; unpickling skips the O(T) checks.
@@ -387,14 +390,16 @@ class RoutingTrace:
         parts["meta"] = dict(self.meta)
         return _unpickle, (parts, self.rows_checked())
 
-    def replace(self, *, check: bool = True, **changes: Any) -> RoutingTrace:
+    def replace(self, *, check: bool = True, rows_checked: bool | None = None, **changes: Any) -> RoutingTrace:
         """A trace with some fields changed; the others are shared, not copied.
 
         Args:
             check: validate the result as the constructor does. ``check=False`` builds it with
                 :meth:`unchecked`, for changes known to keep every invariant (a subset of rows of
-                a validated trace, new metadata, a device move); the result keeps
-                :meth:`rows_checked` only when ``experts`` and ``valid`` are not among the changes.
+                a validated trace, new metadata, a device move).
+            rows_checked: with ``check=False``, whether the result's rows are known to name distinct
+                experts (:meth:`rows_checked`; the caller vouches, as for :meth:`unchecked`). Default:
+                kept from this trace when neither ``experts`` nor ``valid`` is among the changes.
             **changes: fields by name (``experts``, ``cu_seqlens``, ``layer_ids``, ``num_experts``,
                 ``valid``, ``gates``, ``meta``).
 
@@ -405,16 +410,14 @@ class RoutingTrace:
         parts.update(changes)
         if check:
             return RoutingTrace(**parts)
-        out = RoutingTrace.unchecked(**parts)
-        if "experts" not in changes and "valid" not in changes:
-            object.__setattr__(out, "_checked_at", self._checked_at)
-        return out
+        if rows_checked is None:
+            rows_checked = "experts" not in changes and "valid" not in changes and self.rows_checked()
+        return RoutingTrace.unchecked(**parts, rows_checked=rows_checked)
 
     def _derived(self, sources: Sequence[RoutingTrace], **changes: Any) -> RoutingTrace:
         """``replace(check=False, **changes)`` for rows taken from ``sources`` (row subsets, layer
         subsets, joins, copies): checked when every source is."""
-        known = all(t.rows_checked() for t in sources)
-        return self.replace(check=False, **changes)._mark_checked(known)
+        return self.replace(check=False, rows_checked=all(t.rows_checked() for t in sources), **changes)
 
     # --- sizes ---------------------------------------------------------------------------
     @property
@@ -642,7 +645,7 @@ def _versions(trace: RoutingTrace) -> tuple[int, int]:
 def _unpickle(parts: dict, checked: bool = False) -> RoutingTrace:
     # Pickled traces were validated when built; like a pickled tensor, the bytes are trusted, and
     # so is the sender's knowledge that the rows passed the repeat check.
-    return RoutingTrace.unchecked(**parts)._mark_checked(checked)
+    return RoutingTrace.unchecked(**parts, rows_checked=checked)
 
 
 def _own_bytes(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -473,8 +473,12 @@ class RouteAccumulator:
             meta={"source": self.source, **dict(meta or {})},
         )
         trace = head.replace(
-            check=False, experts=experts_RLK, cu_seqlens=torch.tensor([0, R], dtype=torch.int64), valid=valid_R
-        )._mark_checked()  # the payloads' validated rows: as checked as they were
+            check=False,
+            rows_checked=True,  # the payloads' validated rows
+            experts=experts_RLK,
+            cu_seqlens=torch.tensor([0, R], dtype=torch.int64),
+            valid=valid_R,
+        )
         return _to_rows(trace, rows, "engine")
 
     def _join(self) -> None:

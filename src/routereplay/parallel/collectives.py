@@ -339,7 +339,8 @@ def _unpack(buf_U: torch.Tensor, header: dict) -> tuple[torch.Tensor, RoutingTra
         valid=valid_T,
         gates=None if gates_TLK is None else gates_TLK.clone(),
         meta=header["meta"],
-    )._mark_checked(header["checked"])
+        rows_checked=header["checked"],
+    )
     return ids_B.cpu(), trace
 
 

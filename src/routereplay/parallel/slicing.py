@@ -385,7 +385,8 @@ def _micro_batches(
                 valid=None if bool(valid_N.all()) else valid_N,
                 gates=_take(mb.gates, src_N, 0.0),
                 meta=dict(mb.meta),
-            )._mark_checked(mb.rows_checked())  # rows of mb; rows it lacks are invalid zeros
+                rows_checked=mb.rows_checked(),  # rows of mb; rows it lacks are invalid zeros
+            )
         )
     return out
 

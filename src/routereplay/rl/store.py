@@ -275,8 +275,10 @@ class RouteStore:
             if gates is not None:
                 gates[row : row + n] = piece.gates[start:end]
             row += n
-        pieces = [self._pieces[p] for p in used]
-        return first._derived(pieces, experts=experts, cu_seqlens=cu, valid=valid, gates=gates, meta=self._meta)
+        checked = all(self._pieces[p].rows_checked() for p in used)
+        return first.replace(
+            check=False, rows_checked=checked, experts=experts, cu_seqlens=cu, valid=valid, gates=gates, meta=self._meta
+        )
 
 
 def _checked_cu_seqlens(

@@ -203,7 +203,8 @@ class Recording:
             layer_ids=h.layer_ids,
             num_experts=h.num_experts,
             meta={"source": "routereplay.runtime.record", "model": _model_name(h.model)},
-        )._mark_checked()
+            rows_checked=True,
+        )
 
 
 def _check_forward_mask(n: int, mask_BS: torch.Tensor, forward_BS: torch.Tensor | None) -> None:

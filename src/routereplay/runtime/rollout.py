@@ -452,7 +452,8 @@ class GenerationCapture:
             layer_ids=h.layer_ids,
             num_experts=h.num_experts,
             meta={"source": "routereplay.capture_generation", "model": type(h.model).__name__},
-        )._mark_checked()  # the routers' own top-k ids, as a recording's (Recording.trace)
+            rows_checked=True,  # the routers' own top-k ids, as a recording's (Recording.trace)
+        )
         logprobs_T = None
         if self._want_logprobs:
             logp_BX = torch.zeros(seq_BX.shape, dtype=torch.float32, device=seq_BX.device)
