@@ -58,6 +58,15 @@ def test_text_summary_of_the_golden_file(capsys):
     assert out == GOLDEN_TEXT.format(path=GOLDEN)
 
 
+def test_a_1_2_file_says_its_writer_checked_the_rows(capsys):
+    golden_1_2 = GOLDEN.with_name("golden_v1_2.rrt")
+    code, out, _ = inspect(capsys, golden_1_2)
+    assert code == 0
+    assert "format       routereplay.trace version 1.2, crc32 45de96fe verified, rows checked by its writer\n" in out
+    assert json.loads(inspect(capsys, golden_1_2, "--json")[1])["rows_checked"] is True
+    assert json.loads(inspect(capsys, GOLDEN, "--json")[1])["rows_checked"] is False
+
+
 def test_json_summary_of_the_golden_file(capsys):
     code, out, _ = inspect(capsys, GOLDEN, "--json")
     assert code == 0

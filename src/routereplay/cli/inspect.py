@@ -173,6 +173,8 @@ def summarize(trace: RoutingTrace, header: io.TraceFileHeader | None = None) -> 
             "version": header.version,
             "checksum_algorithm": header.checksum_algorithm,
             "checksum": header.checksum,
+            # format 1.2: the writer knew every valid row names distinct experts (load skips that check)
+            "rows_checked": header.metadata.get("rows_checked") == "1",
         }
     out |= {
         "num_seqs": trace.num_seqs,
@@ -209,7 +211,11 @@ def format_text(s: dict) -> str:
         rows += [
             ("file", s["path"]),
             ("size", f"{s['file_size']:,} bytes (8 + header {s['header_size']:,} + data {s['data_size']:,})"),
-            ("format", f"{s['format']} version {s['version']}, {s['checksum_algorithm']} {s['checksum']} verified"),
+            (
+                "format",
+                f"{s['format']} version {s['version']}, {s['checksum_algorithm']} {s['checksum']} verified"
+                + (", rows checked by its writer" if s["rows_checked"] else ""),
+            ),
         ]
     lens = (
         ""
