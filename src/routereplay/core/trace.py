@@ -183,12 +183,13 @@ class RoutingTrace:
         return self
 
     def rows_checked(self) -> bool:
-        """True when every valid row is known to name ``top_k`` distinct experts: the trace was
-        built by the validating constructor (or ``replace(check=True)``, a validated ``load``), or
+        """True when every valid row is known to name ``top_k`` distinct experts, and ``experts``
+        and ``valid`` have not been written in place since: the trace was built by the validating
+        constructor (or ``replace(check=True)``, a validated ``load``, an engine converter), or
         recorded (``Recording.trace``, ``capture_generation``: the routers' own top-k ids), or
-        derived from such traces by this class's or ``core.layout``'s methods, and ``experts`` and
-        ``valid`` have not been written in place since. Replay preparation and :func:`routereplay.save` (which marks
-        the file so that ``load`` can skip the check too) rely on it; a trace built with
+        derived from such traces by routereplay (this class's methods, ``core.layout``, rank
+        slices, gathers, stores). Replay preparation and :func:`routereplay.save` (which marks the
+        file so that ``load`` can skip the check too) rely on it; a trace built with
         :meth:`unchecked` or ``replace(check=False, experts=...)`` is checked again where it is used.
         """
         return self._checked_at is not None and self._checked_at == _versions(self)
