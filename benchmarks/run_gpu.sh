@@ -7,6 +7,7 @@
 #   OUT=/some/dir PART=capture bash benchmarks/run_gpu.sh   # capture in generate, larger and usual sizes
 #   OUT=/some/dir PART=check   bash benchmarks/run_gpu.sh   # routereplay check on a larger model
 #   OUT=/some/dir PART=profile bash benchmarks/run_gpu.sh   # where capture, replay and routing spend time
+#   OUT=/some/dir PART=owed    bash benchmarks/run_gpu.sh   # issue 21's owed numbers, in one call (~9 min)
 # Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
 # into /tmp/site when present. Needs torch with CUDA and triton.
 # DRY_RUN=1 runs nothing: each step checks that what it names is a program (not a shell function,
@@ -106,6 +107,20 @@ capture)
     step capture 100 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
         --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 9
     ;;
+owed)
+    # issue 21's owed numbers in one 10-minute call, most wanted first (machines are scarce): capture
+    # on today's code and where its GPU host time goes, the prepared step's three runs, the larger capture
+    step capture 100 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
+        --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 7
+    step capture_pieces 90 python3 "$here/profile_capture.py" --pieces --device cuda --dtype bf16 --layers 8 \
+        --hidden 1024 --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 3
+    for run in 1 2 3; do
+        step "hf1024_triton_$run" 60 "${HF[@]}" --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 \
+            --seq 2048 --reps 12 --warmup 2 --replay-kernel triton
+    done
+    step capture2048 150 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 2048 \
+        --experts 128 --topk 8 --batch 64 --prompt-len 256 --new-tokens 128 --reps 3
+    ;;
 check)
     # the main job on a larger random model (8 layers, 64 experts, top-8, bf16 rollout)
     step make_model 120 python3 "$here/../scripts/make_random_moe.py" /tmp/routereplay-moe --layers 8 --hidden 1024 \
@@ -113,6 +128,6 @@ check)
     step check 300 python3 -m routereplay.cli check --model /tmp/routereplay-moe --device cuda --samples 32 \
         --max-new-tokens 128 --lr 1e-5 --out "$OUT/check"
     ;;
-*) echo "PART must be tiers, bench, step3, profile, capture or check" >&2; exit 2 ;;
+*) echo "PART must be tiers, bench, step3, profile, capture, owed or check" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"
