@@ -76,6 +76,31 @@ def test_save_matches_golden_bytes(tmp_path):
     assert out.read_bytes() == GOLDEN.read_bytes(), "save() no longer writes the chunked golden file"
 
 
+@pytest.mark.parametrize("io_block", [3, 64])
+def test_checksums_on_a_helper_thread_give_the_same_bytes(tmp_path, monkeypatch, io_block):
+    """save checksums on a helper thread while it writes (large traces, 2+ torch threads): the
+    golden files come out byte for byte, blocks splitting chunks and tensors anywhere."""
+    import test_io
+
+    monkeypatch.setattr(rio, "_CRC_THREAD_BYTES", 1)
+    monkeypatch.setattr(rio, "_IO_BLOCK", io_block)
+    threaded = []
+    real = rio._checksummed
+    monkeypatch.setattr(rio, "_checksummed", lambda e, b, w=None: threaded.append(w is None) or real(e, b, w))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rio.save(not_known_checked(golden_trace()), tmp_path / "c.rrt", chunk_bytes=GOLDEN_CHUNK_BYTES)
+        assert (tmp_path / "c.rrt").read_bytes() == GOLDEN.read_bytes()
+        for name, trace in test_io.golden_traces().items():
+            rio.save(trace, tmp_path / name)
+            assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+            assert rio.dumps(trace) == (DATA / name).read_bytes(), name
+    finally:
+        torch.set_num_threads(before)
+    assert threaded and all(threaded)
+
+
 def test_golden_file_reads_back_whole_and_in_parts():
     expected = golden_trace()
     assert rio.load(GOLDEN) == expected

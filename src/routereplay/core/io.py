@@ -87,6 +87,8 @@ _PLACEHOLDER = "00000000"
 # Bytes read or written and checksummed at a time: the CRC runs on bytes still in cache, so
 # checksumming costs no extra pass over memory.
 _IO_BLOCK = 1 << 20
+# From this many bytes of data on, save checksums on a helper thread while it writes (see _stream).
+_CRC_THREAD_BYTES = 64 << 20
 
 # safetensors dtype names <-> torch dtypes this format stores.
 _DTYPES: dict[str, torch.dtype] = {
@@ -251,41 +253,70 @@ class _Encoded:
 
 
 def _stream(encoded: _Encoded, write) -> bytes:
-    """Write the file's bytes through ``write`` in file order, checksumming each block as it is
-    written; return the final prefix, to be written over the placeholder prefix at offset 0."""
+    """Write the file's bytes through ``write`` in file order and checksum them; return the final
+    prefix, to be written over the placeholder prefix at offset 0.
+
+    Writing and checksumming both release the GIL (``zlib.crc32`` and ``write`` on large buffers): from
+    :data:`_CRC_THREAD_BYTES` on, with more than one torch thread, the checksums run on a helper thread
+    over the same memory while this one writes, so a save costs about the larger of the two rather
+    than their sum. Otherwise each block is checksummed right before it is written (in cache)."""
+    write(encoded.prefix)
+    blocks = _blocks(encoded)
+    if torch.get_num_threads() < 2 or sum(p.nbytes for p in encoded.payloads) < _CRC_THREAD_BYTES:
+        return _checksummed(encoded, blocks, write)
+    with ThreadPoolExecutor(1, thread_name_prefix="routereplay-save-crc") as pool:
+        prefix = pool.submit(_checksummed, encoded, blocks)
+        for block, _, _, _ in blocks:
+            write(block)
+        return prefix.result()
+
+
+def _blocks(encoded: _Encoded) -> list[tuple[memoryview, int, str, int]]:
+    """The data section in file order as ``(block, part, tensor name, part bytes)``: blocks of at most
+    :data:`_IO_BLOCK` bytes, each in one part: a whole tensor, or (chunked files) one chunk of a row tensor."""
+    out = []
+    R, T = encoded.chunk_rows, encoded.num_rows
+    for name, payload in zip(encoded.names or [""] * len(encoded.payloads), encoded.payloads):
+        if R and name in _ROW_TENSORS:
+            row_bytes = payload.nbytes // T
+            bounds = [(c * R * row_bytes, min((c + 1) * R, T) * row_bytes) for c in range(-(-T // R))]
+        else:
+            bounds = [(0, payload.nbytes)]
+        for c, (lo, hi) in enumerate(bounds):
+            for begin in range(lo, hi, _IO_BLOCK):
+                out.append((payload[begin : min(begin + _IO_BLOCK, hi)], c, name, hi - lo))
+    return out
+
+
+def _checksummed(encoded: _Encoded, blocks, write=None) -> bytes:
+    """The final prefix: the checksums of ``blocks`` (from :func:`_blocks`) filled in; each block also
+    goes through ``write``, when given, right after it is checksummed."""
     prefix = encoded.prefix
-    write(prefix)
     if not encoded.chunk_rows:
         crc = zlib.crc32(prefix)
-        for payload in encoded.payloads:
-            for begin in range(0, payload.nbytes, _IO_BLOCK):
-                block = payload[begin : begin + _IO_BLOCK]
-                crc = zlib.crc32(block, crc)
+        for block, _, _, _ in blocks:
+            crc = zlib.crc32(block, crc)
+            if write is not None:
                 write(block)
         return _with_digits(prefix, encoded.digits_at, crc)
     # Chunked (1.1): each tensor's bytes are checksummed once, part by part; a part's CRC is
     # folded into its chunk's checksum and into the data's (zlib's crc32_combine).
-    R, T = encoded.chunk_rows, encoded.num_rows
-    num_chunks = -(-T // R)
-    chunk_crc = [0] * num_chunks
+    chunk_crc = [0] * -(-encoded.num_rows // encoded.chunk_rows)
     data_crc, data_len, cu_crc, cu_len = 0, 0, 0, 0
-    for name, payload in zip(encoded.names, encoded.payloads):
+    part, done = 0, 0
+    for block, c, name, part_bytes in blocks:
+        part = zlib.crc32(block, part)
+        done += block.nbytes
+        if write is not None:
+            write(block)
+        if done < part_bytes:
+            continue
         if name in _ROW_TENSORS:
-            row_bytes = payload.nbytes // T
-            bounds = [(c * R * row_bytes, min((c + 1) * R, T) * row_bytes) for c in range(num_chunks)]
-        else:
-            bounds = [(0, payload.nbytes)]
-        for c, (lo, hi) in enumerate(bounds):
-            part = 0
-            for begin in range(lo, hi, _IO_BLOCK):
-                block = payload[begin : min(begin + _IO_BLOCK, hi)]
-                part = zlib.crc32(block, part)
-                write(block)
-            if name in _ROW_TENSORS:
-                chunk_crc[c] = _crc32_combine(chunk_crc[c], part, hi - lo)
-            elif name == "cu_seqlens":
-                cu_crc, cu_len = part, hi - lo
-            data_crc, data_len = _crc32_combine(data_crc, part, hi - lo), data_len + hi - lo
+            chunk_crc[c] = _crc32_combine(chunk_crc[c], part, part_bytes)
+        elif name == "cu_seqlens":
+            cu_crc, cu_len = part, part_bytes
+        data_crc, data_len = _crc32_combine(data_crc, part, part_bytes), data_len + part_bytes
+        part, done = 0, 0
     digits = "".join(f"{c:08x}" for c in chunk_crc).encode("ascii")
     at = prefix.index(b'"chunk_checksums":"') + len(b'"chunk_checksums":"')
     prefix = prefix[:at] + digits + prefix[at + len(digits) :]
