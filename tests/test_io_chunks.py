@@ -101,6 +101,40 @@ def test_checksums_on_a_helper_thread_give_the_same_bytes(tmp_path, monkeypatch,
     assert threaded and all(threaded)
 
 
+def test_load_checksums_on_a_helper_thread(tmp_path, monkeypatch):
+    """load folds the checksum on a helper thread behind the read (large files, 2+ torch threads,
+    no repeat scan): the same traces, and a flipped byte or a short file still refused."""
+    import threading
+
+    import test_io
+
+    monkeypatch.setattr(rio, "_CRC_THREAD_BYTES", 1)
+    monkeypatch.setattr(rio, "_IO_BLOCK", 3)
+    folded_on = set()
+    real_crc32 = rio.zlib.crc32
+
+    class _Zlib:
+        @staticmethod
+        def crc32(data, value=0):
+            folded_on.add(threading.current_thread().name.split("_")[0])
+            return real_crc32(data, value)
+
+    monkeypatch.setattr(rio, "zlib", _Zlib)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for name, trace in test_io.golden_traces().items():
+            assert rio.load(DATA / name) == trace, name
+        assert "routereplay-load-crc" in folded_on
+        data = bytearray((DATA / "golden_v1_2.rrt").read_bytes())
+        data[-3] ^= 1
+        (tmp_path / "bad.rrt").write_bytes(bytes(data))
+        with pytest.raises(TraceFormatError, match="checksum"):
+            rio.load(tmp_path / "bad.rrt")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_golden_file_reads_back_whole_and_in_parts():
     expected = golden_trace()
     assert rio.load(GOLDEN) == expected

@@ -87,7 +87,8 @@ _PLACEHOLDER = "00000000"
 # Bytes read or written and checksummed at a time: the CRC runs on bytes still in cache, so
 # checksumming costs no extra pass over memory.
 _IO_BLOCK = 1 << 20
-# From this many bytes of data on, save checksums on a helper thread while it writes (see _stream).
+# From this many bytes of data on, save / load checksum on a helper thread while they write / read
+# (see _stream, _read_data).
 _CRC_THREAD_BYTES = 64 << 20
 
 # safetensors dtype names <-> torch dtypes this format stores.
@@ -534,8 +535,9 @@ def load(
     verified against the bytes that become the trace's tensors, then the trace is built.
 
     By default the data section is read once into memory the trace owns, and the checksum is
-    computed block by block as the bytes arrive (one pass over the file, no second copy): the
-    trace is then independent of the file, whatever happens to it afterwards.
+    computed block by block as the bytes arrive (one pass over the file, no second copy; from 64 MiB
+    with more than one torch thread, on a helper thread behind the read): the trace is then
+    independent of the file, whatever happens to it afterwards.
 
     Args:
         path: the file.
@@ -609,21 +611,35 @@ def _read_data(f, path: str, header: TraceFileHeader, prefix: bytes, buffer: tor
     the data's size), checksummed block by block as it is read; ``scan`` is told how far it got."""
     n = header.data_size
     view = memoryview(buffer.numpy()) if n else memoryview(b"")
-    crc = _prefix_crc(path, header, prefix)
-    pos = 0
-    while pos < n:
-        got = f.readinto(view[pos : pos + _IO_BLOCK])
-        if not got:
-            raise _fail(
-                path,
-                f"file shrank while being read: the header describes {n} bytes of tensor data but only {pos} "
-                "could be read; load it again once the writer is done",
-            )
-        crc = zlib.crc32(view[pos : pos + got], crc)
-        pos += got
-        if scan is not None:
-            scan.read_to(pos)
-    _check_crc(path, header, crc)
+    crc = [_prefix_crc(path, header, prefix)]
+
+    def fold(lo: int, hi: int) -> None:
+        crc[0] = zlib.crc32(view[lo:hi], crc[0])
+
+    # With no repeat scan on the other threads, the checksum runs on a helper thread behind the read
+    # (both release the GIL; one worker folds the blocks in order), as save does beside its writes.
+    threaded = scan is None and n >= _CRC_THREAD_BYTES and torch.get_num_threads() > 1
+    helper = ThreadPoolExecutor(1, thread_name_prefix="routereplay-load-crc") if threaded else contextlib.nullcontext()
+    with helper as pool:
+        folds, pos = [], 0
+        while pos < n:
+            got = f.readinto(view[pos : pos + _IO_BLOCK])
+            if not got:
+                raise _fail(
+                    path,
+                    f"file shrank while being read: the header describes {n} bytes of tensor data but only {pos} "
+                    "could be read; load it again once the writer is done",
+                )
+            if pool is None:
+                fold(pos, pos + got)
+            else:
+                folds.append(pool.submit(fold, pos, pos + got))
+            pos += got
+            if scan is not None:
+                scan.read_to(pos)
+        for done in folds:
+            done.result()
+    _check_crc(path, header, crc[0])
 
 
 class _RepeatScan:
