@@ -80,8 +80,7 @@ def test_save_matches_golden_bytes(tmp_path):
 def test_checksums_on_a_helper_thread_give_the_same_bytes(tmp_path, monkeypatch, io_block):
     """save checksums on a helper thread while it writes (large traces, 2+ torch threads): the
     golden files come out byte for byte, blocks splitting chunks and tensors anywhere."""
-    import test_io
-
+    goldens = {p.name: (rio.load(p, validate=False), p.read_bytes()) for p in sorted(DATA.glob("golden_v1*.rrt"))}
     monkeypatch.setattr(rio, "_CRC_THREAD_BYTES", 1)
     monkeypatch.setattr(rio, "_IO_BLOCK", io_block)
     threaded = []
@@ -92,10 +91,12 @@ def test_checksums_on_a_helper_thread_give_the_same_bytes(tmp_path, monkeypatch,
     try:
         rio.save(not_known_checked(golden_trace()), tmp_path / "c.rrt", chunk_bytes=GOLDEN_CHUNK_BYTES)
         assert (tmp_path / "c.rrt").read_bytes() == GOLDEN.read_bytes()
-        for name, trace in test_io.golden_traces().items():
+        for name, (trace, data) in goldens.items():  # their own traces, as written (1.0, 1.1, 1.2)
+            if "chunked" in name:
+                continue
             rio.save(trace, tmp_path / name)
-            assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
-            assert rio.dumps(trace) == (DATA / name).read_bytes(), name
+            assert (tmp_path / name).read_bytes() == data, name
+            assert rio.dumps(trace) == data, name
     finally:
         torch.set_num_threads(before)
     assert threaded and all(threaded)
@@ -106,8 +107,7 @@ def test_load_checksums_on_a_helper_thread(tmp_path, monkeypatch):
     no repeat scan): the same traces, and a flipped byte or a short file still refused."""
     import threading
 
-    import test_io
-
+    goldens = {p: rio.load(p) for p in sorted(DATA.glob("golden_v1*.rrt"))}
     monkeypatch.setattr(rio, "_CRC_THREAD_BYTES", 1)
     monkeypatch.setattr(rio, "_IO_BLOCK", 3)
     folded_on = set()
@@ -123,8 +123,8 @@ def test_load_checksums_on_a_helper_thread(tmp_path, monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for name, trace in test_io.golden_traces().items():
-            assert rio.load(DATA / name) == trace, name
+        for path, trace in goldens.items():
+            assert rio.load(path) == trace, path.name
         assert "routereplay-load-crc" in folded_on
         data = bytearray((DATA / "golden_v1_2.rrt").read_bytes())
         data[-3] ^= 1
