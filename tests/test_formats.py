@@ -516,6 +516,37 @@ def test_sglang_decode():
         decode_sglang_payload(rows, num_layers=HIDDEN, top_k=3)
 
 
+def test_sglang_holds_one_decoded_payload_at_a_time(requests_, monkeypatch):
+    """from_sglang narrows each payload to the trace's id dtype as it is decoded: the int32 copy of
+    a payload is gone before the next is decoded, and the narrowed parts go as they are joined."""
+    import gc
+    import weakref
+
+    import routereplay.formats.sglang as sglang_mod
+
+    lens, truths = requests_
+    infos = [sglang_meta_info(t, p, moe_layer_ids=MOE, num_hidden_layers=HIDDEN) for (p, _), t in zip(lens, truths)]
+    decoded, alive_at_decode = [], []
+    real = sglang_mod.decode_sglang_payload
+
+    def decode(*a, **k):
+        gc.collect()
+        alive_at_decode.append(sum(r() is not None for r in decoded))
+        arr = real(*a, **k)
+        decoded.append(weakref.ref(arr))
+        return arr
+
+    monkeypatch.setattr(sglang_mod, "decode_sglang_payload", decode)
+    trace = from_sglang(infos, num_layers=HIDDEN, top_k=K, num_experts=E, moe_layer_ids=MOE)
+    assert trace == engine_trace(truths, source="sglang")
+    assert len(decoded) == len(infos) > 1 and alive_at_decode == [0] * len(infos)
+    from routereplay.formats.common import _assemble
+
+    parts = [np.full((2, 3, K), i, dtype=np.uint8) + np.arange(K, dtype=np.uint8) for i in range(3)]
+    joined, cu = _assemble(parts, ["a", "b", "c"], num_experts=E, consume=True)
+    assert parts == [None] * 3 and joined.shape == (6, 3, K) and cu.tolist() == [0, 2, 4, 6]
+
+
 def test_sglang_single_turn(requests_):
     lens, truths = requests_
     infos = [sglang_meta_info(t, p, moe_layer_ids=MOE, num_hidden_layers=HIDDEN) for (p, _), t in zip(lens, truths)]

@@ -114,8 +114,12 @@ def _assemble(
     what: str = "routed_experts",
     *,
     num_experts: int | None = None,
+    consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack per-request ``[n_i, Lp, K]`` arrays into one ``[N, Lp, K]`` tensor plus ``cu_seqlens [B+1]``.
+
+    With ``consume`` (``parts`` a list the caller owns and no longer needs) each part is dropped from
+    it as soon as it is copied, so the parts and the result are not all held at once.
 
     An empty request may come as ``[]`` (shape ``(0,)``); it takes the layer and top-k of the others.
     With ``num_experts``, when every id of every part is in ``[0, num_experts)`` (a read-only
@@ -146,9 +150,11 @@ def _assemble(
     lens = [a.shape[0] for a in parts]
     out_NLK = np.empty((sum(lens), Lp, K), dtype=dtype)
     off = 0
-    for a, n in zip(parts, lens):
+    for i, n in enumerate(lens):
         if n:
-            out_NLK[off : off + n] = a
+            out_NLK[off : off + n] = parts[i]
+        if consume:
+            parts[i] = None
         off += n
     cu = torch.zeros(len(parts) + 1, dtype=torch.int64)
     torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0, out=cu[1:])
@@ -158,6 +164,16 @@ def _assemble(
 def _is_count(num_experts: object) -> bool:
     """A valid expert count (anything else is left for RoutingTrace to refuse with its message)."""
     return isinstance(num_experts, int) and not isinstance(num_experts, bool) and 1 <= num_experts <= MAX_NUM_EXPERTS
+
+
+def _compact(part: np.ndarray, num_experts: int) -> np.ndarray:
+    """``part`` in the trace's compact id dtype when every id is in ``[0, num_experts)``, else as it
+    is (missing-route markers, corrupt ids: the checks report them in the wide dtype). For a converter
+    that decodes its payloads itself: narrowing each as it is decoded lets its wide copy go at once."""
+    if not _is_count(num_experts) or not _all_in_range([part], num_experts):
+        return part
+    dtype = torch.empty(0, dtype=expert_dtype(num_experts)).numpy().dtype
+    return part if part.dtype == dtype else part.astype(dtype)
 
 
 def _all_in_range(parts: Sequence[np.ndarray], num_experts: int) -> bool:

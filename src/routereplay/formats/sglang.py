@@ -49,6 +49,7 @@ from routereplay.formats.common import (
     _assemble,
     _b64decode,
     _check_lengths,
+    _compact,
     _finish,
     _int_array,
     _to_rows,
@@ -260,19 +261,24 @@ def from_sglang(
     S = _check_lengths(num_tokens, B, "num_tokens")
     starts = _check_lengths(start_lens, B, "start_lens")
     labels = [f"request {i}" for i in range(B)]
+    # Each payload is narrowed to the trace's id dtype as soon as it is decoded: its int32 copy (4x the
+    # trace's bytes at 256 experts) goes before the next is decoded, instead of all of them at once.
     parts = [
-        _new_rows(
-            p,
-            labels[i],
-            num_layers=num_layers,
-            top_k=top_k,
-            num_tokens=None if S is None else S[i],
-            start_len=None if starts is None else starts[i],
-            on_retraction=on_retraction,
-        )[0]
+        _compact(
+            _new_rows(
+                p,
+                labels[i],
+                num_layers=num_layers,
+                top_k=top_k,
+                num_tokens=None if S is None else S[i],
+                start_len=None if starts is None else starts[i],
+                on_retraction=on_retraction,
+            )[0],
+            num_experts,
+        )
         for i, p in enumerate(payloads)
     ]
-    experts_NLK, cu = _assemble(parts, labels, num_experts=num_experts)
+    experts_NLK, cu = _assemble(parts, labels, num_experts=num_experts, consume=True)
     return _finish(
         experts_NLK,
         cu,
