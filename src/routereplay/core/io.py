@@ -263,7 +263,7 @@ def _stream(encoded: _Encoded, write) -> bytes:
     than their sum. Otherwise each block is checksummed right before it is written (in cache)."""
     write(encoded.prefix)
     blocks = _blocks(encoded)
-    if torch.get_num_threads() < 2 or sum(p.nbytes for p in encoded.payloads) < _CRC_THREAD_BYTES:
+    if torch.get_num_threads() < 2 or encoded.size < _CRC_THREAD_BYTES:
         return _checksummed(encoded, blocks, write)
     with ThreadPoolExecutor(1, thread_name_prefix="routereplay-save-crc") as pool:
         prefix = pool.submit(_checksummed, encoded, blocks)
@@ -753,15 +753,24 @@ def _load_part(path: str, sequences, *, validate: bool, mmap: bool) -> RoutingTr
         "gates": out.get("gates"),
         "meta": fields["meta"],
     }
-    if not validate:
-        return RoutingTrace.unchecked(**built, rows_checked=_rows_checked(header))
-    return RoutingTrace._with_distinct_rows(**built) if _rows_checked(header) else RoutingTrace(**built)
+    return _trace(built, header, validate=validate)
 
 
 def _rows_checked(header: TraceFileHeader) -> bool:
     """The file's writer knew that every valid row names top_k distinct experts (format 1.2): its
     checksums vouch that the rows are the ones it checked, so validation skips the repeat check."""
     return header.metadata.get(_ROWS_CHECKED) == "1"
+
+
+def _trace(parts: dict, header: TraceFileHeader, *, validate: bool, distinct_rows: bool = False) -> RoutingTrace:
+    """The trace of a file's checksummed ``parts``: validated (less the repeat check when the rows were
+    checked beside the read, ``distinct_rows``, or by the file's writer), or built unchecked, knowing
+    what the writer said of its rows (its word, sealed by the checksums, holds without validation too)."""
+    if not validate:
+        return RoutingTrace.unchecked(**parts, rows_checked=_rows_checked(header))
+    if distinct_rows or _rows_checked(header):
+        return RoutingTrace._with_distinct_rows(**parts)
+    return RoutingTrace(**parts)
 
 
 def _chunk_runs(spans: list[tuple[int, int]], R: int) -> tuple[list[int], list[list[int]]]:
@@ -969,8 +978,7 @@ def _build(
         "meta": fields["meta"],
     }
     if validate:
-        distinct_rows = distinct_rows or _rows_checked(header)
-        trace = RoutingTrace._with_distinct_rows(**parts) if distinct_rows else RoutingTrace(**parts)
+        trace = _trace(parts, header, validate=True, distinct_rows=distinct_rows)
         if trace.experts is not parts["experts"] and torch.device(device).type == "cpu":
             # Validation built new ids (invalid rows held non-zero bytes): copy the small tensors so
             # they do not keep the whole data section alive next to the new ids.
@@ -991,8 +999,7 @@ def _build(
             f"cu_seqlens runs from {int(cu_seqlens_B1[0])} to {int(cu_seqlens_B1[-1])}, "
             f"expected 0 to T={T}; {_CORRUPT}",
         )
-    # the writer's word on the rows, sealed by the checksum, holds without validation too
-    return RoutingTrace.unchecked(**parts, rows_checked=_rows_checked(header))
+    return _trace(parts, header, validate=False)
 
 
 def _fail(path: str, problem: str) -> TraceFormatError:
