@@ -146,7 +146,7 @@ def _assemble(
             )
     dtype = _common_int_dtype(parts)
     if _is_count(num_experts) and _all_in_range(parts, num_experts):
-        dtype = np.dtype(torch.empty(0, dtype=expert_dtype(num_experts)).numpy().dtype)
+        dtype = _compact_dtype(num_experts)
     lens = [a.shape[0] for a in parts]
     out_NLK = np.empty((sum(lens), Lp, K), dtype=dtype)
     off = 0
@@ -172,8 +172,13 @@ def _compact(part: np.ndarray, num_experts: int) -> np.ndarray:
     that decodes its payloads itself: narrowing each as it is decoded lets its wide copy go at once."""
     if not _is_count(num_experts) or not _all_in_range([part], num_experts):
         return part
-    dtype = torch.empty(0, dtype=expert_dtype(num_experts)).numpy().dtype
+    dtype = _compact_dtype(num_experts)
     return part if part.dtype == dtype else part.astype(dtype)
+
+
+def _compact_dtype(num_experts: int) -> np.dtype:
+    """The numpy dtype of a trace's ids (``core.trace.expert_dtype``)."""
+    return np.dtype(torch.empty(0, dtype=expert_dtype(num_experts)).numpy().dtype)
 
 
 def _all_in_range(parts: Sequence[np.ndarray], num_experts: int) -> bool:
