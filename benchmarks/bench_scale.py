@@ -42,7 +42,7 @@ from routereplay.formats import RouteAccumulator, from_sglang, from_verl, from_v
 from routereplay.rl.store import RouteStore
 
 # "vllm": from_vllm alone (its row of "convert", without the minutes of the verl and SGLang rows).
-ROWS = ("store", "accumulate", "load", "save", "convert", "vllm", "select", "prepare", "rank", "bitpack")
+ROWS = ("store", "accumulate", "load", "save", "crc", "convert", "vllm", "select", "prepare", "rank", "bitpack")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -253,6 +253,36 @@ def _not_known_checked(trace: RoutingTrace) -> RoutingTrace:
     """The same routes built with RoutingTrace.unchecked: not known to pass the repeat check."""
     fields = ("experts", "cu_seqlens", "layer_ids", "num_experts", "valid", "gates", "meta")
     return RoutingTrace.unchecked(**{name: getattr(trace, name) for name in fields})
+
+
+def row_crc(table: Table, trace: RoutingTrace, tmp: str) -> None:
+    """23.3/23.5: save (no fsync: no disk wait) and load with the checksum on a helper thread beside the
+    I/O, against the same calls checksumming each block on the calling thread (io._CRC_THREAD_BYTES
+    switches between them; the helper needs 2+ torch threads)."""
+    path = Path(tmp) / "crc.rrt"
+
+    def serial(fn):
+        def run():
+            keep, rio._CRC_THREAD_BYTES = rio._CRC_THREAD_BYTES, 1 << 62
+            try:
+                return fn()
+            finally:
+                rio._CRC_THREAD_BYTES = keep
+
+        return run
+
+    def save() -> None:  # the file goes at once: no earlier save's dirty pages in write-back meanwhile
+        rio.save(trace, path, fsync=False)
+        path.unlink()
+
+    table.row("io.save(fsync=False), CRC on a helper thread", save, "CRC on the writing thread", serial(save),
+              trace.nbytes, "")  # fmt: skip
+    rio.save(trace, path, fsync=False)
+    for validate in (False, True):
+        load = lambda v=validate: rio.load(path, validate=v)
+        table.row(f"io.load(validate={validate}) of a 1.2 file, CRC on a helper thread", load,
+                  "CRC on the reading thread", serial(load), trace.nbytes, "")  # fmt: skip
+    path.unlink()
 
 
 def row_save(table: Table, trace: RoutingTrace, tmp: str) -> None:
@@ -548,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
                 row_load(table, trace, tmp)
             elif name == "save":
                 row_save(table, trace, tmp)
+            elif name == "crc":
+                row_crc(table, trace, tmp)
             elif name in ("convert", "vllm"):
                 row_convert(table, trace, vllm_only=name == "vllm")
             elif name == "select":
