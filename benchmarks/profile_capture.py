@@ -7,7 +7,8 @@ Prints, per arm (plain, capture), the medians of wall time and host CPU time (pr
 thread) of ``--reps`` interleaved ``generate`` calls, the handle attached once (no attach, no
 rollout build in the timing); then cProfile's top functions (own time) of one captured
 ``generate``, routereplay's functions by cumulative time, the torch ops capture adds per router
-call, and, on CUDA, the host syncs of each arm. ``--pieces`` instead times capture with each of its
+call, on CUDA the host syncs of each arm, and the Python calls capture and an idle handle add per
+router call (``sys.setprofile``). ``--pieces`` instead times capture with each of its
 pieces switched off in turn (see :func:`pieces`).
 """
 
@@ -19,6 +20,7 @@ import cProfile
 import io
 import pstats
 import statistics
+import sys
 import time
 from collections import Counter
 
@@ -107,6 +109,31 @@ def main() -> None:
     if cuda:
         n = {k: sum(count_syncs(fn)[1].values()) for k, fn in arms.items()}
         print(f"host syncs: {n}")
+    # Python function calls (sys.setprofile): every function, and routereplay's own, per router call
+    counted = {"capture": python_calls(capture), "attached, idle": python_calls(plain)}
+    handle.detach()
+    counted["detached"] = python_calls(plain)
+    base = counted["detached"]
+    print("Python calls added over detached, per router call (all functions / routereplay's):",
+          {k: (round((sum(v.values()) - sum(base.values())) / calls, 2),
+               round(sum(n for f, n in v.items() if "/routereplay/" in f[0]) / calls, 2))
+           for k, v in counted.items() if k != "detached"})  # fmt: skip
+
+
+def python_calls(fn) -> Counter:
+    """(file, function) -> calls made while ``fn`` runs (``sys.setprofile``; C functions not counted)."""
+    seen: Counter = Counter()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            seen[(frame.f_code.co_filename, frame.f_code.co_name)] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
 
 
 def pieces(args, model, ids_BP, gen_kw, sync) -> None:
