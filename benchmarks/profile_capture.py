@@ -137,18 +137,17 @@ def python_calls(fn) -> Counter:
 
 
 def pieces(args, model, ids_BP, gen_kw, sync) -> None:
-    """Wall time of ``generate`` detached, attached and idle, capturing, and capturing with a piece
-    switched off (a diagnostic: the patched run is not a valid capture): the per-layer compact copy
-    of the ids (needed under CUDA graphs, whose memory pool the next step overwrites). Interleaved,
-    medians. (The experts' pre-hook, measured here before, is installed only for verifying replays
-    and dispatch observers now.)"""
+    """Wall time of ``generate`` detached, attached and idle, capturing, and capturing with the
+    per-call compact copy of the ids that capture made before it kept eager ids as the routers
+    made them (a diagnostic of what that copy cost: one kernel launch per layer per decode step).
+    Interleaved, medians. (The experts' pre-hook, measured here before, is installed only for
+    verifying replays and dispatch observers now.)"""
     from routereplay.runtime import record
 
     keep_answer = record.Recording.answer
 
-    def answer_without_copy(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped):
-        self._ids[index].append(ids_NK)
-        return weights_NK, ids_NK, None
+    def answer_with_copy(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped):
+        return keep_answer(self, index, logits_NE, weights_NK, ids_NK.to(self._dtype), route_kw, scoped=scoped)
 
     def run(answer=keep_answer, capture=True, attached=True) -> float:
         record.Recording.answer = answer
@@ -169,7 +168,7 @@ def pieces(args, model, ids_BP, gen_kw, sync) -> None:
         "detached": lambda: run(capture=False, attached=False),
         "attached, idle": lambda: run(capture=False),
         "capture": run,
-        "capture, no copy": lambda: run(answer=answer_without_copy),
+        "capture, copy per call": lambda: run(answer=answer_with_copy),
     }
     times: dict[str, list[float]] = {k: [] for k in arms}
     for r in range(args.reps + 1):

@@ -33,7 +33,8 @@ def _capture(model, handle, ids_BP, mask_BP, **extra):
             ids_BP, attention_mask=mask_BP, do_sample=False, max_new_tokens=G, eos_token_id=None, pad_token_id=0,
             cache_implementation="static", **extra,
         )
-    return out_BX, cap.trace(out_BX, prompt_attention_mask=mask_BP, eos_token_id=None, pad_token_id=None)
+    kept = [t for layer in cap.recording._ids for t in layer]
+    return out_BX, cap.trace(out_BX, prompt_attention_mask=mask_BP, eos_token_id=None, pad_token_id=None), kept
 
 
 @pytest.mark.parametrize("how", ["generate_compile_config", "compiled_forward"])
@@ -47,7 +48,7 @@ def test_capture_with_static_cache_and_compiled_decode_equals_eager(how):
     mask_BP = torch.ones_like(ids_BP)
     mask_BP[1, :3] = 0  # left padding in one prompt
     handle = routereplay.attach(model)
-    ref_BX, ref = _capture(model, handle, ids_BP, mask_BP, disable_compile=True)
+    ref_BX, ref, ref_kept = _capture(model, handle, ids_BP, mask_BP, disable_compile=True)
     torch._dynamo.reset()
     counters.clear()
     if how == "generate_compile_config":
@@ -60,7 +61,7 @@ def test_capture_with_static_cache_and_compiled_decode_equals_eager(how):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out_BX, trace = _capture(model, handle, ids_BP, mask_BP, **extra)
+            out_BX, trace, kept = _capture(model, handle, ids_BP, mask_BP, **extra)
     finally:
         if how == "compiled_forward":
             del model.forward
@@ -71,6 +72,11 @@ def test_capture_with_static_cache_and_compiled_decode_equals_eager(how):
     # the seam calls are graph breaks inside the compiled region: the hooks were traced, not skipped
     breaks = sum(n for reason, n in counters["graph_break"].items() if "on_router" in reason)
     assert breaks > 0, dict(counters["graph_break"])
+    # eager ids are kept as the routers made them; a compiled region's are copied, compact (under
+    # CUDA graphs they live in the graph's pool, which the next decode step overwrites)
+    assert {t.dtype for t in ref_kept} == {torch.int64}
+    compiled = [t for t in kept if t.dtype == torch.uint8]
+    assert len(compiled) >= SIZE.layers * (G - 1), [t.dtype for t in kept]  # every decode step's
     assert torch.equal(out_BX, ref_BX)
     assert trace.num_tokens == ref.num_tokens == 2 * (P + G - 1) - 3
     assert torch.equal(trace.cu_seqlens, ref.cu_seqlens) and trace.layer_ids == ref.layer_ids

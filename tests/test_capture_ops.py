@@ -89,7 +89,7 @@ def test_capture_runs_few_routereplay_calls_per_router_call(model):
     router_calls = len(handle.layers) * forwards
     assert captured["router_hook"] == idle["router_hook"] == router_calls
     assert "experts_pre_hook" not in captured and "on_experts" not in captured
-    assert sum(captured.values()) <= 7 * router_calls + 9 * forwards + 25, captured  # 25: entering, leaving
+    assert sum(captured.values()) <= 6 * router_calls + 9 * forwards + 25, captured  # 25: entering, leaving
     assert sum(idle.values()) <= 6 * router_calls + 4 * forwards, idle
 
 
@@ -145,3 +145,30 @@ def test_a_forward_with_grad_outside_checkpoints_walks_no_stack(model, monkeypat
     with torch.no_grad():
         recompute.scopes()
     assert frames == [1]
+
+
+@pytest.mark.parametrize("every", [1, 3, 64])
+def test_capture_narrows_kept_ids_once_per_block_of_forwards(model, monkeypatch, every):
+    """The router's ids are kept as they are and narrowed, per layer, into one compact block every
+    ``_NARROW_EVERY`` forwards: one ``cat`` (into a new block) per layer per block, no op per router
+    call, and the same rollout whatever the block size (views of the blocks, in order, then the
+    forwards still kept)."""
+    from routereplay.runtime import record
+
+    plain = _generate(model, contextlib.nullcontext())
+    with routereplay.attach(model) as handle:
+        ref_cap = handle.capture_generation()
+        _generate(model, ref_cap)
+        monkeypatch.setattr(record, "_NARROW_EVERY", every)
+        cap = handle.capture_generation()
+        added = _generate(model, cap) - plain
+    forwards = NEW_TOKENS
+    L = len(handle.layers)
+    blocks = L * (forwards // every)
+    assert added == Counter({"aten.empty.memory_format": blocks, "aten.cat.out": blocks}) - Counter()
+    rec, ref = cap.recording, ref_cap.recording
+    assert all(len(rec._ids[i]) == forwards % every for i in range(L))  # the rest kept as the routers made them
+    assert rec.num_forwards == ref.num_forwards == forwards
+    for a, b in zip(rec.calls, ref.calls, strict=True):
+        assert a.dtype == b.dtype == torch.uint8 and torch.equal(a, b)
+    assert torch.equal(rec.trace().experts, ref.trace().experts)

@@ -10,8 +10,9 @@ three dense ones is layer 3). The weights are recomputed by ``routereplay.core.r
 ``RouterSpec`` that ``adapters.hf_specs`` builds for the router.
 
 Seams (all on module *instances*, removed by ``handle.detach()``):
-    * common pattern: the router returns ``(logits_NE, weights_NK, ids_NK)``; a forward hook
-      replaces ``weights``/``ids`` with the handle's answer.
+    * common pattern: the router returns ``(logits_NE, weights_NK, ids_NK)``; a wrapper of the
+      router instance's ``forward`` (not a module hook: see ``_Seam.hook``) replaces
+      ``weights``/``ids`` with the handle's answer.
     * ``dbrx``: the router returns logits only and the top-k is the MoE block's
       ``route_tokens_to_experts`` method; an instance attribute wraps that method.
     * ``llama4``: the router returns ``(scores_NE, logits_NE)``, scores dense (sigmoid of the
@@ -569,8 +570,39 @@ class _Seam:
         return weights_NK, ids_NK, live_ids
 
     def hook(self, fn) -> None:
-        """Register ``fn`` as the router's forward hook (with kwargs); detach removes it."""
-        self.removers.append(self.router.register_forward_hook(fn, with_kwargs=True).remove)
+        """Run ``fn(module, args, kwargs, output)`` on every output of the router, as a forward hook
+        (with kwargs) would, its result replacing the output unless None; detach undoes it.
+
+        It wraps the instance's ``forward`` instead of registering a module hook: a module with any
+        hook takes ``nn.Module``'s slow call path, about 6 us a call on the 2-core CI CPU (several
+        times that on the lent GPU hosts) for every MoE layer of every decode step, against about
+        0.5 us for the wrapped forward (``benchmarks/bench_host_seam.py``). Hooks others register
+        on the router still run after the wrapped forward, on the answered output.
+        """
+        router = self.router
+        previous = router.__dict__.get("forward")  # an instance forward already there (accelerate's)
+        inner = router.forward
+
+        def forward(module, *args, **kwargs):
+            if module is not router:  # a deepcopy rebinds this method to the copy: the copy routes live
+                return type(module).forward(module, *args, **kwargs)
+            output = inner(*args, **kwargs)
+            answered = fn(module, args, kwargs, output)
+            return output if answered is None else answered
+
+        # a bound method, so that deepcopy rebinds it to the copy instead of calling into this router
+        wrapped = types.MethodType(forward, router)
+        router.forward = wrapped
+
+        def remove() -> None:
+            if router.__dict__.get("forward") is not wrapped:
+                return  # wrapped again by someone else since: theirs stays (ours answers live once detached)
+            if previous is None:
+                del router.__dict__["forward"]
+            else:
+                router.forward = previous
+
+        self.removers.append(remove)
 
 
 def _seam_dbrx(seam: _Seam) -> None:
@@ -583,11 +615,9 @@ def _seam_dbrx(seam: _Seam) -> None:
 
 def _seam_llama4(seam: _Seam) -> None:
     """The router returns ``(scores_NE, logits_NE)``: dense scores rebuilt at the answered ids."""
-    calls, index, router, top_k = seam.calls, seam.index, seam.router, seam.layer.top_k
+    calls, index, top_k = seam.calls, seam.index, seam.layer.top_k
 
     def llama4_hook(module, args, kwargs, output):
-        if module is not router:
-            return None  # a deepcopy of the attached model carries this hook: it routes live
         scores_NE, logits_NE = output
         with torch.no_grad():
             ids_NK = torch.topk(logits_NE, top_k, dim=1).indices
@@ -611,11 +641,9 @@ def _seam_zaya(seam: _Seam) -> None:
     """ZAYA's top-k may pick a skip class (id == num_experts); the router returns it as id 0 with
     weight 0, which a trace could not tell from expert 0. The hook therefore records and replays
     the unmasked ids from routing.route and applies the mask itself after."""
-    calls, index, router, spec = seam.calls, seam.index, seam.router, seam.layer.spec
+    calls, index, spec = seam.calls, seam.index, seam.layer.spec
 
     def zaya_hook(module, args, kwargs, output):
-        if module is not router:
-            return None  # a deepcopy of the attached model carries this hook: it routes live
         if calls.routes_live(index):
             return None  # live and nothing to recompute: the router's own output stands
         logits_NE = output[0]
@@ -632,12 +660,10 @@ def _seam_jetmoe(seam: _Seam) -> None:
     """The gating returns flattened, expert-sorted routing plus the logits (last): the top-k ids come
     from the logits, and under record / replay all four routing outputs are rebuilt from the
     answered ``(weights, ids)`` with the gating's own ops."""
-    calls, index, router = seam.calls, seam.index, seam.router
+    calls, index = seam.calls, seam.index
     top_k, num_experts = seam.layer.top_k, seam.layer.num_experts
 
     def jetmoe_hook(module, args, kwargs, output):
-        if module is not router:
-            return None  # a deepcopy of the attached model carries this hook: it routes live
         if calls.routes_live(index):
             return None  # live and nothing to recompute: the gating's own output stands
         logits_NE = output[4]
@@ -658,13 +684,11 @@ def _seam_jetmoe(seam: _Seam) -> None:
 def _seam_generic(seam: _Seam) -> None:
     """The common pattern: the router returns ``(logits_NE, weights_NK, ids_NK, ...)``; the hook
     replaces ``weights`` and ``ids`` with the handle's answer."""
-    calls, index, router, layer = seam.calls, seam.index, seam.router, seam.layer
+    calls, index, layer = seam.calls, seam.index, seam.layer
     upcast = seam.rmath.upcast_weights
     per_call_kw = seam.has_route_kw()  # else route_kw is always empty: no call per router call for it
 
     def router_hook(module, args, kwargs, output):
-        if module is not router:
-            return None  # a deepcopy of the attached model carries this hook: it routes live
         if not isinstance(output, tuple) or len(output) < 3:
             raise UnsupportedRouterError(
                 f"{seam.family}: router {layer.path} ({layer.router_class}) returned {_iter_outputs_hint(output)}; "

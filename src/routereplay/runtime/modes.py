@@ -99,6 +99,7 @@ class ModeHost(Protocol):
     num_experts: int
     verifiable: tuple[bool, ...]
     forced_weights: tuple[ForcedWeights, ...]
+    compiled_call: bool  # the router call being answered comes from a torch.compile'd region
 
     def where(self, index: int) -> str:
         """How errors name the ``index``-th MoE layer."""

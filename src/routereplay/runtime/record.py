@@ -20,6 +20,11 @@ from routereplay.runtime.recompute import Binding
 
 __all__ = ["Recording"]
 
+# Forwards whose ids a recording keeps as the routers made them (int64 on most models), per layer,
+# before it narrows them into one compact block: one op per layer per this many forwards, and
+# the router's tensors held for at most this many (a long generation's ids stay compact).
+_NARROW_EVERY = 64
+
 
 class Recording:
     """Live routes of the forwards run inside the block; built by ``handle.record()``."""
@@ -33,7 +38,12 @@ class Recording:
         # skips the checkpoint scopes of its calls (a walk of the Python stack on every router call).
         self.generation = generation
         L = len(handle.layers)
-        self._ids: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer, per forward: [N, K]
+        # Per layer: the ids of the forwards since its last narrowing, as the router made them
+        # ([N, K] each), and the narrowed blocks before them ([sum N, K] compact, with each
+        # forward's N): see answer().
+        self._ids: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        self._narrowed: list[list[tuple[torch.Tensor, list[int]]]] = [[] for _ in range(L)]
+        self._narrowed_forwards = [0] * L
         self._shapes: list[tuple[int, ...]] = []  # per forward, from the first MoE block's input
         self._packed: list[tuple[str, torch.Tensor] | None] = []  # per forward: a packed batch's sequences
         self._masks: list[torch.Tensor | None] = []  # per forward: its own [B, S] attention mask, when seen
@@ -59,18 +69,26 @@ class Recording:
         self._masks.append(forward_mask_BS)
 
     def answer(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped: bool):
-        # Integer ids carry no autograd history: kept as the router made them (no detach, an op a call).
-        # On CUDA the recording keeps its own compact copy (one small kernel per layer): under
-        # torch.compile with CUDA graphs (generate's static cache) the router's ids live in the
-        # graph's memory pool, which the next step overwrites. Host ids are narrowed when read.
-        kept = ids_NK.to(self._dtype) if ids_NK.is_cuda else ids_NK
+        # Integer ids carry no autograd history: kept as the router made them, no op per call (no
+        # detach, no copy: a kernel launch per layer per decode step is what capture would cost).
+        # Ids from a torch.compile'd region are copied, compact: under CUDA graphs (generate's
+        # static cache) they live in the graph's memory pool, which the next step overwrites.
+        # Every _NARROW_EVERY forwards a layer's kept ids are narrowed into one compact block.
+        kept = ids_NK
         if self._offload and ids_NK.is_cuda:
-            kept = torch.empty(ids_NK.shape, dtype=self._dtype, pin_memory=True).copy_(kept, non_blocking=True)
+            kept = torch.empty(ids_NK.shape, dtype=self._dtype, pin_memory=True)
+            kept.copy_(ids_NK.to(self._dtype), non_blocking=True)
             self._pending_copy = True
-        self._ids[index].append(kept)
+        elif self._handle.compiled_call:
+            kept = ids_NK.to(self._dtype, copy=True)
+        pending = self._ids[index]
+        pending.append(kept)
+        if len(pending) >= _NARROW_EVERY and not self._offload:
+            self._narrow(index)
         if not scoped and not torch.is_grad_enabled():
             return weights_NK, ids_NK, None  # nothing can recompute this call (generate's decode steps)
-        binding = Binding(ids_NK, None, f"record block {self._block}, forward {len(self._ids[index])}")
+        forward = self._narrowed_forwards[index] + len(pending)
+        binding = Binding(ids_NK, None, f"record block {self._block}, forward {forward}")
         if not scoped:
             return weights_NK, ids_NK, binding
         # A checkpointed region's recompute will be forced to these ids, and non-reentrant
@@ -79,6 +97,23 @@ class Recording:
         # for bit).
         weights, ids = self._handle.forced_weights[index](logits_NE, ids_NK, None, route_kw)
         return weights, ids, binding
+
+    def _narrow(self, index: int) -> None:
+        """Join layer ``index``'s kept ids into one compact block (one op), freeing the router's tensors."""
+        pending = self._ids[index]
+        lens = [t.shape[0] for t in pending]
+        block = torch.empty((sum(lens), pending[0].shape[1]), dtype=self._dtype, device=pending[0].device)
+        torch.cat(pending, out=block)
+        self._narrowed[index].append((block, lens))
+        self._narrowed_forwards[index] += len(pending)
+        pending.clear()
+
+    def _forwards(self, index: int) -> list[torch.Tensor]:
+        """Layer ``index``'s ids, one ``[N, K]`` tensor per forward (views of the narrowed blocks first)."""
+        out: list[torch.Tensor] = []
+        for block, lens in self._narrowed[index]:
+            out.extend(block.split(lens))
+        return out + self._ids[index]
 
     # --- results -------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -89,7 +124,7 @@ class Recording:
     @property
     def num_forwards(self) -> int:
         """Forwards recorded (each layer must have seen the same number)."""
-        counts = [len(x) for x in self._ids]
+        counts = [n + len(x) for n, x in zip(self._narrowed_forwards, self._ids)]
         if len(set(counts)) > 1:
             h = self._handle
             desc = ", ".join(f"{h.where(i)}: {c}" for i, c in enumerate(counts))
@@ -104,7 +139,8 @@ class Recording:
         """Per forward, in call order: ``[N, L, K]`` ids (compact dtype) of the rows the routers saw."""
         n = self.num_forwards
         self._sync()
-        return [torch.stack([layer[i] for layer in self._ids], dim=1).to(self._dtype) for i in range(n)]
+        layers = [self._forwards(index) for index in range(len(self._ids))]
+        return [torch.stack([layer[i] for layer in layers], dim=1).to(self._dtype) for i in range(n)]
 
     @property
     def batch_shapes(self) -> list[tuple[int, int]]:
@@ -133,7 +169,7 @@ class Recording:
         packed = self._packed[n] if n < len(self._packed) else None
         if packed is None:
             return None
-        N = self._ids[0][n].shape[0] if self._ids else 0
+        N = self._forwards(0)[n].shape[0] if self._ids else 0
         kind, value = packed
         if kind == "pos" and (N == 0 or int(value.reshape(-1)[0]) != 0):
             return None

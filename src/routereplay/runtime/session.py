@@ -36,6 +36,7 @@ Legend: N rows a router sees in one call, E experts (logits width), K top-k, L M
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import threading
 import weakref
@@ -107,6 +108,9 @@ class RouterHandle:
         self.forced_weights: tuple[ForcedWeights, ...] = tuple(ForcedWeights(m.spec, replay_kernel) for m in layers)
         self.top_k = layers[0].top_k
         self.num_experts = layers[0].num_experts
+        # True while the seam call being answered comes from a torch.compile'd region (through its
+        # graph break): tensors it hands over may live in a CUDA graph's memory pool (_graph_break).
+        self.compiled_call = False
         self.calls = _Calls(self)
         self._removers: list[Callable[[], None]] = []
         self._mode: Recording | Replay | None = None
@@ -377,7 +381,7 @@ class RouterHandle:
 
     # --- the router seam -------------------------------------------------------------------
     def _on_router(self, index, logits_NE, weights_NK, ids_NK, route_kw):
-        if recompute.in_backward():
+        if _graph_task_id() != -1:  # in a backward (recompute.in_backward, inlined: a frame a call)
             chain = recompute.scopes()
             redo = next((s for s in chain if s.recompute), None)
             if redo is not None:
@@ -409,7 +413,7 @@ class RouterHandle:
             chain = []  # generate() runs without grad and is never checkpointed
         else:
             chain = recompute.scopes()
-        mode = self._mode_here(index)
+        mode = self._mode if self._owner_ident == threading.get_ident() else self._mode_here(index)
         if mode is not None and logits_NE.is_cuda and torch.cuda.is_current_stream_capturing():
             raise CudaGraphError(
                 f"{self.where(index)}: a router call of a {type(mode).__name__.lower()} block inside a CUDA graph "
@@ -434,6 +438,9 @@ class RouterHandle:
         return weights, ids
 
 
+_graph_task_id = torch._C._current_graph_task_id  # -1 outside a backward
+
+
 class _Calls:
     """The handle's side of the seam (``routereplay.runtime.seam.RouterCalls``), handed to the adapter.
 
@@ -447,7 +454,7 @@ class _Calls:
     def __init__(self, handle: RouterHandle) -> None:
         self._handle = handle
         for name in ("on_router", "routes_live", "on_block_input", "on_experts"):
-            setattr(self, name, _graph_break(getattr(self, name)))
+            setattr(self, name, _graph_break(getattr(self, name), handle))
 
     def on_router(self, index, logits_NE, weights_NK, ids_NK, **route_kw):
         h = self._handle
@@ -496,13 +503,25 @@ class _Calls:
             mode.check_dispatch(index, ids_NK)
 
 
-def _graph_break(fn: Callable) -> Callable:
+def _graph_break(fn: Callable, handle: RouterHandle) -> Callable:
     """``fn``, run eagerly under ``torch.compile`` (a graph break).
 
     Dynamo's disabled wrapper costs a few microseconds per call even when nothing is compiled, and
     the seam's calls run once per MoE layer per decode step: eager callers call ``fn`` itself,
-    and only a frame Dynamo traces (where ``is_compiling()`` is True) goes through the wrapper."""
-    disabled = torch.compiler.disable(fn)
+    and only a frame Dynamo traces (where ``is_compiling()`` is True) goes through the wrapper.
+    A call through the wrapper runs with ``handle.compiled_call`` set: the tensors it hands over
+    are outputs of a compiled graph, which under CUDA graphs live in a pool the next replay
+    overwrites (a recording copies them; eager ids it keeps as they are)."""
+
+    @functools.wraps(fn)  # Dynamo's graph-break reasons name the seam call
+    def compiled(*args, **kwargs):
+        handle.compiled_call = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            handle.compiled_call = False
+
+    disabled = torch.compiler.disable(compiled)
     is_compiling = torch.compiler.is_compiling
 
     def call(*args, **kwargs):
