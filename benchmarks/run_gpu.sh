@@ -109,9 +109,12 @@ capture)
     ;;
 owed)
     # issue 21's owed numbers in one 10-minute call, most wanted first (machines are scarce): capture
-    # on today's code and where its GPU host time goes, the prepared step's three runs, the larger capture
+    # on today's code (and its CUDA-graph correctness) and where its GPU host time goes, the prepared
+    # step's three runs, the larger capture
     step capture 100 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
         --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 7
+    # capture keeps eager ids as the routers made them, copies a compiled region's: CUDA graphs still exact
+    step gpu_generate 90 python3 -m pytest -q -s -rA -p no:cacheprovider tests/test_gpu_generate.py
     step capture_pieces 90 python3 "$here/profile_capture.py" --pieces --device cuda --dtype bf16 --layers 8 \
         --hidden 1024 --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 3
     for run in 1 2 3; do
