@@ -147,7 +147,10 @@ def pieces(args, model, ids_BP, gen_kw, sync) -> None:
     keep_answer = record.Recording.answer
 
     def answer_with_copy(self, index, logits_NE, weights_NK, ids_NK, route_kw, *, scoped):
-        return keep_answer(self, index, logits_NE, weights_NK, ids_NK.to(self._dtype), route_kw, scoped=scoped)
+        # the recording keeps a compact copy; the experts still get the router's own ids
+        weights, _, binding = keep_answer(self, index, logits_NE, weights_NK, ids_NK.to(self._dtype), route_kw,
+                                          scoped=scoped)  # fmt: skip
+        return weights, ids_NK, binding
 
     def run(answer=keep_answer, capture=True, attached=True) -> float:
         record.Recording.answer = answer

@@ -8,7 +8,8 @@
 #   OUT=/some/dir PART=check   bash benchmarks/run_gpu.sh   # routereplay check on a larger model
 #   OUT=/some/dir PART=profile bash benchmarks/run_gpu.sh   # where capture, replay and routing spend time
 #   OUT=/some/dir PART=owed    bash benchmarks/run_gpu.sh   # issue 21's owed numbers, in one call (~9 min)
-# Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
+# BUNDLE=1 packs everything under $OUT into $OUT/results.tgz at the end (the lent-GPU runner brings
+# back a few files only). Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
 # into /tmp/site when present. Needs torch with CUDA and triton.
 # DRY_RUN=1 runs nothing: each step checks that what it names is a program (not a shell function,
 # which `timeout` cannot run) and that the script or test file it names exists; tests/test_run_gpu.py
@@ -134,3 +135,7 @@ check)
 *) echo "PART must be tiers, bench, step3, profile, capture, owed or check" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"
+if [ -n "${BUNDLE:-}" ] && [ -z "$DRY_RUN" ]; then
+    # the device runner brings back a few files only: every log and JSON in one archive
+    (cd "$OUT" && tar czf "$OUT.tgz" . && find . -mindepth 1 -delete && mv "$OUT.tgz" results.tgz)
+fi

@@ -20,7 +20,12 @@ SCRIPT = ROOT / "benchmarks" / "run_gpu.sh"
         ("profile", ["profile_capture", "capture_pieces", "profile_routing", "profile_replay"]),
         ("step3", ["hf1024_triton_1", "hf1024_triton_2", "hf1024_triton_3"]),
         ("capture", ["capture2048", "capture"]),
-        ("owed", ["capture", "gpu_generate", "capture_pieces", "hf1024_triton_1", "hf1024_triton_2", "hf1024_triton_3", "capture2048"]),
+        (
+            "owed",
+            ["capture", "gpu_generate", "capture_pieces"]
+            + [f"hf1024_triton_{i}" for i in (1, 2, 3)]
+            + ["capture2048"],
+        ),
         ("check", ["make_model", "check"]),
     ],
 )
