@@ -147,12 +147,12 @@ def test_a_forward_with_grad_outside_checkpoints_walks_no_stack(model, monkeypat
     assert frames == [1]
 
 
-@pytest.mark.parametrize("every", [1, 3, 64])
-def test_capture_narrows_kept_ids_once_per_block_of_forwards(model, monkeypatch, every):
+@pytest.mark.parametrize(("every", "nbytes"), [(1, 1 << 20), (3, 1 << 20), (64, 1 << 20), (64, 1)])
+def test_capture_narrows_kept_ids_once_per_block_of_forwards(model, monkeypatch, every, nbytes):
     """The router's ids are kept as they are and narrowed, per layer, into one compact block every
     ``_NARROW_EVERY`` forwards: one ``cat`` (into a new block) per layer per block, no op per router
     call, and the same rollout whatever the block size (views of the blocks, in order, then the
-    forwards still kept)."""
+    forwards still kept). A layer's ids pending over ``_NARROW_BYTES`` are narrowed at once."""
     from routereplay.runtime import record
 
     plain = _generate(model, contextlib.nullcontext())
@@ -160,6 +160,8 @@ def test_capture_narrows_kept_ids_once_per_block_of_forwards(model, monkeypatch,
         ref_cap = handle.capture_generation()
         _generate(model, ref_cap)
         monkeypatch.setattr(record, "_NARROW_EVERY", every)
+        monkeypatch.setattr(record, "_NARROW_BYTES", nbytes)  # 1: every forward's ids are over it
+        every = every if nbytes > 1 else 1
         cap = handle.capture_generation()
         added = _generate(model, cap) - plain
     forwards = NEW_TOKENS

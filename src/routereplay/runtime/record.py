@@ -20,10 +20,13 @@ from routereplay.runtime.recompute import Binding
 
 __all__ = ["Recording"]
 
-# Forwards whose ids a recording keeps as the routers made them (int64 on most models), per layer,
-# before it narrows them into one compact block: one op per layer per this many forwards, and
-# the router's tensors held for at most this many (a long generation's ids stay compact).
+# A recording keeps each layer's ids as the routers made them (int64 on most models) until this
+# many forwards, or this many bytes, are pending, then narrows them into one compact block: one op
+# per layer per 64 decode steps, and at most about a MiB of a layer's int64 ids held (a long
+# generation's, or an R2 pass's large micro-batches', stay compact; a forward of over a MiB of ids
+# per layer is narrowed at once).
 _NARROW_EVERY = 64
+_NARROW_BYTES = 1 << 20
 
 
 class Recording:
@@ -44,6 +47,7 @@ class Recording:
         self._ids: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self._narrowed: list[list[tuple[torch.Tensor, list[int]]]] = [[] for _ in range(L)]
         self._narrowed_forwards = [0] * L
+        self._pending_bytes = [0] * L
         self._shapes: list[tuple[int, ...]] = []  # per forward, from the first MoE block's input
         self._packed: list[tuple[str, torch.Tensor] | None] = []  # per forward: a packed batch's sequences
         self._masks: list[torch.Tensor | None] = []  # per forward: its own [B, S] attention mask, when seen
@@ -73,7 +77,7 @@ class Recording:
         # detach, no copy: a kernel launch per layer per decode step is what capture would cost).
         # Ids from a torch.compile'd region are copied, compact: under CUDA graphs (generate's
         # static cache) they live in the graph's memory pool, which the next step overwrites.
-        # Every _NARROW_EVERY forwards a layer's kept ids are narrowed into one compact block.
+        # Every _NARROW_EVERY forwards (or _NARROW_BYTES) a layer's kept ids are narrowed into one block.
         kept = ids_NK
         if self._offload and ids_NK.is_cuda:
             kept = torch.empty(ids_NK.shape, dtype=self._dtype, pin_memory=True)
@@ -83,8 +87,10 @@ class Recording:
             kept = ids_NK.to(self._dtype, copy=True)
         pending = self._ids[index]
         pending.append(kept)
-        if len(pending) >= _NARROW_EVERY and not self._offload:
-            self._narrow(index)
+        if not self._offload:
+            self._pending_bytes[index] += kept.numel() * kept.element_size()
+            if len(pending) >= _NARROW_EVERY or self._pending_bytes[index] >= _NARROW_BYTES:
+                self._narrow(index)
         if not scoped and not torch.is_grad_enabled():
             return weights_NK, ids_NK, None  # nothing can recompute this call (generate's decode steps)
         forward = self._narrowed_forwards[index] + len(pending)
@@ -106,6 +112,7 @@ class Recording:
         torch.cat(pending, out=block)
         self._narrowed[index].append((block, lens))
         self._narrowed_forwards[index] += len(pending)
+        self._pending_bytes[index] = 0
         pending.clear()
 
     def _forwards(self, index: int) -> list[torch.Tensor]:
