@@ -907,3 +907,53 @@ def test_attach_by_adapter_name(model):
         routereplay.attach(model, adapter="vllm")
     with routereplay.attach(model, adapter="hf") as h:
         assert h.adapter == "hf"
+
+
+# --- the router's forward after attach ---------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["one", "all"])
+def test_a_router_forward_replaced_after_attach_is_named_by_the_block(handle, model, which):
+    """The HF seam wraps each router instance's forward; an instance forward set over it after attach
+    bypasses it: record and replay refuse at exit (never a silently live layer) and say why."""
+    b = batch()
+    rec, _ = record(handle, model, b)
+    gates = [model.model.layers[i].mlp.gate for i in MOE_LAYERS]
+    gates = gates[:1] if which == "one" else gates
+    ours = [g.__dict__["forward"] for g in gates]
+    for g in gates:
+        g.forward = type(g).forward.__get__(g)  # e.g. a kernel library's forward, set after attach
+    try:
+        with pytest.raises(UnconsumedTraceError, match="replaced after attach"), handle.replay(rec.trace()):
+            model(**b)
+        with handle.record() as again:
+            model(**b)
+        with pytest.raises(ReplayError, match="replaced after attach"):
+            again.trace()
+    finally:
+        for g, f in zip(gates, ours, strict=True):
+            g.forward = f
+
+
+def test_a_router_class_forward_patched_after_attach_runs_under_the_seam(handle, model, monkeypatch):
+    """The wrapper looks the class's forward up per call, as nn.Module does: a class-level patch made
+    after attach runs, and the seam still answers it."""
+    b = batch()
+    gate = model.model.layers[2].mlp.gate
+    original, calls = type(gate).forward, []
+
+    def patched(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(gate), "forward", patched)
+    rec, _ = record(handle, model, b)
+    assert calls.count(gate) == 1
+    other = random_trace(rec.trace())
+    seen = {}
+    hook = model.model.layers[2].mlp.experts.register_forward_pre_hook(lambda m, args: seen.update(ids=args[1]))
+    try:
+        with handle.replay(other):
+            model(**b)
+    finally:
+        hook.remove()
+    assert calls.count(gate) == 2
+    assert torch.equal(seen["ids"], other.experts[:, 1].long())  # the patched forward's output was forced

@@ -577,16 +577,18 @@ class _Seam:
         hook takes ``nn.Module``'s slow call path, about 6 us a call on the 2-core CI CPU (several
         times that on the lent GPU hosts) for every MoE layer of every decode step, against about
         0.5 us for the wrapped forward (``benchmarks/bench_host_seam.py``). Hooks others register
-        on the router still run after the wrapped forward, on the answered output.
+        on the router still run after the wrapped forward, on the answered output. An instance
+        ``forward`` set over it after attach (a monkeypatch, a kernel library) bypasses it unless it
+        calls it: that layer's record/replay then sees no forward, which the block refuses at exit.
         """
         router = self.router
         previous = router.__dict__.get("forward")  # an instance forward already there (accelerate's)
-        inner = router.forward
 
         def forward(module, *args, **kwargs):
             if module is not router:  # a deepcopy rebinds this method to the copy: the copy routes live
                 return type(module).forward(module, *args, **kwargs)
-            output = inner(*args, **kwargs)
+            # the class's forward looked up per call, as nn.Module would: patched after attach, it runs
+            output = type(module).forward(module, *args, **kwargs) if previous is None else previous(*args, **kwargs)
             answered = fn(module, args, kwargs, output)
             return output if answered is None else answered
 

@@ -21,7 +21,15 @@ import torch
 from routereplay import kernels
 from routereplay.core.routing import RouterSpec, route
 
-__all__ = ["ForcedWeights", "Mode", "ModeHost"]
+__all__ = ["UNSEEN_HINT", "ForcedWeights", "Mode", "ModeHost"]
+
+# What a block's error adds when MoE layers saw no forward while others did (or while the model ran:
+# its first MoE block reported its input): a router's calls stopped reaching the handle.
+UNSEEN_HINT = (
+    "; MoE layers that saw no forward while the model ran were not reached through routereplay's "
+    "interception: was their router's forward replaced after attach (a monkeypatch, a kernel library)? "
+    "Patch the model first, then attach"
+)
 
 
 class ForcedWeights:

@@ -15,7 +15,7 @@ import torch
 
 from routereplay.core.errors import AttentionMaskMismatchError, LayoutError, ReplayError
 from routereplay.core.trace import RoutingTrace, expert_dtype
-from routereplay.runtime.modes import ModeHost
+from routereplay.runtime.modes import UNSEEN_HINT, ModeHost
 from routereplay.runtime.recompute import Binding
 
 __all__ = ["Recording"]
@@ -137,7 +137,7 @@ class Recording:
             desc = ", ".join(f"{h.where(i)}: {c}" for i, c in enumerate(counts))
             raise ReplayError(
                 f"MoE layers saw different numbers of forwards ({desc}); every forward must run "
-                "every MoE layer for a trace to be built"
+                "every MoE layer for a trace to be built" + (UNSEEN_HINT if min(counts) == 0 else "")
             )
         return counts[0]
 
@@ -158,6 +158,7 @@ class Recording:
             raise ReplayError(
                 f"{self._handle.where(0)}: the adapter saw {len(shapes)} block inputs for {n} forwards; "
                 "batch shapes are unknown for this model, pass attention_mask to trace()"
+                + (UNSEEN_HINT if n == 0 else "")
             )
         return [(s[0], s[1]) if len(s) == 2 else (1, s[0]) if len(s) == 1 else (s[0], s[-1]) for s in shapes]
 

@@ -50,7 +50,7 @@ from routereplay.core.errors import (
 from routereplay.core.index import sequence_of
 from routereplay.core.routing import forced_violations, groups_spanned, validate_forced
 from routereplay.core.trace import RoutingTrace, first_duplicate_row
-from routereplay.runtime.modes import ModeHost
+from routereplay.runtime.modes import UNSEEN_HINT, ModeHost
 from routereplay.runtime.recompute import Binding
 
 __all__ = ["LayerStats", "PreparedTrace", "Replay", "prepare"]
@@ -406,6 +406,7 @@ class Replay:
             raise UnconsumedTraceError(
                 f"the replay block ended after {used} forward(s) but {len(self._mbs)} trace(s) were given "
                 f"(forwards per layer: {desc}); run one forward per trace or pass fewer traces"
+                + (UNSEEN_HINT if used == 0 and (max(self._count) > 0 or self._shape_checked >= 0) else "")
             )
 
     def _raise_deferred(self) -> None:
