@@ -141,7 +141,9 @@ class RouterHandle:
 
         Args:
             offload: copy each layer's ids to pinned CPU memory asynchronously (CUDA only;
-                on the CPU the ids already live on the host).
+                on the CPU the ids already live on the host). Without it the ids stay where the
+                routers made them, kept as they are (no op per router call) and narrowed to the
+                trace's compact dtype per layer every 64 forwards or past 1 MiB of pending ids.
             generation: the block holds ``generate()`` calls only (as ``capture_generation``'s
                 does): forwards run without grad are taken as never checkpointed, and their
                 router calls skip the search for checkpointed regions.
