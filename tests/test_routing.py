@@ -409,3 +409,45 @@ def test_megatron_parity_live_and_replay_forward(case, dtype):
     w_TK, ids_TK = route(logits_TE, spec, forced_TK=forced_TK, bias_E=bias_E)
     assert torch.equal(map_TE.gather(1, forced_TK), torch.ones_like(forced_TK, dtype=torch.bool))
     assert torch.equal(probs_TE.gather(1, forced_TK), w_TK)
+
+
+# --- forced_violations: the device-side check of forced ids ---------------------------------------------------
+def _violations_reference(forced_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """The formula forced_violations replaced: int64 ids, every [K, K] slot pair at once."""
+    from routereplay.core.routing import groups_spanned
+
+    ids = forced_TK.long()
+    bad = ((ids < 0) | (ids >= spec.num_logits)).any(-1)
+    K = ids.shape[-1]
+    offdiag = ~torch.eye(K, dtype=torch.bool)
+    bad |= ((ids.unsqueeze(-1) == ids.unsqueeze(-2)) & offdiag).flatten(-2).any(-1)
+    groups = groups_spanned(ids, spec)
+    return bad if groups is None else bad | (groups > spec.topk_group)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16]),
+    num_experts=st.sampled_from([4, 8, 100, 128, 200, 256, 300]),
+    top_k=st.integers(1, 4),
+    grouped=st.booleans(),
+    layers=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_forced_violations_match_the_int64_pairwise_formula(dtype, num_experts, top_k, grouped, layers, seed):
+    """Same rows flagged as the int64 [K, K] formula, for every id dtype (a bound the dtype cannot exceed
+    is not compared), ``[L, T, K]`` ids included; with ``distinct`` the same on rows that repeat no id."""
+    from routereplay.core.routing import forced_violations
+
+    info = torch.iinfo(dtype)
+    grouped = grouped and num_experts % 4 == 0 and num_experts >= 8 and top_k <= num_experts // 2
+    groups = {"n_group": 4, "topk_group": 2} if grouped else {}
+    spec = RouterSpec(num_experts=num_experts, top_k=top_k, **groups)
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = max(info.min, -3), min(info.max, num_experts + 3)
+    ids = torch.randint(lo, hi + 1, (layers, 12, top_k), generator=g).to(dtype)
+    got, want = forced_violations(ids, spec), _violations_reference(ids, spec)
+    assert got.dtype == torch.bool and torch.equal(got, want)
+    distinct = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(layers * 12)])
+    distinct = distinct.reshape(layers, 12, top_k).to(dtype)
+    assert torch.equal(forced_violations(distinct, spec, distinct=True), _violations_reference(distinct, spec))

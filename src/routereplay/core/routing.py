@@ -339,6 +339,10 @@ def _fail_row(where: str, row: int, ids: list[int], problem: str, fix: str) -> R
     return RouterSpecError(f"{where}forced_TK row {row} holds expert ids {ids}: {problem}; {fix}")
 
 
+# Integer dtypes whose compares every device runs (torch's uint16/32/64 have few kernels off the CPU).
+_COMPARABLE_INTS = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
+
+
 def groups_spanned(experts_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor | None:
     """int ``[T]``: expert groups each row's ids span, where ``spec`` enforces a strict group limit.
 
@@ -352,17 +356,29 @@ def groups_spanned(experts_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor |
     return (groups_TK[..., 1:] != groups_TK[..., :-1]).sum(dim=-1) + 1
 
 
-def forced_violations(forced_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+def forced_violations(forced_TK: torch.Tensor, spec: RouterSpec, *, distinct: bool = False) -> torch.Tensor:
     """bool ``[T]`` (or ``[..., T]`` for ``[..., T, K]`` ids): rows whose forced ids the router could
     not have picked (an id outside ``[0, num_logits)``, an id twice, more groups than
-    ``topk_group``). A few elementwise kernels (every pair of the K slots compared, no sort), no
-    host sync."""
-    bad_T = ((forced_TK < 0) | (forced_TK >= spec.num_logits)).any(dim=-1)
-    K = forced_TK.shape[-1]
-    if K > 1:
-        offdiag_KK = ~torch.eye(K, dtype=torch.bool, device=forced_TK.device)
-        bad_T |= ((forced_TK.unsqueeze(-1) == forced_TK.unsqueeze(-2)) & offdiag_KK).flatten(-2).any(dim=-1)
-    num_groups_T = groups_spanned(forced_TK, spec)
+    ``topk_group``). Elementwise kernels, no sort, no host sync: the ids are read in their own dtype
+    (no int64 copy; a bound the dtype cannot exceed is not compared), and the slot pairs compared
+    slot by slot (temporaries of at most ``[..., T, K]`` bools, not ``[..., T, K, K]``).
+    ``distinct``: the rows are known to name K different ids (``RoutingTrace.rows_checked``); the
+    pair compares are skipped."""
+    ids_TK = forced_TK if forced_TK.dtype in _COMPARABLE_INTS else forced_TK.long()
+    info = torch.iinfo(ids_TK.dtype)
+    out_TK = (ids_TK < 0) if info.min < 0 else None
+    if spec.num_logits <= info.max:
+        high_TK = ids_TK >= spec.num_logits
+        out_TK = high_TK if out_TK is None else out_TK | high_TK
+    if out_TK is None:
+        bad_T = torch.zeros(ids_TK.shape[:-1], dtype=torch.bool, device=ids_TK.device)
+    else:
+        bad_T = out_TK.any(dim=-1)
+    K = ids_TK.shape[-1]
+    if not distinct:
+        for i in range(K - 1):  # slot i against every later slot
+            bad_T |= (ids_TK[..., i : i + 1] == ids_TK[..., i + 1 :]).any(dim=-1)
+    num_groups_T = groups_spanned(ids_TK, spec)
     if num_groups_T is not None:
         bad_T |= num_groups_T > spec.topk_group
     return bad_T

@@ -172,8 +172,8 @@ def prepare(
         if experts_NLK is trace.experts:  # the prepared trace's own copy (an accelerator clamps it in place),
             # in the trace's [N, L, K] layout, which the host checks read in place
             forced_LNK = experts_NLK.clone(memory_format=torch.contiguous_format).permute(1, 0, 2)
-        if not host_checked:
-            _check_ids(handle, where, forced_LNK, mask_N, checks)
+        if not host_checked:  # a trace whose rows passed the repeat check: range and group limits only
+            _check_ids(handle, where, forced_LNK, mask_N, checks, distinct=trace.rows_checked())
     return PreparedTrace(
         handle=handle,
         missing=missing,
@@ -248,10 +248,10 @@ def _check_ids(
     """Range, repeats and group limit of the forced ids, where they live: on the CPU a
     RouterSpecError now; on an accelerator a device flag read at exit, the ids clamped into range
     meanwhile (in place: ``forced_LNK`` is the prepared trace's own copy) so that no kernel reads
-    outside the logits. ``distinct``: the rows are known to repeat no expert (the host check skips it)."""
+    outside the logits. ``distinct``: the rows are known to repeat no expert (both checks skip it)."""
     if forced_LNK.device.type == "cpu" and _host_ids_ok(forced_LNK, mask_N, handle.layers, distinct=distinct):
         return
-    bad_LN = _violations(forced_LNK.long(), handle.layers)
+    bad_LN = _violations(forced_LNK, handle.layers, distinct=distinct)
     if mask_N is not None:
         bad_LN &= mask_N
     if forced_LNK.device.type == "cpu":
@@ -636,13 +636,13 @@ def _host_ids_ok(forced_LNK: torch.Tensor, mask_N, layers, *, distinct: bool = F
     return first_duplicate_row(experts_NLK, mask_N) < 0
 
 
-def _violations(forced_LNK: torch.Tensor, layers) -> torch.Tensor:
+def _violations(forced_LNK: torch.Tensor, layers, *, distinct: bool = False) -> torch.Tensor:
     """bool ``[L, N]``: ``routing.forced_violations`` of every layer; one call over all layers
     when they share a spec (the usual case), else one per layer."""
     spec = layers[0].spec
     if all(m.spec == spec for m in layers):
-        return forced_violations(forced_LNK, spec)
-    return torch.stack([forced_violations(forced_LNK[i], m.spec) for i, m in enumerate(layers)])
+        return forced_violations(forced_LNK, spec, distinct=distinct)
+    return torch.stack([forced_violations(forced_LNK[i], m.spec, distinct=distinct) for i, m in enumerate(layers)])
 
 
 def _uniform_shape(trace: RoutingTrace) -> tuple[int, int] | None:
