@@ -276,15 +276,23 @@ def test_device_trace_checks_are_read_at_exit():
     handle.detach()
 
 
-def test_device_trace_with_bad_ids_raises_at_exit():
+@pytest.mark.parametrize("fault", ["out of range", "repeated"])
+def test_device_trace_with_bad_ids_raises_at_exit(fault):
     model = _qwen3()
     ids = _ids(model)
     handle = routereplay.attach(model)
     with torch.no_grad(), handle.record() as rec:
         model(input_ids=ids)
     t = rec.trace()
+    assert t.rows_checked()
+    with torch.no_grad(), handle.replay(t):  # checked rows: prepared without the repeat compares
+        model(input_ids=ids)
     bad = t.replace(check=False, experts=t.experts.clone())
-    bad.experts[3, 0, 0] = handle.num_experts + 1  # edited in place: out of range
+    assert not bad.rows_checked()
+    if fault == "out of range":
+        bad.experts[3, 0, 0] = handle.num_experts + 1  # edited in place
+    else:
+        bad.experts[3, 0, 1] = bad.experts[3, 0, 0]
     kept = bad.experts.clone()
     with (
         pytest.raises(
