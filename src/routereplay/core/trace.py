@@ -649,11 +649,16 @@ def _unpickle(parts: dict, checked: bool = False) -> RoutingTrace:
     return RoutingTrace.unchecked(**parts, rows_checked=checked)
 
 
+def owns_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` spans all of its storage (keeping it alive keeps nothing else alive)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def _own_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t``, or a compact copy of it when it views only part of its storage."""
     if t is None:
         return None
-    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+    if t.is_contiguous() and owns_storage(t):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 

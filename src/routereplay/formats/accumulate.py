@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from routereplay.core.errors import EngineFormatError, RouteContinuityError
-from routereplay.core.trace import RoutingTrace, expert_dtype
+from routereplay.core.trace import RoutingTrace, expert_dtype, owns_storage
 from routereplay.formats.common import Rows, _assemble, _check_rows, _finish, _to_rows
 from routereplay.formats.sglang import _meta_info, _new_rows
 from routereplay.formats.vllm import decode_vllm_payload
@@ -62,11 +62,6 @@ Overlap = Literal["keep", "check"]
 # up to the size of each mapping a process frees, at most 32 MiB; past that point blocks come from
 # the heap too, and no block small enough to keep the peak near 1x is safe from it.
 _BLOCK_BYTES = 1 << 20
-
-
-def _owns_storage(x: torch.Tensor) -> bool:
-    """Whether ``x`` spans all of its storage (keeping it alive keeps nothing else alive)."""
-    return x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.numel() * x.element_size()
 
 
 def _token_list(token_ids: Any, label: str) -> list[int]:
@@ -357,7 +352,7 @@ class RouteAccumulator:
         n = int(rows_NLK.shape[0])
         if rows_NLK.numel() * rows_NLK.element_size() >= _BLOCK_BYTES:
             self._block = None  # later rows start a new block: a block's chunks stay consecutive
-            chunk = rows_NLK if _owns_storage(rows_NLK) else rows_NLK.clone()
+            chunk = rows_NLK if owns_storage(rows_NLK) else rows_NLK.clone()
         else:
             chunk = self._reserve(rows_NLK)
             chunk.copy_(rows_NLK)
@@ -459,7 +454,7 @@ class RouteAccumulator:
         if self._layer_ids is None:
             raise EngineFormatError("the accumulator holds no routes yet; add a payload first")
         R = self.num_rows
-        if len(self._chunks) != 1 or not _owns_storage(self._chunks[0][0]):
+        if len(self._chunks) != 1 or not owns_storage(self._chunks[0][0]):
             self._join()  # once: later calls and payloads start from the joined rows
         experts_RLK, valid_R = self._chunks[0]
         # Every row comes from a payload's validated trace (ids checked, invalid rows zero): the

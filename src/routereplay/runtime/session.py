@@ -415,6 +415,7 @@ class RouterHandle:
             chain = []  # generate() runs without grad and is never checkpointed
         else:
             chain = recompute.scopes()
+        # _mode_here's common case (this thread owns the block) inlined: a frame less per router call
         mode = self._mode if self._owner_ident == threading.get_ident() else self._mode_here(index)
         if mode is not None and logits_NE.is_cuda and torch.cuda.is_current_stream_capturing():
             raise CudaGraphError(
