@@ -574,10 +574,12 @@ class _Seam:
         (with kwargs) would, its result replacing the output unless None; detach undoes it.
 
         It wraps the instance's ``forward`` instead of registering a module hook: a module with any
-        hook takes ``nn.Module``'s slow call path, about 6 us a call on the 2-core CI CPU (several
-        times that on the lent GPU hosts) for every MoE layer of every decode step, against about
-        0.5 us for the wrapped forward (``benchmarks/bench_host_seam.py``). Hooks others register
-        on the router still run after the wrapped forward, on the answered output. An instance
+        hook takes ``nn.Module``'s slow call path for every MoE layer of every decode step; the
+        wrapper (with two frames inlined in the handle) cut an attached, idle handle's cost per
+        router call from +10.6-13.8 to +7.1-7.9 us on the 2-core CI CPU (``capture_block`` in
+        ``benchmarks/bench_host_seam.py``, BENCHMARKS.md), several times that on the lent GPU hosts.
+        Hooks others register on the router still run after the wrapped forward, on the answered
+        output. An instance
         ``forward`` set over it after attach (a monkeypatch, a kernel library) bypasses it unless it
         calls it: that layer's record/replay then sees no forward, which the block refuses at exit.
         """
