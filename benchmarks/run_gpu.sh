@@ -8,6 +8,7 @@
 #   OUT=/some/dir PART=check   bash benchmarks/run_gpu.sh   # routereplay check on a larger model
 #   OUT=/some/dir PART=profile bash benchmarks/run_gpu.sh   # where capture, replay and routing spend time
 #   OUT=/some/dir PART=owed    bash benchmarks/run_gpu.sh   # issue 21's owed numbers, in one call (~9 min)
+#   OUT=/some/dir PART=verify  bash benchmarks/run_gpu.sh   # GPU tier, then capture and the step x3 (~9 min)
 # BUNDLE=1 packs everything under $OUT into $OUT/results.tgz at the end (the lent-GPU runner brings
 # back a few files only). Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
 # into /tmp/site when present. Needs torch with CUDA and triton.
@@ -125,6 +126,17 @@ owed)
     step capture2048 150 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 2048 \
         --experts 128 --topk 8 --batch 64 --prompt-len 256 --new-tokens 128 --reps 3
     ;;
+verify)
+    # the GPU tier on today's code, then issue 21 items 1 and 3 three times, capture and the prepared
+    # step interleaved so that a host's slow spell lands on both
+    step gpu_tier 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    for run in 1 2 3; do
+        step "capture_$run" 80 python3 "$here/bench_capture.py" --device cuda --dtype bf16 --layers 8 --hidden 1024 \
+            --experts 64 --topk 8 --batch 16 --prompt-len 256 --new-tokens 128 --reps 7
+        step "hf1024_triton_$run" 60 "${HF[@]}" --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 \
+            --seq 2048 --reps 12 --warmup 2 --replay-kernel triton
+    done
+    ;;
 check)
     # the main job on a larger random model (8 layers, 64 experts, top-8, bf16 rollout)
     step make_model 120 python3 "$here/../scripts/make_random_moe.py" /tmp/routereplay-moe --layers 8 --hidden 1024 \
@@ -132,7 +144,7 @@ check)
     step check 300 python3 -m routereplay.cli check --model /tmp/routereplay-moe --device cuda --samples 32 \
         --max-new-tokens 128 --lr 1e-5 --out "$OUT/check"
     ;;
-*) echo "PART must be tiers, bench, step3, profile, capture, owed or check" >&2; exit 2 ;;
+*) echo "PART must be tiers, bench, step3, profile, capture, owed, verify or check" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"
 if [ -n "${BUNDLE:-}" ] && [ -z "$DRY_RUN" ]; then

@@ -26,6 +26,10 @@ SCRIPT = ROOT / "benchmarks" / "run_gpu.sh"
             + [f"hf1024_triton_{i}" for i in (1, 2, 3)]
             + ["capture2048"],
         ),
+        (
+            "verify",
+            ["gpu_tier"] + [f"{s}_{i}" for i in (1, 2, 3) for s in ("capture", "hf1024_triton")],
+        ),
         ("check", ["make_model", "check"]),
     ],
 )
