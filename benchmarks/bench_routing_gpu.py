@@ -17,6 +17,9 @@ over several copies so that the logits do not sit in L2:
 * ``kernels.prepare_fused``'s call (what replay calls per layer): uint8 / int64 ids on the GPU and
   in pinned host memory;
 * forward + backward of each (Megatron: grad of its dense probs; ours: grad of the ``[T, K]`` weights);
+* forward + backward per layer of ``--layers`` calls through one ``torch.autograd.grad`` (Megatron's
+  replay, route(), the prepared call): as a training step runs them, autograd's hand-off to its
+  device thread paid once per backward, not once per call;
 * the bytes floor: reading the logits and the uint8 ids and writing ``[T, K]`` weights and int64
   ids, at the device-to-device copy bandwidth measured in this run (a 1 GiB copy).
 
@@ -190,12 +193,12 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         replay.set_target_indices(ids[i])
         return mu.topk_routing_with_score_function(logits[i], top_k, router_replay=replay, **mkw)
 
-    def ours(i, ids, fused=False, block_rows=None):
+    def ours(i, ids, fused=False, block_rows=None, *, x=None, forced=None):
+        x = logits[i] if x is None else x
+        forced = ids[i] if forced is None else forced
         if fused:
-            return kernels.route_forced_fused(
-                logits[i], spec, forced_TK=ids[i], validate=False, block_rows=block_rows, **kw
-            )
-        return routing.route(logits[i], spec, forced_TK=ids[i], validate=False, **kw)
+            return kernels.route_forced_fused(x, spec, forced_TK=forced, validate=False, block_rows=block_rows, **kw)
+        return routing.route(x, spec, forced_TK=forced, validate=False, **kw)
 
     res: dict = {"name": name, "tokens": num_tokens, "experts": num_experts, "top_k": top_k, "copies": copies}
     fwd = res["forward_us"] = {}
@@ -259,6 +262,34 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
     fb["fused_uint8_host_ids"] = timer(lambda i: fb_ours(i, ids8_host, True), copies)
     fb["prepared_uint8_gpu_ids"] = timer(lambda i: fb_prepared(i, ids8), copies)
     fb["prepared_uint8_host_ids"] = timer(lambda i: fb_prepared(i, ids8_host), copies)
+
+    # forward + backward of --layers routing calls through one torch.autograd.grad, per layer: a
+    # training step's backward runs every layer's routing backward in one pass of autograd's engine,
+    # which hands a CUDA backward to its device thread and waits for it once per call (~110 µs of
+    # host on the lent machine, see BENCHMARKS.md), not once per layer as the single calls above do
+    L = args.layers
+    stack = leaves + [
+        (2 * torch.randn(num_tokens, num_experts, generator=gen)).to(device, dtype).requires_grad_(True)
+        for _ in range(max(0, L - copies))
+    ]
+
+    def fb_layers(i, layer, grad):
+        xs = [stack[(i * L + j) % len(stack)] for j in range(L)]
+        outs = [layer(x, (i * L + j) % copies) for j, x in enumerate(xs)]
+        return torch.autograd.grad(outs, xs, [grad] * L)
+
+    def megatron_layer(x, k):
+        replay.clear_indices()
+        replay.set_target_indices(ids64[k])
+        return mu.topk_routing_with_score_function(x, top_k, router_replay=replay, **mkw)[0]
+
+    layers = res["forward_backward_per_layer_us"] = {"layers": L}
+    for key, layer, grad in (
+        ("megatron_replay_gpu_ids", megatron_layer, grad_dense),
+        ("route_uint8_gpu_ids", lambda x, k: ours(None, None, x=x, forced=ids8[k])[0], grad_k),
+        ("prepared_uint8_gpu_ids", lambda x, k: prepared(x, ids8[k], None, bias_arg)[0], grad_k),
+    ):
+        layers[key] = timer(lambda i, f=layer, g=grad: fb_layers(i, f, g), copies) / L
 
     # the bytes floor: logits + uint8 ids read, [T, K] weights (logits dtype) + int64 ids written
     esize = torch.finfo(dtype).bits // 8
@@ -382,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--rotate-bytes", type=int, default=256 << 20, help="logits bytes rotated over (> L2)")
+    p.add_argument("--layers", type=int, default=8, help="routing calls per backward in the per-layer rows")
     p.add_argument("--block-rows", type=int, nargs="*", default=[16, 32, 64, 128])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): logic only")
     p.add_argument("--host-cost", action="store_true", help="no GPU: host µs of a call with the launch stubbed")
@@ -468,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
         base = fb["megatron_replay_gpu_ids"]
         cells = "  ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in fb.items())
         print(f"{r['name']:42s}{cells}  floor {r['floor_fb_us']:.1f}")
+    print(f"forward + backward of {args.layers} layers in one backward, median µs per layer (ratio to Megatron):")
+    for r in results:
+        per = dict(r["forward_backward_per_layer_us"])
+        per.pop("layers")
+        base = per["megatron_replay_gpu_ids"]
+        print(f"{r['name']:42s}" + "  ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in per.items()))
     print("checks and fused rows-per-program sweep:")
     for r in results:
         print(

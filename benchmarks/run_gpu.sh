@@ -9,6 +9,7 @@
 #   OUT=/some/dir PART=profile bash benchmarks/run_gpu.sh   # where capture, replay and routing spend time
 #   OUT=/some/dir PART=owed    bash benchmarks/run_gpu.sh   # issue 21's owed numbers, in one call (~9 min)
 #   OUT=/some/dir PART=verify  bash benchmarks/run_gpu.sh   # GPU tier, then capture and the step x3 (~9 min)
+#   OUT=/some/dir PART=routing3 bash benchmarks/run_gpu.sh  # forced routing against Megatron, 3 runs
 # BUNDLE=1 packs everything under $OUT into $OUT/results.tgz at the end (the lent-GPU runner brings
 # back a few files only). Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
 # into /tmp/site when present. Needs torch with CUDA and triton.
@@ -137,6 +138,12 @@ verify)
             --seq 2048 --reps 12 --warmup 2 --replay-kernel triton
     done
     ;;
+routing3)
+    # issue 21 item 4: forced routing forward, forward + backward, and per layer in one backward, 3 runs
+    for run in 1 2 3; do
+        step "routing_$run" 180 "${MCORE[@]}" python3 "$here/bench_routing_gpu.py"
+    done
+    ;;
 check)
     # the main job on a larger random model (8 layers, 64 experts, top-8, bf16 rollout)
     step make_model 120 python3 "$here/../scripts/make_random_moe.py" /tmp/routereplay-moe --layers 8 --hidden 1024 \
@@ -144,7 +151,7 @@ check)
     step check 300 python3 -m routereplay.cli check --model /tmp/routereplay-moe --device cuda --samples 32 \
         --max-new-tokens 128 --lr 1e-5 --out "$OUT/check"
     ;;
-*) echo "PART must be tiers, bench, step3, profile, capture, owed, verify or check" >&2; exit 2 ;;
+*) echo "PART must be tiers, bench, step3, profile, capture, owed, verify, routing3 or check" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"
 if [ -n "${BUNDLE:-}" ] && [ -z "$DRY_RUN" ]; then
