@@ -157,7 +157,13 @@ def main() -> None:
             f"{k:>7}: median {med[k] * 1e3:9.2f} ms  (min {min(times[k]) * 1e3:9.2f}, max {max(times[k]) * 1e3:9.2f})"
         )
     for k in kinds[1:]:
-        print(f"{k}/plain = {med[k] / med['plain']:.4f}  (min/min {min(times[k]) / min(times['plain']):.4f})")
+        # paired: each round's step against the same round's plain step (run next to it), median over
+        # rounds: a host's slow spell that spans a round lands on both sides of the ratio
+        paired = statistics.median(a / b for a, b in zip(times[k], times["plain"]))
+        print(
+            f"{k}/plain = {med[k] / med['plain']:.4f}  (min/min {min(times[k]) / min(times['plain']):.4f}, "
+            f"paired {paired:.4f})"
+        )
     # CPU time spent issuing a step (all threads: autograd's device threads launch the backward),
     # less sensitive to other tenants than wall time; up to the GPU wait, which spins
     cpu_med = {k: statistics.median(v[args.warmup :]) for k, v in cpu.items()}

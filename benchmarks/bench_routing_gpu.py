@@ -255,6 +255,10 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
             w, _ = routing.route(leaves[i], spec, forced_TK=ids[i], validate=False, **kw)
         return torch.autograd.grad(w, leaves[i], grad_k)
 
+    if args.profile:  # what one forward + backward runs: kernels by device time, host calls by self time
+        for label, fn in (("megatron replay", fb_megatron), ("route u8", lambda i: fb_ours(i, ids8, False)),
+                          ("prepared u8", lambda i: fb_prepared(i, ids8))):  # fmt: skip
+            print_profile(f"{name} | {label} fwd+bwd", fn, copies)
     fb = res["forward_backward_us"] = {}
     fb["megatron_replay_gpu_ids"] = timer(fb_megatron, copies)
     fb["route_uint8_gpu_ids"] = timer(lambda i: fb_ours(i, ids8, False), copies)
@@ -322,6 +326,31 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
     check["grad_rel_err"] = float((g_fused.float() - g_ref.float()).norm() / g_ref.float().norm())
     replay.clear_indices()
     return res
+
+
+def print_profile(title: str, fn, copies: int, calls: int = 10) -> None:
+    """torch.profiler over ``calls`` calls after a warm-up: per call, the kernels by device time and
+    the host calls by self CPU time (the CUDA runtime's: cudaMalloc, cudaLaunchKernel, ...)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    for i in range(3):
+        fn(i % copies)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(calls):
+            fn(i % copies)
+        sync()
+    events = prof.key_averages()
+    dev = sorted((e for e in events if getattr(e, "self_device_time_total", 0) > 0),
+                 key=lambda e: -e.self_device_time_total)  # fmt: skip
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    print(f"-- {title}: device {sum(e.self_device_time_total for e in dev) / calls:.1f} us per call")
+    for e in dev[:6]:
+        print(f"   device {e.self_device_time_total / calls:8.1f} us  x{e.count / calls:<4.1f} {e.key[:80]}")
+    for e in host[:8]:
+        print(f"   host   {e.self_cpu_time_total / calls:8.1f} us  x{e.count / calls:<4.1f} {e.key[:80]}")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -413,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--rotate-bytes", type=int, default=256 << 20, help="logits bytes rotated over (> L2)")
+    p.add_argument("--cases", default=None, help="comma-separated indices into CASES (default: all)")
+    p.add_argument("--profile", action="store_true", help="also profile one forward + backward of each path")
     p.add_argument("--layers", type=int, default=8, help="routing calls per backward in the per-layer rows")
     p.add_argument("--block-rows", type=int, nargs="*", default=[16, 32, 64, 128])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): logic only")
@@ -436,9 +467,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = getattr(torch, args.dtype)
-    cases = CASES
+    cases = CASES if args.cases is None else [CASES[int(c)] for c in args.cases.split(",")]
     if args.smoke:
-        cases = [(n, 64, e, k, mc) for n, _, e, k, mc in CASES]
+        cases = [(n, 64, e, k, mc) for n, _, e, k, mc in cases]
         args.warmup, args.reps, args.rotate_bytes, args.block_rows = 1, 2, 0, [16]
     timer = Timer(device, args.warmup, args.reps)
     bandwidth = copy_bandwidth(device, timer)

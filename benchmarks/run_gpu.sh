@@ -10,6 +10,7 @@
 #   OUT=/some/dir PART=owed    bash benchmarks/run_gpu.sh   # issue 21's owed numbers, in one call (~9 min)
 #   OUT=/some/dir PART=verify  bash benchmarks/run_gpu.sh   # GPU tier, then capture and the step x3 (~9 min)
 #   OUT=/some/dir PART=routing3 bash benchmarks/run_gpu.sh  # forced routing against Megatron, 3 runs
+#   OUT=/some/dir PART=paired  bash benchmarks/run_gpu.sh   # routing profiled, the HF step x3 with 40 rounds
 # BUNDLE=1 packs everything under $OUT into $OUT/results.tgz at the end (the lent-GPU runner brings
 # back a few files only). Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
 # into /tmp/site when present. Needs torch with CUDA and triton.
@@ -144,6 +145,15 @@ routing3)
         step "routing_$run" 180 "${MCORE[@]}" python3 "$here/bench_routing_gpu.py"
     done
     ;;
+paired)
+    # where a forward + backward's device time goes on the large and the 4k shape (profiler), then
+    # issue 21 item 3's step three times, 40 rounds each, with the paired ratio
+    step routing_profile 150 "${MCORE[@]}" python3 "$here/bench_routing_gpu.py" --cases 2,3 --profile
+    for run in 1 2 3; do
+        step "hf1024_paired_$run" 110 "${HF[@]}" --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 \
+            --seq 2048 --reps 40 --warmup 2 --replay-kernel triton
+    done
+    ;;
 check)
     # the main job on a larger random model (8 layers, 64 experts, top-8, bf16 rollout)
     step make_model 120 python3 "$here/../scripts/make_random_moe.py" /tmp/routereplay-moe --layers 8 --hidden 1024 \
@@ -151,7 +161,7 @@ check)
     step check 300 python3 -m routereplay.cli check --model /tmp/routereplay-moe --device cuda --samples 32 \
         --max-new-tokens 128 --lr 1e-5 --out "$OUT/check"
     ;;
-*) echo "PART must be tiers, bench, step3, profile, capture, owed, verify, routing3 or check" >&2; exit 2 ;;
+*) echo "PART must be tiers, bench, step3, profile, capture, owed, verify, routing3, paired or check" >&2; exit 2 ;;
 esac
 cat "$OUT/summary.txt"
 if [ -n "${BUNDLE:-}" ] && [ -z "$DRY_RUN" ]; then
