@@ -192,7 +192,9 @@ def main() -> None:
         print(f"{label:>20}: median {med[k] * 1e3:9.1f} ms   (all: {', '.join(f'{t * 1e3:.1f}' for t in times[k])})")
     ratio = med["capture"] / med["plain"]
     ratio_gen = med["capture_generate"] / med["plain"]
-    print(f"   ratio capture / plain: {ratio:.3f}   (generate only: {ratio_gen:.3f})")
+    # paired: each rep's capture against the plain run just before it, median over reps
+    paired = statistics.median(c / p for c, p in zip(times["capture"], times["plain"]))
+    print(f"   ratio capture / plain: {ratio:.3f}   (generate only: {ratio_gen:.3f}, paired {paired:.3f})")
     if syncs is not None:
         n = {k: sum(v.values()) for k, v in syncs.items()}
         print(f"host syncs (set_sync_debug_mode('warn')): plain generate {n['generate']}, capture block around "
@@ -220,6 +222,7 @@ def main() -> None:
             "median_s": med,
             "ratio_capture_over_plain": ratio,
             "ratio_capture_generate_over_plain": ratio_gen,
+            "ratio_paired": paired,
             "syncs": None if syncs is None else {
                 "counts": {k: sum(v.values()) for k, v in syncs.items()},
                 "capture_minus_plain_in_generate": sum(syncs["capture_generate"].values())
