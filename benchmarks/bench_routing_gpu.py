@@ -29,7 +29,8 @@ probs at the same ids.
 
 ``--host-cost`` needs no GPU: it times, on the CPU, everything a call does except the kernel launch
 (checks, allocations, autograd, the launcher's Python side; the launcher itself is a no-op), for the
-prepared call and for the checked wrapper, forward and forward + backward.
+prepared call and for the checked wrapper, forward and forward + backward, next to the floor any
+path pays: ``torch.autograd.grad`` over one C++ node, and over a custom Function that does nothing.
 
 Legend: T tokens, E experts, K top-k.
 """
@@ -426,8 +427,28 @@ def _host_cost_case(rt, timer: Timer, spec: RouterSpec) -> dict:
         "checked_wrapper_forward_us": timer(lambda i: checked(leaf), 1),
         "checked_wrapper_forward_backward_us": timer(lambda i: fb(checked), 1),
     }
+    # the floor every path pays: torch.autograd.grad over one C++ node (x * 1), and over a Python
+    # Function that only allocates its output and the gradient
+    out["autograd_grad_one_node_us"] = timer(lambda i: torch.autograd.grad(leaf * 1.0, leaf, logits), 1)
+    out["empty_function_forward_backward_us"] = timer(
+        lambda i: torch.autograd.grad(_EmptyFunction.apply(leaf, spec.top_k), leaf, grad), 1
+    )
     out["kept_launchers"] = [len(prepared._fwd_kept), len(prepared._bwd_kept)]
     return out
+
+
+class _EmptyFunction(torch.autograd.Function):
+    """A custom Function with no work: ``[T, K]`` out, an uninitialised ``[T, E]`` gradient back."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.save_for_backward(x)
+        return x.new_empty(x.shape[0], k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.empty_like(x), None
 
 
 def mu_action(mu, name):
