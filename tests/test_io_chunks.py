@@ -393,6 +393,28 @@ def test_load_for_rank_reads_its_share(tmp_path, monkeypatch, dp):
         monkeypatch.undo()
 
 
+
+@pytest.mark.parametrize("layers", [None, [6, 2]])
+def test_load_for_rank_views_its_share_when_rows_are_in_router_order(tmp_path, layers):
+    """A rank's micro-batches in router order over every layer are views of the share it read (one
+    allocation, no copy each); a layer subset copies. slice_for_rank never views the caller's trace."""
+    trace = _random_trace(4, [40] * 16, L=4, K=2, E=16, gates=True, valid=True)
+    path = tmp_path / "t.rrt"
+    rio.save(trace, path, chunk_bytes=64)
+    layout = ParallelLayout(micro_batch_size=2, dp=2)
+    ids = list(trace.layer_ids) if layers is None else layers
+    coords = RankCoords(dp=1)
+    got = load_for_rank(path, layout, coords, layer_ids=ids)
+    want = slice_for_rank(trace, layout, coords, layer_ids=ids)
+    assert len(got) == len(want) == 4 and all(a == b for a, b in zip(got, want))
+    assert all(g.rows_checked() for g in got)
+    storages = {g.experts.untyped_storage().data_ptr() for g in got}
+    assert len(storages) == (1 if layers is None else len(got))
+    mine = {t.untyped_storage().data_ptr() for t in (trace.experts, trace.gates, trace.valid)}
+    for w in want:
+        assert not mine & {t.untyped_storage().data_ptr() for t in (w.experts, w.gates, w.valid) if t is not None}
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--regen"]:
         regen()

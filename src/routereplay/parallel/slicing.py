@@ -47,7 +47,7 @@ import torch
 
 from routereplay.core import io
 from routereplay.core.errors import LayerMismatchError, LayoutError
-from routereplay.core.index import sequence_of
+from routereplay.core.index import ranges, sequence_of
 from routereplay.core.trace import RoutingTrace
 
 __all__ = [
@@ -363,29 +363,65 @@ def load_for_rank(
     for mb in mbs:
         local.append(list(range(at, at + len(mb))))
         at += len(mb)
-    return _micro_batches(share, layout, coords, ids, local)
+    return _micro_batches(share, layout, coords, ids, local, private=True)
 
 
 def _micro_batches(
-    trace: RoutingTrace, layout: ParallelLayout, coords: RankCoords, ids: list[int], seq_lists: list[list[int]]
+    trace: RoutingTrace,
+    layout: ParallelLayout,
+    coords: RankCoords,
+    ids: list[int],
+    seq_lists: list[list[int]],
+    *,
+    private: bool = False,
 ) -> list[RoutingTrace]:
-    """Per micro-batch (sequences ``seq_lists[m]`` of ``trace``) the router rows of rank ``coords``."""
+    """Per micro-batch (sequences ``seq_lists[m]`` of ``trace``) the router rows of rank ``coords``.
+
+    Each micro-batch's rows are gathered from ``trace`` in one pass (sequences, router order and
+    padding at once), then its layers when ``ids`` are not the trace's. With ``private`` (a trace
+    nobody else holds: the share ``load_for_rank`` read) a micro-batch whose router rows are its
+    sequences' rows as they lie, consecutive, is a view of them instead of a copy.
+    """
+    layer_pos = None
+    if tuple(ids) != trace.layer_ids:
+        layer_pos = torch.tensor([trace.layer_ids.index(i) for i in ids], dtype=torch.int64, device=trace.device)
+    cu_B1, lens_B = trace.cu_seqlens, trace.seq_lens
+    checked = trace.rows_checked()
     out = []
     for seqs in seq_lists:
-        mb = trace.select_sequences(seqs).select_layers(ids)  # only this rank's share is copied
-        src_N = router_rows(layout, mb.seq_lens, coords).to(mb.device)
+        seq_S = torch.tensor(seqs, dtype=torch.int64, device=trace.device)
+        lens_S = lens_B[seq_S]
+        src_N = router_rows(layout, lens_S, coords).to(trace.device)  # rows of the micro-batch, -1: padding
         N = src_N.numel()
-        valid_N = _take(mb.valid_mask, src_N, False)
+        rows_M = ranges(cu_B1[seq_S], lens_S)  # micro-batch row -> trace row
+        first = int(cu_B1[seqs[0]]) if seqs else 0
+        if (
+            private
+            and seqs
+            and N == rows_M.numel()
+            and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            and bool((src_N == torch.arange(N, device=src_N.device)).all())
+        ):
+            take = lambda x, fill, a=first, n=N: None if x is None else x[a : a + n]
+        else:
+            if rows_M.numel():
+                src_N = torch.where(src_N >= 0, rows_M[src_N.clamp(min=0)], -1)
+            take = lambda x, fill, src=src_N: _take(x, src, fill)
+        experts, gates = take(trace.experts, 0), take(trace.gates, 0.0)
+        if layer_pos is not None:
+            experts = experts.index_select(1, layer_pos)
+            gates = None if gates is None else gates.index_select(1, layer_pos)
+        valid_N = take(trace.valid_mask, False)
         out.append(
             RoutingTrace.unchecked(
-                experts=_take(mb.experts, src_N, 0),
-                cu_seqlens=torch.tensor([0, N], dtype=torch.int64, device=mb.device),
-                layer_ids=mb.layer_ids,
-                num_experts=mb.num_experts,
+                experts=experts,
+                cu_seqlens=torch.tensor([0, N], dtype=torch.int64, device=trace.device),
+                layer_ids=tuple(ids),
+                num_experts=trace.num_experts,
                 valid=None if bool(valid_N.all()) else valid_N,
-                gates=_take(mb.gates, src_N, 0.0),
-                meta=dict(mb.meta),
-                rows_checked=mb.rows_checked(),  # rows of mb; rows it lacks are invalid zeros
+                gates=gates,
+                meta=dict(trace.meta),
+                rows_checked=checked,  # rows of trace; rows it lacks are invalid zeros
             )
         )
     return out
