@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import routereplay.core.io as rio
 from routereplay import RoutingTrace
-from routereplay.core.errors import TraceFormatError, TraceMismatchError
+from routereplay.core.errors import LayerIdsError, TraceFormatError, TraceMismatchError
 from routereplay.parallel.slicing import ParallelLayout, RankCoords, load_for_rank, slice_for_rank
 
 DATA = Path(__file__).parent / "data"
@@ -413,6 +413,18 @@ def test_load_for_rank_views_its_share_when_rows_are_in_router_order(tmp_path, l
     mine = {t.untyped_storage().data_ptr() for t in (trace.experts, trace.gates, trace.valid)}
     for w in want:
         assert not mine & {t.untyped_storage().data_ptr() for t in (w.experts, w.gates, w.valid) if t is not None}
+
+
+
+def test_rank_slices_refuse_a_repeated_layer(tmp_path):
+    trace = _random_trace(5, [40] * 4, L=4, K=2, E=16, gates=False, valid=False)
+    path = tmp_path / "t.rrt"
+    rio.save(trace, path, chunk_bytes=64)
+    layout, coords = ParallelLayout(micro_batch_size=2, dp=2), RankCoords(dp=0)
+    for slice_it in (lambda ids: slice_for_rank(trace, layout, coords, layer_ids=ids),
+                     lambda ids: load_for_rank(path, layout, coords, layer_ids=ids)):  # fmt: skip
+        with pytest.raises(LayerIdsError, match="unique"):
+            slice_it([2, 2])
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 
 from routereplay.core import io
-from routereplay.core.errors import LayerMismatchError, LayoutError
+from routereplay.core.errors import LayerIdsError, LayerMismatchError, LayoutError
 from routereplay.core.index import ranges, sequence_of
 from routereplay.core.trace import RoutingTrace
 
@@ -382,6 +382,9 @@ def _micro_batches(
     nobody else holds: the share ``load_for_rank`` read) a micro-batch whose router rows are its
     sequences' rows as they lie, consecutive, is a view of them instead of a copy.
     """
+    ids = [int(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        raise LayerIdsError(f"layer_ids must be unique, found {tuple(ids)}")
     layer_pos = None
     if tuple(ids) != trace.layer_ids:
         layer_pos = torch.tensor([trace.layer_ids.index(i) for i in ids], dtype=torch.int64, device=trace.device)
