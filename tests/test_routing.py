@@ -448,6 +448,7 @@ def test_forced_violations_match_the_int64_pairwise_formula(dtype, num_experts, 
     ids = torch.randint(lo, hi + 1, (layers, 12, top_k), generator=g).to(dtype)
     got, want = forced_violations(ids, spec), _violations_reference(ids, spec)
     assert got.dtype == torch.bool and torch.equal(got, want)
-    distinct = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(layers * 12)])
+    pool = min(num_experts, info.max + 1)  # ids the dtype holds: uint8 with 300 experts would wrap into repeats
+    distinct = torch.stack([torch.randperm(pool, generator=g)[:top_k] for _ in range(layers * 12)])
     distinct = distinct.reshape(layers, 12, top_k).to(dtype)
     assert torch.equal(forced_violations(distinct, spec, distinct=True), _violations_reference(distinct, spec))
