@@ -393,7 +393,6 @@ def test_load_for_rank_reads_its_share(tmp_path, monkeypatch, dp):
         monkeypatch.undo()
 
 
-
 @pytest.mark.parametrize("layers", [None, [6, 2]])
 def test_load_for_rank_views_its_share_when_rows_are_in_router_order(tmp_path, layers):
     """A rank's micro-batches in router order over every layer are views of the share it read (one
@@ -413,7 +412,6 @@ def test_load_for_rank_views_its_share_when_rows_are_in_router_order(tmp_path, l
     mine = {t.untyped_storage().data_ptr() for t in (trace.experts, trace.gates, trace.valid)}
     for w in want:
         assert not mine & {t.untyped_storage().data_ptr() for t in (w.experts, w.gates, w.valid) if t is not None}
-
 
 
 def test_rank_slices_refuse_a_repeated_layer(tmp_path):

@@ -491,13 +491,16 @@ class RoutingTrace:
         )
 
     def select_layers(self, layer_ids: Iterable[int]) -> RoutingTrace:
-        """The trace restricted to (and reordered as) the given global layer ids."""
+        """The trace restricted to (and reordered as) the given global layer ids; the trace itself
+        when they are its layers in its order."""
         layer_ids = tuple(int(i) for i in layer_ids)
         missing = [i for i in layer_ids if i not in self.layer_ids]
         if missing:
             raise TraceMismatchError(f"layer(s) {missing} are not in this trace, which has layers {self.layer_ids}")
         if len(set(layer_ids)) != len(layer_ids):
             raise LayerIdsError(f"layer_ids must be unique, found {layer_ids}")
+        if layer_ids == self.layer_ids:
+            return self  # every layer in its order: nothing to copy (a trace is read-only)
         pos = torch.tensor([self.layer_ids.index(i) for i in layer_ids], dtype=torch.int64, device=self.device)
         return self._derived(
             (self,),

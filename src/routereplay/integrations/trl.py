@@ -364,7 +364,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             moe_layer_ids=h.layer_ids,
             rows="engine",
         )
-        return trace if trace.layer_ids == h.layer_ids else trace.select_layers(h.layer_ids)
+        return trace.select_layers(h.layer_ids)  # the trace itself when it has the handle's layers
 
     # --- generation (R3 capture) ----------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 
 from routereplay.core import io
-from routereplay.core.errors import LayerIdsError, LayerMismatchError, LayoutError
+from routereplay.core.errors import LayerMismatchError, LayoutError
 from routereplay.core.index import ranges, sequence_of
 from routereplay.core.trace import RoutingTrace
 
@@ -378,16 +378,11 @@ def _micro_batches(
     """Per micro-batch (sequences ``seq_lists[m]`` of ``trace``) the router rows of rank ``coords``.
 
     Each micro-batch's rows are gathered from ``trace`` in one pass (sequences, router order and
-    padding at once), then its layers when ``ids`` are not the trace's. With ``private`` (a trace
-    nobody else holds: the share ``load_for_rank`` read) a micro-batch whose router rows are its
-    sequences' rows as they lie, consecutive, is a view of them instead of a copy.
+    padding at once), then its layers (``select_layers``: no copy when ``ids`` are the trace's).
+    With ``private`` (a trace nobody else holds: the share ``load_for_rank`` read) a micro-batch
+    whose router rows are its sequences' rows as they lie, consecutive, is a view of them instead
+    of a copy.
     """
-    ids = [int(i) for i in ids]
-    if len(set(ids)) != len(ids):
-        raise LayerIdsError(f"layer_ids must be unique, found {tuple(ids)}")
-    layer_pos = None
-    if tuple(ids) != trace.layer_ids:
-        layer_pos = torch.tensor([trace.layer_ids.index(i) for i in ids], dtype=torch.int64, device=trace.device)
     cu_B1, lens_B = trace.cu_seqlens, trace.seq_lens
     checked = trace.rows_checked()
     out = []
@@ -397,7 +392,6 @@ def _micro_batches(
         src_N = router_rows(layout, lens_S, coords).to(trace.device)  # rows of the micro-batch, -1: padding
         N = src_N.numel()
         rows_M = ranges(cu_B1[seq_S], lens_S)  # micro-batch row -> trace row
-        first = int(cu_B1[seqs[0]]) if seqs else 0
         if (
             private
             and seqs
@@ -405,28 +399,24 @@ def _micro_batches(
             and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
             and bool((src_N == torch.arange(N, device=src_N.device)).all())
         ):
+            first = int(cu_B1[seqs[0]])
             take = lambda x, fill, a=first, n=N: None if x is None else x[a : a + n]
         else:
             if rows_M.numel():
                 src_N = torch.where(src_N >= 0, rows_M[src_N.clamp(min=0)], -1)
             take = lambda x, fill, src=src_N: _take(x, src, fill)
-        experts, gates = take(trace.experts, 0), take(trace.gates, 0.0)
-        if layer_pos is not None:
-            experts = experts.index_select(1, layer_pos)
-            gates = None if gates is None else gates.index_select(1, layer_pos)
         valid_N = take(trace.valid_mask, False)
-        out.append(
-            RoutingTrace.unchecked(
-                experts=experts,
-                cu_seqlens=torch.tensor([0, N], dtype=torch.int64, device=trace.device),
-                layer_ids=tuple(ids),
-                num_experts=trace.num_experts,
-                valid=None if bool(valid_N.all()) else valid_N,
-                gates=gates,
-                meta=dict(trace.meta),
-                rows_checked=checked,  # rows of trace; rows it lacks are invalid zeros
-            )
+        mb = RoutingTrace.unchecked(
+            experts=take(trace.experts, 0),
+            cu_seqlens=torch.tensor([0, N], dtype=torch.int64, device=trace.device),
+            layer_ids=trace.layer_ids,
+            num_experts=trace.num_experts,
+            valid=None if bool(valid_N.all()) else valid_N,
+            gates=take(trace.gates, 0.0),
+            meta=dict(trace.meta),
+            rows_checked=checked,  # rows of trace; rows it lacks are invalid zeros
         )
+        out.append(mb.select_layers(ids))  # copies only for a subset or reorder of the layers
     return out
 
 
