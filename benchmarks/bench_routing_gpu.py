@@ -194,12 +194,12 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         replay.set_target_indices(ids[i])
         return mu.topk_routing_with_score_function(logits[i], top_k, router_replay=replay, **mkw)
 
-    def ours(i, ids, fused=False, block_rows=None, *, x=None, forced=None):
-        x = logits[i] if x is None else x
-        forced = ids[i] if forced is None else forced
+    def ours(i, ids, fused=False, block_rows=None):
         if fused:
-            return kernels.route_forced_fused(x, spec, forced_TK=forced, validate=False, block_rows=block_rows, **kw)
-        return routing.route(x, spec, forced_TK=forced, validate=False, **kw)
+            return kernels.route_forced_fused(
+                logits[i], spec, forced_TK=ids[i], validate=False, block_rows=block_rows, **kw
+            )
+        return routing.route(logits[i], spec, forced_TK=ids[i], validate=False, **kw)
 
     res: dict = {"name": name, "tokens": num_tokens, "experts": num_experts, "top_k": top_k, "copies": copies}
     fwd = res["forward_us"] = {}
@@ -288,10 +288,13 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         replay.set_target_indices(ids64[k])
         return mu.topk_routing_with_score_function(x, top_k, router_replay=replay, **mkw)[0]
 
+    def route_layer(x, k):
+        return routing.route(x, spec, forced_TK=ids8[k], validate=False, **kw)[0]
+
     layers = res["forward_backward_per_layer_us"] = {"layers": L}
     for key, layer, grad in (
         ("megatron_replay_gpu_ids", megatron_layer, grad_dense),
-        ("route_uint8_gpu_ids", lambda x, k: ours(None, None, x=x, forced=ids8[k])[0], grad_k),
+        ("route_uint8_gpu_ids", route_layer, grad_k),
         ("prepared_uint8_gpu_ids", lambda x, k: prepared(x, ids8[k], None, bias_arg)[0], grad_k),
     ):
         layers[key] = timer(lambda i, f=layer, g=grad: fb_layers(i, f, g), copies) / L
