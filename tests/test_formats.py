@@ -390,6 +390,22 @@ def test_zero_routes(requests_):
         from_vllm([np.zeros((20, 2, 1), dtype=np.int16)], num_experts=E)
 
 
+
+@pytest.mark.parametrize("missing_first", [False, True])
+def test_zero_routes_of_long_sequences(missing_first):
+    """Sequences of 64+ rows on average: each (sequence, layer) is settled by its first row where it can
+    be, and read whole only where that row is zero or has no route; the answer is the whole read's."""
+    g = torch.Generator().manual_seed(3)
+    caps = [torch.rand(100, 3, E, generator=g).argsort(-1)[..., :2].numpy().astype(np.int16) for _ in range(3)]
+    if missing_first:
+        caps[1][0] = -1  # a first row without a route (missing="invalid"): settled by the rows after it
+    assert from_vllm(caps, num_experts=E, missing="invalid").num_tokens == 300
+    caps[2][:, 2] = 0  # every row of request 2 on layer 2: the silent capture failure
+    with pytest.raises(ZeroRoutesError, match=re.escape("request 2: every one of its 100 routes on layer 2")):
+        from_vllm(caps, num_experts=E, missing="invalid")
+    trace = from_vllm(caps, num_experts=E, missing="invalid", allow_zero_routes=True)
+    assert trace.valid.tolist() == [True] * 100 + [not missing_first] + [True] * 99 + [False] * 100
+
 def test_missing_rows(requests_):
     _, truths = requests_
     caps = [vllm_capture(t).astype(np.int16) for t in truths]

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from routereplay import RoutingTrace
-from routereplay.core.errors import DuplicateExpertError, ExpertIdError, NumExpertsError, TraceShapeError
+from routereplay.core.errors import (
+    DuplicateExpertError,
+    ExpertIdError,
+    LayerIdsError,
+    NumExpertsError,
+    SeqlensError,
+    TraceShapeError,
+)
 from routereplay.core.trace import MAX_NUM_EXPERTS, expert_dtype
 
 
@@ -165,3 +172,44 @@ def test_int64_ids_above_int32_are_refused_not_wrapped():
     ids_TLK = torch.tensor([[[2**31 + 5, 1]]])  # would wrap to a small negative id in int32
     with pytest.raises(ExpertIdError, match=r"^expert id 2147483653 at row 0 .* is outside \[0, 2147483648\)$"):
         RoutingTrace(experts=ids_TLK, cu_seqlens=[0, 1], layer_ids=(0,), num_experts=MAX_NUM_EXPERTS)
+
+
+# --- boundaries and layer ids: a few entries are checked as Python ints, many as tensors ------
+def _cu(B: int, T: int) -> list[int]:
+    """B sequences over T rows (T >= B), as cu_seqlens."""
+    return [b * T // B for b in range(B)] + [T]
+
+
+@pytest.mark.parametrize("B", [2, 3, 63, 64, 200])  # cu_seqlens of 64 entries and fewer: Python ints
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda cu: [1, *cu[1:]], r"cu_seqlens must start at 0, found 1"),
+        (lambda cu: [*cu[:-1], cu[-1] - 1], r"cu_seqlens must end at the number of tokens T=200, found 199"),
+        (lambda cu: [*cu[:-2], cu[-1] + 1, cu[-1]], r"cu_seqlens must be non-decreasing: sequence \d+ has length -1"),
+    ],
+)
+def test_bad_boundaries_are_refused_whatever_the_number_of_sequences(B, edit, message):
+    experts_TLK = torch.arange(200 * 2).reshape(200, 1, 2) % 40
+    RoutingTrace(experts=experts_TLK, cu_seqlens=_cu(B, 200), layer_ids=(0,), num_experts=40)
+    with pytest.raises(SeqlensError, match=message):
+        RoutingTrace(experts=experts_TLK, cu_seqlens=edit(_cu(B, 200)), layer_ids=(0,), num_experts=40)
+
+
+@pytest.mark.parametrize(
+    "layer_ids, message",
+    [
+        ((0, True, 2), r"layer_ids must be non-negative ints"),
+        ((0, -1, 2), r"layer_ids must be non-negative ints"),
+        ((0, np.int64(1), 2), r"layer_ids must be non-negative ints"),
+        ((0, 1.0, 2), r"layer_ids must be non-negative ints"),
+        ((0, 2, 2), r"layer_ids must be unique, layer\(s\) \[2\] appear more than once"),
+        ((0, 1), r"experts has L=3 layers but layer_ids has 2"),
+    ],
+)
+def test_bad_layer_ids_are_refused(layer_ids, message):
+    experts_TLK = torch.arange(4 * 3 * 2).reshape(4, 3, 2) % 40
+    with pytest.raises(LayerIdsError, match=message):
+        RoutingTrace(experts=experts_TLK, cu_seqlens=[0, 4], layer_ids=layer_ids, num_experts=40)
+    trace = RoutingTrace(experts=experts_TLK, cu_seqlens=[0, 4], layer_ids=torch.tensor([5, 1, 9]), num_experts=40)
+    assert trace.layer_ids == (5, 1, 9) and all(type(i) is int for i in trace.layer_ids)

@@ -9,6 +9,7 @@ Legend (shape suffixes used in this file):
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -56,6 +57,8 @@ _DUP_CHUNK_BYTES = 2 << 20
 # ms of work: a thread's start-up, ~0.1 ms, is then noise), with at most this many threads.
 _DUP_PARALLEL_ROWS = 1 << 20
 _DUP_MAX_WORKERS = 8
+# cu_seqlens of at most this many entries (on the CPU) are checked as Python ints, not tensor ops.
+_SMALL_SEQLENS = 64
 
 
 def expert_dtype(num_experts: int) -> torch.dtype:
@@ -91,6 +94,9 @@ def _checked_layer_ids(layer_ids, L: int) -> tuple[int, ...]:
     if isinstance(layer_ids, torch.Tensor):
         layer_ids = layer_ids.tolist()
     layer_ids = tuple(layer_ids)
+    plain = set(map(type, layer_ids)) <= {int}  # ints, not bools or numpy ints
+    if plain and len(layer_ids) == L == len(set(layer_ids)) and min(layer_ids, default=0) >= 0:
+        return layer_ids  # distinct non-negative ints: the common case, in a few set operations
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layer_ids):
         raise LayerIdsError(f"layer_ids must be non-negative ints, found {layer_ids}")
     if len(layer_ids) != L:
@@ -110,6 +116,10 @@ def _checked_seqlens(cu_seqlens_B1, T: int, device: torch.device) -> torch.Tenso
             f"cu_seqlens must be a 1-D int tensor [B+1], found {tuple(cu_seqlens_B1.shape)} {cu_seqlens_B1.dtype}"
         )
     cu_seqlens_B1 = cu_seqlens_B1.to(device=device, dtype=torch.int64)
+    if cu_seqlens_B1.numel() <= _SMALL_SEQLENS and device.type == "cpu":
+        cu = cu_seqlens_B1.tolist()  # a few sequences (one engine request): Python ints beat four tensor ops
+        if cu[0] == 0 and cu[-1] == T and all(a <= b for a, b in itertools.pairwise(cu)):
+            return cu_seqlens_B1
     if int(cu_seqlens_B1[0]) != 0:
         raise SeqlensError(f"cu_seqlens must start at 0, found {int(cu_seqlens_B1[0])}")
     if int(cu_seqlens_B1[-1]) != T:

@@ -361,6 +361,8 @@ def _zero_route_check(
         settled_BL = _nonzero_slots(experts_NLK[first_B])
         if valid_N is not None:
             settled_BL &= valid_N[first_B][:, None]
+        if bool(settled_BL.all()):
+            return valid_N  # every (sequence, layer) has a routed row: nothing can be all zero
         routed_BL = settled_BL.to(torch.int64)
         for b in (~settled_BL).any(1).nonzero().reshape(-1).tolist():
             rows_NL = _nonzero_slots(experts_NLK[cu[b] : cu[b + 1]])
