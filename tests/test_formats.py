@@ -807,6 +807,35 @@ def test_verl_trainer_recorded_and_unpadded(requests_):
         from_verl_unpadded(samples, num_experts=E, moe_layer_ids=MOE, num_tokens=[7, 6, 9])
 
 
+
+@pytest.mark.parametrize("K, dtype", [(2, torch.int16), (3, torch.int16), (8, torch.uint8), (4, torch.int32)])
+@pytest.mark.parametrize("pad", ["right", "left+right", "scattered"])
+def test_first_nonzero_padding_row_reads_runs_or_rows_alike(K, dtype, pad):
+    """from_verl's padding check: few long runs of padding are counted run by run, many short ones
+    row by row; both give the first padding row holding a value, as a per-row test of every row does."""
+    from routereplay.formats.common import _first_nonzero_row, _nonzero_rows
+
+    g = torch.Generator().manual_seed(K)
+    B, S = 4, 96
+    lens = torch.tensor([96, 40, 70, 1])
+    pos = torch.arange(S)[None, :]
+    if pad == "right":
+        real_BS = pos < lens[:, None]
+    elif pad == "left+right":
+        real_BS = (pos >= 10) & (pos < 10 + lens[:, None] // 2)
+    else:
+        real_BS = torch.rand(B, S, generator=g) < 0.5
+    x_NLK = torch.randint(1, 100, (B * S, 3, K), generator=g).to(dtype)
+    pad_N = ~real_BS.reshape(-1)
+    x_NLK[pad_N] = 0
+    assert _first_nonzero_row(x_NLK, pad_N) == -1
+    for n in pad_N.nonzero().reshape(-1)[[0, -1, 7]].tolist():  # a busy row first, last, inside a run
+        busy = x_NLK.clone()
+        busy[n, 1, K - 1] = 5
+        busy[pad_N.nonzero().reshape(-1)[-1], 2, 0] = 3  # and a later one, which is not the answer
+        expected = int((_nonzero_rows(busy) & pad_N).nonzero()[0, 0])
+        assert _first_nonzero_row(busy, pad_N) == expected == n
+
 def _truncated_response(mask):
     """Response truncated after generation: sample 2's mask ends at 8, its routes spill into padding."""
     cut = mask.clone()

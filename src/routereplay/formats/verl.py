@@ -42,10 +42,10 @@ from routereplay.formats.common import (
     _check_lengths,
     _expand_layers,
     _finish,
+    _first_nonzero_row,
     _gather_rows,
     _int_array,
     _is_count,
-    _nonzero_rows,
     _seq_ids,
     _to_rows,
 )
@@ -124,9 +124,8 @@ def from_verl(
     labels = [f"sample {i}" for i in range(B)]
     flat_NLK = re_BSLK.reshape(B * S, Lp, K)
     mask_N = mask.reshape(-1)
-    pad_busy_N = _nonzero_rows(flat_NLK) & ~mask_N
-    if bool(pad_busy_N.any()):
-        n = int(pad_busy_N.nonzero()[0, 0])
+    n = _first_nonzero_row(flat_NLK, ~mask_N)
+    if n >= 0:
         raise EngineFormatError(
             f"{labels[n // S]}: routed_experts holds a route at position {n % S}, where attention_mask is 0 "
             "(padding); the routes are longer than the tokens (a truncated response?) or not aligned with the mask"
