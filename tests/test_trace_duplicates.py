@@ -386,3 +386,21 @@ def test_an_inference_mode_trace_is_marked_too():
     with torch.inference_mode():
         t = _checked_trace()
     assert t.rows_checked()
+
+
+def test_repeat_check_benchmark_compares_formulations_that_agree(capsys):
+    """benchmarks/bench_repeat_check.py times other formulations of the check beside the library's:
+    each must give the pairwise answer (the script asserts it before timing) on rows with repeats."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_repeat_check.py"
+    spec = importlib.util.spec_from_file_location("bench_repeat_check", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--rows", "8192", "--rounds", "1", "--calls", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| first_duplicate_row (the library) |" in out and "| slot quads as uint32 planes |" in out
+    x = bench.rows_with_repeats(8192, seed=1)
+    ref = bench.pairwise(x)
+    assert ref.any() and first_duplicate_row(torch.from_numpy(x)) == int(ref.argmax())
