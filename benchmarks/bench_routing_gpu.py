@@ -129,6 +129,19 @@ class Timer:
             return statistics.median(s.elapsed_time(e) * 1e3 for s, e in times)
         return statistics.median(times) * 1e6
 
+    def wall(self, fn, copies: int) -> float:
+        """µs per call of ``reps`` calls back to back between two syncs (host clock): what a stream of
+        calls costs, host or device bound, with no event between calls (profile_routing's "wall")."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
+        for i in range(self.warmup):
+            fn(i % copies)
+        sync()
+        t0 = time.perf_counter()
+        for i in range(self.reps):
+            fn(i % copies)
+        sync()
+        return (time.perf_counter() - t0) / self.reps * 1e6
+
 
 def ulp(a: torch.Tensor, b: torch.Tensor) -> int:
     ia, ib = a.float().view(torch.int32).long(), b.float().view(torch.int32).long()
@@ -267,6 +280,12 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
     fb["fused_uint8_host_ids"] = timer(lambda i: fb_ours(i, ids8_host, True), copies)
     fb["prepared_uint8_gpu_ids"] = timer(lambda i: fb_prepared(i, ids8), copies)
     fb["prepared_uint8_host_ids"] = timer(lambda i: fb_prepared(i, ids8_host), copies)
+    # the same calls back to back between two syncs: where the per-call events above and this wall
+    # disagree, the events measured the device waiting on the host between them
+    res["forward_backward_wall_us"] = {
+        "megatron_replay_gpu_ids": timer.wall(fb_megatron, copies),
+        "prepared_uint8_gpu_ids": timer.wall(lambda i: fb_prepared(i, ids8), copies),
+    }
 
     # forward + backward of --layers routing calls through one torch.autograd.grad, per layer: a
     # training step's backward runs every layer's routing backward in one pass of autograd's engine,
@@ -555,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
         base = fb["megatron_replay_gpu_ids"]
         cells = "  ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in fb.items())
         print(f"{r['name']:42s}{cells}  floor {r['floor_fb_us']:.1f}")
+    print("forward + backward, µs per call of calls back to back between two syncs (ratio to Megatron replay):")
+    for r in results:
+        wall = r["forward_backward_wall_us"]
+        base = wall["megatron_replay_gpu_ids"]
+        print(f"{r['name']:42s}" + "  ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in wall.items()))
     print(f"forward + backward of {args.layers} layers in one backward, median µs per layer (ratio to Megatron):")
     for r in results:
         per = dict(r["forward_backward_per_layer_us"])
