@@ -12,7 +12,9 @@ script times, on one thread and on cache-sized blocks, ns per row of:
 * three other formulations, each checked against the pairwise answer first: each row as one uint64
   compared bytewise with its 4 byte rotations; pairs of slots as uint16 planes (half the transpose,
   byte-swapped copies for the cross pairs); quads as uint32 planes (a quarter of the transpose,
-  rotations by shifts).
+  rotations by shifts);
+* with ``--inductor``, the 28 pair compares written as torch ops and compiled by ``torch.compile``
+  (Inductor's C++ code for the CPU; needs a C++ compiler, and compiles for seconds first).
 
 Legend: R rows, K top-k (8 here).
 """
@@ -157,6 +159,21 @@ def quad_planes_u32(x: np.ndarray) -> Callable[[], np.ndarray]:
     return run
 
 
+def inductor_pairs(x: np.ndarray) -> Callable[[], np.ndarray]:
+    """The pairwise formula as torch ops, one fused loop compiled by Inductor."""
+
+    def pairs(ids: torch.Tensor) -> torch.Tensor:
+        bad = ids[:, 0] == ids[:, 1]
+        for i in range(K):
+            for j in range(i + 1, K):
+                if (i, j) != (0, 1):
+                    bad = bad | (ids[:, i] == ids[:, j])
+        return bad
+
+    compiled, ids = torch.compile(pairs, dynamic=False), torch.from_numpy(x)
+    return lambda: compiled(ids).numpy()
+
+
 def ns_per_row(fn: Callable[[], object], R: int, rounds: int, calls: int) -> tuple[float, float, float]:
     """(median, min, max) over ``rounds`` of ns per row of ``calls`` back-to-back calls."""
     fn()
@@ -174,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=1 << 16, help="rows per call (a cache-sized block)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=50, help="calls per round")
+    p.add_argument("--inductor", action="store_true", help="also the pairwise formula compiled by torch.compile")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     R = args.rows
@@ -186,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "slot pairs as uint16 planes": pair_planes_u16(x),
         "slot quads as uint32 planes": quad_planes_u32(x),
     }
+    if args.inductor:
+        others["the 28 pair compares compiled by torch.compile (Inductor, C++)"] = inductor_pairs(x)
     assert np.array_equal(planes(), ref)
     assert first_duplicate_row(ids, workers=1) == int(ref.argmax())
     for name, fn in others.items():
