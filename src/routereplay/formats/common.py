@@ -412,24 +412,27 @@ def _nonzero_rows(x_NX: torch.Tensor) -> torch.Tensor:
     return (x_NX != 0).reshape(N, -1).any(-1)
 
 
-def _runs(keep_N: torch.Tensor) -> tuple[list[int], list[int]]:
-    """The runs of True in bool ``keep_N``: their first rows and the rows just past them."""
+def _long_runs(keep_N: torch.Tensor) -> tuple[list[int], list[int], int] | None:
+    """The runs of True in bool ``keep_N`` (their first rows, the rows just past them, the rows in
+    all), when they average 16 rows or more; else None: over many short runs one gather (or one
+    per-row pass) beats a Python loop."""
     zero = torch.zeros(1, dtype=torch.int8)
     d = torch.diff(keep_N.to(torch.int8), prepend=zero, append=zero)
-    return (d == 1).nonzero().reshape(-1).tolist(), (d == -1).nonzero().reshape(-1).tolist()
+    starts, ends = (d == 1).nonzero().reshape(-1).tolist(), (d == -1).nonzero().reshape(-1).tolist()
+    total = sum(e - s for s, e in zip(starts, ends))
+    return (starts, ends, total) if len(starts) * 16 <= max(total, 1) else None
 
 
 def _first_nonzero_row(x_NX: torch.Tensor, select_N: torch.Tensor) -> int:
-    """The first row n with ``select_N[n]`` holding a non-zero value, or -1. Reads only the selected
-    rows when they lie in few runs (right or left padding): each run is counted whole
-    (``count_nonzero`` over its bytes, no per-row temporary) and only a run holding a value is read
-    row by row; many short runs go through one per-row test of every row."""
-    starts, ends = _runs(select_N) if x_NX.device.type == "cpu" and x_NX.is_contiguous() else ([0], [0])
-    total = sum(e - s for s, e in zip(starts, ends))
-    if len(starts) * 16 > max(total, 1):  # on a device, not contiguous, or many short runs
+    """The first row n with ``select_N[n]`` holding a non-zero value, or -1. On the host, selected
+    rows in long runs (right or left padding) are read alone: each run is counted whole
+    (``count_nonzero`` over its bytes, no per-row temporary), and only a run holding a value is
+    read row by row. Otherwise one per-row test of every row."""
+    runs = _long_runs(select_N) if x_NX.device.type == "cpu" and x_NX.is_contiguous() else None
+    if runs is None:
         busy_N = _nonzero_rows(x_NX) & select_N
         return int(busy_N.nonzero()[0, 0]) if bool(busy_N.any()) else -1
-    for s, e in zip(starts, ends):
+    for s, e in zip(*runs[:2]):
         run = x_NX[s:e].reshape(-1).view(torch.uint8)
         if run.numel() % 8 == 0 and run.data_ptr() % 8 == 0:
             run = run.view(torch.int64)
@@ -439,14 +442,12 @@ def _first_nonzero_row(x_NX: torch.Tensor, select_N: torch.Tensor) -> int:
 
 
 def _gather_rows(x_NLK: torch.Tensor, keep_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x[keep_N].to(dtype)`` in one pass: each run of kept rows is copied (and converted) straight
-    into the output, with no row index and no intermediate in the source dtype."""
-    if x_NLK.device.type != "cpu":
-        return x_NLK[keep_N].to(dtype)
-    starts, ends = _runs(keep_N)
-    total = sum(e - s for s, e in zip(starts, ends))
-    if len(starts) * 16 > max(total, 1):
-        return x_NLK[keep_N].to(dtype)  # many short runs: one gather
+    """``x[keep_N].to(dtype)`` in one pass: on the host, each long run of kept rows is copied (and
+    converted) straight into the output, with no row index and no intermediate in the source dtype."""
+    runs = _long_runs(keep_N) if x_NLK.device.type == "cpu" else None
+    if runs is None:
+        return x_NLK[keep_N].to(dtype)  # a device, or many short runs: one gather
+    starts, ends, total = runs
     out = host_empty((total, *x_NLK.shape[1:]), dtype)
     row = 0
     for s, e in zip(starts, ends):
