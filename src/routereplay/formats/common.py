@@ -432,7 +432,8 @@ def _first_nonzero_row(x_NX: torch.Tensor, select_N: torch.Tensor) -> int:
     if runs is None:
         busy_N = _nonzero_rows(x_NX) & select_N
         return int(busy_N.nonzero()[0, 0]) if bool(busy_N.any()) else -1
-    for s, e in zip(*runs[:2]):
+    starts, ends, _ = runs
+    for s, e in zip(starts, ends):
         run = x_NX[s:e].reshape(-1).view(torch.uint8)
         if run.numel() % 8 == 0 and run.data_ptr() % 8 == 0:
             run = run.view(torch.int64)
