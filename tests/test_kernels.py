@@ -36,8 +36,6 @@ ULP_BOUND = {"float32": 4, "bfloat16": 4}
 ID_DTYPES = ("uint8", "int16", "int32", "int64")
 
 
-
-
 # --- the interpreter subprocess -----------------------------------------------------------
 def _report() -> dict:
     """Run every case through the kernel and route(); return what the tests assert on."""
@@ -181,6 +179,102 @@ def _report() -> dict:
     out["prepared_errors"] = _prepared_errors(prepare_fused, RouterSpecError)
     out["backward_ops"] = _backward_ops(PreparedReplay)
     out["create_graph"] = _create_graph_report(PreparedReplay)
+    out["direct_launch"] = _direct_launch_report()  # last: it stubs the kernels out
+    return out
+
+
+def _direct_launch_report() -> dict:
+    """What the kept launcher is handed against what the JIT launch was handed for the same inputs.
+
+    The kernels are stubbed: a JIT launch records its arguments and "compiles" a kernel whose
+    launcher records its own; the prepared replay takes the direct path as on CUDA. Per variant (ids
+    from the trace or live rows, softmax over E with its saved statistics, an expert scale and its
+    gradient), the forward and the backward run twice on the same inputs, first through the JIT,
+    then through the kept launcher: the second must pass the first's runtime arguments as pointers
+    (its own outputs in place of the first's), in the same order, then the constexprs in the
+    kernel's parameter order, on the same grid.
+    """
+    from helpers import VARIANTS, random_valid_ids, routing_inputs
+
+    from routereplay.core import routing
+    from routereplay.kernels import launch
+    from routereplay.kernels import replay_triton as rt
+
+    class Compiled:  # a compiled kernel: its launcher records the call
+        function, packed_metadata = "function", ("metadata",)
+
+        def __init__(self, calls):
+            self.calls = calls
+
+        def run(self, *args):
+            self.calls.append(args)
+
+    class Jit:  # a JIT function: records the launch, returns the "compiled" kernel
+        def __init__(self, fn):
+            self.arg_names, self.calls = fn.arg_names, []
+
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                self.calls.append((grid, args, kwargs))
+                return Compiled(self.calls)
+
+            return call
+
+    def compare(jit_fn, first_outputs, second_outputs) -> list[str]:
+        """Differences between the second (direct) launch and the first (JIT) one."""
+        (grid, args, kwargs), direct = jit_fn.calls[-2:]
+        if not isinstance(direct, tuple) or not isinstance(grid, tuple):
+            return [f"launches were {[type(c).__name__ for c in jit_fn.calls]}: a JIT launch, then a direct one"]
+        moved = {}  # the first call's outputs -> the second's
+        for a, b in zip(first_outputs, second_outputs, strict=True):
+            if a.numel() > 1:  # not the shared dummy
+                moved[a.data_ptr()] = b.data_ptr()
+                if a.dim() == 2 and a.shape[0] == 2:  # [2, T] statistics, passed by row
+                    moved[a[1].data_ptr()] = b[1].data_ptr()
+        names = jit_fn.arg_names
+        first = names.index("E")
+        want = [moved.get(a.data_ptr(), a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
+        want = (grid[0], 1, 1, "stream", "function", ("metadata",), None, None, None, *want)
+        want += tuple(kwargs[n] for n in names[first:])
+        problems = [] if len(args) == first else [f"{len(args)} runtime arguments, the kernel has {first}"]
+        if direct != want:
+            problems.append(f"direct {direct} != JIT {want}")
+        return problems
+
+    fwd, bwd = rt._replay_fwd, rt._replay_bwd
+    raw_stream = launch.raw_stream
+    out = {}
+    try:
+        launch.raw_stream = lambda index: "stream"
+        for name, masked in (("softmax_pre_norm", False), ("softmax_pre_norm", True), ("sigmoid_bias_groups", True),
+                             ("expert_scale", False), ("softmax_post", False)):  # fmt: skip
+            spec = VARIANTS[name]
+            rt._replay_fwd, rt._replay_bwd = jit_fwd, jit_bwd = Jit(fwd), Jit(bwd)
+            logits_TE, kwargs, gen = routing_inputs(spec, torch.float32, 0, num_tokens=8)
+            forced_TK = random_valid_ids(spec, 8, gen).to(torch.uint8)
+            scale_E = kwargs.get("expert_scale_E")
+            live_TK = keep_T = None
+            if masked:
+                live_TK = routing.select_live(logits_TE, spec, kwargs.get("bias_E")).contiguous()
+                keep_T = (torch.arange(8) % 3 != 0).view(torch.uint8)
+            prepared = rt.PreparedReplay(spec, logits_dtype=torch.float32, device="cpu",
+                                         scale_dtype=None if scale_E is None else scale_E.dtype)  # fmt: skip
+            prepared._fast = True  # the direct path, as on CUDA
+            prepared._direct = lambda num_tokens: True
+            ins = (logits_TE, scale_E, forced_TK, live_TK, keep_T, True)
+            first, second = prepared._forward(*ins), prepared._forward(*ins)
+            problems = compare(jit_fwd, first, second)
+            _, ids_TK, stats_2T = second
+            ins = (logits_TE, ids_TK, scale_E, stats_2T, torch.ones(8, spec.top_k), scale_E is not None)
+            problems += compare(jit_bwd, prepared._backward(*ins), prepared._backward(*ins))
+            out[f"{name}{'-masked' if masked else ''}"] = {
+                "launches": [len(jit_fwd.calls), len(jit_bwd.calls)],
+                "kept": [len(prepared._fwd_kept), len(prepared._bwd_kept)],
+                "problems": problems,
+            }
+    finally:
+        rt._replay_fwd, rt._replay_bwd = fwd, bwd
+        launch.raw_stream = raw_stream
     return out
 
 
@@ -392,6 +486,16 @@ def test_interpreted_kernel_edge_cases(report):
     assert not made, report["backward_ops"]
     for name, rel in report["repeat_grad_rel"].items():
         assert rel <= 1e-6, f"{name}: gradient of a repeated id {rel:.2e} from route()'s"
+
+
+@NEEDS_TRITON
+def test_interpreted_direct_launch_passes_what_the_jit_launch_passed(report):
+    """The kept launcher gets the JIT launch's runtime arguments as pointers, in order, then the
+    constexprs in the kernel's order (a wrong order would launch on the wrong memory, on CUDA only)."""
+    assert len(report["direct_launch"]) == 5
+    for variant, seen in report["direct_launch"].items():
+        assert seen["launches"] == [2, 2] and seen["kept"] == [1, 1], (variant, seen)
+        assert not seen["problems"], (variant, seen["problems"])
 
 
 def test_import_routereplay_does_not_import_triton():

@@ -49,14 +49,14 @@ def on_device(device: torch.device):
 class KeptLaunchers:
     """The compiled variants of one JIT kernel, kept for direct launches.
 
-    ``key`` is what Triton specialises the variant on (dtypes, flags, alignment); ``tail_key`` the
-    constexprs that follow the runtime arguments in the launcher's parameter list.
+    ``key`` is what Triton specialises the variant on (dtypes, flags, block, alignment); each kept
+    variant holds its launcher, function handle, packed metadata and the constexpr arguments that
+    follow the runtime ones in the launcher's parameter list.
     """
 
     def __init__(self, jit_fn: Any) -> None:
         self.jit_fn = jit_fn
         self._kernels: dict[tuple, tuple] = {}
-        self._tails: dict[tuple, tuple] = {}
 
     def __len__(self) -> int:
         """Variants kept (0 until a direct launch has been prepared by a first JIT launch)."""
@@ -65,7 +65,7 @@ class KeptLaunchers:
     def get(self, key: tuple) -> tuple | None:
         return self._kernels.get(key)
 
-    def remember(self, key: tuple, tail_key: tuple, compiled: Any, const: dict) -> None:
+    def remember(self, key: tuple, compiled: Any, const: dict) -> None:
         """Keep what a direct launch of ``compiled`` needs (nothing if Triton gave no such handle)."""
         if compiled is None or not hasattr(compiled, "packed_metadata"):
             return
@@ -73,11 +73,11 @@ class KeptLaunchers:
         first = names.index("E")  # the runtime parameters come first, the constexprs after them
         if any(name not in const for name in names[first:]):
             return
-        self._tails[tail_key] = tuple(const[name] for name in names[first:])
-        self._kernels[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+        tail = tuple(const[name] for name in names[first:])
+        self._kernels[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
 
-    def launch(self, kernel: tuple, tail_key: tuple, grid: int, device_index: int, *runtime_args: Any) -> None:
+    @staticmethod
+    def launch(kernel: tuple, grid: int, device_index: int, *runtime_args: Any) -> None:
         """One launch of a kept ``kernel`` (from :meth:`get`) on the current stream."""
-        run, function, metadata = kernel
-        run(grid, 1, 1, raw_stream(device_index), function, metadata, None, None, None,
-            *runtime_args, *self._tails[tail_key])  # fmt: skip
+        run, function, metadata, tail = kernel
+        run(grid, 1, 1, raw_stream(device_index), function, metadata, None, None, None, *runtime_args, *tail)
