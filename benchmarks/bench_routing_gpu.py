@@ -31,6 +31,9 @@ probs at the same ids.
 (checks, allocations, autograd, the launcher's Python side; the launcher itself is a no-op), for the
 prepared call and for the checked wrapper, forward and forward + backward, next to the floor any
 path pays: ``torch.autograd.grad`` over one C++ node, and over a custom Function that does nothing.
+With megatron-core installed it also runs Megatron's replay and ``route()`` on the same small CPU
+tensors, and prints each path's host time and its ratio to Megatron's, per call and per layer of
+``--layers`` calls in one backward: the host side of the GPU table's ratios, no launch on any path.
 
 Legend: T tokens, E experts, K top-k.
 """
@@ -383,10 +386,15 @@ def _num_sms(device: torch.device) -> int:
 def host_cost(args) -> dict:
     """Host µs per call on the CPU with the kernel launch replaced by a no-op launcher: the
     prepared call (direct-launch path) and the checked wrapper, forward and forward + backward,
-    at the issue's 16384 x 128 top-8 shapes (the tensors are small CPU ones: only the host path
+    on every shape's spec (the tensors are small CPU ones, ``--host-tokens`` rows: only the host path
     is timed, and CPU allocations stand in for the CUDA caching allocator's). Also forward + backward
     with every backward through ``once_differentiable``'s wrapper, as before it was kept for
-    ``create_graph=True`` only."""
+    ``create_graph=True`` only.
+
+    With megatron-core importable, Megatron's replay (``RouterReplay``, int64 ids) and ``route()``
+    run on the same CPU tensors, forward, forward + backward, and per layer of ``--layers`` calls in
+    one ``torch.autograd.grad``: the host side of item 4's ratios without any kernel launch (on the
+    GPU each path adds its launches: two for the prepared call, one per op for the others)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # lets a PreparedReplay live on the CPU
     from routereplay.kernels import launch
     from routereplay.kernels import replay_triton as rt
@@ -407,29 +415,49 @@ def host_cost(args) -> dict:
 
     rt._replay_fwd, rt._replay_bwd = _StubJIT(rt._replay_fwd), _StubJIT(rt._replay_bwd)
     launch.raw_stream = lambda index: 0
+    try:
+        mu, RouterReplay = _megatron()
+    except ImportError:
+        mu = RouterReplay = None
+    torch.set_num_threads(1)  # a step's host work is one thread; CPU ops at these sizes are serial anyway
     timer = Timer(torch.device("cpu"), args.warmup, args.reps)
     out = {}
-    for name, _, num_experts, top_k, mc in CASES[:2]:
-        out[name] = _host_cost_case(rt, timer, spec_for(num_experts, top_k, mc))
+    for name, _, num_experts, top_k, mc in CASES:
+        out[name] = _host_cost_case(rt, timer, spec_for(num_experts, top_k, mc), mc, args, mu, RouterReplay)
         print(json.dumps({name: out[name]}))
+    if mu is not None:
+        print(f"host µs on the CPU, no launches, {args.host_tokens} rows: forward / forward + backward / per layer "
+              f"of {args.layers} in one backward (ratio to Megatron's replay)")  # fmt: skip
+        kinds = ("forward_us", "forward_backward_us", "per_layer_us")
+        for name, r in out.items():
+            cells = "".join(
+                f"  {path} " + " / ".join(f"{r[path][k]:.1f} ({r[path][k] / r['megatron'][k]:.2f})" for k in kinds)
+                for path in ("route", "prepared")
+            )  # fmt: skip
+            print(f"{name:42s}Megatron " + " / ".join(f"{r['megatron'][k]:.1f}" for k in kinds) + cells)
     return out
 
 
-def _host_cost_case(rt, timer: Timer, spec: RouterSpec) -> dict:
-    logits = torch.randn(64, spec.num_logits)
+def _host_cost_case(rt, timer: Timer, spec: RouterSpec, mc: dict, args, mu, RouterReplay) -> dict:
+    T, L = args.host_tokens, args.layers
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(T, spec.num_logits, generator=gen)
     leaf = logits.clone().requires_grad_(True)
-    ids8 = torch.randperm(spec.num_logits)[: spec.top_k].repeat(64, 1).to(torch.uint8)
-    grad = torch.ones(64, spec.top_k)
+    bias = 0.1 * torch.randn(spec.num_logits, generator=gen) if spec.uses_bias else None
+    ids64 = routing.route(torch.randn(T, spec.num_logits, generator=gen), spec, bias_E=bias)[1]
+    ids8 = ids64.to(torch.uint8)
+    grad = torch.ones(T, spec.top_k)
     prepared = rt.PreparedReplay(spec, logits_dtype=torch.float32, device="cpu")
     prepared._fast = True  # take the direct-launch path, with the stubbed launcher
     prepared._direct = lambda num_tokens: True
+    kw = {"bias_E": bias} if bias is not None else {}
 
     def fb(call):
         w, _ = call(leaf)
         return torch.autograd.grad(w, leaf, grad)
 
     def checked(x):
-        return rt.route_forced_fused(x, spec, forced_TK=ids8, validate=False)
+        return rt.route_forced_fused(x, spec, forced_TK=ids8, validate=False, **kw)
 
     def wrapped_backward(ctx, grad_weights_TK, grad_ids_TK):  # every backward through once_differentiable
         return rt._fused_backward_once(ctx, grad_weights_TK)
@@ -437,15 +465,15 @@ def _host_cost_case(rt, timer: Timer, spec: RouterSpec) -> dict:
     own_backward = rt._FusedReplay.backward
     rt._FusedReplay.backward = staticmethod(wrapped_backward)
     try:
-        wrapped = timer(lambda i: fb(lambda x: prepared(x, ids8)), 1)
+        wrapped = timer(lambda i: fb(lambda x: prepared(x, ids8, None, bias)), 1)
     finally:
         rt._FusedReplay.backward = staticmethod(own_backward)
     out = {
-        "prepared_forward_us": timer(lambda i: prepared(leaf, ids8), 1),
-        "prepared_forward_backward_us": timer(lambda i: fb(lambda x: prepared(x, ids8)), 1),
+        "prepared_forward_us": timer(lambda i: prepared(leaf, ids8, None, bias), 1),
+        "prepared_forward_backward_us": timer(lambda i: fb(lambda x: prepared(x, ids8, None, bias)), 1),
         # the backward as it was before it skipped once_differentiable's wrapper without create_graph
         "prepared_forward_backward_wrapped_us": wrapped,
-        "prepared_forward_no_grad_us": timer(lambda i: prepared(logits, ids8), 1),
+        "prepared_forward_no_grad_us": timer(lambda i: prepared(logits, ids8, None, bias), 1),
         "checked_wrapper_forward_us": timer(lambda i: checked(leaf), 1),
         "checked_wrapper_forward_backward_us": timer(lambda i: fb(checked), 1),
     }
@@ -456,6 +484,41 @@ def _host_cost_case(rt, timer: Timer, spec: RouterSpec) -> dict:
         lambda i: torch.autograd.grad(_EmptyFunction.apply(leaf, spec.top_k), leaf, grad), 1
     )
     out["kept_launchers"] = [len(prepared._fwd_kept), len(prepared._bwd_kept)]
+    if mu is None:
+        return out
+
+    replay = RouterReplay()
+    replay.set_router_replay_action(mu_action(mu, "REPLAY_FORWARD"))
+    mkw = {
+        "use_pre_softmax": mc.get("use_pre_softmax", False),
+        "num_groups": mc.get("num_groups"),
+        "group_topk": mc.get("group_topk"),
+        "scaling_factor": mc.get("scaling_factor"),
+        "score_function": mc["score_function"],
+        "expert_bias": bias,
+    }
+
+    def megatron(x):
+        replay.clear_indices()
+        replay.set_target_indices(ids64)
+        return mu.topk_routing_with_score_function(x, spec.top_k, router_replay=replay, **mkw)[0]
+
+    leaves = [torch.randn(T, spec.num_logits, generator=gen).requires_grad_(True) for _ in range(L)]
+    grad_dense = torch.ones(T, spec.num_logits)
+    paths = {
+        "megatron": (megatron, grad_dense),
+        "route": (lambda x: routing.route(x, spec, forced_TK=ids8, validate=False, **kw)[0], grad),
+        "prepared": (lambda x: prepared(x, ids8, None, bias)[0], grad),
+    }
+    for path, (call, g) in paths.items():
+        out[path] = {
+            "forward_us": timer(lambda i, f=call: f(leaf), 1),
+            "forward_backward_us": timer(lambda i, f=call, g=g: torch.autograd.grad(f(leaf), leaf, g), 1),
+            "per_layer_us": timer(
+                lambda i, f=call, g=g: torch.autograd.grad([f(x) for x in leaves], leaves, [g] * L), 1
+            ) / L,
+        }  # fmt: skip
+    RouterReplay.clear_global_router_replay_instances()
     return out
 
 
@@ -471,6 +534,16 @@ class _EmptyFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return torch.empty_like(x), None
+
+
+def _megatron():
+    """megatron-core's routing module and ``RouterReplay`` (ImportError without megatron-core)."""
+    from megatron.core.transformer.moe import moe_utils as mu
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    if not hasattr(mu, "te_general_gemm"):  # megatron-core 0.16.1 names it without Transformer Engine
+        mu.te_general_gemm = None
+    return mu, RouterReplay
 
 
 def mu_action(mu, name):
@@ -491,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-rows", type=int, nargs="*", default=[16, 32, 64, 128])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): logic only")
     p.add_argument("--host-cost", action="store_true", help="no GPU: host µs of a call with the launch stubbed")
+    p.add_argument("--host-tokens", type=int, default=64, help="rows of the CPU tensors of --host-cost")
     args = p.parse_args(argv)
     if args.host_cost:
         args.warmup, args.reps = max(args.warmup, 50), max(args.reps, 2000)
@@ -500,11 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(os.environ["OUT"], "bench_routing_host_cost.json").write_text(json.dumps(result, indent=1))
         return 0
 
-    from megatron.core.transformer.moe import moe_utils as mu
-    from megatron.core.transformer.moe.router_replay import RouterReplay
-
-    if not hasattr(mu, "te_general_gemm"):  # megatron-core 0.16.1 names it without Transformer Engine
-        mu.te_general_gemm = None
+    mu, RouterReplay = _megatron()
     import megatron.core
     import triton
 
