@@ -5,7 +5,9 @@
 
 Prints, per arm (plain, replay), the host time of the step's phases measured without a sync
 (replay entry, forward dispatch, backward dispatch, block exit) and the synced step time, medians
-of ``--reps`` interleaved repetitions; then torch.profiler's top host-side ops of one replayed step.
+of ``--reps`` interleaved repetitions; then what a replayed step runs that a plain one does not:
+per kernel (per op on the CPU), launches and device time per step of each arm and the difference,
+over ``--profiled`` steps of each; then torch.profiler's top host-side ops of one replayed step.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
         "--source", choices=("host", "prepared"), default="host", help="replay a host trace or a PreparedTrace"
     )
     p.add_argument("--replay-kernel", choices=("torch", "triton"), default="torch")
+    p.add_argument("--profiled", type=int, default=5, help="steps per arm in the kernel-by-kernel comparison")
     args = p.parse_args()
     import routereplay
 
@@ -82,6 +85,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    print_kernel_diff({kind: kernels_per_step(lambda k=kind: step(k), acts, args.profiled) for kind in res})
     with profile(activities=acts) as prof:
         step("replay")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
@@ -98,6 +102,42 @@ def main() -> None:
         for kind in ("plain", "replay"):
             _, sites = count_syncs(lambda k=kind: step(k))
             print(f"host syncs of a {kind} step (with its two timing syncs): {dict(sites)}")
+
+
+def kernels_per_step(step, activities, steps: int) -> dict[str, tuple[float, float]]:
+    """{kernel: (launches, device µs)} per step over ``steps`` profiled steps; on the CPU, the aten
+    ops by self CPU time instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_device = ProfilerActivity.CUDA in activities
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    out = {}
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total if on_device else evt.self_cpu_time_total
+        if (us > 0 or not on_device) and (on_device or evt.key.startswith("aten::")):
+            if on_device and getattr(evt, "device_type", None) is not None and "CUDA" not in str(evt.device_type):
+                continue
+            out[evt.key] = (evt.count / steps, us / steps)
+    return out
+
+
+def print_kernel_diff(arms: dict[str, dict[str, tuple[float, float]]]) -> None:
+    """Per kernel: launches and µs per step in each arm, the replayed step's difference first."""
+    plain, replay = arms["plain"], arms["replay"]
+    total = {kind: sum(us for _, us in rows.values()) for kind, rows in arms.items()}
+    launches = {kind: sum(n for n, _ in rows.values()) for kind, rows in arms.items()}
+    print(f"per step: plain {launches['plain']:.0f} calls {total['plain']:.1f} us, replay {launches['replay']:.0f} "
+          f"calls {total['replay']:.1f} us, difference {total['replay'] - total['plain']:+.1f} us")  # fmt: skip
+    rows = []
+    for key in set(plain) | set(replay):
+        (n0, t0), (n1, t1) = plain.get(key, (0, 0.0)), replay.get(key, (0, 0.0))
+        if abs(n1 - n0) > 0.01 or abs(t1 - t0) > 0.005 * max(total["plain"], 1.0):
+            rows.append((t1 - t0, n1 - n0, n0, t0, n1, t1, key))
+    print(f"{'diff us':>9} {'diff n':>7} {'plain n':>8} {'plain us':>9} {'replay n':>9} {'replay us':>10}  kernel")
+    for dt, dn, n0, t0, n1, t1, key in sorted(rows, key=lambda r: -abs(r[0]))[:30]:
+        print(f"{dt:+9.1f} {dn:+7.1f} {n0:8.1f} {t0:9.1f} {n1:9.1f} {t1:10.1f}  {key[:90]}")
 
 
 if __name__ == "__main__":

@@ -146,9 +146,13 @@ routing3)
     done
     ;;
 paired)
-    # where a forward + backward's device time goes on the large and the 4k shape (profiler), then
-    # issue 21 item 3's step three times, 40 rounds each, with the paired ratio
+    # where a forward + backward's device time goes on the large and the 4k shape (profiler), and a
+    # replayed HF step's kernels against a plain one's, then issue 21 item 3's step three times, 40
+    # rounds each, with the paired ratio
     step routing_profile 150 "${MCORE[@]}" python3 "$here/bench_routing_gpu.py" --cases 2,3 --profile
+    # item 3: what a prepared replayed step runs on the device that a plain one does not, kernel by kernel
+    step replay_kernels 120 python3 "$here/profile_replay.py" --device cuda --dtype bfloat16 --layers 8 --hidden 1024 \
+        --experts 64 --topk 8 --batch 4 --seq 2048 --source prepared --replay-kernel triton
     for run in 1 2 3; do
         step "hf1024_paired_$run" 110 "${HF[@]}" --hidden 1024 --moe-intermediate 512 --experts 64 --batch 4 \
             --seq 2048 --reps 40 --warmup 2 --replay-kernel triton

@@ -31,7 +31,7 @@ SCRIPT = ROOT / "benchmarks" / "run_gpu.sh"
             ["gpu_tier"] + [f"{s}_{i}" for i in (1, 2, 3) for s in ("capture", "hf1024_triton")],
         ),
         ("routing3", [f"routing_{i}" for i in (1, 2, 3)]),
-        ("paired", ["routing_profile"] + [f"hf1024_paired_{i}" for i in (1, 2, 3)]),
+        ("paired", ["routing_profile", "replay_kernels"] + [f"hf1024_paired_{i}" for i in (1, 2, 3)]),
         ("check", ["make_model", "check"]),
     ],
 )
