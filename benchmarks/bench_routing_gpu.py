@@ -4,6 +4,7 @@
     OUT=/dir python3 benchmarks/bench_routing_gpu.py          # also writes /dir/bench_routing_gpu.json
     TRITON_INTERPRET=1 python3 benchmarks/bench_routing_gpu.py --smoke   # tiny shapes on the CPU (logic only)
     python3 benchmarks/bench_routing_gpu.py --host-cost       # no GPU: host µs of a call, the launch stubbed
+    python3 benchmarks/bench_routing_gpu.py --host-cost --smoke   # the same, two repetitions (logic only)
 
 Per shape, same card, same run, median of per-call CUDA-event timings after warm-up, inputs rotated
 over several copies so that the logits do not sit in L2:
@@ -146,6 +147,28 @@ class Timer:
         return (time.perf_counter() - t0) / self.reps * 1e6
 
 
+class AllocatorCounts:
+    """Runs a timing and notes in ``into[key]`` what the CUDA caching allocator did meanwhile
+    (zeros on the CPU)."""
+
+    KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+    def __init__(self, device: torch.device, timer: Timer, copies: int, into: dict):
+        self.cuda = device.type == "cuda"
+        self.timer, self.copies, self.into = timer, copies, into
+
+    def _now(self) -> dict:
+        stats = torch.cuda.memory_stats() if self.cuda else {}
+        return {k: stats.get(k, 0) for k in self.KEYS} | {"reserved_bytes": stats.get("reserved_bytes.all.current", 0)}
+
+    def __call__(self, fn, key: str) -> float:
+        before = self._now()
+        us = self.timer(fn, self.copies)
+        after = self._now()
+        self.into[key] = {k: after[k] - before[k] for k in self.KEYS} | {"reserved_bytes": after["reserved_bytes"]}
+        return us
+
+
 def ulp(a: torch.Tensor, b: torch.Tensor) -> int:
     ia, ib = a.float().view(torch.int32).long(), b.float().view(torch.int32).long()
     ia = torch.where(ia < 0, -(ia & 0x7FFFFFFF), ia)
@@ -277,11 +300,16 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
                           ("prepared u8", lambda i: fb_prepared(i, ids8))):  # fmt: skip
             print_profile(f"{name} | {label} fwd+bwd", fn, copies)
     fb = res["forward_backward_us"] = {}
-    fb["megatron_replay_gpu_ids"] = timer(fb_megatron, copies)
-    fb["route_uint8_gpu_ids"] = timer(lambda i: fb_ours(i, ids8, False), copies)
+    # the caching allocator's calls into CUDA during each timing below (cudaMalloc / cudaFree, failed
+    # mallocs that free the cache, syncs of all streams): a path that keeps the allocator busy pays
+    # for it in its time, and the next path may too
+    churn = res["allocator_during_forward_backward"] = {}
+    counted = AllocatorCounts(device, timer, copies, churn)
+    fb["megatron_replay_gpu_ids"] = counted(fb_megatron, "megatron_replay_gpu_ids")
+    fb["route_uint8_gpu_ids"] = counted(lambda i: fb_ours(i, ids8, False), "route_uint8_gpu_ids")
     fb["fused_uint8_gpu_ids"] = timer(lambda i: fb_ours(i, ids8, True), copies)
     fb["fused_uint8_host_ids"] = timer(lambda i: fb_ours(i, ids8_host, True), copies)
-    fb["prepared_uint8_gpu_ids"] = timer(lambda i: fb_prepared(i, ids8), copies)
+    fb["prepared_uint8_gpu_ids"] = counted(lambda i: fb_prepared(i, ids8), "prepared_uint8_gpu_ids")
     fb["prepared_uint8_host_ids"] = timer(lambda i: fb_prepared(i, ids8_host), copies)
     # the same calls back to back between two syncs: where the per-call events above and this wall
     # disagree, the events measured the device waiting on the host between them
@@ -319,7 +347,7 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         ("route_uint8_gpu_ids", route_layer, grad_k),
         ("prepared_uint8_gpu_ids", lambda x, k: prepared(x, ids8[k], None, bias_arg)[0], grad_k),
     ):
-        layers[key] = timer(lambda i, f=layer, g=grad: fb_layers(i, f, g), copies) / L
+        layers[key] = counted(lambda i, f=layer, g=grad: fb_layers(i, f, g), f"per_layer_{key}") / L
 
     # the bytes floor: logits + uint8 ids read, [T, K] weights (logits dtype) + int64 ids written
     esize = torch.finfo(dtype).bits // 8
@@ -567,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-tokens", type=int, default=64, help="rows of the CPU tensors of --host-cost")
     args = p.parse_args(argv)
     if args.host_cost:
-        args.warmup, args.reps = max(args.warmup, 50), max(args.reps, 2000)
+        args.warmup, args.reps = (1, 2) if args.smoke else (max(args.warmup, 50), max(args.reps, 2000))
         result = host_cost(args)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
@@ -655,6 +683,15 @@ def main(argv: list[str] | None = None) -> int:
         per.pop("layers")
         base = per["megatron_replay_gpu_ids"]
         print(f"{r['name']:42s}" + "  ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in per.items()))
+    print("CUDA allocator calls during each forward + backward timing (mallocs / frees / failed mallocs / "
+          "syncs of all streams; reserved GiB after):")  # fmt: skip
+    for r in results:
+        cells = "  ".join(
+            f"{k} {v['num_device_alloc']}/{v['num_device_free']}/{v['num_alloc_retries']}/{v['num_sync_all_streams']}"
+            f" {v['reserved_bytes'] / 2**30:.1f}"
+            for k, v in r["allocator_during_forward_backward"].items()
+        )  # fmt: skip
+        print(f"{r['name']:42s}{cells}")
     print("checks and fused rows-per-program sweep:")
     for r in results:
         print(
