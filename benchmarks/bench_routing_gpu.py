@@ -342,12 +342,14 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         return routing.route(x, spec, forced_TK=ids8[k], validate=False, **kw)[0]
 
     layers = res["forward_backward_per_layer_us"] = {"layers": L}
+    layers_wall = res["forward_backward_per_layer_wall_us"] = {}  # back to back between two syncs
     for key, layer, grad in (
         ("megatron_replay_gpu_ids", megatron_layer, grad_dense),
         ("route_uint8_gpu_ids", route_layer, grad_k),
         ("prepared_uint8_gpu_ids", lambda x, k: prepared(x, ids8[k], None, bias_arg)[0], grad_k),
     ):
         layers[key] = counted(lambda i, f=layer, g=grad: fb_layers(i, f, g), f"per_layer_{key}") / L
+        layers_wall[key] = timer.wall(lambda i, f=layer, g=grad: fb_layers(i, f, g), copies) / L
 
     # the bytes floor: logits + uint8 ids read, [T, K] weights (logits dtype) + int64 ids written
     esize = torch.finfo(dtype).bits // 8
@@ -683,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
         per.pop("layers")
         base = per["megatron_replay_gpu_ids"]
         print(f"{r['name']:42s}" + "  ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in per.items()))
+        wall = r["forward_backward_per_layer_wall_us"]
+        base = wall["megatron_replay_gpu_ids"]
+        print(f"{'  the same back to back, two syncs':42s}"
+              + "  ".join(f"{k} {v:.1f} ({v / base:.2f})" for k, v in wall.items()))  # fmt: skip
     print("CUDA allocator calls during each forward + backward timing (mallocs / frees / failed mallocs / "
           "syncs of all streams; reserved GiB after):")  # fmt: skip
     for r in results:

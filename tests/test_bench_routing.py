@@ -37,6 +37,7 @@ def test_smoke_checks_the_kernels_and_counts_the_allocator(tmp_path):
         assert check["grad_rel_err"] < 1e-5, check
         per_layer = case["forward_backward_per_layer_us"]
         assert set(per_layer) == {"layers", "megatron_replay_gpu_ids", "route_uint8_gpu_ids", "prepared_uint8_gpu_ids"}
+        assert set(case["forward_backward_per_layer_wall_us"]) == set(per_layer) - {"layers"}
         churn = case["allocator_during_forward_backward"]
         assert {f"per_layer_{k}" for k in per_layer if k != "layers"} <= set(churn), churn
         assert all(v["num_device_alloc"] == 0 for v in churn.values()), churn  # the CPU has no CUDA allocator
