@@ -215,23 +215,10 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
     ids8_host = [i.cpu().pin_memory() if pin else i.cpu() for i in ids8]
     ids64_host = [i.cpu().pin_memory() if pin else i.cpu() for i in ids64]
     kw = {"bias_E": bias} if bias is not None else {}
-    mkw = {
-        "use_pre_softmax": mc.get("use_pre_softmax", False),
-        "num_groups": mc.get("num_groups"),
-        "group_topk": mc.get("group_topk"),
-        "scaling_factor": mc.get("scaling_factor"),
-        "score_function": mc["score_function"],
-        "expert_bias": bias,
-    }
-    replay = RouterReplay()
-    replay.set_router_replay_action(mu_action(mu, "REPLAY_FORWARD"))
+    megatron_route = megatron_router(mu, RouterReplay, top_k, mc, bias)
 
     def megatron(i, ids=None):
-        if ids is None:
-            return mu.topk_routing_with_score_function(logits[i], top_k, **mkw)
-        replay.clear_indices()
-        replay.set_target_indices(ids[i])
-        return mu.topk_routing_with_score_function(logits[i], top_k, router_replay=replay, **mkw)
+        return megatron_route(logits[i], None if ids is None else ids[i])
 
     def ours(i, ids, fused=False, block_rows=None):
         if fused:
@@ -279,9 +266,7 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
     grad_k = torch.randn(num_tokens, top_k, generator=gen).to(device, dtype)
 
     def fb_megatron(i):
-        replay.clear_indices()
-        replay.set_target_indices(ids64[i])
-        probs, _ = mu.topk_routing_with_score_function(leaves[i], top_k, router_replay=replay, **mkw)
+        probs, _ = megatron_route(leaves[i], ids64[i])
         return torch.autograd.grad(probs, leaves[i], grad_dense)
 
     def fb_prepared(i, ids):
@@ -334,9 +319,7 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         return torch.autograd.grad(outs, xs, [grad] * L)
 
     def megatron_layer(x, k):
-        replay.clear_indices()
-        replay.set_target_indices(ids64[k])
-        return mu.topk_routing_with_score_function(x, top_k, router_replay=replay, **mkw)[0]
+        return megatron_route(x, ids64[k])[0]
 
     def route_layer(x, k):
         return routing.route(x, spec, forced_TK=ids8[k], validate=False, **kw)[0]
@@ -380,7 +363,6 @@ def run_case(name, num_tokens, num_experts, top_k, mc, *, device, dtype, timer, 
         kernels.route_forced_fused(w_leaf, spec, forced_TK=ids8[0], validate=False, **kw)[0], w_leaf, grad_k
     )[0]
     check["grad_rel_err"] = float((g_fused.float() - g_ref.float()).norm() / g_ref.float().norm())
-    replay.clear_indices()
     return res
 
 
@@ -517,21 +499,10 @@ def _host_cost_case(rt, timer: Timer, spec: RouterSpec, mc: dict, args, mu, Rout
     if mu is None:
         return out
 
-    replay = RouterReplay()
-    replay.set_router_replay_action(mu_action(mu, "REPLAY_FORWARD"))
-    mkw = {
-        "use_pre_softmax": mc.get("use_pre_softmax", False),
-        "num_groups": mc.get("num_groups"),
-        "group_topk": mc.get("group_topk"),
-        "scaling_factor": mc.get("scaling_factor"),
-        "score_function": mc["score_function"],
-        "expert_bias": bias,
-    }
+    megatron_route = megatron_router(mu, RouterReplay, spec.top_k, mc, bias)
 
     def megatron(x):
-        replay.clear_indices()
-        replay.set_target_indices(ids64)
-        return mu.topk_routing_with_score_function(x, spec.top_k, router_replay=replay, **mkw)[0]
+        return megatron_route(x, ids64)[0]
 
     leaves = [torch.randn(T, spec.num_logits, generator=gen).requires_grad_(True) for _ in range(L)]
     grad_dense = torch.ones(T, spec.num_logits)
@@ -574,6 +545,31 @@ def _megatron():
     if not hasattr(mu, "te_general_gemm"):  # megatron-core 0.16.1 names it without Transformer Engine
         mu.te_general_gemm = None
     return mu, RouterReplay
+
+
+def megatron_router(mu, RouterReplay, top_k: int, mc: dict, bias):
+    """Megatron-Core's routing of ``[T, E]`` logits for one of the CASES: ``route(x)`` live,
+    ``route(x, ids)`` replaying int64 ``ids`` through its own ``RouterReplay`` (REPLAY_FORWARD), as its
+    training path runs it. Returns Megatron's ``(probs, routing_map)``, dense ``[T, E]``."""
+    replay = RouterReplay()
+    replay.set_router_replay_action(mu_action(mu, "REPLAY_FORWARD"))
+    kw = {
+        "use_pre_softmax": mc.get("use_pre_softmax", False),
+        "num_groups": mc.get("num_groups"),
+        "group_topk": mc.get("group_topk"),
+        "scaling_factor": mc.get("scaling_factor"),
+        "score_function": mc["score_function"],
+        "expert_bias": bias,
+    }
+
+    def route(x, ids=None):
+        if ids is None:
+            return mu.topk_routing_with_score_function(x, top_k, **kw)
+        replay.clear_indices()
+        replay.set_target_indices(ids)
+        return mu.topk_routing_with_score_function(x, top_k, router_replay=replay, **kw)
+
+    return route
 
 
 def mu_action(mu, name):

@@ -115,10 +115,13 @@ def kernels_per_step(step, activities, steps: int) -> dict[str, tuple[float, flo
             step()
     out = {}
     for evt in prof.key_averages():
-        us = evt.self_device_time_total if on_device else evt.self_cpu_time_total
-        if (us > 0 or not on_device) and (on_device or evt.key.startswith("aten::")):
-            if on_device and getattr(evt, "device_type", None) is not None and "CUDA" not in str(evt.device_type):
-                continue
+        if on_device:  # kernels: device time of their own, on the GPU
+            us = evt.self_device_time_total
+            kept = us > 0 and "CUDA" in str(getattr(evt, "device_type", "CUDA"))
+        else:
+            us = evt.self_cpu_time_total
+            kept = evt.key.startswith("aten::")
+        if kept:
             out[evt.key] = (evt.count / steps, us / steps)
     return out
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_routing_gpu import CASES, mu_action, spec_for
+from bench_routing_gpu import CASES, megatron_router, spec_for
 
 from routereplay.core import routing
 from routereplay.kernels import replay_triton
@@ -89,16 +89,10 @@ def profile_case(case, args, mu, RouterReplay) -> None:
         "prepared u8": lambda i: prepared(leaves[i], ids8[i], None, bias)[0],
     }
     if mu is not None:
-        replay = RouterReplay()
-        replay.set_router_replay_action(mu_action(mu, "REPLAY_FORWARD"))
-        mkw = {k: mc.get(k) for k in ("num_groups", "group_topk", "scaling_factor")}
-        mkw.update(use_pre_softmax=mc.get("use_pre_softmax", False), score_function=mc["score_function"],
-                   expert_bias=bias)  # fmt: skip
+        megatron_route = megatron_router(mu, RouterReplay, top_k, mc, bias)
 
         def megatron(i):
-            replay.clear_indices()
-            replay.set_target_indices(ids64[i])
-            return mu.topk_routing_with_score_function(leaves[i], top_k, router_replay=replay, **mkw)[0]
+            return megatron_route(leaves[i], ids64[i])[0]
 
         paths = {"megatron replay": megatron, **paths}
     print(f"\n== {name}  (T={num_tokens}, E={num_experts}, K={top_k})")
