@@ -37,7 +37,7 @@ process index.
 The **reference model is never replayed**: a separate ``ref_model`` is not attached at all, and
 with PEFT (reference = the policy with adapters disabled, or TRL's ``"ref"`` adapter active) that
 forward is recognised from the adapter layers' state and runs live. PEFT: adapter-layer methods
-(LoRA and the like; tested with peft 0.21); prompt learning is refused (disabling it swaps the
+(LoRA and the like; tested with peft 0.21 and 0.22); prompt learning is refused (disabling it swaps the
 model's forward, so the reference forward could not be told from a policy forward), and so is a
 forward with adapters disabled on some layers only.
 
