@@ -141,6 +141,29 @@ def sglang_meta_info(
     }
 
 
+def sglang_openai_response(meta_info: dict, *, n: int = 1, with_meta_info: bool = False) -> dict:
+    """What SGLang's OpenAI server returns for a request of ``n`` completions whose first one has
+    ``meta_info`` (SGLang 0.5.23, ``entrypoints/openai/serving_completions.py``): the routes once, at
+    response level in ``sglext``, the token counts in ``usage``; ``with_meta_info`` mimics chat's
+    ``return_meta_info=true`` (each choice carries its meta_info, ``sglext`` has no routes)."""
+    choice = {"index": 0, "text": "", "finish_reason": "stop"}
+    response = {
+        "id": "cmpl-0",
+        "object": "text_completion",
+        "choices": [{**choice, "index": i} for i in range(n)],
+        "usage": {
+            "prompt_tokens": meta_info["prompt_tokens"],
+            "completion_tokens": n * meta_info["completion_tokens"],
+            "total_tokens": meta_info["prompt_tokens"] + n * meta_info["completion_tokens"],
+        },
+    }
+    if with_meta_info:
+        response["choices"] = [{**c, "meta_info": meta_info} for c in response["choices"]]
+    else:
+        response["sglext"] = {"routed_experts": meta_info["routed_experts"], "cached_tokens_details": None}
+    return response
+
+
 # --- verl -----------------------------------------------------------------------------------------
 def verl_batch(captures, prompt_lens, *, prompt_length: int, response_length: int, dtype=torch.int16, num_tokens=None):
     """verl's agent loop: each sample's engine rows copied into zeros from its first prompt token.

@@ -38,6 +38,7 @@ try:
         partial_rollout,
         random_routes,
         sglang_meta_info,
+        sglang_openai_response,
         verl_batch,
         vllm_capture,
         vllm_dtype,
@@ -49,6 +50,7 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
         partial_rollout,
         random_routes,
         sglang_meta_info,
+        sglang_openai_response,
         verl_batch,
         vllm_capture,
         vllm_dtype,
@@ -391,6 +393,48 @@ def test_sglang_retraction_is_detected():
         extend_sglang(base, 0, info, num_layers=len(MOE), top_k=K)
     with pytest.raises(EngineFormatError, match="on_retraction must be \"error\" or \"accept\", found 'ignore'"):
         from_sglang([info], num_layers=len(MOE), top_k=K, num_experts=E, on_retraction="ignore")
+
+
+def test_sglang_openai_server_response():
+    """A one-choice response of SGLang's OpenAI server reads like its meta_info; whether the request was
+    retracted is not in it, so it must be accepted explicitly unless the choice carries its meta_info."""
+    truth = random_routes(9, len(MOE), K, E, seed=41)
+    info = sglang_meta_info(truth, 5, moe_layer_ids=MOE, num_hidden_layers=HIDDEN, num_retractions=0)
+    kw = {"num_layers": HIDDEN, "top_k": K, "num_experts": E, "moe_layer_ids": MOE}
+    expected = from_sglang([info], **kw)
+    response = sglang_openai_response(info)
+    unseen = re.escape(
+        "request 0: an OpenAI-server response does not say whether SGLang retracted the request"
+    )
+    with pytest.raises(EngineFormatError, match=unseen):
+        from_sglang([response], **kw)
+    assert from_sglang([response], on_retraction="accept", **kw) == expected
+    # chat with return_meta_info=true: the choice's meta_info, retraction check included
+    assert from_sglang([sglang_openai_response(info, with_meta_info=True)], **kw) == expected
+    retracted = sglang_openai_response({**info, "num_retractions": 1}, with_meta_info=True)
+    with pytest.raises(RetractedRoutesError, match="request 0: SGLang retracted this request 1 time"):
+        from_sglang([retracted], **kw)
+    # the same through the accumulator and extend_sglang
+    acc = RouteAccumulator(num_experts=E, moe_layer_ids=MOE, source="sglang")
+    with pytest.raises(EngineFormatError, match=unseen):
+        acc.add_sglang(response, num_layers=HIDDEN, top_k=K)
+    acc.add_sglang(response, num_layers=HIDDEN, top_k=K, on_retraction="accept")
+    assert same_routes(acc.trace(), expected)
+    base = from_sglang([sglang_meta_info(truth[:6], 3, moe_layer_ids=MOE, num_hidden_layers=HIDDEN)], **kw)
+    grown = extend_sglang(base, 0, response, num_layers=HIDDEN, top_k=K, moe_layer_ids=MOE, on_retraction="accept")
+    assert same_routes(grown, expected)
+    # several choices: the response-level routes are the first choice's only
+    with pytest.raises(EngineFormatError, match=re.escape("request 0: an OpenAI-server response with 2 choices")):
+        from_sglang([sglang_openai_response(info, n=2)], on_retraction="accept", **kw)
+    with pytest.raises(EngineFormatError, match=re.escape("[c['meta_info'] for c in response['choices']]")):
+        from_sglang([sglang_openai_response(info, n=2, with_meta_info=True)], **kw)
+    choices = sglang_openai_response(info, n=2, with_meta_info=True)["choices"]
+    assert from_sglang([c["meta_info"] for c in choices], **kw).num_seqs == 2
+    # no routes at all: the request did not ask for them
+    bare = sglang_openai_response(info)
+    del bare["sglext"]
+    with pytest.raises(EngineFormatError, match="request 0: the OpenAI-server response holds no routes"):
+        from_sglang([bare], on_retraction="accept", **kw)
 
 
 # --- every payload container works, none warns, none is narrowed ----------------------------------

@@ -1,8 +1,8 @@
 """SGLang routed-experts payloads <-> RoutingTrace.
 
 SGLang conventions (``--enable-return-routed-experts`` and per request ``return_routed_experts``;
-read from SGLang's ``layers/moe/routed_experts_capturer.py``, ``managers/tokenizer_manager.py`` and
-``managers/io_struct.py``):
+read from SGLang's ``layers/moe/routed_experts_capturer.py`` (``srt/state_capturer/`` since 0.5.2x),
+``managers/tokenizer_manager.py`` and ``managers/io_struct.py``):
 
 * ``meta_info["routed_experts"]``: base64 (str) of the raw bytes of a C-order little-endian int32
   array, flattened from ``[rows, num_layers, top_k]``. The shape is not in the payload: decoding
@@ -16,6 +16,13 @@ read from SGLang's ``layers/moe/routed_experts_capturer.py``, ``managers/tokeniz
   Some builds ignore it and return all ``seqlen - 1`` rows; the payload length tells which happened
   (:func:`from_sglang` and :func:`extend_sglang` accept both and raise if it fits neither).
 * ``meta_info["prompt_tokens"]`` and ``["completion_tokens"]`` give ``seqlen``.
+* OpenAI server (``/v1/completions``, ``/v1/chat/completions``; read from SGLang 0.5.23's
+  ``entrypoints/openai/``): the request takes ``return_routed_experts`` and ``routed_experts_start_len``;
+  the response carries the same base64 string once, at response level, in ``sglext.routed_experts``,
+  and for the **first choice only** when ``n > 1``; the token counts are in ``usage``, and whether the
+  request was retracted is not in it. With ``return_meta_info=true`` (chat) each choice carries its
+  whole ``meta_info`` instead (routes and ``num_retractions`` included). A one-choice response is read
+  as a payload here; a response of several choices is refused (pass each choice's ``meta_info``).
 * Retraction: under KV-cache pressure, or when generation is paused in ``retract`` mode for a weight
   update, the scheduler retracts a running request and later re-prefills its prompt plus the tokens
   generated so far. The capture buffer is indexed by KV slot, so that re-prefill overwrites the rows
@@ -108,19 +115,65 @@ def decode_sglang_payload(payload: Any, *, num_layers: int, top_k: int, where: s
     return arr
 
 
-def _meta_info(payload: Any) -> Mapping | None:
-    if isinstance(payload, Mapping):
-        inner = payload.get("meta_info")
-        return inner if isinstance(inner, Mapping) else payload
-    return None
+# Set on a meta_info read from an OpenAI-server response without one: whether SGLang retracted the
+# request is not in such a response.
+_RETRACTIONS_UNSEEN = "routereplay: num_retractions not in the response"
+
+
+def _meta_info(payload: Any, label: str = "payload") -> Mapping | None:
+    """A request's ``meta_info``: the dict itself, the one a ``/generate`` response holds, or the one
+    read from an OpenAI-server response (:func:`_openai_meta_info`); None for a bare payload."""
+    if not isinstance(payload, Mapping):
+        return None
+    if "choices" in payload:
+        return _openai_meta_info(payload, label)
+    inner = payload.get("meta_info")
+    return inner if isinstance(inner, Mapping) else payload
+
+
+def _openai_meta_info(response: Mapping, label: str) -> Mapping:
+    """The ``meta_info`` of a one-choice OpenAI-server response (``/v1/completions``,
+    ``/v1/chat/completions``): its choice's ``meta_info`` (chat with ``return_meta_info=true``), else
+    one made of the response-level ``sglext.routed_experts`` and the ``usage`` token counts."""
+    choices = response["choices"]
+    n = len(choices) if isinstance(choices, Sequence) else None
+    if n != 1:
+        raise EngineFormatError(
+            f"{label}: an OpenAI-server response with {n} choices; SGLang puts the routes of the first choice "
+            "only in its response-level sglext.routed_experts. Send n=1 per request, or send return_meta_info=true "
+            "(chat) and pass each choice's meta_info as its own payload: [c['meta_info'] for c in response['choices']]"
+        )
+    info = choices[0].get("meta_info") if isinstance(choices[0], Mapping) else None
+    if isinstance(info, Mapping):
+        return info
+    ext = response.get("sglext")
+    routes = ext.get("routed_experts") if isinstance(ext, Mapping) else None
+    if routes is None:
+        raise EngineFormatError(
+            f"{label}: the OpenAI-server response holds no routes (no sglext.routed_experts, no "
+            "choices[0].meta_info); launch SGLang with --enable-return-routed-experts and send "
+            "return_routed_experts=true with the request"
+        )
+    usage = response.get("usage")
+    counts = {k: usage[k] for k in ("prompt_tokens", "completion_tokens") if isinstance(usage, Mapping) and k in usage}
+    return {"routed_experts": routes, **counts, _RETRACTIONS_UNSEEN: True}
 
 
 def _check_retraction(info: Mapping, label: str, on_retraction: str) -> None:
     """RetractedRoutesError when ``meta_info["num_retractions"]`` says SGLang rewrote the request's routes."""
     if on_retraction not in ("error", "accept"):
         raise EngineFormatError(f'on_retraction must be "error" or "accept", found {on_retraction!r}')
+    if on_retraction == "accept":
+        return
+    if info.get(_RETRACTIONS_UNSEEN):
+        raise EngineFormatError(
+            f"{label}: an OpenAI-server response does not say whether SGLang retracted the request (a retracted "
+            "request's rows are rewritten by its re-prefill; meta_info num_retractions says so). Send "
+            "return_meta_info=true (chat) so the choice carries its meta_info, use /generate, or pass "
+            'on_retraction="accept" if no weight update can have happened during the rollout'
+        )
     count = info.get("num_retractions")
-    if not count or on_retraction == "accept":
+    if not count:
         return
     version = info.get("weight_version")
     raise RetractedRoutesError(
@@ -145,7 +198,7 @@ def _new_rows(
     on_retraction: str = "error",
 ) -> tuple[np.ndarray, int]:
     """Decode one request; return its rows ``[start_len, seqlen - 1)`` and ``start_len``."""
-    info = _meta_info(payload)
+    info = _meta_info(payload, label)
     if info is not None:
         data, start_len, num_tokens = _read_meta_info(info, label, start_len, num_tokens, on_retraction)
     else:
@@ -232,8 +285,10 @@ def from_sglang(
     """Routes of a batch of SGLang requests as one trace, one sequence per request.
 
     Args:
-        payloads: per request, its ``meta_info`` dict (or the whole response holding ``"meta_info"``),
-            or the bare ``routed_experts`` value (base64 str / array).
+        payloads: per request, its ``meta_info`` dict (or the whole ``/generate`` response holding
+            ``"meta_info"``), a one-choice OpenAI-server response (its ``sglext.routed_experts`` and
+            ``usage``, or its choice's ``meta_info``), or the bare ``routed_experts`` value (base64 str /
+            array).
         num_layers, top_k: the payload's layer axis (``num_hidden_layers``) and top-k, needed to decode.
         num_experts: routed experts per MoE layer.
         num_tokens: per request ``seqlen = prompt_tokens + completion_tokens``; read from ``meta_info``
@@ -245,7 +300,8 @@ def from_sglang(
         rows: ``"engine"`` (as SGLang gives them) or ``"training"`` (one more, invalid, row per sequence).
         allow_zero_routes, missing: see :mod:`routereplay.formats`.
         on_retraction: ``"error"`` (default) raises RetractedRoutesError for a request whose
-            ``meta_info["num_retractions"]`` is nonzero; ``"accept"`` takes its rows as returned.
+            ``meta_info["num_retractions"]`` is nonzero, and EngineFormatError for an OpenAI-server
+            response that cannot say; ``"accept"`` takes its rows as returned.
         meta: extra trace meta; ``meta["source"]`` is ``"sglang"``.
 
     Returns:

@@ -3,7 +3,7 @@
 vLLM conventions (``--enable-return-routed-experts``; read from vLLM's
 ``model_executor/layers/fused_moe/routed_experts_capturer.py``, ``v1/core/sched/scheduler.py``,
 ``sampling_params.py``, ``outputs.py`` and ``entrypoints/openai/*/protocol.py``, and its pull
-requests #28284, #51906 and #56844):
+requests #28284, #51906 and #56844; checked again against the vLLM 0.34.0 wheel on 2026-12-08):
 
 * Rows: one per *forwarded* token. A request of ``prompt + completion`` tokens has
   ``prompt + completion - 1`` rows: the last sampled token is never forwarded, so it has no route.
@@ -32,9 +32,12 @@ requests #28284, #51906 and #56844):
   int16 (host cache), uint8 when experts <= 256 else uint16 (slot manager). Over HTTP the ``.npy``
   carries its own dtype (documented as int32 by #51906; servers that pass the slot manager's array
   through send uint8 / uint16). Ids are widened, never narrowed (a uint16 id above 32767 stays
-  itself). Rows vLLM never captured (prefix-cache hits that could not be restored) hold -1.
-* Layer axis: ``num_hidden_layers`` with dense layers as empty rows in older releases, MoE layers only
-  in newer ones (``_count_moe_layers``). ``moe_layer_ids=`` handles both.
+  itself). Rows vLLM never captured (prefix-cache hits that could not be restored) hold -1 in the
+  releases with a signed buffer; 0.34.0 restores prefix rows from a block store and raises when a block
+  was evicted.
+* Layer axis: every decoder layer (``get_total_num_hidden_layers()``), dense layers left 0, in the
+  first releases and in 0.34.0; MoE layers only in some builds in between (``_count_moe_layers``).
+  ``moe_layer_ids=`` handles both.
 * HTTP (OpenAI server): ``choices[i].routed_experts`` is nested lists in older servers, base64 of
   ``.npy`` bytes in newer ones. The ``.npy`` header is checked against the bytes present before
   anything is allocated (``np.load`` would trust a header declaring terabytes).
