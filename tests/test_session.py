@@ -5,7 +5,6 @@ Legend: B batch rows, S sequence length, T packed tokens, L MoE layers, K top-k,
 
 from __future__ import annotations
 
-import warnings
 from copy import deepcopy
 
 import pytest
@@ -294,23 +293,36 @@ def _plain_loss_embeds(model, b):
 CKPT = {
     "hf_reentrant": ({"use_reentrant": True}, _loss_hf, _loss_hf),
     "hf_non_reentrant": ({"use_reentrant": False}, _loss_hf, _loss_hf),
+    # transformers 5.25: every n-th decoder layer only, and the saved activations held in host memory
+    # (torch's save_on_cpu hooks around each checkpoint)
+    "hf_every_2nd_layer": ({"every_n_layers": 2}, _loss_hf, _loss_hf),
+    "hf_offload": ({"offload": True}, _loss_hf, _loss_hf),  # on the CPU: see _enable
     "torch_reentrant": (None, _loss_torch_ckpt(True), _plain_loss_embeds),
     "torch_non_reentrant": (None, _loss_torch_ckpt(False), _plain_loss_embeds),
 }
 
 
 def _enable(model, kwargs):
+    """HF activation checkpointing: ``use_reentrant`` goes to torch's checkpoint, ``every_n_layers`` and
+    ``offload`` to ``activation_checkpointing_enable``."""
     model.train()  # no dropout in this config: train mode only turns checkpointing on
-    if kwargs is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if kwargs is None:
+        return
+    own = {k: v for k, v in kwargs.items() if k in ("every_n_layers", "offload")}
+    torch_kwargs = {k: v for k, v in kwargs.items() if k not in own} or None
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=torch_kwargs, **own)
+    if own.get("offload") and not torch.cuda.is_available():
+        # transformers' offload pins host memory, which needs an accelerator: the same wrapping with
+        # unpinned host memory (save_on_cpu's hooks around each layer's checkpoint)
+        def offloaded(function, *args, **kw):
+            with torch.autograd.graph.save_on_cpu(pin_memory=False):
+                return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kw)
+
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded)
 
 
 def _disable(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
 
 
 @pytest.mark.parametrize("mode", list(CKPT))
@@ -330,10 +342,19 @@ def test_checkpointed_replay_gradients_equal_plain_replay(handle, model, mode):
     assert any(not torch.equal(want[n], live[n]) for n in want)
     zero_grads(model)
     _enable(model, kwargs)
+    recomputed = []  # the MoE layers whose router ran again in the backward: checkpointing happened
+    hooks = [
+        model.model.layers[i].mlp.gate.register_forward_hook(lambda *a, i=i: recomputed.append(i)) for i in MOE_LAYERS
+    ]
     with handle.replay(other):
-        ckpt_loss(model, b).backward()
+        loss = ckpt_loss(model, b)
+        recomputed.clear()
+        loss.backward()
+    for h in hooks:
+        h.remove()
     got = grads(model)
     _disable(model)
+    assert sorted(recomputed) == ([2] if mode == "hf_every_2nd_layer" else list(MOE_LAYERS))
     assert want.keys() == got.keys()
     for n in want:
         assert torch.equal(want[n], got[n]), n
