@@ -121,6 +121,33 @@ def _qwen3():
     return _model("qwen3_moe")
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_replay_under_offloaded_activation_checkpointing(kernel):
+    """transformers 5.25's ``activation_checkpointing_enable(offload=True)``: the activations a
+    checkpoint saves go to pinned host memory (save_on_cpu); the recompute still replays its routes."""
+    model = _qwen3().train()
+    if not hasattr(model, "activation_checkpointing_enable"):
+        pytest.skip("transformers < 5.25: no activation_checkpointing_enable(offload=...)")
+    ids = _ids(model)
+    handle = routereplay.attach(model, replay_kernel=kernel)
+    with torch.no_grad(), handle.record() as rec:
+        model(input_ids=ids)
+    trace = rec.trace()
+    with handle.replay(trace):
+        _loss(model, ids).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for p in model.parameters():
+        p.grad = None
+    model.activation_checkpointing_enable(every_n_layers=1, offload=True)
+    with handle.replay(trace):
+        _loss(model, ids).backward()
+    handle.detach()
+    assert plain.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in plain:
+            assert torch.equal(p.grad, plain[n]), f"offloaded checkpointed replay gradient of {n} differs"
+
+
 def test_record_offload_copies_ids_to_pinned_host_memory():
     model = _qwen3()
     ids = _ids(model)
