@@ -66,7 +66,10 @@ _CheckpointFrame = getattr(_ckpt, "_CheckpointFrame", None)
 # What a frame's code object is, decided once per code object.
 _PLAIN, _FN_FORWARD, _FN_BACKWARD, _CKPT_CALL, _CKPT_UNPACK = range(5)
 _kind_of_code: dict[types.CodeType, int] = {}
-_checkpoint_code = getattr(getattr(_ckpt.checkpoint, "__wrapped__", _ckpt.checkpoint), "__code__", None)
+# The frame that drives a non-reentrant checkpoint's generator (local ``gen``): ``checkpoint`` itself
+# up to torch 2.13, ``_checkpoint_impl`` since 2.14 (``checkpoint`` became a front that also makes
+# decorators). Told by its module's file and that local, so a further move inside the module is found.
+_CHECKPOINT_FILE = _ckpt.__file__
 
 
 def in_backward() -> bool:
@@ -93,7 +96,7 @@ def _code_kind(code: types.CodeType) -> int:
         kind = _PLAIN
         if code.co_argcount >= 1 and code.co_varnames[0] == "ctx" and code.co_name in ("forward", "backward"):
             kind = _FN_FORWARD if code.co_name == "forward" else _FN_BACKWARD
-        elif code is _checkpoint_code:
+        elif code.co_filename == _CHECKPOINT_FILE and "gen" in code.co_varnames:
             kind = _CKPT_CALL
         elif code.co_name == "unpack_hook" and "frame" in code.co_freevars:
             kind = _CKPT_UNPACK
