@@ -3,7 +3,8 @@
 #   make test    builds .venv and runs the whole test suite (what .ci/run calls), then the verl
 #                suite tests_verl/ in its own .venv-verl (verl pins transformers < 5.11)
 # Both venvs install from the pins in constraints/ (an upstream release never changes CI);
-# `make lock` regenerates them, `make test-latest` tries the newest transformers (not in CI).
+# `make lock` regenerates them, `make test-latest` tries the newest transformers and `make
+# test-torch-next` a newer torch (neither in CI).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +15,7 @@ VERL_PY   := $(VERL_VENV)/bin/python
 PINS      := constraints/test.txt
 VERL_PINS := constraints/verl.txt
 
-.PHONY: check test venv verl-venv test-verl lint bench clean lock test-latest
+.PHONY: check test venv verl-venv test-verl lint bench clean lock test-latest test-torch-next
 
 $(VENV)/.installed: pyproject.toml Makefile $(PINS)
 	$(PYTHON) -m venv $(VENV)
@@ -76,5 +77,18 @@ test-latest:
 	$(LATEST_VENV)/bin/pip install -q --upgrade transformers
 	$(LATEST_VENV)/bin/python scripts/family_report.py
 
+# The whole suite on a newer torch than the pinned one (not in CI): recompute identity reads torch's
+# checkpoint internals, which move between releases (2.14 moved checkpoint()'s body). The newest
+# torch on this machine's disk by default; any pip requirement works, e.g. TORCH_NEXT=torch==2.15.0
+# where pip may download it.
+TORCH_NEXT ?= torch==2.14.1
+NEXT_VENV  ?= .venv-torch-next
+test-torch-next:
+	$(PYTHON) -m venv $(NEXT_VENV)
+	$(NEXT_VENV)/bin/pip install -q "$(TORCH)"
+	$(NEXT_VENV)/bin/pip install -q -c $(PINS) -e ".[dev]"
+	$(NEXT_VENV)/bin/pip install -q "$(TORCH_NEXT)"
+	$(NEXT_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider tests
+
 clean:
-	rm -rf $(VENV) $(VERL_VENV) $(LATEST_VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VERL_VENV) $(LATEST_VENV) $(NEXT_VENV) build *.egg-info src/*.egg-info
