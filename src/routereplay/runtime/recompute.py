@@ -19,6 +19,9 @@ False``, selective checkpointing,         of the innermost saved-      ``unpack_
 ``checkpoint``)                           ``checkpoint()`` call
 ========================================  ===========================  ===========================
 
+(The frame of "each ``checkpoint()`` call" is the one driving the checkpoint's generator: ``checkpoint``
+up to torch 2.13, ``_checkpoint_impl`` since 2.14, where ``checkpoint`` also makes decorators.)
+
 So a router call reads its **scopes** off the stack (innermost first): each scope is a region and
 whether the call runs in that region's forward or in its recompute. A call in forward binds what
 it routed (ids, or "live") to every enclosing region under its layer, in call order. A call in a
