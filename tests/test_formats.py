@@ -181,6 +181,21 @@ def test_vllm_outputs_objects_and_http_json(requests_):
         "usage": {"prompt_tokens": lens[1][0], "completion_tokens": lens[1][1]},
     }
     assert from_vllm_outputs([resp], num_experts=E, moe_layer_ids=MOE) == engine_trace([truths[1]])
+    # vLLM 0.34's token-in-token-out endpoint (/inference/v1/generate): the token ids in the response
+    # (prompt at top level, completion per choice), the routes as uint8 .npy
+    generate = {
+        "request_id": "r0",
+        "prompt_token_ids": list(range(lens[1][0])),
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "token_ids": list(range(lens[1][1])),
+                "routed_experts": npy_base64(vllm_capture(truths[1]).astype(np.uint8)),
+            }
+        ],
+    }
+    assert from_vllm_outputs([generate], num_experts=E, moe_layer_ids=MOE) == engine_trace([truths[1]])
     resp["usage"]["completion_tokens"] += 1
     with pytest.raises(
         EngineFormatError,
