@@ -1,7 +1,7 @@
 """SGLang routed-experts payloads <-> RoutingTrace.
 
 SGLang conventions (``--enable-return-routed-experts`` and per request ``return_routed_experts``;
-read from SGLang's ``layers/moe/routed_experts_capturer.py`` (``srt/state_capturer/`` since 0.5.2x),
+read from SGLang's ``layers/moe/routed_experts_capturer.py`` (``srt/state_capturer/`` in 0.5.23),
 ``managers/tokenizer_manager.py`` and ``managers/io_struct.py``):
 
 * ``meta_info["routed_experts"]``: base64 (str) of the raw bytes of a C-order little-endian int32
