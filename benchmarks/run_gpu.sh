@@ -9,7 +9,7 @@
 #   OUT=/some/dir PART=profile bash benchmarks/run_gpu.sh   # where capture, replay and routing spend time
 #   OUT=/some/dir PART=owed    bash benchmarks/run_gpu.sh   # issue 21's owed numbers, in one call (~9 min)
 #   OUT=/some/dir PART=verify  bash benchmarks/run_gpu.sh   # GPU tier, then capture and the step x3 (~9 min)
-#   OUT=/some/dir PART=routing3 bash benchmarks/run_gpu.sh  # forced routing against Megatron, 3 runs
+#   OUT=/some/dir PART=routing3 bash benchmarks/run_gpu.sh  # offloaded-checkpoint test, forced routing x3
 #   OUT=/some/dir PART=paired  bash benchmarks/run_gpu.sh   # routing profiled, the HF step x3 with 40 rounds
 # BUNDLE=1 packs everything under $OUT into $OUT/results.tgz at the end (the lent-GPU runner brings
 # back a few files only). Carry `.whl` (megatron-core and transformers wheels, see docs/DISTRIBUTED.md): they are installed
@@ -140,6 +140,9 @@ verify)
     done
     ;;
 routing3)
+    # first, the GPU-tier test not yet run on a GPU: replay under transformers 5.25's offloaded
+    # activation checkpointing (pinned host memory), both kernels
+    step offload_ckpt 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k offloaded
     # issue 21 item 4: forced routing forward, forward + backward, and per layer in one backward, 3 runs
     for run in 1 2 3; do
         step "routing_$run" 180 "${MCORE[@]}" python3 "$here/bench_routing_gpu.py"

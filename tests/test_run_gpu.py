@@ -30,7 +30,7 @@ SCRIPT = ROOT / "benchmarks" / "run_gpu.sh"
             "verify",
             ["gpu_tier"] + [f"{s}_{i}" for i in (1, 2, 3) for s in ("capture", "hf1024_triton")],
         ),
-        ("routing3", [f"routing_{i}" for i in (1, 2, 3)]),
+        ("routing3", ["offload_ckpt"] + [f"routing_{i}" for i in (1, 2, 3)]),
         ("paired", ["routing_profile", "replay_kernels"] + [f"hf1024_paired_{i}" for i in (1, 2, 3)]),
         ("check", ["make_model", "check"]),
     ],
