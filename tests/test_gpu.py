@@ -65,6 +65,19 @@ def _loss(model, ids):
     return model_logits(model, {"input_ids": ids}).float().square().mean()
 
 
+def _replayed_grads(model, handle, trace, ids):
+    """The parameter gradients of ``_loss`` under replay of ``trace``; every ``.grad`` is cleared
+    before and after."""
+    for p in model.parameters():
+        p.grad = None
+    with handle.replay(trace):
+        _loss(model, ids).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for p in model.parameters():
+        p.grad = None
+    return grads
+
+
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_replay_is_bit_exact_on_cuda_bf16(family, kernel):
@@ -97,23 +110,15 @@ def test_checkpointed_replay_gradients_on_cuda_bf16(family, kernel):
     with torch.no_grad(), handle.record() as rec:
         model(input_ids=ids)
     trace = rec.trace()
-    for p in model.parameters():
-        p.grad = None
-    with handle.replay(trace):
-        _loss(model, ids).backward()
-    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for p in model.parameters():
-        p.grad = None
+    plain = _replayed_grads(model, handle, trace, ids)
     try:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     except ValueError as e:  # e.g. DiffusionGemma (the CPU contract suite checkpoints it by hand)
         pytest.skip(f"{family}: no HF gradient checkpointing: {e}")
-    with handle.replay(trace):
-        _loss(model, ids).backward()
+    got = _replayed_grads(model, handle, trace, ids)
     handle.detach()
-    for n, p in model.named_parameters():
-        if n in plain:
-            assert torch.equal(p.grad, plain[n]), f"{family}: checkpointed replay gradient of {n} differs"
+    for n in plain:
+        assert torch.equal(got[n], plain[n]), f"{family}: checkpointed replay gradient of {n} differs"
 
 
 # --- the session on CUDA: offload, host syncs, device-side id checks ----------------------------
@@ -133,19 +138,13 @@ def test_replay_under_offloaded_activation_checkpointing(kernel):
     with torch.no_grad(), handle.record() as rec:
         model(input_ids=ids)
     trace = rec.trace()
-    with handle.replay(trace):
-        _loss(model, ids).backward()
-    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for p in model.parameters():
-        p.grad = None
+    plain = _replayed_grads(model, handle, trace, ids)
     model.activation_checkpointing_enable(every_n_layers=1, offload=True)
-    with handle.replay(trace):
-        _loss(model, ids).backward()
+    got = _replayed_grads(model, handle, trace, ids)
     handle.detach()
-    assert plain.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
-    for n, p in model.named_parameters():
-        if n in plain:
-            assert torch.equal(p.grad, plain[n]), f"offloaded checkpointed replay gradient of {n} differs"
+    assert plain.keys() == got.keys()
+    for n in plain:
+        assert torch.equal(got[n], plain[n]), f"offloaded checkpointed replay gradient of {n} differs"
 
 
 def test_record_offload_copies_ids_to_pinned_host_memory():
